@@ -16,7 +16,7 @@ def apply_rope(
 ) -> Float[Array, "B T H K"]:
     """Rotates pairs (x_i, x_{i+K/2}) by angle position * freq_i. Computed in float32, returned in x.dtype."""
     freqs = rope_frequencies(x.shape[-1], theta)
-    angles = positions.astype(jnp.float32)[..., None] * freqs  # [B?, T, K/2]
+    angles = positions.astype(jnp.float32)[..., None] * freqs.reshape((1,) * positions.ndim + (-1,))  # [B?, T, K/2]
     if angles.ndim == 2:
         angles = angles[None]
     cos = jnp.cos(angles)[:, :, None, :]

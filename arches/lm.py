@@ -1,0 +1,144 @@
+"""Decoder-only language model whose token mixer is chosen per layer by name.
+
+Block (Llama-style pre-norm): h = x + mixer(norm(x)); out = h + mlp(norm(h)) (the MLP is optional: Zoology's MQAR
+models are mixer-only). Embedding, a final RMSNorm and an LM head (tied to the embedding by default, as in
+Zoology). No absolute position embeddings: position comes from RoPE inside attention or from the mixers themselves.
+
+`mixers` is a list of registry names. With fewer names than layers it repeats (Zoology's `Hybrid`: layer i uses
+mixers[i % len(mixers)]); BASED's layouts are written out in full in their configs.
+
+Decoding: `init_state` / `prefill` / `decode_step` thread one state per layer; prefill then decode steps equal
+the parallel forward pass (tests/arches/test_lm.py).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from effarch.arches.registry import MIXERS, build_mixer
+from effarch.layers.attention import AttentionConfig
+from effarch.layers.conv import ConvConfig
+from effarch.layers.mlp import MLPConfig, SwiGLU
+from effarch.layers.norms import rms_norm
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig:
+    vocab_size: int = 8192  # tokens; MQAR's default vocabulary
+    d_model: int = 64  # D
+    n_layers: int = 2
+    mixers: tuple[str, ...] = ("attention",)  # registry names, repeated over the layers
+    mlp: MLPConfig = MLPConfig()
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True  # LM head = embedding^T (Zoology's default)
+    remat: bool = False  # recompute each block in the backward pass (jax.checkpoint)
+    attention: AttentionConfig = AttentionConfig()
+    conv: ConvConfig = ConvConfig()
+
+    def __post_init__(self):
+        for field in ("vocab_size", "d_model", "n_layers"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if not self.mixers:
+            raise ValueError("mixers must name at least one mixer")
+        unknown = [m for m in self.mixers if m not in MIXERS]
+        if unknown:
+            raise ValueError(f"mixers: unknown mixer(s) {unknown}; registered: {sorted(MIXERS)}")
+        if len(self.mixers) > self.n_layers:
+            raise ValueError(f"mixers lists {len(self.mixers)} layers but n_layers is {self.n_layers}")
+
+    def layer_mixers(self) -> tuple[str, ...]:
+        return tuple(self.mixers[i % len(self.mixers)] for i in range(self.n_layers))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        self.mixer_name = cfg.layer_mixers()[layer_idx]
+        self.norm1 = rms_norm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mixer = build_mixer(self.mixer_name, cfg, layer_idx, rngs)
+        if cfg.mlp.kind == "swiglu":
+            self.norm2 = rms_norm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+            self.mlp = SwiGLU(cfg.d_model, cfg.mlp.hidden_size(cfg.d_model), rngs=rngs)
+        else:
+            self.norm2 = self.mlp = None
+
+    def _channel_mix(self, h):
+        return h if self.mlp is None else h + self.mlp(self.norm2(h))
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self._channel_mix(x + self.mixer(self.norm1(x)))
+
+    def prefill(self, state, x: Float[Array, "B T D"]):
+        state, y = self.mixer.prefill(state, self.norm1(x))
+        return state, self._channel_mix(x + y)
+
+    def decode_step(self, state, x_t: Float[Array, "B D"]):
+        state, y = self.mixer.decode_step(state, self.norm1(x_t))
+        return state, self._channel_mix(x_t + y)
+
+
+class DecoderLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nnx.with_metadata(nnx.initializers.normal(0.02), logical_axes=("vocab", "embed")),
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.norm = rms_norm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if cfg.tie_embeddings:
+            self.head = None
+        else:
+            init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=("embed", "vocab"))
+            self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=init, rngs=rngs)
+
+    def _logits(self, h):
+        h = self.norm(h)
+        if self.head is None:
+            return self.embed.attend(h).astype(jnp.float32)
+        return self.head(h).astype(jnp.float32)
+
+    def hidden(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        h = self.embed(tokens)
+        for block in self.blocks:
+            if self.cfg.remat:
+                h = jax.checkpoint(lambda blk, x: blk(x))(block, h)
+            else:
+                h = block(h)
+        return h
+
+    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+        """Logits in float32 for every position."""
+        return self._logits(self.hidden(tokens))
+
+    # --- decoding -------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, max_len: int) -> tuple:
+        return tuple(block.mixer.init_state(batch_size, max_len) for block in self.blocks)
+
+    def prefill(self, state: tuple, tokens: Int[Array, "B T"]) -> tuple[tuple, Float[Array, "B T V"]]:
+        h = self.embed(tokens)
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=True):
+            s, h = block.prefill(s, h)
+            new_state.append(s)
+        return tuple(new_state), self._logits(h)
+
+    def decode_step(self, state: tuple, token_t: Int[Array, " B"]) -> tuple[tuple, Float[Array, "B V"]]:
+        h = self.embed(token_t)
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=True):
+            s, h = block.decode_step(s, h)
+            new_state.append(s)
+        return tuple(new_state), self._logits(h)
+
+    def state_size(self, seq_len: int) -> int:
+        """Bytes of decode state (KV caches, recurrent states, conv buffers) per sequence after seq_len tokens."""
+        return sum(block.mixer.state_size(seq_len) for block in self.blocks)
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -1,0 +1,30 @@
+"""Token-mixer registry: a layer of the decoder LM is picked by name, so a hybrid layout is a list in the config.
+
+Each entry builds one mixer from the model config and its layer index. Every mixer implements the
+`effarch.layers.axes.Mixer` protocol (parallel call, init_state / prefill / decode_step, state_size).
+"""
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from flax import nnx
+
+from effarch.layers.attention import Attention
+from effarch.layers.conv import BaseConv, ZoologyBaseConv
+
+if TYPE_CHECKING:
+    from effarch.arches.lm import ModelConfig
+
+MixerFactory = Callable[["ModelConfig", int, nnx.Rngs], nnx.Module]
+
+MIXERS: dict[str, MixerFactory] = {
+    "attention": lambda cfg, layer_idx, rngs: Attention(cfg.d_model, cfg.attention, rngs=rngs),
+    "base_conv": lambda cfg, layer_idx, rngs: BaseConv(cfg.d_model, cfg.conv, rngs=rngs),
+    "zoology_base_conv": lambda cfg, layer_idx, rngs: ZoologyBaseConv(cfg.d_model, cfg.conv, rngs=rngs),
+}
+
+
+def build_mixer(name: str, cfg: "ModelConfig", layer_idx: int, rngs: nnx.Rngs) -> nnx.Module:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; registered: {sorted(MIXERS)}")
+    return MIXERS[name](cfg, layer_idx, rngs)

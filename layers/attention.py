@@ -1,0 +1,191 @@
+"""Softmax multi-head attention: the baseline token mixer (Vaswani et al., arXiv 1706.03762).
+
+Covers the four patterns of the CAB benchmark: causal and non-causal, self and cross attention. KV heads are
+shared by groups of query heads: MHA (n_kv_heads = n_heads), GQA (arXiv 2305.13245) and MQA (n_kv_heads = 1,
+arXiv 1911.02150). Rotary position embeddings (RoFormer, arXiv 2104.09864) rotate q and k in self attention.
+The attention itself is `pallas_kernels.attention.dot_product_attention` (jax.nn / cuDNN, with a jnp oracle).
+
+Choices:
+- q/k/v/o projections have no bias (Llama);
+- query head h reads KV head h // (n_heads // n_kv_heads), the grouping of jax.nn.dot_product_attention;
+- cross attention uses no RoPE: query and memory positions are not on one axis;
+- decoding keeps a KV cache of `max_len` slots with one position counter shared by the batch, and attends to the
+  slots <= pos through a boolean mask, so every step has the same shapes and one jit trace serves all steps.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from effarch.layers.axes import Hidden, HiddenStep, State
+from effarch.layers.rope import apply_rope
+from effarch.pallas_kernels.attention import dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    n_heads: int = 4  # H query heads
+    n_kv_heads: int | None = None  # Hkv key/value heads; None = n_heads (MHA), 1 = MQA, else GQA
+    head_dim: int | None = None  # K = V; None = d_model // n_heads
+    rope: bool = True  # rotary embeddings on q and k (self attention only)
+    rope_theta: float = 10000.0  # RoPE base
+    causal: bool = True  # token t sees tokens <= t; must be False for cross attention
+    implementation: str | None = None  # dot_product_attention backend; None = platform default
+
+    def __post_init__(self):
+        if self.n_heads < 1:
+            raise ValueError(f"attention.n_heads must be positive, got {self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"attention.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"attention.head_dim must be positive, got {self.head_dim}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"attention.rope_theta must be positive, got {self.rope_theta}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+
+def _init(axes):
+    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
+
+
+class Attention(nnx.Module):
+    """Softmax attention mixer; a Mixer (layers/axes.py) when it is causal self attention.
+
+    Attributes:
+      q_proj: [D, H*K] ("embed", "heads").
+      k_proj, v_proj: [Dc, Hkv*K] ("embed", "kv_heads"), Dc = context_dim or d_model.
+      o_proj: [H*K, D] ("heads", "embed").
+    """
+
+    def __init__(self, d_model: int, config: AttentionConfig, *, rngs: nnx.Rngs, context_dim: int | None = None):
+        """Builds the projections.
+
+        Args:
+          d_model: D, width of x and of the output.
+          config: see AttentionConfig.
+          rngs: parameter initialisation.
+          context_dim: width Dc of the cross-attention context; None means a self-attention layer (Dc = D).
+        """
+        head_dim = config.head_dim if config.head_dim is not None else d_model // config.n_heads
+        if head_dim < 1:
+            raise ValueError(f"attention: d_model={d_model} gives no head dim for n_heads={config.n_heads}")
+        if context_dim is not None and config.causal:
+            raise ValueError("attention: a cross-attention layer (context_dim set) needs causal=False")
+        if config.rope and context_dim is None and head_dim % 2:
+            raise ValueError(f"attention: RoPE needs an even head_dim, got {head_dim}")
+        self.config = config
+        self.d_model = d_model
+        self.head_dim = head_dim
+        self.context_dim = context_dim
+        n_heads, n_kv = config.n_heads, config.kv_heads
+        kv_in = d_model if context_dim is None else context_dim
+        self.q_proj = nnx.Linear(d_model, n_heads * head_dim, use_bias=False, kernel_init=_init(("embed", "heads")),
+                                 rngs=rngs)
+        self.k_proj = nnx.Linear(kv_in, n_kv * head_dim, use_bias=False, kernel_init=_init(("embed", "kv_heads")),
+                                 rngs=rngs)
+        self.v_proj = nnx.Linear(kv_in, n_kv * head_dim, use_bias=False, kernel_init=_init(("embed", "kv_heads")),
+                                 rngs=rngs)
+        self.o_proj = nnx.Linear(n_heads * head_dim, d_model, use_bias=False, kernel_init=_init(("heads", "embed")),
+                                 rngs=rngs)
+
+    def _heads(self, y, n: int):
+        return y.reshape(*y.shape[:-1], n, self.head_dim)
+
+    def _attend(self, q, k, v, *, causal: bool, mask=None) -> Float[Array, "B T D"]:
+        o_BTHK = dot_product_attention(q, k, v, causal=causal, mask=mask, implementation=self.config.implementation)
+        return self.o_proj(o_BTHK.reshape(*o_BTHK.shape[:2], -1))
+
+    def project_qkv(self, x: Hidden, positions) -> tuple[Float[Array, "B T H K"], Float[Array, "B T Hkv K"],
+                                                         Float[Array, "B T Hkv K"]]:
+        """Self-attention q, k, v of x, RoPE-rotated at `positions` ([T] or [B, T]) when config.rope."""
+        q = self._heads(self.q_proj(x), self.config.n_heads)
+        k = self._heads(self.k_proj(x), self.config.kv_heads)
+        v = self._heads(self.v_proj(x), self.config.kv_heads)
+        if self.config.rope:
+            q = apply_rope(q, positions, self.config.rope_theta)
+            k = apply_rope(k, positions, self.config.rope_theta)
+        return q, k, v
+
+    def __call__(self, x: Hidden, context: Float[Array, "B S Dc"] | None = None) -> Hidden:
+        """Parallel form.
+
+        Args:
+          x: [B, T, D].
+          context: None for self attention; [B, S, Dc] memory for cross attention (k, v from it, no RoPE).
+
+        Returns:
+          [B, T, D].
+        """
+        if context is None:
+            if self.context_dim is not None:
+                raise ValueError("attention: this layer was built for cross attention; pass a context")
+            q, k, v = self.project_qkv(x, jnp.arange(x.shape[1]))
+            return self._attend(q, k, v, causal=self.config.causal)
+        if self.config.causal:
+            raise ValueError("attention: cross attention needs causal=False")
+        q = self._heads(self.q_proj(x), self.config.n_heads)
+        k = self._heads(self.k_proj(context), self.config.kv_heads)
+        v = self._heads(self.v_proj(context), self.config.kv_heads)
+        return self._attend(q, k, v, causal=False)
+
+    # Decoding (Mixer protocol). Only causal self attention decodes token by token.
+
+    def _check_decoder(self):
+        if not self.config.causal or self.context_dim is not None:
+            raise ValueError("attention: decoding needs a causal self-attention layer")
+
+    def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
+        """Empty KV cache: {"k", "v": [B, max_len, Hkv, K] zeros, "pos": int32 scalar 0}."""
+        self._check_decoder()
+        shape = (batch_size, max_len, self.config.kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype), "pos": jnp.zeros((), jnp.int32)}
+
+    def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
+        """Bytes of KV cache per sequence after seq_len tokens: 2 * seq_len * Hkv * K * itemsize."""
+        return 2 * seq_len * self.config.kv_heads * self.head_dim * jnp.dtype(cache_dtype).itemsize
+
+    def _write(self, state: State, x: Hidden) -> tuple[State, Float[Array, "B T H K"], Array]:
+        """Projects x (positions pos..pos+T-1), writes its k, v into the cache; returns the query positions too."""
+        pos = state["pos"]
+        T, max_len = x.shape[1], state["k"].shape[1]
+        # Eagerly an overflow is an error; under jit pos is abstract, and the caller's output is poisoned with NaN
+        # (see _poison) because dynamic_update_slice would clamp the write onto the last slots.
+        if not isinstance(pos, jax.core.Tracer) and int(pos) + T > max_len:
+            raise ValueError(f"attention: KV cache of {max_len} slots is full (pos={int(pos)}, {T} new tokens)")
+        positions = pos + jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self.project_qkv(x, positions)
+        cache_k = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
+        return {"k": cache_k, "v": cache_v, "pos": pos + T}, q, positions
+
+    def _attend_cache(self, state: State, q: Float[Array, "B T H K"], positions) -> Hidden:
+        B, T = q.shape[:2]
+        max_len = state["k"].shape[1]
+        # Query at absolute position p sees cache slots <= p; slots past pos hold zeros and stay hidden.
+        mask_BTS = jnp.broadcast_to((jnp.arange(max_len)[None, :] <= positions[:, None])[None], (B, T, max_len))
+        k, v = state["k"].astype(q.dtype), state["v"].astype(q.dtype)
+        y = self._attend(q, k, v, causal=False, mask=mask_BTS)
+        return jnp.where(state["pos"] <= max_len, y, jnp.full((), jnp.nan, y.dtype))
+
+    def prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:
+        """Runs a prompt x [B, T, D] from position state["pos"]; returns (state after it, y [B, T, D]).
+
+        With pos = 0, y equals __call__(x). Past the cache end: ValueError eagerly, NaN outputs under jit.
+        """
+        self._check_decoder()
+        state, q, positions = self._write(state, x)
+        return state, self._attend_cache(state, q, positions)
+
+    def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
+        """One token x_t [B, D] at position state["pos"]; returns (state, y_t [B, D]).
+
+        Past the cache end: ValueError eagerly, NaN outputs under jit.
+        """
+        state, y = self.prefill(state, x_t[:, None])
+        return state, y[:, 0]

@@ -1,0 +1,135 @@
+"""Short causal depthwise convolution and the gated BaseConv token mixers built on it.
+
+Paper: BASED, Arora et al., arXiv 2402.18668 (BaseConv, section 2.3 of specs/mechanisms.md);
+Zoology, Arora et al., arXiv 2312.04927 (the MQAR models' first layer).
+Reference: HazyResearch/based@32c1bd4 based/models/mixers/convolution.py (`BaseConv`, non-CUDA path);
+HazyResearch/zoology@d88d6f5 zoology/mixers/base_conv.py (`BaseConv`).
+
+Two variants, two registry names (their maths differs, so they are two classes, not a flag):
+- `BaseConv` (BASED): u1, u2 = split(W_in x); y = W_out(SiLU(conv(u1)) * u2). Conv without bias.
+- `ZoologyBaseConv`: y = conv(x) * (W x) + x. Conv with bias, no activation, residual inside.
+
+Decoding keeps the last `kernel_size - 1` conv inputs: state size is constant in the sequence length.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+
+def _init(init, axes):
+    return nnx.with_metadata(init, logical_axes=axes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConvConfig:
+    kernel_size: int = 3  # taps of the causal depthwise conv
+    expand: int = 4  # BASED's in-projection width multiple (d -> expand*d, split in two halves)
+
+    def __post_init__(self):
+        if self.kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        if self.expand < 2 or self.expand % 2:
+            raise ValueError(f"expand must be an even number >= 2, got {self.expand}")
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise conv: y_t[c] = sum_i w[i, c] x_{t-k+1+i}[c] (+ b[c]); zero history before t = 0."""
+
+    def __init__(self, channels: int, kernel_size: int, *, use_bias: bool, rngs: nnx.Rngs):
+        self.kernel_size = kernel_size
+        self.channels = channels
+        # PyTorch Conv1d's default init: U(-1/sqrt(k), 1/sqrt(k)) for a depthwise filter of k taps.
+        bound = kernel_size**-0.5
+        self.weight = nnx.Param(
+            jax.random.uniform(rngs.params(), (kernel_size, channels), minval=-bound, maxval=bound),
+            logical_axes=(None, "conv"),
+        )
+        self.bias = nnx.Param(jnp.zeros((channels,)), logical_axes=("conv",)) if use_bias else None
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        y, _ = self.with_history(jnp.zeros((x.shape[0], self.kernel_size - 1, self.channels), x.dtype), x)
+        return y
+
+    def with_history(
+        self, history: Float[Array, "B k D"], x: Float[Array, "B T D"]
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B k D"]]:
+        """Convolves x preceded by `history` (the previous k-1 inputs); returns y and the new history."""
+        T = x.shape[1]
+        padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)  # [B, k-1+T, D]
+        w = self.weight[...].astype(x.dtype)
+        # k is tiny (3-4): a sum of shifted slices is as fast as lax.conv on CPU and reads like the formula.
+        y = sum(padded[:, i : i + T] * w[i] for i in range(self.kernel_size))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y, padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+
+    def init_state(self, batch_size: int) -> Float[Array, "B k D"]:
+        return jnp.zeros((batch_size, self.kernel_size - 1, self.channels), jnp.float32)
+
+    def state_size(self) -> int:
+        return (self.kernel_size - 1) * self.channels * 4
+
+
+class _ConvMixer(nnx.Module):
+    """Decoding shared by the conv mixers: the state is the conv history, and one step is a length-1 call."""
+
+    conv: ShortConv
+
+    def _mix(self, history, x):
+        raise NotImplementedError
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        y, _ = self._mix(self.init_state(x.shape[0], 0), x)
+        return y
+
+    def init_state(self, batch_size: int, max_len: int) -> Float[Array, "B k D"]:
+        del max_len  # constant-size state
+        return self.conv.init_state(batch_size)
+
+    def prefill(self, state, x: Float[Array, "B T D"]):
+        y, state = self._mix(state, x)
+        return state, y
+
+    def decode_step(self, state, x_t: Float[Array, "B D"]):
+        y, state = self._mix(state, x_t[:, None])
+        return state, y[:, 0]
+
+    def state_size(self, seq_len: int) -> int:
+        del seq_len
+        return self.conv.state_size()
+
+
+class BaseConv(_ConvMixer):
+    """BASED's gated short convolution (no residual inside; the block adds it)."""
+
+    def __init__(self, d_model: int, config: ConvConfig, *, rngs: nnx.Rngs):
+        inner = config.expand * d_model // 2
+        lecun = nnx.initializers.lecun_normal()
+        self.in_proj = nnx.Linear(d_model, 2 * inner, kernel_init=_init(lecun, ("embed", "mlp")),
+                                  bias_init=_init(nnx.initializers.zeros_init(), ("mlp",)), rngs=rngs)
+        self.conv = ShortConv(inner, config.kernel_size, use_bias=False, rngs=rngs)
+        self.out_proj = nnx.Linear(inner, d_model, kernel_init=_init(lecun, ("mlp", "embed")),
+                                   bias_init=_init(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+
+    def _mix(self, history, x):
+        u1, u2 = jnp.split(self.in_proj(x), 2, axis=-1)
+        c, history = self.conv.with_history(history, u1)
+        return self.out_proj(jax.nn.silu(c) * u2), history
+
+
+class ZoologyBaseConv(_ConvMixer):
+    """Zoology's BaseConv: y = conv(x) * (W x + b) + x."""
+
+    def __init__(self, d_model: int, config: ConvConfig, *, rngs: nnx.Rngs):
+        self.projection = nnx.Linear(d_model, d_model, kernel_init=_init(nnx.initializers.lecun_normal(),
+                                                                         ("embed", "mlp")),
+                                     bias_init=_init(nnx.initializers.zeros_init(), ("mlp",)), rngs=rngs)
+        self.conv = ShortConv(d_model, config.kernel_size, use_bias=True, rngs=rngs)
+
+    def _mix(self, history, x):
+        c, history = self.conv.with_history(history, x)
+        return c * self.projection(x) + x, history

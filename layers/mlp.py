@@ -1,0 +1,38 @@
+"""SwiGLU feed-forward block (Shazeer, arXiv 2002.05202), as in Llama: W_down(SiLU(x W_gate) * (x W_up))."""
+
+import dataclasses
+
+import jax
+from flax import nnx
+from jaxtyping import Array, Float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MLPConfig:
+    kind: str = "swiglu"  # "swiglu", or "none" for mixer-only blocks (Zoology's MQAR models)
+    hidden: int | None = None  # F; None = 8/3 * d_model rounded up to a multiple of 16 (Llama)
+
+    def __post_init__(self):
+        if self.kind not in ("swiglu", "none"):
+            raise ValueError(f"mlp.kind must be 'swiglu' or 'none', got {self.kind!r}")
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError(f"mlp.hidden must be positive, got {self.hidden}")
+
+    def hidden_size(self, d_model: int) -> int:
+        if self.hidden is not None:
+            return self.hidden
+        return -(-8 * d_model // 3 // 16) * 16
+
+
+def _init(axes):
+    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
+        self.gate = nnx.Linear(d_model, hidden, use_bias=False, kernel_init=_init(("embed", "mlp")), rngs=rngs)
+        self.up = nnx.Linear(d_model, hidden, use_bias=False, kernel_init=_init(("embed", "mlp")), rngs=rngs)
+        self.down = nnx.Linear(hidden, d_model, use_bias=False, kernel_init=_init(("mlp", "embed")), rngs=rngs)
+
+    def __call__(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

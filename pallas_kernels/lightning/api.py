@@ -1,0 +1,150 @@
+"""Public entry points of the Lightning attention op: `implementation=` dispatch and the custom_vjp wiring.
+
+Paper: Lightning Attention-2, arXiv 2401.04658. Reference: OpenNLPLab/lightning-attention@d15c385.
+
+Implementations:
+- "reference": the quadratic masked form (reference.py), differentiated by autodiff; O(T²) memory.
+- "xla": block tiling with a running KV state (xla.py) under a `jax.custom_vjp` whose backward is the paper's
+  two-pass Alg. 6; only the inputs are saved, so memory is O(T).
+- "pallas_gpu", "pallas_tpu": not written yet; asking for them raises NotImplementedError.
+
+The default order is ("xla",) on every platform until the Pallas kernels exist.
+
+The decay rates are fixed (TransNormerLLM reports NaNs with learnable λ), so every implementation returns a zero
+cotangent for `decay`; the reference path stops its gradient so that all paths agree.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from effarch.pallas_kernels.dispatch import dispatch
+from effarch.pallas_kernels.lightning import reference, xla
+
+_OP = "lightning_attention"
+DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lightning_xla(q, k, v, decay, initial_state, block_size):
+    return xla.lightning_fwd(q, k, v, decay, initial_state, block_size)
+
+
+def _lightning_xla_fwd(q, k, v, decay, initial_state, block_size):
+    out = xla.lightning_fwd(q, k, v, decay, initial_state, block_size)
+    # Residuals are the inputs only: the backward recomputes the block states.
+    return out, (q, k, v, decay, initial_state)
+
+
+def _lightning_xla_bwd(block_size, residuals, cotangents):
+    q, k, v, decay, initial_state = residuals
+    d_out, d_final_state = cotangents
+    dq, dk, dv, d_initial = xla.lightning_bwd(q, k, v, decay, initial_state, d_out, d_final_state, block_size)
+    # The decay is a fixed schedule, not a parameter: no gradient.
+    return dq, dk, dv, jnp.zeros_like(decay), d_initial
+
+
+_lightning_xla.defvjp(_lightning_xla_fwd, _lightning_xla_bwd)
+
+
+def _reference(q, k, v, decay, initial_state, block_size):
+    del block_size
+    return reference.lightning_quadratic(q, k, v, jax.lax.stop_gradient(decay), initial_state)
+
+
+def _not_written(name):
+    def impl(*args, **kwargs):
+        raise NotImplementedError(f"{_OP}: the {name} kernel is not written yet; use 'xla'")
+
+    return impl
+
+
+_IMPLS = {
+    "reference": _reference,
+    "xla": _lightning_xla,
+    "pallas_gpu": _not_written("pallas_gpu"),
+    "pallas_tpu": _not_written("pallas_tpu"),
+}
+
+
+def lightning_attention_with_state(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    decay: Float[Array, " H"],
+    initial_state: Float[Array, "B H K V"] | None = None,
+    *,
+    block_size: int = 64,
+    implementation: str | Sequence[str] | None = None,
+) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"]]:
+    """`lightning_attention` that starts from a carried state and also returns the state after the last token.
+
+    This is the prefill path: a prompt, or the next chunk of a long sequence, runs through the block algorithm
+    instead of token by token. Differentiable in q, k, v and `initial_state`.
+
+    Args:
+      q, k, v, decay, block_size, implementation: as `lightning_attention`.
+      initial_state: kv before the first token, [B, H, K, V] float32; zeros if None.
+
+    Returns:
+      (o [B, T, H, V], final state kv_{T−1} [B, H, K, V] in float32), the state `lightning_attention_step` carries.
+    """
+    if block_size < 1:
+        raise ValueError(f"{_OP}: block_size must be positive, got {block_size}")
+    if initial_state is None:
+        batch, _, heads, k_dim = q.shape
+        initial_state = jnp.zeros((batch, heads, k_dim, v.shape[-1]), jnp.float32)
+    return dispatch(
+        _OP, _IMPLS, implementation, q, k, v, decay, initial_state, block_size, default_order=DEFAULT_ORDER
+    )
+
+
+def lightning_attention(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    decay: Float[Array, " H"],
+    *,
+    block_size: int = 64,
+    implementation: str | Sequence[str] | None = None,
+) -> Float[Array, "B T H V"]:
+    """Causal decayed linear attention, O = [(Q Kᵀ) ⊙ M] V with M_tj = exp(−s_h (t − j)) for t ≥ j.
+
+    o_t = Σ_{j≤t} exp(−s_h (t − j)) (q_t · k_j) v_j, per head h.
+
+    Args:
+      q: queries, [B, T, H, K]. No 1/√K scale is applied (Lightning convention).
+      k: keys, [B, T, H, K].
+      v: values, [B, T, H, V].
+      decay: per-head rate s_h ≥ 0, [H]; λ_h = exp(−s_h). Not differentiated (zero cotangent).
+      block_size: tokens per block of the tiled paths; T need not be a multiple of it.
+      implementation: "reference", "xla", "pallas_gpu", "pallas_tpu", a sequence of them tried in order, or None
+        for the platform default (see the module docstring). A single name that cannot run raises.
+
+    Returns:
+      [B, T, H, V] in v's dtype. SRMSNorm is the caller's job.
+    """
+    o, _ = lightning_attention_with_state(q, k, v, decay, block_size=block_size, implementation=implementation)
+    return o
+
+
+def lightning_attention_step(
+    state: Float[Array, "B H K V"],
+    q_t: Float[Array, "B H K"],
+    k_t: Float[Array, "B H K"],
+    v_t: Float[Array, "B H V"],
+    decay: Float[Array, " H"],
+) -> tuple[Float[Array, "B H K V"], Float[Array, "B H V"]]:
+    """One decode step on the constant-size state: kv ← λ kv + k_tᵀ v_t, o_t = q_t kv.
+
+    Args:
+      state: kv after the previous token, [B, H, K, V] float32 (zeros before the first token).
+      q_t, k_t: [B, H, K]. v_t: [B, H, V]. decay: [H].
+
+    Returns:
+      (new state [B, H, K, V], o_t [B, H, V]).
+    """
+    return reference.lightning_step(state, q_t, k_t, v_t, decay)

@@ -1,0 +1,122 @@
+"""BasedLinearAttention: parallel == chunked with carried state == prefill + decode; constant state size."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effarch.layers.axes import Mixer
+from effarch.layers.based import BasedConfig, BasedLinearAttention
+from effarch.pallas_kernels.based import reference
+from tests.helpers.numerics import assert_close
+
+D, T = 12, 23
+CONFIG = BasedConfig(feature_dim=5, n_heads=3, chunk_size=8)
+
+
+def make_layer(config=CONFIG, seed=0):
+    return BasedLinearAttention(D, config, rngs=nnx.Rngs(seed))
+
+
+def make_x(seed=1, batch=2, length=T):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, length, D), np.float32))
+
+
+def jitted(layer, method):
+    """jax.jit over (params, *args) of `layer.method`: the layer stays a plain pytree."""
+    graphdef, params = nnx.split(layer)
+    fn = jax.jit(lambda params, *args: getattr(nnx.merge(graphdef, params), method)(*args))
+    return lambda *args: fn(params, *args)
+
+
+def test_is_a_mixer_with_the_spec_projections():
+    layer = make_layer()
+    assert isinstance(layer, Mixer)
+    # proj_q, proj_k: D -> H F; proj_v: D -> H head_dim (head_dim = D / H); out_proj back to D; no biases.
+    assert layer.proj_q.kernel.shape == (D, 15) and layer.proj_k.kernel.shape == (D, 15)
+    assert layer.proj_v.kernel.shape == (D, D) and layer.out_proj.kernel.shape == (D, D)
+    assert all(lin.bias is None for lin in (layer.proj_q, layer.proj_k, layer.proj_v, layer.out_proj))
+    assert layer.proj_q.kernel.get_metadata()["logical_axes"] == ("embed", "heads")
+    assert layer.out_proj.kernel.get_metadata()["logical_axes"] == ("heads", "embed")
+
+
+def test_call_matches_the_op_reference():
+    layer = make_layer()
+    x = make_x()
+    y = jitted(layer, "__call__")(x)
+
+    @jax.jit
+    def by_hand(x):
+        # Heads split as [H, F] for q, k and [H, head_dim] for v, head h of q/k paired with head h of v.
+        q = x @ layer.proj_q.kernel[...]
+        k = x @ layer.proj_k.kernel[...]
+        v = x @ layer.proj_v.kernel[...]
+        o = reference.based_quadratic(q.reshape(2, T, 3, 5), k.reshape(2, T, 3, 5), v.reshape(2, T, 3, 4), eps=1e-6)
+        return o.reshape(2, T, D) @ layer.out_proj.kernel[...]
+
+    assert_close("call", y, by_hand(x), 1e-5)
+    ref_layer = make_layer(dataclasses.replace(CONFIG, implementation="reference"))
+    assert_close("implementation=reference", jitted(ref_layer, "__call__")(x), y, 1e-5)
+
+
+@pytest.mark.parametrize("prompt", [1, 10])
+def test_prefill_then_decode_matches_call(prompt):
+    layer = make_layer()
+    x = make_x()
+    y = jitted(layer, "__call__")(x)
+
+    def generate(layer, x):
+        state, y_prompt = layer.prefill(layer.init_state(2, T), x[:, :prompt])
+        state, y_steps = jax.lax.scan(layer.decode_step, state, x[:, prompt:].swapaxes(0, 1))
+        return jnp.concatenate([y_prompt, y_steps.swapaxes(0, 1)], axis=1), state
+
+    graphdef, params = nnx.split(layer)
+    y_gen, state = jax.jit(lambda p, x: generate(nnx.merge(graphdef, p), x))(params, x)
+    assert_close("prefill + decode", y_gen, y, 1e-5)
+    state_full, _ = jitted(layer, "prefill")(layer.init_state(2, T), x)
+    assert_close("state", state.kv, state_full.kv, 1e-5)
+
+
+def test_chunked_calls_with_carried_state_equal_one_call():
+    layer = make_layer()
+    x = make_x()
+    prefill = jitted(layer, "prefill")
+    # Pieces of 8, 8, 7 tokens (chunk_size 8): two shapes to compile, the last piece padded.
+    state, y_a = prefill(layer.init_state(2, T), x[:, :8])
+    state, y_b = prefill(state, x[:, 8:16])
+    _, y_c = prefill(state, x[:, 16:])
+    assert_close("split", jnp.concatenate([y_a, y_b, y_c], axis=1), jitted(layer, "__call__")(x), 1e-5)
+
+
+def test_is_causal_and_differentiable():
+    layer = make_layer()
+    x = make_x()
+    graphdef, params = nnx.split(layer)
+    call = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    t0 = 13
+    y, y2 = call(params, x), call(params, x.at[:, t0].add(1.0))
+    np.testing.assert_array_equal(np.asarray(y2[:, :t0]), np.asarray(y[:, :t0]))
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(call(p, x) ** 2)))(params)
+    norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
+    assert len(norms) == 4 and all(np.isfinite(norms)) and min(norms) > 0
+
+
+def test_state_size_is_constant_and_matches_init_state():
+    layer = make_layer()
+    sizes = {layer.state_size(n) for n in (1, 64, 10**6)}
+    # H * (1 + F + F^2) * (head_dim + 1) float32 = 3 * 31 * 5 * 4 bytes.
+    assert sizes == {3 * 31 * 5 * 4}
+    for max_len in (8, 4096):
+        state = layer.init_state(2, max_len)
+        assert sum(leaf.nbytes for leaf in jax.tree.leaves(state)) == 2 * layer.state_size(max_len)
+
+
+def test_config_validation():
+    for field, value in (("feature_dim", 0), ("n_heads", 0), ("chunk_size", 0), ("eps", -1.0)):
+        with pytest.raises(ValueError, match=field):
+            BasedConfig(**{field: value})
+    with pytest.raises(ValueError, match="multiple"):
+        BasedLinearAttention(10, CONFIG, rngs=nnx.Rngs(0))

@@ -1,0 +1,290 @@
+"""Typed, frozen run configuration: YAML files merged left to right, then dotted `key=value` overrides.
+
+Defaults live in the dataclasses; a YAML file holds only what differs. Every value is checked against its field's
+type on load, and each dataclass's `__post_init__` checks ranges, so a bad config fails before anything is built
+with one line naming the key (`ConfigError`).
+"""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from effarch.arches.lm import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or is out of range. The message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataConfig:
+    task: Literal["mqar"] = "mqar"
+    # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
+    mixture: Literal["custom", "zoology_standard"] = "custom"
+    train_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 20_000),)  # (seq_len, num_kv_pairs, num_examples)
+    test_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 1_000),)
+    power_a: float = 0.01  # power-law exponent of the query gaps
+    random_non_queries: bool = True  # fill the query region's gaps with random tokens
+    seed: int = 0  # train data uses seed, test data seed + 1000 (disjoint streams)
+
+    def __post_init__(self):
+        for name in ("train_segments", "test_segments"):
+            segs = getattr(self, name)
+            if self.mixture == "custom" and not segs:
+                raise ValueError(f"{name} must list at least one (seq_len, num_kv_pairs, num_examples)")
+            for seg in segs:
+                if len(seg) != 3 or min(seg) < 1:
+                    raise ValueError(f"{name}: each entry is (seq_len, num_kv_pairs, num_examples) > 0, got {seg}")
+        if not 0 < self.power_a <= 1:
+            raise ValueError(f"power_a must be in (0, 1], got {self.power_a}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 0  # linear warmup from 0
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    weight_decay: float = 0.1  # AdamW; applied to matrices only (ndim >= 2), not to norms, biases or conv taps
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global-norm clipping; null disables
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for b in ("b1", "b2"):
+            if not 0 <= getattr(self, b) < 1:
+                raise ValueError(f"{b} must be in [0, 1), got {getattr(self, b)}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"clip_norm must be positive or null, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        for axis in ("data", "fsdp", "tensor"):
+            v = getattr(self, axis)
+            if v == 0 or v < -1:
+                raise ValueError(f"{axis} must be a positive size or -1, got {v}")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ValueError("at most one mesh axis may be -1")
+
+
+# Logical parameter / activation axis -> mesh axes (STYLE.md §3.12). A mesh axis of size 1 is a no-op, so the
+# same table serves one CPU and a pod slice.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", ("fsdp",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("conv", ("tensor",)),
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TrainConfig:
+    run_dir: str = "runs/default"  # metrics, checkpoints and the resolved config go here; resumed if present
+    steps: int = 1000  # optimizer updates
+    batch_size: int = 64  # global batch (sequences per update)
+    grad_accum_steps: int = 1  # micro-batches per update; batch_size must divide evenly
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # params stay float32 (master copy)
+    seed: int = 0  # parameter init and the data order
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batch_size: int = 256
+    stop_at_accuracy: float | None = None  # stop early once the mean test accuracy reaches this
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = True
+    progress: bool = True  # tqdm progress bar on stderr
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
+                     "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps="
+                             f"{self.grad_accum_steps}")
+        if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:
+            raise ValueError(f"stop_at_accuracy must be in (0, 1], got {self.stop_at_accuracy}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    sharding_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        mesh_axes = {"data", "fsdp", "tensor"}
+        for logical, axes in self.sharding_rules:
+            bad = [a for a in axes if a not in mesh_axes]
+            if bad:
+                raise ValueError(f"sharding_rules: {logical!r} maps to unknown mesh axes {bad}; use {sorted(mesh_axes)}")
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` (parsed YAML) against the annotation `tp` and converts lists to tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} items, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {tp}")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key; {cls.__name__} has {sorted(names)}")
+        kwargs[k] = _convert(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'model.d_model=128' -> {'model': {'d_model': 128}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. model.d_model=128")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({e.__class__.__name__})") from None
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return data
+
+
+def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Merges the YAML files left to right, applies dotted overrides, validates, returns a frozen Config."""
+    merged: dict = {}
+    for p in paths:
+        merged = _merge(merged, load_yaml(p))
+    for o in overrides:
+        merged = _merge(merged, parse_override(o))
+    return _build(Config, merged, "")
+
+
+def _plain(x):
+    if dataclasses.is_dataclass(x):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def to_dict(config) -> dict:
+    return _plain(config)
+
+
+def dump_config(config: Config) -> str:
+    """YAML text that load_config reads back into an equal Config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,73 @@
+"""Sampling from a trained run: restore the newest checkpoint, prefill the prompt, then decode token by token.
+
+Decoding goes through each mixer's init_state / prefill / decode_step (KV caches for attention, constant-size
+states for recurrent mixers), so generation costs O(1) or O(T) per token rather than a full forward pass.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from effarch.arches.lm import DecoderLM
+from effarch.train.checkpoint import Checkpointer
+from effarch.train.config import ConfigError, load_config
+
+
+def load_model(run_dir: str | Path) -> DecoderLM:
+    """The model of `run_dir` with the parameters of its newest complete checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"run dir {str(run_dir)!r} has no config.yaml: is it a training run directory?")
+    cfg = load_config([run_dir / "config.yaml"])
+    model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    steps = ckpt.steps()
+    if not steps:
+        raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint to generate from")
+    # Only the params are needed; the optimizer-state template comes from the same optimizer family.
+    from effarch.train.train import make_optimizer
+
+    tx, _ = make_optimizer(cfg)
+    restored = ckpt.restore_latest(params, jax.jit(tx.init)(params), jnp.zeros((2,), jnp.uint32))
+    ckpt.close()
+    if restored is None:
+        raise ConfigError(f"run dir {str(run_dir)!r}: no readable checkpoint among steps {steps}")
+    return nnx.merge(graphdef, restored[0], rest)
+
+
+def generate(
+    model: DecoderLM, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0
+) -> np.ndarray:
+    """Tokens [B, max_new_tokens] continuing `prompt` [B, P]: greedy when temperature == 0, else sampled."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [batch, length >= 1], got shape {prompt.shape}")
+    batch, plen = prompt.shape
+    graphdef, state = nnx.split(model)
+
+    def pick(logits, key):
+        if temperature == 0.0:
+            return jnp.argmax(logits, -1).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+
+    @jax.jit
+    def run(state, prompt, key):
+        m = nnx.merge(graphdef, state)
+        dec_state, logits = m.prefill(m.init_state(batch, plen + max_new_tokens), prompt)
+        keys = jax.random.split(key, max_new_tokens)
+        first = pick(logits[:, -1], keys[0])
+
+        def body(carry, key):
+            dec_state, tok = carry
+            dec_state, logits = m.decode_step(dec_state, tok)
+            nxt = pick(logits, key)
+            return (dec_state, nxt), nxt
+
+        _, rest = jax.lax.scan(body, (dec_state, first), keys[1:])  # [max_new_tokens - 1, B]
+        return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+    return np.asarray(run(state, prompt, jax.random.key(seed)))

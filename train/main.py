@@ -1,0 +1,113 @@
+"""Command line: `effarch train CONFIG... [key=value ...]` and `effarch generate RUN_DIR [options]`.
+
+Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint) exits with
+status 2 and one line naming what was wrong, without a traceback.
+"""
+
+import argparse
+import logging
+import sys
+
+USAGE = """usage:
+  effarch train CONFIG.yaml [MORE.yaml ...] [key=value ...]    e.g. effarch train configs/mqar/attention.yaml model.d_model=128
+  effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]"""
+
+
+def _fail(msg: str, code: int = 2):
+    print(f"effarch: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def train_cli(argv: list[str]) -> None:
+    from effarch.train.config import ConfigError, load_config
+
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if not files:
+        _fail("train needs at least one CONFIG.yaml\n" + USAGE)
+    try:
+        cfg = load_config(files, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+    import jax
+
+    from effarch.train.train import TrainingDiverged, maybe_initialize_distributed, train_and_evaluate
+
+    maybe_initialize_distributed()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    print(f"effarch: {jax.device_count()} device(s) ({jax.default_backend()}), run dir {cfg.train.run_dir}",
+          file=sys.stderr)
+    try:
+        result = train_and_evaluate(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+    except TrainingDiverged as e:
+        _fail(str(e), code=3)
+    tm, em = result.train_metrics, result.eval_metrics
+    parts = [f"step {result.step}/{cfg.train.steps}"]
+    if tm:
+        parts.append(f"train loss {tm['loss']:.4f}")
+    if em:
+        parts.append(f"test accuracy {em['eval/accuracy']:.4f}")
+    parts += [f"stopped by {result.stopped_by}", f"wall {result.wall_time_s:.1f}s", f"run dir {result.run_dir}"]
+    print("effarch: done: " + ", ".join(parts))
+
+
+def generate_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="effarch generate")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", help="space-separated token ids, e.g. '12 7 4013'")
+    p.add_argument("--text", help="a UTF-8 string, fed as byte tokens (for byte-level models)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if (args.prompt is None) == (args.text is None):
+        _fail("generate needs exactly one of --prompt (token ids) or --text (bytes)")
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        _fail("--max-new-tokens must be >= 1 and --temperature >= 0")
+
+    import numpy as np
+
+    from effarch.train.config import ConfigError
+    from effarch.train.generate import generate, load_model
+
+    try:
+        model = load_model(args.run_dir)
+    except ConfigError as e:
+        _fail(str(e))
+    if args.text is not None:
+        ids = list(args.text.encode("utf-8"))
+    else:
+        try:
+            ids = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            _fail(f"--prompt must be space-separated integers, got {args.prompt!r}")
+    vocab = model.cfg.vocab_size
+    if not ids or min(ids) < 0 or max(ids) >= vocab:
+        _fail(f"prompt token ids must be in [0, {vocab}), got {ids}")
+    out = generate(model, np.array([ids]), args.max_new_tokens, temperature=args.temperature, seed=args.seed)[0]
+    if args.text is not None:
+        print(bytes(int(t) % 256 for t in out).decode("utf-8", errors="replace"))
+    else:
+        print(" ".join(str(int(t)) for t in out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        train_cli(rest)
+    elif cmd == "generate":
+        generate_cli(rest)
+    else:
+        _fail(f"unknown command {cmd!r}\n" + USAGE)
+
+
+if __name__ == "__main__":
+    main()

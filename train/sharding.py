@@ -1,0 +1,70 @@
+"""Device mesh (data, fsdp, tensor) and the map from logical axis names to mesh axes (STYLE.md §3.12).
+
+Layers tag each parameter with `logical_axes` metadata (e.g. ("embed", "mlp")); `param_specs` turns those tags
+into PartitionSpecs through the config's rules. The same code runs on one CPU (every mesh axis of size 1).
+"""
+
+import math
+import warnings
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor*... = {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are available")
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(logical_axes, shape, rules, mesh: Mesh) -> P:
+    """PartitionSpec for one array: each logical name maps to its mesh axes, skipping axes already used, of
+    size 1, or that do not divide the dimension (that dimension is then replicated, with a warning)."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape, strict=True):
+        axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1) if name else ()
+        size = math.prod(mesh.shape[a] for a in axes)
+        if axes and dim % size:
+            warnings.warn(f"sharding: dim {dim} of logical axis {name!r} does not divide mesh axes {axes} "
+                          f"(size {size}); replicating it", stacklevel=2)
+            axes = ()
+        used.update(axes)
+        spec.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*spec)
+
+
+def param_specs(abstract_state: nnx.State, rules, mesh: Mesh):
+    """PartitionSpec tree matching `abstract_state` (an nnx.State of Variables with `logical_axes` metadata)."""
+
+    def spec(var):
+        axes = var.get_metadata().get("logical_axes")
+        shape = var.shape if hasattr(var, "shape") else var[...].shape
+        if axes is None:
+            return P()
+        return logical_to_spec(axes, shape, rules, mesh)
+
+    return jax.tree.map(spec, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def named(specs, mesh: Mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of a [B, T] batch: the batch axis over the mesh axes that the 'batch' rule names."""
+    axes = tuple(a for a in dict(rules).get("batch", ()) if mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(axes if axes else None, None))

@@ -1,0 +1,325 @@
+"""The training loop: a jit-compiled, explicitly sharded train step, evaluation, metrics and checkpoints.
+
+Read top to bottom: `Trainer` builds the mesh, the model's parameters (sharded by logical-axis rules), the optimizer
+and the jitted step; `train_and_evaluate` runs the loop. A run directory holds everything needed to resume:
+config.yaml, run_info.json, metrics.jsonl, tb/ and checkpoints/. Starting a run in a directory that already has
+checkpoints resumes from the newest complete one (params, optimizer state, step = data position, RNG).
+"""
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from effarch.arches.lm import DecoderLM
+from effarch.train import sharding
+from effarch.train.checkpoint import Checkpointer
+from effarch.train.config import Config, ConfigError, dump_config, to_dict
+from effarch.train.data import Segment, build_data
+from effarch.train.metrics import MetricsWriter
+
+log = logging.getLogger("effarch")
+
+IGNORE = -100  # label of positions without a target
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stopped without saving the bad state."""
+
+
+def maybe_initialize_distributed() -> None:
+    """Multi-host: call jax.distributed.initialize when the launcher set the coordinator variables.
+
+    EFFARCH_COORDINATOR=host:port, EFFARCH_NUM_PROCESSES, EFFARCH_PROCESS_ID (CPU/GPU clusters); on TPU pods the
+    no-argument form auto-detects (set EFFARCH_DISTRIBUTED=1).
+    """
+    if jax.distributed.is_initialized():
+        return
+    if "EFFARCH_COORDINATOR" in os.environ:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["EFFARCH_COORDINATOR"],
+            num_processes=int(os.environ["EFFARCH_NUM_PROCESSES"]),
+            process_id=int(os.environ["EFFARCH_PROCESS_ID"]),
+        )
+    elif os.environ.get("EFFARCH_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o, steps = cfg.optim, cfg.train.steps
+    if o.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, o.lr, warmup_steps=o.warmup_steps, decay_steps=max(steps, o.warmup_steps + 1),
+            end_value=o.lr * o.min_lr_ratio)
+    else:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
+            [o.warmup_steps])
+    # Decay matrices only: norms, biases and conv taps are left alone (nanoGPT's choice).
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params))
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+    return tx, schedule
+
+
+def _cast_floating(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def token_loss(logits, labels):
+    """Summed cross entropy, correct count and count over positions with a label (labels == -100 are skipped)."""
+    mask = labels != IGNORE
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return jnp.sum(ce * mask), jnp.sum(correct), jnp.sum(mask)
+
+
+class Trainer:
+    """Holds the compiled functions and the sharded state of one run."""
+
+    def __init__(self, cfg: Config, devices=None):
+        self.cfg = cfg
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
+        rules = cfg.sharding_rules
+        abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+        self.param_sharding = sharding.named(sharding.param_specs(abstract_params, rules, self.mesh), self.mesh)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
+        self.tx, self.schedule = make_optimizer(cfg)
+        self.compute_dtype = jnp.dtype(cfg.train.compute_dtype)
+
+        def init(seed):
+            model = DecoderLM(cfg.model, rngs=nnx.Rngs(seed))
+            _, params, rest = nnx.split(model, nnx.Param, ...)
+            return params, rest
+
+        self._init = jax.jit(init, static_argnums=0, out_shardings=(self.param_sharding, self.replicated))
+        self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
+        self._eval_step = jax.jit(self._eval)
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def init_state(self, seed: int):
+        params, self.rest = self._init(seed)
+        opt_state = jax.jit(self.tx.init)(params)
+        rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), self.replicated)
+        return params, opt_state, rng
+
+    def model(self, params) -> DecoderLM:
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    def _loss(self, params, inputs, labels):
+        model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest)
+        ce_sum, correct, count = token_loss(model(inputs), labels)
+        return ce_sum, (correct, count)
+
+    def _step(self, params, opt_state, inputs, labels):
+        accum = self.cfg.train.grad_accum_steps
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if accum == 1:
+            (ce_sum, (correct, count)), grads = grad_fn(params, inputs, labels)
+        else:
+            # Sum (not average) per micro-batch, divide once by the total label count: identical to one big batch.
+            micro = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+
+            def body(carry, batch):
+                (ce_sum, (correct, count)), grads = grad_fn(params, *batch)
+                acc_grads, acc = carry
+                return (jax.tree.map(jnp.add, acc_grads, grads),
+                        jax.tree.map(jnp.add, acc, (ce_sum, correct, count))), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0)))
+            (grads, (ce_sum, correct, count)), _ = jax.lax.scan(body, init, (micro(inputs), micro(labels)))
+        n = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: (g / n).astype(jnp.float32), grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": ce_sum / n, "accuracy": correct / n, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics
+
+    def _eval(self, params, inputs, labels):
+        model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest)
+        return token_loss(model(inputs), labels)
+
+    # --- host side --------------------------------------------------------------------------------------------
+    def global_batch(self, local_inputs, local_labels):
+        shape = (local_inputs.shape[0] * jax.process_count(), local_inputs.shape[1])
+        make = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x, shape)
+        return make(local_inputs.astype(np.int32)), make(local_labels.astype(np.int32))
+
+    def train_step(self, params, opt_state, inputs, labels):
+        with jax.set_mesh(self.mesh):
+            return self._train_step(params, opt_state, inputs, labels)
+
+    def evaluate(self, params, segment: Segment) -> dict:
+        """Token accuracy and mean loss over a whole evaluation set (padded to full batches)."""
+        bs = self.cfg.train.eval_batch_size
+        per_proc = bs // jax.process_count()
+        ce = correct = count = 0
+        for start in range(0, len(segment.inputs), bs):
+            x = segment.inputs[start : start + bs]
+            y = segment.labels[start : start + bs]
+            pad = bs - len(x)
+            x = np.pad(x, ((0, pad), (0, 0)))
+            y = np.pad(y, ((0, pad), (0, 0)), constant_values=IGNORE)
+            rows = slice(jax.process_index() * per_proc, (jax.process_index() + 1) * per_proc)
+            with jax.set_mesh(self.mesh):
+                out = self._eval_step(params, *self.global_batch(x[rows], y[rows]))
+            ce, correct, count = (a + float(b) for a, b in zip((ce, correct, count), out))
+        return {"accuracy": correct / max(count, 1), "loss": ce / max(count, 1)}
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("effarch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Writes the resolved config and run info; refuses to resume a run whose model differs from this one."""
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text())
+        if old.get("model") != to_dict(cfg.model):
+            raise ConfigError(f"train.run_dir: {run_dir} holds a run with a different model config; "
+                              "choose a new run_dir (or delete that one)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        saved.write_text(dump_config(cfg))
+        info = {"git_commit": _git_commit(), "effarch_version": _version(), "jax_version": jax.__version__,
+                "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    train_metrics: dict
+    eval_metrics: dict
+    run_dir: Path
+    stopped_by: str  # "steps", "accuracy", or a signal name
+    wall_time_s: float
+
+
+def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
+    t_start = time.perf_counter()
+    tc = cfg.train
+    run_dir = Path(tc.run_dir)
+    _prepare_run_dir(cfg, run_dir)
+    is_main = jax.process_index() == 0
+
+    trainer = Trainer(cfg, devices)
+    stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
+    if tc.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
+    params, opt_state, rng = trainer.init_state(tc.seed)
+    ckpt = Checkpointer(run_dir / "checkpoints", max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+
+    step = 0
+    restored = ckpt.restore_latest(params, opt_state, rng)
+    if restored is not None:
+        params, opt_state, rng, meta = restored
+        step = int(meta["step"])
+        log.info("resumed from %s at step %d", ckpt.directory, step)
+
+    def save(step):
+        meta = {"step": step, "data_position": step * tc.batch_size, "seed": tc.seed}
+        ckpt.save(step, params, opt_state, rng, meta)
+
+    writer = MetricsWriter(run_dir, total_steps=tc.steps, initial_step=step, progress=tc.progress, is_main=is_main)
+    rows_per_proc = tc.batch_size // jax.process_count()
+    rows = slice(jax.process_index() * rows_per_proc, (jax.process_index() + 1) * rows_per_proc)
+    train_metrics, eval_metrics, stopped_by = {}, {}, "steps"
+    last_good_step = ckpt.steps()[-1] if ckpt.steps() else None
+    window_time, window_steps, window_tokens = 0.0, 0, 0  # summed step times: eval and saves excluded
+    try:
+        with _StopSignal() as stop:
+            while step < tc.steps:
+                t0 = time.perf_counter()
+                inputs, labels = trainer.global_batch(*stream.batch(step, rows))
+                params, opt_state, m = trainer.train_step(params, opt_state, inputs, labels)
+                m = {k: float(v) for k, v in m.items()}  # waits for the step: the NaN check below needs it
+                window_time += time.perf_counter() - t0
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    ckpt.wait()
+                    where = f"step {last_good_step}" if last_good_step is not None else "none saved yet"
+                    raise TrainingDiverged(f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step + 1}; "
+                                           f"stopped without saving. Last good checkpoint: {where} in {ckpt.directory}")
+                step += 1
+                window_steps += 1
+                window_tokens += int(np.prod(inputs.shape))
+                if step % tc.log_every == 0 or step == tc.steps:
+                    train_metrics = {**m, "lr": float(trainer.schedule(step - 1)),
+                                     "step_time_s": window_time / window_steps, "tokens_per_s": window_tokens / window_time}
+                    writer.write(step, train_metrics)
+                    writer.progress(step, m["loss"], train_metrics["tokens_per_s"])
+                    window_time, window_steps, window_tokens = 0.0, 0, 0
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    eval_metrics = {}
+                    for seg in eval_sets:
+                        for k, v in trainer.evaluate(params, seg).items():
+                            eval_metrics[f"eval/{seg.name}/{k}"] = v
+                    eval_metrics["eval/accuracy"] = float(np.mean([eval_metrics[f"eval/{s.name}/accuracy"]
+                                                                   for s in eval_sets]))
+                    writer.write(step, eval_metrics)
+                    if tc.stop_at_accuracy is not None and eval_metrics["eval/accuracy"] >= tc.stop_at_accuracy:
+                        stopped_by = "accuracy"
+                if stop.received and stopped_by == "steps":
+                    stopped_by = stop.received
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_by != "steps":
+                    save(step)
+                    last_good_step = step
+                if stopped_by != "steps":
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+    return RunResult(step, train_metrics, eval_metrics, run_dir, stopped_by, time.perf_counter() - t_start)
