@@ -12,6 +12,7 @@ the parallel forward pass (tests/arches/test_lm.py).
 """
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,12 @@ from jaxtyping import Array, Float, Int
 
 from effarch.arches.registry import MIXERS, build_mixer
 from effarch.layers.attention import AttentionConfig
+from effarch.layers.based import BasedConfig
 from effarch.layers.conv import ConvConfig
+from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
-from effarch.layers.norms import rms_norm
+from effarch.layers.norms import SRMSNorm, rms_norm
+from effarch.layers.sliding_window import SlidingWindowConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,11 +36,15 @@ class ModelConfig:
     n_layers: int = 2
     mixers: tuple[str, ...] = ("attention",)  # registry names, repeated over the layers
     mlp: MLPConfig = MLPConfig()
+    norm: Literal["rms", "srms"] = "rms"  # block pre-norms: RMSNorm with a scale, or TNL's weightless SRMSNorm
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # LM head = embedding^T (Zoology's default)
     remat: bool = False  # recompute each block in the backward pass (jax.checkpoint)
     attention: AttentionConfig = AttentionConfig()
     conv: ConvConfig = ConvConfig()
+    based: BasedConfig = BasedConfig()
+    sliding_window: SlidingWindowConfig = SlidingWindowConfig()
+    lightning: LightningConfig = LightningConfig()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):
@@ -54,14 +62,19 @@ class ModelConfig:
         return tuple(self.mixers[i % len(self.mixers)] for i in range(self.n_layers))
 
 
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    return rms_norm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs) if cfg.norm == "rms" else SRMSNorm(cfg.norm_eps)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
         self.mixer_name = cfg.layer_mixers()[layer_idx]
-        self.norm1 = rms_norm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.norm1 = _norm(cfg, rngs)
         self.mixer = build_mixer(self.mixer_name, cfg, layer_idx, rngs)
-        if cfg.mlp.kind == "swiglu":
-            self.norm2 = rms_norm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-            self.mlp = SwiGLU(cfg.d_model, cfg.mlp.hidden_size(cfg.d_model), rngs=rngs)
+        mlp = {"swiglu": SwiGLU, "sglu": SGLU}.get(cfg.mlp.kind)
+        if mlp is not None:
+            self.norm2 = _norm(cfg, rngs)
+            self.mlp = mlp(cfg.d_model, cfg.mlp.hidden_size(cfg.d_model), rngs=rngs)
         else:
             self.norm2 = self.mlp = None
 
@@ -90,14 +103,15 @@ class DecoderLM(nnx.Module):
             rngs=rngs,
         )
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
-        self.norm = rms_norm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.norm = _norm(cfg, rngs)
         if cfg.tie_embeddings:
             self.head = None
         else:
             init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=("embed", "vocab"))
             self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=init, rngs=rngs)
 
-    def _logits(self, h):
+    def logits(self, h: Float[Array, "*B D"]) -> Float[Array, "*B V"]:
+        """Final norm and LM head on hidden states (any leading shape), in float32."""
         h = self.norm(h)
         if self.head is None:
             return self.embed.attend(h).astype(jnp.float32)
@@ -114,7 +128,7 @@ class DecoderLM(nnx.Module):
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
         """Logits in float32 for every position."""
-        return self._logits(self.hidden(tokens))
+        return self.logits(self.hidden(tokens))
 
     # --- decoding -------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, max_len: int) -> tuple:
@@ -126,7 +140,7 @@ class DecoderLM(nnx.Module):
         for block, s in zip(self.blocks, state, strict=True):
             s, h = block.prefill(s, h)
             new_state.append(s)
-        return tuple(new_state), self._logits(h)
+        return tuple(new_state), self.logits(h)
 
     def decode_step(self, state: tuple, token_t: Int[Array, " B"]) -> tuple[tuple, Float[Array, "B V"]]:
         h = self.embed(token_t)
@@ -134,7 +148,7 @@ class DecoderLM(nnx.Module):
         for block, s in zip(self.blocks, state, strict=True):
             s, h = block.decode_step(s, h)
             new_state.append(s)
-        return tuple(new_state), self._logits(h)
+        return tuple(new_state), self.logits(h)
 
     def state_size(self, seq_len: int) -> int:
         """Bytes of decode state (KV caches, recurrent states, conv buffers) per sequence after seq_len tokens."""

@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING
 from flax import nnx
 
 from effarch.layers.attention import Attention
+from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
+from effarch.layers.lightning import LightningAttention
+from effarch.layers.sliding_window import SlidingWindowAttention
 
 if TYPE_CHECKING:
     from effarch.arches.lm import ModelConfig
@@ -21,6 +24,12 @@ MIXERS: dict[str, MixerFactory] = {
     "attention": lambda cfg, layer_idx, rngs: Attention(cfg.d_model, cfg.attention, rngs=rngs),
     "base_conv": lambda cfg, layer_idx, rngs: BaseConv(cfg.d_model, cfg.conv, rngs=rngs),
     "zoology_base_conv": lambda cfg, layer_idx, rngs: ZoologyBaseConv(cfg.d_model, cfg.conv, rngs=rngs),
+    "based": lambda cfg, layer_idx, rngs: BasedLinearAttention(cfg.d_model, cfg.based, rngs=rngs),
+    "sliding_window": lambda cfg, layer_idx, rngs: SlidingWindowAttention(cfg.d_model, cfg.sliding_window, rngs=rngs),
+    # The decay rate depends on the layer's depth (TNL's schedule), hence layer_idx / n_layers.
+    "lightning": lambda cfg, layer_idx, rngs: LightningAttention(
+        cfg.d_model, cfg.lightning, layer_idx=layer_idx, n_layers=cfg.n_layers, rngs=rngs
+    ),
 }
 
 

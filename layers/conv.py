@@ -62,9 +62,9 @@ class ShortConv(nnx.Module):
         padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)  # [B, k-1+T, D]
         w = self.weight[...].astype(x.dtype)
         # k is tiny (3-4): a sum of shifted slices is as fast as lax.conv on CPU and reads like the formula.
-        y = sum(padded[:, i : i + T] * w[i] for i in range(self.kernel_size))
+        y = sum(padded[:, i : i + T] * w[i][None, None] for i in range(self.kernel_size))
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            y = y + self.bias[...].astype(x.dtype)[None, None]
         return y, padded[:, padded.shape[1] - (self.kernel_size - 1) :]
 
     def init_state(self, batch_size: int) -> Float[Array, "B k D"]:

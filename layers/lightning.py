@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep
+from effarch.layers.norms import srms_norm
 from effarch.pallas_kernels.lightning import (
     lightning_attention,
     lightning_attention_step,
@@ -49,12 +50,6 @@ class LightningConfig:
             raise ValueError(f"lightning.output_gate must be 'low_rank' or 'linear', got {self.output_gate!r}")
         if self.norm_eps <= 0:
             raise ValueError(f"lightning.norm_eps must be positive, got {self.norm_eps}")
-
-
-def srms_norm(x: Float[Array, "*B D"], eps: float = 1e-6) -> Float[Array, "*B D"]:
-    """SRMSNorm(x) = x / sqrt(mean(x²) + eps) = x / (‖x‖₂/√D), no weight; statistics in float32."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs) -> nnx.Linear:

@@ -9,12 +9,12 @@ from jaxtyping import Array, Float
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MLPConfig:
-    kind: str = "swiglu"  # "swiglu", or "none" for mixer-only blocks (Zoology's MQAR models)
+    kind: str = "swiglu"  # "swiglu"; "sglu" (TransNormerLLM, no activation); "none": mixer-only blocks (Zoology)
     hidden: int | None = None  # F; None = 8/3 * d_model rounded up to a multiple of 16 (Llama)
 
     def __post_init__(self):
-        if self.kind not in ("swiglu", "none"):
-            raise ValueError(f"mlp.kind must be 'swiglu' or 'none', got {self.kind!r}")
+        if self.kind not in ("swiglu", "sglu", "none"):
+            raise ValueError(f"mlp.kind must be 'swiglu', 'sglu' or 'none', got {self.kind!r}")
         if self.hidden is not None and self.hidden < 1:
             raise ValueError(f"mlp.hidden must be positive, got {self.hidden}")
 

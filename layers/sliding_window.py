@@ -115,10 +115,11 @@ class SlidingWindowAttention(nnx.Module):
         return state, self._out(o)
 
     def state_size(self, seq_len: int) -> int:
-        """Bytes per sequence of the keys and values a query needs after `seq_len` tokens, plus the int32 counter.
+        """Bytes per sequence of the keys and values a query needs after `seq_len` tokens.
 
-        2 * min(seq_len, window) * Hkv * head_dim * 4 + 4: it grows until seq_len = window and is constant after.
-        The buffer `init_state` allocates always has `window` slots, i.e. the constant value.
+        2 * min(seq_len, window) * Hkv * head_dim * 4: it grows until seq_len = window and is constant after. The
+        buffer `init_state` allocates always has `window` slots (the constant value). The int32 position counter is
+        left out, as in `layers/attention.py`, so SWA with window >= seq_len reports the same bytes as attention.
         """
         n_kv = min(seq_len, self.config.window)
-        return 2 * n_kv * self.config.kv_heads * self.head_dim * jnp.dtype(jnp.float32).itemsize + 4
+        return 2 * n_kv * self.config.kv_heads * self.head_dim * jnp.dtype(jnp.float32).itemsize

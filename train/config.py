@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataConfig:
-    task: Literal["mqar"] = "mqar"
+    task: Literal["mqar", "bytes"] = "mqar"  # "bytes": next-byte LM on text_source (vocab_size >= 256)
     # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
     mixture: Literal["custom", "zoology_standard"] = "custom"
     train_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 20_000),)  # (seq_len, num_kv_pairs, num_examples)
@@ -30,6 +30,11 @@ class DataConfig:
     power_a: float = 0.01  # power-law exponent of the query gaps
     random_non_queries: bool = True  # fill the query region's gaps with random tokens
     seed: int = 0  # train data uses seed, test data seed + 1000 (disjoint streams)
+    # task "bytes" only:
+    text_source: str = "python_stdlib"  # a glob of text files, or the running Python's standard library
+    seq_len: int = 256  # tokens per training window
+    max_bytes: int = 4_000_000  # read at most this much text
+    val_fraction: float = 0.02  # the last fraction of the text is held out
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -39,6 +44,10 @@ class DataConfig:
             for seg in segs:
                 if len(seg) != 3 or min(seg) < 1:
                     raise ValueError(f"{name}: each entry is (seq_len, num_kv_pairs, num_examples) > 0, got {seg}")
+        if self.seq_len < 2 or self.max_bytes < 1:
+            raise ValueError(f"seq_len must be >= 2 and max_bytes >= 1, got {self.seq_len}, {self.max_bytes}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.power_a <= 1:
             raise ValueError(f"power_a must be in (0, 1], got {self.power_a}")
 
@@ -195,6 +204,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # PyYAML reads "1e-3" (no dot) as a string; accept it as the number the user meant.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

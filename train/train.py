@@ -89,11 +89,28 @@ def token_loss(logits, labels):
     return jnp.sum(ce * mask), jnp.sum(correct), jnp.sum(mask)
 
 
+def labeled_hidden(hidden, labels, max_labels: int):
+    """The hidden states and labels of the (at most `max_labels`) positions that have a label.
+
+    Only these positions need logits. In MQAR that is 1 position in 16, and the [tokens, vocab] logits are most
+    of the step's memory traffic, so the head runs on the gathered rows only. Same loss, same gradients.
+    """
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_y = labels.reshape(-1)
+    if max_labels >= flat_y.shape[0]:
+        return flat_h, flat_y
+    (idx,) = jnp.nonzero(flat_y != IGNORE, size=max_labels, fill_value=0)
+    valid = jnp.arange(max_labels) < jnp.sum(flat_y != IGNORE)
+    return flat_h[idx], jnp.where(valid, flat_y[idx], IGNORE)
+
+
 class Trainer:
     """Holds the compiled functions and the sharded state of one run."""
 
-    def __init__(self, cfg: Config, devices=None):
+    def __init__(self, cfg: Config, devices=None, *, labels_per_example: int | None = None):
+        """`labels_per_example`: the most labelled positions any example has (None: every position may be)."""
         self.cfg = cfg
+        self.labels_per_example = labels_per_example
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         rules = cfg.sharding_rules
         abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
@@ -124,9 +141,14 @@ class Trainer:
         return nnx.merge(self.graphdef, params, self.rest)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def _loss(self, params, inputs, labels):
+    def _forward_loss(self, params, inputs, labels):
         model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest)
-        ce_sum, correct, count = token_loss(model(inputs), labels)
+        per_example = self.labels_per_example or labels.shape[1]
+        h, y = labeled_hidden(model.hidden(inputs), labels, per_example * labels.shape[0])
+        return token_loss(model.logits(h), y)
+
+    def _loss(self, params, inputs, labels):
+        ce_sum, correct, count = self._forward_loss(params, inputs, labels)
         return ce_sum, (correct, count)
 
     def _step(self, params, opt_state, inputs, labels):
@@ -155,8 +177,7 @@ class Trainer:
         return params, opt_state, metrics
 
     def _eval(self, params, inputs, labels):
-        model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest)
-        return token_loss(model(inputs), labels)
+        return self._forward_loss(params, inputs, labels)
 
     # --- host side --------------------------------------------------------------------------------------------
     def global_batch(self, local_inputs, local_labels):
@@ -183,7 +204,8 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 out = self._eval_step(params, *self.global_batch(x[rows], y[rows]))
             ce, correct, count = (a + float(b) for a, b in zip((ce, correct, count), out))
-        return {"accuracy": correct / max(count, 1), "loss": ce / max(count, 1)}
+        loss = ce / max(count, 1)
+        return {"accuracy": correct / max(count, 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 def _git_commit() -> str:
@@ -256,8 +278,12 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     _prepare_run_dir(cfg, run_dir)
     is_main = jax.process_index() == 0
 
-    trainer = Trainer(cfg, devices)
-    stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
+    try:
+        stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from None
+    most_labels = max(int((s.labels != IGNORE).sum(1).max()) for s in [stream, *eval_sets])
+    trainer = Trainer(cfg, devices, labels_per_example=most_labels)
     if tc.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
     params, opt_state, rng = trainer.init_state(tc.seed)

@@ -91,11 +91,12 @@ def test_is_causal_and_local():
 def test_state_size_grows_to_window_then_stays():
     layer = make_layer()
     per_token = 2 * 1 * 4 * 4  # k and v, Hkv = 1, head_dim = 4, float32
-    assert [layer.state_size(n) for n in (1, 4, 5, 6, 100, 10**6)] == [per_token * n + 4 for n in (1, 4, 5, 5, 5, 5)]
+    assert [layer.state_size(n) for n in (1, 4, 5, 6, 100, 10**6)] == [per_token * n for n in (1, 4, 5, 5, 5, 5)]
     for max_len in (8, 4096):
         state = layer.init_state(2, max_len)
         assert state.k.shape == (2, 5, 1, 4)
-        assert sum(leaf.nbytes for leaf in jax.tree.leaves(state)) == 2 * layer.state_size(max_len) - 4
+        # Two sequences' k and v, plus the shared int32 counter.
+        assert sum(leaf.nbytes for leaf in jax.tree.leaves(state)) == 2 * layer.state_size(max_len) + 4
 
 
 def test_config_validation():

@@ -25,6 +25,7 @@ def test_defaults_merge_and_overrides(tmp_path):
     assert cfg.data.train_segments == ((32, 2, 100),)
     assert cfg.model.mixers == ("attention",)
     assert cfg.optim.lr == Config().optim.lr  # untouched default
+    assert load_config([], ["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
 
 
 def test_dump_round_trips(tmp_path):

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from effarch.train.data import mqar
+from effarch.train.data import mqar, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,12 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream,
 
     Right padding (token 0, label -100) is safe for causal models: no real position sees a pad.
     """
+    if data_cfg.task == "bytes":
+        if vocab_size < 256:
+            raise ValueError(f"model.vocab_size={vocab_size}: the bytes task needs at least 256")
+        x, y, vx, vy = text.byte_lm_examples(data_cfg.text_source, data_cfg.seq_len, data_cfg.max_bytes,
+                                             data_cfg.val_fraction)
+        return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment("bytes_val", vx, vy)]
     train_segs, test_segs = _segments(data_cfg)
     max_len = max(n for n, _, _ in train_segs)
     xs, ys = [], []

@@ -10,7 +10,7 @@ import pytest
 from effarch.pallas_kernels import sliding_window as swa
 from effarch.pallas_kernels.sliding_window import reference
 from effarch.pallas_kernels.sliding_window.cudnn import dot_product_attention_window
-from tests.helpers.numerics import assert_close
+from tests.helpers.numerics import assert_close, rel_err, value_and_grads
 from tests.pallas_kernels.sliding_window.test_reference import B, K, check_window_convention, make_inputs
 
 
@@ -100,3 +100,31 @@ def test_decode_masks_unwritten_slots():
         outs.append(o)
     assert_close("decode", jnp.stack(outs, axis=1), reference.sliding_window_reference(q, k, v, window=8), 1e-6)
     assert cache.k.shape == (B, 8, 2, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("Hkv", [8, 2])
+def test_cudnn_fwd_bwd_matches_reference_bf16(Hkv):
+    # T = 200 is not a multiple of the window; head dim 64 as cuDNN wants (multiple of 8).
+    Bg, T, Hg, Kg, window = 2, 200, 8, 64, 64
+    rng = np.random.default_rng(14)
+    q, k, v, cotangent = (
+        jnp.asarray(rng.standard_normal(shape, np.float32))
+        for shape in ((Bg, T, Hg, Kg), (Bg, T, Hkv, Kg), (Bg, T, Hkv, Kg), (Bg, T, Hg, Kg))
+    )
+    ref = functools.partial(reference.sliding_window_reference, window=window)
+    truth, grads_truth = value_and_grads(ref, (q, k, v), cotangent)
+    bf = tuple(a.astype(jnp.bfloat16) for a in (q, k, v))
+    cudnn = jax.jit(functools.partial(swa.sliding_window_attention, window=window, implementation="cudnn"))
+    out, grads = value_and_grads(cudnn, bf, cotangent)
+    # Baseline of the same precision: jax.nn's XLA path on the bf16 inputs (bf16 matmuls, like cuDNN). Our
+    # reference upcasts to float32 inside, so its bf16 error would be an unfairly small yardstick.
+    xla_bf16 = jax.jit(functools.partial(dot_product_attention_window, window=window, implementation="xla"))
+    out_ref, grads_ref = value_and_grads(xla_bf16, bf, cotangent)
+    assert rel_err(out, truth) <= 1.5 * rel_err(out_ref, truth)
+    for g, g_ref, g_truth in zip(grads, grads_ref, grads_truth):
+        assert rel_err(g, g_truth) <= 1.5 * rel_err(g_ref, g_truth)
+    # With bf16 inputs the GPU default order picks cuDNN without a fallback warning.
+    default = jax.jit(functools.partial(swa.sliding_window_attention, window=window))(*bf)
+    assert_close("default", default.astype(jnp.float32), out.astype(jnp.float32), 0.0)
