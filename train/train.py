@@ -173,7 +173,7 @@ class Trainer:
         grads = jax.tree.map(lambda g: (g / n).astype(jnp.float32), grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": ce_sum / n, "accuracy": correct / n, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": ce_sum / n, "accuracy": correct / n, "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
     def _eval(self, params, inputs, labels):

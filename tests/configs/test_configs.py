@@ -1,0 +1,34 @@
+"""Every shipped config loads, builds its model and trains one step under the tiny overlay."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from effarch.train.config import load_config
+from effarch.train.data import build_data
+from effarch.train.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "overlays" not in p.parts)
+TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_config_trains_one_step(path, tmp_path):
+    overrides = [f"train.run_dir={tmp_path}"]
+    if load_config([path]).data.task == "bytes":
+        overrides += ["data.seq_len=32", "data.max_bytes=20000", "model.vocab_size=256"]
+    cfg = load_config([path, TINY], overrides)
+    trainer = Trainer(cfg)
+    stream, evals = build_data(cfg.data, cfg.model.vocab_size, cfg.train.batch_size)
+    params, opt_state, _ = trainer.init_state(0)
+    params, opt_state, m = trainer.train_step(params, opt_state, *trainer.global_batch(*stream.batch(0)))
+    assert np.isfinite(float(m["loss"]))
+    assert set(trainer.evaluate(params, evals[0])) == {"accuracy", "loss", "perplexity"}
+    jax.clear_caches()
