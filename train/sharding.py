@@ -9,6 +9,7 @@ import warnings
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -62,6 +63,22 @@ def param_specs(abstract_state: nnx.State, rules, mesh: Mesh):
 
 def named(specs, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(abstract_state: nnx.State, rules, mesh: Mesh):
+    """NamedShardings in exactly the tree structure of `abstract_state`'s arrays (what jit and optax expect)."""
+    prefix = named(param_specs(abstract_state, rules, mesh), mesh)
+    leaves, treedef = jax.tree.flatten(abstract_state)
+    shardings = jax.tree.leaves(prefix, is_leaf=lambda x: isinstance(x, NamedSharding))
+    assert len(shardings) == len(leaves), "one Variable per array is expected"
+    return jax.tree.unflatten(treedef, shardings)
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_params, param_sharding, mesh: Mesh):
+    """Shardings of tx's state: moments shard like their parameters, everything else (counts) is replicated."""
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sharding,
+                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

@@ -115,11 +115,14 @@ class Trainer:
         rules = cfg.sharding_rules
         abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-        self.param_sharding = sharding.named(sharding.param_specs(abstract_params, rules, self.mesh), self.mesh)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
         self.tx, self.schedule = make_optimizer(cfg)
         self.compute_dtype = jnp.dtype(cfg.train.compute_dtype)
+        # Explicit shardings for every input and output of the compiled functions.
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
+        self.param_sharding = sharding.param_shardings(abstract_params, rules, self.mesh)
+        self.opt_sharding = sharding.optimizer_shardings(self.tx, abstract_params, self.param_sharding, self.mesh)
+        params_in = (self.param_sharding, self.opt_sharding)
 
         def init(seed):
             model = DecoderLM(cfg.model, rngs=nnx.Rngs(seed))
@@ -127,13 +130,20 @@ class Trainer:
             return params, rest
 
         self._init = jax.jit(init, static_argnums=0, out_shardings=(self.param_sharding, self.replicated))
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
-        self._eval_step = jax.jit(self._eval)
+        self._opt_init = jax.jit(self.tx.init, in_shardings=(self.param_sharding,), out_shardings=self.opt_sharding)
+        self._train_step = jax.jit(
+            self._step,
+            in_shardings=(*params_in, self.batch_sharding, self.batch_sharding),
+            out_shardings=(*params_in, self.replicated),
+            donate_argnums=(0, 1),
+        )
+        self._eval_step = jax.jit(self._eval, in_shardings=(self.param_sharding, self.batch_sharding,
+                                                            self.batch_sharding), out_shardings=self.replicated)
 
     # --- state ------------------------------------------------------------------------------------------------
     def init_state(self, seed: int):
         params, self.rest = self._init(seed)
-        opt_state = jax.jit(self.tx.init)(params)
+        opt_state = self._opt_init(params)
         rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), self.replicated)
         return params, opt_state, rng
 

@@ -125,6 +125,7 @@ SHARDED = textwrap.dedent("""
         if name == "eight":
             specs = {{str(getattr(x.sharding, "spec", None)) for x in jax.tree.leaves(params)}}
             print("SPECS", sorted(specs))
+            print("OPTSPECS", sorted({{str(getattr(x.sharding, "spec", None)) for x in jax.tree.leaves(opt)}}))
     print("LOSSES", results)
     np.testing.assert_allclose(results["eight"], results["one"], rtol=2e-5)
     print("OK")
@@ -140,5 +141,6 @@ def test_sharded_train_step_matches_one_device(tmp_path, accum):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK" in out.stdout
     # parameters really are split over the mesh axes, not replicated
-    specs_line = next(line for line in out.stdout.splitlines() if line.startswith("SPECS"))
-    assert "tensor" in specs_line and "fsdp" in specs_line, specs_line
+    for tag in ("SPECS", "OPTSPECS"):  # Adam's moments are sharded like their parameters
+        specs_line = next(line for line in out.stdout.splitlines() if line.startswith(tag))
+        assert "tensor" in specs_line and "fsdp" in specs_line, specs_line
