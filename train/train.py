@@ -161,7 +161,8 @@ class Trainer:
         ce_sum, correct, count = self._forward_loss(params, inputs, labels)
         return ce_sum, (correct, count)
 
-    def _step(self, params, opt_state, inputs, labels):
+    def gradients(self, params, inputs, labels):
+        """Mean-over-labels gradients and (mean loss, accuracy), accumulated over train.grad_accum_steps."""
         accum = self.cfg.train.grad_accum_steps
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if accum == 1:
@@ -181,9 +182,13 @@ class Trainer:
             (grads, (ce_sum, correct, count)), _ = jax.lax.scan(body, init, (micro(inputs), micro(labels)))
         n = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: (g / n).astype(jnp.float32), grads)
+        return grads, ce_sum / n, correct / n
+
+    def _step(self, params, opt_state, inputs, labels):
+        grads, loss, accuracy = self.gradients(params, inputs, labels)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": ce_sum / n, "accuracy": correct / n, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
     def _eval(self, params, inputs, labels):
