@@ -146,27 +146,34 @@ def test_sharded_train_step_matches_one_device(tmp_path, accum):
         assert "tensor" in specs_line and "fsdp" in specs_line, specs_line
 
 
-def test_generate_cli_and_greedy_matches_forward(tmp_path):
+def test_generate_cli_and_greedy_matches_forward(tmp_path, capsys):
     import jax.numpy as jnp
 
     from effarch.train.generate import generate, load_model
+    from effarch.train.main import main
 
     run_dir = tmp_path / "run"
     assert run_cli(run_dir, "train.steps=3").returncode == 0
-    gen = [sys.executable, "-m", "effarch.train.main", "generate", str(run_dir)]
-    out = subprocess.run([*gen, "--prompt", "5 9 130 7", "--max-new-tokens", "6"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    toks = [int(t) for t in out.stdout.split()]
+
+    def gen(*args):  # the CLI in-process: (exit code, stdout, stderr)
+        try:
+            main(["generate", *args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = gen(str(run_dir), "--prompt", "5 9 130 7", "--max-new-tokens", "6")
+    assert code == 0, err
+    toks = [int(t) for t in out.split()]
     assert len(toks) == 6 and all(0 <= t < 256 for t in toks)
-    sampled = [subprocess.run([*gen, "--text", "ab", "--temperature", "1.0", "--seed", "3"], capture_output=True,
-                              text=True, timeout=120) for _ in range(2)]
-    assert sampled[0].returncode == 0 and sampled[0].stdout == sampled[1].stdout  # seeded sampling is reproducible
-    bad = subprocess.run([*gen, "--prompt", "5 999"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "prompt token ids must be in [0, 256)" in bad.stderr
-    missing = subprocess.run([*gen[:-1], str(tmp_path / "nope"), "--prompt", "1"], capture_output=True, text=True,
-                             timeout=120)
-    assert missing.returncode == 2 and "has no config.yaml" in missing.stderr
+    sampled = [gen(str(run_dir), "--text", "ab", "--temperature", "1.0", "--seed", "3") for _ in range(2)]
+    assert sampled[0][0] == 0 and sampled[0][1] == sampled[1][1]  # seeded sampling is reproducible
+    code, _, err = gen(str(run_dir), "--prompt", "5 999")
+    assert code == 2 and "prompt token ids must be in [0, 256)" in err
+    code, _, err = gen(str(tmp_path / "nope"), "--prompt", "1")
+    assert code == 2 and "has no config.yaml" in err
 
     # Greedy decoding through prefill + decode_step == argmax of full forward passes over the growing sequence.
     model = load_model(run_dir)
