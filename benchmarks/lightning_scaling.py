@@ -163,7 +163,7 @@ def run(
     block_size: int = 64,
     warmup: int = 1,
     reps: int = 5,
-    softmax_max_gib: float | None = 8.0,
+    softmax_max_gib: float | None = 10.0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Runs the sweep and returns the JSON-ready report (see the module docstring)."""
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5, --quick 2)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    p.add_argument("--softmax-max-gib", type=float, default=8.0,
+    p.add_argument("--softmax-max-gib", type=float, default=10.0,
                    help="skip softmax lengths whose compiled temporaries exceed this; <= 0 disables the cap")
     p.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
