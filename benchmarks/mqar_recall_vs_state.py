@@ -145,8 +145,9 @@ def run(
             )
             rows.append(row)
             if log is not None:
-                log(f"{mixer:9s} d_model={d_model:4d} state {row['state_bytes']:>9,d} B  acc {row['test_accuracy']:.4f} "
-                    f"(best {row['best_test_accuracy']:.4f}) after {row['steps']} steps, {row['wall_s']:.0f} s")
+                log(f"{mixer:9s} d_model={d_model:4d} state {row['state_bytes']:>9,d} B  "
+                    f"acc {row['test_accuracy']:.4f} (best {row['best_test_accuracy']:.4f}) "
+                    f"after {row['steps']} steps, {row['wall_s']:.0f} s")
     return {
         "benchmark": "mqar_recall_vs_state",
         "config": {

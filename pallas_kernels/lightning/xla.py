@@ -13,55 +13,40 @@ block (exactly the recurrent state kv_{nC−1}):
 
 Only the inputs are kept for the backward; it recomputes the states block by block, so memory is O(T) plus one
 [B, H, K, V] state, never one state per block. Everything accumulates in float32.
+
+Blocks are read and written in place along the time axis of the [B, T, H, X] arrays (`lax.fori_loop` with
+dynamic slices), never laid out block-major: a [N, B, C, H, X] layout is a transposed copy of every input and
+output once B > 1. The ⌊T/C⌋ full blocks run in the loop; a partial last block of L = T mod C tokens runs once
+after it (before it, in the reverse pass) at its own static length, so nothing is padded.
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.lightning.reference import decay_mask
 
 
-def _to_blocks(x: Float[Array, "B T H X"], block_size: int) -> Float[Array, "N B C H X"]:
-    """Zero-pads T up to N·C and splits it into blocks, block-major for lax.scan."""
-    batch, t_len, heads, dim = x.shape
-    n_blocks = -(-t_len // block_size)
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n_blocks * block_size - t_len), (0, 0), (0, 0)))
-    return jnp.moveaxis(x.reshape(batch, n_blocks, block_size, heads, dim), 1, 0)
-
-
-def _from_blocks(x: Float[Array, "N B C H X"], t_len: int) -> Float[Array, "B T H X"]:
-    n_blocks, batch, block_size, heads, dim = x.shape
-    return jnp.moveaxis(x, 0, 1).reshape(batch, n_blocks * block_size, heads, dim)[:, :t_len]
-
-
-def _block_lengths(t_len: int, block_size: int) -> Int[Array, " N"]:
-    """Valid tokens per block: C everywhere except a shorter last block when C does not divide T."""
-    n_blocks = -(-t_len // block_size)
-    return jnp.minimum(block_size, t_len - block_size * jnp.arange(n_blocks))
-
-
 class _BlockDecays:
-    """Decay factors of one block, computed as exp(−s·n) with n ≥ 0: no Λ⁻¹, so a large s underflows to 0."""
+    """Decay factors of a block of L tokens, as exp(−s·n) with n ≥ 0: no Λ⁻¹, so a large s underflows to 0.
 
-    def __init__(self, decay: Float[Array, " H"], block_size: int):
-        self.rate = decay.astype(jnp.float32)
-        self.index = jnp.arange(block_size)
-        # [H, C, C] intra-block mask and [C, H] query decays, shared by every block.
-        self.mask = decay_mask(self.rate, block_size, block_size)
-        self.query = jnp.exp(-(self.index[:, None] + 1) * self.rate[None, :])
+    Full blocks use L = C; a partial last block gets its own instance with L = T mod C, so its key decays and its
+    state decay λ^L count only the tokens that exist.
+    """
 
-    def key(self, length) -> Float[Array, "C H"]:
-        """kd_j = λ^{L−1−j} for j < L, 0 on padding (where the exponent would be negative)."""
-        distance = length - 1 - self.index
-        powers = jnp.exp(-jnp.maximum(distance, 0)[:, None] * self.rate[None, :])
-        return jnp.where((distance >= 0)[:, None], powers, 0.0)
-
-    def block(self, length) -> Float[Array, " H"]:
-        """λ^L: how much the state decays across a block of L tokens."""
-        return jnp.exp(-length * self.rate)
+    def __init__(self, decay: Float[Array, " H"], length: int):
+        rate = decay.astype(jnp.float32)
+        index = jnp.arange(length)
+        # [H, L, L] intra-block mask M_ij = λ^{i−j} (i ≥ j).
+        self.mask = decay_mask(rate, length, length)
+        # [L, H] query decays qd_i = λ^{i+1} and key decays kd_j = λ^{L−1−j}.
+        self.query = jnp.exp(-(index[:, None] + 1) * rate[None, :])
+        self.key = jnp.exp(-(length - 1 - index)[:, None] * rate[None, :])
+        # [H] λ^L: how much the state decays across the block.
+        self.block = jnp.exp(-length * rate)
 
 
 def _scale_rows(x, weights_CH):
@@ -73,7 +58,80 @@ def _scale_state(state, weights_H):
     return state * weights_H[None, :, None, None]
 
 
-# Jitted so that repeated eager calls (tests, decode prefill) reuse one compiled scan per shape.
+def _over_blocks(
+    step: Callable,
+    carry: Float[Array, "B H K V"],
+    inputs: tuple[Float[Array, "B T H _"], ...],
+    outputs: tuple[Float[Array, "B T H _"], ...],
+    decay: Float[Array, " H"],
+    block_size: int,
+    *,
+    reverse: bool = False,
+) -> tuple[Float[Array, "B H K V"], tuple[Float[Array, "B T H _"], ...]]:
+    """Runs `step(decays, carry, *input_blocks) -> (carry, output_blocks)` over the time blocks, in place.
+
+    Input blocks are sliced out of the [B, T, H, X] arrays and cast to float32; output blocks are cast to each
+    output buffer's dtype and written into it at the same positions. Blocks run in time order, or reversed.
+    Returns (carry, outputs).
+    """
+    t_len = inputs[0].shape[1]
+    n_full, tail = divmod(t_len, block_size)
+    full_decays = _BlockDecays(decay, block_size)
+
+    def run_block(decays, start, length, state_and_outputs):
+        state, outs = state_and_outputs
+        blocks = (jax.lax.dynamic_slice_in_dim(x, start, length, axis=1).astype(jnp.float32) for x in inputs)
+        state, out_blocks = step(decays, state, *blocks)
+        outs = tuple(
+            jax.lax.dynamic_update_slice_in_dim(o, b.astype(o.dtype), start, axis=1) for o, b in zip(outs, out_blocks)
+        )
+        return state, outs
+
+    def full_blocks(first, stop, state_and_outputs):
+        """Full blocks first .. stop−1 (in reverse: stop−1 .. first) in a loop."""
+
+        def body(i, state_and_outputs):
+            n = first + stop - 1 - i if reverse else i
+            return run_block(full_decays, n * block_size, block_size, state_and_outputs)
+
+        if first == stop:
+            return state_and_outputs
+        return jax.lax.fori_loop(first, stop, body, state_and_outputs)
+
+    def tail_block(state_and_outputs):
+        return run_block(_BlockDecays(decay, tail), n_full * block_size, tail, state_and_outputs)
+
+    # The first block to run is peeled off the loop with a static position: its write into the zero buffers then
+    # fuses with the zero fill. Fed straight into a loop, the zero buffers are one shared constant that XLA copies
+    # into each output (a full-size temporary).
+    state_and_outputs = (carry, outputs)
+    if reverse:
+        # The partial block, else the last full block, then the remaining full blocks from the end.
+        loop_stop = n_full
+        if tail:
+            state_and_outputs = tail_block(state_and_outputs)
+        elif n_full:
+            loop_stop = n_full - 1
+            state_and_outputs = run_block(full_decays, loop_stop * block_size, block_size, state_and_outputs)
+        return full_blocks(0, loop_stop, state_and_outputs)
+    # Block 0, then full blocks 1 .. N_full−1, then the partial block (alone when T < C).
+    loop_start = 0
+    if n_full:
+        loop_start = 1
+        state_and_outputs = run_block(full_decays, 0, block_size, state_and_outputs)
+    state_and_outputs = full_blocks(loop_start, n_full, state_and_outputs)
+    if tail:
+        state_and_outputs = tail_block(state_and_outputs)
+    return state_and_outputs
+
+
+def _state_update(decays, state, k_b, v_b):
+    """S ← λ^L S + (K ⊙ kd)ᵀ V."""
+    k_decayed = _scale_rows(k_b, decays.key)
+    return _scale_state(state, decays.block) + jnp.einsum("BSHK,BSHV->BHKV", k_decayed, v_b)
+
+
+# Jitted so that repeated eager calls (tests, decode prefill) reuse one compiled loop per shape.
 @functools.partial(jax.jit, static_argnames=("block_size",))
 def lightning_fwd(
     q: Float[Array, "B T H K"],
@@ -84,22 +142,18 @@ def lightning_fwd(
     block_size: int,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"]]:
     """Alg. 5: returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] in float32)."""
-    t_len = q.shape[1]
-    decays = _BlockDecays(decay, block_size)
 
-    def body(state, block):
-        q_b, k_b, v_b, length = block
+    def step(decays, state, q_b, k_b, v_b):
         # Intra-block left product [(Q Kᵀ) ⊙ M] V, then the inter-block right product (Q S) ⊙ qd.
         scores = jnp.einsum("BTHK,BSHK->BHTS", q_b, k_b) * decays.mask[None]
         o_b = jnp.einsum("BHTS,BSHV->BTHV", scores, v_b)
         o_b = o_b + _scale_rows(jnp.einsum("BTHK,BHKV->BTHV", q_b, state), decays.query)
-        k_decayed = _scale_rows(k_b, decays.key(length))
-        state = _scale_state(state, decays.block(length)) + jnp.einsum("BSHK,BSHV->BHKV", k_decayed, v_b)
-        return state, o_b
+        return _state_update(decays, state, k_b, v_b), (o_b,)
 
-    blocks = (*(_to_blocks(x, block_size) for x in (q, k, v)), _block_lengths(t_len, block_size))
-    state, o = jax.lax.scan(body, initial_state.astype(jnp.float32), blocks)
-    return _from_blocks(o, t_len).astype(v.dtype), state
+    state, (o,) = _over_blocks(
+        step, initial_state.astype(jnp.float32), (q, k, v), (jnp.zeros(v.shape, v.dtype),), decay, block_size
+    )
+    return o, state
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
@@ -119,37 +173,34 @@ def lightning_bwd(
     reverse carrying dS, the cotangent of the state after the block; dS is used for dK and dV first and only then
     updated (Alg. 6), and what is left after block 0 is the cotangent of the initial state.
     """
-    t_len = q.shape[1]
-    decays = _BlockDecays(decay, block_size)
-    blocks = (*(_to_blocks(x, block_size) for x in (q, k, v, d_out)), _block_lengths(t_len, block_size))
 
-    def pass_1(state, block):
-        q_b, k_b, v_b, do_b, length = block
+    def pass_1(decays, state, k_b, v_b, do_b):
         d_scores = jnp.einsum("BTHV,BSHV->BHTS", do_b, v_b) * decays.mask[None]
         dq_b = jnp.einsum("BHTS,BSHK->BTHK", d_scores, k_b)
         dq_b = dq_b + _scale_rows(jnp.einsum("BTHV,BHKV->BTHK", do_b, state), decays.query)
-        k_decayed = _scale_rows(k_b, decays.key(length))
-        state = _scale_state(state, decays.block(length)) + jnp.einsum("BSHK,BSHV->BHKV", k_decayed, v_b)
-        return state, dq_b
+        return _state_update(decays, state, k_b, v_b), (dq_b,)
 
-    def pass_2(d_state, block):
-        q_b, k_b, v_b, do_b, length = block
+    def pass_2(decays, d_state, q_b, k_b, v_b, do_b):
         scores = jnp.einsum("BTHK,BSHK->BHTS", q_b, k_b) * decays.mask[None]
         d_scores = jnp.einsum("BTHV,BSHV->BHTS", do_b, v_b) * decays.mask[None]
-        key_decay = decays.key(length)
         dk_b = jnp.einsum("BHTS,BTHK->BSHK", d_scores, q_b)
-        dk_b = dk_b + _scale_rows(jnp.einsum("BSHV,BHKV->BSHK", v_b, d_state), key_decay)
+        dk_b = dk_b + _scale_rows(jnp.einsum("BSHV,BHKV->BSHK", v_b, d_state), decays.key)
         dv_b = jnp.einsum("BHTS,BTHV->BSHV", scores, do_b)
-        dv_b = dv_b + jnp.einsum("BSHK,BHKV->BSHV", _scale_rows(k_b, key_decay), d_state)
+        dv_b = dv_b + jnp.einsum("BSHK,BHKV->BSHV", _scale_rows(k_b, decays.key), d_state)
         q_decayed = _scale_rows(q_b, decays.query)
-        d_state = _scale_state(d_state, decays.block(length)) + jnp.einsum("BTHK,BTHV->BHKV", q_decayed, do_b)
+        d_state = _scale_state(d_state, decays.block) + jnp.einsum("BTHK,BTHV->BHKV", q_decayed, do_b)
         return d_state, (dk_b, dv_b)
 
-    _, dq = jax.lax.scan(pass_1, initial_state.astype(jnp.float32), blocks)
-    d_initial, (dk, dv) = jax.lax.scan(pass_2, d_final_state.astype(jnp.float32), blocks, reverse=True)
-    return (
-        _from_blocks(dq, t_len).astype(q.dtype),
-        _from_blocks(dk, t_len).astype(k.dtype),
-        _from_blocks(dv, t_len).astype(v.dtype),
-        d_initial.astype(initial_state.dtype),
+    _, (dq,) = _over_blocks(
+        pass_1, initial_state.astype(jnp.float32), (k, v, d_out), (jnp.zeros(q.shape, q.dtype),), decay, block_size
     )
+    d_initial, (dk, dv) = _over_blocks(
+        pass_2,
+        d_final_state.astype(jnp.float32),
+        (q, k, v, d_out),
+        (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)),
+        decay,
+        block_size,
+        reverse=True,
+    )
+    return dq, dk, dv, d_initial.astype(initial_state.dtype)
