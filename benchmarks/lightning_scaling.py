@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.lightning import lightning_attention, tnl_decay
 

@@ -40,12 +40,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.based import BasedConfig, BasedLinearAttention
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.based import based_linear_attention
+from flax import nnx
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (1024, 4096)
@@ -211,7 +210,8 @@ def _flatness(values: dict[int, float]) -> float:
 def _targets(train: dict[str, dict[int, dict]], decode: dict[str, dict[int, dict]]) -> dict:
     """Checks the acceptance targets on the measured lengths."""
     targets = {}
-    timed = lambda path: {t: r for t, r in train.get(path, {}).items() if "per_token_s" in r}
+    def timed(path):
+        return {t: r for t, r in train.get(path, {}).items() if "per_token_s" in r}
     xla, ref = timed("based_xla"), timed("based_reference")
     if len(xla) >= 2:
         t0, t1 = min(xla), max(xla)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
 from effarch.arches.lm import ModelConfig
 
 
@@ -151,7 +150,8 @@ class Config:
         for logical, axes in self.sharding_rules:
             bad = [a for a in axes if a not in mesh_axes]
             if bad:
-                raise ValueError(f"sharding_rules: {logical!r} maps to unknown mesh axes {bad}; use {sorted(mesh_axes)}")
+                raise ValueError(f"sharding_rules: {logical!r} maps to unknown mesh axes {bad}; "
+                                 f"use {sorted(mesh_axes)}")
 
 
 # --- loading --------------------------------------------------------------------------------------------------

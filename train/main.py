@@ -9,7 +9,8 @@ import logging
 import sys
 
 USAGE = """usage:
-  effarch train CONFIG.yaml [MORE.yaml ...] [key=value ...]    e.g. effarch train configs/mqar/attention.yaml model.d_model=128
+  effarch train CONFIG.yaml [MORE.yaml ...] [key=value ...]
+      e.g. effarch train configs/mqar/attention.yaml model.d_model=128
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]"""
 
 
@@ -31,7 +32,6 @@ def train_cli(argv: list[str]) -> None:
         _fail(str(e))
 
     import jax
-
     from effarch.train.train import TrainingDiverged, maybe_initialize_distributed, train_and_evaluate
 
     maybe_initialize_distributed()
@@ -70,7 +70,6 @@ def generate_cli(argv: list[str]) -> None:
         _fail("--max-new-tokens must be >= 1 and --temperature >= 0")
 
     import numpy as np
-
     from effarch.train.config import ConfigError
     from effarch.train.generate import generate, load_model
 

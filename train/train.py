@@ -22,16 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
 from effarch.arches.lm import DecoderLM
 from effarch.train import sharding
 from effarch.train.checkpoint import Checkpointer
 from effarch.train.config import Config, ConfigError, dump_config, to_dict
 from effarch.train.data import Segment, build_data
 from effarch.train.metrics import MetricsWriter
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("effarch")
 
@@ -169,7 +168,8 @@ class Trainer:
             (ce_sum, (correct, count)), grads = grad_fn(params, inputs, labels)
         else:
             # Sum (not average) per micro-batch, divide once by the total label count: identical to one big batch.
-            micro = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+            def micro(x):
+                return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
 
             def body(carry, batch):
                 (ce_sum, (correct, count)), grads = grad_fn(params, *batch)
@@ -197,7 +197,8 @@ class Trainer:
     # --- host side --------------------------------------------------------------------------------------------
     def global_batch(self, local_inputs, local_labels):
         shape = (local_inputs.shape[0] * jax.process_count(), local_inputs.shape[1])
-        make = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x, shape)
+        def make(x):
+            return jax.make_array_from_process_local_data(self.batch_sharding, x, shape)
         return make(local_inputs.astype(np.int32)), make(local_labels.astype(np.int32))
 
     def train_step(self, params, opt_state, inputs, labels):
@@ -339,7 +340,8 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
                 window_tokens += int(np.prod(inputs.shape))
                 if step % tc.log_every == 0 or step == tc.steps:
                     train_metrics = {**m, "lr": float(trainer.schedule(step - 1)),
-                                     "step_time_s": window_time / window_steps, "tokens_per_s": window_tokens / window_time}
+                                     "step_time_s": window_time / window_steps,
+                                     "tokens_per_s": window_tokens / window_time}
                     writer.write(step, train_metrics)
                     writer.progress(step, m["loss"], train_metrics["tokens_per_s"])
                     window_time, window_steps, window_tokens = 0.0, 0, 0

@@ -13,14 +13,13 @@ k and v have Hkv heads, H a multiple of Hkv.
 
 from collections.abc import Mapping, Sequence
 
-from jaxtyping import Array, Float
-
 from effarch.pallas_kernels.dispatch import dispatch
 from effarch.pallas_kernels.sliding_window import cache as cache_lib
 from effarch.pallas_kernels.sliding_window.cache import SlidingWindowCache
 from effarch.pallas_kernels.sliding_window.cudnn import sliding_window_cudnn
 from effarch.pallas_kernels.sliding_window.reference import sliding_window_reference
 from effarch.pallas_kernels.sliding_window.xla import sliding_window_chunked
+from jaxtyping import Array, Float
 
 DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("cudnn", "xla"), "tpu": ("xla",)}
 

@@ -10,9 +10,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
-
 from effarch.pallas_kernels.sliding_window.xla import sliding_window_chunked
+from jaxtyping import Array, Float, Int
 
 
 class SlidingWindowCache(NamedTuple):

@@ -11,9 +11,8 @@ prefill after earlier tokens.
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
-
 from effarch.pallas_kernels.sliding_window.reference import window_mask
+from jaxtyping import Array, Float, Int
 
 
 def sliding_window_chunked(

@@ -4,7 +4,6 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-
 from effarch.layers.rope import apply_rope, rope_frequencies
 
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from effarch.train.data.mqar import (
     TEST_NUM_EXAMPLES,
     TEST_SEGMENTS,

@@ -25,8 +25,8 @@ permutation per example and pool; those draws are sequential and cannot be vecto
 (the power-law gaps, the assembly, the filler) is vectorised or runs on a pre-drawn block of uniforms.
 """
 
-from collections.abc import Sequence
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Int

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from effarch.pallas_kernels.lightning import alibi_slopes, tnl_decay
 
 
