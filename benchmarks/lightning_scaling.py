@@ -17,7 +17,6 @@ Run:   .venv/bin/python benchmarks/lightning_scaling.py [--quick] [--lengths 102
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from _common import emit, loss_and_grads, memory_stats, time_calls
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.lightning import lightning_attention, tnl_decay
 
@@ -47,11 +47,6 @@ def _attention_fn(path: str, heads: int, block_size: int) -> Callable:
     raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
 
 
-def _loss_and_grads(attn: Callable) -> Callable:
-    def loss(q, k, v, cotangent):
-        return jnp.sum(attn(q, k, v) * cotangent)
-
-    return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
 def _inputs(batch: int, t_len: int, heads: int, head_dim: int, seed: int):
@@ -62,28 +57,8 @@ def _inputs(batch: int, t_len: int, heads: int, head_dim: int, seed: int):
     return q, k, v, ct
 
 
-def _memory(compiled) -> dict[str, int]:
-    """Compiled memory analysis; peak = arguments + outputs + temporaries − aliased (donated) bytes."""
-    stats = compiled.memory_analysis()
-    out = {
-        "temp_bytes": int(stats.temp_size_in_bytes),
-        "argument_bytes": int(stats.argument_size_in_bytes),
-        "output_bytes": int(stats.output_size_in_bytes),
-        "alias_bytes": int(stats.alias_size_in_bytes),
-    }
-    out["peak_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-    return out
 
 
-def _time(compiled, args, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def measure(
@@ -104,16 +79,16 @@ def measure(
     batch = max(budget // t_len, 1)
     args = _inputs(batch, t_len, heads, head_dim, seed)
     start = time.perf_counter()
-    compiled = jax.jit(_loss_and_grads(_attention_fn(path, heads, block_size))).lower(*args).compile()
+    compiled = jax.jit(loss_and_grads(_attention_fn(path, heads, block_size))).lower(*args).compile()
     record = {"batch": batch, "tokens": batch * t_len, "compile_s": time.perf_counter() - start}
-    record["memory"] = _memory(compiled)
+    record["memory"] = memory_stats(compiled)
     if max_temp_bytes is not None and record["memory"]["temp_bytes"] > max_temp_bytes:
         record["skipped"] = (
             f"compiled temporaries {record['memory']['temp_bytes'] / 2**30:.2f} GiB exceed the cap "
             f"{max_temp_bytes / 2**30:.2f} GiB; not run"
         )
         return record
-    times = _time(compiled, args, warmup, reps)
+    times = time_calls(compiled, args, warmup, reps)
     median = statistics.median(times)
     record.update(median_s=median, times_s=times, tokens_per_s=batch * t_len / median)
     return record
@@ -247,12 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         softmax_max_gib=args.softmax_max_gib if args.softmax_max_gib > 0 else None,
         log=lambda line: print(line, file=sys.stderr),
     )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

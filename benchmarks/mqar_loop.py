@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import emit
+
 ZOOLOGY_SECONDS = 124.0  # Zoology's PyTorch loop, same task, 2-core CPU
 
 
@@ -64,11 +66,7 @@ def main(argv=None) -> dict:
         "ratio_vs_zoology": median / ZOOLOGY_SECONDS if median else None,
         "target": {"at_most_s": ZOOLOGY_SECONDS / 2, "met": bool(median and median <= ZOOLOGY_SECONDS / 2)},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from _common import emit
 from effarch.arches.lm import DecoderLM
 from effarch.train.config import load_config
 from effarch.train.train import train_and_evaluate
@@ -204,12 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides=args.overrides,
         log=lambda line: print(line, file=sys.stderr),
     )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Run:   .venv/bin/python benchmarks/scaling.py [--quick] [--out FILE]
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from _common import emit, loss_and_grads, memory_stats, time_calls
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.based import BasedConfig, BasedLinearAttention
 from effarch.pallas_kernels.attention import dot_product_attention
@@ -68,11 +68,6 @@ def _train_fn(path: str, chunk_size: int) -> Callable:
     raise ValueError(f"unknown path {path!r}; choose from {TRAIN_PATHS}")
 
 
-def _loss_and_grads(attn: Callable) -> Callable:
-    def loss(q, k, v, cotangent):
-        return jnp.sum(attn(q, k, v) * cotangent)
-
-    return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
 def _train_inputs(path: str, batch: int, t_len: int, heads: int, feature_dim: int, value_dim: int, seed: int):
@@ -85,28 +80,8 @@ def _train_inputs(path: str, batch: int, t_len: int, heads: int, feature_dim: in
     return q, k, v, cotangent
 
 
-def _memory(compiled) -> dict[str, int]:
-    """Compiled memory analysis; peak = arguments + outputs + temporaries - aliased (donated) bytes."""
-    stats = compiled.memory_analysis()
-    out = {
-        "temp_bytes": int(stats.temp_size_in_bytes),
-        "argument_bytes": int(stats.argument_size_in_bytes),
-        "output_bytes": int(stats.output_size_in_bytes),
-        "alias_bytes": int(stats.alias_size_in_bytes),
-    }
-    out["peak_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-    return out
 
 
-def _time(fn: Callable, args, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def measure_train(
@@ -126,15 +101,15 @@ def measure_train(
     """Compiles and times one (path, T) forward + backward; "skipped" replaces the timings past the memory cap."""
     args = _train_inputs(path, batch, t_len, heads, feature_dim, value_dim, seed)
     start = time.perf_counter()
-    compiled = jax.jit(_loss_and_grads(_train_fn(path, chunk_size))).lower(*args).compile()
-    record = {"compile_s": time.perf_counter() - start, "memory": _memory(compiled)}
+    compiled = jax.jit(loss_and_grads(_train_fn(path, chunk_size))).lower(*args).compile()
+    record = {"compile_s": time.perf_counter() - start, "memory": memory_stats(compiled)}
     if max_temp_bytes is not None and record["memory"]["temp_bytes"] > max_temp_bytes:
         record["skipped"] = (
             f"compiled temporaries {record['memory']['temp_bytes'] / 2**30:.2f} GiB exceed the cap "
             f"{max_temp_bytes / 2**30:.2f} GiB; not run"
         )
         return record
-    times = _time(compiled, args, warmup, reps)
+    times = time_calls(compiled, args, warmup, reps)
     median = statistics.median(times)
     record.update(median_s=median, times_s=times, per_token_s=median / (batch * t_len))
     return record
@@ -356,12 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         max_gib=args.max_gib if args.max_gib > 0 else None,
         log=lambda line: print(line, file=sys.stderr),
     )
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts: compiled memory, timing, the loss whose gradient is timed, output.
+
+The scripts run as `python benchmarks/<name>.py`, which puts this folder first on sys.path, so they import this
+module as `_common` (the smoke tests under tests/benchmarks/ put the folder on sys.path the same way).
+"""
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def memory_stats(compiled) -> dict[str, int]:
+    """XLA's compiled memory analysis (CPU has no device memory statistics); peak = arguments + outputs +
+    temporaries - aliased (donated) bytes."""
+    stats = compiled.memory_analysis()
+    out = {
+        "temp_bytes": int(stats.temp_size_in_bytes),
+        "argument_bytes": int(stats.argument_size_in_bytes),
+        "output_bytes": int(stats.output_size_in_bytes),
+        "alias_bytes": int(stats.alias_size_in_bytes),
+    }
+    out["peak_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+    return out
+
+
+def time_calls(fn: Callable, args, warmup: int, reps: int) -> list[float]:
+    """Wall seconds of `reps` calls of fn(*args), each waited for, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def loss_and_grads(attn: Callable) -> Callable:
+    """(q, k, v, cotangent) -> (<attn(q, k, v), cotangent>, (dq, dk, dv)): one forward + backward of an op."""
+
+    def loss(q, k, v, cotangent):
+        return jnp.sum(attn(q, k, v) * cotangent)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+
+def emit(report: dict, out: str | None) -> dict:
+    """Prints the JSON report to stdout and, with `out`, writes it there too."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return report
