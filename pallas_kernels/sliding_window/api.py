@@ -3,10 +3,11 @@
 Convention: query t attends to keys t - window < j <= t, exactly `window` keys (reference.py). GQA: q has H heads,
 k and v have Hkv heads, H a multiple of Hkv.
 
-- `sliding_window_attention`: the parallel form; `implementation=` in {"reference", "xla", "cudnn"}.
-  Default order: cpu ("xla",), gpu ("cudnn", "xla"), tpu ("xla",). "cudnn" raises NotImplementedError off GPU and
-  for float32 inputs (cuDNN flash attention takes bf16 / fp16), so a float32 call on GPU falls back to "xla" with a
-  warning under the default order.
+- `sliding_window_attention`: the parallel form; `implementation=` in {"reference", "xla", "cudnn", "pallas_tpu"}.
+  Default order: cpu ("xla",), gpu ("cudnn", "xla"), tpu ("pallas_tpu", "xla"). "cudnn" raises NotImplementedError
+  off GPU and for float32 inputs (cuDNN flash attention takes bf16 / fp16), so a float32 call on GPU falls back to
+  "xla" with a warning under the default order. "pallas_tpu" (splash attention with a LocalMask, splash.py) raises
+  NotImplementedError off TPU and when T is not a multiple of 128, so such a call on TPU falls back to "xla".
 - `sliding_window_init_cache` / `sliding_window_decode_step` / `sliding_window_prefill`: decoding with a ring buffer
   of `window` entries (cache.py). Prefill always uses the chunked XLA path.
 """
@@ -18,15 +19,21 @@ from effarch.pallas_kernels.sliding_window import cache as cache_lib
 from effarch.pallas_kernels.sliding_window.cache import SlidingWindowCache
 from effarch.pallas_kernels.sliding_window.cudnn import sliding_window_cudnn
 from effarch.pallas_kernels.sliding_window.reference import sliding_window_reference
+from effarch.pallas_kernels.sliding_window.splash import sliding_window_splash
 from effarch.pallas_kernels.sliding_window.xla import sliding_window_chunked
 from jaxtyping import Array, Float
 
-DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("cudnn", "xla"), "tpu": ("xla",)}
+DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {
+    "cpu": ("xla",),
+    "gpu": ("cudnn", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+}
 
 _IMPLS = {
     "reference": sliding_window_reference,
     "xla": sliding_window_chunked,
     "cudnn": sliding_window_cudnn,
+    "pallas_tpu": sliding_window_splash,
 }
 
 
@@ -53,7 +60,8 @@ def sliding_window_attention(
       v: values, [B, T, Hkv, V].
       window: keys per query: t - window < j <= t.
       implementation: "reference" (dense [T, T]), "xla" (chunked, O(T * window)), "cudnn" (GPU, bf16/fp16),
-        a sequence of these tried in order, or None for the platform default.
+        "pallas_tpu" (TPU splash attention, T a multiple of 128), a sequence of these tried in order, or None for
+        the platform default.
 
     Returns:
       [B, T, H, V] in q's dtype.
