@@ -78,14 +78,18 @@ def _over_blocks(
     n_full, tail = divmod(t_len, block_size)
     full_decays = _BlockDecays(decay, block_size)
 
+    # Block starts are never negative; without the wrap-around select every slice in the loop body waits on one
+    # scalar index op, which made the B = 1 backward ~20% slower on a 2-core CPU.
+    def slice_block(x, start, length):
+        return jax.lax.dynamic_slice_in_dim(x, start, length, axis=1, allow_negative_indices=False)
+
+    def write_block(out, block, start):
+        return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=1, allow_negative_indices=False)
+
     def run_block(decays, start, length, state_and_outputs):
         state, outs = state_and_outputs
-        blocks = (jax.lax.dynamic_slice_in_dim(x, start, length, axis=1).astype(jnp.float32) for x in inputs)
-        state, out_blocks = step(decays, state, *blocks)
-        outs = tuple(
-            jax.lax.dynamic_update_slice_in_dim(o, b.astype(o.dtype), start, axis=1) for o, b in zip(outs, out_blocks)
-        )
-        return state, outs
+        state, out_blocks = step(decays, state, *(slice_block(x, start, length).astype(jnp.float32) for x in inputs))
+        return state, tuple(write_block(o, b.astype(o.dtype), start) for o, b in zip(outs, out_blocks))
 
     def full_blocks(first, stop, state_and_outputs):
         """Full blocks first .. stop−1 (in reverse: stop−1 .. first) in a loop."""
