@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Quickstart: trains a config (default: configs/mqar/attention.yaml) after making sure .venv is ready.
-#   bash scripts/train.sh [CONFIG.yaml ...] [key=value ...]
+#   bash scripts/train.sh [CONFIG.yaml ...] [key=value ...]      (no CONFIG.yaml: the default config)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ $# -eq 0 ]; then set -- configs/mqar/attention.yaml; fi
+case " $* " in
+  *.yaml\ *) ;;
+  *) set -- configs/mqar/attention.yaml "$@" ;;
+esac
 exec .venv/bin/effarch train "$@"
