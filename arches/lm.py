@@ -16,6 +16,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
 from effarch.arches.registry import MIXERS, build_mixer
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.based import BasedConfig
@@ -24,8 +27,6 @@ from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
 from effarch.layers.norms import SRMSNorm, rms_norm
 from effarch.layers.sliding_window import SlidingWindowConfig
-from flax import nnx
-from jaxtyping import Array, Float, Int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,12 +7,13 @@ Each entry builds one mixer from the model config and its layer index. Every mix
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from flax import nnx
+
 from effarch.layers.attention import Attention
 from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
 from effarch.layers.lightning import LightningAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
-from flax import nnx
 
 if TYPE_CHECKING:
     from effarch.arches.lm import ModelConfig

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from _common import emit, loss_and_grads, memory_stats, time_calls
+
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.lightning import lightning_attention, tnl_decay
 

@@ -27,10 +27,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from _common import emit
+from flax import nnx
+
 from effarch.arches.lm import DecoderLM
 from effarch.train.config import load_config
 from effarch.train.train import train_and_evaluate
-from flax import nnx
 
 _CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mqar"
 BASE_CONFIGS = {"based": _CONFIGS / "based.yaml", "attention": _CONFIGS / "zoology_attention.yaml"}

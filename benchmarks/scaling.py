@@ -40,11 +40,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from _common import emit, loss_and_grads, memory_stats, time_calls
+from flax import nnx
+
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.based import BasedConfig, BasedLinearAttention
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.based import based_linear_attention
-from flax import nnx
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (1024, 4096)

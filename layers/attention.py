@@ -17,11 +17,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
 from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.rope import apply_rope
 from effarch.pallas_kernels.attention import dot_product_attention
-from flax import nnx
-from jaxtyping import Array, Float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

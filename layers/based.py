@@ -18,9 +18,10 @@ Choices (see specs/mechanisms.md §2.1, §2.6):
 import dataclasses
 
 import jax.numpy as jnp
-from effarch.pallas_kernels import based as based_op
 from flax import nnx
 from jaxtyping import Array, Float
+
+from effarch.pallas_kernels import based as based_op
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -20,6 +20,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
 from effarch.layers.axes import Hidden, HiddenStep
 from effarch.layers.norms import srms_norm
 from effarch.pallas_kernels.lightning import (
@@ -28,8 +31,6 @@ from effarch.pallas_kernels.lightning import (
     lightning_attention_with_state,
     tnl_decay,
 )
-from flax import nnx
-from jaxtyping import Array, Float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

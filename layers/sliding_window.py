@@ -15,10 +15,11 @@ Choices (see specs/mechanisms.md §2.2):
 import dataclasses
 
 import jax.numpy as jnp
-from effarch.layers.rope import apply_rope
-from effarch.pallas_kernels import sliding_window as swa_op
 from flax import nnx
 from jaxtyping import Array, Float
+
+from effarch.layers.rope import apply_rope
+from effarch.pallas_kernels import sliding_window as swa_op
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -9,10 +9,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
 from effarch.arches.lm import DecoderLM
 from effarch.train.checkpoint import Checkpointer
 from effarch.train.config import ConfigError, load_config
-from flax import nnx
 
 
 def load_model(run_dir: str | Path) -> DecoderLM:

@@ -32,6 +32,7 @@ def train_cli(argv: list[str]) -> None:
         _fail(str(e))
 
     import jax
+
     from effarch.train.train import TrainingDiverged, maybe_initialize_distributed, train_and_evaluate
 
     maybe_initialize_distributed()
@@ -70,6 +71,7 @@ def generate_cli(argv: list[str]) -> None:
         _fail("--max-new-tokens must be >= 1 and --temperature >= 0")
 
     import numpy as np
+
     from effarch.train.config import ConfigError
     from effarch.train.generate import generate, load_model
 

@@ -22,15 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from effarch.arches.lm import DecoderLM
 from effarch.train import sharding
 from effarch.train.checkpoint import Checkpointer
 from effarch.train.config import Config, ConfigError, dump_config, to_dict
 from effarch.train.data import Segment, build_data
 from effarch.train.metrics import MetricsWriter
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("effarch")
 

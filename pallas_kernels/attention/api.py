@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
 from effarch.pallas_kernels.attention.reference import attention_reference
 from effarch.pallas_kernels.dispatch import dispatch, require_platform
-from jaxtyping import Array, Bool, Float
 
 OP = "dot_product_attention"
 

@@ -10,10 +10,11 @@ everywhere; an unknown name raises ValueError (STYLE.md §3.6).
 
 from collections.abc import Mapping, Sequence
 
+from jaxtyping import Array, Float
+
 from effarch.pallas_kernels.based import reference, xla
 from effarch.pallas_kernels.based.reference import BasedState
 from effarch.pallas_kernels.dispatch import dispatch
-from jaxtyping import Array, Float
 
 DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 

@@ -13,8 +13,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from effarch.pallas_kernels.based.reference import BasedState, based_init_state, taylor_feature_map, taylor_kernel
 from jaxtyping import Array, Float
+
+from effarch.pallas_kernels.based.reference import BasedState, based_init_state, taylor_feature_map, taylor_kernel
 
 
 def based_chunked(

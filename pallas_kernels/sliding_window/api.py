@@ -14,6 +14,8 @@ k and v have Hkv heads, H a multiple of Hkv.
 
 from collections.abc import Mapping, Sequence
 
+from jaxtyping import Array, Float
+
 from effarch.pallas_kernels.dispatch import dispatch
 from effarch.pallas_kernels.sliding_window import cache as cache_lib
 from effarch.pallas_kernels.sliding_window.cache import SlidingWindowCache
@@ -21,7 +23,6 @@ from effarch.pallas_kernels.sliding_window.cudnn import sliding_window_cudnn
 from effarch.pallas_kernels.sliding_window.reference import sliding_window_reference
 from effarch.pallas_kernels.sliding_window.splash import sliding_window_splash
 from effarch.pallas_kernels.sliding_window.xla import sliding_window_chunked
-from jaxtyping import Array, Float
 
 DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {
     "cpu": ("xla",),

@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from effarch.pallas_kernels.sliding_window.xla import sliding_window_chunked
 from jaxtyping import Array, Float, Int
+
+from effarch.pallas_kernels.sliding_window.xla import sliding_window_chunked
 
 
 class SlidingWindowCache(NamedTuple):

@@ -6,8 +6,9 @@ effarch's window keys (reference.py); tests check the mapping through the XLA pa
 
 import jax
 import jax.numpy as jnp
-from effarch.pallas_kernels.dispatch import require_platform
 from jaxtyping import Array, Float
+
+from effarch.pallas_kernels.dispatch import require_platform
 
 
 def dot_product_attention_window(

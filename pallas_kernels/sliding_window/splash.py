@@ -23,10 +23,11 @@ Choices:
 
 import jax
 import numpy as np
-from effarch.pallas_kernels.dispatch import require_platform
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu import splash_attention
 from jaxtyping import Array, Float
+
+from effarch.pallas_kernels.dispatch import require_platform
 
 LANES = 128  # splash's NUM_LANES: block_kv and block_kv_compute must be multiples of it
 

@@ -11,8 +11,9 @@ prefill after earlier tokens.
 
 import jax
 import jax.numpy as jnp
-from effarch.pallas_kernels.sliding_window.reference import window_mask
 from jaxtyping import Array, Float, Int
+
+from effarch.pallas_kernels.sliding_window.reference import window_mask
 
 
 def sliding_window_chunked(

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.arches.registry import MIXERS
 from effarch.layers.attention import AttentionConfig
@@ -11,8 +13,6 @@ from effarch.layers.based import BasedConfig
 from effarch.layers.lightning import LightningConfig
 from effarch.layers.mlp import MLPConfig
 from effarch.layers.sliding_window import SlidingWindowConfig
-from flax import nnx
-
 from tests.helpers.numerics import assert_close
 
 V, D, T = 37, 24, 19

@@ -5,6 +5,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
 from effarch.train.config import load_config
 from effarch.train.data import build_data
 from effarch.train.train import Trainer

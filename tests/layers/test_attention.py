@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Mixer
 from effarch.pallas_kernels.attention import attention_reference
-from flax import nnx
-
 from tests.helpers.numerics import assert_close, rel_err
 
 B, T, D, H, K = 2, 11, 15, 6, 6

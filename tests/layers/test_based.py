@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
 from effarch.layers.axes import Mixer
 from effarch.layers.based import BasedConfig, BasedLinearAttention
 from effarch.pallas_kernels.based import reference
-from flax import nnx
-
 from tests.helpers.numerics import assert_close
 
 D, T = 12, 23

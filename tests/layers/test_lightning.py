@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
 from effarch.layers.axes import Mixer
 from effarch.layers.lightning import SGLU, LightningAttention, LightningConfig, srms_norm
 from effarch.pallas_kernels.lightning import tnl_decay
-from flax import nnx
-
 from tests.helpers.numerics import assert_close
 
 D, H, T = 15, 3, 37  # head_dim 5

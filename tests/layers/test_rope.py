@@ -4,6 +4,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+
 from effarch.layers.rope import apply_rope, rope_frequencies
 
 

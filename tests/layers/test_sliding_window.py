@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
 from effarch.layers.axes import Mixer
 from effarch.layers.rope import apply_rope
 from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
 from effarch.pallas_kernels.sliding_window import reference
-from flax import nnx
-
 from tests.helpers.numerics import assert_close
 from tests.layers.test_based import jitted, make_x
 

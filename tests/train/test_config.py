@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+
 from effarch.train.config import Config, ConfigError, dump_config, load_config
 
 

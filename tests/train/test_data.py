@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from effarch.train.config import DataConfig
 from effarch.train.data import TrainStream, _segments, build_data, mqar
 from effarch.train.data.text import byte_lm_examples

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from effarch.train.data.mqar import (
     TEST_NUM_EXAMPLES,
     TEST_SEGMENTS,

@@ -148,6 +148,7 @@ def test_sharded_train_step_matches_one_device(tmp_path, accum):
 
 def test_generate_cli_and_greedy_matches_forward(tmp_path, capsys):
     import jax.numpy as jnp
+
     from effarch.train.generate import generate, load_model
     from effarch.train.main import main
 

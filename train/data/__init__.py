@@ -7,6 +7,7 @@ so a checkpoint only needs the step to resume the data where it stopped.
 import dataclasses
 
 import numpy as np
+
 from effarch.train.data import mqar, text
 
 

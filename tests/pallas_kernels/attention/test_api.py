@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from effarch.pallas_kernels.attention import attention_reference, dot_product_attention
 
+from effarch.pallas_kernels.attention import attention_reference, dot_product_attention
 from tests.helpers.numerics import assert_close, rel_err, value_and_grads
 
 B, H, K = 2, 6, 5

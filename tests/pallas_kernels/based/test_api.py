@@ -3,9 +3,9 @@
 import jax
 import jax.numpy as jnp
 import pytest
+
 from effarch.pallas_kernels import based
 from effarch.pallas_kernels.based import reference
-
 from tests.helpers.numerics import assert_close, rel_err
 from tests.pallas_kernels.based.test_reference import B, H, V, make_inputs
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from effarch.pallas_kernels.based import reference
 
+from effarch.pallas_kernels.based import reference
 from tests.helpers.numerics import assert_close
 
 B, H, V = 2, 3, 7

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from effarch.pallas_kernels.based import reference, xla
 
+from effarch.pallas_kernels.based import reference, xla
 from tests.helpers.numerics import assert_close, value_and_grads
 from tests.pallas_kernels.based.test_reference import make_inputs
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from effarch.pallas_kernels.lightning import alibi_slopes, tnl_decay
 
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from effarch.pallas_kernels.lightning import reference
 
+from effarch.pallas_kernels.lightning import reference
 from tests.helpers.numerics import assert_close
 from tests.pallas_kernels.lightning.inputs import DECAY, make_inputs
 

@@ -5,8 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
-from effarch.pallas_kernels.lightning import lightning_attention, lightning_attention_with_state, reference
 
+from effarch.pallas_kernels.lightning import lightning_attention, lightning_attention_with_state, reference
 from tests.helpers.numerics import assert_close, value_and_grads
 from tests.pallas_kernels.lightning.inputs import DECAY, H, make_inputs
 

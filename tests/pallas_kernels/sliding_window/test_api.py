@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from effarch.pallas_kernels import sliding_window as swa
 from effarch.pallas_kernels.sliding_window import reference
 from effarch.pallas_kernels.sliding_window.cudnn import dot_product_attention_window
-
 from tests.helpers.numerics import assert_close, rel_err, value_and_grads
 from tests.pallas_kernels.sliding_window.test_reference import B, K, check_window_convention, make_inputs
 

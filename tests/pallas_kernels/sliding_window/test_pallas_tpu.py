@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from effarch.pallas_kernels import sliding_window as swa
-from effarch.pallas_kernels.sliding_window import reference, splash
-from effarch.pallas_kernels.sliding_window.cudnn import dot_product_attention_window
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
+from effarch.pallas_kernels import sliding_window as swa
+from effarch.pallas_kernels.sliding_window import reference, splash
+from effarch.pallas_kernels.sliding_window.cudnn import dot_product_attention_window
 from tests.helpers.numerics import assert_close, rel_err, value_and_grads
 
 B, K = 2, 64

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from effarch.pallas_kernels.sliding_window import reference
 
+from effarch.pallas_kernels.sliding_window import reference
 from tests.helpers.numerics import assert_close
 
 B, H, K = 2, 6, 8

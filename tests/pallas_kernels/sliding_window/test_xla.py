@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from effarch.pallas_kernels.sliding_window import reference, xla
 
+from effarch.pallas_kernels.sliding_window import reference, xla
 from tests.helpers.numerics import assert_close, value_and_grads
 from tests.pallas_kernels.based.test_xla import _largest_intermediate
 from tests.pallas_kernels.sliding_window.test_reference import H, check_window_convention, make_inputs
