@@ -17,9 +17,9 @@ TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
 BASE = ROOT / "configs" / "mqar" / "zoology_attention.yaml"
 
 
-def run_cli(run_dir, *overrides, wait=True, timeout=300):
+def run_cli(run_dir, *overrides, wait=True, timeout=300, env=None):
     cmd = [sys.executable, "-m", "effarch.train", str(BASE), str(TINY), f"train.run_dir={run_dir}", *overrides]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -228,3 +228,27 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
     assert all(x.dtype == np.float32 for x in p16)
     assert np.isfinite(float(m16["loss"]))
     assert abs(float(m16["loss"]) - float(m32["loss"])) < 0.05 * float(m32["loss"])  # bf16 forward, same model
+
+
+def test_two_processes_match_one(tmp_path):
+    """Multi-host: 2 processes x 4 CPU devices over jax.distributed on loopback == 1 process x 8 devices."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train.steps=4", "train.checkpoint_every=2", "mesh.fsdp=2"]
+    single = run_cli(tmp_path / "single", *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert single.returncode == 0, single.stderr
+    procs = [
+        run_cli(tmp_path / "multi", *args, wait=False,
+                env={"EFFARCH_COORDINATOR": f"127.0.0.1:{port}", "EFFARCH_NUM_PROCESSES": "2",
+                     "EFFARCH_PROCESS_ID": str(i), "JAX_NUM_CPU_DEVICES": "4"})
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    multi, one = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(multi) == sorted(one) == [1, 2, 3, 4]
+    np.testing.assert_allclose([multi[s] for s in one], [one[s] for s in one], rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
