@@ -52,21 +52,23 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore(self, step: int, params, opt_state, rng):
-        """Restores `step` into arrays shaped and sharded like the given (template) trees."""
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                rng=ocp.args.StandardRestore(_abstract({"key": rng})),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return out["params"], out["opt_state"], out["rng"]["key"], out["meta"]
+    def restore(self, step: int, params, opt_state=None, rng=None):
+        """Restores `step` into arrays shaped and sharded like the given templates.
 
-    def restore_latest(self, params, opt_state, rng):
-        """(params, opt_state, rng, meta) of the newest complete checkpoint, or None when there is none."""
+        Returns (params, opt_state, rng, meta); an item whose template is None is not read and comes back None
+        (generation needs the params only).
+        """
+        items = {"params": params, "opt_state": opt_state, "rng": None if rng is None else {"key": rng}}
+        args = {name: ocp.args.StandardRestore(_abstract(t)) for name, t in items.items() if t is not None}
+        out = self.manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+        rng_out = out["rng"]["key"] if rng is not None else None
+        return out["params"], out["opt_state"] if opt_state is not None else None, rng_out, out["meta"]
+
+    def restore_latest(self, params, opt_state=None, rng=None):
+        """`restore` of the newest complete checkpoint, or None when there is none.
+
+        A checkpoint that is incomplete or cannot be read is skipped with a warning, and the previous one is tried.
+        """
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
             if not (step_dir / "_CHECKPOINT_METADATA").exists():

@@ -28,11 +28,7 @@ def load_model(run_dir: str | Path) -> DecoderLM:
     steps = ckpt.steps()
     if not steps:
         raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint to generate from")
-    # Only the params are needed; the optimizer-state template comes from the same optimizer family.
-    from effarch.train.train import make_optimizer
-
-    tx, _ = make_optimizer(cfg)
-    restored = ckpt.restore_latest(params, jax.jit(tx.init)(params), jnp.zeros((2,), jnp.uint32))
+    restored = ckpt.restore_latest(params)  # the params item only
     ckpt.close()
     if restored is None:
         raise ConfigError(f"run dir {str(run_dir)!r}: no readable checkpoint among steps {steps}")

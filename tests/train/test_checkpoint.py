@@ -28,6 +28,9 @@ def test_round_trip_and_keep_last(tmp_path):
     for a, b in zip(jax.tree.leaves((params, opt, rng)), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert meta == {"step": 3, "data_position": 24}
+    only_params, no_opt, no_rng, _ = ckpt.restore(2, trees(0)[0])  # what generation reads
+    np.testing.assert_array_equal(np.asarray(only_params["w"]), np.asarray(trees(2)[0]["w"]))
+    assert no_opt is None and no_rng is None
     ckpt.close()
 
 
