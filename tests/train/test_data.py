@@ -48,3 +48,14 @@ def test_byte_lm_windows(tmp_path):
     np.testing.assert_array_equal(x[1], np.arange(9, 18))
     with pytest.raises(FileNotFoundError, match="no files match"):
         byte_lm_examples(str(tmp_path / "*.md"), 9, 100, 0.1)
+
+
+def test_generator_options_reach_every_segment():
+    cfg = DataConfig(train_segments=((16, 2, 20),), test_segments=((16, 2, 10),), random_non_queries=False,
+                     power_a=0.5)
+    stream, (test,) = build_data(cfg, vocab_size=64, batch_size=4)
+    want_x, want_y = mqar.multiquery_ar(64, 16, 2, 20, power_a=0.5, random_non_queries=False, seed=0)
+    np.testing.assert_array_equal(stream.inputs, want_x)
+    np.testing.assert_array_equal(stream.labels, want_y)
+    want_test, _ = mqar.multiquery_ar(64, 16, 2, 10, power_a=0.5, random_non_queries=False, seed=1000)
+    np.testing.assert_array_equal(test.inputs, want_test)

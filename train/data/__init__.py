@@ -45,10 +45,6 @@ class TrainStream:
         return self.inputs[idx], self.labels[idx]
 
 
-def _pad(x: np.ndarray, length: int, value: int) -> np.ndarray:
-    return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
-
-
 def _segments(data_cfg) -> tuple[tuple, tuple]:
     if data_cfg.mixture == "zoology_standard":
         return mqar.TRAIN_SEGMENTS, tuple((n, d, 1000) for n, d in mqar.TEST_SEGMENTS)
@@ -67,17 +63,12 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream,
                                              data_cfg.val_fraction)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment("bytes_val", vx, vy)]
     train_segs, test_segs = _segments(data_cfg)
+    options = dict(power_a=data_cfg.power_a, random_non_queries=data_cfg.random_non_queries)
     max_len = max(n for n, _, _ in train_segs)
-    xs, ys = [], []
-    for i, (n, d, count) in enumerate(train_segs):
-        x, y = mqar.multiquery_ar(vocab_size, n, d, count, power_a=data_cfg.power_a,
-                                  random_non_queries=data_cfg.random_non_queries, seed=data_cfg.seed + i)
-        xs.append(_pad(x, max_len, 0))
-        ys.append(_pad(y, max_len, -100))
-    stream = TrainStream(np.concatenate(xs), np.concatenate(ys), batch_size, seed=data_cfg.seed)
-    evals = []
-    for i, (n, d, count) in enumerate(test_segs):
-        x, y = mqar.multiquery_ar(vocab_size, n, d, count, power_a=data_cfg.power_a,
-                                  random_non_queries=data_cfg.random_non_queries, seed=data_cfg.seed + 1000 + i)
-        evals.append(Segment(f"mqar_N{n}_D{d}", x, y))
+    train = mqar.make_mixture(train_segs, vocab_size, data_cfg.seed, pad_to=max_len, **options)
+    stream = TrainStream(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), batch_size,
+                         seed=data_cfg.seed)
+    # Test data from seed + 1000: a stream disjoint from the training segments' seeds.
+    tests = mqar.make_mixture(test_segs, vocab_size, data_cfg.seed + 1000, **options)
+    evals = [Segment(f"mqar_N{n}_D{d}", x, y) for (n, d, _), (x, y) in zip(test_segs, tests, strict=True)]
     return stream, evals

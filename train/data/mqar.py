@@ -181,6 +181,9 @@ def make_mixture(
     vocab_size: int,
     seed: int,
     pad_to: int | None = None,
+    *,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Generates one (inputs, labels) pair per segment, segment i with seed `seed + i`.
 
@@ -194,6 +197,7 @@ def make_mixture(
       seed: base seed.
       pad_to: if given, every segment is right-padded to this length (inputs with 0, labels with -100), so the
         segments can be concatenated; a causal model's outputs before the padding do not change.
+      power_a, random_non_queries: passed to `multiquery_ar` for every segment.
 
     Returns:
       A list with one (inputs, labels) pair of int32 [B_i, N_i] arrays per segment (N_i = pad_to if given).
@@ -208,7 +212,8 @@ def make_mixture(
             raise ValueError(f"segments[{i}] must be (seq_len, num_kv_pairs[, num_examples]), got {segment!r}")
         if pad_to is not None and pad_to < seq_len:
             raise ValueError(f"pad_to must be >= every seq_len, got pad_to={pad_to} < {seq_len} (segments[{i}])")
-        inputs, labels = multiquery_ar(vocab_size, seq_len, num_kv_pairs, num_examples, seed=seed + i)
+        inputs, labels = multiquery_ar(vocab_size, seq_len, num_kv_pairs, num_examples, power_a=power_a,
+                                       random_non_queries=random_non_queries, seed=seed + i)
         if pad_to is not None:
             width = ((0, 0), (0, pad_to - seq_len))
             inputs = np.pad(inputs, width, constant_values=0)
