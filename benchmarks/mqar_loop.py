@@ -5,7 +5,7 @@ examples at (seq 64, 4 kv pairs), batch 64, lr 1e-2, 1k test examples: configs/m
 Zoology's own loop reaches 0.99 in about 124 s on a 2-core CPU machine like ours (issue #2's measurement).
 The clock starts before the config is loaded: data generation, compilation, evaluation and checkpoints count.
 
-    python benchmarks/mqar_loop.py [--config configs/mqar/zoology_attention.yaml] [--repeats 3] [--out FILE]
+    .venv/bin/python benchmarks/mqar_loop.py [--config configs/mqar/zoology_attention.yaml] [--repeats 3] [--out FILE]
 """
 
 import argparse
