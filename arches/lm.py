@@ -1,8 +1,9 @@
 """Decoder-only language model whose token mixer is chosen per layer by name.
 
 Block (Llama-style pre-norm): h = x + mixer(norm(x)); out = h + mlp(norm(h)) (the MLP is optional: Zoology's MQAR
-models are mixer-only). Embedding, a final RMSNorm and an LM head (tied to the embedding by default, as in
-Zoology). No absolute position embeddings: position comes from RoPE inside attention or from the mixers themselves.
+models are mixer-only). Embedding, a final norm (`model.norm`, like the blocks' pre-norms) and an LM head (tied to
+the embedding by default, as in Zoology). No absolute position embeddings: position comes from RoPE inside
+attention or from the mixers themselves.
 
 `mixers` is a list of registry names. With fewer names than layers it repeats (Zoology's `Hybrid`: layer i uses
 mixers[i % len(mixers)]); BASED's layouts are written out in full in their configs.

@@ -72,13 +72,16 @@ class Attention(nnx.Module):
           rngs: parameter initialisation.
           context_dim: width Dc of the cross-attention context; None means a self-attention layer (Dc = D).
         """
+        if config.head_dim is None and d_model % config.n_heads:
+            raise ValueError(f"attention.n_heads={config.n_heads} must divide d_model={d_model} "
+                             "(or set attention.head_dim)")
         head_dim = config.head_dim if config.head_dim is not None else d_model // config.n_heads
         if head_dim < 1:
             raise ValueError(f"attention: d_model={d_model} gives no head dim for n_heads={config.n_heads}")
         if context_dim is not None and config.causal:
             raise ValueError("attention: a cross-attention layer (context_dim set) needs causal=False")
         if config.rope and context_dim is None and head_dim % 2:
-            raise ValueError(f"attention: RoPE needs an even head_dim, got {head_dim}")
+            raise ValueError(f"attention: RoPE needs an even head dim, got head_dim={head_dim}")
         self.config = config
         self.d_model = d_model
         self.head_dim = head_dim

@@ -59,7 +59,7 @@ class BasedLinearAttention(nnx.Module):
 
     def __init__(self, d_model: int, config: BasedConfig, *, rngs: nnx.Rngs):
         if d_model % config.n_heads:
-            raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({config.n_heads})")
+            raise ValueError(f"based.n_heads={config.n_heads} must divide d_model={d_model}")
         self.config = config
         self.d_model = d_model
         self.head_dim = d_model // config.n_heads
@@ -107,7 +107,8 @@ class BasedLinearAttention(nnx.Module):
         """Runs a prompt from `state` with the chunked pass; returns (state after it, y [B, T, D])."""
         q, k, v = self._qkv(x)
         o, state = based_op.based_prefill(
-            q, k, v, initial_state=state, eps=self.config.eps, chunk_size=self.config.chunk_size
+            q, k, v, initial_state=state, eps=self.config.eps, chunk_size=self.config.chunk_size,
+            implementation=self.config.implementation,
         )
         return state, self._out(o)
 

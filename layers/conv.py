@@ -47,6 +47,7 @@ class ShortConv(nnx.Module):
         self.weight = nnx.Param(
             jax.random.uniform(rngs.params(), (kernel_size, channels), minval=-bound, maxval=bound),
             logical_axes=(None, "conv"),
+            weight_decay=False,  # per-channel filter taps, like a norm scale: AdamW leaves them alone
         )
         self.bias = nnx.Param(jnp.zeros((channels,)), logical_axes=("conv",)) if use_bias else None
 
@@ -65,7 +66,9 @@ class ShortConv(nnx.Module):
         y = sum(padded[:, i : i + T] * w[i][None, None] for i in range(self.kernel_size))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)[None, None]
-        return y, padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+        # The history keeps its own dtype (float32 from init_state): a bfloat16 step must not change the decode
+        # carry's dtype under lax.scan.
+        return y, padded[:, padded.shape[1] - (self.kernel_size - 1) :].astype(history.dtype)
 
     def init_state(self, batch_size: int) -> Float[Array, "B k D"]:
         return jnp.zeros((batch_size, self.kernel_size - 1, self.channels), jnp.float32)

@@ -61,12 +61,12 @@ class SlidingWindowAttention(nnx.Module):
 
     def __init__(self, d_model: int, config: SlidingWindowConfig, *, rngs: nnx.Rngs):
         if d_model % config.n_heads:
-            raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({config.n_heads})")
+            raise ValueError(f"sliding_window.n_heads={config.n_heads} must divide d_model={d_model}")
         self.config = config
         self.d_model = d_model
         self.head_dim = d_model // config.n_heads
         if self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got d_model / n_heads = {self.head_dim}")
+            raise ValueError(f"sliding_window: RoPE needs an even head dim, got d_model / n_heads = {self.head_dim}")
         hkv = config.kv_heads
         self.q_proj = _linear(d_model, config.n_heads * self.head_dim, ("embed", "heads"), rngs)
         self.k_proj = _linear(d_model, hkv * self.head_dim, ("embed", "kv_heads"), rngs)

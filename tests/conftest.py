@@ -1,6 +1,6 @@
 import os
 
-# Single-device by default; the multidevice tests run in their own process (see .ci/run).
+# Single-device by default; tests that need 8 CPU devices start a subprocess with its own XLA_FLAGS.
 os.environ.setdefault("XLA_FLAGS", "")
 
 import jax  # noqa: E402

@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -55,9 +57,22 @@ def test_scaling_main_writes_report_with_expected_keys(tmp_path, capsys):
         "based_decode_time_flat",
         "based_decode_state_bytes_flat",
     }
-    for target in report["targets"].values():
-        assert isinstance(target["pass"], bool)
-    assert report["targets"]["based_decode_state_bytes_flat"]["pass"]
+    # Each verdict is recomputed from the report's own measurements: a target that ignored them would fail here.
+    targets, xla, ref = report["targets"], report["train"]["based_xla"], report["train"]["based_reference"]
+    flat = targets["based_xla_per_token_time_flat"]
+    ratio = xla["96"]["per_token_s"] / xla["48"]["per_token_s"]
+    assert flat["ratio_longest_to_shortest"] == pytest.approx(ratio)
+    assert flat["pass"] == (ratio <= bench.XLA_FLAT_MAX_RATIO)
+    speed = targets["based_xla_vs_reference_speedup"]
+    length = str(speed["length"])
+    assert speed["speedup"] == pytest.approx(ref[length]["median_s"] / xla[length]["median_s"])
+    assert speed["pass"] == (speed["speedup"] >= bench.XLA_MIN_SPEEDUP)
+    decode_times = [r["per_token_s"] for r in report["decode"]["based"].values()]
+    spread = max(decode_times) / min(decode_times) - 1
+    assert targets["based_decode_time_flat"]["max_over_min_minus_1"] == pytest.approx(spread)
+    assert targets["based_decode_time_flat"]["pass"] == (spread <= bench.DECODE_FLAT_TOLERANCE)
+    assert targets["based_decode_state_bytes_flat"]["max_over_min_minus_1"] == 0
+    assert targets["based_decode_state_bytes_flat"]["pass"] is True
 
 
 def test_scaling_quadratic_paths_over_memory_cap_are_skipped_not_run():

@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lightning_scaling.py"
 
 
@@ -48,8 +50,17 @@ def test_main_writes_report_with_expected_keys(tmp_path, capsys):
         "lightning_peak_memory_flat",
         "softmax_tokens_per_s_falls",
     }
-    for target in report["targets"].values():
-        assert isinstance(target["pass"], bool)
+    # Each verdict is recomputed from the report's own measurements: a target that ignored them would fail here.
+    light, soft, targets = report["results"]["lightning_xla"], report["results"]["softmax_xla"], report["targets"]
+    speed = light["256"]["tokens_per_s"] / light["128"]["tokens_per_s"]
+    assert targets["lightning_tokens_per_s_flat"]["ratio"] == pytest.approx(speed)
+    assert targets["lightning_tokens_per_s_flat"]["pass"] == (speed >= 1 - bench.LIGHTNING_SPEED_TOLERANCE)
+    peaks = [r["memory"]["peak_bytes"] for r in light.values()]
+    spread = max(peaks) / min(peaks) - 1
+    assert targets["lightning_peak_memory_flat"]["max_over_min_minus_1"] == pytest.approx(spread)
+    assert targets["lightning_peak_memory_flat"]["pass"] == (spread <= bench.LIGHTNING_MEMORY_TOLERANCE)
+    falls = soft["256"]["tokens_per_s"] < soft["128"]["tokens_per_s"]
+    assert targets["softmax_tokens_per_s_falls"]["pass"] == falls
 
 
 def test_softmax_over_memory_cap_is_skipped_not_run():

@@ -118,5 +118,14 @@ def test_config_validation():
     for field, value in (("feature_dim", 0), ("n_heads", 0), ("chunk_size", 0), ("eps", -1.0)):
         with pytest.raises(ValueError, match=field):
             BasedConfig(**{field: value})
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="based.n_heads=3 must divide d_model=10"):
         BasedLinearAttention(10, CONFIG, rngs=nnx.Rngs(0))
+
+
+def test_prefill_uses_the_layers_implementation():
+    from effarch.layers.based import BasedConfig, BasedLinearAttention
+
+    mixer = BasedLinearAttention(16, BasedConfig(feature_dim=4, n_heads=2, implementation="nope"), rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 5, 16))
+    with pytest.raises(ValueError, match="based_prefill: unknown implementation 'nope'"):
+        mixer.prefill(mixer.init_state(1, 5), x)

@@ -103,5 +103,5 @@ def test_config_validation():
     for field, value in (("n_heads", 0), ("n_kv_heads", 2), ("window", 0), ("rope_theta", 0.0)):
         with pytest.raises(ValueError, match=field):
             SlidingWindowConfig(**{"n_heads": 3, field: value})
-    with pytest.raises(ValueError, match="even head_dim"):
+    with pytest.raises(ValueError, match="even head dim"):
         SlidingWindowAttention(9, CONFIG, rngs=nnx.Rngs(0))

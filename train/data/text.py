@@ -38,10 +38,11 @@ def read_bytes(source: str, max_bytes: int) -> np.ndarray:
 def byte_lm_examples(
     source: str, seq_len: int, max_bytes: int, val_fraction: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Non-overlapping windows of seq_len + 1 bytes -> (train_inputs, train_labels, val_inputs, val_labels).
+    """Windows of seq_len + 1 bytes at a stride of seq_len -> (train_inputs, train_labels, val_inputs, val_labels).
 
-    Labels are the inputs shifted by one (next-byte prediction). The validation windows are the last
-    `val_fraction` of the stream, so they never overlap the training text.
+    Labels are the inputs shifted by one (next-byte prediction). Consecutive windows share one byte (the last label
+    of a window is the first input of the next), so every byte after the first is a target exactly once. The
+    validation windows are the last `val_fraction` of the stream: no validation target is ever a training target.
     """
     stream = read_bytes(source, max_bytes).astype(np.int32)
     n = (len(stream) - 1) // seq_len

@@ -40,10 +40,19 @@ def test_quadratic_matches_scan(with_state):
         assert_close(name, g_q, g_s, rtol=1e-5)
 
 
-def test_step_matches_scan():
+def test_step_matches_the_closed_form():
+    # lightning_scan is lightning_step under lax.scan, so the step is checked against the unrolled definition in
+    # float64 numpy: kv_t = λ^(t+1) kv_init + Σ_{s<=t} λ^(t-s) k_sᵀ v_s and o_t = q_t kv_t, per head.
     q, k, v, state, _, _ = make_inputs(5)
+    lam = np.exp(-np.asarray(DECAY, np.float64))[None, :, None, None]  # [1, H, 1, 1]
+    qn, kn, vn, s0 = (np.asarray(x, np.float64) for x in (q, k, v, state))
     o_s, s_s = reference.lightning_scan(q, k, v, DECAY, state)
     for t in range(q.shape[1]):
+        kv = lam ** (t + 1) * s0 + sum(lam ** (t - s) * np.einsum("bhk,bhv->bhkv", kn[:, s], vn[:, s])
+                                       for s in range(t + 1))
         state, o_t = reference.lightning_step(state, q[:, t], k[:, t], v[:, t], DECAY)
-        assert_close(f"o[{t}]", o_t, o_s[:, t], rtol=1e-6)
-    assert_close("final_state", state, s_s, rtol=1e-6)
+        want = np.einsum("bhk,bhkv->bhv", qn[:, t], kv)
+        assert_close(f"o[{t}]", o_t, want, rtol=1e-5)
+        assert_close(f"o_scan[{t}]", o_s[:, t], want, rtol=1e-5)
+        assert_close(f"state[{t}]", state, kv, rtol=1e-5)
+    assert_close("final_state", s_s, kv, rtol=1e-5)
