@@ -6,6 +6,8 @@ with one line naming the key (`ConfigError`).
 """
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -115,7 +117,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch (sequences per update)
     grad_accum_steps: int = 1  # micro-batches per update; batch_size must divide evenly
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # params stay float32 (master copy)
-    seed: int = 0  # parameter init and the data order
+    seed: int = 0  # parameter init and the RNG; the data order is data.seed
     log_every: int = 10
     eval_every: int = 100
     eval_batch_size: int = 256
@@ -124,6 +126,21 @@ class TrainConfig:
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
     progress: bool = True  # tqdm progress bar on stderr
+    # What to do with a run_dir that already holds checkpoints. "auto": resume from the newest complete one (a
+    # config change that would make it mean something else is refused); "require": the same, but fail when there is
+    # nothing to resume; "never": move the old run aside to run_dir/previous/<time>/ and start from step 0.
+    resume: Literal["auto", "never", "require"] = "auto"
+    # Fine-tuning: initialise the parameters (only: not the optimizer state or the step) from a run directory (its
+    # newest complete checkpoint) or one checkpoint directory (run_dir/checkpoints/<step>), matched by parameter
+    # path. Ignored when the run resumes from its own checkpoint.
+    init_from: str | None = None
+    # A parameter present in both models with a different shape: "error" stops naming it; "init" keeps the new
+    # initialisation; "overlap" copies the overlapping slice into the new initialisation (pads / truncates, e.g. a
+    # vocabulary grown or cut at its end).
+    init_mismatch: Literal["error", "init", "overlap"] = "error"
+    # Regexes (re.search) on parameter paths like "blocks/0/mixer/q_proj/kernel": matching parameters get no
+    # update, no weight decay and no optimizer state.
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
@@ -135,6 +152,13 @@ class TrainConfig:
                              f"{self.grad_accum_steps}")
         if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:
             raise ValueError(f"stop_at_accuracy must be in (0, 1], got {self.stop_at_accuracy}")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("init_from must name a run directory or a checkpoint, or be null")
+        for pattern in self.freeze:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"freeze: {pattern!r} is not a valid regex ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -181,6 +205,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # `float | None` and the like: the one real type's message is the precise one
+            raise errors[0]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -213,6 +239,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .nan / .inf, and float() reads "nan" / "inf"
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from effarch.arches.lm import DecoderLM
-from effarch.train.checkpoint import Checkpointer
+from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import ConfigError, load_config
 
 
@@ -28,8 +28,13 @@ def load_model(run_dir: str | Path) -> DecoderLM:
     steps = ckpt.steps()
     if not steps:
         raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint to generate from")
-    restored = ckpt.restore_latest(params)  # the params item only
-    ckpt.close()
+    try:
+        restored = ckpt.restore_latest(params)  # the params item only
+    except CheckpointMismatch as e:
+        raise ConfigError(f"run dir {str(run_dir)!r}: its config.yaml does not describe its checkpoints ({e})"
+                          ) from None
+    finally:
+        ckpt.close()
     if restored is None:
         raise ConfigError(f"run dir {str(run_dir)!r}: no readable checkpoint among steps {steps}")
     return nnx.merge(graphdef, restored[0], rest)

@@ -1,4 +1,5 @@
-"""Command line: `effarch train CONFIG... [key=value ...]` and `effarch generate RUN_DIR [options]`.
+"""Command line: `effarch train CONFIG... [key=value ...]`, `effarch generate RUN_DIR [options]` and
+`effarch convert RUN_DIR OUT_DIR --to NAME [option=value ...]`.
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint) exits with
 status 2 and one line naming what was wrong, without a traceback.
@@ -11,7 +12,10 @@ import sys
 USAGE = """usage:
   effarch train CONFIG.yaml [MORE.yaml ...] [key=value ...]
       e.g. effarch train configs/mqar/attention.yaml model.d_model=128
-  effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]"""
+  effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
+  effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv} [option=value ...]
+      e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
+           effarch train CONFIG.yaml train.init_from=runs/base_moh"""
 
 
 def _fail(msg: str, code: int = 2):
@@ -96,6 +100,24 @@ def generate_cli(argv: list[str]) -> None:
         print(" ".join(str(int(t)) for t in out))
 
 
+def convert_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="effarch convert")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--to", required=True)
+    p.add_argument("options", nargs="*", help="option=value arguments of the conversion function")
+    args = p.parse_args(argv)
+
+    from effarch.train.config import ConfigError
+    from effarch.train.convert import convert_run
+
+    try:
+        out = convert_run(args.run_dir, args.out_dir, args.to, args.options)
+    except ConfigError as e:
+        _fail(str(e))
+    print(f"effarch: converted {args.run_dir} to {args.to}: {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -106,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         train_cli(rest)
     elif cmd == "generate":
         generate_cli(rest)
+    elif cmd == "convert":
+        convert_cli(rest)
     else:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
 

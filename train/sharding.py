@@ -14,6 +14,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from effarch.train import param_tree
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -75,10 +77,25 @@ def param_shardings(abstract_state: nnx.State, rules, mesh: Mesh):
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, abstract_params, param_sharding, mesh: Mesh):
-    """Shardings of tx's state: moments shard like their parameters, everything else (counts) is replicated."""
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sharding,
-                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
+    """Shardings of tx's state: moments shard like their parameters, everything else (counts) is replicated.
+
+    A moment is recognised by its path ending in a parameter's path with the parameter's shape (".../mu/blocks/0/
+    mixer/q_proj/kernel"). This holds for any optax chain, including multi_transform / masked states, where
+    optax.tree_map_params cannot follow the MaskedNode placeholders of frozen or undecayed parameters.
+    """
+    params = param_tree.flatten(abstract_params)
+    shardings = param_tree.flatten(param_sharding)
+    replicated = NamedSharding(mesh, P())
+
+    def one(keypath, leaf):
+        parts = param_tree.path_str(keypath).split("/")
+        for i in range(len(parts)):
+            suffix = "/".join(parts[i:])
+            if suffix in params and tuple(params[suffix].shape) == tuple(leaf.shape):
+                return shardings[suffix]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, abstract_params))
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

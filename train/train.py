@@ -3,17 +3,17 @@
 Read top to bottom: `Trainer` builds the mesh, the model's parameters (sharded by logical-axis rules), the optimizer
 and the jitted step; `train_and_evaluate` runs the loop. A run directory holds everything needed to resume:
 config.yaml, run_info.json, metrics.jsonl, tb/ and checkpoints/. Starting a run in a directory that already has
-checkpoints resumes from the newest complete one (params, optimizer state, step = data position, RNG).
+checkpoints resumes from the newest complete one (params, optimizer state, step = data position, RNG) when the
+config still means the same run (train/run_dir.py); `train.init_from` starts from another run's parameters
+(train/finetune.py).
 """
 
 import dataclasses
-import importlib.metadata
-import json
 import logging
 import math
 import os
+import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,17 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from effarch.arches.lm import DecoderLM
-from effarch.train import sharding
-from effarch.train.checkpoint import Checkpointer
-from effarch.train.config import Config, ConfigError, dump_config, to_dict
+from effarch.train import param_tree, sharding
+from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
+from effarch.train.checks import check_config
+from effarch.train.config import Config, ConfigError
 from effarch.train.data import Segment, build_data
+from effarch.train.finetune import init_from_checkpoint, write_report
 from effarch.train.metrics import MetricsWriter
+from effarch.train.run_dir import prepare_run_dir
 
 log = logging.getLogger("effarch")
 
@@ -60,7 +62,21 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def decays(path: str, var: nnx.Variable) -> bool:
+    """AdamW's weight decay applies to matrices (embeddings and projections) only: not to norm scales, biases, or
+    parameters that opt out with `weight_decay=False` metadata (the short convolutions' per-channel taps)."""
+    return var.ndim >= 2 and var.get_metadata().get("weight_decay", True)
+
+
+def frozen_paths(cfg: Config, abstract_params) -> set[str]:
+    """Paths of the parameters that a `train.freeze` pattern matches (re.search)."""
+    patterns = [re.compile(p) for p in cfg.train.freeze]
+    return {path for path in param_tree.flatten(abstract_params) if any(p.search(path) for p in patterns)}
+
+
+def make_optimizer(cfg: Config, abstract_params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with warmup + schedule and clipping; parameters matched by `train.freeze` get a zero update and no
+    optimizer state (optax.multi_transform keeps no moments for them)."""
     o, steps = cfg.optim, cfg.train.steps
     if o.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
@@ -70,10 +86,13 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
             [o.warmup_steps])
-    # Decay matrices only: norms, biases and conv taps are left alone (nanoGPT's choice).
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params))
+                        mask=param_tree.map_variables(decays, abstract_params))
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+    frozen = frozen_paths(cfg, abstract_params)
+    if frozen:
+        labels = param_tree.map_variables(lambda path, _: "frozen" if path in frozen else "train", abstract_params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 
 
@@ -115,7 +134,11 @@ class Trainer:
         rules = cfg.sharding_rules
         abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-        self.tx, self.schedule = make_optimizer(cfg)
+        self.tx, self.schedule = make_optimizer(cfg, abstract_params)
+        frozen = frozen_paths(cfg, abstract_params)
+        # True where a parameter trains, False where it is frozen: a frozen gradient is zeroed so that the logged
+        # grad norm is that of what trains (its update is zero either way).
+        self._trainable = param_tree.map_variables(lambda path, _: path not in frozen, abstract_params)
         self.compute_dtype = jnp.dtype(cfg.train.compute_dtype)
         # Explicit shardings for every input and output of the compiled functions.
         self.replicated = NamedSharding(self.mesh, P())
@@ -146,6 +169,9 @@ class Trainer:
         opt_state = self._opt_init(params)
         rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), self.replicated)
         return params, opt_state, rng
+
+    def init_optimizer(self, params):
+        return self._opt_init(params)
 
     def model(self, params) -> DecoderLM:
         return nnx.merge(self.graphdef, params, self.rest)
@@ -187,6 +213,7 @@ class Trainer:
 
     def _step(self, params, opt_state, inputs, labels):
         grads, loss, accuracy = self.gradients(params, inputs, labels)
+        grads = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g), grads, self._trainable)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
@@ -225,39 +252,6 @@ class Trainer:
         return {"accuracy": correct / max(count, 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("effarch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _prepare_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Writes the resolved config and run info; refuses to resume a run whose model differs from this one."""
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        old = yaml.safe_load(saved.read_text())
-        if old.get("model") != to_dict(cfg.model):
-            raise ConfigError(f"train.run_dir: {run_dir} holds a run with a different model config; "
-                              "choose a new run_dir (or delete that one)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        saved.write_text(dump_config(cfg))
-        info = {"git_commit": _git_commit(), "effarch_version": _version(), "jax_version": jax.__version__,
-                "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
 class _StopSignal:
     """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
 
@@ -292,8 +286,9 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     t_start = time.perf_counter()
     tc = cfg.train
     run_dir = Path(tc.run_dir)
-    _prepare_run_dir(cfg, run_dir)
     is_main = jax.process_index() == 0
+    check_config(cfg, devices)  # every config error before anything is built or written
+    prepare_run_dir(cfg, run_dir, is_main=is_main)
 
     try:
         stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
@@ -301,17 +296,36 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
         raise ConfigError(f"data: {e}") from None
     most_labels = max(int((s.labels != IGNORE).sum(1).max()) for s in [stream, *eval_sets])
     trainer = Trainer(cfg, devices, labels_per_example=most_labels)
-    if tc.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
     params, opt_state, rng = trainer.init_state(tc.seed)
-    ckpt = Checkpointer(run_dir / "checkpoints", max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+    ckpt = Checkpointer(run_dir / "checkpoints", max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
+                        quarantine=is_main)
 
     step = 0
-    restored = ckpt.restore_latest(params, opt_state, rng)
+    try:
+        restored = ckpt.restore_latest(params, opt_state, rng)
+    except CheckpointMismatch as e:
+        ckpt.close()
+        raise ConfigError(f"train.run_dir: {e}. The config does not describe the saved run; nothing was skipped "
+                          "or changed (train.resume=never or a new run_dir with train.init_from are the ways out)"
+                          ) from None
     if restored is not None:
         params, opt_state, rng, meta = restored
         step = int(meta["step"])
         log.info("resumed from %s at step %d", ckpt.directory, step)
+        if tc.init_from:
+            log.info("train.init_from=%s is ignored: the run resumes from its own checkpoint", tc.init_from)
+    elif tc.resume == "require":
+        ckpt.close()
+        raise ConfigError(f"train.resume=require: no readable checkpoint in {ckpt.directory}")
+    elif tc.init_from:
+        try:
+            params, report = init_from_checkpoint(params, tc.init_from, tc.init_mismatch)
+        except ConfigError:
+            ckpt.close()
+            raise
+        opt_state = trainer.init_optimizer(params)
+        if is_main:
+            write_report(report, run_dir)
 
     def save(step):
         meta = {"step": step, "data_position": step * tc.batch_size, "seed": tc.seed}

@@ -56,3 +56,41 @@ def test_no_checkpoint_returns_none(tmp_path):
     ckpt = Checkpointer(tmp_path / "empty", async_save=False)
     assert ckpt.restore_latest(*trees(0)) is None
     ckpt.close()
+
+
+def test_intact_checkpoint_of_other_trees_is_a_mismatch_not_corruption(tmp_path):
+    from effarch.train.checkpoint import CheckpointMismatch
+
+    ckpt = Checkpointer(tmp_path, max_to_keep=3, async_save=False, quarantine=True)
+    for step in (1, 2):
+        ckpt.save(step, *trees(step), meta={"step": step})
+    params, opt, rng = trees(0)
+    other_params = {**params, "w": jnp.zeros((4, 5))}  # another model: a reshaped parameter
+    with pytest.raises(CheckpointMismatch, match=r"w \(3, 5\) saved vs \(4, 5\) now"):
+        ckpt.restore_latest(other_params, opt, rng)
+    other_opt = {"mu": opt["mu"], "count": opt["count"], "nu": opt["mu"]}  # another optimizer chain
+    with pytest.raises(CheckpointMismatch, match="another optimizer state.*nu missing from the checkpoint"):
+        ckpt.restore_latest(params, other_opt, rng)
+    assert ckpt.steps() == [1, 2] and not (tmp_path.parent / "checkpoints_unreadable").exists()  # nothing moved
+    assert ckpt.restore_latest(params, opt, rng)[3]["step"] == 2
+    ckpt.close()
+
+
+def test_quarantine_moves_a_damaged_checkpoint_so_its_step_can_be_saved_again(tmp_path):
+    directory = tmp_path / "checkpoints"
+    ckpt = Checkpointer(directory, max_to_keep=3, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, *trees(step), meta={"step": step})
+    ckpt.close()
+    shutil.rmtree(directory / "2" / "params")
+    ckpt = Checkpointer(directory, max_to_keep=3, async_save=False, quarantine=True)
+    with pytest.warns(UserWarning, match="checkpoint .*2.* skipping it \\(moved to"):
+        assert ckpt.restore_latest(*trees(0))[3]["step"] == 1
+    moved = list((tmp_path / "checkpoints_unreadable").iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["2"] and (moved[0] / "opt_state").is_dir()  # kept, not deleted
+    ckpt.save(2, *trees(5), meta={"step": 2})  # the restarted run writes step 2 again
+    ckpt.wait()
+    params, _, _, meta = ckpt.restore_latest(*trees(0))
+    assert meta == {"step": 2}
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(trees(5)[0]["w"]))
+    ckpt.close()

@@ -70,3 +70,68 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines == ["effarch: error: model.n_layers: expected an integer, got 'zero'"], out.stderr
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=.inf", "optim.clip_norm=-.inf",
+                                      "train.stop_at_accuracy=.nan", "optim.b1=NaN"])
+def test_non_finite_floats_are_refused(override):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}: expected a finite number"):
+        load_config([], [override])
+
+
+# Cross-field errors: each is found before a run directory, data or mesh exists, and printed as one line.
+CROSS_FIELD = [
+    (["model.d_model=64", "model.attention.n_heads=3"], "model: attention.n_heads=3 must divide d_model=64"),
+    (["model.d_model=64", "model.attention.head_dim=7"], "model: attention: RoPE needs an even head dim"),
+    (["model.mixers=[based]", "model.d_model=64", "model.based.n_heads=3"],
+     "model: based.n_heads=3 must divide d_model=64"),
+    (["model.mixers=[sliding_window]", "model.d_model=48", "model.sliding_window.n_heads=5"],
+     "model: sliding_window.n_heads=5 must divide d_model=48"),
+    (["model.mixers=[sliding_window]", "model.d_model=36", "model.sliding_window.n_heads=4"],
+     "model: sliding_window: RoPE needs an even head dim"),
+    (["model.mixers=[lightning]", "model.d_model=64", "model.lightning.n_heads=6"],
+     "model: lightning.n_heads=6 must divide d_model=64"),
+    (["mesh.data=2"], "mesh: mesh.data*mesh.fsdp*mesh.tensor = 2*1*1 = 2, but 1 devices are available"),
+    (["mesh.fsdp=3"], "mesh: 1 devices do not divide into the fixed mesh axes (mesh.fsdp=3, mesh.tensor=1)"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CROSS_FIELD, ids=[m.split(":")[0] + str(i)
+                                                                   for i, (_, m) in enumerate(CROSS_FIELD)])
+def test_cross_field_errors_fail_in_one_line(tmp_path, capsys, overrides, message):
+    from effarch.train.main import main
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(write(tmp_path, "model: {vocab_size: 256}\n")), f"train.run_dir={run_dir}", *overrides])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"effarch: error: {message}"), err
+    assert not any("Traceback" in line for line in err)
+    assert not run_dir.exists()  # failed before anything was written
+
+
+@pytest.mark.parametrize(
+    "overrides, n_devices, processes, message",
+    [
+        (["train.batch_size=6", "mesh.data=4"], 4, 1, "train.batch_size=6 / train.grad_accum_steps=1 = 6 rows per "
+                                                         "micro-batch must divide over the batch axes mesh.data = 4"),
+        (["train.batch_size=16", "train.grad_accum_steps=4", "mesh.data=2", "mesh.fsdp=4"], 8, 1,
+         "= 4 rows per micro-batch must divide over the batch axes mesh.data*mesh.fsdp = 8"),
+        (["train.batch_size=8", "train.eval_batch_size=6", "mesh.data=4"], 4, 1,
+         "train.eval_batch_size=6 must divide over the batch axes mesh.data = 4"),
+        (["train.batch_size=9"], 1, 2, "train.batch_size=9 must divide over the 2 processes"),
+        (["train.batch_size=8", "train.eval_batch_size=9"], 1, 2, "train.eval_batch_size=9 must divide over the 2"),
+    ],
+)
+def test_batch_and_mesh_divisibility(monkeypatch, overrides, n_devices, processes, message):
+    import jax
+
+    from effarch.train.checks import check_runtime
+
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    cfg = load_config([], overrides)
+    with pytest.raises(ConfigError) as e:
+        check_runtime(cfg, devices=jax.devices() * n_devices)  # only the count matters
+    assert message in str(e.value)
+    check_runtime(load_config([], ["train.batch_size=64", "train.eval_batch_size=64"]), jax.devices() * 8)

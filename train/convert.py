@@ -1,0 +1,90 @@
+"""Turn a trained run into another architecture's run: `effarch convert RUN_DIR OUT_DIR --to NAME [key=value ...]`.
+
+A conversion is a pure function of the model (in `arches/convert_<name>.py`):
+`(ModelConfig, params: nnx.State, **options) -> (ModelConfig, params: nnx.State)`. This module does the run
+directory I/O around it: read the source run's config and newest checkpoint, convert, and write OUT_DIR as a
+normal run directory at step 0 (resolved config.yaml with the new model, a checkpoint with the parameters, a fresh
+optimizer state and RNG). OUT_DIR is then what `effarch train CONFIG train.init_from=OUT_DIR` fine-tunes from and
+what `effarch generate OUT_DIR` samples from.
+"""
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from effarch.arches.lm import DecoderLM, ModelConfig
+from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
+from effarch.train.config import Config, ConfigError, _build, load_config, to_dict
+from effarch.train.run_dir import checkpoint_steps, prepare_run_dir
+
+# --to NAME -> "module:function" of a conversion in arches/.
+CONVERSIONS = {
+    "moh": "effarch.arches.convert_moh:convert_to_moh",
+    "diffqkv": "effarch.arches.convert_diffqkv:convert_to_diffqkv",
+}
+
+
+def load_run_params(run_dir: str | Path) -> tuple[Config, nnx.State]:
+    """(resolved config, parameters of the newest complete checkpoint) of a training run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"run dir {str(run_dir)!r} has no config.yaml: is it a training run directory?")
+    cfg = load_config([run_dir / "config.yaml"])
+    _, params, _ = nnx.split(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    try:
+        restored = ckpt.restore_latest(params)
+    except CheckpointMismatch as e:
+        raise ConfigError(f"run dir {str(run_dir)!r}: its config.yaml does not describe its checkpoints ({e})"
+                          ) from None
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ConfigError(f"run dir {str(run_dir)!r} has no readable checkpoint")
+    return cfg, restored[0]
+
+
+def write_run(cfg: Config, params: nnx.State, run_dir: str | Path) -> Path:
+    """Writes `run_dir` as a run at step 0 holding `params` (a full checkpoint: fresh optimizer state and RNG)."""
+    from effarch.train.train import Trainer  # the optimizer and shardings exactly as training builds them
+
+    run_dir = Path(run_dir)
+    if checkpoint_steps(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints; choose a new directory")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir), init_from=None))
+    prepare_run_dir(cfg, run_dir)
+    trainer = Trainer(cfg)
+    fresh, _, rng = trainer.init_state(cfg.train.seed)
+    params = jax.tree.map(lambda x, like: jax.device_put(x.astype(like.dtype), like.sharding), params, fresh)
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    ckpt.save(0, params, trainer.init_optimizer(params), rng, {"step": 0, "data_position": 0, "seed": cfg.train.seed})
+    ckpt.close()
+    return run_dir
+
+
+def convert_run(src: str | Path, out: str | Path, to: str, overrides: list[str] = ()) -> Path:
+    """Converts run `src` into a `to` model written as run `out`. `overrides` are `key=value` options of the
+    conversion function (parsed as YAML scalars)."""
+    if to not in CONVERSIONS:
+        raise ConfigError(f"--to: unknown conversion {to!r}; choose from {sorted(CONVERSIONS)}")
+    module, name = CONVERSIONS[to].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    cfg, params = load_run_params(src)
+    options = {}
+    import yaml
+
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"convert option {o!r}: expected key=value")
+        k, v = o.split("=", 1)
+        options[k] = yaml.safe_load(v)
+    try:
+        model_cfg, new_params = fn(cfg.model, params, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"convert --to {to}: {e}") from None
+    assert isinstance(model_cfg, ModelConfig)
+    new_cfg = _build(Config, {**to_dict(cfg), "model": to_dict(model_cfg)}, "")
+    return write_run(new_cfg, new_params, out)
