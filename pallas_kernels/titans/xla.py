@@ -1,0 +1,196 @@
+"""The parallel (chunked) form of the neural memory scan, Titans §3.2: what trains.
+
+Tokens are processed in blocks of whole chunks inside which the gradient point Wref is constant (a block is
+`batch_size` tokens when it is set; otherwise `block_chunks` chunks, Wref being params throughout). Per block:
+
+1. Chunk gradients at Wref, all at once: g_j = d/dW_j sum_{t in chunk j} theta_t l_t(W_j), with Wref broadcast to
+   one copy W_j per chunk, so autodiff gives every chunk's sum of per-token gradients as einsums over the chunk's
+   tokens (the paper's vmap(grad) followed by the sum, without a [tokens, D, F] intermediate).
+2. Momentum and decay by `jax.lax.associative_scan` over the chunks with (a, x) o (b, y) = (a b, b x + y):
+   S_j = eta_j S_{j-1} - g_j, then W_{j+1} = (1 - alpha_j) W_j + S_j; the carried S and W enter through the first
+   element. No cumulative products are divided (they underflow).
+3. Retrieval y_t = M_{W[floor((t+1)/C)]}(q_t): the block's queries shifted right by one token and cut into groups of
+   C, so group m (tokens mC-1 .. mC+C-2) is answered by the block's m-th weights [W_0 .. W_nc].
+
+A `lax.scan` runs over the blocks with (W, S, Wref) as carry, and each block is rematerialised in the backward pass
+(`jax.checkpoint`): the per-chunk weight copies [B, H, nc, D, F] exist for one block at a time, never for the whole
+sequence. A state that starts inside a chunk (`MemoryState.pos`, a Python int here) is first completed token by token
+with the oracle's step; the open chunk after the last full one is stored as its gradient sum.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from effarch.pallas_kernels.titans.reference import MemoryState, Params, init_state, memory_apply, memory_step
+from effarch.pallas_kernels.titans.reference import token_losses as _token_losses
+
+
+def _scan_op(left, right):
+    a_l, x_l = left
+    a_r, x_r = right
+    return a_l * a_r, jax.tree.map(lambda xl, xr: a_r[..., None, None] * xl + xr, x_l, x_r)
+
+
+def _linear_scan(gates: Float[Array, "B H N"], inputs: Params, initial: Params) -> Params:
+    """out_j = gates_j out_{j-1} + inputs_j over the chunk axis (2), with out_{-1} = initial."""
+    first = jax.tree.map(lambda x, init: x.at[:, :, 0].add(gates[:, :, 0, None, None] * init), inputs, initial)
+    return jax.lax.associative_scan(_scan_op, (gates, first), axis=2)[1]
+
+
+def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool):
+    """One block of nc whole chunks: (W, S, Wref) -> new carry and the block's outputs [B, H, nc*C, D]."""
+    w, s, wref = carry
+    k, v, q, lr, eta, alpha = xs  # k, v, q [B, H, L, D]; lr [B, H, L]; eta, alpha [B, H, nc]
+    B, H, L, D = k.shape
+    C = chunk_size
+    nc = L // C
+
+    def chunk_loss(w_chunks):
+        losses = _token_losses(w_chunks, k.reshape(B, H, nc, C, D), v.reshape(B, H, nc, C, D), residual)
+        return jnp.sum(lr.reshape(B, H, nc, C) * losses)
+
+    w_chunks = jax.tree.map(lambda x: jnp.broadcast_to(x[:, :, None], (B, H, nc, *x.shape[2:])), wref)
+    g = jax.grad(chunk_loss)(w_chunks)  # [B, H, nc, I, O] per matrix
+    s_all = _linear_scan(eta, jax.tree.map(jnp.negative, g), s)  # S_0 .. S_{nc-1}
+    w_all = _linear_scan(1.0 - alpha, s_all, w)  # W_1 .. W_nc
+    w_seq = jax.tree.map(lambda w0, ws: jnp.concatenate([w0[:, :, None], ws], axis=2), w, w_all)  # W_0 .. W_nc
+    # Group m of the queries shifted right by one holds tokens mC-1 .. mC+C-2, all answered by W_m.
+    q_shift = jnp.pad(q, ((0, 0), (0, 0), (1, C - 1), (0, 0))).reshape(B, H, nc + 1, C, D)
+    y = memory_apply(w_seq, q_shift, residual).reshape(B, H, (nc + 1) * C, D)[:, :, 1 : L + 1]
+    w_end = jax.tree.map(lambda x: x[:, :, -1], w_all)
+    s_end = jax.tree.map(lambda x: x[:, :, -1], s_all)
+    return (w_end, s_end, w_end if refresh else wref), y
+
+
+def _run_blocks(carry, k, v, q, lr, eta, alpha, *, block_tokens: int, chunk_size: int, refresh: bool, residual: bool):
+    """Whole blocks of `block_tokens` under lax.scan (rematerialised), then one shorter block for the remainder."""
+    B, H, L, D = k.shape
+    n_blocks, rem = divmod(L, block_tokens)
+    nc = block_tokens // chunk_size
+    body = jax.checkpoint(functools.partial(_block, chunk_size=chunk_size, refresh=refresh, residual=residual))
+    ys = []
+    if n_blocks:
+        def split(x, per):
+            head = x[:, :, : n_blocks * per]
+            return jnp.moveaxis(head.reshape(B, H, n_blocks, per, *x.shape[3:]), 2, 0)
+
+        xs = tuple(split(x, block_tokens) for x in (k, v, q, lr)) + tuple(split(x, nc) for x in (eta, alpha))
+        carry, y = jax.lax.scan(body, carry, xs)  # y [n_blocks, B, H, block_tokens, D]
+        ys.append(jnp.moveaxis(y, 0, 2).reshape(B, H, n_blocks * block_tokens, D))
+    if rem:
+        start, c0 = n_blocks * block_tokens, n_blocks * nc
+        carry, y = body(carry, (k[:, :, start:], v[:, :, start:], q[:, :, start:], lr[:, :, start:],
+                                eta[:, :, c0:], alpha[:, :, c0:]))
+        ys.append(y)
+    return carry, ys
+
+
+def neural_memory_chunked(
+    params: Params,
+    keys: Float[Array, "B T H D"],
+    values: Float[Array, "B T H D"],
+    queries: Float[Array, "B T H D"],
+    lr: Float[Array, "B T H"],
+    momentum: Float[Array, "B N H"],
+    decay: Float[Array, "B N H"],
+    *,
+    chunk_size: int = 1,
+    batch_size: int | None = None,
+    residual: bool = False,
+    initial_state: MemoryState | None = None,
+    block_chunks: int | None = None,
+) -> tuple[Float[Array, "B T H D"], MemoryState]:
+    """The parallel form; same arguments and results as `neural_memory_reference`.
+
+    `block_chunks`: chunks per scan step when batch_size is None (default: 64 tokens' worth, at least one chunk);
+    with batch_size set a block is always batch_size tokens.
+    """
+    C = chunk_size
+    B, T, H, D = keys.shape
+    state = init_state(params, B) if initial_state is None else initial_state
+    try:
+        pos = int(state.pos)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError("neural_memory_scan: the parallel path needs the state's position as a concrete integer; "
+                         "decode with neural_memory_step, or use implementation='reference'") from None
+    out_dtype = queries.dtype
+    f32 = jnp.float32
+    k, v, q = (jnp.moveaxis(x.astype(f32), 1, 2) for x in (keys, values, queries))  # [B, H, T, D]
+    th = jnp.moveaxis(lr.astype(f32), 1, 2)  # [B, H, T]
+    eta, alpha = (jnp.moveaxis(x.astype(f32), 1, 2) for x in (momentum, decay))  # [B, H, N]
+    n_expected = (pos % C + T) // C
+    if eta.shape[2] != n_expected:
+        raise ValueError(f"neural_memory_scan: momentum/decay need one entry per chunk completing in this call "
+                         f"((pos % C + T) // C = {n_expected}), got {eta.shape[2]}")
+    ys, c0 = [], 0
+
+    # 1. Finish an open chunk token by token (the state came from a call that ended inside a chunk).
+    head = min((C - pos % C) % C, T)
+    for t in range(head):
+        gate_idx = min(c0, max(eta.shape[2] - 1, 0))
+        g_eta = eta[:, :, gate_idx] if eta.shape[2] else jnp.zeros((B, H), f32)
+        g_alpha = alpha[:, :, gate_idx] if eta.shape[2] else jnp.zeros((B, H), f32)
+        state, y = memory_step(state, k[:, :, t], v[:, :, t], q[:, :, t], th[:, :, t], g_eta, g_alpha,
+                               chunk_size=C, batch_size=batch_size, residual=residual)
+        ys.append(y[:, :, None])
+    pos += head
+    if head and pos % C == 0:
+        c0 = 1
+    state = state._replace(pos=pos)
+
+    # 2. Whole chunks: first up to the next Wref refresh, then block after block.
+    n_full = (T - head) // C
+    carry = (state.w, state.s, state.wref)
+    if n_full:
+        a, b = head, head + n_full * C
+        seg = (k[:, :, a:b], v[:, :, a:b], q[:, :, a:b], th[:, :, a:b], eta[:, :, c0:c0 + n_full],
+               alpha[:, :, c0:c0 + n_full])
+        if batch_size:
+            first = min((batch_size - pos % batch_size) % batch_size, n_full * C)
+            if first:  # up to the next refresh, which happens at its end only if it is reached
+                reaches = first == (batch_size - pos % batch_size)
+                cf = first // C
+                carry, y = _run_blocks(carry, *(x[:, :, :first] for x in seg[:4]),
+                                       *(x[:, :, :cf] for x in seg[4:]), block_tokens=first, chunk_size=C,
+                                       refresh=reaches, residual=residual)
+                ys += [yi for yi in y]
+                seg = tuple(x[:, :, first:] for x in seg[:4]) + tuple(x[:, :, cf:] for x in seg[4:])
+            if seg[0].shape[2]:
+                # Whole batch_size blocks refresh Wref at their end; a shorter last block does not.
+                L = seg[0].shape[2]
+                whole = L - L % batch_size
+                if whole:
+                    carry, y = _run_blocks(carry, *(x[:, :, :whole] for x in seg[:4]),
+                                           *(x[:, :, : whole // C] for x in seg[4:]), block_tokens=batch_size,
+                                           chunk_size=C, refresh=True, residual=residual)
+                    ys += y
+                if L % batch_size:
+                    carry, y = _run_blocks(carry, *(x[:, :, whole:] for x in seg[:4]),
+                                           *(x[:, :, whole // C:] for x in seg[4:]), block_tokens=L - whole,
+                                           chunk_size=C, refresh=False, residual=residual)
+                    ys += y
+        else:
+            block = C * (block_chunks or max(1, 64 // C))
+            carry, y = _run_blocks(carry, *seg, block_tokens=block, chunk_size=C, refresh=False, residual=residual)
+            ys += y
+        pos += n_full * C
+    w, s, wref = carry
+
+    # 3. The open chunk after the last full one: its gradient sum at Wref is stored; its queries see W.
+    tail = T - head - n_full * C
+    grad = state.grad  # zero unless the call ended inside the chunk it started in
+    if tail:
+        a = T - tail
+
+        def tail_loss(wr):
+            return jnp.sum(th[:, :, a:] * _token_losses(wr, k[:, :, a:], v[:, :, a:], residual))
+
+        g = jax.grad(tail_loss)(wref)
+        grad = jax.tree.map(jnp.add, grad, g)
+        ys.append(memory_apply(w, q[:, :, a:], residual))
+        pos += tail
+    y = jnp.concatenate(ys, axis=2) if len(ys) > 1 else ys[0]
+    return jnp.moveaxis(y, 1, 2).astype(out_dtype), MemoryState(w, s, wref, grad, pos)
