@@ -1,4 +1,5 @@
-"""Command line: `effarch train CONFIG... [key=value ...]` and `effarch generate RUN_DIR [options]`.
+"""Command line: `effarch train CONFIG... [key=value ...]`, `effarch generate RUN_DIR [options]`, and
+`effarch import-hf PATH RUN_DIR` / `effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py).
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint) exits with
 status 2 and one line naming what was wrong, without a traceback.
@@ -11,7 +12,9 @@ import sys
 USAGE = """usage:
   effarch train CONFIG.yaml [MORE.yaml ...] [key=value ...]
       e.g. effarch train configs/mqar/attention.yaml model.d_model=128
-  effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]"""
+  effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
+  effarch import-hf HF_CHECKPOINT_DIR RUN_DIR     # a local Llama checkpoint -> an effarch run dir at step 0
+  effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]"""
 
 
 def _fail(msg: str, code: int = 2):
@@ -96,6 +99,40 @@ def generate_cli(argv: list[str]) -> None:
         print(" ".join(str(int(t)) for t in out))
 
 
+def import_hf_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="effarch import-hf")
+    p.add_argument("path", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("run_dir", help="new effarch run directory to write")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of the written run")
+    args = p.parse_args(argv)
+    from effarch.train.hf import import_hf
+
+    try:  # HFConfigError and ConfigError are ValueErrors whose message names the field
+        cfg = import_hf(args.path, args.run_dir, seed=args.seed)
+    except ValueError as e:
+        _fail(str(e))
+    m = cfg.model
+    print(f"effarch: imported {args.path} -> {args.run_dir}: {m.n_layers} layers, d_model {m.d_model}, "
+          f"vocab {m.vocab_size}")
+
+
+def export_hf_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="effarch export-hf")
+    p.add_argument("run_dir")
+    p.add_argument("path", help="new Hugging Face checkpoint directory to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-shard-mb", type=float, default=None, help="split the weights into shards of this size")
+    args = p.parse_args(argv)
+    from effarch.train.hf import export_hf
+
+    shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20)
+    try:
+        out = export_hf(args.run_dir, args.path, dtype=args.dtype, max_shard_bytes=shard)
+    except ValueError as e:
+        _fail(str(e))
+    print(f"effarch: exported {args.run_dir} -> {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -106,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         train_cli(rest)
     elif cmd == "generate":
         generate_cli(rest)
+    elif cmd == "import-hf":
+        import_hf_cli(rest)
+    elif cmd == "export-hf":
+        export_hf_cli(rest)
     else:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
 
