@@ -9,22 +9,17 @@ The decoder block (pre-norm mixer + MLP) is `effarch.arches.lm.Block`; it lives 
 mixer from the registry.
 """
 
-from effarch.layers.axes import Mixer
-
-# Token mixers and their configs (one pair per mechanism; add new mixers here, in the same form).
+# One import line per module, sorted (ruff's isort); the grouping is in __all__ below. A new mixer adds its
+# `from effarch.layers.<mechanism> import <Mixer>, <Mixer>Config` line here and both names to __all__'s mixers.
 from effarch.layers.attention import Attention, AttentionConfig
+from effarch.layers.axes import Mixer
 from effarch.layers.based import BasedConfig, BasedLinearAttention
 from effarch.layers.conv import BaseConv, ConvConfig, ZoologyBaseConv
-from effarch.layers.lightning import LightningAttention, LightningConfig
-from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
-
-# Channel mixers (MLPs).
-from effarch.layers.lightning import SGLU
+from effarch.layers.lightning import SGLU, LightningAttention, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
-
-# Norms and position embeddings.
 from effarch.layers.norms import SRMSNorm, rms_norm, srms_norm
 from effarch.layers.rope import apply_rope
+from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
 
 __all__ = [
     "Mixer",

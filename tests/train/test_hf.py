@@ -180,9 +180,8 @@ def test_round_trip_through_transformers(tmp_path, capsys):
     assert (tmp_path / "exported" / INDEX).exists()
     assert_logits_close(json.loads(reference("logits", tmp_path / "exported"))["logits"], want)
 
-    from tests.helpers.hf_llama_reference import PROMPT
-
     from effarch.train.generate import load_model
+    from tests.helpers.hf_llama_reference import PROMPT
 
     assert_logits_close(load_model(tmp_path / "run")(jnp.asarray([PROMPT]))[0], want)
     assert cli(capsys, "import-hf", tmp_path / "exported", tmp_path / "run2")[0] == 0
