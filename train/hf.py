@@ -7,7 +7,8 @@
 - import-hf writes a run directory exactly as `effarch train` would have at step 0: config.yaml (the resolved
   Config, whose model section is the Llama model), run_info.json, and an Orbax checkpoint at step 0 written by
   train/checkpoint.py with the params, a fresh optimizer state of the run's optimizer, the RNG and the metadata.
-  So `effarch generate RUN_DIR`, `train.init_from=RUN_DIR` and a resume of RUN_DIR itself all read it.
+  So `effarch generate RUN_DIR`, a resume of RUN_DIR itself, and anything that restores params from a run
+  directory through train/checkpoint.py read it.
 - export-hf writes config.json + model.safetensors (or shards with an index) that `transformers` loads.
 
 The config and tensor-name mappings are arches/hf_llama.py.
