@@ -132,6 +132,13 @@ def test_export_hf_writes_the_checkpoint_back(imported, tmp_path, capsys):
         assert set(back) == set(tensors)
         for name in tensors:  # bf16 weights upcast to float32 on import come back exactly
             np.testing.assert_array_equal(back[name], tensors[name].astype(np.float32), err_msg=name)
+    # The fixture's weights are bfloat16, so a bfloat16 export reproduces its tensors bit for bit.
+    assert cli(capsys, "export-hf", imported, tmp_path / "export_bf16", "--dtype", "bfloat16")[0] == 0
+    exported_config, back = read_hf_checkpoint(tmp_path / "export_bf16")
+    assert exported_config["torch_dtype"] == "bfloat16"
+    for name in tensors:
+        assert back[name].dtype == tensors[name].dtype
+        np.testing.assert_array_equal(back[name].astype(np.float32), tensors[name].astype(np.float32), err_msg=name)
     code, _, err = cli(capsys, "export-hf", imported, tmp_path / "export_False")
     assert code == 2 and "already holds a checkpoint" in err
 
