@@ -71,7 +71,8 @@ def _rope(hf: Mapping) -> dict:
                             "effarch imports 'default' and 'llama3'")
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         _field(rp, key, float)
-    original = rp.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    # transformers' fallbacks: the context length in the config, whose LlamaConfig default is 2048.
+    original = rp.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
     _field({"original_max_position_embeddings": original}, "original_max_position_embeddings", int)
     return {**out, "rope_scaling": "llama3", "rope_scaling_factor": float(rp["factor"]),
             "rope_low_freq_factor": float(rp["low_freq_factor"]),

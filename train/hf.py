@@ -70,8 +70,9 @@ def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         if not (path / file).is_file():
             raise HFConfigError(f"{path / INDEX}: weight_map names {file}, which does not exist")
         with safe_open(path / file, framework="np") as f:
-            for name in names if names is not None else f.keys():
-                if name not in f.keys():
+            stored = set(f.keys())
+            for name in names if names is not None else sorted(stored):
+                if name not in stored:
                     raise HFConfigError(f"{path / INDEX}: weight_map puts {name} in {file}, which lacks it")
                 tensors[name] = f.get_tensor(name)
     return hf_config, tensors
