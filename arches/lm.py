@@ -68,6 +68,15 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 
 class Block(nnx.Module):
+    """Pre-norm decoder block: h = x + mixer(norm1(x)); out = h + mlp(norm2(h)) (no MLP when mlp.kind is "none").
+
+    `Block(cfg, layer_idx, *, rngs)` builds layer `layer_idx` of the model `cfg`: its mixer is
+    `cfg.layer_mixers()[layer_idx]` from the registry, configured by the matching sub-config of `cfg` (e.g.
+    `cfg.attention`); the norms follow `cfg.norm` / `cfg.norm_eps` and the MLP `cfg.mlp`. Calls: `block(x)` with
+    x [B, T, D] -> [B, T, D]; `block.prefill(state, x)` and `block.decode_step(state, x_t)` with the state of
+    `block.mixer.init_state(batch_size, max_len)`.
+    """
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
         self.mixer_name = cfg.layer_mixers()[layer_idx]
         self.norm1 = _norm(cfg, rngs)

@@ -9,11 +9,14 @@ Choices:
 - q/k/v/o projections have no bias (Llama);
 - query head h reads KV head h // (n_heads // n_kv_heads), the grouping of jax.nn.dot_product_attention;
 - cross attention uses no RoPE: query and memory positions are not on one axis;
+- `rope_scaling="llama3"` applies Llama 3.1's frequency scaling, so Hugging Face Llama checkpoints import exactly
+  (arches/hf_llama.py);
 - decoding keeps a KV cache of `max_len` slots with one position counter shared by the batch, and attends to the
   slots <= pos through a boolean mask, so every step has the same shapes and one jit trace serves all steps.
 """
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep, State
-from effarch.layers.rope import apply_rope
+from effarch.layers.rope import apply_rope, llama3_frequencies, rope_frequencies
 from effarch.pallas_kernels.attention import dot_product_attention
 
 
@@ -32,6 +35,13 @@ class AttentionConfig:
     head_dim: int | None = None  # K = V; None = d_model // n_heads
     rope: bool = True  # rotary embeddings on q and k (self attention only)
     rope_theta: float = 10000.0  # RoPE base
+    # RoPE frequency scaling: "none", or "llama3" (Llama 3.1 long context; layers/rope.py::llama3_frequencies)
+    # with the four parameters below, named as in Hugging Face's rope_scaling.
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192  # original_max_position_embeddings
     causal: bool = True  # token t sees tokens <= t; must be False for cross attention
     implementation: str | None = None  # dot_product_attention backend; None = platform default
 
@@ -44,6 +54,15 @@ class AttentionConfig:
             raise ValueError(f"attention.head_dim must be positive, got {self.head_dim}")
         if self.rope_theta <= 0:
             raise ValueError(f"attention.rope_theta must be positive, got {self.rope_theta}")
+        if self.rope_scaling not in ("none", "llama3"):
+            raise ValueError(f"attention.rope_scaling must be 'none' or 'llama3', got {self.rope_scaling!r}")
+        if self.rope_scaling_factor <= 0:
+            raise ValueError(f"attention.rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"attention.rope_low_freq_factor ({self.rope_low_freq_factor}) must be positive and "
+                             f"below rope_high_freq_factor ({self.rope_high_freq_factor})")
+        if self.rope_original_max_len < 1:
+            raise ValueError(f"attention.rope_original_max_len must be positive, got {self.rope_original_max_len}")
 
     @property
     def kv_heads(self) -> int:
@@ -111,9 +130,19 @@ class Attention(nnx.Module):
         k = self._heads(self.k_proj(x), self.config.kv_heads)
         v = self._heads(self.v_proj(x), self.config.kv_heads)
         if self.config.rope:
-            q = apply_rope(q, positions, self.config.rope_theta)
-            k = apply_rope(k, positions, self.config.rope_theta)
+            freqs = self.rope_frequencies()
+            q = apply_rope(q, positions, freqs=freqs)
+            k = apply_rope(k, positions, freqs=freqs)
         return q, k, v
+
+    def rope_frequencies(self) -> Float[Array, " K2"]:
+        """The RoPE inverse frequencies [K/2]: theta^(-2i/K), scaled when config.rope_scaling is "llama3"."""
+        cfg = self.config
+        freqs = rope_frequencies(self.head_dim, cfg.rope_theta)
+        if cfg.rope_scaling == "llama3":
+            freqs = llama3_frequencies(freqs, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                       cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+        return freqs
 
     def __call__(self, x: Hidden, context: Float[Array, "B S Dc"] | None = None) -> Hidden:
         """Parallel form.

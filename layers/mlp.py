@@ -29,6 +29,13 @@ def _init(axes):
 
 
 class SwiGLU(nnx.Module):
+    """Llama's MLP, `SwiGLU(d_model, hidden, *, rngs)`: x [..., D] -> [..., D].
+
+    Attributes:
+      gate, up: [D, F] ("embed", "mlp").
+      down: [F, D] ("mlp", "embed").
+    """
+
     def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
         self.gate = nnx.Linear(d_model, hidden, use_bias=False, kernel_init=_init(("embed", "mlp")), rngs=rngs)
         self.up = nnx.Linear(d_model, hidden, use_bias=False, kernel_init=_init(("embed", "mlp")), rngs=rngs)

@@ -10,9 +10,11 @@ what `effarch generate OUT_DIR` samples from.
 
 import dataclasses
 import importlib
+import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from effarch.arches.lm import DecoderLM, ModelConfig
@@ -47,18 +49,24 @@ def load_run_params(run_dir: str | Path) -> tuple[Config, nnx.State]:
     return cfg, restored[0]
 
 
-def write_run(cfg: Config, params: nnx.State, run_dir: str | Path) -> Path:
-    """Writes `run_dir` as a run at step 0 holding `params` (a full checkpoint: fresh optimizer state and RNG)."""
+def write_run(cfg: Config, params: nnx.State, run_dir: str | Path, *, info: dict | None = None) -> Path:
+    """Writes `run_dir` as a run at step 0 holding `params` (an nnx.State of the model's parameters): config.yaml,
+    run_info.json (plus `info`), and a full checkpoint with the run's own fresh optimizer state and RNG, so that
+    `effarch generate`, `train.init_from` and a resume of `run_dir` itself all read it. No random initialisation
+    of the model happens (the parameters may be those of a large imported model)."""
     from effarch.train.train import Trainer  # the optimizer and shardings exactly as training builds them
 
     run_dir = Path(run_dir)
-    if checkpoint_steps(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints; choose a new directory")
+    if checkpoint_steps(run_dir) or (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run dir {str(run_dir)!r} already holds a run; choose a new directory")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir), init_from=None))
     prepare_run_dir(cfg, run_dir)
+    if info:
+        info_path = run_dir / "run_info.json"
+        info_path.write_text(json.dumps({**json.loads(info_path.read_text()), **info}, indent=2) + "\n")
     trainer = Trainer(cfg)
-    fresh, _, rng = trainer.init_state(cfg.train.seed)
-    params = jax.tree.map(lambda x, like: jax.device_put(x.astype(like.dtype), like.sharding), params, fresh)
+    params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), params, trainer.param_sharding)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.train.seed + 1)), trainer.replicated)  # as init_state
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     ckpt.save(0, params, trainer.init_optimizer(params), rng, {"step": 0, "data_position": 0, "seed": cfg.train.seed})
     ckpt.close()

@@ -1,5 +1,6 @@
-"""Command line: `effarch train CONFIG... [key=value ...]`, `effarch generate RUN_DIR [options]` and
-`effarch convert RUN_DIR OUT_DIR --to NAME [option=value ...]`.
+"""Command line: `effarch train CONFIG... [key=value ...]`, `effarch generate RUN_DIR [options]`,
+`effarch convert RUN_DIR OUT_DIR --to NAME [option=value ...]`, and `effarch import-hf PATH RUN_DIR` /
+`effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py).
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint) exits with
 status 2 and one line naming what was wrong, without a traceback.
@@ -15,7 +16,9 @@ USAGE = """usage:
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
   effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv} [option=value ...]
       e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
-           effarch train CONFIG.yaml train.init_from=runs/base_moh"""
+           effarch train CONFIG.yaml train.init_from=runs/base_moh
+  effarch import-hf HF_CHECKPOINT_DIR RUN_DIR     # a local Llama checkpoint -> an effarch run dir at step 0
+  effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]"""
 
 
 def _fail(msg: str, code: int = 2):
@@ -118,6 +121,40 @@ def convert_cli(argv: list[str]) -> None:
     print(f"effarch: converted {args.run_dir} to {args.to}: {out}")
 
 
+def import_hf_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="effarch import-hf")
+    p.add_argument("path", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("run_dir", help="new effarch run directory to write")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of the written run")
+    args = p.parse_args(argv)
+    from effarch.train.hf import import_hf
+
+    try:  # HFConfigError and ConfigError are ValueErrors whose message names the field
+        cfg = import_hf(args.path, args.run_dir, seed=args.seed)
+    except ValueError as e:
+        _fail(str(e))
+    m = cfg.model
+    print(f"effarch: imported {args.path} -> {args.run_dir}: {m.n_layers} layers, d_model {m.d_model}, "
+          f"vocab {m.vocab_size}")
+
+
+def export_hf_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="effarch export-hf")
+    p.add_argument("run_dir")
+    p.add_argument("path", help="new Hugging Face checkpoint directory to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-shard-mb", type=float, default=None, help="split the weights into shards of this size")
+    args = p.parse_args(argv)
+    from effarch.train.hf import export_hf
+
+    shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20)
+    try:
+        out = export_hf(args.run_dir, args.path, dtype=args.dtype, max_shard_bytes=shard)
+    except ValueError as e:
+        _fail(str(e))
+    print(f"effarch: exported {args.run_dir} -> {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -130,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         generate_cli(rest)
     elif cmd == "convert":
         convert_cli(rest)
+    elif cmd == "import-hf":
+        import_hf_cli(rest)
+    elif cmd == "export-hf":
+        export_hf_cli(rest)
     else:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
 

@@ -34,3 +34,15 @@ def test_batched_positions_match_shared_positions():
     batched = apply_rope(x, jnp.broadcast_to(jnp.arange(5) + 3, (2, 5)))
     np.testing.assert_allclose(np.asarray(batched), np.asarray(shared), rtol=0, atol=0)
     assert batched.dtype == x.dtype
+
+
+def test_llama3_frequencies_known_answer():
+    # K = 8, theta = 1e4: freqs [1, 0.1, 0.01, 0.001], wavelengths 2*pi/freq = [6.3, 63, 628, 6283]. With
+    # original_max_len 1000, low 1, high 4: wavelengths < 250 are kept, > 1000 divided by the factor 8, and 628
+    # interpolated with smooth = (1000 / 628.3 - 1) / (4 - 1).
+    from effarch.layers.rope import llama3_frequencies
+
+    out = np.asarray(llama3_frequencies(rope_frequencies(8, 1e4), 8.0, 1.0, 4.0, 1000))
+    smooth = (1000 / (2 * math.pi / 0.01) - 1) / 3
+    expected = [1.0, 0.1, (1 - smooth) * 0.01 / 8 + smooth * 0.01, 0.001 / 8]
+    np.testing.assert_allclose(out, expected, rtol=1e-5)

@@ -1,0 +1,148 @@
+"""Hugging Face Llama checkpoints in and out: `effarch import-hf PATH RUN_DIR` and `effarch export-hf RUN_DIR PATH`.
+
+- Reading needs only `safetensors` (numpy API) and numpy: no torch. bfloat16 tensors are read through ml_dtypes
+  (a jax dependency) and converted to float32, the dtype of effarch's master parameters.
+- A checkpoint is a directory with config.json and either model.safetensors or a sharded
+  model.safetensors.index.json (its weight_map names the shard of every tensor).
+- import-hf writes a run directory exactly as `effarch train` would have at step 0: config.yaml (the resolved
+  Config, whose model section is the Llama model), run_info.json, and an Orbax checkpoint at step 0 written by
+  train/checkpoint.py with the params, a fresh optimizer state of the run's optimizer, the RNG and the metadata.
+  So `effarch generate RUN_DIR`, a resume of RUN_DIR itself, and anything that restores params from a run
+  directory through train/checkpoint.py read it.
+- export-hf writes config.json + model.safetensors (or shards with an index) that `transformers` loads.
+
+The config and tensor-name mappings are arches/hf_llama.py.
+"""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16" dtype, which safetensors' numpy reader asks for
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from effarch.arches.hf_llama import (
+    HFConfigError,
+    check_exportable,
+    hf_config_from_model,
+    model_config_from_hf,
+    params_from_hf,
+    params_to_hf,
+)
+from effarch.arches.lm import DecoderLM
+from effarch.train.config import Config, ConfigError, TrainConfig
+from effarch.train.convert import write_run
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json as a dict, {tensor name: numpy array}) of a local HF checkpoint directory."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise HFConfigError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise HFConfigError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFConfigError(f"{path / INDEX}: weight_map: missing or empty")
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
+    elif (path / SINGLE).is_file():
+        files = {SINGLE: None}
+    else:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+        raise HFConfigError(f"{path}: no {SINGLE} or {INDEX} (found {found or 'no weight files'}); "
+                            "only safetensors checkpoints are read")
+    tensors = {}
+    for file, names in files.items():
+        if not (path / file).is_file():
+            raise HFConfigError(f"{path / INDEX}: weight_map names {file}, which does not exist")
+        with safe_open(path / file, framework="np") as f:
+            stored = set(f.keys())
+            for name in names if names is not None else sorted(stored):
+                if name not in stored:
+                    raise HFConfigError(f"{path / INDEX}: weight_map puts {name} in {file}, which lacks it")
+                tensors[name] = f.get_tensor(name)
+    return hf_config, tensors
+
+
+def write_hf_checkpoint(path: str | Path, hf_config: dict, tensors: Mapping[str, np.ndarray], *,
+                        max_shard_bytes: int | None = None) -> Path:
+    """Writes config.json and model.safetensors, or shards + model.safetensors.index.json past max_shard_bytes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        if max_shard_bytes is not None and shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    meta = {"format": "pt"}  # transformers checks this key of the safetensors metadata
+    if len(shards) == 1:
+        save_file(dict(shards[0]), str(path / SINGLE), metadata=meta)
+        return path
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(dict(shard), str(path / file), metadata=meta)
+        weight_map.update({name: file for name in shard})
+    total = sum(v.nbytes for v in tensors.values())
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return path
+
+
+def import_hf(path: str | Path, run_dir: str | Path, *, seed: int = 0) -> Config:
+    """Reads the Llama checkpoint at `path` and writes it as the effarch run directory `run_dir` (step 0).
+
+    Returns the run's Config. Refuses a run_dir that already holds a config or checkpoints.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
+        raise ConfigError(f"run dir {str(run_dir)!r} already holds a run; choose a new directory")
+    hf_config, tensors = read_hf_checkpoint(path)
+    cfg = Config(model=model_config_from_hf(hf_config), train=TrainConfig(run_dir=str(run_dir), seed=seed))
+    params = _params_state(cfg, params_from_hf(tensors, cfg.model))
+    info = {"imported_from": str(Path(path).absolute()), "hf_architecture": hf_config.get("architectures")}
+    write_run(cfg, params, run_dir, info=info)  # the same run directory `effarch convert` writes
+    return cfg
+
+
+def _params_state(cfg: Config, tree: dict) -> nnx.State:
+    """The model's nnx.Param state holding `tree` (built abstractly: no random init of a large model)."""
+    abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+    _, params, _ = nnx.split(abstract, nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, tree))
+    return params
+
+
+def export_hf(run_dir: str | Path, path: str | Path, *, dtype: str = "float32",
+              max_shard_bytes: int | None = None) -> Path:
+    """Writes the newest checkpoint of `run_dir` (an all-attention model) as a Llama checkpoint directory `path`."""
+    from effarch.train.generate import load_model
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    path = Path(path)
+    if (path / "config.json").exists():
+        raise ConfigError(f"{path}: already holds a checkpoint (config.json); choose a new directory")
+    model = load_model(run_dir)
+    check_exportable(model.cfg)
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    hf_config = {**hf_config_from_model(model.cfg), "torch_dtype": dtype}
+    return write_hf_checkpoint(path, hf_config, params_to_hf(tree, model.cfg, np_dtype),
+                               max_shard_bytes=max_shard_bytes)
