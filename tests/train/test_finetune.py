@@ -203,7 +203,7 @@ def test_write_run_makes_a_run_that_generates_and_fine_tunes(source, tmp_path):
     assert got.keys() == src.keys()
     for p in src:
         np.testing.assert_array_equal(got[p], src[p])
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         write_run(c, params, out)
     result = train(tmp_path / "ft", f"train.init_from={out}", "model.n_layers=3", "train.steps=1")
     assert json.loads((tmp_path / "ft" / "init_report.json").read_text())["new"] == [] and result.step == 1

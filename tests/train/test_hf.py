@@ -145,18 +145,12 @@ def test_export_hf_writes_the_checkpoint_back(imported, tmp_path, capsys):
 
 def test_export_refuses_a_model_llama_cannot_express(tmp_path, capsys):
     from effarch.arches.lm import DecoderLM
-    from effarch.train.checkpoint import Checkpointer
-    from effarch.train.config import Config, ModelConfig, dump_config
-    from effarch.train.train import make_optimizer
+    from effarch.train.config import Config, ModelConfig
+    from effarch.train.convert import write_run
 
     cfg = Config(model=ModelConfig(vocab_size=16, d_model=8, n_layers=2, mixers=("attention", "based")))
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    params = nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param)
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    ckpt.save(1, params, make_optimizer(cfg)[0].init(params), jax.random.key_data(jax.random.key(0)), {"step": 1})
-    ckpt.close()
+    write_run(cfg, nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param), run_dir)
     code, _, err = cli(capsys, "export-hf", run_dir, tmp_path / "out")
     assert code == 2 and "model.mixers: ['attention', 'based']: only all-'attention' models export" in err
 
@@ -199,3 +193,23 @@ def test_round_trip_through_transformers(tmp_path, capsys):
     assert hf_config["tie_word_embeddings"] and "lm_head.weight" not in tensors
     cfg = model_config_from_hf(hf_config)
     jax.tree.map(np.testing.assert_array_equal, first, params_from_hf(tensors, cfg))
+
+
+def test_fine_tune_an_imported_checkpoint_with_init_from(imported, tmp_path):
+    """`effarch train ... train.init_from=RUN_DIR` starts from the imported weights: every parameter loaded bitwise."""
+    from effarch.train.config import load_config
+    from effarch.train.finetune import init_from_checkpoint
+    from effarch.train.train import Trainer, train_and_evaluate
+
+    overrides = [f"train.run_dir={tmp_path / 'ft'}", f"train.init_from={imported}", "train.steps=2",
+                 "train.batch_size=4", "train.eval_batch_size=4", "train.progress=false", "train.eval_every=2",
+                 "data.train_segments=[[16, 2, 16]]", "data.test_segments=[[16, 2, 4]]"]
+    cfg = load_config([imported / "config.yaml"], overrides)
+    trainer = Trainer(cfg)
+    params, report = init_from_checkpoint(trainer.init_state(0)[0], imported)
+    assert report["new"] == report["dropped"] == report["reshaped"] == [] and report["step"] == 0
+    logits = trainer.model(params)(jnp.asarray([EXPECTED["prompt"]]))[0]
+    assert_logits_close(logits, EXPECTED["logits"])
+    result = train_and_evaluate(cfg)
+    assert result.step == 2 and np.isfinite(result.train_metrics["loss"])
+    assert json.loads((tmp_path / "ft" / "init_report.json").read_text())["loaded"]
