@@ -28,6 +28,7 @@ from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
 from effarch.layers.norms import SRMSNorm, rms_norm
 from effarch.layers.sliding_window import SlidingWindowConfig
+from effarch.layers.titans import NeuralMemoryConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class ModelConfig:
     based: BasedConfig = BasedConfig()
     sliding_window: SlidingWindowConfig = SlidingWindowConfig()
     lightning: LightningConfig = LightningConfig()
+    titans: NeuralMemoryConfig = NeuralMemoryConfig()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):

@@ -14,6 +14,7 @@ from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
 from effarch.layers.lightning import LightningAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
+from effarch.layers.titans import NeuralMemory
 
 if TYPE_CHECKING:
     from effarch.arches.lm import ModelConfig
@@ -26,6 +27,7 @@ MIXERS: dict[str, MixerFactory] = {
     "zoology_base_conv": lambda cfg, layer_idx, rngs: ZoologyBaseConv(cfg.d_model, cfg.conv, rngs=rngs),
     "based": lambda cfg, layer_idx, rngs: BasedLinearAttention(cfg.d_model, cfg.based, rngs=rngs),
     "sliding_window": lambda cfg, layer_idx, rngs: SlidingWindowAttention(cfg.d_model, cfg.sliding_window, rngs=rngs),
+    "titans_lmm": lambda cfg, layer_idx, rngs: NeuralMemory(cfg.d_model, cfg.titans, rngs=rngs),
     # The decay rate depends on the layer's depth (TNL's schedule), hence layer_idx / n_layers.
     "lightning": lambda cfg, layer_idx, rngs: LightningAttention(
         cfg.d_model, cfg.lightning, layer_idx=layer_idx, n_layers=cfg.n_layers, rngs=rngs

@@ -13,6 +13,7 @@ from effarch.layers.based import BasedConfig
 from effarch.layers.lightning import LightningConfig
 from effarch.layers.mlp import MLPConfig
 from effarch.layers.sliding_window import SlidingWindowConfig
+from effarch.layers.titans import NeuralMemoryConfig
 from tests.helpers.numerics import assert_close
 
 V, D, T = 37, 24, 19
@@ -25,6 +26,8 @@ def make(mixers, **kw) -> DecoderLM:
         based=BasedConfig(feature_dim=5, n_heads=2, chunk_size=8),
         sliding_window=SlidingWindowConfig(n_heads=2, window=6),
         lightning=LightningConfig(n_heads=3, block_size=8),
+        # chunks of 4 and refreshes every 8 tokens: prompts of 1 and 7 tokens end inside both
+        titans=NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=8, n_persistent=2),
         **kw,
     )
     return DecoderLM(cfg, rngs=nnx.Rngs(0))
@@ -71,7 +74,7 @@ def test_hybrid_layout_repeats_the_mixer_list():
 def test_state_size_grows_for_attention_only():
     attn = make(["attention"])
     assert attn.state_size(200) == 2 * attn.state_size(100) > 0  # KV cache: linear in T
-    for mixer in ("based", "lightning", "base_conv", "zoology_base_conv"):
+    for mixer in ("based", "lightning", "base_conv", "zoology_base_conv", "titans_lmm"):
         m = make([mixer])
         assert m.state_size(100) == m.state_size(10_000) > 0, mixer
     swa = make(["sliding_window"])
