@@ -10,6 +10,7 @@ from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.arches.registry import MIXERS
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.based import BasedConfig
+from effarch.layers.diffqkv import DiffQKVConfig
 from effarch.layers.lightning import LightningConfig
 from effarch.layers.mlp import MLPConfig
 from effarch.layers.sliding_window import SlidingWindowConfig
@@ -25,6 +26,7 @@ def make(mixers, **kw) -> DecoderLM:
         based=BasedConfig(feature_dim=5, n_heads=2, chunk_size=8),
         sliding_window=SlidingWindowConfig(n_heads=2, window=6),
         lightning=LightningConfig(n_heads=3, block_size=8),
+        diffqkv=DiffQKVConfig(n_q_heads=6, n_k_heads=1, n_v_heads=3, k_cache_dim=2, aug_q_hidden=10),
         **kw,
     )
     return DecoderLM(cfg, rngs=nnx.Rngs(0))
