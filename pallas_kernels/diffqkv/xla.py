@@ -159,7 +159,12 @@ def diffqkv_blockwise(
         raise ValueError(f"block_size must be positive, got {block_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     block = min(block_size, k.shape[1])
-    return _attention(q, k, v, jnp.asarray(q_offset, jnp.int32), causal, scale, block)
+    return _attention_jit(q, k, v, jnp.asarray(q_offset, jnp.int32), causal, scale, block)
+
+
+# Eager calls (tests, eager decoding) reuse one compilation per shape instead of re-tracing the scans each time;
+# inside an outer jit this is inlined.
+_attention_jit = jax.jit(_attention, static_argnums=(4, 5, 6))
 
 
 def selective_v_grouped(
