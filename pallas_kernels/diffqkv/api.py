@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from effarch.pallas_kernels.diffqkv.reference import diffqkv_reference, selective_v_reference
-from effarch.pallas_kernels.diffqkv.xla import DEFAULT_BLOCK_SIZE, diffqkv_blockwise, selective_v_grouped
+from effarch.pallas_kernels.diffqkv.xla import diffqkv_blockwise, selective_v_grouped
 from effarch.pallas_kernels.dispatch import dispatch
 
 OP = "diffqkv_attention"
@@ -87,7 +87,7 @@ def diffqkv_attention(
     implementation: str | Sequence[str] | None = None,
     scale: float | None = None,
     q_offset: int | Int[Array, ""] = 0,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> Float[Array, "B T H V"]:
     """Softmax attention with independent query, K and V head counts (Sigma's DiffQKV, arXiv 2501.13629 §2).
 
@@ -103,7 +103,7 @@ def diffqkv_attention(
         default (module docstring). A single name fails at once if it cannot run here.
       scale: logit scale; None means 1 / sqrt(K).
       q_offset: absolute position of query 0 when decoding against a cache (may be traced); only used when causal.
-      block_size: keys per step of the "xla" path.
+      block_size: at most this many keys per step of the "xla" path; None picks one (xla.diffqkv_blockwise).
 
     Returns:
       [B, T, Hq, V] in q's dtype.

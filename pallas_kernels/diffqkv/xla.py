@@ -20,6 +20,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 DEFAULT_BLOCK_SIZE = 512
+# With block_size=None, a call whose whole [B, Hq, T, S] score tensor has at most this many elements (16 MiB in
+# float32) runs as one block: decoding (T = 1) then costs one pass over the cache instead of a scan.
+SINGLE_BLOCK_ELEMENTS = 2**22
 
 
 def _blocks(x, block: int):
@@ -37,6 +40,14 @@ def _visible(n, block: int, S: int, T: int, causal: bool, q_offset) -> Array:
     if causal:
         visible = visible & ((q_offset + jnp.arange(T))[:, None] >= key_pos[None, :])
     return visible
+
+
+def _scan(step, init, xs):
+    """lax.scan, or one direct call when there is a single block (decoding, short sequences): less to compile."""
+    if xs[1].shape[0] == 1:
+        carry, out = step(init, jax.tree.map(lambda x: x[0], xs))
+        return carry, jax.tree.map(lambda x: x[None], out)
+    return jax.lax.scan(step, init, xs)
 
 
 def _logits(q_BTHGK, k_BSHK, visible_TS) -> Float[Array, "B Hq T S"]:
@@ -72,7 +83,7 @@ def _forward(q, k, v, q_offset, causal: bool, scale: float, block: int):
         jnp.zeros((B, Hq, T), jnp.float32),
         jnp.zeros((B, T, Hv, Hq // Hv, V), jnp.float32),
     )
-    (m, l, acc), _ = jax.lax.scan(step, init, (jnp.arange(k_blocks.shape[0]), k_blocks, v_blocks))
+    (m, l, acc), _ = _scan(step, init, (jnp.arange(k_blocks.shape[0]), k_blocks, v_blocks))
     l_BTH1 = jnp.moveaxis(l, 2, 1)[..., None]
     o_BTHV = acc.reshape(B, T, Hq, V) / jnp.where(l_BTH1 > 0, l_BTH1, 1.0)
     # +inf for rows with no visible key: the backward pass's exp(s - lse) is then 0 for them.
@@ -115,7 +126,7 @@ def _attention_bwd(causal, scale, block, residuals, do):
         dk_BSHK = jnp.einsum("BHGTS,BTHGK->BSHK", ds_BHGTS, q_BTHGK)
         return dq_BTHGK, (dk_BSHK, dv_BSHV)
 
-    dq, (dk_blocks, dv_blocks) = jax.lax.scan(
+    dq, (dk_blocks, dv_blocks) = _scan(
         step, jnp.zeros((B, T, Hk, Gk, K), jnp.float32), (jnp.arange(k_blocks.shape[0]), k_blocks, v_blocks)
     )
     # s = scale * q . k: dq = scale * dS k; dk = dS (scale * q), already scaled through q_BTHGK.
@@ -136,7 +147,7 @@ def diffqkv_blockwise(
     causal: bool = True,
     scale: float | None = None,
     q_offset: int | Int[Array, ""] = 0,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> Float[Array, "B T H V"]:
     """Blockwise online-softmax DiffQKV attention with a recomputing backward pass.
 
@@ -147,7 +158,8 @@ def diffqkv_blockwise(
       causal: if True, query i sees key j only when j <= q_offset + i.
       scale: logit scale; None means 1 / sqrt(K).
       q_offset: absolute position of query 0 (may be traced); not differentiated.
-      block_size: keys per scan step; S need not be a multiple (the tail is padded and masked).
+      block_size: at most this many keys per scan step; S need not be a multiple (the tail is padded and masked).
+        None: one block when the score tensor is small (SINGLE_BLOCK_ELEMENTS), else DEFAULT_BLOCK_SIZE.
 
     Returns:
       [B, T, Hq, V] in q's dtype.
@@ -155,10 +167,16 @@ def diffqkv_blockwise(
     Hq, Hk, Hv = q.shape[2], k.shape[2], v.shape[2]
     if Hq % Hk or Hq % Hv:
         raise NotImplementedError(f"'xla' needs Hq a multiple of Hk and of Hv, got Hq={Hq}, Hk={Hk}, Hv={Hv}")
-    if block_size < 1:
+    if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    B, T, _, _ = q.shape
+    S = k.shape[1]
+    if block_size is None:
+        block_size = S if B * Hq * T * S <= SINGLE_BLOCK_ELEMENTS else DEFAULT_BLOCK_SIZE
+    # Equal blocks of at most block_size keys: the padding is less than one key per block.
+    n_blocks = -(-S // block_size)
+    block = -(-S // n_blocks)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    block = min(block_size, k.shape[1])
     return _attention_jit(q, k, v, jnp.asarray(q_offset, jnp.int32), causal, scale, block)
 
 
