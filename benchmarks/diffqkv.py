@@ -7,7 +7,9 @@ and the GQA baseline with the same 32 query heads and 16 KV heads (the paper's 3
 1 - (4 + 16) / (16 + 16)). Totals are given at each context length in bfloat16 (2 bytes).
 
 Decode time: one `decode_step` of a single layer (batch 1, float32 cache) at position `context` of a cache of
-`context + 1` slots filled with random keys and values, jitted, median of `--reps` calls after a warmup. Layers
+`context + 1` slots filled with random keys and values, jitted with the cache donated (updated in place, as in a
+serving loop), median of `--reps` calls after a warmup; the paths
+of one context are timed in turn, one call each per round, so load on a shared machine hits them alike. Layers
 share d_model and query heads: "gqa" is `layers.attention.Attention` (n_kv = n_v), "diffqkv" is
 `layers.diffqkv.DiffQKVAttention` with n_k = n_v / 4 and without AugQ (so the difference is the attention and the
 cache, not the query MLP), "diffqkv_augq" adds AugQ (1.5 d_model), "diffqkv_selv" adds selective V (top 100).
@@ -18,13 +20,15 @@ Run:   .venv/bin/python benchmarks/diffqkv.py [--quick] [--contexts 2048 8192 32
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from _common import emit, time_calls
+from _common import emit
 from flax import nnx
 
 from effarch.layers.attention import Attention, AttentionConfig
@@ -83,9 +87,8 @@ def _layer(path: str, d_model: int, n_q: int, n_v: int, head_dim: int):
     return DiffQKVAttention(d_model, cfg, rngs=nnx.Rngs(0))
 
 
-def measure_decode(path: str, context: int, *, d_model: int, n_q: int, n_v: int, head_dim: int, warmup: int,
-                   reps: int, seed: int = 0) -> dict:
-    """Median seconds of one jitted decode_step at position `context` (cache of context + 1 slots)."""
+def decode_step_fn(path: str, context: int, *, d_model: int, n_q: int, n_v: int, head_dim: int, seed: int = 0):
+    """(jitted step, its args, record) for one decode_step at position `context` (cache of context + 1 slots)."""
     layer = _layer(path, d_model, n_q, n_v, head_dim)
     state = layer.init_state(1, context + 1)
     keys = jax.random.split(jax.random.key(seed), 3)
@@ -97,18 +100,40 @@ def measure_decode(path: str, context: int, *, d_model: int, n_q: int, n_v: int,
     x_t = jax.random.normal(keys[2], (1, d_model), jnp.float32)
     graphdef, params = nnx.split(layer)
 
-    @jax.jit
+    # The cache is donated, so the step writes its slot in place as a serving loop would, instead of copying the
+    # whole cache each call; the timing loop feeds the returned cache back with pos reset to `context`.
+    @functools.partial(jax.jit, donate_argnums=1)
     def step(params, state, x_t):
         return nnx.merge(graphdef, params).decode_step(state, x_t)
 
-    times = time_calls(step, (params, state, x_t), warmup, reps)
-    median = statistics.median(times)
-    return {
-        "median_s": median,
-        "times_s": times,
-        "cache_bytes": int(state["k"].nbytes + state["v"].nbytes),
-        "state_size": layer.state_size(context + 1),
-    }
+    record = {"cache_bytes": int(state["k"].nbytes + state["v"].nbytes), "state_size": layer.state_size(context + 1)}
+    return step, [params, state, x_t], record
+
+
+def measure_context(paths: Sequence[str], context: int, *, warmup: int, reps: int, **dims) -> dict[str, dict]:
+    """Median seconds per decode_step of every path at one context. The paths are timed in turn, one call each per
+    round, so a burst of load on the shared machine hits all of them alike."""
+    fns = {path: decode_step_fn(path, context, **dims) for path in paths}
+    times = {path: [] for path in paths}
+
+    def call(path: str) -> float:
+        step, args, _ = fns[path]
+        start = time.perf_counter()
+        state, y_t = jax.block_until_ready(step(*args))
+        elapsed = time.perf_counter() - start
+        if not bool(jnp.all(jnp.isfinite(y_t))):
+            raise RuntimeError(f"{path}: decode step at context {context} gave non-finite outputs")
+        args[1] = {**state, "pos": jnp.asarray(context, jnp.int32)}
+        return elapsed
+
+    for path in paths:
+        for _ in range(warmup):
+            call(path)
+    for _ in range(reps):
+        for path in paths:
+            times[path].append(call(path))
+    return {path: {"median_s": statistics.median(times[path]), "times_s": times[path], **fns[path][2]}
+            for path in paths}
 
 
 def run(
@@ -120,16 +145,16 @@ def run(
     n_v: int = 4,
     head_dim: int = 64,
     warmup: int = 2,
-    reps: int = 10,
+    reps: int = 20,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Cache bytes at the paper's layout, then decode time per token per path and context (module docstring)."""
     contexts = sorted(set(contexts))
     decode: dict[str, dict[str, dict]] = {path: {} for path in paths}
     for context in contexts:
-        for path in paths:
-            record = measure_decode(path, context, d_model=d_model, n_q=n_q, n_v=n_v, head_dim=head_dim,
-                                    warmup=warmup, reps=reps)
+        records = measure_context(paths, context, warmup=warmup, reps=reps, d_model=d_model, n_q=n_q, n_v=n_v,
+                                  head_dim=head_dim)
+        for path, record in records.items():
             decode[path][str(context)] = record
             if log is not None:
                 log(f"{path:13s} context={context:6d} {record['median_s'] * 1e3:8.3f} ms/token, "
@@ -170,12 +195,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--n-v-heads", type=int, default=4, help="also the GQA KV heads; n_k = n_v / 4")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, --quick 3)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, --quick 3)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
     contexts = args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)
-    reps = args.reps if args.reps is not None else (3 if args.quick else 10)
+    reps = args.reps if args.reps is not None else (3 if args.quick else 20)
     report = run(contexts, paths=args.paths, d_model=args.d_model, n_q=args.n_q_heads, n_v=args.n_v_heads,
                  head_dim=args.head_dim, warmup=args.warmup, reps=reps, log=lambda line: print(line, file=sys.stderr))
     return emit(report, args.out)
