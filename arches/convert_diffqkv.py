@@ -44,7 +44,9 @@ def regroup_heads(w: Float[Array, "D F"], n_from: int, n_to: int) -> Float[Array
     return jnp.repeat(heads, n_to // n_from, axis=1).reshape(D, n_to * head_dim)
 
 
-def diffqkv_model_config(cfg: ModelConfig, *, n_k_heads: int | None = None, n_v_heads: int | None = None) -> ModelConfig:
+def diffqkv_model_config(
+    cfg: ModelConfig, *, n_k_heads: int | None = None, n_v_heads: int | None = None
+) -> ModelConfig:
     """The DiffQKV `ModelConfig` that `convert_attention_to_diffqkv` produces (None keeps the baseline's KV heads)."""
     if "attention" not in cfg.mixers:
         raise ValueError(f"convert to diffqkv: the model has no 'attention' layer (mixers={list(cfg.mixers)})")

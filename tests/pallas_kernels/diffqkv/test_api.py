@@ -2,10 +2,17 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from effarch.pallas_kernels.diffqkv import api, default_order, diffqkv_attention, diffqkv_reference, selective_v_attention
-from tests.helpers.numerics import assert_close, value_and_grads
+from effarch.pallas_kernels.diffqkv import (
+    api,
+    default_order,
+    diffqkv_attention,
+    diffqkv_reference,
+    selective_v_attention,
+)
+from tests.helpers.numerics import assert_close, rel_err, value_and_grads
 from tests.pallas_kernels.diffqkv.inputs import make_inputs
 
 
@@ -82,12 +89,13 @@ def test_selective_v_attention_dispatch():
 def test_gpu_default_dispatch_matches_reference(Hk, Hv, dtype):
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    q, k, v, cotangent = make_inputs(26, T=257, S=257, Hq=8, Hk=Hk, Hv=Hv)
-    k = k[..., :5]
-    v = v if Hk != Hv else make_inputs(27, T=257, S=257, Hq=8, Hk=Hk, Hv=Hv)[1]
+    # Head dim 64 (cuDNN needs a multiple of 8); T = 257 is not a multiple of any tile.
+    rng = np.random.default_rng(26)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 257, h, 64), np.float32)) for h in (8, Hk, Hv))
     args = [a.astype(dtype) for a in (q, k, v)]
-    exact = diffqkv_reference(q, k, v)
+    assert default_order("gpu", *args)[0] == ("jax_nn" if Hk == Hv else "xla")
     out = jax.jit(diffqkv_attention)(*args)
-    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    exact = diffqkv_reference(q, k, v)
+    # bf16: held to twice the error of the oracle run on the same bf16 inputs (marin's rule, with cuDNN's bf16 P).
+    tol = 1e-5 if dtype == jnp.float32 else 2 * rel_err(diffqkv_reference(*args), exact)
     assert_close("out", out.astype(jnp.float32), exact, tol)
-    assert cotangent.shape[0] == q.shape[0]
