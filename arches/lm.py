@@ -24,6 +24,7 @@ from effarch.arches.registry import MIXERS, build_mixer
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.based import BasedConfig
 from effarch.layers.conv import ConvConfig
+from effarch.layers.diffqkv import DiffQKVConfig
 from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
 from effarch.layers.norms import SRMSNorm, rms_norm
@@ -48,6 +49,7 @@ class ModelConfig:
     sliding_window: SlidingWindowConfig = SlidingWindowConfig()
     lightning: LightningConfig = LightningConfig()
     titans: NeuralMemoryConfig = NeuralMemoryConfig()
+    diffqkv: DiffQKVConfig = DiffQKVConfig()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):

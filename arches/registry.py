@@ -12,6 +12,7 @@ from flax import nnx
 from effarch.layers.attention import Attention
 from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
+from effarch.layers.diffqkv import DiffQKVAttention
 from effarch.layers.lightning import LightningAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
 from effarch.layers.titans import NeuralMemory
@@ -32,6 +33,7 @@ MIXERS: dict[str, MixerFactory] = {
     "lightning": lambda cfg, layer_idx, rngs: LightningAttention(
         cfg.d_model, cfg.lightning, layer_idx=layer_idx, n_layers=cfg.n_layers, rngs=rngs
     ),
+    "diffqkv": lambda cfg, layer_idx, rngs: DiffQKVAttention(cfg.d_model, cfg.diffqkv, rngs=rngs),
 }
 
 

@@ -15,11 +15,13 @@ from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Mixer
 from effarch.layers.based import BasedConfig, BasedLinearAttention
 from effarch.layers.conv import BaseConv, ConvConfig, ZoologyBaseConv
+from effarch.layers.diffqkv import DiffQKVAttention, DiffQKVConfig
 from effarch.layers.lightning import SGLU, LightningAttention, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
 from effarch.layers.norms import SRMSNorm, rms_norm, srms_norm
 from effarch.layers.rope import apply_rope
 from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
+from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
 
 __all__ = [
     "Mixer",
@@ -31,10 +33,14 @@ __all__ = [
     "BaseConv",
     "ConvConfig",
     "ZoologyBaseConv",
+    "DiffQKVAttention",
+    "DiffQKVConfig",
     "LightningAttention",
     "LightningConfig",
     "SlidingWindowAttention",
     "SlidingWindowConfig",
+    "NeuralMemory",
+    "NeuralMemoryConfig",
     # MLPs
     "MLPConfig",
     "SGLU",

@@ -24,7 +24,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
 python3 -m pytest -q -p no:cacheprovider tests/pallas_kernels tests/layers 2>&1 | tee "$OUT/pytest_ops.log" || status=1
-for b in benchmarks/lightning_scaling.py benchmarks/scaling.py; do
+for b in benchmarks/lightning_scaling.py benchmarks/scaling.py benchmarks/diffqkv.py; do
   [ -f "$b" ] || continue
   name=$(basename "$b" .py)
   timeout 240 python3 "$b" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || status=1

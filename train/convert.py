@@ -25,7 +25,7 @@ from effarch.train.run_dir import checkpoint_steps, prepare_run_dir
 # --to NAME -> "module:function" of a conversion in arches/.
 CONVERSIONS = {
     "moh": "effarch.arches.convert_moh:convert_to_moh",
-    "diffqkv": "effarch.arches.convert_diffqkv:convert_to_diffqkv",
+    "diffqkv": "effarch.arches.convert_diffqkv:convert_attention_to_diffqkv",
 }
 
 

@@ -27,6 +27,10 @@ MIXERS = {
     "lightning": (L.LightningAttention, (D, L.LightningConfig(n_heads=2, block_size=4)), {"layer_idx": 1,
                                                                                          "n_layers": 2}),
     "sliding_window": (L.SlidingWindowAttention, (D, L.SlidingWindowConfig(n_heads=2, window=3)), {}),
+    "diffqkv": (L.DiffQKVAttention, (D, L.DiffQKVConfig(n_q_heads=6, n_k_heads=1, n_v_heads=3, aug_q_hidden=10)),
+                {}),
+    "titans_lmm": (L.NeuralMemory, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=4,
+                                                              n_persistent=1)), {}),
     "block": (Block, (ModelConfig(d_model=D, n_layers=1, mixers=("based",),
                                   based=L.BasedConfig(feature_dim=4, chunk_size=4)), 0), {}),
 }

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -207,3 +208,25 @@ def test_write_run_makes_a_run_that_generates_and_fine_tunes(source, tmp_path):
         write_run(c, params, out)
     result = train(tmp_path / "ft", f"train.init_from={out}", "model.n_layers=3", "train.steps=1")
     assert json.loads((tmp_path / "ft" / "init_report.json").read_text())["new"] == [] and result.step == 1
+
+
+def test_convert_cli_to_diffqkv_keeps_the_logits_and_fine_tunes(source, tmp_path, capsys):
+    from effarch.train.generate import load_model
+    from effarch.train.main import main
+
+    out = tmp_path / "dq"
+    main(["convert", str(source), str(out), "--to", "diffqkv"])  # keeps the KV heads: exact
+    assert "converted" in capsys.readouterr().out
+    base, conv = load_model(source), load_model(out)
+    assert conv.cfg.layer_mixers() == ("zoology_base_conv", "diffqkv", "zoology_base_conv")
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    np.testing.assert_allclose(np.asarray(conv(x)), np.asarray(base(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(source), str(tmp_path / "bad"), "--to", "nope"])
+    assert e.value.code == 2 and "unknown conversion 'nope'" in capsys.readouterr().err
+    cfg_path = out / "config.yaml"
+    from effarch.train.train import train_and_evaluate
+
+    c = load_config([cfg_path], [f"train.run_dir={tmp_path / 'ft'}", f"train.init_from={out}", "train.steps=1"])
+    assert train_and_evaluate(c).step == 1
+    assert json.loads((tmp_path / "ft" / "init_report.json").read_text())["new"] == []
