@@ -25,6 +25,7 @@ from effarch.layers.based import BasedConfig
 from effarch.layers.conv import ConvConfig
 from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
+from effarch.layers.moh import MoHConfig
 from effarch.layers.norms import SRMSNorm, rms_norm
 from effarch.layers.sliding_window import SlidingWindowConfig
 
@@ -39,12 +40,13 @@ class ModelConfig:
     norm: Literal["rms", "srms"] = "rms"  # block pre-norms: RMSNorm with a scale, or TNL's weightless SRMSNorm
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # LM head = embedding^T (Zoology's default)
-    remat: bool = False  # recompute each block in the backward pass (jax.checkpoint)
+    remat: bool = False  # recompute each block in the backward pass (nnx.remat)
     attention: AttentionConfig = AttentionConfig()
     conv: ConvConfig = ConvConfig()
     based: BasedConfig = BasedConfig()
     sliding_window: SlidingWindowConfig = SlidingWindowConfig()
     lightning: LightningConfig = LightningConfig()
+    moh: MoHConfig = MoHConfig()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):
@@ -121,7 +123,8 @@ class DecoderLM(nnx.Module):
         h = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.remat:
-                h = jax.checkpoint(lambda blk, x: blk(x))(block, h)
+                # nnx.remat, not jax.checkpoint: it carries the blocks' AuxLoss writes (layers/aux_loss.py) out.
+                h = nnx.remat(lambda blk, x: blk(x))(block, h)
             else:
                 h = block(h)
         return h

@@ -13,6 +13,7 @@ from effarch.layers.attention import Attention
 from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
 from effarch.layers.lightning import LightningAttention
+from effarch.layers.moh import MoHAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ MIXERS: dict[str, MixerFactory] = {
     "lightning": lambda cfg, layer_idx, rngs: LightningAttention(
         cfg.d_model, cfg.lightning, layer_idx=layer_idx, n_layers=cfg.n_layers, rngs=rngs
     ),
+    "moh": lambda cfg, layer_idx, rngs: MoHAttention(cfg.d_model, cfg.moh, rngs=rngs),
 }
 
 
