@@ -140,7 +140,8 @@ def run(contexts, *, t_len: int, d_model: int, head_dim: int, block_size: int, w
                 "pass": bool(half[f"op_decode_{longest}"] < TARGET_DECODE_RATIO)},
         }
     config = {"paths": list(paths), "contexts": list(contexts), "flops_seq_len": t_len, "d_model": d_model,
-              "heads": heads, "head_dim": head_dim, "n_shared": N_SHARED, "block_size": block_size, "warmup": warmup, "steps": steps,
+              "heads": heads, "head_dim": head_dim, "n_shared": N_SHARED, "block_size": block_size, "warmup": warmup,
+              "steps": steps,
               "jax": jax.__version__, "backend": jax.default_backend(), "numpy": np.__version__}
     return {"config": config, "results": results, "ratios": ratios, "targets": targets}
 
