@@ -68,7 +68,10 @@ class MoHConfig:
                              f"{self.n_heads - self.n_shared}]")
         if self.block_size < 1:
             raise ValueError(f"moh.block_size must be positive, got {self.block_size}")
-        self.attention_config()  # validates n_kv_heads, head_dim, rope_theta with the attention messages
+        try:
+            self.attention_config()  # n_kv_heads, head_dim, rope_theta: the attention layer's checks
+        except ValueError as e:
+            raise ValueError(str(e).replace("attention.", "moh.", 1)) from None
 
     @property
     def n_routed(self) -> int:

@@ -188,5 +188,5 @@ def test_state_size_is_the_full_kv_cache():
      ({"n_kv_heads": 2}, "n_kv_heads"), ({"block_size": 0}, "block_size")],
 )
 def test_config_errors_name_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"moh.{field}"):
         dataclasses.replace(MoHConfig(n_heads=H, n_shared=2, top_k=2), **overrides)
