@@ -61,11 +61,12 @@ def measure_flops(layer: MoHAttention, t_len: int, seed: int) -> dict:
     routing = _routing(layer, x)
     w_o = layer._w_o()
 
-    def op(q, k, v, gates, w_o):
-        return mixture_of_heads_attention(q, k, v, routing.heads, gates, w_o, block_size=layer.moh.block_size,
+    # The heads are an argument, not a closed-over constant, which XLA would fold (the sort) at compile time.
+    def op(q, k, v, heads, gates, w_o):
+        return mixture_of_heads_attention(q, k, v, heads, gates, w_o, block_size=layer.moh.block_size,
                                           implementation=layer.moh.implementation)
 
-    return {"op_flops": _flops(op, q, k, v, routing.gates, w_o),
+    return {"op_flops": _flops(op, q, k, v, routing.heads, routing.gates, w_o),
             "layer_flops": _flops(lambda m, x: m(x), layer, x)}
 
 
@@ -79,10 +80,11 @@ def measure_decode(layer: MoHAttention, context: int, *, warmup: int, steps: int
     q = layer.project_qkv(x_t[:, None], jnp.asarray([context]))[0]
     routing = _routing(layer, x_t[:, None])
     positions = jnp.asarray([context], jnp.int32)
-    op = jax.jit(lambda q, k, v, gates, w_o: mixture_of_heads_attention(
-        q, k, v, routing.heads, gates, w_o, q_positions=positions, block_size=layer.moh.block_size,
+    op = jax.jit(lambda q, k, v, heads, gates, w_o, positions: mixture_of_heads_attention(
+        q, k, v, heads, gates, w_o, q_positions=positions, block_size=layer.moh.block_size,
         implementation=layer.moh.implementation))
-    op_times = time_calls(op, (q, state["k"], state["v"], routing.gates, layer._w_o()), warmup, steps)
+    args = (q, state["k"], state["v"], routing.heads, routing.gates, layer._w_o(), positions)
+    op_times = time_calls(op, args, warmup, steps)
 
     graphdef, params = nnx.split(layer)
 

@@ -104,9 +104,9 @@ def _flops(implementation, A, *, T=64, Hh=8):
     q = jnp.zeros((1, T, Hh, 16))
     heads = jnp.asarray(np.argsort(rng.random((1, T, Hh)), axis=-1)[..., :A], jnp.int32)
     gates, w_o = jnp.ones((1, T, A)), jnp.zeros((Hh, 16, 32))
-    fn = jax.jit(lambda q, k, v, g, w: mixture_of_heads_attention(q, k, v, heads, g, w, block_size=8,
-                                                                   implementation=implementation))
-    return fn.lower(q, q, q, gates, w_o).compile().cost_analysis()["flops"]
+    fn = jax.jit(lambda q, k, v, heads, g, w: mixture_of_heads_attention(q, k, v, heads, g, w, block_size=8,
+                                                                          implementation=implementation))
+    return fn.lower(q, q, q, heads, gates, w_o).compile().cost_analysis()["flops"]
 
 
 def test_sparse_flops_fall_with_active_heads():
