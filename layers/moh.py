@@ -12,7 +12,8 @@ MoH-LLaMA3/Inference_code/modeling_llama.py (parameter-free router); specs/mecha
 Choices:
 - router "learned", default scaling = the released code (spec §5.2): routed gates renormalised over the selected
   heads times top_k, shared gates softmax(W_s x) times n_shared, two-stage weights softmax(W_h x) times 2, load
-  balance E·Σ_i f_i P_i. At uniform gates every active head weighs 1, i.e. the layer starts as plain MHA.
+  balance E·Σ_i f_i P_i. At uniform gates every active head weighs 1, i.e. the layer starts as plain MHA. With
+  top_k = 1 the routed gate is p / p = 1, so W_r learns from the load-balance loss only (as in the released code).
   `paper_scaling=True` gives paper eq. 3-5 instead: g = α1·softmax(W_s x) on shared heads, α2·softmax(W_r x) on
   the selected routed heads (not renormalised), L_b = Σ_i f_i P_i;
 - router "parameter_free" (MoH-LLaMA3, spec §5.3): routed logits are the query-head norms ‖q_h‖ divided by their
