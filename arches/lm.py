@@ -27,6 +27,7 @@ from effarch.layers.conv import ConvConfig
 from effarch.layers.diffqkv import DiffQKVConfig
 from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
+from effarch.layers.moh import MoHConfig
 from effarch.layers.norms import SRMSNorm, rms_norm
 from effarch.layers.sliding_window import SlidingWindowConfig
 from effarch.layers.titans import NeuralMemoryConfig
@@ -42,7 +43,7 @@ class ModelConfig:
     norm: Literal["rms", "srms"] = "rms"  # block pre-norms: RMSNorm with a scale, or TNL's weightless SRMSNorm
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # LM head = embedding^T (Zoology's default)
-    remat: bool = False  # recompute each block in the backward pass (jax.checkpoint)
+    remat: bool = False  # recompute each block in the backward pass (nnx.remat)
     attention: AttentionConfig = AttentionConfig()
     conv: ConvConfig = ConvConfig()
     based: BasedConfig = BasedConfig()
@@ -50,6 +51,7 @@ class ModelConfig:
     lightning: LightningConfig = LightningConfig()
     titans: NeuralMemoryConfig = NeuralMemoryConfig()
     diffqkv: DiffQKVConfig = DiffQKVConfig()
+    moh: MoHConfig = MoHConfig()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):
@@ -135,7 +137,8 @@ class DecoderLM(nnx.Module):
         h = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.remat:
-                h = jax.checkpoint(lambda blk, x: blk(x))(block, h)
+                # nnx.remat, not jax.checkpoint: it carries the blocks' AuxLoss writes (layers/aux_loss.py) out.
+                h = nnx.remat(lambda blk, x: blk(x))(block, h)
             else:
                 h = block(h)
         return h

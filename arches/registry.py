@@ -14,6 +14,7 @@ from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
 from effarch.layers.diffqkv import DiffQKVAttention
 from effarch.layers.lightning import LightningAttention
+from effarch.layers.moh import MoHAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
 from effarch.layers.titans import NeuralMemory
 
@@ -34,6 +35,7 @@ MIXERS: dict[str, MixerFactory] = {
         cfg.d_model, cfg.lightning, layer_idx=layer_idx, n_layers=cfg.n_layers, rngs=rngs
     ),
     "diffqkv": lambda cfg, layer_idx, rngs: DiffQKVAttention(cfg.d_model, cfg.diffqkv, rngs=rngs),
+    "moh": lambda cfg, layer_idx, rngs: MoHAttention(cfg.d_model, cfg.moh, rngs=rngs),
 }
 
 

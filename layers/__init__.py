@@ -18,6 +18,7 @@ from effarch.layers.conv import BaseConv, ConvConfig, ZoologyBaseConv
 from effarch.layers.diffqkv import DiffQKVAttention, DiffQKVConfig
 from effarch.layers.lightning import SGLU, LightningAttention, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
+from effarch.layers.moh import MoHAttention, MoHConfig
 from effarch.layers.norms import SRMSNorm, rms_norm, srms_norm
 from effarch.layers.rope import apply_rope
 from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
@@ -37,6 +38,8 @@ __all__ = [
     "DiffQKVConfig",
     "LightningAttention",
     "LightningConfig",
+    "MoHAttention",
+    "MoHConfig",
     "SlidingWindowAttention",
     "SlidingWindowConfig",
     "NeuralMemory",

@@ -141,6 +141,7 @@ class TrainConfig:
     # Regexes (re.search) on parameter paths like "blocks/0/mixer/q_proj/kernel": matching parameters get no
     # update, no weight decay and no optimizer state.
     freeze: tuple[str, ...] = ()
+    aux_loss_weight: float = 0.01  # β: weight of the layers' auxiliary losses (MoH load balance; layers/aux_loss.py)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
@@ -150,6 +151,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps="
                              f"{self.grad_accum_steps}")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:
             raise ValueError(f"stop_at_accuracy must be in (0, 1], got {self.stop_at_accuracy}")
         if self.init_from is not None and not self.init_from.strip():

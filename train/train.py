@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from effarch.arches.lm import DecoderLM
+from effarch.layers.aux_loss import collect_aux_losses
 from effarch.train import param_tree, sharding
 from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.checks import check_config
@@ -177,46 +178,57 @@ class Trainer:
         return nnx.merge(self.graphdef, params, self.rest)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def _forward_loss(self, params, inputs, labels):
-        model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest)
+    def _forward(self, params, inputs, labels):
+        """(summed cross entropy, correct, label count, {name: auxiliary loss of a layer})."""
+        # copy=True: the forward pass writes the layers' AuxLoss variables, which must belong to this trace.
+        model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest, copy=True)
         per_example = self.labels_per_example or labels.shape[1]
         h, y = labeled_hidden(model.hidden(inputs), labels, per_example * labels.shape[0])
-        return token_loss(model.logits(h), y)
+        return *token_loss(model.logits(h), y), collect_aux_losses(model)
+
+    def _forward_loss(self, params, inputs, labels):
+        return self._forward(params, inputs, labels)[:3]
 
     def _loss(self, params, inputs, labels):
-        ce_sum, correct, count = self._forward_loss(params, inputs, labels)
-        return ce_sum, (correct, count)
+        ce_sum, correct, count, aux = self._forward(params, inputs, labels)
+        # The aux losses are means; times the label count, the final division by the count adds β·Σ aux to the
+        # mean loss (and gives a count-weighted mean over micro-batches under grad_accum_steps).
+        aux = {name: value.astype(jnp.float32) * count for name, value in aux.items()}
+        total = ce_sum + self.cfg.train.aux_loss_weight * sum(aux.values(), jnp.float32(0))
+        return total, (ce_sum, correct, count, aux)
 
     def gradients(self, params, inputs, labels):
-        """Mean-over-labels gradients and (mean loss, accuracy), accumulated over train.grad_accum_steps."""
+        """Mean-over-labels gradients and (mean loss, accuracy, {name: mean aux loss}), accumulated over
+        train.grad_accum_steps. The gradients include β times the aux losses; the loss is cross entropy only."""
         accum = self.cfg.train.grad_accum_steps
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if accum == 1:
-            (ce_sum, (correct, count)), grads = grad_fn(params, inputs, labels)
+            (_, (ce_sum, correct, count, aux)), grads = grad_fn(params, inputs, labels)
         else:
             # Sum (not average) per micro-batch, divide once by the total label count: identical to one big batch.
             def micro(x):
                 return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
 
             def body(carry, batch):
-                (ce_sum, (correct, count)), grads = grad_fn(params, *batch)
+                (_, sums), grads = grad_fn(params, *batch)
                 acc_grads, acc = carry
-                return (jax.tree.map(jnp.add, acc_grads, grads),
-                        jax.tree.map(jnp.add, acc, (ce_sum, correct, count))), None
+                return (jax.tree.map(jnp.add, acc_grads, grads), jax.tree.map(jnp.add, acc, sums)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            init = (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0)))
-            (grads, (ce_sum, correct, count)), _ = jax.lax.scan(body, init, (micro(inputs), micro(labels)))
+            aux0 = {name: jnp.float32(0) for name in jax.eval_shape(self._forward, params, inputs, labels)[3]}
+            init = (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0), aux0))
+            (grads, (ce_sum, correct, count, aux)), _ = jax.lax.scan(body, init, (micro(inputs), micro(labels)))
         n = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: (g / n).astype(jnp.float32), grads)
-        return grads, ce_sum / n, correct / n
+        return grads, ce_sum / n, correct / n, {name: value / n for name, value in aux.items()}
 
     def _step(self, params, opt_state, inputs, labels):
-        grads, loss, accuracy = self.gradients(params, inputs, labels)
+        grads, loss, accuracy, aux = self.gradients(params, inputs, labels)
         grads = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g), grads, self._trainable)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+                   **{f"aux/{name}": value for name, value in aux.items()}}
         return params, opt_state, metrics
 
     def _eval(self, params, inputs, labels):

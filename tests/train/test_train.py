@@ -215,7 +215,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     for accum in (1, 4):
         tr, params, _, batch = _trainer([f"train.grad_accum_steps={accum}"], tmp_path)
         results[accum] = jax.jit(tr.gradients)(params, *batch)
-    (g1, loss1, acc1), (g4, loss4, acc4) = results[1], results[4]
+    (g1, loss1, acc1, _), (g4, loss4, acc4, _) = results[1], results[4]
     np.testing.assert_allclose(float(loss4), float(loss1), rtol=1e-6)
     assert float(acc4) == float(acc1)
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
