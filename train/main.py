@@ -109,7 +109,7 @@ def convert_cli(argv: list[str]) -> None:
     p.add_argument("out_dir")
     p.add_argument("--to", required=True)
     p.add_argument("options", nargs="*", help="option=value arguments of the conversion function")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow --to
 
     from effarch.train.config import ConfigError
     from effarch.train.convert import convert_run
