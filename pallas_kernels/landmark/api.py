@@ -7,7 +7,7 @@ everywhere; an unknown name raises ValueError (STYLE.md §3.6).
 
 from collections.abc import Mapping, Sequence
 
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from effarch.pallas_kernels.dispatch import dispatch
 from effarch.pallas_kernels.landmark import reference, xla
@@ -56,3 +56,21 @@ def landmark_attention(
         "xla": lambda q, k, v, lm: xla.landmark_attention_xla(q, k, v, lm, block_size=block_size),
     }
     return dispatch("landmark_attention", impls, implementation, q, k, v, is_landmark, default_order=DEFAULT_ORDER)
+
+
+def landmark_attention_cached(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B S H K"],
+    v: Float[Array, "B S H V"],
+    is_landmark: Bool[Array, "B S"],
+    q_positions: Int[Array, " T"],
+) -> Float[Array, "B T H V"]:
+    """`landmark_attention` for queries sitting at key positions `q_positions` of a longer key cache (decoding).
+
+    A query at position p sees the keys <= p with the grouped softmax of `landmark_attention`, its block being
+    block(p) of the keys; keys past p (unwritten cache slots) are invisible. Dense over S: one decode step costs
+    O(S), like a KV-cache step of softmax attention.
+    """
+    if q_positions.shape != q.shape[1:2]:
+        raise ValueError(f"landmark_attention_cached: q_positions shape {q_positions.shape} must be [T] = {q.shape[1:2]}")
+    return reference.landmark_attention_reference(q, k, v, is_landmark, q_positions)
