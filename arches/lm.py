@@ -23,6 +23,7 @@ from effarch.arches.registry import MIXERS, build_mixer
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.based import BasedConfig
 from effarch.layers.conv import ConvConfig
+from effarch.layers.landmark import LandmarkConfig
 from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
 from effarch.layers.norms import SRMSNorm, rms_norm
@@ -45,6 +46,7 @@ class ModelConfig:
     based: BasedConfig = BasedConfig()
     sliding_window: SlidingWindowConfig = SlidingWindowConfig()
     lightning: LightningConfig = LightningConfig()
+    landmark: LandmarkConfig = LandmarkConfig()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):

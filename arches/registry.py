@@ -12,6 +12,7 @@ from flax import nnx
 from effarch.layers.attention import Attention
 from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
+from effarch.layers.landmark import LandmarkAttention
 from effarch.layers.lightning import LightningAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
 
@@ -30,6 +31,7 @@ MIXERS: dict[str, MixerFactory] = {
     "lightning": lambda cfg, layer_idx, rngs: LightningAttention(
         cfg.d_model, cfg.lightning, layer_idx=layer_idx, n_layers=cfg.n_layers, rngs=rngs
     ),
+    "landmark": lambda cfg, layer_idx, rngs: LandmarkAttention(cfg.d_model, cfg.landmark, rngs=rngs),
 }
 
 

@@ -65,6 +65,7 @@ def grouped_softmax(
     q_positions: Int[Array, " T"] | None = None,
     mem_s: Float[Array, "B H T M N"] | None = None,
     mem_valid: Bool[Array, "B H T M"] | None = None,
+    key_valid: Bool[Array, "B S"] | None = None,
 ) -> tuple[Float[Array, "B H T S"], Float[Array, "B H T M N"] | None]:
     """Grouped-softmax weights from scores: local keys by the landmark rules, plus optional retrieved blocks.
 
@@ -74,6 +75,7 @@ def grouped_softmax(
       mem_s: scores of M extra complete blocks per (query, head) (retrieved from a block memory): N = L + 1 keys,
         the last one the block's landmark. Each is one more group of the top-level softmax, like an earlier block.
       mem_valid: which of the M blocks exist (False for an empty memory slot).
+      key_valid: local keys that exist (False for an unwritten slot); None means all.
 
     Returns:
       (local weights [B, H, T, S], memory weights [B, H, T, M, N] or None); landmark columns are 0.
@@ -81,8 +83,9 @@ def grouped_softmax(
     T, S = s_BHTS.shape[2:]
     if q_positions is None:
         q_positions = jnp.arange(T)
-    lm_BS = is_landmark
-    reg_BS = ~is_landmark
+    valid_BS = jnp.ones_like(is_landmark) if key_valid is None else key_valid
+    lm_BS = is_landmark & valid_BS
+    reg_BS = ~is_landmark & valid_BS
     blk_BS = block_ids(is_landmark)
     blk_BT = blk_BS[:, q_positions]
     same_block = blk_BT[:, None, :, None] == blk_BS[:, None, None, :]

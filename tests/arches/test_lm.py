@@ -10,6 +10,7 @@ from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.arches.registry import MIXERS
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.based import BasedConfig
+from effarch.layers.landmark import LandmarkConfig
 from effarch.layers.lightning import LightningConfig
 from effarch.layers.mlp import MLPConfig
 from effarch.layers.sliding_window import SlidingWindowConfig
@@ -25,6 +26,7 @@ def make(mixers, **kw) -> DecoderLM:
         based=BasedConfig(feature_dim=5, n_heads=2, chunk_size=8),
         sliding_window=SlidingWindowConfig(n_heads=2, window=6),
         lightning=LightningConfig(n_heads=3, block_size=8),
+        landmark=LandmarkConfig(n_heads=2, block_len=4, tile=8),
         **kw,
     )
     return DecoderLM(cfg, rngs=nnx.Rngs(0))
