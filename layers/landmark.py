@@ -122,8 +122,10 @@ class LandmarkAttention(nnx.Module):
     # --- exact decoding (Mixer protocol): a KV cache and the full grouped softmax -----------------------------
 
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
-        """Empty KV cache: {"k", "v": [B, max_len, H, K] zeros, "pos": int32 scalar 0}."""
-        shape = (batch_size, max_len, self.config.n_heads, self.head_dim)
+        """Empty KV cache: {"k", "v": [B, S, H, K] zeros, "pos": int32 scalar 0}, S = max_len rounded up to whole
+        blocks (decode_step reads the cache as blocks)."""
+        slots = -(-max_len // self.block_size) * self.block_size
+        shape = (batch_size, slots, self.config.n_heads, self.head_dim)
         return {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype), "pos": jnp.zeros((), jnp.int32)}
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
@@ -153,9 +155,40 @@ class LandmarkAttention(nnx.Module):
         return {"k": cache_k, "v": cache_v, "pos": pos + T}, y
 
     def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
-        """One token x_t [B, D] at position state["pos"]; returns (state, y_t [B, D])."""
-        state, y = self.prefill(state, x_t[:, None])
-        return state, y[:, 0]
+        """One token x_t [B, D] at position p = state["pos"]; returns (state, y_t [B, D]).
+
+        O(S) per token: the cache is read as blocks of N; the completed blocks (before p's block) are groups of
+        the top-level softmax, and the regular tokens <= p of p's own block are its current-block keys (its own
+        landmark, even when p is that landmark, is left out).
+        """
+        cfg, N = self.config, self.block_size
+        pos = state["pos"]
+        B, S = state["k"].shape[:2]
+        if not isinstance(pos, jax.core.Tracer) and int(pos) + 1 > S:
+            raise ValueError(f"landmark: KV cache of {S} slots is full (pos={int(pos)})")
+        q, k, v = self._qkv(x_t[:, None])
+        positions = pos[None]
+        q = apply_rope(q, positions, cfg.rope_theta).astype(jnp.float32)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        cache_k = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
+        blocks_k = cache_k.reshape(B, S // N, N, *cache_k.shape[2:]).astype(jnp.float32)
+        blocks_v = cache_v.reshape(B, S // N, N, *cache_v.shape[2:]).astype(jnp.float32)
+        own, offset = pos // N, pos % N
+        scale = self.head_dim**-0.5
+        s_mem = jnp.einsum("bthk,bmnhk->bhtmn", q, blocks_k) * scale
+        mem_valid = jnp.broadcast_to((jnp.arange(S // N) < own)[None, None, None], s_mem.shape[:4])
+        loc_k = jax.lax.dynamic_index_in_dim(blocks_k, own, axis=1, keepdims=False)
+        loc_v = jax.lax.dynamic_index_in_dim(blocks_v, own, axis=1, keepdims=False)
+        s_loc = jnp.einsum("bthk,bshk->bhts", q, loc_k) * scale
+        idx = jnp.arange(N)
+        key_valid = jnp.broadcast_to(((idx <= offset) & (idx != N - 1))[None], (B, N))
+        no_landmark = jnp.zeros((B, N), bool)
+        w_loc, w_mem = grouped_softmax(s_loc, no_landmark, jnp.array([N - 1]), s_mem, mem_valid, key_valid)
+        o = jnp.einsum("bhts,bshv->bthv", w_loc, loc_v) + jnp.einsum("bhtmn,bmnhv->bthv", w_mem, blocks_v)
+        y = self._out(o.astype(x_t.dtype))[:, 0]
+        y = jnp.where(pos + 1 <= S, y, jnp.full((), jnp.nan, y.dtype))
+        return {"k": cache_k, "v": cache_v, "pos": pos + 1}, y
 
     # --- inference with a block memory (paper §3.3, mem_cache.py) -------------------------------------------
 

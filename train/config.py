@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataConfig:
-    task: Literal["mqar", "bytes"] = "mqar"  # "bytes": next-byte LM on text_source (vocab_size >= 256)
+    task: Literal["mqar", "bytes", "passkey"] = "mqar"  # "bytes": next-byte LM on text_source (vocab_size >= 256)
+    # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
     # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
     mixture: Literal["custom", "zoology_standard"] = "custom"
     train_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 20_000),)  # (seq_len, num_kv_pairs, num_examples)
@@ -37,6 +38,7 @@ class DataConfig:
     val_fraction: float = 0.02  # the last fraction of the text is held out
     landmark_block_len: int = 0  # insert a landmark token after every L bytes (0: none); = model.landmark.block_len
     landmark_token: int = 256  # its id (model.vocab_size must exceed it)
+    passkey_examples: int = 8192  # task "passkey": training examples (evaluation: 256 more from seed + 1000)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -162,7 +164,7 @@ class Config:
                 raise ValueError(f"sharding_rules: {logical!r} maps to unknown mesh axes {bad}; "
                                  f"use {sorted(mesh_axes)}")
         # The landmark mixer finds landmarks by position, so the data must put them exactly there.
-        if "landmark" in self.model.mixers and self.data.task == "bytes" and (
+        if "landmark" in self.model.mixers and self.data.task in ("bytes", "passkey") and (
             self.data.landmark_block_len != self.model.landmark.block_len
         ):
             raise ValueError(f"data.landmark_block_len={self.data.landmark_block_len} must equal "
