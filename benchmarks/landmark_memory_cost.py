@@ -36,9 +36,11 @@ def _filled_memory(layer: LandmarkAttention, context: int, key) -> dict:
     n_blocks = context // N
     state = layer.init_memory(1, max_blocks=n_blocks + 1, max_chunk=1)
     k1, k2, k3, k4 = jax.random.split(key, 4)
+    mem_k = jax.random.normal(k1, state["mem_k"].shape)
     return dict(
         state,
-        mem_k=jax.random.normal(k1, state["mem_k"].shape),
+        mem_k=mem_k,
+        mem_lm_k=mem_k[:, :, -1],
         mem_v=jax.random.normal(k2, state["mem_v"].shape),
         loc_k=jax.random.normal(k3, state["loc_k"].shape),
         loc_v=jax.random.normal(k4, state["loc_v"].shape),
@@ -92,13 +94,12 @@ def main(argv=None) -> dict:
         results["exact"][str(c)] = {"median_s_per_token": statistics.median(times) / args.tokens,
                                     "kv_bytes_per_token": c * H * 2 * K * 4}
     first = str(args.contexts[0])
-    ratios = {
-        name: {str(c): results[name][str(c)]["median_s_per_token"] / results[name][first]["median_s_per_token"] for c in args.contexts}
-        for name in results
-    }
-    ratios["memory_over_exact"] = {
-        str(c): results["memory"][str(c)]["median_s_per_token"] / results["exact"][str(c)]["median_s_per_token"] for c in args.contexts
-    }
+
+    def per_token(name, c):
+        return results[name][str(c)]["median_s_per_token"]
+
+    ratios = {name: {str(c): per_token(name, c) / per_token(name, first) for c in args.contexts} for name in results}
+    ratios["memory_over_exact"] = {str(c): per_token("memory", c) / per_token("exact", c) for c in args.contexts}
     mem_times = [results["memory"][str(c)]["median_s_per_token"] for c in args.contexts]
     report = {
         "config": vars(args) | {"block_size": N, "head_dim": K, "backend": jax.default_backend()},

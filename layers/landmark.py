@@ -196,6 +196,7 @@ class LandmarkAttention(nnx.Module):
         """Empty block memory for up to `max_blocks` completed blocks, fed chunks of at most `max_chunk` tokens.
 
         {"mem_k", "mem_v": [B, M, N, H, K] unrotated keys / values of completed blocks (N = L + 1, landmark last),
+         "mem_lm_k": [B, M, H, K] their landmark keys again, contiguous, for the per-token scoring,
          "n_blocks": int32, "loc_k", "loc_v": [B, N, H, K] the incomplete block, "pos": int32 tokens seen}.
         M has room for the blocks one chunk can complete beyond max_blocks (written before they are counted).
         """
@@ -204,7 +205,8 @@ class LandmarkAttention(nnx.Module):
         mem = (batch_size, max_blocks + slack, N, H, K)
         loc = (batch_size, N, H, K)
         zeros = lambda shape: jnp.zeros(shape, cache_dtype)  # noqa: E731
-        return {"mem_k": zeros(mem), "mem_v": zeros(mem), "n_blocks": jnp.zeros((), jnp.int32),
+        return {"mem_k": zeros(mem), "mem_v": zeros(mem), "mem_lm_k": zeros(mem[:2] + mem[3:]),
+                "n_blocks": jnp.zeros((), jnp.int32),
                 "loc_k": zeros(loc), "loc_v": zeros(loc), "pos": jnp.zeros((), jnp.int32),
                 "max_blocks": jnp.full((), max_blocks, jnp.int32)}
 
@@ -223,8 +225,8 @@ class LandmarkAttention(nnx.Module):
             slot_M = jnp.ones_like(idx_M)
             lm_pos_M = idx_M * N + N - 1
         scale = self.head_dim**-0.5
-        lm_k = _rotate(mem_k[:, :, -1], jnp.broadcast_to(lm_pos_M[None, :, None], mem_k.shape[:2] + (cfg.n_heads,)),
-                       cfg.rope_theta)
+        lm_pos = jnp.broadcast_to(lm_pos_M[None, :, None], mem_k.shape[:2] + (cfg.n_heads,))
+        lm_k = _rotate(state["mem_lm_k"].astype(q.dtype), lm_pos, cfg.rope_theta)
         s_lm = jnp.einsum("bthk,bmhk->bhtm", q, lm_k) * scale
         s_lm = jnp.where(valid_M[None, None, None], s_lm, -jnp.inf)
         k_eff = min(topk, M)
@@ -274,13 +276,6 @@ class LandmarkAttention(nnx.Module):
         k_rot = _rotate(loc_k, jnp.broadcast_to(key_pos[None, :, None], loc_k.shape[:3]), cfg.rope_theta)
         scale = self.head_dim**-0.5
         s_loc = jnp.einsum("bthk,bshk->bhts", q_rot.astype(jnp.float32), k_rot.astype(jnp.float32)) * scale
-        s_mem, v_mem, mem_valid, _ = self._retrieve(state, q_rot.astype(jnp.float32))
-        bcast = lambda a: jnp.broadcast_to(a[None], (B,) + a.shape)  # noqa: E731
-        w_loc, w_mem = grouped_softmax(s_loc, bcast(is_lm), N + jnp.arange(T), s_mem, mem_valid, bcast(key_valid))
-        o = jnp.einsum("bhts,bshv->bthv", w_loc, loc_v.astype(jnp.float32))
-        o = o + jnp.einsum("bhtmn,bhtmnv->bthv", w_mem, v_mem.astype(jnp.float32))
-        y = self._out(o.astype(x.dtype))
-
         # Blocks completed in this chunk move to the cache; the rest becomes the new incomplete block.
         total = loc_len + T
         n_new = total // N
@@ -295,12 +290,24 @@ class LandmarkAttention(nnx.Module):
         blocks_v = seq_v.reshape(B, n_slots, N, *v.shape[2:])
         mem_k = jax.lax.dynamic_update_slice(state["mem_k"], blocks_k.astype(state["mem_k"].dtype), (0, n, 0, 0, 0))
         mem_v = jax.lax.dynamic_update_slice(state["mem_v"], blocks_v.astype(state["mem_v"].dtype), (0, n, 0, 0, 0))
+        mem_lm_k = jax.lax.dynamic_update_slice(state["mem_lm_k"], blocks_k[:, :, -1].astype(state["mem_lm_k"].dtype),
+                                                (0, n, 0, 0))
+        # The cache write comes before the retrieval reads: the new blocks land at slots >= n_blocks, which
+        # retrieval masks, and reading the written buffer lets XLA update it in place (no O(cache) copy).
+        written = dict(state, mem_k=mem_k, mem_v=mem_v, mem_lm_k=mem_lm_k)
+        s_mem, v_mem, mem_valid, _ = self._retrieve(written, q_rot.astype(jnp.float32))
+        bcast = lambda a: jnp.broadcast_to(a[None], (B,) + a.shape)  # noqa: E731
+        w_loc, w_mem = grouped_softmax(s_loc, bcast(is_lm), N + jnp.arange(T), s_mem, mem_valid, bcast(key_valid))
+        o = jnp.einsum("bhts,bshv->bthv", w_loc, loc_v.astype(jnp.float32))
+        o = o + jnp.einsum("bhtmn,bhtmnv->bthv", w_mem, v_mem.astype(jnp.float32))
+        y = self._out(o.astype(x.dtype))
+
         new_loc_k = jax.lax.dynamic_slice_in_dim(jnp.concatenate([seq_k, jnp.zeros_like(seq_k[:, :N])], 1),
                                                  n_new * N, N, axis=1)
         new_loc_v = jax.lax.dynamic_slice_in_dim(jnp.concatenate([seq_v, jnp.zeros_like(seq_v[:, :N])], 1),
                                                  n_new * N, N, axis=1)
         y = jnp.where(n + n_new <= capacity, y, jnp.full((), jnp.nan, y.dtype))
-        new_state = dict(state, mem_k=mem_k, mem_v=mem_v, n_blocks=n + n_new,
+        new_state = dict(state, mem_k=mem_k, mem_v=mem_v, mem_lm_k=mem_lm_k, n_blocks=n + n_new,
                          loc_k=new_loc_k.astype(state["loc_k"].dtype), loc_v=new_loc_v.astype(state["loc_v"].dtype),
                          pos=pos + T)
         return new_state, y

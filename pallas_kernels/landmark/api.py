@@ -72,5 +72,6 @@ def landmark_attention_cached(
     O(S), like a KV-cache step of softmax attention.
     """
     if q_positions.shape != q.shape[1:2]:
-        raise ValueError(f"landmark_attention_cached: q_positions shape {q_positions.shape} must be [T] = {q.shape[1:2]}")
+        raise ValueError(f"landmark_attention_cached: q_positions shape {q_positions.shape} must be "
+                         f"[T] = {q.shape[1:2]}")
     return reference.landmark_attention_reference(q, k, v, is_landmark, q_positions)
