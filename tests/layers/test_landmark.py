@@ -95,7 +95,8 @@ def test_memory_overflow_raises():
 
 def test_remap_positions_bounded_whatever_the_context():
     # With remapping, the local context starts at (k + 1) * N at most, so a long history does not push the query's
-    # RoPE position: the same local tokens after 4 or after 8 cached blocks (of identical content) give equal outputs.
+    # RoPE position: the same local tokens after 4 or after 6 cached blocks (of identical content) give equal outputs.
+    # Both have >= k = 2 blocks in slot 0, so ties in the top-k pick the same slots.
     layer = make_layer(mem_topk=2, remap=True)
     block = make_x(5, B=1)
     tail = make_x(3, B=1) * 0.5
@@ -106,7 +107,7 @@ def test_remap_positions_bounded_whatever_the_context():
             state, _ = layer.memory_prefill(state, block)
         return layer.memory_prefill(state, tail)[1]
 
-    assert_close("remapped", jax.jit(lambda: run(8))(), jax.jit(lambda: run(4))(), 1e-5)
+    assert_close("remapped", jax.jit(lambda: run(6))(), jax.jit(lambda: run(4))(), 1e-5)
 
 
 def test_config_validation_names_the_field():
