@@ -44,7 +44,8 @@ def test_prefill_then_decode_equals_parallel():
     assert_close("decode", split(x), y_full, 1e-5)
 
 
-@pytest.mark.parametrize("chunks", [pytest.param((1,) * 23, marks=pytest.mark.slow), (7, 7, 9), (3, 11, 2, 1, 1, 5)])
+@pytest.mark.parametrize("chunks", [pytest.param((1,) * 23, marks=pytest.mark.slow), (7, 7, 9),
+                                    pytest.param((3, 11, 2, 1, 1, 5), marks=pytest.mark.slow)])
 def test_memory_with_all_blocks_retrieved_and_no_remap_equals_parallel(chunks):
     # 23 tokens = 4 complete blocks + 3: with k = 5 >= 4 blocks and true positions, retrieval drops nothing.
     layer, x = make_layer(mem_topk=5, remap=False), make_x(23)

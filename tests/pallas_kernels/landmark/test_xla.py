@@ -61,6 +61,7 @@ def test_empty_rows_and_groups_give_zero_and_finite_gradients():
         assert np.all(np.isfinite(np.asarray(g)))
 
 
+@pytest.mark.slow
 def test_large_scores_do_not_overflow():
     # Scores of a few hundred: exp without the running maxima would overflow float32.
     q, k, v, _ = make_inputs(12, 29)
@@ -99,6 +100,7 @@ def test_blockwise_never_materialises_t_by_t():
     assert _largest_intermediate(jax.make_jaxpr(reference.landmark_attention_reference)(q, k, v, lm).jaxpr) >= T * T
 
 
+@pytest.mark.slow
 def test_bf16_inputs_accumulate_in_float32():
     q, k, v, _ = make_inputs(13, 37)
     lm = jnp.asarray(layout("aligned", 37))
