@@ -25,6 +25,7 @@ from effarch.layers.attention import AttentionConfig
 from effarch.layers.based import BasedConfig
 from effarch.layers.conv import ConvConfig
 from effarch.layers.diffqkv import DiffQKVConfig
+from effarch.layers.landmark import LandmarkConfig
 from effarch.layers.lightning import SGLU, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
 from effarch.layers.moh import MoHConfig
@@ -52,6 +53,7 @@ class ModelConfig:
     titans: NeuralMemoryConfig = NeuralMemoryConfig()
     diffqkv: DiffQKVConfig = DiffQKVConfig()
     moh: MoHConfig = MoHConfig()
+    landmark: LandmarkConfig = LandmarkConfig()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):

@@ -13,6 +13,7 @@ from effarch.layers.attention import Attention
 from effarch.layers.based import BasedLinearAttention
 from effarch.layers.conv import BaseConv, ZoologyBaseConv
 from effarch.layers.diffqkv import DiffQKVAttention
+from effarch.layers.landmark import LandmarkAttention
 from effarch.layers.lightning import LightningAttention
 from effarch.layers.moh import MoHAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
@@ -36,6 +37,7 @@ MIXERS: dict[str, MixerFactory] = {
     ),
     "diffqkv": lambda cfg, layer_idx, rngs: DiffQKVAttention(cfg.d_model, cfg.diffqkv, rngs=rngs),
     "moh": lambda cfg, layer_idx, rngs: MoHAttention(cfg.d_model, cfg.moh, rngs=rngs),
+    "landmark": lambda cfg, layer_idx, rngs: LandmarkAttention(cfg.d_model, cfg.landmark, rngs=rngs),
 }
 
 

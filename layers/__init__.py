@@ -16,6 +16,7 @@ from effarch.layers.axes import Mixer
 from effarch.layers.based import BasedConfig, BasedLinearAttention
 from effarch.layers.conv import BaseConv, ConvConfig, ZoologyBaseConv
 from effarch.layers.diffqkv import DiffQKVAttention, DiffQKVConfig
+from effarch.layers.landmark import LandmarkAttention, LandmarkConfig
 from effarch.layers.lightning import SGLU, LightningAttention, LightningConfig
 from effarch.layers.mlp import MLPConfig, SwiGLU
 from effarch.layers.moh import MoHAttention, MoHConfig
@@ -36,6 +37,8 @@ __all__ = [
     "ZoologyBaseConv",
     "DiffQKVAttention",
     "DiffQKVConfig",
+    "LandmarkAttention",
+    "LandmarkConfig",
     "LightningAttention",
     "LightningConfig",
     "MoHAttention",

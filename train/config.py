@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataConfig:
-    task: Literal["mqar", "bytes"] = "mqar"  # "bytes": next-byte LM on text_source (vocab_size >= 256)
+    task: Literal["mqar", "bytes", "passkey"] = "mqar"  # "bytes": next-byte LM on text_source (vocab_size >= 256)
+    # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
     # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
     mixture: Literal["custom", "zoology_standard"] = "custom"
     train_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 20_000),)  # (seq_len, num_kv_pairs, num_examples)
@@ -37,6 +38,9 @@ class DataConfig:
     seq_len: int = 256  # tokens per training window
     max_bytes: int = 4_000_000  # read at most this much text
     val_fraction: float = 0.02  # the last fraction of the text is held out
+    landmark_block_len: int = 0  # insert a landmark token after every L bytes (0: none); = model.landmark.block_len
+    landmark_token: int = 256  # its id (model.vocab_size must exceed it)
+    passkey_examples: int = 8192  # task "passkey": training examples (evaluation: 256 more from seed + 1000)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -52,6 +56,12 @@ class DataConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.power_a <= 1:
             raise ValueError(f"power_a must be in (0, 1], got {self.power_a}")
+        if self.landmark_block_len < 0 or self.landmark_token < 0:
+            raise ValueError(f"landmark_block_len and landmark_token must be >= 0, got {self.landmark_block_len}, "
+                             f"{self.landmark_token}")
+        if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
+            raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
+                             f"{self.landmark_block_len + 1} (windows start on a block boundary)")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,6 +190,12 @@ class Config:
             if bad:
                 raise ValueError(f"sharding_rules: {logical!r} maps to unknown mesh axes {bad}; "
                                  f"use {sorted(mesh_axes)}")
+        # The landmark mixer finds landmarks by position, so the data must put them exactly there.
+        if "landmark" in self.model.mixers and self.data.task in ("bytes", "passkey") and (
+            self.data.landmark_block_len != self.model.landmark.block_len
+        ):
+            raise ValueError(f"data.landmark_block_len={self.data.landmark_block_len} must equal "
+                             f"model.landmark.block_len={self.model.landmark.block_len}")
 
 
 # --- loading --------------------------------------------------------------------------------------------------

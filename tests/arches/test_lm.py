@@ -11,6 +11,7 @@ from effarch.arches.registry import MIXERS
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.based import BasedConfig
 from effarch.layers.diffqkv import DiffQKVConfig
+from effarch.layers.landmark import LandmarkConfig
 from effarch.layers.lightning import LightningConfig
 from effarch.layers.mlp import MLPConfig
 from effarch.layers.sliding_window import SlidingWindowConfig
@@ -30,6 +31,7 @@ def make(mixers, **kw) -> DecoderLM:
         # chunks of 4 and refreshes every 8 tokens: prompts of 1 and 7 tokens end inside both
         titans=NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=8, n_persistent=2),
         diffqkv=DiffQKVConfig(n_q_heads=6, n_k_heads=1, n_v_heads=3, k_cache_dim=2, aug_q_hidden=10),
+        landmark=LandmarkConfig(n_heads=2, block_len=4, tile=8),
         **kw,
     )
     return DecoderLM(cfg, rngs=nnx.Rngs(0))

@@ -22,8 +22,13 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_config_trains_one_step(path, tmp_path):
     overrides = [f"train.run_dir={tmp_path}"]
-    if load_config([path]).data.task == "bytes":
-        overrides += ["data.seq_len=32", "data.max_bytes=20000", "model.vocab_size=256"]
+    base = load_config([path])
+    if base.data.task == "bytes":
+        # A landmark config needs one more id than the 256 bytes, for its landmark token.
+        vocab = base.data.landmark_token + 1 if base.data.landmark_block_len else 256
+        overrides += ["data.seq_len=32", "data.max_bytes=20000", f"model.vocab_size={vocab}"]
+    if base.data.task == "passkey":
+        overrides += ["data.seq_len=64", "data.passkey_examples=64"]
     cfg = load_config([path, TINY], overrides)
     trainer = Trainer(cfg)
     stream, evals = build_data(cfg.data, cfg.model.vocab_size, cfg.train.batch_size)

@@ -29,6 +29,7 @@ MIXERS = {
     "sliding_window": (L.SlidingWindowAttention, (D, L.SlidingWindowConfig(n_heads=2, window=3)), {}),
     "diffqkv": (L.DiffQKVAttention, (D, L.DiffQKVConfig(n_q_heads=6, n_k_heads=1, n_v_heads=3, aug_q_hidden=10)),
                 {}),
+    "landmark": (L.LandmarkAttention, (D, L.LandmarkConfig(n_heads=2, block_len=3, tile=8)), {}),
     "moh": (L.MoHAttention, (D, L.MoHConfig(n_heads=3, n_shared=1, top_k=1)), {}),
     "titans_lmm": (L.NeuralMemory, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=4,
                                                               n_persistent=1)), {}),

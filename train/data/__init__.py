@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from effarch.train.data import mqar, text
+from effarch.train.data import mqar, passkey, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +59,21 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream,
     if data_cfg.task == "bytes":
         if vocab_size < 256:
             raise ValueError(f"model.vocab_size={vocab_size}: the bytes task needs at least 256")
+        if data_cfg.landmark_block_len and vocab_size <= data_cfg.landmark_token:
+            raise ValueError(f"model.vocab_size={vocab_size} has no id for data.landmark_token="
+                             f"{data_cfg.landmark_token}")
         x, y, vx, vy = text.byte_lm_examples(data_cfg.text_source, data_cfg.seq_len, data_cfg.max_bytes,
-                                             data_cfg.val_fraction)
+                                             data_cfg.val_fraction, landmark_block_len=data_cfg.landmark_block_len,
+                                             landmark_token=data_cfg.landmark_token)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment("bytes_val", vx, vy)]
+    if data_cfg.task == "passkey":
+        if vocab_size < passkey.VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size={vocab_size}: the passkey task needs at least {passkey.VOCAB_SIZE}")
+        rng = np.random.default_rng(data_cfg.seed)
+        x, y, _ = passkey.passkey_batch(rng, data_cfg.passkey_examples, data_cfg.seq_len, data_cfg.landmark_block_len)
+        vx, vy, _ = passkey.passkey_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len,
+                                          data_cfg.landmark_block_len)
+        return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"passkey_{data_cfg.seq_len}", vx, vy)]
     train_segs, test_segs = _segments(data_cfg)
     options = dict(power_a=data_cfg.power_a, random_non_queries=data_cfg.random_non_queries)
     max_len = max(n for n, _, _ in train_segs)

@@ -35,21 +35,54 @@ def read_bytes(source: str, max_bytes: int) -> np.ndarray:
     return np.concatenate(chunks)
 
 
+def insert_landmarks(tokens: np.ndarray, block_len: int, landmark_token: int) -> np.ndarray:
+    """Appends `landmark_token` after every `block_len` tokens of a 1-D stream (the reference code's
+    `apply_add_mem_tokens`): position p of the result is a landmark iff p % (block_len + 1) == block_len.
+    A trailing partial block gets no landmark."""
+    n_full = len(tokens) // block_len
+    blocks = tokens[: n_full * block_len].reshape(n_full, block_len)
+    marks = np.full((n_full, 1), landmark_token, tokens.dtype)
+    return np.concatenate([np.concatenate([blocks, marks], axis=1).reshape(-1), tokens[n_full * block_len :]])
+
+
+def landmark_targets(windows: np.ndarray, landmark_token: int, ignore: int = -100) -> tuple[np.ndarray, np.ndarray]:
+    """[N, T + 2] windows -> inputs [N, T] and labels [N, T] (lm_benchmark/optim/utils.py::get_batch).
+
+    The label is the next token, or the one after it when the next token is a landmark (landmarks are never
+    predicted); positions whose input is a landmark get `ignore`.
+    """
+    x = windows[:, :-2]
+    y = np.where(windows[:, 1:-1] == landmark_token, windows[:, 2:], windows[:, 1:-1])
+    return x, np.where(x == landmark_token, ignore, y)
+
+
 def byte_lm_examples(
-    source: str, seq_len: int, max_bytes: int, val_fraction: float
+    source: str, seq_len: int, max_bytes: int, val_fraction: float, landmark_block_len: int = 0,
+    landmark_token: int = 256,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Windows of seq_len + 1 bytes at a stride of seq_len -> (train_inputs, train_labels, val_inputs, val_labels).
 
     Labels are the inputs shifted by one (next-byte prediction). Consecutive windows share one byte (the last label
     of a window is the first input of the next), so every byte after the first is a target exactly once. The
     validation windows are the last `val_fraction` of the stream: no validation target is ever a training target.
+    With `landmark_block_len` L > 0 a landmark token follows every L bytes (windows start on a block boundary:
+    seq_len must be a multiple of L + 1), and the labels skip landmarks (`landmark_targets`).
     """
     stream = read_bytes(source, max_bytes).astype(np.int32)
-    n = (len(stream) - 1) // seq_len
+    extra = 1
+    if landmark_block_len:
+        if seq_len % (landmark_block_len + 1):
+            raise ValueError(f"data.seq_len={seq_len} must be a multiple of landmark_block_len + 1 = "
+                             f"{landmark_block_len + 1}")
+        stream = insert_landmarks(stream, landmark_block_len, landmark_token)
+        extra = 2
+    n = (len(stream) - extra) // seq_len
     if n < 2:
         raise ValueError(f"data.text_source {source!r} has {len(stream)} bytes: too few for seq_len={seq_len}")
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + extra)[None]
     windows = stream[idx]
     n_val = max(1, int(round(n * val_fraction)))
     train, val = windows[:-n_val], windows[-n_val:]
+    if landmark_block_len:
+        return (*landmark_targets(train, landmark_token), *landmark_targets(val, landmark_token))
     return train[:, :-1], train[:, 1:], val[:, :-1], val[:, 1:]

@@ -1,0 +1,318 @@
+"""Landmark attention token mixer, with block-memory retrieval for inputs far longer than the training window.
+
+Paper: Mohtashami & Jaggi, "Landmark Attention: Random-Access Infinite Context Length for Transformers",
+arXiv 2305.16300. Reference: epfml/landmark-attention@78ec517, models/landmark.py (training attention) and
+models/caches/mem_cache.py (`MemLMCacheStorage`: the block cache, top-k retrieval, positional remapping).
+
+Choices (specs/mechanisms.md §4):
+- The landmark layout is a function of position: position p is a landmark iff p % (L + 1) == L, L = block_len
+  regular tokens per block. The Mixer protocol passes hidden states, not token ids, so the data pipeline
+  (`effarch.train.data.text.insert_landmarks`) puts the landmark token exactly there; windows are therefore aligned
+  to blocks (the paper cuts them at random offsets; the op itself takes any layout, see pallas_kernels/landmark).
+- Softmax attention heads with RoPE on q and k before the grouped softmax; no bias (like layers/attention.py).
+- `__call__` / `prefill` / `decode_step` are exact: a KV cache of max_len slots and the full grouped softmax.
+- `memory_prefill` is the paper's inference: tokens arrive in chunks; completed blocks move to a block cache; per
+  token and head the cached landmark keys are scored and the top-k blocks are attended with the grouped softmax
+  next to the local context (the incomplete block and the chunk). Retrieval uses "per_token_and_head" selection.
+- Positional remapping as in mem_cache.py: for scoring, the k most recent cached blocks sit in slots 1..k and all
+  older ones in slot 0 (landmark at slot * (L + 1) + L); the retrieved blocks, in temporal order, take the
+  positions i * (L + 1) (+ L + 1 if the block's slot is not 0), and the local context starts at
+  min(n_blocks, k + 1) * (L + 1). With `remap=False` every block keeps its true position, and retrieval of all
+  blocks equals the full grouped softmax (tests/layers/test_landmark.py).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from effarch.layers.axes import Hidden, HiddenStep, State
+from effarch.layers.rope import apply_rope, rope_frequencies
+from effarch.pallas_kernels.landmark import landmark_attention, landmark_attention_cached
+from effarch.pallas_kernels.landmark.reference import grouped_softmax
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LandmarkConfig:
+    n_heads: int = 4  # H
+    head_dim: int | None = None  # K = V; None = d_model // n_heads
+    block_len: int = 50  # L: regular tokens per block; a landmark follows each (paper `mem_freq` 50)
+    rope_theta: float = 10000.0
+    tile: int = 64  # query/key tile of the blockwise "xla" op
+    mem_topk: int = 2  # k: blocks retrieved per token and head at inference (paper: 2 and 4)
+    remap: bool = True  # the paper's positional remapping of retrieved blocks
+    implementation: str | None = None  # landmark_attention backend; None = platform default
+
+    def __post_init__(self):
+        for name in ("n_heads", "block_len", "tile", "mem_topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"landmark.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ValueError(f"landmark.head_dim must be even (RoPE), got {self.head_dim}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"landmark.rope_theta must be positive, got {self.rope_theta}")
+
+
+def is_landmark_position(positions: Int[Array, "*N"], block_len: int) -> Array:
+    """True where a landmark sits: after every block_len regular tokens (position % (L + 1) == L)."""
+    return positions % (block_len + 1) == block_len
+
+
+def _rotate(x: Float[Array, "*N K"], positions: Int[Array, "*N"], theta: float) -> Float[Array, "*N K"]:
+    """apply_rope's rotate-half rotation for any leading shape (per-key positions of retrieved blocks)."""
+    freqs = rope_frequencies(x.shape[-1], theta)
+    angles = positions.astype(jnp.float32)[..., None] * freqs.reshape((1,) * positions.ndim + (-1,))
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _init(axes):
+    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
+
+
+class LandmarkAttention(nnx.Module):
+    """Grouped-softmax attention over landmark-delimited blocks; a Mixer (layers/axes.py).
+
+    Attributes:
+      q_proj, k_proj, v_proj: [D, H*K] ("embed", "heads").
+      o_proj: [H*K, D] ("heads", "embed").
+    """
+
+    def __init__(self, d_model: int, config: LandmarkConfig, *, rngs: nnx.Rngs):
+        head_dim = config.head_dim if config.head_dim is not None else d_model // config.n_heads
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"landmark: d_model={d_model} / n_heads={config.n_heads} gives head_dim {head_dim}; "
+                             "RoPE needs an even head_dim")
+        self.config = config
+        self.d_model = d_model
+        self.head_dim = head_dim
+        hk = config.n_heads * head_dim
+        self.q_proj = nnx.Linear(d_model, hk, use_bias=False, kernel_init=_init(("embed", "heads")), rngs=rngs)
+        self.k_proj = nnx.Linear(d_model, hk, use_bias=False, kernel_init=_init(("embed", "heads")), rngs=rngs)
+        self.v_proj = nnx.Linear(d_model, hk, use_bias=False, kernel_init=_init(("embed", "heads")), rngs=rngs)
+        self.o_proj = nnx.Linear(hk, d_model, use_bias=False, kernel_init=_init(("heads", "embed")), rngs=rngs)
+
+    @property
+    def block_size(self) -> int:
+        """N = L + 1 positions per block, the landmark included."""
+        return self.config.block_len + 1
+
+    def _qkv(self, x: Hidden) -> tuple[Float[Array, "B T H K"], Float[Array, "B T H K"], Float[Array, "B T H K"]]:
+        """Unrotated q, k, v."""
+        shape = (*x.shape[:2], self.config.n_heads, self.head_dim)
+        return self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape), self.v_proj(x).reshape(shape)
+
+    def _out(self, o: Float[Array, "B T H K"]) -> Hidden:
+        return self.o_proj(o.reshape(*o.shape[:2], -1))
+
+    def __call__(self, x: Hidden) -> Hidden:
+        """Parallel form: x [B, T, D] at positions 0..T-1 -> [B, T, D]."""
+        B, T = x.shape[:2]
+        positions = jnp.arange(T)
+        q, k, v = self._qkv(x)
+        q = apply_rope(q, positions, self.config.rope_theta)
+        k = apply_rope(k, positions, self.config.rope_theta)
+        is_lm = jnp.broadcast_to(is_landmark_position(positions, self.config.block_len), (B, T))
+        o = landmark_attention(q, k, v, is_lm, block_size=self.config.tile, implementation=self.config.implementation)
+        return self._out(o)
+
+    # --- exact decoding (Mixer protocol): a KV cache and the full grouped softmax -----------------------------
+
+    def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
+        """Empty KV cache: {"k", "v": [B, S, H, K] zeros, "pos": int32 scalar 0}, S = max_len rounded up to whole
+        blocks (decode_step reads the cache as blocks)."""
+        slots = -(-max_len // self.block_size) * self.block_size
+        shape = (batch_size, slots, self.config.n_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype), "pos": jnp.zeros((), jnp.int32)}
+
+    def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
+        """Bytes of KV cache per sequence after seq_len tokens (exact decoding keeps every key)."""
+        return 2 * seq_len * self.config.n_heads * self.head_dim * jnp.dtype(cache_dtype).itemsize
+
+    def prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:
+        """Runs x [B, T, D] from position state["pos"]; with pos = 0 the output equals __call__(x).
+
+        Past the cache end: ValueError eagerly, NaN outputs under jit.
+        """
+        pos = state["pos"]
+        B, T = x.shape[:2]
+        max_len = state["k"].shape[1]
+        if not isinstance(pos, jax.core.Tracer) and int(pos) + T > max_len:
+            raise ValueError(f"landmark: KV cache of {max_len} slots is full (pos={int(pos)}, {T} new tokens)")
+        positions = pos + jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self._qkv(x)
+        q = apply_rope(q, positions, self.config.rope_theta)
+        k = apply_rope(k, positions, self.config.rope_theta)
+        cache_k = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
+        is_lm = jnp.broadcast_to(is_landmark_position(jnp.arange(max_len), self.config.block_len), (B, max_len))
+        o = landmark_attention_cached(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), is_lm, positions)
+        y = self._out(o)
+        y = jnp.where(pos + T <= max_len, y, jnp.full((), jnp.nan, y.dtype))
+        return {"k": cache_k, "v": cache_v, "pos": pos + T}, y
+
+    def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
+        """One token x_t [B, D] at position p = state["pos"]; returns (state, y_t [B, D]).
+
+        O(S) per token: the cache is read as blocks of N; the completed blocks (before p's block) are groups of
+        the top-level softmax, and the regular tokens <= p of p's own block are its current-block keys (its own
+        landmark, even when p is that landmark, is left out).
+        """
+        cfg, N = self.config, self.block_size
+        pos = state["pos"]
+        B, S = state["k"].shape[:2]
+        if not isinstance(pos, jax.core.Tracer) and int(pos) + 1 > S:
+            raise ValueError(f"landmark: KV cache of {S} slots is full (pos={int(pos)})")
+        q, k, v = self._qkv(x_t[:, None])
+        positions = pos[None]
+        q = apply_rope(q, positions, cfg.rope_theta).astype(jnp.float32)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        cache_k = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
+        blocks_k = cache_k.reshape(B, S // N, N, *cache_k.shape[2:]).astype(jnp.float32)
+        blocks_v = cache_v.reshape(B, S // N, N, *cache_v.shape[2:]).astype(jnp.float32)
+        own, offset = pos // N, pos % N
+        scale = self.head_dim**-0.5
+        s_mem = jnp.einsum("bthk,bmnhk->bhtmn", q, blocks_k) * scale
+        mem_valid = jnp.broadcast_to((jnp.arange(S // N) < own)[None, None, None], s_mem.shape[:4])
+        loc_k = jax.lax.dynamic_index_in_dim(blocks_k, own, axis=1, keepdims=False)
+        loc_v = jax.lax.dynamic_index_in_dim(blocks_v, own, axis=1, keepdims=False)
+        s_loc = jnp.einsum("bthk,bshk->bhts", q, loc_k) * scale
+        idx = jnp.arange(N)
+        key_valid = jnp.broadcast_to(((idx <= offset) & (idx != N - 1))[None], (B, N))
+        no_landmark = jnp.zeros((B, N), bool)
+        w_loc, w_mem = grouped_softmax(s_loc, no_landmark, jnp.array([N - 1]), s_mem, mem_valid, key_valid)
+        o = jnp.einsum("bhts,bshv->bthv", w_loc, loc_v) + jnp.einsum("bhtmn,bmnhv->bthv", w_mem, blocks_v)
+        y = self._out(o.astype(x_t.dtype))[:, 0]
+        y = jnp.where(pos + 1 <= S, y, jnp.full((), jnp.nan, y.dtype))
+        return {"k": cache_k, "v": cache_v, "pos": pos + 1}, y
+
+    # --- inference with a block memory (paper §3.3, mem_cache.py) -------------------------------------------
+
+    def init_memory(self, batch_size: int, max_blocks: int, max_chunk: int = 1, cache_dtype=jnp.float32) -> State:
+        """Empty block memory for up to `max_blocks` completed blocks, fed chunks of at most `max_chunk` tokens.
+
+        {"mem_k", "mem_v": [B, M, N, H, K] unrotated keys / values of completed blocks (N = L + 1, landmark last),
+         "mem_lm_k": [B, M, H, K] their landmark keys again, contiguous, for the per-token scoring,
+         "n_blocks": int32, "loc_k", "loc_v": [B, N, H, K] the incomplete block, "pos": int32 tokens seen}.
+        M has room for the blocks one chunk can complete beyond max_blocks (written before they are counted).
+        """
+        N, H, K = self.block_size, self.config.n_heads, self.head_dim
+        slack = (N - 1 + max_chunk) // N + 1
+        mem = (batch_size, max_blocks + slack, N, H, K)
+        loc = (batch_size, N, H, K)
+        zeros = lambda shape: jnp.zeros(shape, cache_dtype)  # noqa: E731
+        return {"mem_k": zeros(mem), "mem_v": zeros(mem), "mem_lm_k": zeros(mem[:2] + mem[3:]),
+                "n_blocks": jnp.zeros((), jnp.int32),
+                "loc_k": zeros(loc), "loc_v": zeros(loc), "pos": jnp.zeros((), jnp.int32),
+                "max_blocks": jnp.full((), max_blocks, jnp.int32)}
+
+    def _retrieve(self, state: State, q: Float[Array, "B T H K"]):
+        """Top-k cached blocks per (token, head): scores [B, H, T, k, N], values, validity and indices [B, H, T, k]."""
+        cfg, N = self.config, self.block_size
+        topk = cfg.mem_topk
+        mem_k, mem_v, n = state["mem_k"].astype(q.dtype), state["mem_v"].astype(q.dtype), state["n_blocks"]
+        M = mem_k.shape[1]
+        idx_M = jnp.arange(M)
+        valid_M = idx_M < n
+        if cfg.remap:
+            slot_M = jnp.where(idx_M >= n - topk, idx_M - (n - topk) + 1, 0)
+            lm_pos_M = slot_M * N + N - 1
+        else:
+            slot_M = jnp.ones_like(idx_M)
+            lm_pos_M = idx_M * N + N - 1
+        scale = self.head_dim**-0.5
+        lm_pos = jnp.broadcast_to(lm_pos_M[None, :, None], mem_k.shape[:2] + (cfg.n_heads,))
+        lm_k = _rotate(state["mem_lm_k"].astype(q.dtype), lm_pos, cfg.rope_theta)
+        s_lm = jnp.einsum("bthk,bmhk->bhtm", q, lm_k) * scale
+        s_lm = jnp.where(valid_M[None, None, None], s_lm, -jnp.inf)
+        k_eff = min(topk, M)
+        _, sel = jax.lax.top_k(s_lm, k_eff)
+        # Temporal order; invalid picks (fewer blocks than k) have the largest indices and sort last.
+        sel = jnp.sort(sel, axis=-1)
+        sel_valid = sel < n
+        B, H, T = sel.shape[:3]
+        b_idx = jnp.arange(B)[:, None, None, None]
+        h_idx = jnp.arange(H)[None, :, None, None]
+        k_sel = mem_k[b_idx, sel, :, h_idx]  # [B, H, T, k, N, K]
+        v_sel = mem_v[b_idx, sel, :, h_idx]
+        if cfg.remap:
+            base = (slot_M[sel] > 0) * N + jnp.arange(k_eff)[None, None, None] * N
+        else:
+            base = sel * N
+        k_pos = base[..., None] + jnp.arange(N)[None, None, None, None]
+        k_sel = _rotate(k_sel, k_pos, cfg.rope_theta)
+        s_sel = jnp.einsum("bthk,bhtmnk->bhtmn", q, k_sel) * scale
+        return s_sel, v_sel, sel_valid, sel
+
+    def memory_prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:
+        """Processes a chunk x [B, T, D] (T <= the init_memory max_chunk) with retrieval; returns (state, y).
+
+        Attention per token: the top-k cached blocks ++ the incomplete block ++ the chunk (causal), all in one
+        grouped softmax. Blocks completed by the end of the chunk then move to the cache. Exceeding max_blocks:
+        ValueError eagerly, NaN outputs under jit.
+        """
+        cfg, N = self.config, self.block_size
+        B, T = x.shape[:2]
+        pos, n, loc_len = state["pos"], state["n_blocks"], state["pos"] % N
+        capacity = state["max_blocks"]
+        if not isinstance(pos, jax.core.Tracer) and int(n) + (int(loc_len) + T) // N > int(capacity):
+            raise ValueError(f"landmark: block memory of {int(capacity)} blocks is full (n_blocks={int(n)}, "
+                             f"{T} new tokens)")
+        q, k, v = self._qkv(x)
+        start = (jnp.minimum(n, cfg.mem_topk + 1) if cfg.remap else n) * N
+        # Local keys: the N slots of the incomplete block (the first loc_len written) ++ the chunk.
+        loc_k = jnp.concatenate([state["loc_k"].astype(k.dtype), k], axis=1)
+        loc_v = jnp.concatenate([state["loc_v"].astype(v.dtype), v], axis=1)
+        key_idx = jnp.arange(N + T)
+        key_pos = jnp.where(key_idx < N, start + key_idx, start + loc_len + key_idx - N)
+        key_valid = (key_idx >= N) | (key_idx < loc_len)
+        true_pos = pos - loc_len + jnp.where(key_idx < N, key_idx, loc_len + key_idx - N)
+        is_lm = is_landmark_position(true_pos, cfg.block_len) & key_valid
+        q_rot = apply_rope(q, start + loc_len + jnp.arange(T), cfg.rope_theta)
+        k_rot = _rotate(loc_k, jnp.broadcast_to(key_pos[None, :, None], loc_k.shape[:3]), cfg.rope_theta)
+        scale = self.head_dim**-0.5
+        s_loc = jnp.einsum("bthk,bshk->bhts", q_rot.astype(jnp.float32), k_rot.astype(jnp.float32)) * scale
+        # Blocks completed in this chunk move to the cache; the rest becomes the new incomplete block.
+        total = loc_len + T
+        n_new = total // N
+        n_slots = (N - 1 + T) // N + 1
+        seq_k = jax.lax.dynamic_update_slice(jnp.zeros((B, n_slots * N) + k.shape[2:], k.dtype),
+                                             state["loc_k"].astype(k.dtype), (0, 0, 0, 0))
+        seq_k = jax.lax.dynamic_update_slice(seq_k, k, (0, loc_len, 0, 0))
+        seq_v = jax.lax.dynamic_update_slice(jnp.zeros((B, n_slots * N) + v.shape[2:], v.dtype),
+                                             state["loc_v"].astype(v.dtype), (0, 0, 0, 0))
+        seq_v = jax.lax.dynamic_update_slice(seq_v, v, (0, loc_len, 0, 0))
+        blocks_k = seq_k.reshape(B, n_slots, N, *k.shape[2:])
+        blocks_v = seq_v.reshape(B, n_slots, N, *v.shape[2:])
+        mem_k = jax.lax.dynamic_update_slice(state["mem_k"], blocks_k.astype(state["mem_k"].dtype), (0, n, 0, 0, 0))
+        mem_v = jax.lax.dynamic_update_slice(state["mem_v"], blocks_v.astype(state["mem_v"].dtype), (0, n, 0, 0, 0))
+        mem_lm_k = jax.lax.dynamic_update_slice(state["mem_lm_k"], blocks_k[:, :, -1].astype(state["mem_lm_k"].dtype),
+                                                (0, n, 0, 0))
+        # The cache write comes before the retrieval reads: the new blocks land at slots >= n_blocks, which
+        # retrieval masks, and reading the written buffer lets XLA update it in place (no O(cache) copy).
+        written = dict(state, mem_k=mem_k, mem_v=mem_v, mem_lm_k=mem_lm_k)
+        s_mem, v_mem, mem_valid, _ = self._retrieve(written, q_rot.astype(jnp.float32))
+        bcast = lambda a: jnp.broadcast_to(a[None], (B,) + a.shape)  # noqa: E731
+        w_loc, w_mem = grouped_softmax(s_loc, bcast(is_lm), N + jnp.arange(T), s_mem, mem_valid, bcast(key_valid))
+        o = jnp.einsum("bhts,bshv->bthv", w_loc, loc_v.astype(jnp.float32))
+        o = o + jnp.einsum("bhtmn,bhtmnv->bthv", w_mem, v_mem.astype(jnp.float32))
+        y = self._out(o.astype(x.dtype))
+
+        new_loc_k = jax.lax.dynamic_slice_in_dim(jnp.concatenate([seq_k, jnp.zeros_like(seq_k[:, :N])], 1),
+                                                 n_new * N, N, axis=1)
+        new_loc_v = jax.lax.dynamic_slice_in_dim(jnp.concatenate([seq_v, jnp.zeros_like(seq_v[:, :N])], 1),
+                                                 n_new * N, N, axis=1)
+        y = jnp.where(n + n_new <= capacity, y, jnp.full((), jnp.nan, y.dtype))
+        new_state = dict(state, mem_k=mem_k, mem_v=mem_v, mem_lm_k=mem_lm_k, n_blocks=n + n_new,
+                         loc_k=new_loc_k.astype(state["loc_k"].dtype), loc_v=new_loc_v.astype(state["loc_v"].dtype),
+                         pos=pos + T)
+        return new_state, y
+
+    def memory_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
+        """One token with retrieval; memory_prefill of a chunk of 1."""
+        state, y = self.memory_prefill(state, x_t[:, None])
+        return state, y[:, 0]
