@@ -24,6 +24,7 @@ from jaxtyping import Array, Float
 
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.diffqkv import DiffQKVConfig
+from effarch.layers.rope import ROPE_SCALING_FIELDS
 
 
 def regroup_heads(w: Float[Array, "D F"], n_from: int, n_to: int) -> Float[Array, "D G"]:
@@ -62,6 +63,7 @@ def diffqkv_model_config(
         aug_q=False,
         rope=att.rope,
         rope_theta=att.rope_theta,
+        **{f: getattr(att, f) for f in ROPE_SCALING_FIELDS},
         implementation=cfg.diffqkv.implementation,
     )
     for name, n in (("n_k_heads", diffqkv.n_k_heads), ("n_v_heads", diffqkv.n_v_heads)):

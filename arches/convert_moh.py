@@ -23,6 +23,7 @@ from flax import nnx
 
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.moh import MoHConfig
+from effarch.layers.rope import ROPE_SCALING_FIELDS
 
 
 def moh_config_from_attention(cfg: ModelConfig, *, n_shared: int | None = None, top_k: int | None = None,
@@ -45,7 +46,8 @@ def moh_config_from_attention(cfg: ModelConfig, *, n_shared: int | None = None, 
     top_k = max(1, (att.n_heads - n_shared) // 2) if top_k is None else top_k
     moh = MoHConfig(n_heads=att.n_heads, n_shared=n_shared, top_k=top_k, router="parameter_free",
                     paper_scaling=paper_scaling, n_kv_heads=att.n_kv_heads, head_dim=att.head_dim, rope=att.rope,
-                    rope_theta=att.rope_theta, implementation=implementation)
+                    rope_theta=att.rope_theta, implementation=implementation,
+                    **{f: getattr(att, f) for f in ROPE_SCALING_FIELDS})
     mixers = tuple("moh" if m == "attention" else m for m in cfg.mixers)
     return dataclasses.replace(cfg, mixers=mixers, moh=moh)
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep, State
-from effarch.layers.rope import apply_rope, llama3_frequencies, rope_frequencies
+from effarch.layers.rope import apply_rope, scaled_rope_frequencies
 from effarch.pallas_kernels.attention import dot_product_attention
 
 
@@ -137,12 +137,7 @@ class Attention(nnx.Module):
 
     def rope_frequencies(self) -> Float[Array, " K2"]:
         """The RoPE inverse frequencies [K/2]: theta^(-2i/K), scaled when config.rope_scaling is "llama3"."""
-        cfg = self.config
-        freqs = rope_frequencies(self.head_dim, cfg.rope_theta)
-        if cfg.rope_scaling == "llama3":
-            freqs = llama3_frequencies(freqs, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
-                                       cfg.rope_high_freq_factor, cfg.rope_original_max_len)
-        return freqs
+        return scaled_rope_frequencies(self.head_dim, self.config)
 
     def __call__(self, x: Hidden, context: Float[Array, "B S Dc"] | None = None) -> Hidden:
         """Parallel form.

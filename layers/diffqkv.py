@@ -18,6 +18,7 @@ Choices (see specs/mechanisms.md §6.1):
 """
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.mlp import SwiGLU
-from effarch.layers.rope import apply_rope
+from effarch.layers.rope import apply_rope, scaled_rope_frequencies
 from effarch.pallas_kernels.diffqkv import diffqkv_attention, selective_v_attention
 
 
@@ -42,6 +43,12 @@ class DiffQKVConfig:
     aug_q_hidden: int | None = None  # AugQ intermediate size; None = 1.5 * d_model (paper Table 3)
     rope: bool = True  # rotary embeddings on q and k
     rope_theta: float = 10000.0  # RoPE base
+    # RoPE scaling, as AttentionConfig (so a converted Llama 3 checkpoint keeps its positions)
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     select_v_top_n: int | None = None  # cached path only: read the top-N V rows per query (paper Sel.V-top100)
     select_v_renormalize: bool = False  # rescale the selected weights to sum to 1 (the paper does not)
     implementation: str | None = None  # diffqkv_attention backend; None = platform default
@@ -111,12 +118,15 @@ class DiffQKVAttention(nnx.Module):
     def aug_q_hidden(self, d_model: int) -> int:
         return self.config.aug_q_hidden if self.config.aug_q_hidden is not None else (3 * d_model) // 2
 
+    def _freqs(self) -> Float[Array, " K2"]:
+        return scaled_rope_frequencies(self.head_dim, self.config)
+
     def _queries(self, x: Hidden, positions) -> Float[Array, "B T H K"]:
         q0 = self.q_proj(x)
         if self.aug_q is not None:
             q0 = self.aug_q(q0)
         q = q0.reshape(*x.shape[:2], self.config.n_q_heads, self.head_dim)
-        return apply_rope(q, positions, self.config.rope_theta) if self.config.rope else q
+        return apply_rope(q, positions, freqs=self._freqs()) if self.config.rope else q
 
     def _small_keys(self, x: Hidden) -> Float[Array, "B T Hk Kc"]:
         return self.k_proj(x).reshape(*x.shape[:2], self.config.n_k_heads, self.k_cache_dim)
@@ -128,7 +138,7 @@ class DiffQKVAttention(nnx.Module):
         """Up-projects cached keys (if compressed) and rotates them at `positions`."""
         if self.k_up is not None:
             k = self.k_up(k)
-        return apply_rope(k, positions, self.config.rope_theta) if self.config.rope else k
+        return apply_rope(k, positions, freqs=self._freqs()) if self.config.rope else k
 
     def _out(self, o: Float[Array, "B T H V"]) -> Hidden:
         return self.o_proj(o.reshape(*o.shape[:2], -1))
@@ -172,7 +182,7 @@ class DiffQKVAttention(nnx.Module):
         # Uncompressed keys are cached rotated, so a step does not re-rotate the cache; compressed keys are cached
         # small and expanded (up-projection, then RoPE) at read time.
         if self.k_up is None and self.config.rope:
-            k_new = apply_rope(k_new, positions, self.config.rope_theta)
+            k_new = apply_rope(k_new, positions, freqs=self._freqs())
         cache_k = jax.lax.dynamic_update_slice(state["k"], k_new.astype(state["k"].dtype), (0, pos, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(state["v"], self._values(x).astype(state["v"].dtype), (0, pos, 0, 0))
         state = {"k": cache_k, "v": cache_v, "pos": pos + T}

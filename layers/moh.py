@@ -41,6 +41,7 @@ from jaxtyping import Array, Float, Int
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.aux_loss import zero_aux_loss
 from effarch.layers.axes import Hidden, State
+from effarch.layers.rope import ROPE_SCALING_FIELDS
 from effarch.pallas_kernels.moh import mixture_of_heads_attention
 
 
@@ -55,6 +56,12 @@ class MoHConfig:
     head_dim: int | None = None  # K = V; None = d_model // n_heads
     rope: bool = True
     rope_theta: float = 10000.0
+    # RoPE scaling, as AttentionConfig (so a converted Llama 3 checkpoint keeps its positions)
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     implementation: str | None = None  # mixture_of_heads_attention path: None/"dense", "sparse", "reference"
     block_size: int = 16  # pairs per block of the sparse path
 
@@ -84,7 +91,8 @@ class MoHConfig:
 
     def attention_config(self) -> AttentionConfig:
         return AttentionConfig(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                               rope=self.rope, rope_theta=self.rope_theta, causal=True)
+                               rope=self.rope, rope_theta=self.rope_theta, causal=True,
+                               **{f: getattr(self, f) for f in ROPE_SCALING_FIELDS})
 
 
 def _router_init(axes):

@@ -33,6 +33,21 @@ def llama3_frequencies(
     return jnp.where(medium, smoothed, scaled)
 
 
+# AttentionConfig's RoPE scaling fields; MoHConfig and DiffQKVConfig have the same ones, so conversions copy them.
+ROPE_SCALING_FIELDS = ("rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                       "rope_original_max_len")
+
+
+def scaled_rope_frequencies(head_dim: int, config) -> Float[Array, " K2"]:
+    """Inverse frequencies for a layer config with AttentionConfig's RoPE fields (rope_theta, rope_scaling and
+    the four llama3 parameters): theta^(-2i/K), scaled when rope_scaling is "llama3"."""
+    freqs = rope_frequencies(head_dim, config.rope_theta)
+    if config.rope_scaling == "llama3":
+        freqs = llama3_frequencies(freqs, config.rope_scaling_factor, config.rope_low_freq_factor,
+                                   config.rope_high_freq_factor, config.rope_original_max_len)
+    return freqs
+
+
 def apply_rope(
     x: Float[Array, "B T H K"],
     positions: Int[Array, "B T"] | Int[Array, " T"],

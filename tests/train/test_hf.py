@@ -213,3 +213,21 @@ def test_fine_tune_an_imported_checkpoint_with_init_from(imported, tmp_path):
     result = train_and_evaluate(cfg)
     assert result.step == 2 and np.isfinite(result.train_metrics["loss"])
     assert json.loads((tmp_path / "ft" / "init_report.json").read_text())["loaded"]
+
+
+@pytest.mark.parametrize("to, options, exact", [("diffqkv", [], True), ("moh", ["n_shared=2", "top_k=4"], True),
+                                                ("moh", ["n_shared=2", "top_k=1"], False)])
+def test_imported_llama_converts_to_a_head_efficient_model(imported, tmp_path, to, options, exact):
+    """import-hf -> convert: with every head kept (DiffQKV at the checkpoint's KV heads; MoH with all 6 heads
+    active) the converted model gives the fixture's logits; with routed heads switched off it does not."""
+    from effarch.train.convert import convert_run
+    from effarch.train.generate import load_model
+
+    out = convert_run(imported, tmp_path / to, to, options)
+    model = load_model(out)
+    assert to in model.cfg.layer_mixers()
+    logits = model(jnp.asarray([EXPECTED["prompt"]]))[0]
+    if exact:
+        assert_logits_close(logits, EXPECTED["logits"])
+    else:
+        assert float(jnp.max(jnp.abs(logits - jnp.asarray(EXPECTED["logits"])))) > 1e-2
