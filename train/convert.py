@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effarch.arches.lm import DecoderLM, ModelConfig
-from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
-from effarch.train.config import Config, ConfigError, _build, load_config, to_dict
+from effarch.arches.lm import ModelConfig
+from effarch.train.checkpoint import Checkpointer
+from effarch.train.config import Config, ConfigError, _build, to_dict
+from effarch.train.generate import load_run
 from effarch.train.run_dir import checkpoint_steps, prepare_run_dir
 
 # --to NAME -> "module:function" of a conversion in arches/.
@@ -31,22 +32,8 @@ CONVERSIONS = {
 
 def load_run_params(run_dir: str | Path) -> tuple[Config, nnx.State]:
     """(resolved config, parameters of the newest complete checkpoint) of a training run directory."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"run dir {str(run_dir)!r} has no config.yaml: is it a training run directory?")
-    cfg = load_config([run_dir / "config.yaml"])
-    _, params, _ = nnx.split(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    try:
-        restored = ckpt.restore_latest(params)
-    except CheckpointMismatch as e:
-        raise ConfigError(f"run dir {str(run_dir)!r}: its config.yaml does not describe its checkpoints ({e})"
-                          ) from None
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise ConfigError(f"run dir {str(run_dir)!r} has no readable checkpoint")
-    return cfg, restored[0]
+    cfg, model = load_run(run_dir)
+    return cfg, nnx.state(model, nnx.Param)
 
 
 def write_run(cfg: Config, params: nnx.State, run_dir: str | Path, *, info: dict | None = None) -> Path:

@@ -13,11 +13,11 @@ from flax import nnx
 
 from effarch.arches.lm import DecoderLM
 from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
-from effarch.train.config import ConfigError, load_config
+from effarch.train.config import Config, ConfigError, load_config
 
 
-def load_model(run_dir: str | Path) -> DecoderLM:
-    """The model of `run_dir` with the parameters of its newest complete checkpoint."""
+def load_run(run_dir: str | Path) -> tuple[Config, DecoderLM]:
+    """(resolved config, model with the parameters of the newest complete checkpoint) of a training run directory."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"run dir {str(run_dir)!r} has no config.yaml: is it a training run directory?")
@@ -37,7 +37,12 @@ def load_model(run_dir: str | Path) -> DecoderLM:
         ckpt.close()
     if restored is None:
         raise ConfigError(f"run dir {str(run_dir)!r}: no readable checkpoint among steps {steps}")
-    return nnx.merge(graphdef, restored[0], rest)
+    return cfg, nnx.merge(graphdef, restored[0], rest)
+
+
+def load_model(run_dir: str | Path) -> DecoderLM:
+    """The model of `run_dir` with the parameters of its newest complete checkpoint."""
+    return load_run(run_dir)[1]
 
 
 def generate(
