@@ -68,7 +68,14 @@ def test_state_size_sigma_32_4_16_is_37_5_percent_below_gqa_16():
     sigma = DiffQKVAttention(2048, DiffQKVConfig(n_q_heads=32, n_k_heads=4, n_v_heads=16, aug_q=False),
                              rngs=nnx.Rngs(0))
     gqa = Attention(2048, AttentionConfig(n_heads=32, n_kv_heads=16), rngs=nnx.Rngs(0))
-    assert 1 - sigma.state_size(4096) / gqa.state_size(4096) == pytest.approx(0.375)
+    L = 256
+    # The reported sizes are the bytes of the caches the layers really allocate, and the paper's head counts.
+    sigma_cache = sigma.init_state(1, L)
+    assert sigma.state_size(L) == sigma_cache["k"].nbytes + sigma_cache["v"].nbytes == L * (4 + 16) * 64 * 4
+    gqa_cache = gqa.init_state(1, L)
+    assert gqa.state_size(L) == gqa_cache["k"].nbytes + gqa_cache["v"].nbytes
+    assert gqa.state_size(L) == L * (16 + 16) * 64 * 4
+    assert 1 - sigma.state_size(L) / gqa.state_size(L) == pytest.approx(0.375)
 
 
 @pytest.mark.parametrize("n_kv", [3, 1])
