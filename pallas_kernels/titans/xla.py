@@ -15,7 +15,7 @@ Tokens are processed in blocks of whole chunks inside which the gradient point W
 A `lax.scan` runs over the blocks with (W, S, Wref) as carry, and each block is rematerialised in the backward pass
 (`jax.checkpoint`): the per-chunk weight copies [B, H, nc, D, F] exist for one block at a time, never for the whole
 sequence. A state that starts inside a chunk (`MemoryState.pos`, a Python int here) is first completed token by token
-with the oracle's step; the open chunk after the last full one is stored as its gradient sum.
+with the oracle's scan; the open chunk after the last full one is stored as its gradient sum.
 """
 
 import functools
@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from effarch.pallas_kernels.titans.reference import MemoryState, Params, init_state, memory_apply, memory_step
+from effarch.pallas_kernels.titans.reference import (
+    MemoryState,
+    Params,
+    init_state,
+    memory_apply,
+    neural_memory_reference,
+)
 from effarch.pallas_kernels.titans.reference import token_losses as _token_losses
 
 
@@ -125,62 +131,42 @@ def neural_memory_chunked(
     if eta.shape[2] != n_expected:
         raise ValueError(f"neural_memory_scan: momentum/decay need one entry per chunk completing in this call "
                          f"((pos % C + T) // C = {n_expected}), got {eta.shape[2]}")
-    ys, c0 = [], 0
+    ys = []
 
-    # 1. Finish an open chunk token by token (the state came from a call that ended inside a chunk).
+    # 1. Finish an open chunk (the state came from a call that ended inside one) with the oracle's token scan.
     head = min((C - pos % C) % C, T)
-    for t in range(head):
-        gate_idx = min(c0, max(eta.shape[2] - 1, 0))
-        g_eta = eta[:, :, gate_idx] if eta.shape[2] else jnp.zeros((B, H), f32)
-        g_alpha = alpha[:, :, gate_idx] if eta.shape[2] else jnp.zeros((B, H), f32)
-        state, y = memory_step(state, k[:, :, t], v[:, :, t], q[:, :, t], th[:, :, t], g_eta, g_alpha,
-                               chunk_size=C, batch_size=batch_size, residual=residual)
-        ys.append(y[:, :, None])
-    pos += head
-    if head and pos % C == 0:
-        c0 = 1
-    state = state._replace(pos=pos)
+    c0 = 1 if head and (pos + head) % C == 0 else 0  # gates used by that chunk, if it completes here
+    if head:
+        y_head, state = neural_memory_reference(
+            params, keys[:, :head], values[:, :head], queries[:, :head], lr[:, :head], momentum[:, :c0],
+            decay[:, :c0], chunk_size=C, batch_size=batch_size, residual=residual, initial_state=state)
+        ys.append(jnp.moveaxis(y_head.astype(f32), 1, 2))
+        pos += head
+        state = state._replace(pos=pos)
 
-    # 2. Whole chunks: first up to the next Wref refresh, then block after block.
-    n_full = (T - head) // C
+    # 2. Whole chunks in spans of constant Wref: up to the next refresh, whole mini-batches (each refreshing at its
+    #    end), and a shorter last span that does not reach a refresh.
+    L = (T - head) // C * C
+    seg = (k[:, :, head:head + L], v[:, :, head:head + L], q[:, :, head:head + L], th[:, :, head:head + L],
+           eta[:, :, c0:], alpha[:, :, c0:])
+    if batch_size:
+        to_refresh = (batch_size - pos % batch_size) % batch_size
+        first = min(to_refresh, L)
+        whole = first + (L - first) // batch_size * batch_size
+        plan = [(0, first, first, first == to_refresh), (first, whole, batch_size, True), (whole, L, L - whole, False)]
+    else:
+        plan = [(0, L, C * (block_chunks or max(1, 64 // C)), False)]
     carry = (state.w, state.s, state.wref)
-    if n_full:
-        a, b = head, head + n_full * C
-        seg = (k[:, :, a:b], v[:, :, a:b], q[:, :, a:b], th[:, :, a:b], eta[:, :, c0:c0 + n_full],
-               alpha[:, :, c0:c0 + n_full])
-        if batch_size:
-            first = min((batch_size - pos % batch_size) % batch_size, n_full * C)
-            if first:  # up to the next refresh, which happens at its end only if it is reached
-                reaches = first == (batch_size - pos % batch_size)
-                cf = first // C
-                carry, y = _run_blocks(carry, *(x[:, :, :first] for x in seg[:4]),
-                                       *(x[:, :, :cf] for x in seg[4:]), block_tokens=first, chunk_size=C,
-                                       refresh=reaches, residual=residual)
-                ys += [yi for yi in y]
-                seg = tuple(x[:, :, first:] for x in seg[:4]) + tuple(x[:, :, cf:] for x in seg[4:])
-            if seg[0].shape[2]:
-                # Whole batch_size blocks refresh Wref at their end; a shorter last block does not.
-                L = seg[0].shape[2]
-                whole = L - L % batch_size
-                if whole:
-                    carry, y = _run_blocks(carry, *(x[:, :, :whole] for x in seg[:4]),
-                                           *(x[:, :, : whole // C] for x in seg[4:]), block_tokens=batch_size,
-                                           chunk_size=C, refresh=True, residual=residual)
-                    ys += y
-                if L % batch_size:
-                    carry, y = _run_blocks(carry, *(x[:, :, whole:] for x in seg[:4]),
-                                           *(x[:, :, whole // C:] for x in seg[4:]), block_tokens=L - whole,
-                                           chunk_size=C, refresh=False, residual=residual)
-                    ys += y
-        else:
-            block = C * (block_chunks or max(1, 64 // C))
-            carry, y = _run_blocks(carry, *seg, block_tokens=block, chunk_size=C, refresh=False, residual=residual)
+    for a, b, block, refresh in plan:
+        if b > a:
+            carry, y = _run_blocks(carry, *(x[:, :, a:b] for x in seg[:4]), *(x[:, :, a // C:b // C] for x in seg[4:]),
+                                   block_tokens=block, chunk_size=C, refresh=refresh, residual=residual)
             ys += y
-        pos += n_full * C
+    pos += L
     w, s, wref = carry
 
     # 3. The open chunk after the last full one: its gradient sum at Wref is stored; its queries see W.
-    tail = T - head - n_full * C
+    tail = T - head - L
     grad = state.grad  # zero unless the call ended inside the chunk it started in
     if tail:
         a = T - tail
