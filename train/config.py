@@ -326,6 +326,11 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def config_from_dict(values: dict) -> Config:
+    """A validated Config from nested plain values (as to_dict gives), with the same one-line errors as load_config."""
+    return _build(Config, values, "")
+
+
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Merges the YAML files left to right, applies dotted overrides, validates, returns a frozen Config."""
     merged: dict = {}

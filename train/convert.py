@@ -19,7 +19,7 @@ from flax import nnx
 
 from effarch.arches.lm import ModelConfig
 from effarch.train.checkpoint import Checkpointer
-from effarch.train.config import Config, ConfigError, _build, to_dict
+from effarch.train.config import Config, ConfigError, config_from_dict, to_dict
 from effarch.train.generate import load_run
 from effarch.train.run_dir import checkpoint_steps, prepare_run_dir
 
@@ -81,5 +81,5 @@ def convert_run(src: str | Path, out: str | Path, to: str, overrides: list[str] 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"convert --to {to}: {e}") from None
     assert isinstance(model_cfg, ModelConfig)
-    new_cfg = _build(Config, {**to_dict(cfg), "model": to_dict(model_cfg)}, "")
+    new_cfg = config_from_dict({**to_dict(cfg), "model": to_dict(model_cfg)})
     return write_run(new_cfg, new_params, out)

@@ -67,7 +67,8 @@ def init_from_checkpoint(params, source: str | Path, mismatch: str = "error"):
     directory, step = resolve_source(source)
     ckpt = Checkpointer(directory, async_save=False)
     try:
-        saved = ckpt.item_metadata(step, "params")
+        raw = ckpt.manager.item_metadata(step)["params"].tree  # the saved tree, read without loading arrays
+        saved = param_tree.flatten(raw)
         target = param_tree.flatten(params)
         loaded = sorted(p for p in target if p in saved and tuple(saved[p].shape) == tuple(target[p].shape))
         reshaped = sorted(p for p in target if p in saved and tuple(saved[p].shape) != tuple(target[p].shape))
@@ -91,7 +92,7 @@ def init_from_checkpoint(params, source: str | Path, mismatch: str = "error"):
         abstract = {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
                                             sharding=target[p].sharding if p in loaded else replicated)
                     for p, m in saved.items()}
-        restored = ckpt.restore(step, _nested_for(ckpt, step, abstract))[0]
+        restored = ckpt.restore(step, _nested_like(raw, abstract))[0]
     finally:
         ckpt.close()
     values = param_tree.flatten(restored)
@@ -107,9 +108,8 @@ def init_from_checkpoint(params, source: str | Path, mismatch: str = "error"):
     return out, report
 
 
-def _nested_for(ckpt: Checkpointer, step: int, abstract_flat: dict):
+def _nested_like(raw, abstract_flat: dict):
     """The restore target in the saved tree's own nesting (Variables are saved as {"value": array})."""
-    raw = ckpt.manager.item_metadata(step)["params"].tree
 
     def one(keypath, _):
         return abstract_flat[param_tree.path_str(keypath)]

@@ -10,9 +10,11 @@
   "never" moves the old run (checkpoints, metrics, config) to `previous/<time>/` and starts from step 0.
 """
 
+import importlib.metadata
 import json
 import logging
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -129,8 +131,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, is_main: bool = True) -> bool
 
 
 def _git_commit() -> str:
-    import subprocess
-
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=10)
@@ -140,8 +140,6 @@ def _git_commit() -> str:
 
 
 def _version() -> str:
-    import importlib.metadata
-
     try:
         return importlib.metadata.version("effarch")
     except importlib.metadata.PackageNotFoundError:
