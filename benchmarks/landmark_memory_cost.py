@@ -5,9 +5,10 @@ Claim under test (issue 7): with top-k retrieval, the attention cost per generat
 
 Setup: one LandmarkAttention layer (d_model 128, 4 heads of 32, L = 50 as in the paper, k = 2), batch 1, float32.
 For each context length C the block memory holds C // (L + 1) blocks of random keys and values, and one timed
-call decodes `--tokens` tokens in a jitted `lax.scan` of `memory_step` (inside the loop the cache update is in
-place, as in generation). The baseline is the exact path in the same run: `decode_step` against a KV cache holding
-C tokens (the full grouped softmax, O(C) per token). Time per token is the median call over `--reps` / tokens.
+call decodes `--tokens` tokens in a jitted `lax.scan` of `memory_step`; the state is donated and threaded from call
+to call, so the cache is updated in place, as in generation. The baseline is the exact path in the same run:
+`decode_step` against a KV cache holding C tokens (the full grouped softmax, O(C) per token). Time per token is the
+median call over `--reps` / tokens; the reps go round-robin over the contexts.
 
 Memory touched per token is counted from what the step reads (float32 bytes):
 - attention: the k retrieved blocks plus the local block, (k + 1) * (L + 1) * H * (K + V) — bounded;
@@ -20,10 +21,11 @@ Run:   .venv/bin/python benchmarks/landmark_memory_cost.py [--contexts 2048 8192
 
 import argparse
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
-from _common import emit, time_calls
+from _common import emit
 from flax import nnx
 
 from effarch.layers.landmark import LandmarkAttention, LandmarkConfig
@@ -31,16 +33,17 @@ from effarch.layers.landmark import LandmarkAttention, LandmarkConfig
 FLAT_TOLERANCE = 0.20  # the issue's target: time and attention memory per token within 20% across contexts
 
 
-def _filled_memory(layer: LandmarkAttention, context: int, key) -> dict:
+def _filled_memory(layer: LandmarkAttention, context: int, extra: int, key) -> dict:
+    """A block memory holding `context` tokens of random keys and values, with room for `extra` more."""
     N = layer.block_size
     n_blocks = context // N
-    state = layer.init_memory(1, max_blocks=n_blocks + 1, max_chunk=1)
+    state = layer.init_memory(1, max_blocks=(context + extra) // N + 1, max_chunk=1)
     k1, k2, k3, k4 = jax.random.split(key, 4)
     mem_k = jax.random.normal(k1, state["mem_k"].shape)
     return dict(
         state,
         mem_k=mem_k,
-        mem_lm_k=mem_k[:, :, -1],
+        mem_lm_k=mem_k[:, :, -1].swapaxes(1, 2),  # random keys: which rotation they carry does not change the cost
         mem_v=jax.random.normal(k2, state["mem_v"].shape),
         loc_k=jax.random.normal(k3, state["loc_k"].shape),
         loc_v=jax.random.normal(k4, state["loc_v"].shape),
@@ -57,7 +60,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--block-len", type=int, default=50)
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per timed call")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -67,32 +70,52 @@ def main(argv=None) -> dict:
     H, K, N = cfg.n_heads, layer.head_dim, layer.block_size
 
     def scan_steps(step_name):
-        # `--tokens` decode steps in one jitted scan: the cache update is in place inside the loop, as in generation.
+        # `--tokens` decode steps in one jitted scan. The state is donated and threaded from call to call, as in
+        # generation (arches/landmark_memory.py): without donation XLA copies the whole cache on entry to every call,
+        # an O(context) cost that generation does not pay.
         def run(params, state, xs):
             layer = nnx.merge(graphdef, params)
-            return jax.lax.scan(lambda st, x: getattr(layer, step_name)(st, x), state, xs)[1]
+            return jax.lax.scan(lambda st, x: getattr(layer, step_name)(st, x), state, xs)
 
-        return jax.jit(run)
+        return jax.jit(run, donate_argnums=1)
+
+    def interleaved_per_token(fn, states: dict) -> dict:
+        """Median seconds per token for each context; the reps go round-robin over the contexts so that load on the
+        shared machine hits every context alike."""
+        ys = None
+        for _ in range(args.warmup):
+            for c in states:
+                states[c], ys = fn(params, states[c], xs)
+        jax.block_until_ready(ys)
+        times = {c: [] for c in states}
+        for _ in range(args.reps):
+            for c in states:
+                start = time.perf_counter()
+                states[c], ys = fn(params, states[c], xs)
+                jax.block_until_ready(ys)
+                times[c].append(time.perf_counter() - start)
+        return {c: statistics.median(t) / args.tokens for c, t in times.items()}
 
     mem_fn, exact_fn = scan_steps("memory_step"), scan_steps("decode_step")
     xs = jax.random.normal(jax.random.key(1), (args.tokens, 1, args.d_model))
+    extra = (args.warmup + args.reps) * args.tokens  # tokens decoded past the context over all calls
+    mem_states, exact_states = {}, {}
+    for c in args.contexts:
+        mem_states[c] = _filled_memory(layer, c, extra, jax.random.key(c))
+        exact = layer.init_state(1, c + extra)
+        exact_states[c] = dict(exact, k=jax.random.normal(jax.random.key(2), exact["k"].shape),
+                               v=jax.random.normal(jax.random.key(3), exact["v"].shape), pos=jnp.asarray(c, jnp.int32))
+    mem_times, exact_times = interleaved_per_token(mem_fn, mem_states), interleaved_per_token(exact_fn, exact_states)
     results = {"memory": {}, "exact": {}}
     for c in args.contexts:
         n_blocks = c // N
-        state = _filled_memory(layer, c, jax.random.key(c))
-        times = time_calls(mem_fn, (params, state, xs), args.warmup, args.reps)
         results["memory"][str(c)] = {
-            "median_s_per_token": statistics.median(times) / args.tokens,
+            "median_s_per_token": mem_times[c],
             "n_blocks": n_blocks,
             "attention_bytes_per_token": (cfg.mem_topk + 1) * N * H * 2 * K * 4,
             "landmark_scoring_bytes_per_token": n_blocks * H * K * 4,
         }
-        exact = layer.init_state(1, c + args.tokens)
-        exact = dict(exact, k=jax.random.normal(jax.random.key(2), exact["k"].shape),
-                     v=jax.random.normal(jax.random.key(3), exact["v"].shape), pos=jnp.asarray(c, jnp.int32))
-        times = time_calls(exact_fn, (params, exact, xs), args.warmup, args.reps)
-        results["exact"][str(c)] = {"median_s_per_token": statistics.median(times) / args.tokens,
-                                    "kv_bytes_per_token": c * H * 2 * K * 4}
+        results["exact"][str(c)] = {"median_s_per_token": exact_times[c], "kv_bytes_per_token": c * H * 2 * K * 4}
     first = str(args.contexts[0])
 
     def per_token(name, c):

@@ -196,7 +196,8 @@ class LandmarkAttention(nnx.Module):
         """Empty block memory for up to `max_blocks` completed blocks, fed chunks of at most `max_chunk` tokens.
 
         {"mem_k", "mem_v": [B, M, N, H, K] unrotated keys / values of completed blocks (N = L + 1, landmark last),
-         "mem_lm_k": [B, M, H, K] their landmark keys again, contiguous, for the per-token scoring,
+         "mem_lm_k": [B, H, M, K] their landmark keys again, rotated to the base position of
+           _landmark_base_positions and laid out per head, so the per-token scoring reads them contiguously,
          "n_blocks": int32, "loc_k", "loc_v": [B, N, H, K] the incomplete block, "pos": int32 tokens seen}.
         M has room for the blocks one chunk can complete beyond max_blocks (written before they are counted).
         """
@@ -205,10 +206,16 @@ class LandmarkAttention(nnx.Module):
         mem = (batch_size, max_blocks + slack, N, H, K)
         loc = (batch_size, N, H, K)
         zeros = lambda shape: jnp.zeros(shape, cache_dtype)  # noqa: E731
-        return {"mem_k": zeros(mem), "mem_v": zeros(mem), "mem_lm_k": zeros(mem[:2] + mem[3:]),
+        return {"mem_k": zeros(mem), "mem_v": zeros(mem), "mem_lm_k": zeros((batch_size, H, mem[1], K)),
                 "n_blocks": jnp.zeros((), jnp.int32),
                 "loc_k": zeros(loc), "loc_v": zeros(loc), "pos": jnp.zeros((), jnp.int32),
                 "max_blocks": jnp.full((), max_blocks, jnp.int32)}
+
+    def _landmark_base_positions(self, block_idx: Int[Array, " M"]) -> Int[Array, " M"]:
+        """Position of each cached block's landmark key as stored in mem_lm_k: slot 0 under remapping (where every
+        block but the k most recent sits), the true position without it."""
+        N = self.block_size
+        return jnp.full_like(block_idx, N - 1) if self.config.remap else block_idx * N + N - 1
 
     def _retrieve(self, state: State, q: Float[Array, "B T H K"]):
         """Top-k cached blocks per (token, head): scores [B, H, T, k, N], values, validity and indices [B, H, T, k]."""
@@ -218,18 +225,23 @@ class LandmarkAttention(nnx.Module):
         M = mem_k.shape[1]
         idx_M = jnp.arange(M)
         valid_M = idx_M < n
-        if cfg.remap:
-            slot_M = jnp.where(idx_M >= n - topk, idx_M - (n - topk) + 1, 0)
-            lm_pos_M = slot_M * N + N - 1
-        else:
-            slot_M = jnp.ones_like(idx_M)
-            lm_pos_M = idx_M * N + N - 1
-        scale = self.head_dim**-0.5
-        lm_pos = jnp.broadcast_to(lm_pos_M[None, :, None], mem_k.shape[:2] + (cfg.n_heads,))
-        lm_k = _rotate(state["mem_lm_k"].astype(q.dtype), lm_pos, cfg.rope_theta)
-        s_lm = jnp.einsum("bthk,bmhk->bhtm", q, lm_k) * scale
-        s_lm = jnp.where(valid_M[None, None, None], s_lm, -jnp.inf)
         k_eff = min(topk, M)
+        scale = self.head_dim**-0.5
+        # Landmark keys are stored already rotated to their base position (see _landmark_base_positions), so the
+        # O(n_blocks) scoring is one product: no rotation of every cached key per token.
+        s_lm = jnp.einsum("bthk,bhmk->bhtm", q, state["mem_lm_k"].astype(q.dtype)) * scale
+        if cfg.remap:
+            # The k most recent blocks sit in slots 1..k: rescore just them at their slot positions.
+            first = jnp.maximum(n - topk, 0)
+            recent = first + jnp.arange(k_eff)  # may run past n; those are masked below
+            slot = recent - (n - topk) + 1
+            lm_raw = jax.lax.dynamic_slice_in_dim(mem_k, first, k_eff, axis=1)[:, :, N - 1]  # [B, k, H, K]
+            lm_rot = _rotate(lm_raw, jnp.broadcast_to((slot * N + N - 1)[None, :, None], lm_raw.shape[:3]),
+                             cfg.rope_theta)
+            s_recent = jnp.einsum("bthk,bmhk->bhtm", q, lm_rot) * scale
+            s_lm = jax.lax.dynamic_update_slice_in_dim(s_lm, s_recent, first, axis=3)
+            slot_M = jnp.where(idx_M >= n - topk, idx_M - (n - topk) + 1, 0)
+        s_lm = jnp.where(valid_M[None, None, None], s_lm, -jnp.inf)
         _, sel = jax.lax.top_k(s_lm, k_eff)
         # Temporal order; invalid picks (fewer blocks than k) have the largest indices and sort last.
         sel = jnp.sort(sel, axis=-1)
@@ -290,8 +302,11 @@ class LandmarkAttention(nnx.Module):
         blocks_v = seq_v.reshape(B, n_slots, N, *v.shape[2:])
         mem_k = jax.lax.dynamic_update_slice(state["mem_k"], blocks_k.astype(state["mem_k"].dtype), (0, n, 0, 0, 0))
         mem_v = jax.lax.dynamic_update_slice(state["mem_v"], blocks_v.astype(state["mem_v"].dtype), (0, n, 0, 0, 0))
-        mem_lm_k = jax.lax.dynamic_update_slice(state["mem_lm_k"], blocks_k[:, :, -1].astype(state["mem_lm_k"].dtype),
-                                                (0, n, 0, 0))
+        lm_k = blocks_k[:, :, -1]
+        lm_k = _rotate(lm_k, jnp.broadcast_to(self._landmark_base_positions(n + jnp.arange(n_slots))[None, :, None],
+                                              lm_k.shape[:3]), cfg.rope_theta)
+        mem_lm_k = jax.lax.dynamic_update_slice(state["mem_lm_k"], lm_k.swapaxes(1, 2).astype(state["mem_lm_k"].dtype),
+                                                (0, 0, n, 0))
         # The cache write comes before the retrieval reads: the new blocks land at slots >= n_blocks, which
         # retrieval masks, and reading the written buffer lets XLA update it in place (no O(cache) copy).
         written = dict(state, mem_k=mem_k, mem_v=mem_v, mem_lm_k=mem_lm_k)

@@ -111,6 +111,28 @@ def test_remap_positions_bounded_whatever_the_context():
     assert_close("remapped", jax.jit(lambda: run(6))(), jax.jit(lambda: run(4))(), 1e-5)
 
 
+def test_remap_landmark_scores_match_explicit_slot_rotation():
+    # The cache stores landmark keys pre-rotated to slot 0 and rescores only the k most recent blocks: the picks
+    # must equal scoring every raw landmark key rotated at its mem_cache.py slot (k most recent: 1..k, others 0).
+    layer = make_layer(mem_topk=2, remap=True)
+    N, H = layer.block_size, 3
+    x = make_x(4 * N + 2, B=1)
+    q = apply_rope(layer._qkv(x[:, -1:])[0], jnp.array([3 * N]), layer.config.rope_theta)
+    for n_blocks in (1, 2, 4):
+        state = layer.init_memory(1, max_blocks=4, max_chunk=N * n_blocks)
+        state, _ = layer.memory_prefill(state, x[:, : N * n_blocks])
+        idx = jnp.arange(n_blocks)
+        slot = jnp.where(idx >= n_blocks - 2, idx - (n_blocks - 2) + 1, 0)
+        raw = state["mem_k"][:, :n_blocks, N - 1]  # [1, n, H, K] unrotated
+        lm = jnp.stack([apply_rope(raw[:, m : m + 1], slot[m : m + 1] * N + N - 1, layer.config.rope_theta)[:, 0]
+                        for m in range(n_blocks)], axis=1)
+        scores = jnp.einsum("bthk,bmhk->bhtm", q, lm)
+        want = jnp.sort(jax.lax.top_k(scores, min(2, n_blocks))[1], axis=-1)
+        got = layer._retrieve(state, q)[3][..., : min(2, n_blocks)]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"n_blocks={n_blocks}")
+        assert got.shape == (1, H, 1, min(2, n_blocks))
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="landmark.block_len"):
         LandmarkConfig(block_len=0)
