@@ -41,6 +41,7 @@ class DataConfig:
     landmark_block_len: int = 0  # insert a landmark token after every L bytes (0: none); = model.landmark.block_len
     landmark_token: int = 256  # its id (model.vocab_size must exceed it)
     passkey_examples: int = 8192  # task "passkey": training examples (evaluation: 256 more from seed + 1000)
+    passkey_queries: int = 1  # task "passkey": questions per training sequence (evaluation asks one, at the end)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -62,6 +63,9 @@ class DataConfig:
         if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
                              f"{self.landmark_block_len + 1} (windows start on a block boundary)")
+        if self.passkey_examples < 1 or self.passkey_queries < 1:
+            raise ValueError(f"passkey_examples and passkey_queries must be >= 1, got {self.passkey_examples}, "
+                             f"{self.passkey_queries}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

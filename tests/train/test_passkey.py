@@ -8,11 +8,11 @@ from effarch.train.data.passkey import KEY_LEN, LANDMARK, PK_CLOSE, PK_OPEN, QUE
 
 
 def test_known_answer_without_landmarks():
-    x, y, q = passkey_example(np.array([3, 1, 4, 1, 5]), 1.0, 20)
+    x, y, q = passkey_example(np.array([3, 1, 4, 1, 5]), 1.0, 21)
     key = [3, 1, 4, 1, 5]
-    np.testing.assert_array_equal(x, [10, 11, 12, 13, 14, 10, 11, PK_OPEN, *key, PK_CLOSE, QUERY, *key])
-    np.testing.assert_array_equal(y[14:19], [3, 1, 4, 1, 5])
-    assert np.all(y[:14] == -100) and y[19] == -100 and q == 14
+    np.testing.assert_array_equal(x, [10, 11, 12, 13, 14, 10, 11, PK_OPEN, *key, PK_CLOSE, QUERY, PK_OPEN, *key])
+    np.testing.assert_array_equal(y[15:20], [3, 1, 4, 1, 5])
+    assert np.all(y[:15] == -100) and y[20] == -100 and q == 15
 
 
 @pytest.mark.parametrize("seq_len, L", [(512, 15), (96, 5), (2048, 50)])
@@ -20,7 +20,7 @@ def test_landmark_layout_and_labels(seq_len, L):
     x, y, q = passkey_example(np.array([9, 0, 9, 0, 7]), 0.3, seq_len, L)
     assert x.shape == y.shape == (seq_len,)
     np.testing.assert_array_equal(x == LANDMARK, np.arange(seq_len) % (L + 1) == L)
-    assert x[q] == QUERY
+    assert x[q] == PK_OPEN and x[q - 1 - (x[q - 1] == LANDMARK)] == QUERY
     # The five labels are the key, in order, and never sit on a landmark input.
     labelled = np.flatnonzero(y >= 0)
     assert len(labelled) == KEY_LEN and not np.any(x[labelled] == LANDMARK)
@@ -29,6 +29,20 @@ def test_landmark_layout_and_labels(seq_len, L):
     regular = labelled[1:]
     np.testing.assert_array_equal(x[np.flatnonzero((x != LANDMARK) & (np.arange(seq_len) > q))][:4], y[labelled][:4])
     assert len(regular) == KEY_LEN - 1
+
+
+def test_several_questions_each_labelled():
+    key = np.array([2, 7, 1, 8, 2])
+    x, y, q = passkey_example(key, 0.2, 160, 7, n_queries=3)
+    labelled = np.flatnonzero(y >= 0)
+    np.testing.assert_array_equal(y[labelled], np.tile(key, 3))
+    assert x[q] == PK_OPEN and np.sum(x == QUERY) == 3 and np.sum(x == PK_OPEN) == 4
+    # Each question's answer is fed in after it: every labelled digit is the next regular input.
+    regular = np.flatnonzero(x != LANDMARK)
+    nxt = {int(p): int(regular[i + 1]) for i, p in enumerate(regular[:-1])}
+    np.testing.assert_array_equal(x[[nxt[int(p)] for p in labelled]], y[labelled])
+    with pytest.raises(ValueError, match="n_queries"):
+        passkey_example(key, 0.2, 160, 7, n_queries=0)
 
 
 def test_depth_places_the_key():

@@ -70,7 +70,8 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream,
         if vocab_size < passkey.VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={vocab_size}: the passkey task needs at least {passkey.VOCAB_SIZE}")
         rng = np.random.default_rng(data_cfg.seed)
-        x, y, _ = passkey.passkey_batch(rng, data_cfg.passkey_examples, data_cfg.seq_len, data_cfg.landmark_block_len)
+        x, y, _ = passkey.passkey_batch(rng, data_cfg.passkey_examples, data_cfg.seq_len, data_cfg.landmark_block_len,
+                                        n_queries=data_cfg.passkey_queries)
         vx, vy, _ = passkey.passkey_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len,
                                           data_cfg.landmark_block_len)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"passkey_{data_cfg.seq_len}", vx, vy)]
