@@ -8,11 +8,15 @@ from effarch.train.data.passkey import KEY_LEN, LANDMARK, PK_CLOSE, PK_OPEN, QUE
 
 
 def test_known_answer_without_landmarks():
-    x, y, q = passkey_example(np.array([3, 1, 4, 1, 5]), 1.0, 21)
+    x, y, q = passkey_example(np.array([3, 1, 4, 1, 5]), 1.0, 26)
     key = [3, 1, 4, 1, 5]
-    np.testing.assert_array_equal(x, [10, 11, 12, 13, 14, 10, 11, PK_OPEN, *key, PK_CLOSE, QUERY, PK_OPEN, *key])
-    np.testing.assert_array_equal(y[15:20], [3, 1, 4, 1, 5])
-    assert np.all(y[:15] == -100) and y[20] == -100 and q == 15
+    preamble = [10, 11, 12, 13, 14]
+    np.testing.assert_array_equal(x, [*preamble, 10, 11, 12, 13, 14, 10, 11, PK_OPEN, *key, PK_CLOSE, QUERY, PK_OPEN,
+                                      *key])
+    np.testing.assert_array_equal(y[20:25], [3, 1, 4, 1, 5])
+    assert np.all(y[:20] == -100) and y[25] == -100 and q == 20
+    x0, _, _ = passkey_example(np.array([3, 1, 4, 1, 5]), 0.0, 26)
+    np.testing.assert_array_equal(x0[:6], [*preamble, PK_OPEN])  # depth 0: right after the preamble
 
 
 @pytest.mark.parametrize("seq_len, L", [(512, 15), (96, 5), (2048, 50)])
@@ -50,8 +54,8 @@ def test_depth_places_the_key():
     for depth in (0.0, 0.5, 1.0):
         x, _, q = passkey_example(np.zeros(5, int), depth, 400, 15)
         starts.append(int(np.flatnonzero(x == PK_OPEN)[0]))
-    assert starts[0] == 0 and starts[0] < starts[1] < starts[2] < q
-    assert abs(starts[1] / starts[2] - 0.5) < 0.05
+    assert starts[0] == 5 and starts[0] < starts[1] < starts[2] < q
+    assert abs((starts[1] - 5) / (starts[2] - 5) - 0.5) < 0.05
 
 
 def test_batch_is_deterministic_and_bad_input_raises():

@@ -3,12 +3,14 @@
 The landmark paper's task (epfml/landmark-attention, llama/run_test.py::generate_prompt) hides a 5-digit pass key in
 filler text and asks for it at the end. Here, tokenizer-free:
 
-    [garbage cycle ...] [PK] d1 d2 d3 d4 d5 [/PK] [garbage cycle ...] [Q] [PK] d1 d2 d3 d4 d5
+    [preamble] [garbage cycle ...] [PK] d1 d2 d3 d4 d5 [/PK] [garbage cycle ...] [Q] [PK] d1 d2 d3 d4 d5
 
 The garbage is a fixed repeated cycle of GARBAGE tokens; the key sits at a depth in [0, 1] of the garbage (0: at
-the start, 1: right before the question). The question ends with the key's opening marker, as the paper's ends with
-"The pass key is", the words that introduced the key: the answer is a copy of what followed the earlier occurrence.
-Only the answer digits carry labels.
+its start, 1: right before the question). The preamble (one garbage cycle) stands for the paper's task description,
+which always precedes the garbage: depth 0 puts the key right after it, never at position 0, where the first tokens
+of a causal model act as an attention sink and the paper's prompt never puts the key. The question ends with the
+key's opening marker, as the paper's ends with "The pass key is", the words that introduced the key: the answer is a
+copy of what followed the earlier occurrence. Only the answer digits carry labels.
 
 Training can ask the question `n_queries` times (the garbage after the key is cut into that many equal parts, each
 followed by `[Q] [PK] key`): each answer is the same retrieval, so one sequence carries n_queries times the labels of
@@ -26,6 +28,7 @@ VOCAB_SIZE = 19
 KEY_LEN = 5
 IGNORE = -100
 _INFO, _QUESTION = KEY_LEN + 2, 2 + KEY_LEN  # [PK] key [/PK];  [Q] [PK] answer
+_PREAMBLE = len(GARBAGE)
 
 
 def raw_length(seq_len: int, landmark_block_len: int = 0) -> int:
@@ -60,13 +63,13 @@ def passkey_example(
     overhead = _INFO + n_queries * _QUESTION
     if n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
-    n_garbage = n_raw - overhead
+    n_garbage = n_raw - overhead - _PREAMBLE
     if n_garbage < 0:
         raise ValueError(f"seq_len={seq_len} is too short for a passkey example ({overhead} tokens + landmarks)")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    garbage = np.resize(np.asarray(GARBAGE), n_garbage)
-    n_prefix = int(round(depth * n_garbage))
+    garbage = np.resize(np.asarray(GARBAGE), _PREAMBLE + n_garbage)
+    n_prefix = _PREAMBLE + int(round(depth * n_garbage))
     key = np.asarray(key, np.int64)
     parts = [garbage[:n_prefix], [PK_OPEN], key, [PK_CLOSE]]
     answers = []  # raw index of each question's [PK]
