@@ -54,7 +54,8 @@ def taylor_feature_map(x: Float[Array, "*batch F"]) -> Float[Array, "*batch P"]:
     """
     x = x.astype(jnp.float32)
     f = x.shape[-1]
-    # Row i of the upper triangle is x_i * x[i:]: static slices that XLA fuses into one loop (a gather would not).
+    # Row i of the upper triangle is x_i * x[i:]: static slices, whose gradient is pads and adds; a gather of the pairs
+    # would have a scatter as its gradient, 4x slower on the CPU.
     rows = [x[..., i : i + 1] * x[..., i:] for i in range(f)]
     weights = np.concatenate([[1.0] + [math.sqrt(2.0)] * (f - 1 - i) for i in range(f)]) / math.sqrt(2.0 * f)
     square = jnp.concatenate(rows, axis=-1) * weights.astype(np.float32).reshape((1,) * (x.ndim - 1) + (-1,))
