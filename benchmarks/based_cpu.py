@@ -202,15 +202,30 @@ def run(
     finally:
         for worker in fla.values():
             worker.close()
-    config = {"lengths": list(lengths), "batch": batch, "heads": heads, "feature_dim": feature_dim,
-              "value_dim": value_dim, "chunk_size": chunk_size, "reps": reps, "warmup": warmup, "jax": jax.__version__,
-              "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
+    config = {
+        "lengths": list(lengths),
+        "batch": batch,
+        "heads": heads,
+        "feature_dim": feature_dim,
+        "value_dim": value_dim,
+        "chunk_size": chunk_size,
+        "reps": reps,
+        "warmup": warmup,
+        "jax": jax.__version__,
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": os.getloadavg(),
+    }
     report = {"config": config, "results": results}
     if fla:
         config["fla"] = {"chunk_size": fla_chunk_size, **{name: w.info for name, w in fla.items()}}
         speedups = {t: r["fla_over_xla"] for t, r in results.items()}
-        report["targets"] = {"xla_vs_fla_naive_chunk": {
-            "min_speedup": TARGET_SPEEDUP, "speedups": speedups, "pass": min(speedups.values()) >= TARGET_SPEEDUP}}
+        report["targets"] = {
+            "xla_vs_fla_naive_chunk": {
+                "min_speedup": TARGET_SPEEDUP,
+                "speedups": speedups,
+                "pass": min(speedups.values()) >= TARGET_SPEEDUP,
+            }
+        }
     return report
 
 
@@ -225,14 +240,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=20, help="timed calls of each path per T, interleaved")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fla-python", help="a Python with torch, einops and fla-core; without it only ours runs")
-    p.add_argument("--fla-threads", type=int, nargs="+", default=[1, 2],
-                   help="torch thread counts for fla, one worker each; the ratio uses the fastest")
+    p.add_argument(
+        "--fla-threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch thread counts for fla, one worker each; the ratio uses the fastest",
+    )
     p.add_argument("--fla-chunk-size", type=int, default=256, help="naive_chunk_based's chunk_size (its default)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
-    report = run(a.lengths, batch=a.batch, heads=a.heads, feature_dim=a.feature_dim, value_dim=a.value_dim,
-                 chunk_size=a.chunk_size, reps=a.reps, warmup=a.warmup, fla_python=a.fla_python,
-                 fla_threads=a.fla_threads, fla_chunk_size=a.fla_chunk_size)
+    report = run(
+        a.lengths,
+        batch=a.batch,
+        heads=a.heads,
+        feature_dim=a.feature_dim,
+        value_dim=a.value_dim,
+        chunk_size=a.chunk_size,
+        reps=a.reps,
+        warmup=a.warmup,
+        fla_python=a.fla_python,
+        fla_threads=a.fla_threads,
+        fla_chunk_size=a.fla_chunk_size,
+    )
     return emit(report, a.out)
 
 

@@ -11,8 +11,22 @@ import pytest
 
 from tests.benchmarks.test_based_benchmarks import _load
 
-ARGV = ["--lengths", "48", "--heads", "3", "--feature-dim", "5", "--value-dim", "6", "--chunk-size", "16",
-        "--reps", "2", "--warmup", "1"]
+ARGV = [
+    "--lengths",
+    "48",
+    "--heads",
+    "3",
+    "--feature-dim",
+    "5",
+    "--value-dim",
+    "6",
+    "--chunk-size",
+    "16",
+    "--reps",
+    "2",
+    "--warmup",
+    "1",
+]
 
 
 def _check_xla(record):
@@ -39,8 +53,9 @@ def test_based_cpu_ours_only_writes_report(tmp_path, capsys):
 @pytest.mark.skipif(not os.environ.get("EFFARCH_FLA_PYTHON"), reason="EFFARCH_FLA_PYTHON (torch + fla-core) not set")
 def test_based_cpu_against_fla_naive_chunk():
     bench = _load("based_cpu")
-    report = bench.main([*ARGV, "--fla-python", os.environ["EFFARCH_FLA_PYTHON"], "--fla-chunk-size", "16",
-                         "--fla-threads", "1"])
+    report = bench.main(
+        [*ARGV, "--fla-python", os.environ["EFFARCH_FLA_PYTHON"], "--fla-chunk-size", "16", "--fla-threads", "1"]
+    )
     record = report["results"]["48"]
     _check_xla(record)
     # fla's naive_chunk_based gets the same inputs (head-major): it computes the same function, or the layout is off.
