@@ -11,7 +11,8 @@ Choices (see specs/mechanisms.md §2.1, §2.6):
 - no biases, no RoPE, no q/k normalisation; output = concat(heads) -> out_proj;
 - eps = 1e-6 (fla); based and zoology use 1e-12;
 - the 1/sqrt(F) scale is applied inside the kernel (s = q . k / sqrt(F)), as based's `TaylorExp` does;
-- decoding keeps the recurrent state (sum phi(k) v^T, sum phi(k)) of size H (1 + F + F^2)(head_dim + 1) floats,
+- decoding keeps the recurrent state (sum phi(k) v^T, sum phi(k)) of H (1 + F + F(F+1)/2)(head_dim + 1) floats
+  (symmetric Taylor features: 153 per head at F = 16, not 273),
   independent of the sequence length; prefill computes it with the chunked pass.
 """
 
@@ -113,7 +114,7 @@ class BasedLinearAttention(nnx.Module):
         return state, self._out(o)
 
     def state_size(self, seq_len: int) -> int:
-        """Bytes of float32 state per sequence: H * P * (head_dim + 1) * 4, P = 1 + F + F^2; constant in seq_len."""
+        """Bytes of float32 state per sequence: H * P * (head_dim + 1) * 4, P = 1 + F + F(F+1)/2; constant in T."""
         del seq_len
         p = based_op.feature_dim_expanded(self.config.feature_dim)
         return self.config.n_heads * p * (self.head_dim + 1) * jnp.dtype(jnp.float32).itemsize

@@ -79,7 +79,7 @@ def based_prefill(
 
 
 def based_init_state(batch_size: int, n_heads: int, feature_dim: int, value_dim: int) -> BasedState:
-    """Empty decoding state: kv [B, H, P, V] and k [B, H, P] zeros, P = 1 + F + F^2, float32.
+    """Empty decoding state: kv [B, H, P, V] and k [B, H, P] zeros, P = 1 + F + F(F+1)/2, float32.
 
     Its size does not depend on the sequence length.
     """

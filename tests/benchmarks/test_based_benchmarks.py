@@ -48,8 +48,8 @@ def test_scaling_main_writes_report_with_expected_keys(tmp_path, capsys):
         for record in per_l.values():
             assert {"per_token_s", "times_s", "first_call_s", "state_bytes", "allocated_state_bytes"} <= set(record)
             assert len(record["times_s"]) == 2
-    # BASED: H (1 + F + F^2)(V + 1) floats whatever the context; softmax: 2 L H V floats of KV cache.
-    assert {r["state_bytes"] for r in report["decode"]["based"].values()} == {3 * 31 * 7 * 4}
+    # BASED: H (1 + F + F(F+1)/2)(V + 1) floats whatever the context; softmax: 2 L H V floats of KV cache.
+    assert {r["state_bytes"] for r in report["decode"]["based"].values()} == {3 * 21 * 7 * 4}
     assert report["decode"]["softmax"]["40"]["state_bytes"] == 2 * 40 * 3 * 6 * 4
     assert set(report["targets"]) == {
         "based_xla_per_token_time_flat",
@@ -109,5 +109,6 @@ def test_mqar_recall_vs_state_main_writes_report_with_expected_keys(tmp_path, ca
         assert row["mixers"][0] == "zoology_base_conv"
     # Conv buffer (k - 1 = 2 inputs of width 16) + BASED's state, 1 head, F = 16, head dim 16 / attention's KV cache.
     conv = 2 * 16 * 4
-    assert rows["based"]["state_bytes"] == conv + 273 * 17 * 4
+    # 153 = 1 + 16 + 16 * 17 / 2 symmetric Taylor features (273 before they were symmetric).
+    assert rows["based"]["state_bytes"] == conv + 153 * 17 * 4
     assert rows["attention"]["state_bytes"] == conv + 2 * 32 * 16 * 4

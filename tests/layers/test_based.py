@@ -107,11 +107,22 @@ def test_is_causal_and_differentiable():
 def test_state_size_is_constant_and_matches_init_state():
     layer = make_layer()
     sizes = {layer.state_size(n) for n in (1, 64, 10**6)}
-    # H * (1 + F + F^2) * (head_dim + 1) float32 = 3 * 31 * 5 * 4 bytes.
-    assert sizes == {3 * 31 * 5 * 4}
+    # H * (1 + F + F(F+1)/2) * (head_dim + 1) float32 = 3 * 21 * 5 * 4 bytes.
+    assert sizes == {3 * 21 * 5 * 4}
     for max_len in (8, 4096):
         state = layer.init_state(2, max_len)
         assert sum(leaf.nbytes for leaf in jax.tree.leaves(state)) == 2 * layer.state_size(max_len)
+
+
+def test_decode_state_has_153_features_per_head_at_f16():
+    # The paper's F = 16: 1 + 16 + 136 symmetric products = 153 features per head (273 with all F^2 products).
+    layer = BasedLinearAttention(D, BasedConfig(feature_dim=16, n_heads=3, chunk_size=8), rngs=nnx.Rngs(0))
+    assert layer.state_size(64) == 3 * 153 * (4 + 1) * 4
+    x = make_x()
+    state, _ = jitted(layer, "prefill")(layer.init_state(2, T), x)
+    assert state.kv.shape == (2, 3, 153, 4) and state.k.shape == (2, 3, 153)
+    state, _ = jitted(layer, "decode_step")(state, x[:, 0])
+    assert state.kv.shape == (2, 3, 153, 4) and state.k.shape == (2, 3, 153)
 
 
 def test_config_validation():

@@ -69,6 +69,7 @@ def test_prefill_then_decode_steps_match_parallel(prompt):
 
 
 def test_state_shape_is_independent_of_length():
+    # Symmetric degree-2 features: 1 + 16 + 16 * 17 / 2 = 153 per head at F = 16 (the full square map had 273).
     state = based.based_init_state(B, H, 16, V)
-    assert state.kv.shape == (B, H, 273, V) and state.k.shape == (B, H, 273)
+    assert state.kv.shape == (B, H, 153, V) and state.k.shape == (B, H, 153)
     assert state.kv.dtype == jnp.float32 and state.k.dtype == jnp.float32

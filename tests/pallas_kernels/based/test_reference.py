@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from effarch.pallas_kernels.based import reference
-from tests.helpers.numerics import assert_close
+from tests.helpers.numerics import assert_close, value_and_grads
 
 B, H, V = 2, 3, 7
 
@@ -20,25 +20,58 @@ def make_inputs(seed, *, T, F):
     return tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in shapes)
 
 
+def full_square_feature_map(x):
+    """based's `TaylorExp`: [1, x / F^(1/4), vec(x outer x) / (sqrt(2) sqrt(F))], all F^2 products (P = 1 + F + F^2)."""
+    f = x.shape[-1]
+    outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], f * f)
+    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / f**0.25, outer / (math.sqrt(2.0) * math.sqrt(f))], axis=-1)
+
+
 @pytest.mark.parametrize("F", [8, 16])
 def test_taylor_feature_map_identity(F):
     q, k, _, _ = make_inputs(0, T=11, F=F)
     phi_q, phi_k = reference.taylor_feature_map(q), reference.taylor_feature_map(k)
-    assert phi_q.shape == (B, 11, H, 1 + F + F * F)
+    assert phi_q.shape == (B, 11, H, 1 + F + F * (F + 1) // 2)
     s = jnp.einsum("BTHF,BSHF->BHTS", q, k) / math.sqrt(F)
     assert_close("phi(q).phi(k)", jnp.einsum("BTHP,BSHP->BHTS", phi_q, phi_k), 1 + s + s**2 / 2, 1e-6)
 
 
+@pytest.mark.parametrize("F", [5, 16])
+def test_symmetric_features_match_the_full_square_map_with_gradients(F):
+    # The F(F+1)/2 products give the same kernel, and the same decode outputs and gradients, as all F^2 of them.
+    q, k, v, cotangent = make_inputs(5, T=19, F=F)
+
+    def decode_with(feature_map):
+        def attend(q, k, v):
+            phi_q, phi_k = feature_map(q), feature_map(k)
+            kv = jnp.cumsum(jnp.einsum("BTHP,BTHV->BTHPV", phi_k, v), axis=1)
+            z = jnp.cumsum(phi_k, axis=1)
+            den = jnp.einsum("BTHP,BTHP->BTH", phi_q, z)
+            return jnp.einsum("BTHP,BTHPV->BTHV", phi_q, kv) / (den[..., None] + 1e-6)
+
+        return value_and_grads(attend, (q, k, v), cotangent)
+
+    out, grads = jax.jit(lambda: decode_with(reference.taylor_feature_map))()
+    out_full, grads_full = jax.jit(lambda: decode_with(full_square_feature_map))()
+    assert_close("out", out, out_full, 1e-5)
+    for name, g, g_full in zip(("dq", "dk", "dv"), grads, grads_full):
+        assert_close(name, g, g_full, 1e-5)
+    assert_close("out vs quadratic", out, reference.based_quadratic(q, k, v), 1e-5)
+    p_full = full_square_feature_map(q).shape[-1]
+    assert reference.taylor_feature_map(q).shape[-1] == reference.feature_dim_expanded(F) < p_full == 1 + F + F * F
+
+
 def test_taylor_feature_map_known_values():
-    # F = 4, x = (2, 0, 0, -1): [1, x / 4^(1/4), vec(x x^T) / (sqrt(2) * 2)].
+    # F = 4, x = (2, 0, 0, -1): [1, x / 4^(1/4), (c_ij x_i x_j for i <= j) / (sqrt(2) * 2)], c_ii = 1, c_ij = sqrt(2).
     x = jnp.array([2.0, 0.0, 0.0, -1.0])
     phi = np.asarray(reference.taylor_feature_map(x))
-    assert phi.shape == (21,)
+    assert phi.shape == (15,)
     assert phi[0] == 1.0
     np.testing.assert_allclose(phi[1:5], [math.sqrt(2), 0, 0, -1 / math.sqrt(2)], rtol=1e-6)
-    outer = np.array([[4, 0, 0, -2], [0, 0, 0, 0], [0, 0, 0, 0], [-2, 0, 0, 1]]) / (2 * math.sqrt(2))
-    np.testing.assert_allclose(phi[5:], outer.reshape(-1), rtol=1e-6)
-    assert reference.feature_dim_expanded(16) == 273
+    # Pairs in row-major order: (0,0) (0,1) (0,2) (0,3) (1,1) (1,2) (1,3) (2,2) (2,3) (3,3).
+    square = np.array([4, 0, 0, -2 * math.sqrt(2), 0, 0, 0, 0, 0, 1]) / (2 * math.sqrt(2))
+    np.testing.assert_allclose(phi[5:], square, rtol=1e-6, atol=1e-7)
+    assert reference.feature_dim_expanded(16) == 153 and reference.feature_dim_expanded(4) == 15
 
 
 def test_taylor_kernel_is_at_least_one_half():
