@@ -1,0 +1,36 @@
+"""Lightning "pallas_gpu" (Triton pallas_call) kernels: interpret mode vs the oracle, refusals, CUDA lowering."""
+
+import jax.numpy as jnp
+import pytest
+
+from effarch.pallas_kernels.interpret import ENV_VAR
+from effarch.pallas_kernels.lightning import lightning_attention
+from tests.pallas_kernels.lightning import kernel_checks as kc
+
+
+@pytest.fixture
+def interpret_env(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "1")
+
+
+@pytest.mark.parametrize("t_len", [40, 7])
+def test_fwd_bwd_matches_reference_f32(interpret_env, t_len):
+    kc.check_f32(kc.through_api("pallas_gpu"), t_len, seed=t_len)
+
+
+def test_fwd_bwd_bf16_error_within_twice_reference(interpret_env):
+    kc.check_bf16(kc.through_api("pallas_gpu"), 40, seed=3)
+
+
+@pytest.mark.parametrize("k_dim, v_dim, block_size", [(12, 32, 16), (16, 48, 16), (16, 32, 8)])
+def test_untileable_sizes_raise_before_any_work(interpret_env, k_dim, v_dim, block_size):
+    q = jnp.zeros((1, 20, 3, k_dim))
+    v = jnp.zeros((1, 20, 3, v_dim))
+    with pytest.raises(NotImplementedError, match="power of 2"):
+        lightning_attention(q, q, v, kc.DECAY, block_size=block_size, implementation="pallas_gpu")
+
+
+@pytest.mark.parametrize("t_len", [2048, 32768])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_for_cuda(t_len, dtype):
+    kc.check_lowering("pallas_gpu", "cuda", t_len, dtype)
