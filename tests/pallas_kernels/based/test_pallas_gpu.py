@@ -1,0 +1,39 @@
+"""BASED "pallas_gpu" (Triton pallas_call) kernels: interpret mode vs the oracle, refusals, CUDA lowering."""
+
+
+import jax.numpy as jnp
+import pytest
+
+from effarch.pallas_kernels.based import based_linear_attention
+from effarch.pallas_kernels.interpret import ENV_VAR
+from tests.pallas_kernels.based import kernel_checks as kc
+
+NAME = "pallas_gpu"
+
+
+@pytest.fixture
+def interpret_env(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "1")
+
+
+@pytest.mark.parametrize("t_len", [40, 7])
+def test_fwd_bwd_matches_reference_f32(interpret_env, t_len):
+    kc.check_f32(kc.through_api(NAME), t_len, seed=t_len)
+
+
+def test_fwd_bwd_bf16_error_within_twice_reference(interpret_env):
+    kc.check_bf16(kc.through_api(NAME), 40, seed=3)
+
+
+@pytest.mark.parametrize("f_dim, v_dim, chunk_size", [(8, 32, 16), (16, 48, 16), (16, 32, 8)])
+def test_untileable_sizes_raise_before_any_work(interpret_env, f_dim, v_dim, chunk_size):
+    q = jnp.zeros((1, 20, 3, f_dim))
+    v = jnp.zeros((1, 20, 3, v_dim))
+    with pytest.raises(NotImplementedError, match="power of 2"):
+        based_linear_attention(q, q, v, chunk_size=chunk_size, implementation=NAME)
+
+
+@pytest.mark.parametrize("t_len", [2048, 32768])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_for_cuda(t_len, dtype):
+    kc.check_lowering(NAME, "cuda", t_len, dtype)
