@@ -25,6 +25,7 @@ from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.based import chunk_math
 from effarch.pallas_kernels.interpret import Interpret
+from effarch.pallas_kernels.vma import out_struct
 
 MIN_DIM = 16
 
@@ -100,7 +101,7 @@ def based_fwd(
         grid=(b, h),
         in_specs=[_time_spec(t_pad, f), _time_spec(t_pad, f), _time_spec(t_pad, v_dim), *_weight_specs(f, p)],
         out_specs=_time_spec(t_pad, v_dim),
-        out_shape=jax.ShapeDtypeStruct((b, t_pad, h, v_dim), v.dtype),
+        out_shape=out_struct((b, t_pad, h, v_dim), v.dtype, q),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="based_fwd",
@@ -175,14 +176,14 @@ def based_bwd(
     p = chunk_math.padded_features(f)
     qp, kp, vp, dop = (_pad_time(x, t_pad) for x in (q, k, v, d_out))
     weights = _weights(f)
-    row = jax.ShapeDtypeStruct((b, t_pad, h, 1), jnp.float32)
+    row = out_struct((b, t_pad, h, 1), jnp.float32, q)
     dq, inv_den, d_den = pl.pallas_call(
         functools.partial(based_bwd_dq_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h),
         in_specs=[_time_spec(t_pad, f), _time_spec(t_pad, f), _time_spec(t_pad, v_dim), _time_spec(t_pad, v_dim),
                   *_weight_specs(f, p)],
         out_specs=[_time_spec(t_pad, f), _time_spec(t_pad, 1), _time_spec(t_pad, 1)],
-        out_shape=[jax.ShapeDtypeStruct((b, t_pad, h, f), q.dtype), row, row],
+        out_shape=[out_struct((b, t_pad, h, f), q.dtype, q), row, row],
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="based_bwd_dq",
@@ -194,8 +195,8 @@ def based_bwd(
                   _time_spec(t_pad, 1), _time_spec(t_pad, 1), *_weight_specs(f, p)],
         out_specs=[_time_spec(t_pad, f), _time_spec(t_pad, v_dim)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, t_pad, h, f), k.dtype),
-            jax.ShapeDtypeStruct((b, t_pad, h, v_dim), v.dtype),
+            out_struct((b, t_pad, h, f), k.dtype, q),
+            out_struct((b, t_pad, h, v_dim), v.dtype, q),
         ],
         compiler_params=_compiler_params(),
         interpret=interpret,

@@ -25,6 +25,7 @@ from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.based import chunk_math
 from effarch.pallas_kernels.interpret import Interpret
+from effarch.pallas_kernels.vma import out_struct
 
 SUBLANES = 16
 
@@ -115,7 +116,7 @@ def based_fwd(
         grid=(b, h, n),
         in_specs=[_chunk_spec(c, f), _chunk_spec(c, f), _chunk_spec(c, v_dim), *_weight_specs(f, p)],
         out_specs=_chunk_spec(c, v_dim),
-        out_shape=jax.ShapeDtypeStruct((b, h, n * c, v_dim), v.dtype),
+        out_shape=out_struct((b, h, n * c, v_dim), v.dtype, q),
         scratch_shapes=_state_scratch(p, v_dim),
         compiler_params=_compiler_params(),
         interpret=interpret,
@@ -173,14 +174,14 @@ def based_bwd(
     p = chunk_math.padded_features(f)
     qh, kh, vh, doh = (_head_major(x, n * c) for x in (q, k, v, d_out))
     weights = _weights(f)
-    row = jax.ShapeDtypeStruct((b, h, n * c, 1), jnp.float32)
+    row = out_struct((b, h, n * c, 1), jnp.float32, q)
     dq, inv_den, d_den = pl.pallas_call(
         functools.partial(based_bwd_dq_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h, n),
         in_specs=[_chunk_spec(c, f), _chunk_spec(c, f), _chunk_spec(c, v_dim), _chunk_spec(c, v_dim),
                   *_weight_specs(f, p)],
         out_specs=[_chunk_spec(c, f), _chunk_spec(c, 1), _chunk_spec(c, 1)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, n * c, f), q.dtype), row, row],
+        out_shape=[out_struct((b, h, n * c, f), q.dtype, q), row, row],
         scratch_shapes=_state_scratch(p, v_dim),
         compiler_params=_compiler_params(),
         interpret=interpret,
@@ -192,8 +193,8 @@ def based_bwd(
         in_specs=[_chunk_spec(c, w, n) for w in (f, f, v_dim, v_dim, 1, 1)] + _weight_specs(f, p),
         out_specs=[_chunk_spec(c, f, n), _chunk_spec(c, v_dim, n)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, h, n * c, f), k.dtype),
-            jax.ShapeDtypeStruct((b, h, n * c, v_dim), v.dtype),
+            out_struct((b, h, n * c, f), k.dtype, q),
+            out_struct((b, h, n * c, v_dim), v.dtype, q),
         ],
         scratch_shapes=_state_scratch(p, v_dim),
         compiler_params=_compiler_params(),

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.interpret import Interpret
 from effarch.pallas_kernels.lightning import chunk_math
+from effarch.pallas_kernels.vma import out_struct
 
 MIN_DIM = 16  # tl.dot's smallest operand side
 
@@ -112,8 +113,8 @@ def lightning_fwd(
         ],
         out_specs=[_time_spec(t_pad, v_dim), _state_spec(k_dim, v_dim)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, t_pad, h, v_dim), v.dtype),
-            jax.ShapeDtypeStruct((b, h, k_dim, v_dim), jnp.float32),
+            out_struct((b, t_pad, h, v_dim), v.dtype, q),
+            out_struct((b, h, k_dim, v_dim), jnp.float32, q),
         ],
         compiler_params=_compiler_params(),
         interpret=interpret,
@@ -191,7 +192,7 @@ def lightning_bwd(
             _state_spec(k_dim, v_dim),
         ],
         out_specs=_time_spec(t_pad, k_dim),
-        out_shape=jax.ShapeDtypeStruct((b, t_pad, h, k_dim), q.dtype),
+        out_shape=out_struct((b, t_pad, h, k_dim), q.dtype, q),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="lightning_bwd_dq",
@@ -209,9 +210,9 @@ def lightning_bwd(
         ],
         out_specs=[_time_spec(t_pad, k_dim), _time_spec(t_pad, v_dim), _state_spec(k_dim, v_dim)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, t_pad, h, k_dim), k.dtype),
-            jax.ShapeDtypeStruct((b, t_pad, h, v_dim), v.dtype),
-            jax.ShapeDtypeStruct((b, h, k_dim, v_dim), jnp.float32),
+            out_struct((b, t_pad, h, k_dim), k.dtype, q),
+            out_struct((b, t_pad, h, v_dim), v.dtype, q),
+            out_struct((b, h, k_dim, v_dim), jnp.float32, q),
         ],
         compiler_params=_compiler_params(),
         interpret=interpret,

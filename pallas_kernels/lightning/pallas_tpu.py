@@ -28,6 +28,7 @@ from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.interpret import Interpret
 from effarch.pallas_kernels.lightning import chunk_math
+from effarch.pallas_kernels.vma import out_struct
 
 SUBLANES = 16  # C must fill whole (bf16-packed) sublane tiles
 
@@ -119,8 +120,8 @@ def lightning_fwd(
                   _state_spec(k_dim, v_dim)],
         out_specs=[_chunk_spec(c, v_dim), _state_spec(k_dim, v_dim)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, h, n * c, v_dim), v.dtype),
-            jax.ShapeDtypeStruct((b, h, k_dim, v_dim), jnp.float32),
+            out_struct((b, h, n * c, v_dim), v.dtype, q),
+            out_struct((b, h, k_dim, v_dim), jnp.float32, q),
         ],
         scratch_shapes=[pltpu.VMEM((k_dim, v_dim), jnp.float32)],
         compiler_params=_compiler_params(),
@@ -193,7 +194,7 @@ def lightning_bwd(
         in_specs=[_DECAY_SPEC, _chunk_spec(c, k_dim), _chunk_spec(c, v_dim), _chunk_spec(c, v_dim),
                   _state_spec(k_dim, v_dim)],
         out_specs=_chunk_spec(c, k_dim),
-        out_shape=jax.ShapeDtypeStruct((b, h, n * c, k_dim), q.dtype),
+        out_shape=out_struct((b, h, n * c, k_dim), q.dtype, q),
         scratch_shapes=state_scratch,
         compiler_params=_compiler_params(),
         interpret=interpret,
@@ -206,9 +207,9 @@ def lightning_bwd(
         + [_state_spec(k_dim, v_dim)],
         out_specs=[_chunk_spec(c, k_dim, n), _chunk_spec(c, v_dim, n), _state_spec(k_dim, v_dim)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, h, n * c, k_dim), k.dtype),
-            jax.ShapeDtypeStruct((b, h, n * c, v_dim), v.dtype),
-            jax.ShapeDtypeStruct((b, h, k_dim, v_dim), jnp.float32),
+            out_struct((b, h, n * c, k_dim), k.dtype, q),
+            out_struct((b, h, n * c, v_dim), v.dtype, q),
+            out_struct((b, h, k_dim, v_dim), jnp.float32, q),
         ],
         scratch_shapes=state_scratch,
         compiler_params=_compiler_params(),

@@ -18,8 +18,10 @@ ABSTRACT_DEVICES = {
 CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
-def lower_text(fn, *specs: jax.ShapeDtypeStruct, platform: str) -> str:
+def lower_text(fn, *specs: jax.ShapeDtypeStruct, platform: str, mesh: AbstractMesh | None = None) -> str:
     """Lowers `fn` (traced on `specs`) for `platform` ("tpu" or "cuda") and returns the StableHLO text.
+
+    `mesh`: an AbstractMesh over ABSTRACT_DEVICES[platform] for sharded specs (shard_map); default: no mesh axes.
 
     The Triton lowering's DeprecationWarning ("The Pallas Triton backend is deprecated") is expected for "cuda" and
     silenced here; any other warning still fails the test (pytest runs with warnings as errors).
@@ -28,7 +30,9 @@ def lower_text(fn, *specs: jax.ShapeDtypeStruct, platform: str) -> str:
         warnings.filterwarnings(
             "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
         )
-        with use_abstract_mesh(AbstractMesh((), (), abstract_device=ABSTRACT_DEVICES[platform])):
+        if mesh is None:
+            mesh = AbstractMesh((), (), abstract_device=ABSTRACT_DEVICES[platform])
+        with use_abstract_mesh(mesh):
             return jax.jit(fn).trace(*specs).lower(lowering_platforms=(platform,)).as_text()
 
 
