@@ -1,6 +1,6 @@
 """BASED "pallas_gpu" (Triton pallas_call) kernels: interpret mode vs the oracle, refusals, CUDA lowering."""
 
-
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -37,3 +37,12 @@ def test_untileable_sizes_raise_before_any_work(interpret_env, f_dim, v_dim, chu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lowers_for_cuda(t_len, dtype):
     kc.check_lowering(NAME, "cuda", t_len, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("t_len", [40, 1000])
+def test_compiled_bf16_matches_reference_on_gpu(monkeypatch, t_len):
+    # The compiled Triton kernels (no interpretation): bf16 error at most 2x the oracle's own bf16 error.
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    kc.check_bf16(kc.through_api(NAME), t_len, seed=11)

@@ -1,11 +1,14 @@
 """Lightning "pallas_gpu" (Triton pallas_call) kernels: interpret mode vs the oracle, refusals, CUDA lowering."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from effarch.pallas_kernels.interpret import ENV_VAR
 from effarch.pallas_kernels.lightning import lightning_attention
 from tests.pallas_kernels.lightning import kernel_checks as kc
+
+NAME = "pallas_gpu"
 
 
 @pytest.fixture
@@ -15,11 +18,11 @@ def interpret_env(monkeypatch):
 
 @pytest.mark.parametrize("t_len", [40, 7])
 def test_fwd_bwd_matches_reference_f32(interpret_env, t_len):
-    kc.check_f32(kc.through_api("pallas_gpu"), t_len, seed=t_len)
+    kc.check_f32(kc.through_api(NAME), t_len, seed=t_len)
 
 
 def test_fwd_bwd_bf16_error_within_twice_reference(interpret_env):
-    kc.check_bf16(kc.through_api("pallas_gpu"), 40, seed=3)
+    kc.check_bf16(kc.through_api(NAME), 40, seed=3)
 
 
 @pytest.mark.parametrize("k_dim, v_dim, block_size", [(12, 32, 16), (16, 48, 16), (16, 32, 8)])
@@ -27,10 +30,19 @@ def test_untileable_sizes_raise_before_any_work(interpret_env, k_dim, v_dim, blo
     q = jnp.zeros((1, 20, 3, k_dim))
     v = jnp.zeros((1, 20, 3, v_dim))
     with pytest.raises(NotImplementedError, match="power of 2"):
-        lightning_attention(q, q, v, kc.DECAY, block_size=block_size, implementation="pallas_gpu")
+        lightning_attention(q, q, v, kc.DECAY, block_size=block_size, implementation=NAME)
 
 
 @pytest.mark.parametrize("t_len", [2048, 32768])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lowers_for_cuda(t_len, dtype):
-    kc.check_lowering("pallas_gpu", "cuda", t_len, dtype)
+    kc.check_lowering(NAME, "cuda", t_len, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("t_len", [40, 1000])
+def test_compiled_bf16_matches_reference_on_gpu(monkeypatch, t_len):
+    # The compiled Triton kernels (no interpretation): bf16 error at most 2x the oracle's own bf16 error.
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    kc.check_bf16(kc.through_api(NAME), t_len, seed=11)
