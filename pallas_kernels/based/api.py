@@ -75,6 +75,7 @@ def based_prefill(
       q, k, v, eps, chunk_size: as in `based_linear_attention`.
       initial_state: the state after earlier tokens; None means an empty prefix.
       implementation: "xla" (chunked scan) or "reference" (token-by-token recurrence), or a sequence, or None.
+        "pallas_gpu" and "pallas_tpu" are accepted and run the "xla" scan (no prefill kernel).
 
     Returns:
       (o [B, T, H, V], BasedState after token T - 1).
@@ -85,6 +86,9 @@ def based_prefill(
             q, k, v, eps=eps, chunk_size=chunk_size, initial_state=initial_state
         ),
     }
+    # Prefill has no kernel (it stays on the chunked XLA scan): the Pallas names select that scan, so that a layer
+    # configured with implementation="pallas_gpu" runs its kernel in training and can still prefill.
+    impls["pallas_gpu"] = impls["pallas_tpu"] = impls["xla"]
     return dispatch("based_prefill", impls, implementation, q, k, v, default_order=PREFILL_ORDER)
 
 
