@@ -26,8 +26,12 @@ def make_layer(op: str, implementation: str):
     return BasedLinearAttention(96, config, rngs=nnx.Rngs(0)), 96
 
 
-@pytest.mark.parametrize("op", ["lightning", "based"])
-@pytest.mark.parametrize("name", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("op, name", [
+    ("lightning", "pallas_gpu"),
+    ("based", "pallas_tpu"),
+    pytest.param("lightning", "pallas_tpu", marks=pytest.mark.slow),
+    pytest.param("based", "pallas_gpu", marks=pytest.mark.slow),
+])
 def test_layer_on_kernel_matches_xla_and_decodes(monkeypatch, op, name):
     monkeypatch.setenv(ENV_VAR, "1")
     layer, d = make_layer(op, name)

@@ -33,7 +33,7 @@ def test_resolve_interpret(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU behaviour")
-@pytest.mark.parametrize("name", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("name", [pytest.param("pallas_gpu", marks=pytest.mark.slow), "pallas_tpu"])
 def test_env_read_on_every_call(monkeypatch, name):
     q, k, v, _, _, _ = kc.make_inputs(20)
     monkeypatch.delenv(interp.ENV_VAR, raising=False)

@@ -19,15 +19,17 @@ def interpret_env(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "1")
 
 
-@pytest.mark.parametrize("t_len", [40, 7])
+@pytest.mark.parametrize("t_len", [40, pytest.param(7, marks=pytest.mark.slow)])  # 40: a partial last chunk
 def test_fwd_bwd_matches_reference_f32(interpret_env, t_len):
     kc.check_f32(kc.through_api(NAME), t_len, seed=t_len)
 
 
+@pytest.mark.slow  # the same chunk maths as pallas_gpu, whose bf16 test runs by default
 def test_fwd_bwd_bf16_error_within_twice_reference(interpret_env):
     kc.check_bf16(kc.through_api(NAME), 40, seed=3)
 
 
+@pytest.mark.slow  # ~3x the HLO interpreter's time; Lightning's TPU kernel runs under it by default
 def test_tpu_interpreter_no_races_nan_poisoned_memory():
     # NaN-poisoned scratch: a state read before chunk 0 zeroes it would show up as NaN.
     attend = jax.jit(functools.partial(pallas_vjp.based_pallas_impl, NAME, chunk_size=kc.C, eps=1e-6,

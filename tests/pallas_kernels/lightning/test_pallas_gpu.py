@@ -16,7 +16,7 @@ def interpret_env(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "1")
 
 
-@pytest.mark.parametrize("t_len", [40, 7])
+@pytest.mark.parametrize("t_len", [40, pytest.param(7, marks=pytest.mark.slow)])  # 40: a partial last chunk
 def test_fwd_bwd_matches_reference_f32(interpret_env, t_len):
     kc.check_f32(kc.through_api(NAME), t_len, seed=t_len)
 

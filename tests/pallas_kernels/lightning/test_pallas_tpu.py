@@ -17,11 +17,15 @@ def interpret_env(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "1")
 
 
+# The default run checks these kernels under the TPU interpreter (the race test below); the HLO interpreter's run
+# through the environment variable is also in test_interpret.py and tests/layers/test_pallas_kernels.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("t_len", [40, 7])
 def test_fwd_bwd_matches_reference_f32(interpret_env, t_len):
     kc.check_f32(kc.through_api("pallas_tpu"), t_len, seed=t_len)
 
 
+@pytest.mark.slow  # the same chunk maths as pallas_gpu, whose bf16 test runs by default
 def test_fwd_bwd_bf16_error_within_twice_reference(interpret_env):
     kc.check_bf16(kc.through_api("pallas_tpu"), 40, seed=3)
 
