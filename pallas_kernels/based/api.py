@@ -2,8 +2,8 @@
 
 - `based_linear_attention`: the parallel (training) form, `implementation=` in {"reference", "xla", "pallas_gpu",
   "pallas_tpu"}; the Pallas kernels (pallas_gpu.py, pallas_tpu.py, wired in pallas_vjp.py) are the GPU and TPU
-  defaults and raise NotImplementedError up front where they cannot run (off their platform unless
-  EFFARCH_PALLAS_INTERPRET=1, or for sizes they cannot tile), so the default order falls back to "xla".
+  defaults, take any shape, and raise NotImplementedError up front off their platform (unless
+  EFFARCH_PALLAS_INTERPRET=1), so a sequence can fall back to "xla".
 - `based_prefill`: the same output plus the state after the prompt, optionally continuing from a state.
 - `based_init_state` / `based_decode_step`: the recurrent form, one token at a time.
 

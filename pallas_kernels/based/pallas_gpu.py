@@ -6,9 +6,10 @@ the chunks of one (batch, head) inside one program, as here).
 Tiling (README.md, "Kernels"): grid (B, H), one program per (batch, head). The program walks the N = ⌈T/C⌉ chunks
 in a `lax.fori_loop`, carrying the state Σ φ(k) vᵀ [P, V] and Σ φ(k) [1, P] (float32, symmetric features, P = 256 at
 F = 16; chunk_math.py) in registers; never across programs, which run in parallel and in no order. q, k, v stay in
-their [B, T, H, X] layout; each step loads one [C, X] slice. C, F and V must be powers of 2 ≥ 16 (Triton's
-power-of-2 values and `tl.dot`'s minimum side); T is zero-padded to a multiple of C and the padding kept out of the
-state.
+their [B, T, H, X] layout; each step loads one [C, X] slice. Triton's power-of-2 values and `tl.dot`'s minimum
+side make the kernels run C, F and V rounded up to powers of 2 ≥ 16 (`tile`): F and V are zero-padded (the feature
+selection matrices get zero rows for padded features and the scale stays 1/√F of the real F, so φ is unchanged;
+padded value columns are sliced off), T is zero-padded to a multiple of C and the padding kept out of the state.
 
 Backward (README.md): the forward saves only q, k, v (api.py). Pass 1 walks chunks in time order, recomputes the
 state and φ(q) and writes dQ plus two per-token rows, 1/(den + eps) and d_den; pass 2 walks them in reverse carrying
@@ -19,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float
@@ -30,20 +32,21 @@ from effarch.pallas_kernels.vma import out_struct
 MIN_DIM = 16
 
 
-def check_supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], chunk_size: int) -> None:
-    """Raises NotImplementedError (before any work) unless C, F and V are powers of 2 ≥ 16."""
-    for name, size in (("chunk_size", chunk_size), ("F (feature dim)", q_shape[-1]), ("V (value dim)", v_shape[-1])):
-        if not (size >= MIN_DIM and size & (size - 1) == 0):
-            raise NotImplementedError(f"based pallas_gpu needs {name} to be a power of 2 >= {MIN_DIM}, got {size}")
+def tile(n: int) -> int:
+    """The size Triton runs a dimension of size n at: the power of 2 ≥ max(n, 16)."""
+    return max(MIN_DIM, 1 << (n - 1).bit_length())
 
 
 def _compiler_params():
     return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def _pad_time(x, t_pad):
-    t = x.shape[1]
-    return x if t == t_pad else jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
+def _pad(x, t_pad, width):
+    """[B, T, H, X] zero-padded to [B, t_pad, H, width]."""
+    t, x_dim = x.shape[1], x.shape[-1]
+    if (t, x_dim) == (t_pad, width):
+        return x
+    return jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, width - x_dim)))
 
 
 def _time_spec(t_pad, width):
@@ -54,8 +57,11 @@ def _weight_specs(f, p):
     return [pl.BlockSpec(shape, lambda b, h: (0, 0)) for shape in ((f, p), (1, p), (f, p), (1, p))]
 
 
-def _weights(f):
-    return tuple(jnp.asarray(w) for w in chunk_math.feature_weights(f))
+def _weights(f, f_pad):
+    """The selection matrices of the real F, with zero rows for the padded features."""
+    a, a0, b, b0 = chunk_math.feature_weights(f)
+    rows = ((0, f_pad - f), (0, 0))
+    return jnp.asarray(np.pad(a, rows)), jnp.asarray(a0), jnp.asarray(np.pad(b, rows)), jnp.asarray(b0)
 
 
 def _load_weights(refs):
@@ -90,23 +96,23 @@ def based_fwd(
     eps: float,
     interpret: Interpret,
 ) -> Float[Array, "B T H V"]:
-    """o [B, T, H, V] in v's dtype. Call check_supported first."""
+    """o [B, T, H, V] in v's dtype."""
     b, t, h, f = q.shape
     v_dim = v.shape[-1]
-    c = chunk_size
+    c, fp, vp = tile(chunk_size), tile(f), tile(v_dim)
     t_pad = pl.cdiv(t, c) * c
     p = chunk_math.padded_features(f)
     o = pl.pallas_call(
         functools.partial(based_fwd_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h),
-        in_specs=[_time_spec(t_pad, f), _time_spec(t_pad, f), _time_spec(t_pad, v_dim), *_weight_specs(f, p)],
-        out_specs=_time_spec(t_pad, v_dim),
-        out_shape=out_struct((b, t_pad, h, v_dim), v.dtype, q),
+        in_specs=[_time_spec(t_pad, fp), _time_spec(t_pad, fp), _time_spec(t_pad, vp), *_weight_specs(fp, p)],
+        out_specs=_time_spec(t_pad, vp),
+        out_shape=out_struct((b, t_pad, h, vp), v.dtype, q),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="based_fwd",
-    )(*(_pad_time(x, t_pad) for x in (q, k, v)), *_weights(f))
-    return o[:, :t]
+    )(_pad(q, t_pad, fp), _pad(k, t_pad, fp), _pad(v, t_pad, vp), *_weights(f, fp))
+    return o[:, :t, :, :v_dim]
 
 
 def based_bwd_dq_kernel(
@@ -171,19 +177,20 @@ def based_bwd(
     """(dq, dk, dv) in the inputs' dtypes, two kernels."""
     b, t, h, f = q.shape
     v_dim = v.shape[-1]
-    c = chunk_size
+    c, f_pad, v_pad = tile(chunk_size), tile(f), tile(v_dim)
     t_pad = pl.cdiv(t, c) * c
     p = chunk_math.padded_features(f)
-    qp, kp, vp, dop = (_pad_time(x, t_pad) for x in (q, k, v, d_out))
-    weights = _weights(f)
+    qp, kp = _pad(q, t_pad, f_pad), _pad(k, t_pad, f_pad)
+    vp, dop = _pad(v, t_pad, v_pad), _pad(d_out, t_pad, v_pad)
+    weights = _weights(f, f_pad)
     row = out_struct((b, t_pad, h, 1), jnp.float32, q)
     dq, inv_den, d_den = pl.pallas_call(
         functools.partial(based_bwd_dq_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h),
-        in_specs=[_time_spec(t_pad, f), _time_spec(t_pad, f), _time_spec(t_pad, v_dim), _time_spec(t_pad, v_dim),
-                  *_weight_specs(f, p)],
-        out_specs=[_time_spec(t_pad, f), _time_spec(t_pad, 1), _time_spec(t_pad, 1)],
-        out_shape=[out_struct((b, t_pad, h, f), q.dtype, q), row, row],
+        in_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, f_pad), _time_spec(t_pad, v_pad),
+                  _time_spec(t_pad, v_pad), *_weight_specs(f_pad, p)],
+        out_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, 1), _time_spec(t_pad, 1)],
+        out_shape=[out_struct((b, t_pad, h, f_pad), q.dtype, q), row, row],
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="based_bwd_dq",
@@ -191,15 +198,15 @@ def based_bwd(
     dk, dv = pl.pallas_call(
         functools.partial(based_bwd_dkv_kernel, t_len=t, c=c, scale=f**-0.5),
         grid=(b, h),
-        in_specs=[_time_spec(t_pad, f), _time_spec(t_pad, f), _time_spec(t_pad, v_dim), _time_spec(t_pad, v_dim),
-                  _time_spec(t_pad, 1), _time_spec(t_pad, 1), *_weight_specs(f, p)],
-        out_specs=[_time_spec(t_pad, f), _time_spec(t_pad, v_dim)],
+        in_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, f_pad), _time_spec(t_pad, v_pad),
+                  _time_spec(t_pad, v_pad), _time_spec(t_pad, 1), _time_spec(t_pad, 1), *_weight_specs(f_pad, p)],
+        out_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, v_pad)],
         out_shape=[
-            out_struct((b, t_pad, h, f), k.dtype, q),
-            out_struct((b, t_pad, h, v_dim), v.dtype, q),
+            out_struct((b, t_pad, h, f_pad), k.dtype, q),
+            out_struct((b, t_pad, h, v_pad), v.dtype, q),
         ],
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="based_bwd_dkv",
     )(qp, kp, vp, dop, inv_den, d_den, *weights)
-    return dq[:, :t], dk[:, :t], dv[:, :t]
+    return dq[:, :t, :, :f], dk[:, :t, :, :f], dv[:, :t, :, :v_dim]

@@ -6,9 +6,10 @@ Tiling (README.md, "Kernels"): grid (B, H, N) with dimension semantics ("paralle
 chunk axis runs in order on one core, so the state Σ φ(k) vᵀ [P, V] and Σ φ(k) [1, P] (float32, symmetric features,
 P = 256 at F = 16; chunk_math.py) lives in VMEM scratch across grid steps, zeroed at chunk 0. One [C, X] chunk of
 q, k, v per step comes in through BlockSpecs from a head-major [B, H, T, X] copy, so the last two block dims are
-(C, X) with X the full dim; C must be a multiple of 16. T is zero-padded to a multiple of C and the padding kept out
-of the state. The feature map's constant selection matrices are whole-array blocks with a constant index, so they
-are copied into VMEM once.
+(C, X) with X the full dim (any F and V tile) and C a multiple of 16: the kernels round the caller's chunk_size up
+to one (`chunk`), which changes only the order of float32 sums. T is zero-padded to a multiple of C and the padding
+kept out of the state. The feature map's constant selection matrices are whole-array blocks with a constant
+index, so they are copied into VMEM once.
 
 Backward (README.md): the forward saves only q, k, v (api.py). Pass 1 (chunks in order, state recomputed in scratch)
 writes dQ and the rows 1/(den + eps) and d_den; pass 2 (reverse index maps, the state's cotangents in scratch)
@@ -30,11 +31,9 @@ from effarch.pallas_kernels.vma import out_struct
 SUBLANES = 16
 
 
-def check_supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], chunk_size: int) -> None:
-    """Raises NotImplementedError (before any work) unless chunk_size is a positive multiple of 16."""
-    del q_shape, v_shape  # F and V are full block dims, so any size tiles
-    if chunk_size < SUBLANES or chunk_size % SUBLANES:
-        raise NotImplementedError(f"based pallas_tpu needs chunk_size to be a multiple of {SUBLANES}, got {chunk_size}")
+def chunk(chunk_size: int) -> int:
+    """The chunk the kernels run at: chunk_size rounded up to a multiple of 16."""
+    return -(-chunk_size // SUBLANES) * SUBLANES
 
 
 def _compiler_params():
@@ -105,10 +104,10 @@ def based_fwd(
     eps: float,
     interpret: Interpret,
 ) -> Float[Array, "B T H V"]:
-    """o [B, T, H, V] in v's dtype. Call check_supported first."""
+    """o [B, T, H, V] in v's dtype."""
     b, t, h, f = q.shape
     v_dim = v.shape[-1]
-    c = chunk_size
+    c = chunk(chunk_size)
     n = pl.cdiv(t, c)
     p = chunk_math.padded_features(f)
     o = pl.pallas_call(
@@ -169,7 +168,7 @@ def based_bwd(
     """(dq, dk, dv) in the inputs' dtypes, two kernels."""
     b, t, h, f = q.shape
     v_dim = v.shape[-1]
-    c = chunk_size
+    c = chunk(chunk_size)
     n = pl.cdiv(t, c)
     p = chunk_math.padded_features(f)
     qh, kh, vh, doh = (_head_major(x, n * c) for x in (q, k, v, d_out))

@@ -1,5 +1,5 @@
 """The "pallas_gpu" and "pallas_tpu" implementations of `based_linear_attention`: the kernels of pallas_gpu.py and
-pallas_tpu.py under one `jax.custom_vjp`, plus the up-front checks that let dispatch fall back.
+pallas_tpu.py under one `jax.custom_vjp`, plus the up-front platform check that lets dispatch fall back.
 
 Kept apart from api.py so that api.py's dispatch stays a table of implementations. The forward saves only q, k and
 v; the backward kernels recompute the feature maps and the chunk states (README.md, "Kernels").
@@ -46,11 +46,10 @@ def based_pallas_impl(
     eps: float,
     interpret: Interpret | None = None,
 ) -> Float[Array, "B T H V"]:
-    """Checks that kernel `name` can run (NotImplementedError before any work if not), then runs it.
+    """Runs kernel `name` after checking its platform (NotImplementedError before any work if it cannot run here).
 
     interpret: None follows EFFARCH_PALLAS_INTERPRET and otherwise needs the kernel's platform
     (pallas_kernels/interpret.py); True / InterpretParams interpret; False compiles without a platform check.
     """
     interpret = resolve_interpret(_OP, name, _PLATFORMS[name], interpret)
-    _KERNELS[name].check_supported(q.shape, v.shape, chunk_size)
     return based_pallas(q, k, v, name, chunk_size, eps, interpret)

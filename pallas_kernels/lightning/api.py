@@ -7,10 +7,10 @@ Implementations:
 - "xla": block tiling with a running KV state (xla.py) under a `jax.custom_vjp` whose backward is the paper's
   two-pass Alg. 6; only the inputs are saved, so memory is O(T).
 - "pallas_gpu": Triton `pallas_call` kernels (pallas_gpu.py), forward and two-pass backward, under a `jax.custom_vjp`
-  that saves only the inputs. Needs block_size, K and V powers of 2 >= 16.
-- "pallas_tpu": Mosaic TPU kernels (pallas_tpu.py), the same custom_vjp. Needs block_size a multiple of 16.
-  Both Pallas paths raise NotImplementedError before any work when they cannot run: off their platform (unless
-  EFFARCH_PALLAS_INTERPRET=1 asks for interpret mode, see pallas_kernels/interpret.py) or for sizes they cannot tile.
+  that saves only the inputs. Runs block_size, K and V rounded up to powers of 2 >= 16 (zero padding, exact).
+- "pallas_tpu": Mosaic TPU kernels (pallas_tpu.py), the same custom_vjp. Runs block_size rounded up to a multiple
+  of 16. Both Pallas paths take any shape; they raise NotImplementedError before any work off their platform, unless
+  EFFARCH_PALLAS_INTERPRET=1 asks for interpret mode (pallas_kernels/interpret.py).
 
 Default order: gpu ("pallas_gpu", "xla"), tpu ("pallas_tpu", "xla"), cpu ("xla",).
 
@@ -90,9 +90,8 @@ _lightning_pallas.defvjp(_lightning_pallas_fwd, _lightning_pallas_bwd)
 
 def _pallas(name: str, platform: str):
     def impl(q, k, v, decay, initial_state, block_size, *, interpret: Interpret | None = None):
-        # Both checks raise NotImplementedError before any work, so dispatch can fall back.
+        # Raises NotImplementedError before any work off the kernel's platform, so dispatch can fall back.
         interpret = resolve_interpret(_OP, name, platform, interpret)
-        _KERNELS[name].check_supported(q.shape, v.shape, block_size)
         return _lightning_pallas(q, k, v, decay, initial_state, name, block_size, interpret)
 
     return impl

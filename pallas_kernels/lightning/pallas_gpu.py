@@ -9,8 +9,11 @@ a grid run in parallel and in no order, so state is never carried across program
 stay in HBM in their [B, T, H, X] layout (no transpose); each step loads one [C, X] slice.
 
 Triton's rule is that every load, store and value is a power-of-2-sized array and `tl.dot` needs each side ≥ 16, so
-C, K and V must be powers of 2 and ≥ 16. T is arbitrary: it is zero-padded to a multiple of C here, and the kernel
-gives the last chunk's L < C real tokens their own key decays and λ^L (chunk_math.py), so the padding is exact.
+the kernels run at C, K, V rounded up to powers of 2 ≥ 16 (`tile`; 64 and 128 stay as they are). Any size works:
+K and V are zero-padded (zero features add nothing to q·k, zero value columns and state rows/columns are sliced
+off), T is zero-padded to a multiple of C, and the kernel gives the last chunk's L < C real tokens their own key
+decays and λ^L (chunk_math.py), so all padding is exact. A chunk size other than the caller's changes only the
+order of float32 sums.
 
 The backward is two kernels (Alg. 6): pass 1 walks chunks in time order recomputing S and writes dQ; pass 2 walks
 them in reverse carrying dS and writes dK, dV and the initial state's cotangent. Only q, k, v, decay and the initial
@@ -33,24 +36,26 @@ from effarch.pallas_kernels.vma import out_struct
 MIN_DIM = 16  # tl.dot's smallest operand side
 
 
-def _power_of_2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
-def check_supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], block_size: int) -> None:
-    """Raises NotImplementedError (before any work) for sizes Triton cannot tile: C, K, V powers of 2, ≥ 16."""
-    for name, size in (("block_size", block_size), ("K (q/k head dim)", q_shape[-1]), ("V (value dim)", v_shape[-1])):
-        if not (_power_of_2(size) and size >= MIN_DIM):
-            raise NotImplementedError(f"lightning pallas_gpu needs {name} to be a power of 2 >= {MIN_DIM}, got {size}")
+def tile(n: int) -> int:
+    """The size Triton runs a dimension of size n at: the power of 2 ≥ max(n, 16)."""
+    return max(MIN_DIM, 1 << (n - 1).bit_length())
 
 
 def _compiler_params():
     return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def _pad_time(x, t_pad):
-    t = x.shape[1]
-    return x if t == t_pad else jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
+def _pad(x, t_pad, width):
+    """[B, T, H, X] zero-padded to [B, t_pad, H, width]."""
+    t, x_dim = x.shape[1], x.shape[-1]
+    if (t, x_dim) == (t_pad, width):
+        return x
+    return jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, width - x_dim)))
+
+
+def _pad_state(s, k_pad, v_pad):
+    """[B, H, K, V] float32 zero-padded to [B, H, k_pad, v_pad]."""
+    return jnp.pad(s.astype(jnp.float32), ((0, 0), (0, 0), (0, k_pad - s.shape[2]), (0, v_pad - s.shape[3])))
 
 
 def _time_spec(t_pad, width):
@@ -96,31 +101,32 @@ def lightning_fwd(
     block_size: int,
     interpret: Interpret,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"]]:
-    """Alg. 5: (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). Call check_supported first."""
+    """Alg. 5: (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32)."""
     b, t, h, k_dim = q.shape
     v_dim = v.shape[-1]
-    c = block_size
+    c, kp, vp = tile(block_size), tile(k_dim), tile(v_dim)
     t_pad = pl.cdiv(t, c) * c
     o, state = pl.pallas_call(
         functools.partial(lightning_fwd_kernel, t_len=t, c=c),
         grid=(b, h),
         in_specs=[
             _decay_spec(h),
-            _time_spec(t_pad, k_dim),
-            _time_spec(t_pad, k_dim),
-            _time_spec(t_pad, v_dim),
-            _state_spec(k_dim, v_dim),
+            _time_spec(t_pad, kp),
+            _time_spec(t_pad, kp),
+            _time_spec(t_pad, vp),
+            _state_spec(kp, vp),
         ],
-        out_specs=[_time_spec(t_pad, v_dim), _state_spec(k_dim, v_dim)],
+        out_specs=[_time_spec(t_pad, vp), _state_spec(kp, vp)],
         out_shape=[
-            out_struct((b, t_pad, h, v_dim), v.dtype, q),
-            out_struct((b, h, k_dim, v_dim), jnp.float32, q),
+            out_struct((b, t_pad, h, vp), v.dtype, q),
+            out_struct((b, h, kp, vp), jnp.float32, q),
         ],
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="lightning_fwd",
-    )(decay.astype(jnp.float32), *(_pad_time(x, t_pad) for x in (q, k, v)), initial_state.astype(jnp.float32))
-    return o[:, :t], state
+    )(decay.astype(jnp.float32), _pad(q, t_pad, kp), _pad(k, t_pad, kp), _pad(v, t_pad, vp),
+      _pad_state(initial_state, kp, vp))
+    return o[:, :t, :, :v_dim], state[:, :, :k_dim, :v_dim]
 
 
 def lightning_bwd_dq_kernel(decay_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, t_len: int, c: int):
@@ -177,45 +183,47 @@ def lightning_bwd(
     """Alg. 6: (dq, dk, dv in the inputs' dtypes, d_initial_state float32), two kernels."""
     b, t, h, k_dim = q.shape
     v_dim = v.shape[-1]
-    c = block_size
+    c, k_pad, v_pad = tile(block_size), tile(k_dim), tile(v_dim)
     t_pad = pl.cdiv(t, c) * c
-    qp, kp, vp, dop = (_pad_time(x, t_pad) for x in (q, k, v, d_out))
+    qp, kp = _pad(q, t_pad, k_pad), _pad(k, t_pad, k_pad)
+    vp, dop = _pad(v, t_pad, v_pad), _pad(d_out, t_pad, v_pad)
     rates = decay.astype(jnp.float32)
     dq = pl.pallas_call(
         functools.partial(lightning_bwd_dq_kernel, t_len=t, c=c),
         grid=(b, h),
         in_specs=[
             _decay_spec(h),
-            _time_spec(t_pad, k_dim),
-            _time_spec(t_pad, v_dim),
-            _time_spec(t_pad, v_dim),
-            _state_spec(k_dim, v_dim),
+            _time_spec(t_pad, k_pad),
+            _time_spec(t_pad, v_pad),
+            _time_spec(t_pad, v_pad),
+            _state_spec(k_pad, v_pad),
         ],
-        out_specs=_time_spec(t_pad, k_dim),
-        out_shape=out_struct((b, t_pad, h, k_dim), q.dtype, q),
+        out_specs=_time_spec(t_pad, k_pad),
+        out_shape=out_struct((b, t_pad, h, k_pad), q.dtype, q),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="lightning_bwd_dq",
-    )(rates, kp, vp, dop, initial_state.astype(jnp.float32))
+    )(rates, kp, vp, dop, _pad_state(initial_state, k_pad, v_pad))
     dk, dv, d_initial = pl.pallas_call(
         functools.partial(lightning_bwd_dkv_kernel, t_len=t, c=c),
         grid=(b, h),
         in_specs=[
             _decay_spec(h),
-            _time_spec(t_pad, k_dim),
-            _time_spec(t_pad, k_dim),
-            _time_spec(t_pad, v_dim),
-            _time_spec(t_pad, v_dim),
-            _state_spec(k_dim, v_dim),
+            _time_spec(t_pad, k_pad),
+            _time_spec(t_pad, k_pad),
+            _time_spec(t_pad, v_pad),
+            _time_spec(t_pad, v_pad),
+            _state_spec(k_pad, v_pad),
         ],
-        out_specs=[_time_spec(t_pad, k_dim), _time_spec(t_pad, v_dim), _state_spec(k_dim, v_dim)],
+        out_specs=[_time_spec(t_pad, k_pad), _time_spec(t_pad, v_pad), _state_spec(k_pad, v_pad)],
         out_shape=[
-            out_struct((b, t_pad, h, k_dim), k.dtype, q),
-            out_struct((b, t_pad, h, v_dim), v.dtype, q),
-            out_struct((b, h, k_dim, v_dim), jnp.float32, q),
+            out_struct((b, t_pad, h, k_pad), k.dtype, q),
+            out_struct((b, t_pad, h, v_pad), v.dtype, q),
+            out_struct((b, h, k_pad, v_pad), jnp.float32, q),
         ],
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="lightning_bwd_dkv",
-    )(rates, qp, kp, vp, dop, d_final_state.astype(jnp.float32))
-    return dq[:, :t], dk[:, :t], dv[:, :t], d_initial
+    )(rates, qp, kp, vp, dop, _pad_state(d_final_state, k_pad, v_pad))
+    return (dq[:, :t, :, :k_dim], dk[:, :t, :, :k_dim], dv[:, :t, :, :v_dim],
+            d_initial[:, :, :k_dim, :v_dim])

@@ -9,9 +9,10 @@ steps: it is set from the initial state at chunk 0 and written out at chunk N−
 of q, k, v into VMEM per step (Pallas double-buffers the HBM→VMEM copies). The per-head rates sit in SMEM.
 
 Mosaic's block rule is that the last two block dims are multiples of (8, 128) or the full array dims. Chunks are
-therefore taken from a head-major [B, H, T, X] copy, whose last two block dims are (C, X): X is the full dim and C
-must be a multiple of 16 (8 sublanes, 16 for packed bf16). T is zero-padded to a multiple of C; the last chunk's
-L < C tokens get their own decays in the kernel (chunk_math.py), so the padding is exact.
+therefore taken from a head-major [B, H, T, X] copy, whose last two block dims are (C, X): X is the full dim, so any
+head dim tiles, and C must be a multiple of 16 (8 sublanes, 16 for packed bf16): the kernels round the caller's
+block_size up to one (`chunk`), which changes only the order of float32 sums. T is zero-padded to a multiple of C;
+the last chunk's L < C tokens get their own decays in the kernel (chunk_math.py), so the padding is exact.
 
 Backward: pass 1 walks chunks forward recomputing S in scratch and writes dQ; pass 2 walks them in reverse (the
 index maps read chunk N−1−i at step i) carrying dS in scratch and writes dK, dV and the initial state's cotangent.
@@ -33,13 +34,9 @@ from effarch.pallas_kernels.vma import out_struct
 SUBLANES = 16  # C must fill whole (bf16-packed) sublane tiles
 
 
-def check_supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], block_size: int) -> None:
-    """Raises NotImplementedError (before any work) unless block_size is a positive multiple of 16."""
-    del q_shape, v_shape  # K and V are full block dims, so any size tiles
-    if block_size < SUBLANES or block_size % SUBLANES:
-        raise NotImplementedError(
-            f"lightning pallas_tpu needs block_size to be a multiple of {SUBLANES}, got {block_size}"
-        )
+def chunk(block_size: int) -> int:
+    """The chunk the kernels run at: block_size rounded up to a multiple of 16."""
+    return -(-block_size // SUBLANES) * SUBLANES
 
 
 def _compiler_params():
@@ -108,10 +105,10 @@ def lightning_fwd(
     block_size: int,
     interpret: Interpret,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"]]:
-    """Alg. 5: (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32). Call check_supported first."""
+    """Alg. 5: (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32)."""
     b, t, h, k_dim = q.shape
     v_dim = v.shape[-1]
-    c = block_size
+    c = chunk(block_size)
     n = pl.cdiv(t, c)
     o, state = pl.pallas_call(
         functools.partial(lightning_fwd_kernel, t_len=t, c=c),
@@ -183,7 +180,7 @@ def lightning_bwd(
     """Alg. 6: (dq, dk, dv in the inputs' dtypes, d_initial_state float32), two kernels."""
     b, t, h, k_dim = q.shape
     v_dim = v.shape[-1]
-    c = block_size
+    c = chunk(block_size)
     n = pl.cdiv(t, c)
     qh, kh, vh, doh = (_head_major(x, n * c) for x in (q, k, v, d_out))
     rates = decay.astype(jnp.float32)

@@ -18,10 +18,10 @@ from tests.helpers.numerics import assert_close, rel_err
 B, H, F, V, C = 2, 3, 16, 32, 16
 
 
-def make_inputs(t_len: int, seed: int = 0):
+def make_inputs(t_len: int, seed: int = 0, f_dim: int = F, v_dim: int = V):
     """q, k, v and the output cotangent, float32."""
     rng = np.random.default_rng(seed)
-    shapes = [(B, t_len, H, F), (B, t_len, H, F), (B, t_len, H, V), (B, t_len, H, V)]
+    shapes = [(B, t_len, H, f_dim), (B, t_len, H, f_dim), (B, t_len, H, v_dim), (B, t_len, H, v_dim)]
     return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes)
 
 
@@ -30,16 +30,16 @@ def vjp_all(fn, q, k, v, d_out):
     return out, pullback(d_out.astype(out.dtype))
 
 
-def through_api(name):
-    return jax.jit(functools.partial(based_linear_attention, chunk_size=C, implementation=name))
+def through_api(name, chunk_size: int = C):
+    return jax.jit(functools.partial(based_linear_attention, chunk_size=chunk_size, implementation=name))
 
 
 ORACLE = jax.jit(reference.based_quadratic)
 
 
-def check_f32(fn, t_len, seed):
+def check_f32(fn, t_len, seed, **dims):
     """fn(q, k, v) matches the oracle to 1e-5 relative, the output and dq, dk, dv."""
-    q, k, v, d_out = make_inputs(t_len, seed)
+    q, k, v, d_out = make_inputs(t_len, seed, **dims)
     out, grads = vjp_all(fn, q, k, v, d_out)
     out_ref, grads_ref = vjp_all(ORACLE, q, k, v, d_out)
     assert_close("out", out, out_ref, 1e-5)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from effarch.pallas_kernels.based import based_linear_attention
+from effarch.pallas_kernels.based import pallas_gpu
 from effarch.pallas_kernels.interpret import ENV_VAR
 from tests.pallas_kernels.based import kernel_checks as kc
 
@@ -25,12 +25,10 @@ def test_fwd_bwd_bf16_error_within_twice_reference(interpret_env):
     kc.check_bf16(kc.through_api(NAME), 40, seed=3)
 
 
-@pytest.mark.parametrize("f_dim, v_dim, chunk_size", [(8, 32, 16), (16, 48, 16), (16, 32, 8)])
-def test_untileable_sizes_raise_before_any_work(interpret_env, f_dim, v_dim, chunk_size):
-    q = jnp.zeros((1, 20, 3, f_dim))
-    v = jnp.zeros((1, 20, 3, v_dim))
-    with pytest.raises(NotImplementedError, match="power of 2"):
-        based_linear_attention(q, q, v, chunk_size=chunk_size, implementation=NAME)
+def test_sizes_triton_cannot_tile_are_padded(interpret_env):
+    # F = 5, V = 7, C = 24 run as 16, 16, 32: zero-padded features get zero selection rows, the scale stays 1/sqrt(5).
+    assert (pallas_gpu.tile(5), pallas_gpu.tile(24)) == (16, 32)
+    kc.check_f32(kc.through_api(NAME, chunk_size=24), 45, seed=2, f_dim=5, v_dim=7)
 
 
 @pytest.mark.parametrize("t_len", [2048, 32768])

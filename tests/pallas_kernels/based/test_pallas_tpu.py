@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from effarch.pallas_kernels.based import based_linear_attention, pallas_vjp
+from effarch.pallas_kernels.based import pallas_tpu, pallas_vjp
 from effarch.pallas_kernels.interpret import ENV_VAR, tpu_interpret_params
 from tests.pallas_kernels.based import kernel_checks as kc
 
@@ -37,10 +37,10 @@ def test_tpu_interpreter_no_races_nan_poisoned_memory():
     kc.check_f32(attend, 40, seed=5)
 
 
-def test_chunk_not_multiple_of_16_raises_before_any_work(interpret_env):
-    q = jnp.zeros((1, 20, 3, 16))
-    with pytest.raises(NotImplementedError, match="multiple of 16"):
-        based_linear_attention(q, q, q, chunk_size=24, implementation=NAME)
+@pytest.mark.slow  # the padding is pallas_gpu's test; here only the rounding of C (24 -> 32) and odd F, V blocks
+def test_chunk_not_multiple_of_16_is_rounded_up(interpret_env):
+    assert (pallas_tpu.chunk(24), pallas_tpu.chunk(16)) == (32, 16)
+    kc.check_f32(kc.through_api(NAME, chunk_size=24), 45, seed=2, f_dim=5, v_dim=7)
 
 
 @pytest.mark.parametrize("t_len", [2048, 32768])

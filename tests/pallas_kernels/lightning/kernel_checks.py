@@ -20,10 +20,11 @@ B, H, K, V, C = 2, 3, 16, 32, 16
 DECAY = jnp.array([0.3, 0.02, 1.1], jnp.float32)
 
 
-def make_inputs(t_len: int, seed: int = 0):
+def make_inputs(t_len: int, seed: int = 0, k_dim: int = K, v_dim: int = V):
     """q, k, v, initial state, and cotangents of the output and the final state, float32."""
     rng = np.random.default_rng(seed)
-    shapes = [(B, t_len, H, K), (B, t_len, H, K), (B, t_len, H, V), (B, H, K, V), (B, t_len, H, V), (B, H, K, V)]
+    shapes = [(B, t_len, H, k_dim), (B, t_len, H, k_dim), (B, t_len, H, v_dim), (B, H, k_dim, v_dim),
+              (B, t_len, H, v_dim), (B, H, k_dim, v_dim)]
     return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes)
 
 
@@ -33,17 +34,17 @@ def vjp_all(fn, q, k, v, s0, d_out, d_state):
     return out, state, pullback((d_out.astype(out.dtype), d_state))
 
 
-def through_api(name):
-    return jax.jit(functools.partial(lightning_attention_with_state, block_size=C, implementation=name))
+def through_api(name, block_size: int = C):
+    return jax.jit(functools.partial(lightning_attention_with_state, block_size=block_size, implementation=name))
 
 
 def oracle(q, k, v, decay, s0):
     return reference.lightning_quadratic(q, k, v, jax.lax.stop_gradient(decay), s0)
 
 
-def check_f32(fn, t_len, seed):
+def check_f32(fn, t_len, seed, **dims):
     """fn(q, k, v, decay, s0) -> (o, state) matches the oracle to 1e-5 relative, values and all gradients."""
-    q, k, v, s0, d_out, d_state = make_inputs(t_len, seed)
+    q, k, v, s0, d_out, d_state = make_inputs(t_len, seed, **dims)
     got = vjp_all(fn, q, k, v, s0, d_out, d_state)
     want = vjp_all(jax.jit(oracle), q, k, v, s0, d_out, d_state)
     assert_close("out", got[0], want[0], 1e-5)
