@@ -29,5 +29,7 @@ for b in benchmarks/lightning_scaling.py benchmarks/scaling.py benchmarks/diffqk
   name=$(basename "$b" .py)
   timeout 240 python3 "$b" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || status=1
 done
+# Lightning and BASED Pallas kernels vs their XLA paths and cuDNN flash attention (bf16, T 2k/8k/32k, JSON).
+timeout 420 python3 benchmarks/kernels.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 || status=1
 timeout 120 python3 benchmarks/mqar_loop.py --out "$OUT/mqar_loop.json" > "$OUT/mqar_loop.log" 2>&1 || status=1
 exit $status

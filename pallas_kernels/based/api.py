@@ -1,11 +1,13 @@
 """Public entry points of the BASED Taylor linear attention op (arXiv 2402.18668).
 
-- `based_linear_attention`: the parallel (training) form, `implementation=` in {"reference", "xla"}.
+- `based_linear_attention`: the parallel (training) form, `implementation=` in {"reference", "xla", "pallas_gpu",
+  "pallas_tpu"}; the Pallas kernels (pallas_gpu.py, pallas_tpu.py, wired in pallas_vjp.py) are the GPU and TPU
+  defaults, take any shape, and raise NotImplementedError up front off their platform (unless
+  EFFARCH_PALLAS_INTERPRET=1), so a sequence can fall back to "xla".
 - `based_prefill`: the same output plus the state after the prompt, optionally continuing from a state.
 - `based_init_state` / `based_decode_step`: the recurrent form, one token at a time.
 
-There is no Pallas kernel yet, so every platform defaults to "xla" (the chunked scan). Both implementations run
-everywhere; an unknown name raises ValueError (STYLE.md §3.6).
+Prefill and decoding stay on "xla" / the recurrent step. An unknown name raises ValueError (STYLE.md §3.6).
 """
 
 from collections.abc import Mapping, Sequence
@@ -13,10 +15,16 @@ from collections.abc import Mapping, Sequence
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.based import reference, xla
+from effarch.pallas_kernels.based.pallas_vjp import based_pallas_impl
 from effarch.pallas_kernels.based.reference import BasedState
 from effarch.pallas_kernels.dispatch import dispatch
 
-DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {
+    "cpu": ("xla",),
+    "gpu": ("pallas_gpu", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+}
+PREFILL_ORDER: Mapping[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 
 
 def based_linear_attention(
@@ -35,9 +43,9 @@ def based_linear_attention(
       k: keys, [B, T, H, F].
       v: values, [B, T, H, V].
       eps: added to the denominator (fla uses 1e-6, based/zoology 1e-12).
-      chunk_size: tokens per chunk of the "xla" path; ignored by "reference".
-      implementation: "reference" (quadratic, materialises [T, T]), "xla" (chunked scan, O(T) memory), a
-        sequence of these tried in order, or None for the platform default.
+      chunk_size: tokens per chunk of the "xla" and Pallas paths; ignored by "reference".
+      implementation: "reference" (quadratic, materialises [T, T]), "xla" (chunked scan, O(T) memory),
+        "pallas_gpu" / "pallas_tpu" (kernels), a sequence of these tried in order, or None for the platform default.
 
     Returns:
       [B, T, H, V] in v's dtype (accumulated in float32).
@@ -45,6 +53,8 @@ def based_linear_attention(
     impls = {
         "reference": lambda q, k, v: reference.based_quadratic(q, k, v, eps=eps),
         "xla": lambda q, k, v: xla.based_chunked(q, k, v, eps=eps, chunk_size=chunk_size)[0],
+        "pallas_gpu": lambda q, k, v: based_pallas_impl("pallas_gpu", q, k, v, chunk_size=chunk_size, eps=eps),
+        "pallas_tpu": lambda q, k, v: based_pallas_impl("pallas_tpu", q, k, v, chunk_size=chunk_size, eps=eps),
     }
     return dispatch("based_linear_attention", impls, implementation, q, k, v, default_order=DEFAULT_ORDER)
 
@@ -65,6 +75,7 @@ def based_prefill(
       q, k, v, eps, chunk_size: as in `based_linear_attention`.
       initial_state: the state after earlier tokens; None means an empty prefix.
       implementation: "xla" (chunked scan) or "reference" (token-by-token recurrence), or a sequence, or None.
+        "pallas_gpu" and "pallas_tpu" are accepted and run the "xla" scan (no prefill kernel).
 
     Returns:
       (o [B, T, H, V], BasedState after token T - 1).
@@ -75,7 +86,10 @@ def based_prefill(
             q, k, v, eps=eps, chunk_size=chunk_size, initial_state=initial_state
         ),
     }
-    return dispatch("based_prefill", impls, implementation, q, k, v, default_order=DEFAULT_ORDER)
+    # Prefill has no kernel (it stays on the chunked XLA scan): the Pallas names select that scan, so that a layer
+    # configured with implementation="pallas_gpu" runs its kernel in training and can still prefill.
+    impls["pallas_gpu"] = impls["pallas_tpu"] = impls["xla"]
+    return dispatch("based_prefill", impls, implementation, q, k, v, default_order=PREFILL_ORDER)
 
 
 def based_init_state(batch_size: int, n_heads: int, feature_dim: int, value_dim: int) -> BasedState:

@@ -6,12 +6,17 @@ Implementations:
 - "reference": the quadratic masked form (reference.py), differentiated by autodiff; O(T²) memory.
 - "xla": block tiling with a running KV state (xla.py) under a `jax.custom_vjp` whose backward is the paper's
   two-pass Alg. 6; only the inputs are saved, so memory is O(T).
-- "pallas_gpu", "pallas_tpu": not written yet; asking for them raises NotImplementedError.
+- "pallas_gpu": Triton `pallas_call` kernels (pallas_gpu.py), forward and two-pass backward, under a `jax.custom_vjp`
+  that saves only the inputs. Runs block_size, K and V rounded up to powers of 2 >= 16 (zero padding, exact).
+- "pallas_tpu": Mosaic TPU kernels (pallas_tpu.py), the same custom_vjp. Runs block_size rounded up to a multiple
+  of 16. Both Pallas paths take any shape; they raise NotImplementedError before any work off their platform, unless
+  EFFARCH_PALLAS_INTERPRET=1 asks for interpret mode (pallas_kernels/interpret.py).
 
-The default order is ("xla",) on every platform until the Pallas kernels exist.
+Default order: gpu ("pallas_gpu", "xla"), tpu ("pallas_tpu", "xla"), cpu ("xla",).
 
 The decay rates are fixed (TransNormerLLM reports NaNs with learnable λ), so every implementation returns a zero
-cotangent for `decay`; the reference path stops its gradient so that all paths agree.
+cotangent for `decay` (the Pallas backward kernels compute none; the custom_vjp returns zeros); the reference path
+stops its gradient so that all paths agree.
 """
 
 import functools
@@ -22,10 +27,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.dispatch import dispatch
-from effarch.pallas_kernels.lightning import reference, xla
+from effarch.pallas_kernels.interpret import Interpret, resolve_interpret
+from effarch.pallas_kernels.lightning import pallas_gpu, pallas_tpu, reference, xla
 
 _OP = "lightning_attention"
-DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -55,9 +61,38 @@ def _reference(q, k, v, decay, initial_state, block_size):
     return reference.lightning_quadratic(q, k, v, jax.lax.stop_gradient(decay), initial_state)
 
 
-def _not_written(name):
-    def impl(*args, **kwargs):
-        raise NotImplementedError(f"{_OP}: the {name} kernel is not written yet; use 'xla'")
+_KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _lightning_pallas(q, k, v, decay, initial_state, name: str, block_size: int, interpret: Interpret):
+    return _KERNELS[name].lightning_fwd(q, k, v, decay, initial_state, block_size=block_size, interpret=interpret)
+
+
+def _lightning_pallas_fwd(q, k, v, decay, initial_state, name, block_size, interpret):
+    out = _lightning_pallas(q, k, v, decay, initial_state, name, block_size, interpret)
+    # Residuals are the inputs only: both backward kernels recompute the chunk states.
+    return out, (q, k, v, decay, initial_state)
+
+
+def _lightning_pallas_bwd(name, block_size, interpret, residuals, cotangents):
+    q, k, v, decay, initial_state = residuals
+    d_out, d_final_state = cotangents
+    dq, dk, dv, d_initial = _KERNELS[name].lightning_bwd(
+        q, k, v, decay, initial_state, d_out, d_final_state, block_size=block_size, interpret=interpret
+    )
+    # The decay is a fixed schedule, not a parameter: no gradient (the kernels do not compute one).
+    return dq, dk, dv, jnp.zeros_like(decay), d_initial.astype(initial_state.dtype)
+
+
+_lightning_pallas.defvjp(_lightning_pallas_fwd, _lightning_pallas_bwd)
+
+
+def _pallas(name: str, platform: str):
+    def impl(q, k, v, decay, initial_state, block_size, *, interpret: Interpret | None = None):
+        # Raises NotImplementedError before any work off the kernel's platform, so dispatch can fall back.
+        interpret = resolve_interpret(_OP, name, platform, interpret)
+        return _lightning_pallas(q, k, v, decay, initial_state, name, block_size, interpret)
 
     return impl
 
@@ -65,8 +100,8 @@ def _not_written(name):
 _IMPLS = {
     "reference": _reference,
     "xla": _lightning_xla,
-    "pallas_gpu": _not_written("pallas_gpu"),
-    "pallas_tpu": _not_written("pallas_tpu"),
+    "pallas_gpu": _pallas("pallas_gpu", "gpu"),
+    "pallas_tpu": _pallas("pallas_tpu", "tpu"),
 }
 
 

@@ -40,7 +40,7 @@ def test_eps_is_passed_through():
 
 def test_unknown_implementation_raises():
     q, k, v, _ = make_inputs(22, T=5, F=8)
-    for impl in ("pallas_gpu", ("xla", "cudnn")):
+    for impl in ("triton", ("xla", "cudnn")):
         with pytest.raises(ValueError, match="unknown implementation"):
             based.based_linear_attention(q, k, v, implementation=impl)
     with pytest.raises(ValueError, match="unknown implementation"):
