@@ -25,13 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effarch.pallas_kernels.based import reference
+
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def n_features(feature_dim: int) -> int:
-    """P' = 1 + F + F(F+1)/2, the symmetric map's length (153 at F = 16)."""
-    return 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
+    """P' = 1 + F + F(F+1)/2, the symmetric map's length (153 at F = 16): reference.taylor_feature_map's, in its
+    order, so a kernel's state columns are the recurrent step's."""
+    return reference.feature_dim_expanded(feature_dim)
 
 
 def padded_features(feature_dim: int) -> int:
