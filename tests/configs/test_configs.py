@@ -29,6 +29,8 @@ def test_config_trains_one_step(path, tmp_path):
         overrides += ["data.seq_len=32", "data.max_bytes=20000", f"model.vocab_size={vocab}"]
     if base.data.task == "passkey":
         overrides += ["data.seq_len=64", "data.passkey_examples=64"]
+    if base.data.task == "niah":
+        overrides += ["data.seq_len=64", "data.niah_examples=64"]
     cfg = load_config([path, TINY], overrides)
     trainer = Trainer(cfg)
     stream, evals = build_data(cfg.data, cfg.model.vocab_size, cfg.train.batch_size)
