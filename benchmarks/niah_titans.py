@@ -117,9 +117,10 @@ def main(argv=None, models: dict[str, DecoderLM] | None = None) -> dict:
                    "seed": args.seed, "chance_digit_accuracy": 0.1, "wall_s": round(time.perf_counter() - start, 1)},
         "results": results,
     }
+    emit(report, args.out)  # before the optional plot, so a missing matplotlib loses no measurement
     if args.png:
         heatmap(report, args.png)
-    return emit(report, args.out)
+    return report
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The sequence is cut into segments S of `titans_attention.segment_len` tokens, pr
 
     h   = M*_{before S}(q(S))               retrieval without update: one memory token per segment token
     y   = Attn([p_1 .. p_Np] || h || S)     causal full attention inside the segment, outputs at S's positions
-    M  <- M(y)                              the memory stores the attention output (k, v projected from y)
-    o   = y ⊙ σ(M*(y))                      the memory's retrieval with its updated weights gates y
+    M  <- M(ŷ)                              the memory stores the attention output, ŷ = RMSNorm(y)
+    o   = y ⊙ σ(M*(ŷ))                      the memory's retrieval with its updated weights gates y
 
 - M is a NeuralMemory layer (layers/titans.py, no persistent tokens of its own) run over the y's as a sequence model:
   per token store-then-retrieve, continuing across segments, so `M*(y)` at token t sees the updates of every full
@@ -21,6 +21,8 @@ Choices where the paper is silent or not causal (specs/mechanisms.md §1.5):
   every query would leak token j's input to earlier outputs); h_j and x_j share position j for RoPE
   (counted from the segment's start).
 - |h| = segment length (N_l = C); the gate ⊗ is y ⊙ sigmoid(·); the retrieval query has no convolution.
+- The memory reads RMSNorm(y), not y (titans-pytorch's `pre_rmsnorm`): without it the memory's inner updates grew
+  with the unnormalised attention output and MQAR training diverged to NaN within 75 steps (max_lr 1.0 and 0.1).
 
 Parallel form = prefill from the initial state: a leading piece up to the next segment boundary, whole segments under
 `lax.scan` (when segment_len is also a multiple of titans.batch_size, so every segment starts aligned), otherwise a
@@ -37,6 +39,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from effarch.layers.axes import Hidden, HiddenStep
+from effarch.layers.norms import rms_norm
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
 from effarch.layers.titans_attention import (
     TitansAttentionConfig,
@@ -72,6 +75,7 @@ class MemoryAsContext(nnx.Module):
         self.aligned = memory.batch_size is None or L % memory.batch_size == 0
         self.d_model, self.n_mem_heads = d_model, memory.n_heads
         self.memory = NeuralMemory(d_model, dataclasses.replace(memory, n_persistent=0), rngs=rngs)
+        self.memory_norm = rms_norm(d_model, rngs=rngs)
         self.attn = make_attention(d_model, attention, rngs)
         init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=("embed", "heads"))
         self.retrieve_q = nnx.Linear(d_model, d_model, use_bias=False, kernel_init=init, rngs=rngs)
@@ -119,11 +123,12 @@ class MemoryAsContext(nnx.Module):
         v_all = jnp.concatenate([caches[1], caches[3]], axis=1)
         o = prefixed_attention(self.attn, q, k_all, v_all, visible, pk, pv)
         y = self.attn.o_proj(o.reshape(B, n, -1))
+        y_mem = self.memory_norm(y)
         if decode:
-            memory, m = self.memory.decode_step(state.memory, y[:, 0])
+            memory, m = self.memory.decode_step(state.memory, y_mem[:, 0])
             m = m[:, None]
         else:
-            memory, m = self.memory.prefill(state.memory, y)
+            memory, m = self.memory.prefill(state.memory, y_mem)
         new = MemoryAsContextState(memory, seg_w, *caches, pos + n)
         return new, y * jax.nn.sigmoid(m)
 

@@ -34,7 +34,7 @@ MIXERS = {
     "titans_lmm": (L.NeuralMemory, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=4,
                                                               n_persistent=1)), {}),
     "titans_mac": (L.MemoryAsContext, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=4, n_persistent=1),
-                                       L.TitansAttentionConfig(n_heads=2, segment_len=4)), {}),
+                                       L.TitansAttentionConfig(n_heads=2, segment_len=8)), {}),
     "titans_mag": (L.MemoryAsGate, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, n_persistent=1),
                                     L.TitansAttentionConfig(n_heads=2, window=3)), {}),
     "titans_mal": (L.MemoryAsLayer, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, n_persistent=1),

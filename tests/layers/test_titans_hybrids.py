@@ -70,7 +70,7 @@ def test_mac_prefill_in_pieces_on_the_loop_path():
     assert state.pos == 24
 
 
-@pytest.mark.parametrize("pos,T", [(0, 13), (3, 1), (7, 12)])
+@pytest.mark.parametrize("pos,T", [(3, 1), (7, 12)])  # a decode step near the start; a longer call
 def test_window_prefix_attention_equals_dense_masked_attention(pos, T):
     W, P, H = 5, 3, 2
     attn = make_attention(D, TitansAttentionConfig(n_heads=H, window=W), nnx.Rngs(3))
