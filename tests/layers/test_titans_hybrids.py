@@ -1,8 +1,8 @@
 """Titans MAC / MAG / MAL (layers/titans_mac.py, titans_mag.py, titans_mal.py) and their prefixed attention.
 
 Decoding == parallel and causality for all three run in tests/arches/test_lm.py (every registered mixer); here:
-persistent tokens reach the first query, MAC's memory carries information across segments, MAC's prefill in pieces on
-its Python-loop path, SW-Attn* against dense masked attention, and config errors.
+persistent tokens reach the first query, MAC's memory carries information across segments, MAC's segment scan against
+its per-segment loop (and prefill in pieces), SW-Attn* against dense masked attention, and config errors.
 """
 
 import jax
@@ -55,18 +55,22 @@ def test_mac_memory_carries_across_segments():
     assert float(jnp.max(jnp.abs(a[:, 8:] - b[:, 8:]))) > 1e-5
 
 
-def test_mac_prefill_in_pieces_on_the_loop_path():
-    # batch_size 16 does not divide segment_len 8, so whole segments go through the Python loop, not lax.scan.
-    memory = NeuralMemoryConfig(n_heads=2, expansion=2, chunk_size=4, batch_size=16, n_persistent=1)
-    layer = MemoryAsContext(D, memory, ATTENTION, rngs=nnx.Rngs(2))
-    assert not layer.aligned
+def test_mac_segment_scan_equals_the_segment_loop_and_pieces():
+    # The parallel form runs whole segments under lax.scan; the per-segment Python loop (taken when batch_size does
+    # not divide segment_len) is the sequential oracle. Both, and a prefill in pieces on the loop, agree.
+    unaligned = NeuralMemoryConfig(n_heads=2, expansion=2, chunk_size=4, batch_size=16)
+    assert not MemoryAsContext(D, unaligned, ATTENTION, rngs=nnx.Rngs(0)).aligned
+    layer = MemoryAsContext(D, MEMORY, ATTENTION, rngs=nnx.Rngs(2))
+    assert layer.aligned
     x = inputs(24, b=2)
-    full = layer(x)
+    scanned = layer(x)  # three whole segments in one lax.scan
+    layer.aligned = False
+    assert_close("MAC loop", layer(x), scanned, rtol=1e-5)
     state, ys = layer.init_state(2, 24), []
     for a, b in [(0, 3), (3, 24)]:  # inside a segment; then its rest and two whole segments
         state, y = layer.prefill(state, x[:, a:b])
         ys.append(y)
-    assert_close("MAC pieces", jnp.concatenate(ys, 1), full, rtol=1e-5)
+    assert_close("MAC pieces", jnp.concatenate(ys, 1), scanned, rtol=1e-5)
     assert state.pos == 24
 
 
