@@ -32,6 +32,7 @@ from effarch.layers.moh import MoHConfig
 from effarch.layers.norms import SRMSNorm, rms_norm
 from effarch.layers.sliding_window import SlidingWindowConfig
 from effarch.layers.titans import NeuralMemoryConfig
+from effarch.layers.titans_attention import TitansAttentionConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class ModelConfig:
     diffqkv: DiffQKVConfig = DiffQKVConfig()
     moh: MoHConfig = MoHConfig()
     landmark: LandmarkConfig = LandmarkConfig()
+    titans_attention: TitansAttentionConfig = TitansAttentionConfig()  # MAC / MAG / MAL's attention (+ titans)
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):

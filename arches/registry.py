@@ -18,6 +18,9 @@ from effarch.layers.lightning import LightningAttention
 from effarch.layers.moh import MoHAttention
 from effarch.layers.sliding_window import SlidingWindowAttention
 from effarch.layers.titans import NeuralMemory
+from effarch.layers.titans_mac import MemoryAsContext
+from effarch.layers.titans_mag import MemoryAsGate
+from effarch.layers.titans_mal import MemoryAsLayer
 
 if TYPE_CHECKING:
     from effarch.arches.lm import ModelConfig
@@ -38,6 +41,11 @@ MIXERS: dict[str, MixerFactory] = {
     "diffqkv": lambda cfg, layer_idx, rngs: DiffQKVAttention(cfg.d_model, cfg.diffqkv, rngs=rngs),
     "moh": lambda cfg, layer_idx, rngs: MoHAttention(cfg.d_model, cfg.moh, rngs=rngs),
     "landmark": lambda cfg, layer_idx, rngs: LandmarkAttention(cfg.d_model, cfg.landmark, rngs=rngs),
+    # Titans' hybrids: the memory from cfg.titans, the attention from cfg.titans_attention.
+    "titans_mac": lambda cfg, layer_idx, rngs: MemoryAsContext(cfg.d_model, cfg.titans, cfg.titans_attention,
+                                                               rngs=rngs),
+    "titans_mag": lambda cfg, layer_idx, rngs: MemoryAsGate(cfg.d_model, cfg.titans, cfg.titans_attention, rngs=rngs),
+    "titans_mal": lambda cfg, layer_idx, rngs: MemoryAsLayer(cfg.d_model, cfg.titans, cfg.titans_attention, rngs=rngs),
 }
 
 

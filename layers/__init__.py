@@ -24,6 +24,10 @@ from effarch.layers.norms import SRMSNorm, rms_norm, srms_norm
 from effarch.layers.rope import apply_rope
 from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
+from effarch.layers.titans_attention import TitansAttentionConfig
+from effarch.layers.titans_mac import MemoryAsContext
+from effarch.layers.titans_mag import MemoryAsGate
+from effarch.layers.titans_mal import MemoryAsLayer
 
 __all__ = [
     "Mixer",
@@ -47,6 +51,10 @@ __all__ = [
     "SlidingWindowConfig",
     "NeuralMemory",
     "NeuralMemoryConfig",
+    "TitansAttentionConfig",
+    "MemoryAsContext",
+    "MemoryAsGate",
+    "MemoryAsLayer",
     # MLPs
     "MLPConfig",
     "SGLU",

@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataConfig:
-    task: Literal["mqar", "bytes", "passkey"] = "mqar"  # "bytes": next-byte LM on text_source (vocab_size >= 256)
+    task: Literal["mqar", "bytes", "passkey", "niah"] = "mqar"  # "bytes": next-byte LM on text_source (vocab >= 256)
     # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
+    # "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36), seq_len tokens
     # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
     mixture: Literal["custom", "zoology_standard"] = "custom"
     train_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 20_000),)  # (seq_len, num_kv_pairs, num_examples)
@@ -42,6 +43,7 @@ class DataConfig:
     landmark_token: int = 256  # its id (model.vocab_size must exceed it)
     passkey_examples: int = 8192  # task "passkey": training examples (evaluation: 256 more from seed + 1000)
     passkey_queries: int = 1  # task "passkey": questions per training sequence (evaluation asks one, at the end)
+    niah_examples: int = 8192  # task "niah": training examples (evaluation: 256 more from seed + 1000)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -60,6 +62,8 @@ class DataConfig:
         if self.landmark_block_len < 0 or self.landmark_token < 0:
             raise ValueError(f"landmark_block_len and landmark_token must be >= 0, got {self.landmark_block_len}, "
                              f"{self.landmark_token}")
+        if self.niah_examples < 1:
+            raise ValueError(f"niah_examples must be positive, got {self.niah_examples}")
         if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
                              f"{self.landmark_block_len + 1} (windows start on a block boundary)")

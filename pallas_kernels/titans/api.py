@@ -9,6 +9,7 @@ No Pallas kernel yet: every platform runs "xla" by default.
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.dispatch import dispatch
@@ -83,6 +84,15 @@ def neural_memory_scan(
 
 def neural_memory_init_state(params: Params, batch_size: int) -> MemoryState:
     return reference.init_state(params, batch_size)
+
+
+def neural_memory_retrieve(
+    weights: Params, queries: Float[Array, "B T H D"], *, residual: bool = False
+) -> Float[Array, "B T H D"]:
+    """Retrieval without an update (eq. 15), M*_W(q_t), from per-sequence weights such as `MemoryState.w`
+    ({"w1": [B, H, D, F], "w2": [B, H, F, D]})."""
+    y = reference.memory_apply(weights, jnp.moveaxis(queries.astype(jnp.float32), 1, 2), residual)
+    return jnp.moveaxis(y, 2, 1).astype(queries.dtype)
 
 
 def neural_memory_step(

@@ -16,6 +16,7 @@ from effarch.layers.lightning import LightningConfig
 from effarch.layers.mlp import MLPConfig
 from effarch.layers.sliding_window import SlidingWindowConfig
 from effarch.layers.titans import NeuralMemoryConfig
+from effarch.layers.titans_attention import TitansAttentionConfig
 from tests.helpers.numerics import assert_close
 
 V, D, T = 37, 24, 19
@@ -30,6 +31,8 @@ def make(mixers, **kw) -> DecoderLM:
         lightning=LightningConfig(n_heads=3, block_size=8),
         # chunks of 4 and refreshes every 8 tokens: prompts of 1 and 7 tokens end inside both
         titans=NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=8, n_persistent=2),
+        # MAC segments of 8 (T = 19: two whole segments and a partial one); MAG / MAL windows of 6
+        titans_attention=TitansAttentionConfig(n_heads=2, window=6, segment_len=8),
         diffqkv=DiffQKVConfig(n_q_heads=6, n_k_heads=1, n_v_heads=3, k_cache_dim=2, aug_q_hidden=10),
         landmark=LandmarkConfig(n_heads=2, block_len=4, tile=8),
         **kw,
@@ -78,7 +81,8 @@ def test_hybrid_layout_repeats_the_mixer_list():
 def test_state_size_grows_for_attention_only():
     attn = make(["attention"])
     assert attn.state_size(200) == 2 * attn.state_size(100) > 0  # KV cache: linear in T
-    for mixer in ("based", "lightning", "base_conv", "zoology_base_conv", "titans_lmm"):
+    for mixer in ("based", "lightning", "base_conv", "zoology_base_conv", "titans_lmm", "titans_mac", "titans_mag",
+                  "titans_mal"):
         m = make([mixer])
         assert m.state_size(100) == m.state_size(10_000) > 0, mixer
     swa = make(["sliding_window"])

@@ -33,6 +33,12 @@ MIXERS = {
     "moh": (L.MoHAttention, (D, L.MoHConfig(n_heads=3, n_shared=1, top_k=1)), {}),
     "titans_lmm": (L.NeuralMemory, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=4,
                                                               n_persistent=1)), {}),
+    "titans_mac": (L.MemoryAsContext, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=4, n_persistent=1),
+                                       L.TitansAttentionConfig(n_heads=2, segment_len=8)), {}),
+    "titans_mag": (L.MemoryAsGate, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, n_persistent=1),
+                                    L.TitansAttentionConfig(n_heads=2, window=3)), {}),
+    "titans_mal": (L.MemoryAsLayer, (D, L.NeuralMemoryConfig(n_heads=2, chunk_size=4, n_persistent=1),
+                                     L.TitansAttentionConfig(n_heads=2, window=3)), {}),
     "block": (Block, (ModelConfig(d_model=D, n_layers=1, mixers=("based",),
                                   based=L.BasedConfig(feature_dim=4, chunk_size=4)), 0), {}),
 }

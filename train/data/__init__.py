@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from effarch.train.data import mqar, passkey, text
+from effarch.train.data import mqar, niah, passkey, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,12 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream,
         vx, vy, _ = passkey.passkey_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len,
                                           data_cfg.landmark_block_len)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"passkey_{data_cfg.seq_len}", vx, vy)]
+    if data_cfg.task == "niah":
+        if vocab_size < niah.VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size={vocab_size}: the niah task needs at least {niah.VOCAB_SIZE}")
+        x, y = niah.niah_batch(np.random.default_rng(data_cfg.seed), data_cfg.niah_examples, data_cfg.seq_len)
+        vx, vy = niah.niah_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len)
+        return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"niah_{data_cfg.seq_len}", vx, vy)]
     train_segs, test_segs = _segments(data_cfg)
     options = dict(power_a=data_cfg.power_a, random_non_queries=data_cfg.random_non_queries)
     max_len = max(n for n, _, _ in train_segs)

@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effarch.pallas_kernels.titans import neural_memory_init_state, neural_memory_scan, neural_memory_step, reference
+from effarch.pallas_kernels.titans import (
+    neural_memory_init_state,
+    neural_memory_retrieve,
+    neural_memory_scan,
+    neural_memory_step,
+    reference,
+)
 from tests.helpers.numerics import assert_close
 
 B, T, H, D, F = 2, 19, 3, 8, 16  # T = 19: not a multiple of any chunk size below
@@ -136,6 +142,20 @@ def test_retrieval_sees_exactly_the_chunks_that_ended():
     y1 = neural_memory_scan(params, k, v.at[:, 5].add(1.0), q, lr, momentum, decay, chunk_size=C)
     changed = np.asarray(jnp.max(jnp.abs(y1 - y0), axis=(0, 2, 3))) > 1e-6
     np.testing.assert_array_equal(changed, np.arange(12) >= 7)  # token 5 is in chunk 1 = tokens 4..7
+
+
+def test_retrieve_reads_the_state_without_updating_it():
+    # From the state after the first 8 tokens, retrieval equals what the scan answers when nothing more is learned
+    # (no learning rate, momentum or decay: chunk 2 leaves W as it is), and differs from the initial weights'.
+    params, k, v, q, lr, momentum, decay = inputs(7, T=12, gates_for=3)
+    y, state = neural_memory_scan(params, k[:, :8], v[:, :8], q[:, :8], lr[:, :8], momentum[:, :2], decay[:, :2],
+                                  chunk_size=4, return_state=True)
+    got = neural_memory_retrieve(state.w, q[:, 8:])
+    y_next = neural_memory_scan(params, k[:, 8:], v[:, 8:], q[:, 8:], 0.0 * lr[:, 8:], 0.0 * momentum[:, 2:],
+                                0.0 * decay[:, 2:], chunk_size=4, initial_state=state)
+    assert_close("retrieve", got, y_next, rtol=1e-5)
+    fresh = neural_memory_retrieve(neural_memory_init_state(params, B).w, q[:, 8:])
+    assert float(jnp.max(jnp.abs(fresh - got))) > 1e-3
 
 
 @pytest.mark.parametrize("depth, residual", [(1, False), (3, True)])

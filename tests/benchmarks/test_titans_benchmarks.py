@@ -1,0 +1,86 @@
+"""Smoke tests of benchmarks/titans_speed.py and benchmarks/niah_titans.py at tiny sizes: the reports have the
+documented keys and every verdict and score is recomputed from the report's own values. Timings are not checked."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from effarch.arches.lm import DecoderLM, ModelConfig
+from effarch.layers.sliding_window import SlidingWindowConfig
+from effarch.layers.titans import NeuralMemoryConfig
+from effarch.layers.titans_attention import TitansAttentionConfig
+from effarch.train.data import niah
+
+_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_report(tmp_path):
+    bench = _load("titans_speed")
+    out = tmp_path / "speed.json"
+    report = bench.main(["--lengths", "16", "32", "--chunks", "8", "--reference-lengths", "16", "--d-model", "8",
+                         "--heads", "1", "--batch-size", "8", "--reps", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["results"]) == {"xla_c8", "reference_c8"}
+    assert set(report["results"]["xla_c8"]) == {"16", "32"} and set(report["results"]["reference_c8"]) == {"16"}
+    for per_t in report["results"].values():
+        for t, r in per_t.items():
+            assert r["tokens_per_s"] == pytest.approx(int(t) / r["median_s"])
+            assert r["us_per_token"] == pytest.approx(1e6 * r["median_s"] / int(t))
+            assert r["batch_size"] == 8 and r["memory"]["peak_bytes"] >= r["memory"]["argument_bytes"] > 0
+    xla = report["results"]["xla_c8"]
+    # x and the cotangent [1, T, 8] are arguments: doubling T adds 2 * 16 * 8 * 4 bytes.
+    assert xla["32"]["memory"]["argument_bytes"] - xla["16"]["memory"]["argument_bytes"] == 2 * 16 * 8 * 4
+    targets = report["targets"]
+    ratio = xla["32"]["us_per_token"] / xla["16"]["us_per_token"]
+    assert targets["xla_c8_per_token_time_32_over_16"]["ratio"] == pytest.approx(ratio)
+    assert targets["xla_c8_per_token_time_32_over_16"]["pass"] == (ratio <= bench.PER_TOKEN_TOLERANCE)
+    speedup = report["results"]["reference_c8"]["16"]["median_s"] / xla["16"]["median_s"]
+    assert targets["xla_over_reference_c8_T16"]["speedup"] == pytest.approx(speedup)
+    assert targets["xla_peak_bytes_T32"]["peak_bytes"] == xla["32"]["memory"]["peak_bytes"]
+    assert targets["xla_peak_bytes_T32"]["pass"]
+
+
+def test_niah_scores_need_every_digit():
+    bench = _load("niah_titans")
+    x, y = niah.niah_batch(np.random.default_rng(0), 3, 40)
+    logits = np.eye(niah.VOCAB_SIZE)[np.where(y >= 0, y, 0)]  # the argmax is every label
+    assert bench.scores(logits, y) == (1.0, 1.0)
+    row, col = 1, np.flatnonzero(y[1] >= 0)[3]
+    logits[row, col] = np.roll(logits[row, col], 1)  # one digit of one needle wrong
+    exact, digit = bench.scores(logits, y)
+    assert exact == pytest.approx(2 / 3) and digit == pytest.approx(20 / 21)
+
+
+def test_niah_report(tmp_path):
+    bench = _load("niah_titans")
+    common = dict(vocab_size=niah.VOCAB_SIZE, d_model=16, n_layers=1)
+    models = {
+        "mac": DecoderLM(ModelConfig(**common, mixers=("titans_mac",),
+                                     titans=NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=8, n_persistent=1),
+                                     titans_attention=TitansAttentionConfig(n_heads=2, segment_len=8)),
+                         rngs=nnx.Rngs(0)),
+        "swa": DecoderLM(ModelConfig(**common, mixers=("sliding_window",),
+                                     sliding_window=SlidingWindowConfig(n_heads=2, window=8)), rngs=nnx.Rngs(0)),
+    }
+    out = tmp_path / "niah.json"
+    report = bench.main(["--lengths", "24", "--depths", "0", "1", "--trials", "2", "--batch", "4",
+                         "--out", str(out)], models=models)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    for name in models:
+        for t in ("24",):
+            r = report["results"][name][t]
+            assert set(r["by_depth"]) == {"0.0", "1.0"}
+            # every depth has the same number of trials, so the overall accuracy is the mean over depths
+            assert r["accuracy"] == pytest.approx(np.mean(list(r["by_depth"].values())))
+            assert 0.0 <= r["accuracy"] <= r["digit_accuracy"] <= 1.0
