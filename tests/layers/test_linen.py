@@ -59,7 +59,12 @@ def _nnx_with(cls, args, kwargs, params):
     return module
 
 
-@pytest.mark.parametrize("name", [*MIXERS, *OTHERS])
+# The bridge is mixer-agnostic; the Titans layers (slowest to compile) run only in the slow suite.
+_SLOW = {"titans_lmm", "titans_mac", "titans_mag", "titans_mal"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
+                                  for n in [*MIXERS, *OTHERS]])
 def test_to_linen_matches_the_nnx_layer(name):
     cls, args, kwargs = {**MIXERS, **OTHERS}[name]
     wrapped = to_linen(cls, *args, **kwargs)

@@ -55,6 +55,7 @@ def test_mac_memory_carries_across_segments():
     assert float(jnp.max(jnp.abs(a[:, 8:] - b[:, 8:]))) > 1e-5
 
 
+@pytest.mark.slow  # MAC decode == parallel (tests/arches/test_lm.py) covers the scan in the default run
 def test_mac_segment_scan_equals_the_segment_loop_and_pieces():
     # The parallel form runs whole segments under lax.scan; the per-segment Python loop (taken when batch_size does
     # not divide segment_len) is the sequential oracle. Both, and a prefill in pieces on the loop, agree.
