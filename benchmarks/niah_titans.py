@@ -23,7 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit
+from _common import depth_heatmap, emit
 from flax import nnx
 
 from effarch.arches.lm import DecoderLM
@@ -62,27 +62,7 @@ def evaluate(model: DecoderLM, lengths, depths, trials: int, seed: int, batch: i
 
 
 def heatmap(report: dict, path: str) -> None:
-    import matplotlib  # optional extra "plots"
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["results"])
-    lengths, depths = report["config"]["lengths"], report["config"]["depths"]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        grid = np.array([[report["results"][name][str(t)]["by_depth"][str(d)] for t in lengths] for d in depths])
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(lengths)), [str(t) for t in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        ax.set_xlabel("length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(name)
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    depth_heatmap(report, path, depth_label="needle depth")
 
 
 def main(argv=None, models: dict[str, DecoderLM] | None = None) -> dict:

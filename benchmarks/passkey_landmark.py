@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit
+from _common import depth_heatmap, emit
 from flax import nnx
 
 from effarch.arches.landmark_memory import init_memory, memory_prefill
@@ -68,27 +68,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def heatmap(report: dict, path: str) -> None:
-    import matplotlib  # optional extra "plots"
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = list(report["results"])
-    lengths, depths = report["config"]["lengths"], report["config"]["depths"]
-    fig, axes = plt.subplots(1, len(paths), figsize=(4 * len(paths), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], paths, strict=True):
-        grid = np.array([[report["results"][name][str(t)]["by_depth"][str(d)] for t in lengths] for d in depths])
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(lengths)), [str(t) for t in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        ax.set_xlabel("length (tokens)")
-        ax.set_ylabel("depth")
-        ax.set_title(name)
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    depth_heatmap(report, path, depth_label="depth")
 
 
 def main(argv=None, model: DecoderLM | None = None) -> dict:

@@ -74,8 +74,7 @@ def test_state_size_sigma_32_4_16_is_37_5_percent_below_gqa_16():
     assert sigma.state_size(L) == sigma_cache["k"].nbytes + sigma_cache["v"].nbytes == L * (4 + 16) * 64 * 4
     gqa_cache = gqa.init_state(1, L)
     assert gqa.state_size(L) == gqa_cache["k"].nbytes + gqa_cache["v"].nbytes
-    assert gqa.state_size(L) == L * (16 + 16) * 64 * 4
-    assert 1 - sigma.state_size(L) / gqa.state_size(L) == pytest.approx(0.375)
+    assert gqa.state_size(L) == L * (16 + 16) * 64 * 4  # so Sigma's cache is (4 + 16) / (16 + 16) = 62.5% of it
 
 
 @pytest.mark.parametrize("n_kv", [3, 1])
