@@ -44,6 +44,7 @@ class DataConfig:
     passkey_examples: int = 8192  # task "passkey": training examples (evaluation: 256 more from seed + 1000)
     passkey_queries: int = 1  # task "passkey": questions per training sequence (evaluation asks one, at the end)
     niah_examples: int = 8192  # task "niah": training examples (evaluation: 256 more from seed + 1000)
+    niah_queries: int = 1  # task "niah": questions per training sequence (evaluation asks one, at the end)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -62,8 +63,9 @@ class DataConfig:
         if self.landmark_block_len < 0 or self.landmark_token < 0:
             raise ValueError(f"landmark_block_len and landmark_token must be >= 0, got {self.landmark_block_len}, "
                              f"{self.landmark_token}")
-        if self.niah_examples < 1:
-            raise ValueError(f"niah_examples must be positive, got {self.niah_examples}")
+        if self.niah_examples < 1 or self.niah_queries < 1:
+            raise ValueError(f"niah_examples and niah_queries must be >= 1, got {self.niah_examples}, "
+                             f"{self.niah_queries}")
         if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
                              f"{self.landmark_block_len + 1} (windows start on a block boundary)")
