@@ -5,6 +5,7 @@ module as `_common` (the smoke tests under tests/benchmarks/ put the folder on s
 """
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,33 @@ def depth_heatmap(report: dict, path: str, depth_label: str = "depth") -> None:
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
     fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+class PipeWorker:
+    """A script run by another Python (e.g. a venv with torch), driven one JSON line at a time over a pipe: its
+    first stdout line is an info dict (`.info`), then it answers each command line with one JSON line."""
+
+    def __init__(self, python: str, script: str, *args, name: str = "worker"):
+        self.name = name
+        self.proc = subprocess.Popen([python, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} exited with code {self.proc.wait()} (see its stderr above)")
+        return json.loads(line)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.proc.stdout.close()
 
 
 def emit(report: dict, out: str | None) -> dict:

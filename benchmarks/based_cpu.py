@@ -23,10 +23,8 @@ Run:   .venv/bin/python benchmarks/based_cpu.py --fla-python /work/venv311/bin/p
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit, loss_and_grads
+from _common import PipeWorker, emit, loss_and_grads
 
 from effarch.pallas_kernels.based import based_linear_attention
 
@@ -96,32 +94,6 @@ for line in sys.stdin:
 """
 
 
-class FlaWorker:
-    """fla's naive_chunk_based in another Python, driven one call at a time over a pipe."""
-
-    def __init__(self, python: str, threads: int):
-        self.proc = subprocess.Popen(
-            [python, "-c", _FLA_WORKER, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the fla worker exited with code {self.proc.wait()} (see its stderr above)")
-        return json.loads(line)
-
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-        self.proc.stdout.close()
-
-
 def rel_err(actual, expected) -> float:
     """max |actual - expected| / max |expected|."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
@@ -156,7 +128,8 @@ def run(
     kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
     ours = jax.jit(loss_and_grads(lambda q, k, v: based_linear_attention(q, k, v, implementation="xla", **kwargs)))
     oracle = jax.jit(loss_and_grads(lambda q, k, v: based_linear_attention(q, k, v, implementation="reference")))
-    fla = {f"fla_naive_chunk_{n}t": FlaWorker(fla_python, n) for n in fla_threads} if fla_python else {}
+    fla = ({f"fla_naive_chunk_{n}t": PipeWorker(fla_python, _FLA_WORKER, n, name="fla worker") for n in fla_threads}
+           if fla_python else {})
     results = {}
     load_at_start = os.getloadavg()
     try:

@@ -22,10 +22,8 @@ Run:   .venv/bin/python benchmarks/titans_pytorch_cpu.py --torch-python /work/ve
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit
+from _common import PipeWorker, emit
 from flax import nnx
 
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
@@ -76,32 +74,6 @@ for line in sys.stdin:
 """
 
 
-class TorchWorker:
-    """titans-pytorch's NeuralMemory in another Python, driven one call at a time over a pipe."""
-
-    def __init__(self, python: str, threads: int, dim: int, heads: int, chunk: int, batch_size: int):
-        args = [str(a) for a in (threads, dim, heads, chunk, batch_size)]
-        self.proc = subprocess.Popen([python, "-c", _TORCH_WORKER, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the titans-pytorch worker exited with code {self.proc.wait()} (see its stderr)")
-        return json.loads(line)
-
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-        self.proc.stdout.close()
-
-
 def ours_fn(d_model: int, heads: int, chunk: int, batch_size: int):
     """The jitted forward + backward of our layer, and its parameters."""
     cfg = NeuralMemoryConfig(n_heads=heads, chunk_size=chunk, batch_size=batch_size or None)
@@ -120,7 +92,8 @@ def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: 
     if batch_size and batch_size % chunk:
         raise ValueError(f"--batch-size={batch_size} must be a multiple of --chunk={chunk}")
     ours, params = ours_fn(d_model, heads, chunk, batch_size)
-    workers = ({f"titans_pytorch_{n}t": TorchWorker(torch_python, n, d_model, heads, chunk, batch_size)
+    workers = ({f"titans_pytorch_{n}t": PipeWorker(torch_python, _TORCH_WORKER, n, d_model, heads, chunk, batch_size,
+                                                      name="titans-pytorch worker")
                 for n in torch_threads} if torch_python else {})
     results, load_at_start = {}, os.getloadavg()
     try:
