@@ -386,6 +386,7 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     # Step time and tokens/s are measured over the wall time between log steps, less evaluations and saves.
     window_start, window_excluded, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
     previous_loss = None
+
     def device_batch(s):
         return trainer.global_batch(*stream.batch(s, rows))
 
