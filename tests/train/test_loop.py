@@ -155,3 +155,33 @@ def test_a_data_error_on_the_prefetch_thread_reaches_the_caller(tmp_path, monkey
     assert "producing the batch of step 3" in " ".join(info.value.__notes__)
     assert sorted(logged(tmp_path / "run")) == [1, 2, 3]  # the steps before it ran
     assert no_prefetch_thread()
+
+
+def test_results_are_read_back_only_at_log_steps(tmp_path, monkeypatch, log_every=8):
+    """Counts host readbacks of jax arrays (every `float(x)`, `np.asarray(x)` and `jax.device_get(x)` goes through
+    ArrayImpl._value) between the dispatches of consecutive steps: none except after a log step."""
+    from jax._src.array import ArrayImpl
+
+    from effarch.train.train import Trainer
+
+    reads, marks = [0], []
+    value = ArrayImpl._value
+
+    def counted(self):
+        reads[0] += 1
+        return value.fget(self)
+
+    def dispatch(self, *args, _step=Trainer.train_step_checked):
+        marks.append(reads[0])
+        return _step(self, *args)
+
+    monkeypatch.setattr(ArrayImpl, "_value", property(counted))
+    monkeypatch.setattr(Trainer, "train_step_checked", dispatch)
+    run(tmp_path / "run", "train.prefetch=2", f"train.log_every={log_every}")
+    between = [b - a for a, b in zip(marks, marks[1:])]  # readbacks after step i + 1, before step i + 2 starts
+    assert len(between) == STEPS - 1
+    for i, n in enumerate(between):
+        if (i + 1) % log_every:
+            assert n == 0, (i + 1, between)
+        else:  # the instrument sees the log step's readback (metrics and the NaN/inf record)
+            assert n >= 4, (i + 1, between)
