@@ -1,7 +1,8 @@
 """The training loop with prefetch and the deferred NaN/inf check, run in-process on the tiny MQAR config.
 
 The reference is the plain loop (no prefetch, every step's metrics read back). Runs here log every 4 steps, so most
-steps are never read back: the tests below show that this changes no loss, no resume and no checkpoint decision.
+steps are never read back (the last test counts the readbacks): the tests below show that this changes no loss, no
+resume and no checkpoint decision.
 """
 
 import json
