@@ -146,6 +146,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
     progress: bool = True  # tqdm progress bar on stderr
+    # Batches made ahead on a background thread and already put on the devices when their step starts
+    # (train/prefetch.py); 0 makes each batch in the loop, just before its step.
+    prefetch: int = 2
     # What to do with a run_dir that already holds checkpoints. "auto": resume from the newest complete one (a
     # config change that would make it mean something else is refused); "require": the same, but fail when there is
     # nothing to resume; "never": move the old run aside to run_dir/previous/<time>/ and start from step 0.
@@ -168,6 +171,8 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 (batches made ahead; 0 turns it off), got {self.prefetch}")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps="
                              f"{self.grad_accum_steps}")

@@ -32,6 +32,7 @@ HARMLESS_KEYS = {
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint", "train.progress", "train.run_dir",
     "train.resume", "train.init_from", "train.init_mismatch", "train.compute_dtype", "train.grad_accum_steps",
     "model.remat", "data.test_segments", "sharding_rules",
+    "train.prefetch",
 }
 HARMLESS_PREFIXES = ("mesh.",)
 HARMLESS_SUFFIXES = (".implementation",)

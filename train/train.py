@@ -6,6 +6,10 @@ config.yaml, run_info.json, metrics.jsonl, tb/ and checkpoints/. Starting a run 
 checkpoints resumes from the newest complete one (params, optimizer state, step = data position, RNG) when the
 config still means the same run (train/run_dir.py); `train.init_from` starts from another run's parameters
 (train/finetune.py).
+
+The loop keeps the devices busy: batches are made and put on the devices ahead by a thread (train/prefetch.py), and
+a step's results are read back only at log steps and before evaluations and checkpoints, where the device-side
+NaN/inf record carried through every step (train/health.py) is checked.
 """
 
 import dataclasses
@@ -33,16 +37,19 @@ from effarch.train.checks import check_config
 from effarch.train.config import Config, ConfigError
 from effarch.train.data import Segment, build_data
 from effarch.train.finetune import init_from_checkpoint, write_report
+from effarch.train.health import (
+    TrainingDiverged,  # noqa: F401 - re-exported: main.py catches it from here
+    init_health,
+    raise_if_diverged,
+    update_health,
+)
 from effarch.train.metrics import MetricsWriter
+from effarch.train.prefetch import Prefetcher
 from effarch.train.run_dir import prepare_run_dir
 
 log = logging.getLogger("effarch")
 
 IGNORE = -100  # label of positions without a target
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the run stopped without saving the bad state."""
 
 
 def maybe_initialize_distributed() -> None:
@@ -161,6 +168,13 @@ class Trainer:
             out_shardings=(*params_in, self.replicated),
             donate_argnums=(0, 1),
         )
+        # The loop's step: the same update, plus the device-side NaN/inf record (train/health.py) carried through it.
+        self._train_step_checked = jax.jit(
+            self._checked_step,
+            in_shardings=(*params_in, self.replicated, self.batch_sharding, self.batch_sharding),
+            out_shardings=(*params_in, self.replicated, self.replicated),
+            donate_argnums=(0, 1, 2),
+        )
         self._eval_step = jax.jit(self._eval, in_shardings=(self.param_sharding, self.batch_sharding,
                                                             self.batch_sharding), out_shardings=self.replicated)
 
@@ -231,6 +245,10 @@ class Trainer:
                    **{f"aux/{name}": value for name, value in aux.items()}}
         return params, opt_state, metrics
 
+    def _checked_step(self, params, opt_state, health, inputs, labels):
+        params, opt_state, metrics = self._step(params, opt_state, inputs, labels)
+        return params, opt_state, update_health(health, metrics["loss"], metrics["grad_norm"]), metrics
+
     def _eval(self, params, inputs, labels):
         return self._forward_loss(params, inputs, labels)
 
@@ -244,6 +262,14 @@ class Trainer:
     def train_step(self, params, opt_state, inputs, labels):
         with jax.set_mesh(self.mesh):
             return self._train_step(params, opt_state, inputs, labels)
+
+    def train_step_checked(self, params, opt_state, health, inputs, labels):
+        """train_step that also carries the NaN/inf record: (params, opt_state, health, metrics), all on device."""
+        with jax.set_mesh(self.mesh):
+            return self._train_step_checked(params, opt_state, health, inputs, labels)
+
+    def init_health(self, step: int):
+        return jax.device_put(init_health(step), self.replicated)
 
     def evaluate(self, params, segment: Segment) -> dict:
         """Token accuracy and mean loss over a whole evaluation set (padded to full batches)."""
@@ -348,31 +374,47 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     rows = slice(jax.process_index() * rows_per_proc, (jax.process_index() + 1) * rows_per_proc)
     train_metrics, eval_metrics, stopped_by = {}, {}, "steps"
     last_good_step = ckpt.steps()[-1] if ckpt.steps() else None
-    window_time, window_steps, window_tokens = 0.0, 0, 0  # summed step times: eval and saves excluded
+    health = trainer.init_health(step)
+
+    def check_finite():
+        """Waits for every dispatched step and stops the run if any of them was not finite (train/health.py)."""
+        raise_if_diverged(health, last_good_step=last_good_step, directory=ckpt.directory, wait_for_saves=ckpt.wait)
+
+    # Nothing below reads a step's results back except at log steps and before an evaluation or a checkpoint: the
+    # host dispatches step s+1 while step s runs. It waits (without copying anything) for step s-1 before dispatching
+    # s+1, so at most two steps are in flight and a SIGTERM is answered within two steps.
+    # Step time and tokens/s are measured over the wall time between log steps, less evaluations and saves.
+    window_start, window_excluded, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
+    previous_loss = None
+
+    def device_batch(s):
+        return trainer.global_batch(*stream.batch(s, rows))
+
     try:
-        with _StopSignal() as stop:
+        # The signal handlers are in place before the prefetch thread starts and until it is joined.
+        with _StopSignal() as stop, Prefetcher(device_batch, start=step, stop=tc.steps, depth=tc.prefetch) as batches:
             while step < tc.steps:
-                t0 = time.perf_counter()
-                inputs, labels = trainer.global_batch(*stream.batch(step, rows))
-                params, opt_state, m = trainer.train_step(params, opt_state, inputs, labels)
-                m = {k: float(v) for k, v in m.items()}  # waits for the step: the NaN check below needs it
-                window_time += time.perf_counter() - t0
-                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                    ckpt.wait()
-                    where = f"step {last_good_step}" if last_good_step is not None else "none saved yet"
-                    raise TrainingDiverged(f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step + 1}; "
-                                           f"stopped without saving. Last good checkpoint: {where} in {ckpt.directory}")
+                inputs, labels = batches.get(step)
+                params, opt_state, health, m = trainer.train_step_checked(params, opt_state, health, inputs, labels)
+                if previous_loss is not None:
+                    jax.block_until_ready(previous_loss)
+                previous_loss = m["loss"]
                 step += 1
                 window_steps += 1
-                window_tokens += int(np.prod(inputs.shape))
+                window_tokens += inputs.size
                 if step % tc.log_every == 0 or step == tc.steps:
+                    check_finite()
+                    m = {k: float(v) for k, v in jax.device_get(m).items()}
+                    window_time = time.perf_counter() - window_start - window_excluded
                     train_metrics = {**m, "lr": float(trainer.schedule(step - 1)),
                                      "step_time_s": window_time / window_steps,
                                      "tokens_per_s": window_tokens / window_time}
                     writer.write(step, train_metrics)
                     writer.progress(step, m["loss"], train_metrics["tokens_per_s"])
-                    window_time, window_steps, window_tokens = 0.0, 0, 0
+                    window_start, window_excluded, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
                 if step % tc.eval_every == 0 or step == tc.steps:
+                    check_finite()  # inside the timed window: waiting for the steps is step time
+                    t_eval = time.perf_counter()
                     eval_metrics = {}
                     for seg in eval_sets:
                         for k, v in trainer.evaluate(params, seg).items():
@@ -382,11 +424,15 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
                     writer.write(step, eval_metrics)
                     if tc.stop_at_accuracy is not None and eval_metrics["eval/accuracy"] >= tc.stop_at_accuracy:
                         stopped_by = "accuracy"
+                    window_excluded += time.perf_counter() - t_eval
                 if stop.received and stopped_by == "steps":
                     stopped_by = stop.received
                 if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_by != "steps":
+                    check_finite()  # covers every step since the last check: nothing non-finite is ever saved
+                    t_save = time.perf_counter()
                     save(step)
                     last_good_step = step
+                    window_excluded += time.perf_counter() - t_save
                 if stopped_by != "steps":
                     break
     finally:

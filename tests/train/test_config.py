@@ -47,6 +47,8 @@ def test_dump_round_trips(tmp_path):
         ("train.progress=yes please", "train.progress: expected true or false"),
         ("data.train_segments=[[64, 4]]", "data.train_segments[0]: expected a list of 3 items"),
         ("train.batch_size=10", "grad_accum_steps"),  # with grad_accum_steps=4 below
+        ("train.prefetch=-1", "train: prefetch must be >= 0 (batches made ahead; 0 turns it off), got -1"),
+        ("train.prefetch=2.5", "train.prefetch: expected an integer, got 2.5"),
         ("bogus=1", "bogus: unknown key"),
         ("nokey", "expected key=value"),
     ],
