@@ -14,7 +14,8 @@ file only spells the list as a product):
     select: {metric: mqar.accuracy, over: [optim.lr], mode: max}   # best of `over` per (run, other grid keys)
 
 Each run goes to SWEEP_DIR/<run>-<key>=<value>-... and is one `python -m effarch.train.evals.sweep --worker RUN_DIR`
-process (a fresh JAX per run; `--jobs` of them at a time, default os.cpu_count()): train (the trainer resumes an
+process (a fresh JAX per run; `--jobs` of them at a time, default os.cpu_count(); `--jobs 1` runs them one after
+another in the sweep's own process), its output in RUN_DIR/sweep.log: train (the trainer resumes an
 interrupted run from its checkpoints, `train.resume=auto`), then each eval. `sweep_done.json` marks a finished run,
 which a rerun skips; `sweep_trained.json` marks finished training, so an interruption during the evals does not train
 again. Then SWEEP_DIR gets sweep.json (every run and the best per group), table.md and, with an `mqar` eval and
@@ -23,6 +24,7 @@ matplotlib, mqar_accuracy_vs_state.png (Zoology's figure: accuracy against decod
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -51,7 +53,7 @@ class Sweep:
     overrides: dict
     grid: dict[str, list]
     evals: dict[str, list[str]]  # task -> argv
-    metric: str  # "task.summary_key"
+    metric: str | None  # "task.summary_key"; None without evals
     over: tuple[str, ...]
     mode: str  # "max" or "min"
 
@@ -189,21 +191,37 @@ def is_finished(spec: dict) -> bool:
     return done is not None and done.get("spec") == spec
 
 
-def _launch(spec: dict, env: dict) -> tuple[int, float]:
+def _write_spec(spec: dict) -> Path:
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-    t0 = time.perf_counter()
+    return run_dir
+
+
+def _launch(spec: dict, env: dict) -> int:
+    """One run in a worker process (a fresh JAX), its output appended to RUN_DIR/sweep.log; the exit status."""
+    run_dir = _write_spec(spec)
     with open(run_dir / "sweep.log", "a") as log:
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} worker start\n")
         log.flush()
         proc = subprocess.run([sys.executable, "-m", "effarch.train.evals.sweep", "--worker", str(run_dir)],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc.returncode, time.perf_counter() - t0
+    return proc.returncode
+
+
+def _in_process(spec: dict) -> int:
+    """One run in this process (`--jobs 1`: nothing runs beside it, so a fresh JAX per run would only cost time)."""
+    run_dir = _write_spec(spec)
+    with open(run_dir / "sweep.log", "a") as log, contextlib.redirect_stdout(log):
+        print(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} in-process start", flush=True)
+        return work(run_dir, configure_logging=False)
 
 
 def run_all(specs: list[dict], jobs: int, log=print) -> dict[str, str]:
-    """Runs every unfinished spec, `jobs` worker processes at a time; {name: "skipped" | "done" | "failed (rc N)"}."""
+    """Runs every unfinished spec; {name: "skipped" | "done" | "failed (rc N)"}.
+
+    jobs > 1: that many worker processes at a time; jobs == 1: one after another in this process.
+    """
     status = {}
     todo = []
     for spec in specs:
@@ -213,24 +231,36 @@ def run_all(specs: list[dict], jobs: int, log=print) -> dict[str, str]:
         else:
             todo.append(spec)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(_launch, spec, env): spec for spec in todo}
+
+    def timed(spec):
+        t0 = time.perf_counter()
+        rc = _in_process(spec) if jobs == 1 else _launch(spec, env)
+        return rc, time.perf_counter() - t0
+
+    def report(i, spec, rc, seconds):
+        status[spec["name"]] = "done" if rc == 0 else f"failed (rc {rc})"
+        log(f"sweep: [{i}/{len(todo)}] {spec['name']}: {status[spec['name']]} in {seconds:.0f}s"
+            + ("" if rc == 0 else f"; see {spec['run_dir']}/sweep.log"))
+
+    if jobs == 1:
+        for i, spec in enumerate(todo, 1):
+            report(i, spec, *timed(spec))
+        return status
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(timed, spec): spec for spec in todo}
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            spec = futures[fut]
-            rc, seconds = fut.result()
-            status[spec["name"]] = "done" if rc == 0 else f"failed (rc {rc})"
-            log(f"sweep: [{i}/{len(todo)}] {spec['name']}: {status[spec['name']]} in {seconds:.0f}s"
-                + ("" if rc == 0 else f"; see {spec['run_dir']}/sweep.log"))
+            report(i, futures[fut], *fut.result())
     return status
 
 
-def work(run_dir: Path) -> int:
-    """One run of a sweep (the worker process): train unless already trained, then every eval; exit status."""
+def work(run_dir: Path, *, configure_logging: bool = True) -> int:
+    """One run of a sweep: train unless already trained, then every eval; the exit status (0 when finished)."""
     from effarch.train.evals import run_eval
     from effarch.train.train import TrainingDiverged, train_and_evaluate
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    if configure_logging:  # the worker process; in-process runs keep the caller's logging
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.getLogger("absl").setLevel(logging.WARNING)
     spec = json.loads((run_dir / SPEC).read_text())
     train_spec = {"configs": spec["configs"], "overrides": spec["overrides"]}
     trained = _read(run_dir / TRAINED)
