@@ -4,7 +4,12 @@
 import importlib.util
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -252,3 +257,30 @@ def test_eval_bad_input_is_one_line_exit_2(trained_run, tmp_path, capsys):
     tiny_vocab = ModelConfig(vocab_size=16, d_model=8, n_layers=1)
     with pytest.raises(common.EvalError, match="task niah needs model.vocab_size >= 36"):
         niah_eval.evaluate(DecoderLM(tiny_vocab, rngs=nnx.Rngs(0)), [40], [0.0], trials=1, seed=0, batch_size=1)
+
+
+@pytest.mark.slow
+def test_sweep_worker_processes_resume_after_the_whole_sweep_is_killed(tmp_path):
+    """--jobs 2: one worker process per run; SIGKILL of the sweep and its workers, then a rerun finishes both."""
+    path = tmp_path / "toy.yaml"
+    path.write_text(SWEEP % {"root": ROOT})
+    sweep_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "effarch.train.main", "sweep", str(path), "--sweep-dir", str(sweep_dir), "--jobs", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Its own session, so that one killpg reaches the sweep and its workers; their logs are in RUN_DIR/sweep.log.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    runs = [sweep_dir / "attention-lr=0.01", sweep_dir / "attention-lr=0.0001"]
+    deadline = time.time() + 300
+    while not all((r / "checkpoints" / "50").is_dir() for r in runs):
+        assert proc.poll() is None and time.time() < deadline, [r.joinpath("sweep.log").read_text() for r in runs]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not any((r / "sweep_done.json").exists() for r in runs)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count(": done in") == 2
+    for r in runs:
+        assert "resumed from" in (r / "sweep.log").read_text()
+        assert json.loads((r / "sweep_done.json").read_text())["trained"]["step"] == 100
+    assert "| attention | 0.01 | " in out.stdout

@@ -259,7 +259,7 @@ def work(run_dir: Path, *, configure_logging: bool = True) -> int:
     from effarch.train.train import TrainingDiverged, train_and_evaluate
 
     if configure_logging:  # the worker process; in-process runs keep the caller's logging
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
         logging.getLogger("absl").setLevel(logging.WARNING)
     spec = json.loads((run_dir / SPEC).read_text())
     train_spec = {"configs": spec["configs"], "overrides": spec["overrides"]}
