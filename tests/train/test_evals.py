@@ -151,6 +151,7 @@ def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(toy_sweep, cap
     err = capsys.readouterr().err
     assert "attention-lr=0.01: finished earlier, skipped" in err and "[1/1] attention-lr=0.0001: done" in err
     assert metric_steps(slow) == list(range(10, 110, 10))  # resumed at 50: every step trained exactly once
+    assert "resumed from" in (slow / "sweep.log").read_text()
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the finished run was not touched
     # Now both are finished: a rerun trains and evaluates nothing.
     everything = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file() and p.parent != sweep_dir}
@@ -168,6 +169,17 @@ def test_report_prints_the_sweep_and_run_tables(toy_sweep, capsys):
     assert "| attention-lr=0.01 | 100 | " in out and "| attention-lr=0.0001 | 100 | " in out
     assert main_code(["report", str(toy_sweep["trained"])]) == 0  # a single run directory
     assert "| . | 100 | " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_load(path):
+    from effarch.train.evals.sweep import load_sweep
+
+    sweep = load_sweep(path)  # every run's config loads, every eval's options parse
+    assert sweep.metric and sweep.evals
+    if path.name == "mqar_zoology.yaml":
+        assert {"attention", "based", "lightning"} <= set(sweep.runs) and sweep.grid["model.d_model"] == [64, 128]
+        assert sweep.evals["mqar"] == [] and sweep.over == ("optim.lr",)  # Zoology's test segments, best lr
 
 
 def test_sweep_and_report_bad_input_exit_2(tmp_path, capsys):

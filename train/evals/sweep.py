@@ -212,9 +212,18 @@ def _launch(spec: dict, env: dict) -> int:
 def _in_process(spec: dict) -> int:
     """One run in this process (`--jobs 1`: nothing runs beside it, so a fresh JAX per run would only cost time)."""
     run_dir = _write_spec(spec)
+    logger = logging.getLogger("effarch")
     with open(run_dir / "sweep.log", "a") as log, contextlib.redirect_stdout(log):
         print(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} in-process start", flush=True)
-        return work(run_dir, configure_logging=False)
+        # The trainer's log lines (resumed from ..., config changes) go to the run's log, as from a worker.
+        handler, level = logging.StreamHandler(log), logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            return work(run_dir, configure_logging=False)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def run_all(specs: list[dict], jobs: int, log=print) -> dict[str, str]:
