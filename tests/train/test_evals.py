@@ -20,6 +20,7 @@ from flax import nnx
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.train.config import dump_config, load_config
 from effarch.train.data import Segment
+from effarch.train.data import mqar as mqar_data
 from effarch.train.evals import common, mqar, perplexity
 from effarch.train.evals import niah as niah_eval
 from effarch.train.main import main
@@ -180,6 +181,10 @@ def test_shipped_sweeps_load(path):
     if path.name == "mqar_zoology.yaml":
         assert {"attention", "based", "lightning"} <= set(sweep.runs) and sweep.grid["model.d_model"] == [64, 128]
         assert sweep.evals["mqar"] == [] and sweep.over == ("optim.lr",)  # Zoology's test segments, best lr
+        # Its training data is Zoology's standard mixture, written out.
+        (spec, *_) = sweep.runs_to_do()
+        data = load_config(spec["configs"], spec["overrides"]).data
+        assert data.train_segments == mqar_data.TRAIN_SEGMENTS and data.seed == 0
 
 
 def test_sweep_and_report_bad_input_exit_2(tmp_path, capsys):
