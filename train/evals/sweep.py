@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from effarch.train.config import ConfigError, load_config, load_yaml
@@ -221,6 +222,9 @@ def _in_process(spec: dict) -> int:
         logger.setLevel(logging.INFO)
         try:
             return work(run_dir, configure_logging=False)
+        except Exception:  # noqa: BLE001 - as a worker process would: this run failed, the sweep goes on
+            traceback.print_exc(file=log)
+            return 1
         finally:
             logger.removeHandler(handler)
             logger.setLevel(level)
@@ -306,7 +310,7 @@ def collect(sweep: Sweep, specs: list[dict], status: dict[str, str] | None = Non
         run_dir = Path(spec["run_dir"])
         trained = _read(run_dir / TRAINED) or {}
         row = {"name": spec["name"], "run": spec["run"], "grid": spec["grid"],
-               "finished": (run_dir / DONE).is_file() and is_finished(spec),
+               "finished": is_finished(spec),
                "status": (status or {}).get(spec["name"]), "step": trained.get("step"),
                "stopped_by": trained.get("stopped_by"), "train_wall_s": trained.get("train_wall_s"), "evals": {}}
         for task in spec["evals"]:
