@@ -172,6 +172,20 @@ def test_report_prints_the_sweep_and_run_tables(toy_sweep, capsys):
     assert "| . | 100 | " in capsys.readouterr().out
 
 
+def test_sweep_reports_a_failed_run_and_exits_1(tmp_path, capsys):
+    path = tmp_path / "fail.yaml"
+    # 3 heads do not divide d_model 32: the config loads, the trainer's check refuses it before anything trains.
+    three_heads = "  model.vocab_size: 64\n  model.attention.n_heads: 3\n"
+    path.write_text((SWEEP % {"root": ROOT}).replace("  model.vocab_size: 64\n", three_heads))
+    assert main_code(["sweep", str(path), "--sweep-dir", str(tmp_path / "out"), "--jobs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("failed (rc 2)") == 2
+    log = (tmp_path / "out" / "attention-lr=0.01" / "sweep.log").read_text()
+    assert "effarch: error: " in log and "n_heads" in log
+    summary = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert summary["best"] == [] and not any(r["finished"] for r in summary["runs"])
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweeps_load(path):
     from effarch.train.evals.sweep import load_sweep
