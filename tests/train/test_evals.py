@@ -218,37 +218,40 @@ def test_sweep_and_report_bad_input_exit_2(tmp_path, capsys):
     assert "no eval results" in capsys.readouterr().err
 
 
-def test_perplexity_of_a_uniform_byte_model_is_8_bits_per_byte():
-    cfg = ModelConfig(vocab_size=256, d_model=8, n_layers=1, mixers=("attention",))
-    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
-    # A zero embedding gives zero hidden states and zero (tied) logits: the uniform distribution over 256 bytes.
-    model.embed.embedding[...] = jax.numpy.zeros_like(model.embed.embedding[...])
-    x = np.random.default_rng(0).integers(0, 256, (5, 13))
-    seg = Segment("bytes_val", x[:, :-1], x[:, 1:])
-    out = perplexity.evaluate(model, [seg], batch_size=2, byte_level=True)
-    assert out["summary"]["bits_per_byte"] == pytest.approx(8.0, rel=1e-6)
-    assert out["summary"]["perplexity"] == pytest.approx(256.0, rel=1e-5)
-    assert out["summary"]["tokens"] == 5 * 12
-
-
-def test_exact_match_needs_every_labelled_position():
-    labels = np.array([[-100, 3, 4, -100], [-100, 3, 4, -100], [1, -100, -100, -100]])
-    preds = np.array([3, 4, 3, 0, 1])  # row 0 right, row 1 wrong on its second digit, row 2 right
-    assert common.exact_match(preds, labels).tolist() == [True, False, True]
+def byte_model_and_batch():
+    """A 1-layer byte-level model and 5 rows of 13 tokens, about a third of the positions labelled (the two tests
+    below share the shapes, so the second reuses the first's compilation)."""
+    model = DecoderLM(ModelConfig(vocab_size=256, d_model=8, n_layers=1, mixers=("attention",)), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 13))
+    y = np.where(rng.random((5, 13)) < 0.3, rng.integers(0, 256, (5, 13)), -100)
+    return model, x, y
 
 
 def test_labelled_outputs_equal_the_full_forward():
-    cfg = ModelConfig(vocab_size=37, d_model=16, n_layers=1, mixers=("attention",))
-    model = DecoderLM(cfg, rngs=nnx.Rngs(1))
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 37, (5, 11))
-    y = np.where(rng.random((5, 11)) < 0.3, rng.integers(0, 37, (5, 11)), -100)
+    model, x, y = byte_model_and_batch()
     pred, ce = common.labelled_outputs(model, x, y, batch_size=2)  # 3 batches, the last padded
     logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jax.numpy.asarray(x)))
     rows, cols = np.nonzero(y != -100)
     np.testing.assert_array_equal(pred, logits[rows, cols].argmax(-1))
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(ce, -logp[rows, cols, y[rows, cols]], rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_of_a_uniform_byte_model_is_8_bits_per_byte():
+    model, x, y = byte_model_and_batch()
+    # A zero embedding gives zero hidden states and zero (tied) logits: the uniform distribution over 256 bytes.
+    model.embed.embedding[...] = jax.numpy.zeros_like(model.embed.embedding[...])
+    out = perplexity.evaluate(model, [Segment("bytes_val", x, y)], batch_size=2, byte_level=True)
+    assert out["summary"]["bits_per_byte"] == pytest.approx(8.0, rel=1e-6)
+    assert out["summary"]["perplexity"] == pytest.approx(256.0, rel=1e-5)
+    assert out["summary"]["tokens"] == int((y != -100).sum())
+
+
+def test_exact_match_needs_every_labelled_position():
+    labels = np.array([[-100, 3, 4, -100], [-100, 3, 4, -100], [1, -100, -100, -100]])
+    preds = np.array([3, 4, 3, 0, 1])  # row 0 right, row 1 wrong on its second digit, row 2 right
+    assert common.exact_match(preds, labels).tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize("task", ["passkey", "niah"])

@@ -30,8 +30,10 @@ import itertools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -199,15 +201,52 @@ def _write_spec(spec: dict) -> Path:
     return run_dir
 
 
-def _launch(spec: dict, env: dict) -> int:
+STOPPED = 4  # a run's exit status after SIGTERM / SIGINT: its checkpoint is saved, a rerun resumes it
+
+
+class _Stop:
+    """SIGTERM / SIGINT to the sweep: no new run starts, running workers get SIGTERM (each saves a checkpoint at its
+    next step and exits with STOPPED); an in-process run's trainer catches the signal itself."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.event.set()
+        with self.lock:
+            for proc in self.procs:
+                proc.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _launch(spec: dict, env: dict, stop: _Stop) -> int:
     """One run in a worker process (a fresh JAX), its output appended to RUN_DIR/sweep.log; the exit status."""
     run_dir = _write_spec(spec)
     with open(run_dir / "sweep.log", "a") as log:
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} worker start\n")
         log.flush()
-        proc = subprocess.run([sys.executable, "-m", "effarch.train.evals.sweep", "--worker", str(run_dir)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc.returncode
+        with stop.lock:
+            if stop.event.is_set():
+                return STOPPED
+            proc = subprocess.Popen([sys.executable, "-m", "effarch.train.evals.sweep", "--worker", str(run_dir)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            stop.procs.add(proc)
+        rc = proc.wait()
+        with stop.lock:
+            stop.procs.discard(proc)
+    return rc
 
 
 def _in_process(spec: dict) -> int:
@@ -231,9 +270,10 @@ def _in_process(spec: dict) -> int:
 
 
 def run_all(specs: list[dict], jobs: int, log=print) -> dict[str, str]:
-    """Runs every unfinished spec; {name: "skipped" | "done" | "failed (rc N)"}.
+    """Runs every unfinished spec; {name: "skipped" | "done" | "failed (rc N)" | "interrupted" | "not started"}.
 
-    jobs > 1: that many worker processes at a time; jobs == 1: one after another in this process.
+    jobs > 1: that many worker processes at a time; jobs == 1: one after another in this process. After SIGTERM /
+    SIGINT no new run starts; the runs that were going save a checkpoint and stop (rerun the sweep to resume them).
     """
     status = {}
     todo = []
@@ -245,24 +285,35 @@ def run_all(specs: list[dict], jobs: int, log=print) -> dict[str, str]:
             todo.append(spec)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    def timed(spec):
+    def timed(spec, stop):
         t0 = time.perf_counter()
-        rc = _in_process(spec) if jobs == 1 else _launch(spec, env)
+        if stop.event.is_set():
+            return None, 0.0
+        rc = _in_process(spec) if jobs == 1 else _launch(spec, env, stop)
+        if rc == STOPPED:
+            stop.event.set()
         return rc, time.perf_counter() - t0
 
     def report(i, spec, rc, seconds):
-        status[spec["name"]] = "done" if rc == 0 else f"failed (rc {rc})"
-        log(f"sweep: [{i}/{len(todo)}] {spec['name']}: {status[spec['name']]} in {seconds:.0f}s"
-            + ("" if rc == 0 else f"; see {spec['run_dir']}/sweep.log"))
+        name = spec["name"]
+        if rc is None:
+            status[name] = "not started"
+            return
+        status[name] = {0: "done", STOPPED: "interrupted"}.get(rc, f"failed (rc {rc})")
+        hint = {0: "", STOPPED: "; rerun the sweep to resume it"}.get(rc, f"; see {spec['run_dir']}/sweep.log")
+        log(f"sweep: [{i}/{len(todo)}] {name}: {status[name]} in {seconds:.0f}s{hint}")
 
-    if jobs == 1:
-        for i, spec in enumerate(todo, 1):
-            report(i, spec, *timed(spec))
-        return status
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(timed, spec): spec for spec in todo}
-        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            report(i, futures[fut], *fut.result())
+    with _Stop() as stop:
+        if jobs == 1:
+            for i, spec in enumerate(todo, 1):
+                report(i, spec, *timed(spec, stop))
+        else:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = {pool.submit(timed, spec, stop): spec for spec in todo}
+                for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+                    report(i, futures[fut], *fut.result())
+    if stop.event.is_set():
+        log("sweep: stopped by a signal; rerun the same command to resume")
     return status
 
 
@@ -283,7 +334,7 @@ def work(run_dir: Path, *, configure_logging: bool = True) -> int:
             result = train_and_evaluate(cfg)
             if result.stopped_by not in ("steps", "accuracy"):  # a signal: the checkpoint is saved, not finished
                 print(f"sweep worker: stopped by {result.stopped_by} at step {result.step}; rerun to resume")
-                return 4
+                return STOPPED
             trained = {"spec": train_spec, "step": result.step, "stopped_by": result.stopped_by,
                        "train_wall_s": round(result.wall_time_s, 1)}
             (run_dir / TRAINED).write_text(json.dumps(trained, indent=2) + "\n")
@@ -442,7 +493,7 @@ def main(argv: list[str]) -> int:
     print(summary["table"])
     print(f"sweep: results in {sweep.sweep_dir}/sweep.json, table.md"
           + (f", {summary['png']}" if summary["png"] else ""), file=sys.stderr)
-    return 0 if all(v in ("done", "skipped") for v in status.values()) else 1
+    return 0 if all(v in ("done", "skipped") for v in status.values()) else 1  # failed, interrupted or not started
 
 
 if __name__ == "__main__":
