@@ -22,7 +22,8 @@ USAGE = """usage:
   effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]
   effarch eval RUN_DIR {perplexity,mqar,passkey,niah} [options]     # results in RUN_DIR/eval/; --help per task
       e.g. effarch eval runs/mqar_based mqar --segments 256x16 1024x256
-  effarch sweep SWEEP.yaml [--jobs N] [--sweep-dir DIR] [--only NAME ...]   # train a grid, evaluate, pick the best
+  effarch sweep SWEEP.yaml [--jobs N] [--sweep-dir DIR] [--only NAME ...] [--dry-run | --collect]
+      # train a grid in parallel, evaluate each run, pick the best; skips finished runs, resumes interrupted ones
   effarch report DIR                                 # markdown table of the eval results under a run or sweep dir"""
 
 

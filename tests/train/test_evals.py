@@ -135,6 +135,10 @@ def test_sweep_selects_the_best_lr_and_plots(toy_sweep):
         assert summary["png"] == "mqar_accuracy_vs_state.png"
     else:
         assert summary["png"] is None and "matplotlib is not installed" in summary["png_skipped"]
+    # --collect rewrites the summary from the finished runs and runs nothing.
+    (sweep_dir / "table.md").unlink()
+    assert main_code(["sweep", str(toy_sweep["path"]), "--sweep-dir", str(sweep_dir), "--collect"]) == 0
+    assert (sweep_dir / "table.md").read_text() == table
 
 
 def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(toy_sweep, capsys):

@@ -473,6 +473,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sweep-dir", default=None, help="overrides the file's sweep_dir")
     p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="only these named runs of the file")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides, run nothing")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: write sweep.json, table.md and the PNG from the runs finished so far")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
@@ -487,12 +489,17 @@ def main(argv: list[str]) -> int:
         for s in specs:
             print(f"{s['name']}: {' '.join(Path(c).name for c in s['configs'])} {' '.join(s['overrides'][1:-1])}")
         return 0
-    print(f"sweep: {len(specs)} runs in {sweep.sweep_dir}, {args.jobs} at a time", file=sys.stderr)
-    status = run_all(specs, args.jobs, log=lambda s: print(s, file=sys.stderr))
+    if args.collect:
+        status = {s["name"]: "skipped" if is_finished(s) else "not started" for s in specs}
+    else:
+        print(f"sweep: {len(specs)} runs in {sweep.sweep_dir}, {args.jobs} at a time", file=sys.stderr)
+        status = run_all(specs, args.jobs, log=lambda s: print(s, file=sys.stderr))
     summary = finish(sweep, specs, status, log=lambda s: print(s, file=sys.stderr))
     print(summary["table"])
     print(f"sweep: results in {sweep.sweep_dir}/sweep.json, table.md"
           + (f", {summary['png']}" if summary["png"] else ""), file=sys.stderr)
+    if args.collect:
+        return 0
     return 0 if all(v in ("done", "skipped") for v in status.values()) else 1  # failed, interrupted or not started
 
 
