@@ -56,6 +56,8 @@ def accuracy_vs_state(panels: dict, path: str, title: str = "MQAR") -> None:
       path: the PNG to write.
     """
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     names = list(panels)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
@@ -70,6 +72,7 @@ def accuracy_vs_state(panels: dict, path: str, title: str = "MQAR") -> None:
             for x, y, label in points:
                 ax.annotate(label, (x, y), fontsize=6, textcoords="offset points", xytext=(2, 3))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap within a decade
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(seg, fontsize=9)
         ax.set_xlabel("state bytes per sequence")

@@ -418,8 +418,9 @@ def best_table(summary: dict) -> str:
 def runs_table(summary: dict) -> str:
     lines = ["| run dir | metric | steps | stopped by | train s | finished |", "|---|---|---|---|---|---|"]
     for r in summary["runs"]:
+        cells = ["—" if v is None else str(v) for v in (r["step"], r["stopped_by"], r["train_wall_s"])]
         metric = "—" if r["metric"] is None else f"{r['metric']:.4f}"
-        lines.append(f"| {r['name']} | {metric} | {r['step']} | {r['stopped_by']} | {r['train_wall_s']} | "
+        lines.append(f"| {r['name']} | {metric} | {' | '.join(cells)} | "
                      f"{'yes' if r['finished'] else r['status'] or 'no'} |")
     return "\n".join(lines)
 
