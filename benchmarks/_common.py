@@ -51,29 +51,11 @@ def loss_and_grads(attn: Callable) -> Callable:
 
 def depth_heatmap(report: dict, path: str, depth_label: str = "depth") -> None:
     """One panel per model or path of report["results"][name][str(length)]["by_depth"][str(depth)] (exact-match
-    accuracy) over report["config"]["lengths"] x ["depths"], written as a PNG (matplotlib, the `plots` extra)."""
-    import matplotlib
+    accuracy) over report["config"]["lengths"] x ["depths"], written as a PNG (matplotlib, the `plots` extra).
+    The drawing is `effarch.train.evals.plots.depth_heatmap`, shared with `effarch eval RUN_DIR passkey|niah`."""
+    from effarch.train.evals.plots import depth_heatmap as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(report["results"])
-    lengths, depths = report["config"]["lengths"], report["config"]["depths"]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        grid = np.array([[report["results"][name][str(t)]["by_depth"][str(d)] for t in lengths] for d in depths])
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(lengths)), [str(t) for t in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        ax.set_xlabel("length (tokens)")
-        ax.set_ylabel(depth_label)
-        ax.set_title(name)
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    draw(report["results"], report["config"]["lengths"], report["config"]["depths"], path, depth_label=depth_label)
 
 
 class PipeWorker:

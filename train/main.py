@@ -1,6 +1,7 @@
 """Command line: `effarch train CONFIG... [key=value ...]`, `effarch generate RUN_DIR [options]`,
 `effarch convert RUN_DIR OUT_DIR --to NAME [option=value ...]`, and `effarch import-hf PATH RUN_DIR` /
-`effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py).
+`effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py), and the evaluation suite
+(train/evals/): `effarch eval RUN_DIR TASK [options]`, `effarch sweep SWEEP.yaml`, `effarch report DIR`.
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint) exits with
 status 2 and one line naming what was wrong, without a traceback.
@@ -18,7 +19,12 @@ USAGE = """usage:
       e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
            effarch train CONFIG.yaml train.init_from=runs/base_moh
   effarch import-hf HF_CHECKPOINT_DIR RUN_DIR     # a local Llama checkpoint -> an effarch run dir at step 0
-  effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]"""
+  effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]
+  effarch eval RUN_DIR {perplexity,mqar,passkey,niah} [options]     # results in RUN_DIR/eval/; --help per task
+      e.g. effarch eval runs/mqar_based mqar --segments 256x16 1024x256
+  effarch sweep SWEEP.yaml [--jobs N] [--sweep-dir DIR] [--only NAME ...] [--dry-run | --collect]
+      # train a grid in parallel, evaluate each run, pick the best; skips finished runs, resumes interrupted ones
+  effarch report DIR                                 # markdown table of the eval results under a run or sweep dir"""
 
 
 def _fail(msg: str, code: int = 2):
@@ -155,6 +161,52 @@ def export_hf_cli(argv: list[str]) -> None:
     print(f"effarch: exported {args.run_dir} -> {out}")
 
 
+def eval_cli(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        sys.exit(0)
+    if len(argv) < 2:
+        _fail("eval needs RUN_DIR and a TASK (perplexity, mqar, passkey, niah); a task's options: effarch eval "
+              "RUN_DIR TASK --help")
+    from effarch.train.config import ConfigError
+    from effarch.train.evals import run_eval, table
+
+    run_dir, task, rest = argv[0], argv[1], argv[2:]
+    try:
+        result = run_eval(run_dir, task, rest)
+    except ConfigError as e:
+        _fail(str(e))
+    print(table(result))
+    saved = f"{run_dir}/eval/{task}.json" + (f" and {result['png']}" if result.get("png") else "")
+    print(f"effarch: {task} of {run_dir} (checkpoint step {result['checkpoint_step']}) in {result['wall_s']:.1f}s: "
+          f"{saved}")
+
+
+def sweep_cli(argv: list[str]) -> None:
+    from effarch.train.config import ConfigError
+    from effarch.train.evals import sweep
+
+    try:
+        sys.exit(sweep.main(argv))
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def report_cli(argv: list[str]) -> None:
+    from effarch.train.config import ConfigError
+    from effarch.train.evals import report
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        sys.exit(0)
+    if len(argv) != 1:
+        _fail("report needs exactly one DIR (a run directory or a sweep directory)")
+    try:
+        print(report.report(argv[0]))
+    except ConfigError as e:
+        _fail(str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -171,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         import_hf_cli(rest)
     elif cmd == "export-hf":
         export_hf_cli(rest)
+    elif cmd == "eval":
+        eval_cli(rest)
+    elif cmd == "sweep":
+        sweep_cli(rest)
+    elif cmd == "report":
+        report_cli(rest)
     else:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
 

@@ -12,7 +12,8 @@ from effarch.train.data import build_data
 from effarch.train.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "overlays" not in p.parts)
+# sweeps/ holds sweep files (effarch sweep; tests/train/test_evals.py loads them), not run configs.
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "overlays" not in p.parts and "sweeps" not in p.parts)
 TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
 
 

@@ -1,0 +1,324 @@
+"""The evaluation suite (train/evals/): `effarch eval` on a tiny trained MQAR run, known answers, bad input,
+`effarch sweep` on a 2-config toy sweep (table, PNG, resume, skip when finished) and `effarch report`."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from effarch.arches.lm import DecoderLM, ModelConfig
+from effarch.train.config import dump_config, load_config
+from effarch.train.data import Segment
+from effarch.train.data import mqar as mqar_data
+from effarch.train.evals import common, mqar, perplexity
+from effarch.train.evals import niah as niah_eval
+from effarch.train.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+# Zoology's attention model shrunk (configs/overlays/tiny.yaml) to d_model 32 and vocabulary 64 (chance 2/64) on
+# (32, 4) MQAR: lr 1e-2 reaches ~0.99 in 100 steps, lr 1e-4 learns nothing in that time.
+SWEEP = """
+runs:
+  attention: {configs: [%(root)s/configs/mqar/zoology_attention.yaml]}
+configs: [%(root)s/configs/overlays/tiny.yaml]
+overrides:
+  model.vocab_size: 64
+  data.train_segments: [[32, 4, 2000]]
+  data.test_segments: [[32, 4, 200]]
+  train.steps: 100
+  train.batch_size: 32
+  train.eval_every: 100
+  train.checkpoint_every: 50
+  train.log_every: 10
+  train.async_checkpoint: false
+grid:
+  optim.lr: [1.0e-2, 1.0e-4]
+evals:
+  mqar: {segments: [[32, 4], [32, 8]], examples: 100, batch_size: 100}
+  perplexity: {}
+select: {metric: mqar.accuracy, over: [optim.lr]}
+"""
+CHANCE = 2 / 64
+HAS_PLOTS = importlib.util.find_spec("matplotlib") is not None  # the optional `plots` extra
+
+
+def metric_steps(run_dir) -> list[int]:
+    return [r["step"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def main_code(argv) -> int:
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def toy_sweep(tmp_path_factory):
+    """The 2-config toy sweep, run in-process (--jobs 1)."""
+    root = tmp_path_factory.mktemp("sweep")
+    path = root / "toy.yaml"
+    path.write_text(SWEEP % {"root": ROOT})
+    sweep_dir = root / "out"
+    assert main_code(["sweep", str(path), "--sweep-dir", str(sweep_dir), "--jobs", "1"]) == 0
+    return {"path": path, "dir": sweep_dir, "trained": sweep_dir / "attention-lr=0.01",
+            "slow": sweep_dir / "attention-lr=0.0001"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(toy_sweep):
+    return toy_sweep["trained"]
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_mqar_eval_trained_beats_chance_untrained_does_not(trained_run):
+    result = json.loads((trained_run / "eval" / "mqar.json").read_text())  # written by the sweep's eval
+    assert result["task"] == "mqar" and result["chance"] == CHANCE
+    assert result["checkpoint_step"] == 100 == max(metric_steps(trained_run))
+    seg = result["results"]["N32_D4"]
+    assert seg["queries"] == 100 * 4 and seg["state_bytes"] > 0
+    assert seg["accuracy"] > 0.9 > 20 * CHANCE  # the trained length
+    assert result["summary"]["N32_D8"] > 10 * CHANCE  # twice the pairs it was trained on: still far above chance
+    # The same architecture untrained: at or below chance.
+    cfg = load_config([trained_run / "config.yaml"])
+    untrained = mqar.evaluate(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), [(32, 4)], examples=100, seed=1000,
+                              batch_size=100)
+    assert untrained["summary"]["accuracy"] <= 2 * CHANCE
+
+
+def test_perplexity_is_the_trainers_heldout_loss(trained_run):
+    result = json.loads((trained_run / "eval" / "perplexity.json").read_text())
+    last_eval = [r for r in map(json.loads, (trained_run / "metrics.jsonl").read_text().splitlines())
+                 if "eval/accuracy" in r][-1]
+    assert last_eval["step"] == result["checkpoint_step"] == 100
+    s = result["summary"]
+    # The same held-out examples and the same weights as the trainer's last evaluation.
+    assert s["loss"] == pytest.approx(last_eval["eval/mqar_N32_D4/loss"], rel=1e-5)
+    assert s["perplexity"] == pytest.approx(math.exp(s["loss"]))
+    assert s["bits_per_token"] == pytest.approx(s["loss"] / math.log(2))
+    assert "bits_per_byte" not in s and s["tokens"] == 200 * 4  # MQAR tokens are not bytes
+
+
+def test_sweep_selects_the_best_lr_and_plots(toy_sweep):
+    sweep_dir = toy_sweep["dir"]
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["attention-lr=0.01", "attention-lr=0.0001"]
+    assert all(r["finished"] and r["step"] == 100 for r in summary["runs"])
+    (best,) = summary["best"]  # one group (one run, one d_model): the best of the lr grid
+    assert best["grid"] == {"optim.lr": 0.01} and best["metric"] > 0.9
+    table = (sweep_dir / "table.md").read_text()
+    assert "| attention | 0.01 | " in table and "| attention-lr=0.0001 | 0.0" in table
+    if HAS_PLOTS:
+        assert (sweep_dir / "mqar_accuracy_vs_state.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert summary["png"] == "mqar_accuracy_vs_state.png"
+    else:
+        assert summary["png"] is None and "matplotlib is not installed" in summary["png_skipped"]
+    # --collect rewrites the summary from the finished runs and runs nothing.
+    (sweep_dir / "table.md").unlink()
+    assert main_code(["sweep", str(toy_sweep["path"]), "--sweep-dir", str(sweep_dir), "--collect"]) == 0
+    assert (sweep_dir / "table.md").read_text() == table
+
+
+def test_sweep_resumes_an_interrupted_run_and_skips_finished_ones(toy_sweep, capsys):
+    sweep_dir, slow = toy_sweep["dir"], toy_sweep["slow"]
+    # What a SIGKILL between steps 50 and 100 leaves: checkpoints up to 50, metrics up to 50, no markers.
+    shutil.rmtree(slow / "checkpoints" / "100")
+    for marker in ("sweep_done.json", "sweep_trained.json"):
+        (slow / marker).unlink()
+    lines = (slow / "metrics.jsonl").read_text().splitlines()
+    (slow / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= 50))
+    finished = {p: p.stat().st_mtime_ns for p in toy_sweep["trained"].rglob("*") if p.is_file()}
+    capsys.readouterr()
+    argv = ["sweep", str(toy_sweep["path"]), "--sweep-dir", str(sweep_dir), "--jobs", "1"]
+    assert main_code(argv) == 0
+    err = capsys.readouterr().err
+    assert "attention-lr=0.01: finished earlier, skipped" in err and "[1/1] attention-lr=0.0001: done" in err
+    assert metric_steps(slow) == list(range(10, 110, 10))  # resumed at 50: every step trained exactly once
+    assert "resumed from" in (slow / "sweep.log").read_text()
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the finished run was not touched
+    # Now both are finished: a rerun trains and evaluates nothing.
+    everything = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file() and p.parent != sweep_dir}
+    assert main_code(argv) == 0
+    out = capsys.readouterr()
+    assert out.err.count("finished earlier, skipped") == 2 and "| attention | 0.01 | " in out.out
+    assert {p: p.stat().st_mtime_ns for p in everything} == everything
+
+
+def test_report_prints_the_sweep_and_run_tables(toy_sweep, capsys):
+    assert main_code(["report", str(toy_sweep["dir"])]) == 0
+    out = capsys.readouterr().out
+    assert "## sweep: best of optim.lr by mqar.accuracy (max)" in out
+    assert "## mqar" in out and "## perplexity" in out
+    assert "| attention-lr=0.01 | 100 | " in out and "| attention-lr=0.0001 | 100 | " in out
+    assert main_code(["report", str(toy_sweep["trained"])]) == 0  # a single run directory
+    assert "| . | 100 | " in capsys.readouterr().out
+
+
+def test_sweep_reports_a_failed_run_and_exits_1(tmp_path, capsys):
+    path = tmp_path / "fail.yaml"
+    # 3 heads do not divide d_model 32: the config loads, the trainer's check refuses it before anything trains.
+    three_heads = "  model.vocab_size: 64\n  model.attention.n_heads: 3\n"
+    path.write_text((SWEEP % {"root": ROOT}).replace("  model.vocab_size: 64\n", three_heads))
+    assert main_code(["sweep", str(path), "--sweep-dir", str(tmp_path / "out"), "--jobs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("failed (rc 2)") == 2
+    log = (tmp_path / "out" / "attention-lr=0.01" / "sweep.log").read_text()
+    assert "effarch: error: " in log and "n_heads" in log
+    summary = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert summary["best"] == [] and not any(r["finished"] for r in summary["runs"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_load(path):
+    from effarch.train.evals.sweep import load_sweep
+
+    sweep = load_sweep(path)  # every run's config loads, every eval's options parse
+    assert sweep.metric and sweep.evals
+    if path.name == "mqar_zoology.yaml":
+        assert {"attention", "based", "lightning"} <= set(sweep.runs) and sweep.grid["model.d_model"] == [64, 128]
+        assert sweep.evals["mqar"] == [] and sweep.over == ("optim.lr",)  # Zoology's test segments, best lr
+        # Its training data is Zoology's standard mixture, written out.
+        (spec, *_) = sweep.runs_to_do()
+        data = load_config(spec["configs"], spec["overrides"]).data
+        assert data.train_segments == mqar_data.TRAIN_SEGMENTS and data.seed == 0
+
+
+def test_sweep_and_report_bad_input_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("runs: {a: {configs: [nope.yaml]}}", "runs.a.configs[0]: config file 'nope.yaml' does not exist"),
+        ("runs: {a: {}}\nsweeps: 1", "unknown key(s) ['sweeps']"),
+        ("runs: {a: {}}\nevals: {mqar: {segmentz: 3}}", "evals.mqar: "),
+        ("runs: {a: {}}\nevals: {mqar: {}}\nselect: {metric: niah.accuracy}", "select.metric"),
+        ("runs: {a: {overrides: {model.d_model: -1}}}", "run a: model: d_model must be positive"),
+    ]:
+        bad.write_text(text)
+        assert main_code(["sweep", str(bad), "--sweep-dir", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert main_code(["report", str(tmp_path / "missing")]) == 2
+    assert main_code(["report", str(tmp_path)]) == 2
+    assert "no eval results" in capsys.readouterr().err
+
+
+def byte_model_and_batch():
+    """A 1-layer byte-level model and 5 rows of 13 tokens, about a third of the positions labelled (the two tests
+    below share the shapes, so the second reuses the first's compilation)."""
+    model = DecoderLM(ModelConfig(vocab_size=256, d_model=8, n_layers=1, mixers=("attention",)), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 13))
+    y = np.where(rng.random((5, 13)) < 0.3, rng.integers(0, 256, (5, 13)), -100)
+    return model, x, y
+
+
+def test_labelled_outputs_equal_the_full_forward():
+    model, x, y = byte_model_and_batch()
+    pred, ce = common.labelled_outputs(model, x, y, batch_size=2)  # 3 batches, the last padded
+    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jax.numpy.asarray(x)))
+    rows, cols = np.nonzero(y != -100)
+    np.testing.assert_array_equal(pred, logits[rows, cols].argmax(-1))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(ce, -logp[rows, cols, y[rows, cols]], rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_of_a_uniform_byte_model_is_8_bits_per_byte():
+    model, x, y = byte_model_and_batch()
+    # A zero embedding gives zero hidden states and zero (tied) logits: the uniform distribution over 256 bytes.
+    model.embed.embedding[...] = jax.numpy.zeros_like(model.embed.embedding[...])
+    out = perplexity.evaluate(model, [Segment("bytes_val", x, y)], batch_size=2, byte_level=True)
+    assert out["summary"]["bits_per_byte"] == pytest.approx(8.0, rel=1e-6)
+    assert out["summary"]["perplexity"] == pytest.approx(256.0, rel=1e-5)
+    assert out["summary"]["tokens"] == int((y != -100).sum())
+
+
+def test_exact_match_needs_every_labelled_position():
+    labels = np.array([[-100, 3, 4, -100], [-100, 3, 4, -100], [1, -100, -100, -100]])
+    preds = np.array([3, 4, 3, 0, 1])  # row 0 right, row 1 wrong on its second digit, row 2 right
+    assert common.exact_match(preds, labels).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah"])
+def test_depth_evals_write_json_table_and_heatmap(trained_run, capsys, task):
+    code, out, err = cli(capsys, "eval", str(trained_run), task, "--lengths", "40", "--depths", "0", "1",
+                         "--trials", "3", "--batch-size", "6")
+    assert code == 0, err
+    result = json.loads((trained_run / "eval" / f"{task}.json").read_text())
+    by_len = result["results"]["full"]
+    assert set(by_len) == {"40"} and set(by_len["40"]["by_depth"]) == {"0.0", "1.0"}
+    for r in by_len.values():  # as many trials per depth: the accuracy is the mean over depths
+        assert r["accuracy"] == pytest.approx(np.mean(list(r["by_depth"].values())))
+        assert 0.0 <= r["accuracy"] <= r["digit_accuracy"] <= 1.0
+    assert "| full | 1.00 |" in out
+    if HAS_PLOTS:
+        assert (trained_run / "eval" / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert result["png"] == f"{task}.png"
+    else:
+        assert result["png"] is None and "matplotlib is not installed" in result["png_skipped"]
+
+
+def test_eval_bad_input_is_one_line_exit_2(trained_run, tmp_path, capsys):
+    code, _, err = cli(capsys, "eval", str(tmp_path / "missing"), "mqar")
+    assert code == 2 and "does not exist" in err
+    code, _, err = cli(capsys, "eval", str(trained_run), "bleu")
+    assert code == 2 and "unknown eval task 'bleu'" in err
+    code, _, err = cli(capsys, "eval", str(trained_run), "mqar", "--segments", "32by4")
+    assert code == 2 and "SEQ_LENxKV_PAIRS" in err
+    # Zoology's default segments reach length 1024: they do not fit a vocabulary of 64.
+    code, _, err = cli(capsys, "eval", str(trained_run), "mqar")
+    assert code == 2 and "needs model.vocab_size > 64" in err
+    empty = tmp_path / "no_ckpt"
+    empty.mkdir()
+    (empty / "config.yaml").write_text(dump_config(load_config([trained_run / "config.yaml"])))
+    code, _, err = cli(capsys, "eval", str(empty), "perplexity")
+    assert code == 2 and "no checkpoint" in err
+    tiny_vocab = ModelConfig(vocab_size=16, d_model=8, n_layers=1)
+    with pytest.raises(common.EvalError, match="task niah needs model.vocab_size >= 36"):
+        niah_eval.evaluate(DecoderLM(tiny_vocab, rngs=nnx.Rngs(0)), [40], [0.0], trials=1, seed=0, batch_size=1)
+
+
+@pytest.mark.slow
+def test_sweep_worker_processes_resume_after_the_whole_sweep_is_killed(tmp_path):
+    """--jobs 2: one worker process per run; SIGKILL of the sweep and its workers, then a rerun finishes both."""
+    path = tmp_path / "toy.yaml"
+    path.write_text(SWEEP % {"root": ROOT})
+    sweep_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "effarch.train.main", "sweep", str(path), "--sweep-dir", str(sweep_dir), "--jobs", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Its own session, so that one killpg reaches the sweep and its workers; their logs are in RUN_DIR/sweep.log.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    runs = [sweep_dir / "attention-lr=0.01", sweep_dir / "attention-lr=0.0001"]
+    deadline = time.time() + 300
+    while not all((r / "checkpoints" / "50").is_dir() for r in runs):
+        assert proc.poll() is None and time.time() < deadline, [r.joinpath("sweep.log").read_text() for r in runs]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not any((r / "sweep_done.json").exists() for r in runs)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count(": done in") == 2
+    for r in runs:
+        assert "resumed from" in (r / "sweep.log").read_text()
+        assert json.loads((r / "sweep_done.json").read_text())["trained"]["step"] == 100
+    assert "| attention | 0.01 | " in out.stdout

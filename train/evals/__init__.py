@@ -1,0 +1,99 @@
+"""Evaluations of a trained run: `effarch eval RUN_DIR TASK [options]`.
+
+Tasks (one module each): `perplexity` (held-out loss, perplexity, bits per token / byte), `mqar` (accuracy per test
+segment, Zoology's protocol), `passkey` and `niah` (exact match by context length and depth, with a heatmap PNG).
+Results go to RUN_DIR/eval/<task>.json (+ <task>.png); `effarch report DIR` tabulates them and `effarch sweep`
+(train/evals/sweep.py) runs them after training every config of a grid.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from effarch.train.evals import mqar, niah, passkey, perplexity
+from effarch.train.evals.common import EvalError, Timer, eval_dir, model_info, write_result
+from effarch.train.evals.plots import PlotsUnavailable
+
+TASKS = {m.NAME: m for m in (perplexity, mqar, passkey, niah)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through EvalError (exit status 2 in the CLI), not argparse's exit
+        raise EvalError(f"{self.prog}: {message}")
+
+
+def parser(task: str) -> argparse.ArgumentParser:
+    if task not in TASKS:
+        raise EvalError(f"unknown eval task {task!r}; tasks: {', '.join(TASKS)}")
+    p = _Parser(prog=f"effarch eval RUN_DIR {task}")
+    TASKS[task].add_arguments(p)
+    return p
+
+
+def parse_options(task: str, argv: Sequence[str]) -> argparse.Namespace:
+    """The task's options from command-line arguments; EvalError names a bad one."""
+    return parser(task).parse_args(list(argv))
+
+
+def options_to_argv(options: dict) -> list[str]:
+    """{"lengths": [256, 512], "no_full": true} -> ["--lengths", "256", "512", "--no-full"] (sweep files)."""
+    argv = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *("x".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
+             log: Callable[[str], None] | None = _stderr) -> dict:
+    """Evaluates the newest checkpoint of `run_dir` on `task` and writes RUN_DIR/eval/<task>.json (and .png).
+
+    Raises EvalError / ConfigError (one line naming the problem) for an unknown task, a bad option, a missing run
+    directory or checkpoint, or a task that does not fit the model.
+    """
+    from effarch.train.generate import load_run
+    from effarch.train.run_dir import checkpoint_steps
+
+    module = TASKS.get(task)
+    args = parse_options(task, argv)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvalError(f"run dir {str(run_dir)!r} does not exist")
+    cfg, model = load_run(run_dir)
+    with Timer() as t:
+        out = module.run(cfg, model, args, log=log)
+    steps = checkpoint_steps(run_dir)
+    result = {"task": task, "run_dir": str(run_dir), "checkpoint_step": steps[-1] if steps else None,
+              "model": model_info(cfg.model), **out, "wall_s": t.seconds, "png": None}
+    write_result(run_dir, task, result)  # before the optional plot, so a missing matplotlib loses no measurement
+    if hasattr(module, "plot"):
+        png = eval_dir(run_dir) / f"{task}.png"
+        try:
+            module.plot(result, str(png))
+            result["png"] = png.name
+        except PlotsUnavailable as e:
+            result["png_skipped"] = str(e)
+            if log is not None:
+                log(f"effarch: {e}")
+        write_result(run_dir, task, result)
+    return result
+
+
+def table(result: dict) -> str:
+    """The task's markdown table of a result."""
+    return TASKS[result["task"]].table(result)
+
+
+__all__ = ["TASKS", "EvalError", "PlotsUnavailable", "options_to_argv", "parse_options", "run_eval", "table"]

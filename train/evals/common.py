@@ -1,0 +1,148 @@
+"""What every evaluation task shares: model outputs at the labelled positions, exact-match scoring, the result file.
+
+A task's result is one JSON object written to RUN_DIR/eval/<task>.json:
+`{"task", "run_dir", "checkpoint_step", "model", "options", "summary", "results", "wall_s", "png"}`, where
+`summary` is a flat {name: number} mapping (what `effarch report` tabulates and a sweep selects on) and `results`
+the task's full detail.
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jaxtyping import Int
+
+from effarch.arches.lm import DecoderLM, ModelConfig
+from effarch.train.config import ConfigError
+
+IGNORE = -100  # label of positions without a target (train/train.py)
+LN2 = math.log(2.0)
+
+
+class EvalError(ConfigError):
+    """An evaluation cannot run as asked (a task that does not fit the model, a bad option). The message names it."""
+
+
+def check_vocab(cfg: ModelConfig, needed: int, task: str) -> None:
+    """Raises EvalError when the model's vocabulary has no ids for a task's tokens."""
+    if cfg.vocab_size < needed:
+        raise EvalError(f"task {task} needs model.vocab_size >= {needed}, but this model has {cfg.vocab_size}")
+
+
+def labelled_outputs(
+    model: DecoderLM, inputs: Int[np.ndarray, "N T"], labels: Int[np.ndarray, "N T"], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy predictions and cross entropies (nats) at the labelled positions, in `np.nonzero(labels != -100)` order.
+
+    Only the labelled positions get logits (as in training: the [tokens, vocab] logits of a 1024-token MQAR row at
+    vocabulary 8192 would be 32 MiB, for 256 positions that count). Rows run in batches of `batch_size`; the last
+    batch is padded with empty rows so that one compiled function serves every batch.
+
+    Returns:
+      (predictions [K] int, cross entropies [K] float), K = the number of labelled positions.
+    """
+    if inputs.shape != labels.shape or inputs.ndim != 2:
+        raise ValueError(f"inputs and labels must both be [N, T], got {inputs.shape} and {labels.shape}")
+    n, _ = inputs.shape
+    batch_size = min(batch_size, n)
+    width = int((labels != IGNORE).sum(1).max()) * batch_size  # labelled positions per batch, at most
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, x, rows, cols, y):
+        m = nnx.merge(graphdef, state)
+        logits = m.logits(m.hidden(x)[rows, cols])
+        return jnp.argmax(logits, -1), optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    preds, ces = [], []
+    for start in range(0, n, batch_size):
+        x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
+        pad = batch_size - len(x)
+        x = np.pad(x, ((0, pad), (0, 0)))
+        rows, cols = np.nonzero(y != IGNORE)
+        k = len(rows)
+        # Padding entries read position (0, 0) with target 0; they are dropped below.
+        rows, cols = np.pad(rows, (0, width - k)), np.pad(cols, (0, width - k))
+        targets = np.pad(y[y != IGNORE], (0, width - k))
+        p, c = run(state, jnp.asarray(x, jnp.int32), jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32),
+                   jnp.asarray(targets, jnp.int32))
+        preds.append(np.asarray(p)[:k])
+        ces.append(np.asarray(c)[:k])
+    return np.concatenate(preds), np.concatenate(ces)
+
+
+def exact_match(predictions: np.ndarray, labels: Int[np.ndarray, "N T"]) -> np.ndarray:
+    """[N] bool: every labelled position of the row predicted right (`predictions` in labelled_outputs' order).
+
+    With the true prefix fed in, this is exactly when greedy decoding reproduces the whole answer."""
+    rows, cols = np.nonzero(labels != IGNORE)
+    wrong = np.zeros(len(labels), bool)
+    np.logical_or.at(wrong, rows, predictions != labels[rows, cols])
+    return ~wrong
+
+
+def model_info(cfg: ModelConfig) -> dict:
+    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    return {"mixers": list(cfg.layer_mixers()), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+            "vocab_size": cfg.vocab_size, "num_params": int(model.num_params())}
+
+
+def state_bytes(cfg: ModelConfig, seq_len: int) -> int:
+    """Decode-state bytes per sequence after seq_len tokens (`DecoderLM.state_size`), from an abstract model."""
+    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    return int(model.state_size(seq_len))
+
+
+def eval_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "eval"
+
+
+def write_result(run_dir: str | Path, task: str, result: dict) -> Path:
+    out = eval_dir(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{task}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def read_result(run_dir: str | Path, task: str) -> dict | None:
+    path = eval_dir(run_dir) / f"{task}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = round(time.perf_counter() - self.start, 2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1] (a depth)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
