@@ -20,45 +20,17 @@ import argparse
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from _common import depth_heatmap, emit
-from flax import nnx
 
 from effarch.arches.lm import DecoderLM
-from effarch.train.data import niah
+from effarch.train.evals.niah import evaluate as evaluate_niah
 from effarch.train.generate import load_model
 
 
-def logits_of(model: DecoderLM, x: np.ndarray, batch: int) -> np.ndarray:
-    """The parallel forward pass in batches of `batch` rows: [N, T, vocab]."""
-    graphdef, params = nnx.split(model)
-    fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-    return np.concatenate([np.asarray(fn(params, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)])
-
-
-def scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(exact match of every labelled digit, per-digit accuracy)."""
-    mask = labels >= 0
-    hit = logits.argmax(-1) == labels
-    return float(np.mean(np.all(hit | ~mask, axis=1))), float(hit[mask].mean())
-
-
 def evaluate(model: DecoderLM, lengths, depths, trials: int, seed: int, batch: int, log=None) -> dict:
-    """{length: {"accuracy", "digit_accuracy", "by_depth": {depth: accuracy}}} for one model."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for T in lengths:
-        d = np.repeat(np.asarray(depths, float), trials)
-        x, y = niah.niah_batch(rng, len(d), T, depths=d)
-        logits = logits_of(model, x, batch)
-        acc, digit = scores(logits, y)
-        out[str(T)] = {"accuracy": acc, "digit_accuracy": digit,
-                       "by_depth": {str(depth): scores(logits[d == depth], y[d == depth])[0] for depth in depths}}
-        if log is not None:
-            log(f"T={T}: exact {acc:.3f}, per digit {digit:.3f}")
-    return out
+    """{length: {"accuracy", "digit_accuracy", "by_depth": {depth: accuracy}}} for one model: the S-NIAH eval of
+    `effarch eval RUN_DIR niah` (train/evals/niah.py)."""
+    return evaluate_niah(model, lengths, depths, trials=trials, seed=seed, batch_size=batch, log=log)["results"]["full"]
 
 
 def heatmap(report: dict, path: str) -> None:
