@@ -24,7 +24,10 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataConfig:
-    task: Literal["mqar", "bytes", "passkey", "niah"] = "mqar"  # "bytes": next-byte LM on text_source (vocab >= 256)
+    # "bytes": next-byte LM on text_source (vocab >= 256), windows of the concatenated files
+    task: Literal["mqar", "bytes", "passkey", "niah", "text"] = "mqar"
+    # "text": language modelling on documents of text_source (a glob, a directory, python_stdlib, or tfds:NAME),
+    # tokenized, packed with a separator between documents (train/data/text_stream.py)
     # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
     # "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36), seq_len tokens
     # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
@@ -44,6 +47,16 @@ class DataConfig:
     passkey_examples: int = 8192  # task "passkey": training examples (evaluation: 256 more from seed + 1000)
     passkey_queries: int = 1  # task "passkey": questions per training sequence (evaluation asks one, at the end)
     niah_examples: int = 8192  # task "niah": training examples (evaluation: 256 more from seed + 1000)
+    # Where prepared TFDS datasets live (local corpora are built there once): "" = $EFFARCH_DATA_DIR, else
+    # ~/.cache/effarch/tfds. Tasks "bytes" and "text".
+    data_dir: str = ""
+    # task "text" only:
+    tokenizer: Literal["bytes", "sentencepiece", "tiktoken"] = "bytes"  # bytes: ids 0-255 + separator 256
+    tokenizer_model: str = ""  # sentencepiece: the .model file; tiktoken: an encoding name or a .tiktoken file
+    text_field: str = "text"  # text_source tfds:NAME: the feature holding the text
+    train_split: str = "train"  # TFDS split names (local corpora have "train" and "validation")
+    eval_split: str = "validation"
+    max_eval_bytes: int = 262_144  # read at most this much text of eval_split (max_bytes bounds train_split)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -67,6 +80,17 @@ class DataConfig:
         if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
                              f"{self.landmark_block_len + 1} (windows start on a block boundary)")
+        if self.max_eval_bytes < 1:
+            raise ValueError(f"max_eval_bytes must be >= 1, got {self.max_eval_bytes}")
+        if self.tokenizer != "bytes" and not self.tokenizer_model:
+            raise ValueError(f"tokenizer={self.tokenizer} needs tokenizer_model (a SentencePiece .model file or a "
+                             "tiktoken encoding name)")
+        if self.text_source.startswith("tfds:") and not self.text_source[len("tfds:"):]:
+            raise ValueError("text_source='tfds:' needs a dataset name, e.g. tfds:my_dataset or tfds:name/config")
+        if self.text_source.startswith("tfds:") and self.task != "text":
+            raise ValueError(f"text_source={self.text_source!r} (a TFDS dataset) needs task: text, not {self.task}")
+        if self.task == "text" and self.landmark_block_len:
+            raise ValueError("landmark_block_len is for task: bytes; task: text does not insert landmarks")
         if self.passkey_examples < 1 or self.passkey_queries < 1:
             raise ValueError(f"passkey_examples and passkey_queries must be >= 1, got {self.passkey_examples}, "
                              f"{self.passkey_queries}")

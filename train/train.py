@@ -261,7 +261,10 @@ class Trainer:
                 out = self._eval_step(params, *self.global_batch(x[rows], y[rows]))
             ce, correct, count = (a + float(b) for a, b in zip((ce, correct, count), out))
         loss = ce / max(count, 1)
-        return {"accuracy": correct / max(count, 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        out = {"accuracy": correct / max(count, 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if segment.bytes_per_label:  # text task: nats per label -> bits per UTF-8 byte of the labels' text
+            out["bits_per_byte"] = loss / math.log(2) / segment.bytes_per_label
+        return out
 
 
 class _StopSignal:
@@ -306,7 +309,7 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
         stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data: {e}") from None
-    most_labels = max(int((s.labels != IGNORE).sum(1).max()) for s in [stream, *eval_sets])
+    most_labels = max(s.max_labels_per_example for s in [stream, *eval_sets])
     trainer = Trainer(cfg, devices, labels_per_example=most_labels)
     params, opt_state, rng = trainer.init_state(tc.seed)
     ckpt = Checkpointer(run_dir / "checkpoints", max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
