@@ -184,6 +184,7 @@ class TrainConfig:
     # update, no weight decay and no optimizer state.
     freeze: tuple[str, ...] = ()
     aux_loss_weight: float = 0.01  # β: weight of the layers' auxiliary losses (MoH load balance; layers/aux_loss.py)
+    sample_tokens: int = 96  # data.task text: greedy tokens `effarch train` generates for its summary (0: none)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
@@ -193,6 +194,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps="
                              f"{self.grad_accum_steps}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
         if self.aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:

@@ -326,6 +326,11 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     if restored is not None:
         params, opt_state, rng, meta = restored
         step = int(meta["step"])
+        saved, now = meta.get("data", {}).get("corpus"), getattr(stream, "fingerprint", None)
+        if saved and now and saved != now:  # same config, other files: the resumed batches would differ
+            ckpt.close()
+            raise ConfigError(f"data.text_source: the checkpoint at step {step} was trained on {saved}, the corpus "
+                              f"is now {now} (its files changed); train.resume=never starts over")
         log.info("resumed from %s at step %d", ckpt.directory, step)
         if tc.init_from:
             log.info("train.init_from=%s is ignored: the run resumes from its own checkpoint", tc.init_from)
@@ -344,6 +349,8 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
 
     def save(step):
         meta = {"step": step, "data_position": step * tc.batch_size, "seed": tc.seed}
+        if hasattr(stream, "position"):  # text task: epoch, window and corpus of the next batch (a function of step)
+            meta["data"] = stream.position(step)
         ckpt.save(step, params, opt_state, rng, meta)
 
     writer = MetricsWriter(run_dir, total_steps=tc.steps, initial_step=step, progress=tc.progress, is_main=is_main)
