@@ -4,7 +4,7 @@ Measured in one process on a fresh data directory: the cold build of the corpus 
 `prepare`, `build_data` (read, tokenize, pack both splits), then the latency of `stream.batch(step)` (Grain
 MapDataset, shuffled per epoch) against the baseline of the same windows served from an in-memory array by the
 MQAR/bytes tasks' `TrainStream`, in the same run. A batch must cost far less than a training step (the quickstart's
-is ~1 s on 2 CPU cores) for the loop's prefetch thread to hide it.
+is 1.4-2.1 s on 2 loaded CPU cores) for the loop's prefetch thread to hide it.
 
     .venv/bin/python benchmarks/data_pipeline.py [--source python_stdlib] [--batch-size 16] [--seq-len 256]
         [--steps 200] [--out FILE]
