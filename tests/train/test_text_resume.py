@@ -81,6 +81,18 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(corpus, tmp_path):
     assert sorted(after) == sorted(reference)
     np.testing.assert_allclose([after[s] for s in range(1, 61)], [reference[s] for s in range(1, 61)], rtol=1e-6)
 
+    # Generation reads and writes the run's tokenizer: a prompt of text, a continuation of text.
+    from effarch.train.generate import sample_text
+
+    prompt, continuation = sample_text(run_dir, max_new_tokens=8)
+    docs = [p.read_text() for p in corpus.iterdir()]  # one line each, longer than the 96-byte prompt
+    assert len(prompt) == 96 and any(doc.startswith(prompt) for doc in docs)
+    assert isinstance(continuation, str) and "\x00" not in continuation  # the separator decodes to nothing
+    gen = subprocess.run([sys.executable, "-c", "from effarch.train.main import main; main()", "generate",
+                          str(run_dir), "--text", "alpha", "--max-new-tokens", "4"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert gen.returncode == 0, gen.stderr
+
     # Another corpus under the same config would give other batches: resuming is refused, naming the key.
     (corpus / "doc0.txt").write_text("changed\n")
     out = run(run_dir, corpus, "train.steps=70")
