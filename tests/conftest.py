@@ -17,3 +17,9 @@ jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Datasets the tests build (the bytes and text tasks' TFDS corpora) go to a directory of this session, shared by the
+# xdist workers (a file lock makes one build and the others read), never to the user's ~/.cache/effarch/tfds.
+_data = tempfile.mkdtemp(prefix="effarch-data-")
+atexit.register(shutil.rmtree, _data, ignore_errors=True)
+os.environ["EFFARCH_DATA_DIR"] = os.environ.get("EFFARCH_TEST_DATA_DIR", _data)

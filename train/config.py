@@ -24,7 +24,10 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataConfig:
-    task: Literal["mqar", "bytes", "passkey", "niah"] = "mqar"  # "bytes": next-byte LM on text_source (vocab >= 256)
+    # "bytes": next-byte LM on text_source (vocab >= 256), windows of the concatenated files
+    task: Literal["mqar", "bytes", "passkey", "niah", "text"] = "mqar"
+    # "text": language modelling on documents of text_source (a glob, a directory, python_stdlib, or tfds:NAME),
+    # tokenized, packed with a separator between documents (train/data/text_stream.py)
     # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
     # "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36), seq_len tokens
     # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
@@ -45,6 +48,16 @@ class DataConfig:
     passkey_queries: int = 1  # task "passkey": questions per training sequence (evaluation asks one, at the end)
     niah_examples: int = 8192  # task "niah": training examples (evaluation: 256 more from seed + 1000)
     niah_queries: int = 1  # task "niah": questions per training sequence (evaluation asks one, at the end)
+    # Where prepared TFDS datasets live (local corpora are built there once): "" = $EFFARCH_DATA_DIR, else
+    # ~/.cache/effarch/tfds. Tasks "bytes" and "text".
+    data_dir: str = ""
+    # task "text" only:
+    tokenizer: Literal["bytes", "sentencepiece", "tiktoken"] = "bytes"  # bytes: ids 0-255 + separator 256
+    tokenizer_model: str = ""  # sentencepiece: the .model file; tiktoken: an encoding name or a .tiktoken file
+    text_field: str = "text"  # text_source tfds:NAME: the feature holding the text
+    train_split: str = "train"  # TFDS split names (local corpora have "train" and "validation")
+    eval_split: str = "validation"
+    max_eval_bytes: int = 262_144  # read at most this much text of eval_split (max_bytes bounds train_split)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -69,6 +82,17 @@ class DataConfig:
         if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
                              f"{self.landmark_block_len + 1} (windows start on a block boundary)")
+        if self.max_eval_bytes < 1:
+            raise ValueError(f"max_eval_bytes must be >= 1, got {self.max_eval_bytes}")
+        if self.tokenizer != "bytes" and not self.tokenizer_model:
+            raise ValueError(f"tokenizer={self.tokenizer} needs tokenizer_model (a SentencePiece .model file or a "
+                             "tiktoken encoding name)")
+        if self.text_source.startswith("tfds:") and not self.text_source[len("tfds:"):]:
+            raise ValueError("text_source='tfds:' needs a dataset name, e.g. tfds:my_dataset or tfds:name/config")
+        if self.text_source.startswith("tfds:") and self.task != "text":
+            raise ValueError(f"text_source={self.text_source!r} (a TFDS dataset) needs task: text, not {self.task}")
+        if self.task == "text" and self.landmark_block_len:
+            raise ValueError("landmark_block_len is for task: bytes; task: text does not insert landmarks")
         if self.passkey_examples < 1 or self.passkey_queries < 1:
             raise ValueError(f"passkey_examples and passkey_queries must be >= 1, got {self.passkey_examples}, "
                              f"{self.passkey_queries}")
@@ -165,6 +189,7 @@ class TrainConfig:
     # update, no weight decay and no optimizer state.
     freeze: tuple[str, ...] = ()
     aux_loss_weight: float = 0.01  # β: weight of the layers' auxiliary losses (MoH load balance; layers/aux_loss.py)
+    sample_tokens: int = 96  # data.task text: greedy tokens `effarch train` generates for its summary (0: none)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
@@ -176,6 +201,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps="
                              f"{self.grad_accum_steps}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
         if self.aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:

@@ -14,6 +14,8 @@ from flax import nnx
 from effarch.arches.lm import DecoderLM
 from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import Config, ConfigError, load_config
+from effarch.train.data.text_stream import document_source
+from effarch.train.data.tokenizers import make_tokenizer
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, DecoderLM]:
@@ -77,3 +79,21 @@ def generate(
         return jnp.concatenate([first[:, None], rest.T], axis=1)
 
     return np.asarray(run(state, prompt, jax.random.key(seed)))
+
+
+def sample_text(run_dir: str | Path, *, prompt_bytes: int = 96, max_new_tokens: int = 96, temperature: float = 0.7,
+                seed: int = 0) -> tuple[str, str]:
+    """(prompt, sampled continuation) of a `data.task: text` run. The prompt is the start of the first held-out
+    document (data.eval_split), cut at its last newline within `prompt_bytes`; the continuation stops at the
+    document separator. Sampled (not greedy: a small model's greedy output collapses into repeated whitespace), with
+    a fixed seed, so a run's sample is reproducible."""
+    cfg, model = load_run(run_dir)
+    if cfg.data.task != "text":
+        raise ConfigError(f"run dir {str(run_dir)!r}: sample_text needs data.task: text, not {cfg.data.task}")
+    tokenizer = make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
+    docs, _ = document_source(cfg.data, cfg.data.eval_split)
+    head = docs[0][:prompt_bytes]
+    prompt = head[: head.rfind(b"\n") + 1] or head
+    out = generate(model, tokenizer.encode(prompt)[None], max_new_tokens, temperature=temperature, seed=seed)[0]
+    ends = np.flatnonzero(out == tokenizer.sep_id)
+    return prompt.decode("utf-8", errors="replace"), tokenizer.decode(out[: ends[0] if len(ends) else len(out)])

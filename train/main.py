@@ -65,8 +65,14 @@ def train_cli(argv: list[str]) -> None:
         parts.append(f"train loss {tm['loss']:.4f}")
     if em:
         parts.append(f"test accuracy {em['eval/accuracy']:.4f}")
+    parts += [f"{k.split('/')[1]} bits/byte {v:.3f}" for k, v in em.items() if k.endswith("/bits_per_byte")]
     parts += [f"stopped by {result.stopped_by}", f"wall {result.wall_time_s:.1f}s", f"run dir {result.run_dir}"]
     print("effarch: done: " + ", ".join(parts))
+    if cfg.data.task == "text" and cfg.train.sample_tokens and jax.process_index() == 0:
+        from effarch.train.generate import sample_text
+
+        prompt, continuation = sample_text(result.run_dir, max_new_tokens=cfg.train.sample_tokens)
+        print(f"effarch: sample (temperature 0.7): {prompt!r} -> {continuation!r}")
 
 
 def generate_cli(argv: list[str]) -> None:
@@ -86,13 +92,19 @@ def generate_cli(argv: list[str]) -> None:
     import numpy as np
 
     from effarch.train.config import ConfigError
-    from effarch.train.generate import generate, load_model
+    from effarch.train.data.tokenizers import make_tokenizer
+    from effarch.train.generate import generate, load_run
 
     try:
-        model = load_model(args.run_dir)
+        run_cfg, model = load_run(args.run_dir)
     except ConfigError as e:
         _fail(str(e))
-    if args.text is not None:
+    # A text-task model reads and writes its tokenizer's ids; the bytes task's are the bytes themselves.
+    tokenizer = make_tokenizer(run_cfg.data.tokenizer, run_cfg.data.tokenizer_model) if (
+        run_cfg.data.task == "text") else None
+    if args.text is not None and tokenizer is not None:
+        ids = [int(t) for t in tokenizer.encode(args.text.encode("utf-8"))]
+    elif args.text is not None:
         ids = list(args.text.encode("utf-8"))
     else:
         try:
@@ -103,7 +115,9 @@ def generate_cli(argv: list[str]) -> None:
     if not ids or min(ids) < 0 or max(ids) >= vocab:
         _fail(f"prompt token ids must be in [0, {vocab}), got {ids}")
     out = generate(model, np.array([ids]), args.max_new_tokens, temperature=args.temperature, seed=args.seed)[0]
-    if args.text is not None:
+    if args.text is not None and tokenizer is not None:
+        print(tokenizer.decode(out))
+    elif args.text is not None:
         print(bytes(int(t) % 256 for t in out).decode("utf-8", errors="replace"))
     else:
         print(" ".join(str(int(t)) for t in out))

@@ -287,7 +287,10 @@ class Trainer:
                 out = self._eval_step(params, *self.global_batch(x[rows], y[rows]))
             ce, correct, count = (a + float(b) for a, b in zip((ce, correct, count), out))
         loss = ce / max(count, 1)
-        return {"accuracy": correct / max(count, 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        out = {"accuracy": correct / max(count, 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if segment.bytes_per_label:  # text task: nats per label -> bits per UTF-8 byte of the labels' text
+            out["bits_per_byte"] = loss / math.log(2) / segment.bytes_per_label
+        return out
 
 
 class _StopSignal:
@@ -332,7 +335,7 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
         stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data: {e}") from None
-    most_labels = max(int((s.labels != IGNORE).sum(1).max()) for s in [stream, *eval_sets])
+    most_labels = max(s.max_labels_per_example for s in [stream, *eval_sets])
     trainer = Trainer(cfg, devices, labels_per_example=most_labels)
     params, opt_state, rng = trainer.init_state(tc.seed)
     ckpt = Checkpointer(run_dir / "checkpoints", max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
@@ -349,6 +352,11 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     if restored is not None:
         params, opt_state, rng, meta = restored
         step = int(meta["step"])
+        saved, now = meta.get("data", {}).get("corpus"), getattr(stream, "fingerprint", None)
+        if saved and now and saved != now:  # same config, other files: the resumed batches would differ
+            ckpt.close()
+            raise ConfigError(f"data.text_source: the checkpoint at step {step} was trained on {saved}, the corpus "
+                              f"is now {now} (its files changed); train.resume=never starts over")
         log.info("resumed from %s at step %d", ckpt.directory, step)
         if tc.init_from:
             log.info("train.init_from=%s is ignored: the run resumes from its own checkpoint", tc.init_from)
@@ -367,6 +375,8 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
 
     def save(step):
         meta = {"step": step, "data_position": step * tc.batch_size, "seed": tc.seed}
+        if hasattr(stream, "position"):  # text task: epoch, window and corpus of the next batch (a function of step)
+            meta["data"] = stream.position(step)
         ckpt.save(step, params, opt_state, rng, meta)
 
     writer = MetricsWriter(run_dir, total_steps=tc.steps, initial_step=step, progress=tc.progress, is_main=is_main)

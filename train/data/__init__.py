@@ -1,23 +1,35 @@
 """Training and evaluation data, addressed by step so that a resumed run sees exactly the batches it would have.
 
 The iterator position is the step: batch s of the train stream is a pure function of (data config, seed, s),
-so a checkpoint only needs the step to resume the data where it stopped.
+so a checkpoint only needs the step to resume the data where it stopped. Every stream has
+`batch(step, rows) -> (inputs, labels)` (numpy, the `rows` of the global batch this process loads), safe to call
+from a prefetching thread, and `max_labels_per_example`.
 """
 
 import dataclasses
+import threading
 
 import numpy as np
 
 from effarch.train.data import mqar, niah, passkey, text
+from effarch.train.data.text_stream import TextStream, build_text_data
+
+IGNORE = -100
 
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """One evaluation set: inputs/labels [N, seq_len] and a name for the metrics."""
+    """One evaluation set: inputs/labels [N, seq_len] and a name for the metrics. `bytes_per_label`: the UTF-8
+    bytes a label stands for on average (text task), which turns the loss into bits per byte."""
 
     name: str
     inputs: np.ndarray
     labels: np.ndarray
+    bytes_per_label: float | None = None
+
+    @property
+    def max_labels_per_example(self) -> int:
+        return int((self.labels != IGNORE).sum(1).max())
 
 
 class TrainStream:
@@ -30,13 +42,16 @@ class TrainStream:
         self.batch_size = batch_size
         self.seed = seed
         self.steps_per_epoch = len(inputs) // batch_size  # the remainder of each epoch is dropped
+        self.max_labels_per_example = int((labels != IGNORE).sum(1).max())
         self._perm_epoch, self._perm = -1, None
+        self._lock = threading.Lock()  # the cached permutation is shared with a prefetching thread
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.inputs))
-            self._perm_epoch = epoch
-        return self._perm
+        with self._lock:
+            if epoch != self._perm_epoch:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.inputs))
+                self._perm_epoch = epoch
+            return self._perm
 
     def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Global batch `step` (or the `rows` of it that this process loads)."""
@@ -51,11 +66,14 @@ def _segments(data_cfg) -> tuple[tuple, tuple]:
     return data_cfg.train_segments, data_cfg.test_segments
 
 
-def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream, list[Segment]]:
+def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream | TextStream, list[Segment]]:
     """The train stream (segments padded on the right to the longest) and one eval Segment per test segment.
 
     Right padding (token 0, label -100) is safe for causal models: no real position sees a pad.
     """
+    if data_cfg.task == "text":
+        stream, (vx, vy, bytes_per_label) = build_text_data(data_cfg, vocab_size, batch_size)
+        return stream, [Segment("text_val", vx, vy, bytes_per_label)]
     if data_cfg.task == "bytes":
         if vocab_size < 256:
             raise ValueError(f"model.vocab_size={vocab_size}: the bytes task needs at least 256")
@@ -64,7 +82,7 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream,
                              f"{data_cfg.landmark_token}")
         x, y, vx, vy = text.byte_lm_examples(data_cfg.text_source, data_cfg.seq_len, data_cfg.max_bytes,
                                              data_cfg.val_fraction, landmark_block_len=data_cfg.landmark_block_len,
-                                             landmark_token=data_cfg.landmark_token)
+                                             landmark_token=data_cfg.landmark_token, data_dir=data_cfg.data_dir)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment("bytes_val", vx, vy)]
     if data_cfg.task == "passkey":
         if vocab_size < passkey.VOCAB_SIZE:

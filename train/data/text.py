@@ -1,38 +1,19 @@
 """Byte-level language-modelling data from local text files: tokens are UTF-8 bytes (vocabulary 256).
 
-The source is a glob of text files, or "python_stdlib": the .py files of the running Python's standard library,
-a few MB of real text present on every machine, so LM configs and their tests need no download.
+The source is a glob of text files, a directory, or "python_stdlib": the .py files of the running Python's standard
+library, a few MB of real text present on every machine, so LM configs and their tests need no download. The files
+are read through the TFDS dataset that train/data/local_text.py builds once under the data directory.
 """
-
-import glob
-import os
-import sysconfig
 
 import numpy as np
 
-
-def _files(source: str) -> list[str]:
-    if source == "python_stdlib":
-        root = sysconfig.get_paths()["stdlib"]
-        files = sorted(glob.glob(os.path.join(root, "*.py")))
-    else:
-        files = sorted(f for f in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(f))
-    if not files:
-        raise FileNotFoundError(f"data.text_source: no files match {source!r}")
-    return files
+from effarch.train.data import local_text
 
 
-def read_bytes(source: str, max_bytes: int) -> np.ndarray:
-    """The concatenated bytes (uint8) of the source files, in sorted-path order, at most `max_bytes`."""
-    chunks, total = [], 0
-    for f in _files(source):
-        with open(f, "rb") as fh:
-            data = fh.read(max_bytes - total)
-        chunks.append(np.frombuffer(data, np.uint8))
-        total += len(data)
-        if total >= max_bytes:
-            break
-    return np.concatenate(chunks)
+def read_bytes(source: str, max_bytes: int, data_dir: str = "") -> np.ndarray:
+    """The concatenated bytes (uint8) of the source files, in sorted-path order, at most `max_bytes`, read from the
+    source's TFDS dataset under the data directory (built on first use: train/data/local_text.py)."""
+    return local_text.corpus_bytes(source, data_dir, max_bytes)
 
 
 def insert_landmarks(tokens: np.ndarray, block_len: int, landmark_token: int) -> np.ndarray:
@@ -58,7 +39,7 @@ def landmark_targets(windows: np.ndarray, landmark_token: int, ignore: int = -10
 
 def byte_lm_examples(
     source: str, seq_len: int, max_bytes: int, val_fraction: float, landmark_block_len: int = 0,
-    landmark_token: int = 256,
+    landmark_token: int = 256, data_dir: str = "",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Windows of seq_len + 1 bytes at a stride of seq_len -> (train_inputs, train_labels, val_inputs, val_labels).
 
@@ -68,7 +49,7 @@ def byte_lm_examples(
     With `landmark_block_len` L > 0 a landmark token follows every L bytes (windows start on a block boundary:
     seq_len must be a multiple of L + 1), and the labels skip landmarks (`landmark_targets`).
     """
-    stream = read_bytes(source, max_bytes).astype(np.int32)
+    stream = read_bytes(source, max_bytes, data_dir).astype(np.int32)
     extra = 1
     if landmark_block_len:
         if seq_len % (landmark_block_len + 1):

@@ -1,0 +1,157 @@
+"""The text data pipeline: TFDS builder round trip, packing masks, per-epoch shuffle, process rows, config errors."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from effarch.train.config import ConfigError, DataConfig, load_config
+from effarch.train.data import build_data, local_text
+from effarch.train.data.packing import IGNORE, PackedWindows, concatenate
+from effarch.train.data.text import read_bytes
+from effarch.train.data.text_stream import TextStream
+
+DOCS = {  # distinct sizes, a nested directory, non-ASCII text
+    "a.txt": "alpha document\n" * 7,
+    "b.txt": "béta: ünïcode ✓\n" * 5,
+    "sub/c.txt": "gamma " * 40,
+    "sub/d.txt": "delta\n",
+    "e.txt": "epsilon " * 13,
+}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    for name, text in DOCS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_builder_round_trip_and_cache(corpus, tmp_path):
+    data_dir = tmp_path / "tfds"
+    builder = local_text.prepare(str(corpus), str(data_dir), val_fraction=0.2)
+    assert builder.info.file_format.value == "array_record"
+    shards = sorted(p.name for p in (data_dir / "local_text" / builder.builder_config.name / "1.0.0").iterdir())
+    assert "local_text-train.array_record-00000-of-00001" in shards
+    docs = {path: text for split in ("train", "validation") for path, text in local_text.read_documents(builder, split)}
+    assert docs == {k: v.encode() for k, v in DOCS.items()}  # every file, byte for byte, once
+    n_val = builder.info.splits["validation"].num_examples
+    assert 1 <= n_val < len(DOCS)
+    # The same name through the public tfds entry point (what `text_source: tfds:NAME` uses).
+    src = tfds.data_source(f"local_text/{builder.builder_config.name}", split="validation", data_dir=str(data_dir))
+    assert len(src) == n_val and src[0]["text"] == DOCS[src[0]["path"].decode()].encode()
+    # A second prepare reads the cache; a changed file is a new corpus (another config name), built next to it.
+    assert local_text.prepare(str(corpus), str(data_dir), 0.2).builder_config.name == builder.builder_config.name
+    (corpus / "a.txt").write_text("changed")
+    rebuilt = local_text.prepare(str(corpus), str(data_dir), 0.2)
+    assert rebuilt.builder_config.name != builder.builder_config.name
+    docs = {p: t for s in ("train", "validation") for p, t in local_text.read_documents(rebuilt, s)}
+    assert docs["a.txt"] == b"changed"
+
+
+def test_bytes_task_reads_the_files_through_the_builder(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFARCH_DATA_DIR", str(tmp_path / "env_dir"))
+    raw = b"".join(DOCS[k].encode() for k in sorted(DOCS))  # the sorted-path concatenation
+    np.testing.assert_array_equal(read_bytes(str(corpus / "**" / "*.txt"), 10_000), np.frombuffer(raw, np.uint8))
+    np.testing.assert_array_equal(read_bytes(str(corpus), 50), np.frombuffer(raw[:50], np.uint8))
+    assert (tmp_path / "env_dir" / "local_text").is_dir()  # $EFFARCH_DATA_DIR is where the cache went
+    with pytest.raises(FileNotFoundError, match="data.text_source: no files match"):
+        read_bytes(str(tmp_path / "nothing*.txt"), 10)
+
+
+def test_packing_separators_masks_and_pads():
+    sep = 9
+    stream = concatenate([np.array([1, 2, 3]), np.array([4, 5]), np.array([6])], sep)
+    np.testing.assert_array_equal(stream, [1, 2, 3, 9, 4, 5, 9, 6, 9])
+    windows = PackedWindows(stream, seq_len=4, sep_id=sep)
+    assert len(windows) == 2  # 8 targets: one full window, one padded
+    x, y = windows.all()
+    np.testing.assert_array_equal(x, [[1, 2, 3, 9], [4, 5, 9, 6]])
+    # Label of the separator position (the next document's first token) is masked; the separator itself is a label.
+    np.testing.assert_array_equal(y, [[2, 3, 9, IGNORE], [5, 9, IGNORE, 9]])
+    windows = PackedWindows(stream, seq_len=5, sep_id=sep)
+    x, y = windows.all()
+    np.testing.assert_array_equal(x, [[1, 2, 3, 9, 4], [5, 9, 6, 9, 9]])  # last window padded with the separator
+    np.testing.assert_array_equal(y, [[2, 3, 9, IGNORE, 5], [9, IGNORE, 9, IGNORE, IGNORE]])  # pads -100
+    # Every target of the stream is a label exactly once: 2, 3, 9, 5, 9, 9 (+ the masked 4, 6).
+    assert windows.labelled_bytes(np.ones(10, np.int64)) == (6, 6)
+    assert windows.labelled_bytes(np.array([1] * 9 + [0])) == (6, 3)  # the separators stand for no bytes
+
+
+def test_no_label_crosses_a_document_boundary(corpus, tmp_path):
+    cfg = DataConfig(task="text", text_source=str(corpus), data_dir=str(tmp_path), seq_len=13, val_fraction=0.2)
+    stream, (val,) = build_data(cfg, vocab_size=257, batch_size=4)
+    x, y = stream.windows.all()
+    assert x.shape[1] == 13 and (y[x == 256] == IGNORE).all()  # the separator's label is masked
+    real = x != 256
+    np.testing.assert_array_equal(y[:, :-1][real[:, :-1]], x[:, 1:][real[:, :-1]])  # otherwise the next token
+    assert ((y != IGNORE).sum(1) >= 1).all()
+    # The text of the training documents, in stored order, is the stream minus separators.
+    train_docs = local_text.read_documents(local_text.prepare(str(corpus), str(tmp_path), 0.2), "train")
+    assert stream.windows.tokens[stream.windows.tokens != 256].astype(np.uint8).tobytes() == b"".join(
+        t for _, t in train_docs)
+    assert val.name == "text_val" and val.bytes_per_label is not None and 0.8 < val.bytes_per_label < 1
+
+
+def _stream(n_windows=23, batch_size=4, seed=0):
+    tokens = np.arange(n_windows * 3 + 1, dtype=np.int32) % 250  # window i starts with token 3i (mod 250)
+    return TextStream(PackedWindows(tokens, 3, sep_id=256), batch_size, seed=seed)
+
+
+def test_epochs_are_shuffled_deterministically():
+    stream = _stream()
+    ids = np.concatenate([stream.batch(s)[0][:, 0] // 3 for s in range(23)])  # 92 windows: 4 epochs of 23
+    for e in range(4):
+        assert sorted(ids[23 * e : 23 * (e + 1)]) == list(range(23))  # every window once per epoch
+    assert not np.array_equal(ids[:23], ids[23:46])  # a new order each epoch
+    fresh = _stream()  # a restarted process, asked in another order (a prefetching thread)
+    for s in [17, 3, 0, 22]:
+        np.testing.assert_array_equal(fresh.batch(s)[0], stream.batch(s)[0])
+    assert not np.array_equal(_stream(seed=1).batch(0)[0], stream.batch(0)[0])
+    assert stream.position(6) == {"epoch": 1, "window": 1, "windows_per_epoch": 23, "corpus": ""}
+
+
+def test_two_processes_load_the_global_batch():
+    stream = _stream(batch_size=6)
+    for step in (0, 5, 11):
+        x, y = stream.batch(step)
+        parts = [stream.batch(step, slice(p * 3, (p + 1) * 3)) for p in range(2)]
+        np.testing.assert_array_equal(np.concatenate([a for a, _ in parts]), x)
+        np.testing.assert_array_equal(np.concatenate([b for _, b in parts]), y)
+
+
+@pytest.mark.parametrize("override, match", [
+    (["data.tokenizer=sentencepiece"], "data: tokenizer=sentencepiece needs tokenizer_model"),
+    (["data.text_source='tfds:'"], "needs a dataset name"),
+    (["data.task=bytes", "data.text_source=tfds:x"], "needs task: text"),
+    (["data.max_eval_bytes=0"], "max_eval_bytes must be >= 1"),
+    (["data.tokenizer=word"], "data.tokenizer: expected one of"),
+])
+def test_config_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([], ["data.task=text", *override])
+
+
+def test_build_errors_name_the_key(corpus, tmp_path):
+    base = dict(task="text", text_source=str(corpus), data_dir=str(tmp_path), seq_len=8, val_fraction=0.2)
+    with pytest.raises(ValueError, match="model.vocab_size=256 is smaller than the 257 ids of data.tokenizer=bytes"):
+        build_data(DataConfig(**base), vocab_size=256, batch_size=2)
+    with pytest.raises(ValueError, match="fewer than train.batch_size=4096"):
+        build_data(DataConfig(**base), vocab_size=257, batch_size=4096)
+    with pytest.raises(ValueError, match="data.text_source='tfds:no_such_dataset': cannot read split 'train'"):
+        build_data(DataConfig(**{**base, "text_source": "tfds:no_such_dataset"}), vocab_size=257, batch_size=2)
+    name = local_text.prepare(str(corpus), str(tmp_path), 0.2).builder_config.name
+    with pytest.raises(ValueError, match="data.text_field='body' is not a feature of the dataset"):
+        build_data(DataConfig(**{**base, "text_source": f"tfds:local_text/{name}", "text_field": "body"}),
+                   vocab_size=257, batch_size=2)
+
+
+def test_tfds_name_source_matches_the_local_corpus(corpus, tmp_path):
+    base = dict(task="text", data_dir=str(tmp_path), seq_len=8, val_fraction=0.2)
+    local, (lval,) = build_data(DataConfig(text_source=str(corpus), **base), vocab_size=257, batch_size=2)
+    name = local_text.prepare(str(corpus), str(tmp_path), 0.2).builder_config.name
+    named, (nval,) = build_data(DataConfig(text_source=f"tfds:local_text/{name}", **base), vocab_size=257,
+                                batch_size=2)
+    np.testing.assert_array_equal(named.batch(3)[0], local.batch(3)[0])
+    np.testing.assert_array_equal(nval.labels, lval.labels)
