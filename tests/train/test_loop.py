@@ -57,7 +57,9 @@ class Hooked:
 
     def __init__(self, stream, hook):
         self.stream, self.hook = stream, hook
-        self.labels = stream.labels  # train_and_evaluate sizes the label gather from it
+
+    def __getattr__(self, name):  # everything else the loop reads (max_labels_per_example, ...) is the stream's
+        return getattr(self.stream, name)
 
     def batch(self, step, rows=slice(None)):
         x, y = self.stream.batch(step, rows)
