@@ -250,6 +250,14 @@ def test_perplexity_of_a_uniform_byte_model_is_8_bits_per_byte():
     assert out["summary"]["bits_per_byte"] == pytest.approx(8.0, rel=1e-6)
     assert out["summary"]["perplexity"] == pytest.approx(256.0, rel=1e-5)
     assert out["summary"]["tokens"] == int((y != -100).sum())
+    # A text-task set whose labels stand for 2 UTF-8 bytes each (Segment.bytes_per_label): 8 bits per label, 4 per
+    # byte, over both sets 8 * 2n bits / 3n bytes.
+    out = perplexity.evaluate(model, [Segment("text_val", x, y, 2.0), Segment("bytes_val", x, y)], batch_size=2,
+                              byte_level=True)
+    assert out["results"]["text_val"]["bits_per_byte"] == pytest.approx(4.0, rel=1e-6)
+    assert out["summary"]["bits_per_byte"] == pytest.approx(16 / 3, rel=1e-6)
+    out = perplexity.evaluate(model, [Segment("mqar", x, y)], batch_size=2, byte_level=False)
+    assert "bits_per_byte" not in out["summary"]
 
 
 def test_exact_match_needs_every_labelled_position():

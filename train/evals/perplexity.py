@@ -3,7 +3,8 @@
 The held-out split is what the trainer evaluates on: the last `data.val_fraction` of the text for `data.task:
 bytes`, the test segments (seed + 1000) for MQAR, the 256 evaluation examples of passkey / niah. Only labelled
 positions count. Bits per byte = loss / ln 2 for the `bytes` task, whose tokens are bytes (landmark tokens are never
-targets); for token-level tasks only bits per token is reported.
+targets); for the `text` task, bits per token / the UTF-8 bytes per label of the held-out set
+(`Segment.bytes_per_label`, as the trainer reports it); for token-level tasks only bits per token is reported.
 """
 
 import argparse
@@ -43,21 +44,25 @@ def heldout_segments(cfg: Config) -> list[Segment]:
 def evaluate(model: DecoderLM, segments: list[Segment], *, batch_size: int, byte_level: bool,
              max_examples: int | None = None) -> dict:
     """{"summary": {loss, perplexity, bits_per_token[, bits_per_byte], tokens}, "results": {set: same}}."""
-    results, total_ce, total_n = {}, 0.0, 0
+    results, total_ce, total_n, total_bytes = {}, 0.0, 0, 0.0
     for seg in segments:
         x, y = seg.inputs[:max_examples], seg.labels[:max_examples]
         _, ce = labelled_outputs(model, x, y, batch_size)
-        results[seg.name] = _metrics(float(ce.sum()), len(ce), byte_level)
+        per_label = seg.bytes_per_label or (1.0 if byte_level else None)
+        n_bytes = None if per_label is None else per_label * len(ce)
+        results[seg.name] = _metrics(float(ce.sum()), len(ce), n_bytes)
         total_ce += float(ce.sum())
         total_n += len(ce)
-    return {"summary": _metrics(total_ce, total_n, byte_level), "results": results}
+        total_bytes = None if n_bytes is None or total_bytes is None else total_bytes + n_bytes
+    return {"summary": _metrics(total_ce, total_n, total_bytes), "results": results}
 
 
-def _metrics(ce_sum: float, n: int, byte_level: bool) -> dict:
+def _metrics(ce_sum: float, n: int, n_bytes: float | None) -> dict:
+    """n_bytes: the UTF-8 bytes the n labels stand for (None: not text)."""
     loss = ce_sum / max(n, 1)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_token": loss / LN2, "tokens": n}
-    if byte_level:
-        out["bits_per_byte"] = loss / LN2
+    if n_bytes:
+        out["bits_per_byte"] = ce_sum / LN2 / n_bytes
     return out
 
 
