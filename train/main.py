@@ -227,24 +227,11 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
-    if cmd == "train":
-        train_cli(rest)
-    elif cmd == "generate":
-        generate_cli(rest)
-    elif cmd == "convert":
-        convert_cli(rest)
-    elif cmd == "import-hf":
-        import_hf_cli(rest)
-    elif cmd == "export-hf":
-        export_hf_cli(rest)
-    elif cmd == "eval":
-        eval_cli(rest)
-    elif cmd == "sweep":
-        sweep_cli(rest)
-    elif cmd == "report":
-        report_cli(rest)
-    else:
+    commands = {"train": train_cli, "generate": generate_cli, "convert": convert_cli, "import-hf": import_hf_cli,
+                "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli}
+    if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
+    commands[cmd](rest)
 
 
 if __name__ == "__main__":

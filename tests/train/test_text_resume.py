@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.train.test_train import losses
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "lm" / "quickstart.yaml"
 TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
@@ -41,15 +43,6 @@ def run(run_dir, corpus, *extra, wait=True):
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # a re-logged step (after a kill) keeps its later value
-    return out
 
 
 @pytest.mark.slow
