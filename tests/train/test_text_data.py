@@ -37,7 +37,10 @@ def test_builder_round_trip_and_cache(corpus, tmp_path):
     docs = {path: text for split in ("train", "validation") for path, text in local_text.read_documents(builder, split)}
     assert docs == {k: v.encode() for k, v in DOCS.items()}  # every file, byte for byte, once
     n_val = builder.info.splits["validation"].num_examples
-    assert 1 <= n_val < len(DOCS)
+    # The documents whose path hash falls below val_fraction, and only those (no fallback applies to this corpus).
+    held_out = {path for path in DOCS if local_text.in_validation(path, 0.2)}
+    assert 1 <= len(held_out) < len(DOCS)
+    assert {path for path, _ in local_text.read_documents(builder, "validation")} == held_out and n_val == len(held_out)
     # The same name through the public tfds entry point (what `text_source: tfds:NAME` uses).
     src = tfds.data_source(f"local_text/{builder.builder_config.name}", split="validation", data_dir=str(data_dir))
     assert len(src) == n_val and src[0]["text"] == DOCS[src[0]["path"].decode()].encode()

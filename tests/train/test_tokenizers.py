@@ -90,7 +90,11 @@ def test_text_task_with_tiktoken(tiktoken_file, tmp_path):
     stream, (val,) = build_data(cfg, vocab_size=263, batch_size=2)
     x, y = stream.batch(0)
     assert x.max() < 263 and (y[x == 262] == -100).all()
-    assert 1 < val.bytes_per_label < 4  # merges make a label stand for more than one byte
+    # Bytes per label = the UTF-8 bytes of every labelled token / the labels (the separator label stands for 0 bytes).
+    tok = make_tokenizer("tiktoken", tiktoken_file)
+    labelled = val.labels[val.labels != -100]
+    assert val.bytes_per_label == pytest.approx(tok.token_bytes()[labelled].sum() / labelled.size, rel=1e-12)
+    assert val.bytes_per_label > 1  # merges make a label stand for more than one byte
 
 
 @pytest.mark.parametrize("package", ["sentencepiece", "tiktoken"])
