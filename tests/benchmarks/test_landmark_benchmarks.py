@@ -1,8 +1,6 @@
 """Smoke tests of the landmark benchmarks at tiny sizes: reports have the documented keys and consistent values."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +9,7 @@ from flax import nnx
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.landmark import LandmarkConfig
 from effarch.train.data import passkey
-
-_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks.test_based_benchmarks import _load
 
 
 def test_memory_cost_report(tmp_path):

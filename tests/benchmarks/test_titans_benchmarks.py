@@ -2,10 +2,8 @@
 have the documented keys and every verdict and score is recomputed from the report's own values. Timings are not
 checked."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +14,7 @@ from effarch.layers.sliding_window import SlidingWindowConfig
 from effarch.layers.titans import NeuralMemoryConfig
 from effarch.layers.titans_attention import TitansAttentionConfig
 from effarch.train.data import niah
-
-_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks.test_based_benchmarks import _load
 
 
 def test_speed_report(tmp_path):
