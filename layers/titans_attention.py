@@ -28,6 +28,9 @@ class TitansAttentionConfig:
     n_heads: int = 4  # attention heads; head dim = d_model // n_heads
     window: int = 64  # MAG / MAL: keys per query of the sliding window, t - window < j <= t
     segment_len: int = 64  # MAC: tokens per segment (a multiple of titans.chunk_size)
+    # MAC: each query also sees the previous segment_len tokens across the segment start (their h and x), as
+    # titans-pytorch's `sliding_window_attn`; False: attention stays inside the segment (the paper's Fig. 2).
+    sliding: bool = False
     rope_theta: float = 10000.0
     implementation: str | None = None  # dot_product_attention / sliding_window_attention backend
 

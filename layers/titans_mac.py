@@ -21,13 +21,18 @@ Choices where the paper is silent or not causal (specs/mechanisms.md §1.5):
   every query would leak token j's input to earlier outputs); h_j and x_j share position j for RoPE
   (counted from the segment's start).
 - |h| = segment length (N_l = C); the gate ⊗ is y ⊙ sigmoid(·); the retrieval query has no convolution.
+- `titans_attention.sliding` (titans-pytorch's `sliding_window_attn`, off by default): query t attends to the h and
+  x of positions t - L < j <= t, so the segment's first tokens also see the previous segment's last ones. Without
+  it, a needle cut by a segment boundary reaches the tokens after the boundary only through the memory, and the
+  S-NIAH model (configs/niah/titans_mac.yaml) failed exactly those needles. The memory is unchanged: it still
+  updates per token and h still reads W_s.
 - The memory reads RMSNorm(y), not y (titans-pytorch's `pre_rmsnorm`): without it the memory's inner updates grew
   with the unnormalised attention output and MQAR training diverged to NaN within 75 steps (max_lr 1.0 and 0.1).
 
 Parallel form = prefill from the initial state: a leading piece up to the next segment boundary, whole segments under
 `lax.scan` (when segment_len is also a multiple of titans.batch_size, so every segment starts aligned), otherwise a
 Python loop, and a trailing piece. Decoding state: the memory layer's state, W_s, the keys and values of the current
-segment's h and x, the position; constant size.
+segment's h and x (with `sliding`, the last L tokens' unrotated ones), the position; constant size.
 """
 
 import dataclasses
@@ -40,6 +45,7 @@ from jaxtyping import Array, Float, Int
 
 from effarch.layers.axes import Hidden, HiddenStep
 from effarch.layers.norms import rms_norm
+from effarch.layers.rope import apply_rope
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
 from effarch.layers.titans_attention import (
     TitansAttentionConfig,
@@ -54,7 +60,8 @@ from effarch.pallas_kernels.titans import neural_memory_retrieve
 class MemoryAsContextState(NamedTuple):
     memory: NeuralMemoryState
     seg_w: dict  # the memory weights at the current segment's start, {"w1": [B, H, K, F], "w2": [B, H, F, K]}
-    hk: Float[Array, "B L H K"]  # rotated keys of the current segment's memory tokens (slot = position mod L)
+    hk: Float[Array, "B L H K"]  # rotated keys of the current segment's memory tokens (slot = position mod L);
+    # with titans_attention.sliding, the unrotated keys of the last L tokens' memory tokens, oldest first
     hv: Float[Array, "B L H K"]
     xk: Float[Array, "B L H K"]  # and of its input tokens
     xv: Float[Array, "B L H K"]
@@ -71,6 +78,7 @@ class MemoryAsContext(nnx.Module):
             raise ValueError(f"titans_attention.segment_len={L} must be a multiple of titans.chunk_size="
                              f"{memory.chunk_size} (the memory must have taken in every earlier segment)")
         self.segment_len = L
+        self.sliding = attention.sliding
         # The scan over whole segments reuses one trace, so every segment must start at the same mini-batch phase.
         self.aligned = memory.batch_size is None or L % memory.batch_size == 0
         self.d_model, self.n_mem_heads = d_model, memory.n_heads
@@ -92,20 +100,15 @@ class MemoryAsContext(nnx.Module):
         q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-6)
         return self.retrieve_out(neural_memory_retrieve(seg_w, q).reshape(B, n, self.d_model))
 
-    def _piece(self, state: MemoryAsContextState, x: Hidden, decode: bool):
-        """Tokens x [B, n, D] inside one segment (pos mod L + n <= L): (state after them, o [B, n, D])."""
+    def _segment_keys(self, state: MemoryAsContextState, x: Hidden, h: Hidden):
+        """Attention inside the segment: caches keyed by slot = position mod L, RoPE at the slots.
+
+        Attention never leaves the segment, so slot positions give the same logits as absolute ones and let every
+        whole segment share one trace. Returns (q, new caches, keys [B, 2L, H, K], values, visible [B, n, 2L]).
+        """
         B, n = x.shape[:2]
-        L, pos = self.segment_len, state.pos
-        r = pos % L
-        w_now = state.memory.memory.w
-        if isinstance(r, int):
-            seg_w = w_now if r == 0 else state.seg_w
-        else:  # decoding: the position is traced
-            seg_w = jax.tree.map(lambda a, b: jnp.where(r == 0, a, b), w_now, state.seg_w)
-        # Attention never leaves the segment, so RoPE positions within it (slots) give the same logits as absolute
-        # ones and let every whole segment share one trace.
+        L, r = self.segment_len, state.pos % self.segment_len
         positions = r + jnp.arange(n)
-        h = self._retrieve(seg_w, x)
         q, xk, xv = self.attn.project_qkv(x, positions)
         hk, hv = key_values(self.attn, h, positions)
 
@@ -117,10 +120,54 @@ class MemoryAsContext(nnx.Module):
         # Query at slot r + i sees slots <= r + i of both h and x (slots past it are stale or empty).
         seen = jnp.arange(L)[None, :] <= (r + jnp.arange(n))[:, None]  # [n, L]
         visible = jnp.broadcast_to(jnp.concatenate([seen, seen], axis=1), (B, n, 2 * L))
-        persistent = None if self.persistent is None else self.persistent[...]
-        pk, pv = persistent_key_values(self.attn, persistent, B)
         k_all = jnp.concatenate([caches[0], caches[2]], axis=1)
         v_all = jnp.concatenate([caches[1], caches[3]], axis=1)
+        return q, caches, k_all, v_all, visible
+
+    def _sliding_keys(self, state: MemoryAsContextState, x: Hidden, h: Hidden):
+        """titans_attention.sliding: query t sees the h and x of positions t - L < j <= t, across segment starts.
+
+        The caches hold the unrotated keys of the L tokens before this piece, oldest first. Positions count from the
+        current segment's start, as in `_segment_keys`: queries at their slots r..r+n-1, the caches' keys at r-L..r-1
+        (negative for the previous segment). RoPE logits between tokens depend on differences only, so every whole
+        segment shares one trace; the unrotated persistent keys see each query at its slot, the same in every path.
+        Returns as `_segment_keys`, with keys [B, 2(L + n), H, K].
+        """
+        B, n = x.shape[:2]
+        L, r = self.segment_len, state.pos % self.segment_len
+        freqs = self.attn.rope_frequencies()
+        q = self.attn.q_proj(x).reshape(B, n, self.attn.config.n_heads, self.attn.head_dim)
+        q = apply_rope(q, r + jnp.arange(n), freqs=freqs)
+        xk, xv = key_values(self.attn, x)
+        hk, hv = key_values(self.attn, h)
+        ks, vs = [], []
+        for cache_k, cache_v, k, v in ((state.hk, state.hv, hk, hv), (state.xk, state.xv, xk, xv)):
+            ks.append(jnp.concatenate([cache_k, k.astype(cache_k.dtype)], 1))
+            vs.append(jnp.concatenate([cache_v, v.astype(cache_v.dtype)], 1))
+        caches = [ks[0][:, n:], vs[0][:, n:], ks[1][:, n:], vs[1][:, n:]]  # the last L tokens, oldest first
+        k_all = apply_rope(jnp.concatenate(ks, 1), r - L + jnp.tile(jnp.arange(L + n), 2), freqs=freqs)
+        v_all = jnp.concatenate(vs, 1)
+        j, i = jnp.arange(L + n)[None, :], jnp.arange(n)[:, None]  # key j is token pos - L + j, query i is pos + i
+        seen = (j <= L + i) & (j > i) & (state.pos - L + j >= 0)  # [n, L + n]; keys before position 0 do not exist
+        visible = jnp.broadcast_to(jnp.concatenate([seen, seen], axis=1), (B, n, 2 * (L + n)))
+        return q, caches, k_all, v_all, visible
+
+    def _piece(self, state: MemoryAsContextState, x: Hidden, decode: bool):
+        """Tokens x [B, n, D] inside one segment (pos mod L + n <= L): (state after them, o [B, n, D])."""
+        B, n = x.shape[:2]
+        r = state.pos % self.segment_len
+        w_now = state.memory.memory.w
+        if isinstance(r, int):
+            seg_w = w_now if r == 0 else state.seg_w
+        else:  # decoding: the position is traced
+            seg_w = jax.tree.map(lambda a, b: jnp.where(r == 0, a, b), w_now, state.seg_w)
+        h = self._retrieve(seg_w, x)
+        if self.sliding:
+            q, caches, k_all, v_all, visible = self._sliding_keys(state, x, h)
+        else:
+            q, caches, k_all, v_all, visible = self._segment_keys(state, x, h)
+        persistent = None if self.persistent is None else self.persistent[...]
+        pk, pv = persistent_key_values(self.attn, persistent, B)
         o = prefixed_attention(self.attn, q, k_all, v_all, visible, pk, pv)
         y = self.attn.o_proj(o.reshape(B, n, -1))
         y_mem = self.memory_norm(y)
@@ -129,12 +176,18 @@ class MemoryAsContext(nnx.Module):
             m = m[:, None]
         else:
             memory, m = self.memory.prefill(state.memory, y_mem)
-        new = MemoryAsContextState(memory, seg_w, *caches, pos + n)
+        new = MemoryAsContextState(memory, seg_w, *caches, state.pos + n)
         return new, y * jax.nn.sigmoid(m)
 
     def _segments(self, state: MemoryAsContextState, xs: Float[Array, "B S L D"]):
         """Whole segments from a segment boundary: lax.scan over one trace when they all start aligned."""
         n_seg, L = xs.shape[1], self.segment_len
+        if self.sliding and state.pos < L and n_seg > 1:
+            # The window mask reads the start position (a Python int the scan body sees at every segment): only a
+            # segment starting at >= L has all of its window's earlier tokens, so the first one runs on its own.
+            state, o = self._piece(state, xs[:, 0], decode=False)
+            state, rest = self._segments(state, xs[:, 1:])
+            return state, jnp.concatenate([o, rest], 1)
         if not self.aligned or n_seg == 1:
             outs = []
             for i in range(n_seg):
