@@ -48,6 +48,8 @@ class NeuralMemoryConfig:
     max_lr: float = 0.1  # θ = max_lr * sigmoid(...)
     conv_kernel: int = 4  # causal depthwise conv after the q, k, v projections
     n_persistent: int = 0  # N_p learned tokens stored before the input
+    # Soft clamp of each chunk gradient's norm (neural_memory_scan's max_grad_norm); None: the paper's update
+    max_grad_norm: float | None = None
     implementation: str | None = None  # neural_memory_scan backend
 
     def __post_init__(self):
@@ -59,6 +61,8 @@ class NeuralMemoryConfig:
                              f"titans.chunk_size={self.chunk_size} (or null)")
         if not self.max_lr > 0:
             raise ValueError(f"titans.max_lr must be positive, got {self.max_lr}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"titans.max_grad_norm must be positive or null, got {self.max_grad_norm}")
         if self.n_persistent < 0:
             raise ValueError(f"titans.n_persistent must be >= 0, got {self.n_persistent}")
 
@@ -141,7 +145,8 @@ class NeuralMemory(nnx.Module):
         cfg = self.config
         y, memory = neural_memory_scan(self._params(), k, v, q, lr, eta, alpha, chunk_size=cfg.chunk_size,
                                        batch_size=cfg.batch_size, implementation=cfg.implementation,
-                                       initial_state=state.memory, return_state=True)
+                                       initial_state=state.memory, return_state=True,
+                                       max_grad_norm=cfg.max_grad_norm)
         return NeuralMemoryState(memory, conv, open_sum), y
 
     def _empty_state(self, batch_size: int, dtype=jnp.float32) -> NeuralMemoryState:
@@ -177,7 +182,8 @@ class NeuralMemory(nnx.Module):
         mean = chunk_sum / cfg.chunk_size  # read only when this token completes the chunk
         eta, alpha = jax.nn.sigmoid(self.momentum_proj(mean)), jax.nn.sigmoid(self.decay_proj(mean))
         memory, y = neural_memory_step(state.memory, k[:, 0], v[:, 0], q[:, 0], lr[:, 0], eta, alpha,
-                                       chunk_size=cfg.chunk_size, batch_size=cfg.batch_size)
+                                       chunk_size=cfg.chunk_size, batch_size=cfg.batch_size,
+                                       max_grad_norm=cfg.max_grad_norm)
         complete = memory.pos % cfg.chunk_size == 0
         chunk_sum = jnp.where(complete, jnp.zeros_like(chunk_sum), chunk_sum)
         return NeuralMemoryState(memory, conv, chunk_sum), self._output(y[:, None], x)[:, 0]

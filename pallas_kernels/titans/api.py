@@ -58,6 +58,7 @@ def neural_memory_scan(
     residual: bool = False,
     initial_state: MemoryState | None = None,
     return_state: bool = False,
+    max_grad_norm: float | None = None,
 ):
     """Retrievals y [B, T, H, D] of a neural memory that learns from (keys, values) as it reads.
 
@@ -71,14 +72,18 @@ def neural_memory_scan(
         C; None: every gradient at params).
       initial_state / return_state: continue from a `MemoryState` and return the state after the last token, so a
         sequence split into pieces gives the outputs of one pass.
+      max_grad_norm: None (the paper's update), or c > 0: each weight matrix's chunk gradient is soft-clamped to
+        norm < c before it enters the momentum (reference.py's `clamp_norm`; keeps the memory's weights bounded).
     Returns:
       y, or (y, state) when return_state.
     """
     pos = 0 if initial_state is None else initial_state.pos
     _check(params, keys, values, queries, lr, momentum, decay, chunk_size, batch_size, pos)
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"{_OP}: max_grad_norm must be positive or None, got {max_grad_norm}")
     y, state = dispatch(_OP, _IMPLS, implementation, params, keys, values, queries, lr, momentum, decay,
                         chunk_size=chunk_size, batch_size=batch_size, residual=residual, initial_state=initial_state,
-                        default_order=DEFAULT_ORDER)
+                        max_grad_norm=max_grad_norm, default_order=DEFAULT_ORDER)
     return (y, state) if return_state else y
 
 
@@ -107,7 +112,8 @@ def neural_memory_step(
     chunk_size: int = 1,
     batch_size: int | None = None,
     residual: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[MemoryState, Float[Array, "B H D"]]:
     """One decoding step (store, then retrieve); momentum_t / decay_t: the gates of the token's chunk."""
     return reference.memory_step(state, k_t, v_t, q_t, lr_t, momentum_t, decay_t, chunk_size=chunk_size,
-                                 batch_size=batch_size, residual=residual)
+                                 batch_size=batch_size, residual=residual, max_grad_norm=max_grad_norm)

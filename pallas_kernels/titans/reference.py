@@ -12,6 +12,13 @@ more matrices w1..wL is a deeper MLP, GELU between layers; `residual=True` adds 
     Wref = W every `batch_size` tokens (None: never, so every gradient is taken at params)
     y_t = M_{W[floor((t+1)/C)]}(q_t)
 
+Option `max_grad_norm` c (not in the paper; a choice, see README.md): g_n of each weight matrix is replaced by
+g_n c tanh(|g_n| / c) / |g_n| before it enters S. The plain update is unstable once W is large (the MLP's curvature
+grows with its weights, so a fixed theta overshoots more, which grows W further): a trained MAC's memory reached
+|W| ~ 1e19 inside one 256-token sequence, its output overflowed and the outer gradient became NaN. Clamped, each
+chunk moves S by at most c, so |S| <= c / (1 - eta) and W stays bounded. titans-pytorch's `max_grad_norm` clamps
+per-token gradients the same way; a chunk's sum is what the parallel form computes, so it is clamped here.
+
 `memory_step` is that definition for one token, and the oracle `neural_memory_reference` is `memory_step` under
 lax.scan. Because Wref is constant inside a chunk (batch_size is a multiple of C), the decode state accumulates the
 open chunk's gradient sum instead of buffering its tokens: the state is (W, S, Wref, open-chunk gradient, position)
@@ -62,6 +69,21 @@ def token_losses(params: Params, k: Float[Array, "*N S D"], v: Float[Array, "*N 
     return jnp.mean(jnp.square(memory_apply(params, k, residual) - v), axis=-1)
 
 
+def clamp_norm(g: Params, max_norm: float | None) -> Params:
+    """Soft clamp of each weight matrix's chunk gradient [..., I, O]: g * c tanh(|g| / c) / |g| (Frobenius |g|, c =
+    max_norm), ~g while |g| << c and never above c; None: g unchanged. A zero gradient stays zero, with finite
+    gradients (the norm is taken of a safe value there)."""
+    if max_norm is None:
+        return g
+
+    def one(x):
+        sq = jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)
+        n = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))
+        return x * jnp.where(sq > 0, max_norm * jnp.tanh(n / max_norm) / n, 1.0)
+
+    return jax.tree.map(one, g)
+
+
 def init_state(params: Params, batch_size: int) -> MemoryState:
     """The state before any token: W = Wref = params for every batch element, S = 0, no open chunk."""
     w = jax.tree.map(lambda p: jnp.broadcast_to(p.astype(jnp.float32), (batch_size, *p.shape)), params)
@@ -81,6 +103,7 @@ def memory_step(
     chunk_size: int = 1,
     batch_size: int | None = None,
     residual: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[MemoryState, Float[Array, "B H D"]]:
     """Store one token, then retrieve. momentum_t / decay_t are the gates of the chunk this token belongs to; they
     act only when the token completes it. `state.pos` may be traced (decoding under lax.scan)."""
@@ -96,7 +119,7 @@ def memory_step(
     complete = pos % chunk_size == 0
     eta = momentum_t.astype(jnp.float32)[..., None, None]
     keep = 1.0 - decay_t.astype(jnp.float32)[..., None, None]
-    s_new = jax.tree.map(lambda s, gi: eta * s - gi, state.s, grad)
+    s_new = jax.tree.map(lambda s, gi: eta * s - gi, state.s, clamp_norm(grad, max_grad_norm))
     w_new = jax.tree.map(lambda w, s: keep * w + s, state.w, s_new)
     s = jax.tree.map(lambda a, b: jnp.where(complete, a, b), s_new, state.s)
     w = jax.tree.map(lambda a, b: jnp.where(complete, a, b), w_new, state.w)
@@ -125,6 +148,7 @@ def neural_memory_reference(
     batch_size: int | None = None,
     residual: bool = False,
     initial_state: MemoryState | None = None,
+    max_grad_norm: float | None = None,
 ) -> tuple[Float[Array, "B T H D"], MemoryState]:
     """The oracle: `memory_step` token by token. N = chunks completing in this call ((pos0 % C + T) // C)."""
     state = init_state(params, keys.shape[0]) if initial_state is None else initial_state
@@ -135,7 +159,8 @@ def neural_memory_reference(
     gates = (momentum[:, idx], decay[:, idx])  # [B, T, H]: each token carries its chunk's gates
 
     def step(state, xs):
-        return memory_step(state, *xs, chunk_size=chunk_size, batch_size=batch_size, residual=residual)
+        return memory_step(state, *xs, chunk_size=chunk_size, batch_size=batch_size, residual=residual,
+                           max_grad_norm=max_grad_norm)
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (keys, values, queries, lr, *gates))
     state, ys = jax.lax.scan(step, state._replace(pos=jnp.asarray(state.pos, jnp.int32)), xs)

@@ -27,6 +27,7 @@ from jaxtyping import Array, Float
 from effarch.pallas_kernels.titans.reference import (
     MemoryState,
     Params,
+    clamp_norm,
     init_state,
     memory_apply,
     neural_memory_reference,
@@ -46,7 +47,7 @@ def _linear_scan(gates: Float[Array, "B H N"], inputs: Params, initial: Params) 
     return jax.lax.associative_scan(_scan_op, (gates, first), axis=2)[1]
 
 
-def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool):
+def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool, max_grad_norm: float | None):
     """One block of nc whole chunks: (W, S, Wref) -> new carry and the block's outputs [B, H, nc*C, D]."""
     w, s, wref = carry
     k, v, q, lr, eta, alpha = xs  # k, v, q [B, H, L, D]; lr [B, H, L]; eta, alpha [B, H, nc]
@@ -59,7 +60,7 @@ def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool):
         return jnp.sum(lr.reshape(B, H, nc, C) * losses)
 
     w_chunks = jax.tree.map(lambda x: jnp.broadcast_to(x[:, :, None], (B, H, nc, *x.shape[2:])), wref)
-    g = jax.grad(chunk_loss)(w_chunks)  # [B, H, nc, I, O] per matrix
+    g = clamp_norm(jax.grad(chunk_loss)(w_chunks), max_grad_norm)  # [B, H, nc, I, O] per matrix
     s_all = _linear_scan(eta, jax.tree.map(jnp.negative, g), s)  # S_0 .. S_{nc-1}
     w_all = _linear_scan(1.0 - alpha, s_all, w)  # W_1 .. W_nc
     w_seq = jax.tree.map(lambda w0, ws: jnp.concatenate([w0[:, :, None], ws], axis=2), w, w_all)  # W_0 .. W_nc
@@ -71,12 +72,14 @@ def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool):
     return (w_end, s_end, w_end if refresh else wref), y
 
 
-def _run_blocks(carry, k, v, q, lr, eta, alpha, *, block_tokens: int, chunk_size: int, refresh: bool, residual: bool):
+def _run_blocks(carry, k, v, q, lr, eta, alpha, *, block_tokens: int, chunk_size: int, refresh: bool, residual: bool,
+                max_grad_norm: float | None):
     """Whole blocks of `block_tokens` under lax.scan (rematerialised), then one shorter block for the remainder."""
     B, H, L, D = k.shape
     n_blocks, rem = divmod(L, block_tokens)
     nc = block_tokens // chunk_size
-    body = jax.checkpoint(functools.partial(_block, chunk_size=chunk_size, refresh=refresh, residual=residual))
+    body = jax.checkpoint(functools.partial(_block, chunk_size=chunk_size, refresh=refresh, residual=residual,
+                                            max_grad_norm=max_grad_norm))
     ys = []
     if n_blocks:
         def split(x, per):
@@ -108,6 +111,7 @@ def neural_memory_chunked(
     residual: bool = False,
     initial_state: MemoryState | None = None,
     block_chunks: int | None = None,
+    max_grad_norm: float | None = None,
 ) -> tuple[Float[Array, "B T H D"], MemoryState]:
     """The parallel form; same arguments and results as `neural_memory_reference`.
 
@@ -139,7 +143,8 @@ def neural_memory_chunked(
     if head:
         y_head, state = neural_memory_reference(
             params, keys[:, :head], values[:, :head], queries[:, :head], lr[:, :head], momentum[:, :c0],
-            decay[:, :c0], chunk_size=C, batch_size=batch_size, residual=residual, initial_state=state)
+            decay[:, :c0], chunk_size=C, batch_size=batch_size, residual=residual, initial_state=state,
+            max_grad_norm=max_grad_norm)
         ys.append(jnp.moveaxis(y_head.astype(f32), 1, 2))
         pos += head
         state = state._replace(pos=pos)
@@ -160,7 +165,8 @@ def neural_memory_chunked(
     for a, b, block, refresh in plan:
         if b > a:
             carry, y = _run_blocks(carry, *(x[:, :, a:b] for x in seg[:4]), *(x[:, :, a // C:b // C] for x in seg[4:]),
-                                   block_tokens=block, chunk_size=C, refresh=refresh, residual=residual)
+                                   block_tokens=block, chunk_size=C, refresh=refresh, residual=residual,
+                                   max_grad_norm=max_grad_norm)
             ys += y
     pos += L
     w, s, wref = carry

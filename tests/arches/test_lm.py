@@ -29,8 +29,9 @@ def make(mixers, **kw) -> DecoderLM:
         based=BasedConfig(feature_dim=5, n_heads=2, chunk_size=8),
         sliding_window=SlidingWindowConfig(n_heads=2, window=6),
         lightning=LightningConfig(n_heads=3, block_size=8),
-        # chunks of 4 and refreshes every 8 tokens: prompts of 1 and 7 tokens end inside both
-        titans=NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=8, n_persistent=2),
+        # chunks of 4 and refreshes every 8 tokens: prompts of 1 and 7 tokens end inside both; the clamped update
+        # (max_grad_norm) in the layer's prefill and decode paths alike
+        titans=NeuralMemoryConfig(n_heads=2, chunk_size=4, batch_size=8, n_persistent=2, max_grad_norm=0.05),
         # MAC segments of 8 (T = 19: two whole segments and a partial one); MAG / MAL windows of 6
         titans_attention=TitansAttentionConfig(n_heads=2, window=6, segment_len=8),
         diffqkv=DiffQKVConfig(n_q_heads=6, n_k_heads=1, n_v_heads=3, k_cache_dim=2, aug_q_hidden=10),

@@ -44,6 +44,8 @@ def test_config_errors_name_the_field():
         NeuralMemoryConfig(chunk_size=4, batch_size=6)
     with pytest.raises(ValueError, match="titans.n_heads=3 must divide d_model=16"):
         NeuralMemory(16, NeuralMemoryConfig(n_heads=3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="titans.max_grad_norm must be positive or null, got 0.0"):
+        NeuralMemoryConfig(max_grad_norm=0.0)
     layer = NeuralMemory(D, CONFIG, rngs=nnx.Rngs(0))
     state = layer.init_state(1, 8)
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))

@@ -1,5 +1,6 @@
 """neural_memory_scan: the parallel form == the sequential oracle (values and gradients), state carried across split
-calls, token-by-token decoding == one pass, and the semantics pinned on cases small enough to compute by hand."""
+calls, token-by-token decoding == one pass, the clamped update (max_grad_norm), and the semantics pinned on cases
+small enough to compute by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,45 @@ def test_xla_matches_reference_values_and_gradients(chunk_size, batch_size):
         for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             assert_close(f"d{name}", leaf_a, leaf_b, rtol=1e-5)
     assert float(jnp.max(jnp.abs(g_ref[5]))) > 0  # momentum is exercised (not the C = 1 trivial path only)
+
+
+def test_clamped_chunk_gradients_match_and_bound_the_update():
+    # max_grad_norm c: xla == reference (values and gradients) with a c small enough to clamp every chunk; one chunk
+    # from a fresh state moves S by exactly clamp(g_0), whose norm is below c; a huge c is the plain update.
+    C, c, T = 4, 0.05, 11  # two chunks, a refresh after them, an open tail
+    params, k, v, q, lr, momentum, decay = inputs(6, T=T, gates_for=T // C)
+    cot = jnp.asarray(np.random.default_rng(7).standard_normal((B, T, H, D)), jnp.float32)
+
+    def run(impl, max_grad_norm):
+        def f(*args):
+            y = neural_memory_scan(*args, chunk_size=C, batch_size=8, implementation=impl, max_grad_norm=max_grad_norm)
+            return jnp.sum(y * cot), y
+
+        return jax.value_and_grad(f, argnums=tuple(range(7)), has_aux=True)(params, k, v, q, lr, momentum, decay)
+
+    (_, y_ref), g_ref = run("reference", c)
+    (_, y_xla), g_xla = run("xla", c)
+    assert_close("y", y_xla, y_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_ref)):
+        assert_close("grad", a, b, rtol=1e-5)
+    (_, y_plain), _ = run("xla", None)
+    assert float(jnp.max(jnp.abs(y_plain - y_xla))) > 1e-3  # the clamp is active at this c
+    (_, y_loose), _ = run("xla", 1e9)
+    assert_close("y, c = 1e9", y_loose, y_plain, rtol=1e-6)
+
+    _, state = neural_memory_scan(params, k[:, :C], v[:, :C], q[:, :C], lr[:, :C], momentum[:, :1], decay[:, :1],
+                                  chunk_size=C, return_state=True, max_grad_norm=c)
+    g0 = jax.vmap(jax.vmap(jax.grad(lambda w, kk, vv, th: jnp.sum(th * reference.token_losses(w, kk, vv)))))(
+        jax.tree.map(lambda p: jnp.broadcast_to(p, (B, *p.shape)), params), *(jnp.moveaxis(x[:, :C], 1, 2)
+                                                                           for x in (k, v, lr)))
+    for name in ("w1", "w2"):
+        norm = np.linalg.norm(np.asarray(g0[name]), axis=(-2, -1))
+        assert norm.min() > c  # every chunk gradient is clamped here
+        want = -np.asarray(g0[name]) * (c * np.tanh(norm / c) / norm)[..., None, None]
+        assert_close(f"S_0 {name}", state.s[name], want, rtol=1e-5)
+        assert np.linalg.norm(np.asarray(state.s[name]), axis=(-2, -1)).max() <= c * (1 + 1e-6)  # tanh <= 1
+    with pytest.raises(ValueError, match="max_grad_norm must be positive"):
+        neural_memory_scan(params, k, v, q, lr, momentum, decay, chunk_size=C, max_grad_norm=0.0)
 
 
 @pytest.mark.parametrize("chunk_size, batch_size", [(4, 8), (5, None)])
