@@ -48,6 +48,9 @@ class DataConfig:
     passkey_queries: int = 1  # task "passkey": questions per training sequence (evaluation asks one, at the end)
     niah_examples: int = 8192  # task "niah": training examples (evaluation: 256 more from seed + 1000)
     niah_queries: int = 1  # task "niah": questions per training sequence (evaluation asks one, at the end)
+    # task "niah": training depths uniform in [0, 1] (0), or from N >= 2 evenly spaced depths 0..1, ends included
+    # (RULER: 40); the held-out examples stay uniform
+    niah_depths: int = 0
     # Where prepared TFDS datasets live (local corpora are built there once): "" = $EFFARCH_DATA_DIR, else
     # ~/.cache/effarch/tfds. Tasks "bytes" and "text".
     data_dir: str = ""
@@ -79,6 +82,9 @@ class DataConfig:
         if self.niah_examples < 1 or self.niah_queries < 1:
             raise ValueError(f"niah_examples and niah_queries must be >= 1, got {self.niah_examples}, "
                              f"{self.niah_queries}")
+        if self.niah_depths == 1 or self.niah_depths < 0:
+            raise ValueError(f"niah_depths must be 0 (uniform depths) or >= 2 (a grid of depths), got "
+                             f"{self.niah_depths}")
         if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
                              f"{self.landmark_block_len + 1} (windows start on a block boundary)")

@@ -54,3 +54,18 @@ def test_batch_and_task_wiring():
         niah_example(np.array([10, 11]), np.zeros(7, int), 0.5, 20)
     with pytest.raises(ValueError, match="depth"):
         niah_example(np.array([10, 11]), np.zeros(7, int), 1.5, 100)
+
+
+def test_depth_grid_includes_both_ends():
+    # data.niah_depths: N evenly spaced depths, 0 and 1 included (uniform depths almost never give a needle right
+    # before the question). With N = 3 every needle starts right after the preamble, halfway, or right before [Q].
+    T = 64
+    x, _ = niah_batch(np.random.default_rng(0), 60, T, depth_grid=3)
+    starts = np.flatnonzero(x == KEY) % T
+    n_noise = T - len(NOISE) - 2 * 11
+    assert set(starts.tolist()) == {len(NOISE), len(NOISE) + round(n_noise / 2), T - 2 * 11}
+    assert np.all(x[starts == T - 22][:, T - 11] == QUERY)  # depth 1: the question follows the needle directly
+    train, _ = build_data(DataConfig(task="niah", seq_len=T, niah_examples=60, niah_depths=3), VOCAB_SIZE, 8)
+    np.testing.assert_array_equal(train.inputs, x)  # the data config reaches the generator
+    with pytest.raises(ValueError, match="niah_depths must be 0"):
+        DataConfig(task="niah", niah_depths=1)

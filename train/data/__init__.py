@@ -97,7 +97,7 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream 
         if vocab_size < niah.VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={vocab_size}: the niah task needs at least {niah.VOCAB_SIZE}")
         x, y = niah.niah_batch(np.random.default_rng(data_cfg.seed), data_cfg.niah_examples, data_cfg.seq_len,
-                              n_queries=data_cfg.niah_queries)
+                              n_queries=data_cfg.niah_queries, depth_grid=data_cfg.niah_depths)
         vx, vy = niah.niah_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"niah_{data_cfg.seq_len}", vx, vy)]
     train_segs, test_segs = _segments(data_cfg)

@@ -19,7 +19,9 @@ labels (each at the position before it, the next-token convention of the other t
 Training can ask the question `n_queries` times (the noise after the needle is cut into that many equal parts,
 each followed by the question and its answer): every answer is the same retrieval, so one sequence carries
 n_queries times the labels of the one-question test. Evaluation asks once, at the end (train/data/passkey.py does
-the same).
+the same). Beware with local attention: a later question can copy the answer from the previous one, so with 4
+questions in 256 tokens every answer lay within 64 tokens of an earlier copy and a model with a 64-token window
+never needed its long-range path in training (configs/niah/titans_mac.yaml therefore asks once).
 """
 
 import numpy as np
@@ -81,14 +83,23 @@ def niah_example(
 
 
 def niah_batch(
-    rng: np.random.Generator, n: int, seq_len: int, depths: np.ndarray | None = None, n_queries: int = 1
+    rng: np.random.Generator, n: int, seq_len: int, depths: np.ndarray | None = None, n_queries: int = 1, *,
+    depth_grid: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """n examples with random keys and values at uniform random depths (or the given `depths` [n]).
+    """n examples with random keys and values at random depths (or the given `depths` [n]).
+
+    The depths are uniform in [0, 1] when depth_grid is 0, else drawn from depth_grid evenly spaced depths 0, ..,
+    1 (RULER draws essay-haystack depths from 40 of them): the grid holds both ends, the needle right after the
+    preamble and the needle right before the question, which uniform depths almost never give.
 
     Returns (inputs [n, seq_len] int32, labels [n, seq_len] int32).
     """
+    if depth_grid == 1 or depth_grid < 0:
+        raise ValueError(f"depth_grid must be 0 (uniform depths) or >= 2, got {depth_grid}")
     keys = rng.choice(np.asarray(KEY_WORDS), (n, KEY_LEN))
     values = rng.integers(0, 10, (n, VALUE_LEN))
-    depths = rng.random(n) if depths is None else np.asarray(depths)
+    if depths is None:
+        depths = rng.integers(0, depth_grid, n) / (depth_grid - 1) if depth_grid else rng.random(n)
+    depths = np.asarray(depths)
     rows = [niah_example(k, v, float(d), seq_len, n_queries) for k, v, d in zip(keys, values, depths, strict=True)]
     return (np.stack([r[0] for r in rows]).astype(np.int32), np.stack([r[1] for r in rows]).astype(np.int32))
