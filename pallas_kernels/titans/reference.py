@@ -12,7 +12,7 @@ more matrices w1..wL is a deeper MLP, GELU between layers; `residual=True` adds 
     Wref = W every `batch_size` tokens (None: never, so every gradient is taken at params)
     y_t = M_{W[floor((t+1)/C)]}(q_t)
 
-Option `max_grad_norm` c (not in the paper; a choice, see README.md): g_n of each weight matrix is replaced by
+Option `max_grad_norm` c (not in the paper; a choice, see this directory's README.md): g_n of each weight matrix is replaced by
 g_n c tanh(|g_n| / c) / |g_n| before it enters S. The plain update is unstable once W is large (the MLP's curvature
 grows with its weights, so a fixed theta overshoots more, which grows W further): a trained MAC's memory reached
 |W| ~ 1e19 inside one 256-token sequence, its output overflowed and the outer gradient became NaN. Clamped, each
