@@ -15,7 +15,8 @@ The op (pallas_kernels/titans) holds the maths; this layer produces its inputs:
 
 Choices where the paper is silent (flagged per specs/mechanisms.md §1.6): kernel 4, expansion 4, max_lr 0.1
 (train_mac.py), chunk 16 / mini-batch 64 by default, gate biases initialised so that θ, η and α start near
-σ(-2), σ(2) and σ(-4) (a usable memory from step 0 rather than 0.5 everywhere).
+σ(-2), σ(2) and σ(-4) (a usable memory from step 0 rather than 0.5 everywhere). `max_grad_norm` (off by default)
+soft-clamps each chunk gradient: the plain update can diverge at max_lr 1.0 (pallas_kernels/titans/README.md).
 
 Decoding: the state is the op's `MemoryState` (constant size), the three conv histories, and the running sum of the
 open chunk's inputs (for its η / α when it completes).
