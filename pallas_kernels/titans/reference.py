@@ -12,12 +12,13 @@ more matrices w1..wL is a deeper MLP, GELU between layers; `residual=True` adds 
     Wref = W every `batch_size` tokens (None: never, so every gradient is taken at params)
     y_t = M_{W[floor((t+1)/C)]}(q_t)
 
-Option `max_grad_norm` c (not in the paper; a choice, see this directory's README.md): g_n of each weight matrix is replaced by
-g_n c tanh(|g_n| / c) / |g_n| before it enters S. The plain update is unstable once W is large (the MLP's curvature
-grows with its weights, so a fixed theta overshoots more, which grows W further): a trained MAC's memory reached
-|W| ~ 1e19 inside one 256-token sequence, its output overflowed and the outer gradient became NaN. Clamped, each
-chunk moves S by at most c, so |S| <= c / (1 - eta) and W stays bounded. titans-pytorch's `max_grad_norm` clamps
-per-token gradients the same way; a chunk's sum is what the parallel form computes, so it is clamped here.
+Option `max_grad_norm` c (not in the paper; a choice, see this directory's README.md): g_n of each weight matrix is
+replaced by g_n c tanh(|g_n| / c) / |g_n| before it enters S. The plain update is unstable once W is large (the
+MLP's curvature grows with its weights, so a fixed theta overshoots more, which grows W further): a trained MAC's
+memory reached |W| ~ 1e19 inside one 256-token sequence, its output overflowed and the outer gradient became NaN.
+Clamped, each chunk moves S by at most c, so |S| <= c / (1 - eta) and W stays bounded. titans-pytorch's
+`max_grad_norm` clamps per-token gradients the same way; a chunk's sum is what the parallel form computes, so it is
+clamped here.
 
 `memory_step` is that definition for one token, and the oracle `neural_memory_reference` is `memory_step` under
 lax.scan. Because Wref is constant inside a chunk (batch_size is a multiple of C), the decode state accumulates the

@@ -23,8 +23,8 @@ def test_there_are_configs():
 
 # Configs whose mixer and task another config already trains in the default run; every config still builds and
 # checks (test_config_checks) by default, and trains one step in the slow suite.
-SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "lm/moh_small.yaml", "lm/diffqkv_small.yaml",
-             "lm/tnl_small.yaml", "mqar/titans_lmm.yaml"}
+SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_mac_ft.yaml", "lm/moh_small.yaml",
+             "lm/diffqkv_small.yaml", "lm/tnl_small.yaml", "mqar/titans_lmm.yaml"}
 
 
 def _id(path: Path) -> str:
