@@ -79,27 +79,26 @@ def test_mac_segment_scan_equals_the_segment_loop_and_pieces():
 def test_mac_sliding_window_crosses_segments_and_decodes_like_the_parallel_pass():
     # titans_attention.sliding: query t sees the h and x of t - L < j <= t. Inside the first segment that is the
     # segment attention itself (same parameters, same outputs); later it reaches back across the segment start.
-    # The parallel pass (first segment peeled, then the scan), a prefill in pieces and token-by-token decoding agree.
+    # The parallel pass (first segment alone, then the scan over two) equals a prefill ending inside a segment
+    # followed by token-by-token decoding.
     sliding = MemoryAsContext(D, MEMORY, TitansAttentionConfig(n_heads=2, segment_len=8, sliding=True),
                               rngs=nnx.Rngs(2))
     segment = MemoryAsContext(D, MEMORY, ATTENTION, rngs=nnx.Rngs(2))
-    x = inputs(21, b=2)
-    full, inside = sliding(x), segment(x)
+    x = inputs(27)
+    full, inside = jax.jit(sliding)(x), jax.jit(segment)(x)
     assert_close("first segment", full[:, :8], inside[:, :8], rtol=1e-6)
     assert float(jnp.max(jnp.abs(full[:, 8:] - inside[:, 8:]))) > 1e-3
-    _, _, _, _, visible = sliding._sliding_keys(sliding.init_state(1, 21)._replace(pos=13), x[:1, :3], x[:1, :3])
+    _, _, _, _, visible = sliding._sliding_keys(sliding.init_state(1, 27)._replace(pos=13), x[:, :3], x[:, :3])
     key_pos = 13 - 8 + np.arange(11)  # the cache's 8 tokens, then the piece's 3
     want = (key_pos[None] <= 13 + np.arange(3)[:, None]) & (key_pos[None] > 13 + np.arange(3)[:, None] - 8)
     np.testing.assert_array_equal(np.asarray(visible[0]), np.concatenate([want, want], 1))  # h keys, then x keys
-    state, ys = sliding.init_state(2, 21), []
-    for a, b in [(0, 3), (3, 17)]:  # inside a segment; its rest, a whole segment and part of the next
-        state, y = sliding.prefill(state, x[:, a:b])
-        ys.append(y)
+    state, y = sliding.prefill(sliding.init_state(1, 27), x[:, :5])  # ends inside the first segment
+    ys = [y]
     step = jax.jit(sliding.decode_step)
-    for t in range(17, 21):
+    for t in range(5, 27):  # across three segment starts
         state, y = step(state, x[:, t])
         ys.append(y[:, None])
-    assert_close("MAC sliding pieces + decode", jnp.concatenate(ys, 1), full, rtol=1e-5)
+    assert_close("MAC sliding prefill + decode", jnp.concatenate(ys, 1), full, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pos,T", [(3, 1), (7, 12)])  # a decode step near the start; a longer call

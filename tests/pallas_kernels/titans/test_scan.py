@@ -66,12 +66,13 @@ def test_xla_matches_reference_values_and_gradients(chunk_size, batch_size):
 
 def test_clamped_chunk_gradients_match_and_bound_the_update():
     # max_grad_norm c: xla == reference (values and gradients) with a c small enough to clamp every chunk; one chunk
-    # from a fresh state moves S by exactly clamp(g_0), whose norm is below c; a huge c is the plain update.
+    # from a fresh state moves S by exactly clamp(g_0), whose norm is below c.
     C, c, T = 4, 0.05, 11  # two chunks, a refresh after them, an open tail
     params, k, v, q, lr, momentum, decay = inputs(6, T=T, gates_for=T // C)
     cot = jnp.asarray(np.random.default_rng(7).standard_normal((B, T, H, D)), jnp.float32)
 
     def run(impl, max_grad_norm):
+        @jax.jit
         def f(*args):
             y = neural_memory_scan(*args, chunk_size=C, batch_size=8, implementation=impl, max_grad_norm=max_grad_norm)
             return jnp.sum(y * cot), y
@@ -83,10 +84,8 @@ def test_clamped_chunk_gradients_match_and_bound_the_update():
     assert_close("y", y_xla, y_ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_ref)):
         assert_close("grad", a, b, rtol=1e-5)
-    (_, y_plain), _ = run("xla", None)
+    y_plain = neural_memory_scan(params, k, v, q, lr, momentum, decay, chunk_size=C, batch_size=8)
     assert float(jnp.max(jnp.abs(y_plain - y_xla))) > 1e-3  # the clamp is active at this c
-    (_, y_loose), _ = run("xla", 1e9)
-    assert_close("y, c = 1e9", y_loose, y_plain, rtol=1e-6)
 
     _, state = neural_memory_scan(params, k[:, :C], v[:, :C], q[:, :C], lr[:, :C], momentum[:, :1], decay[:, :1],
                                   chunk_size=C, return_state=True, max_grad_norm=c)
