@@ -37,7 +37,7 @@ def saved_params(run_dir) -> dict:
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
     step = ckpt.steps()[-1]
     raw = ckpt.manager.item_metadata(step)["params"].tree
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one = jax.sharding.make_single_device_sharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), raw)
     out = ckpt.restore(step, target)[0]
     ckpt.close()
