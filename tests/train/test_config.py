@@ -137,3 +137,34 @@ def test_batch_and_mesh_divisibility(monkeypatch, overrides, n_devices, processe
         check_runtime(cfg, devices=jax.devices() * n_devices)  # only the count matters
     assert message in str(e.value)
     check_runtime(load_config([], ["train.batch_size=64", "train.eval_batch_size=64"]), jax.devices() * 8)
+
+
+def test_the_loader_is_generic(tmp_path):
+    """train/yaml_config.py builds any frozen dataclass tree; the schemas only live in train/config.py."""
+    import dataclasses
+    from typing import Literal
+
+    from effarch.train.yaml_config import build, load_merged, to_dict
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        kind: Literal["a", "b"] = "a"
+        sizes: tuple[int, ...] = (1,)
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner = Inner()
+        rate: float | None = 0.5
+
+        def __post_init__(self):
+            if self.rate is not None and self.rate < 0:
+                raise ValueError(f"rate must be >= 0, got {self.rate}")
+
+    values = load_merged([write(tmp_path, "inner: {sizes: [2, 3]}\n")], ["inner.kind=b", "rate=null"])
+    out = build(Outer, values)
+    assert out == Outer(Inner("b", (2, 3)), None)
+    assert build(Outer, to_dict(out)) == out
+    with pytest.raises(ConfigError, match=r"^inner.kind: expected one of \['a', 'b'\], got 'c'$"):
+        build(Outer, {"inner": {"kind": "c"}})
+    with pytest.raises(ConfigError, match=r"^config: rate must be >= 0, got -1.0$"):
+        build(Outer, {"rate": -1})
