@@ -147,7 +147,7 @@ class MeshConfig:
             raise ValueError("at most one mesh axis may be -1")
 
 
-# Logical parameter / activation axis -> mesh axes (STYLE.md §3.12). A mesh axis of size 1 is a no-op, so the
+# Logical parameter / activation axis -> mesh axes (docs/training.md, "Sharding"). A mesh axis of size 1 is a no-op, so the
 # same table serves one CPU and a pod slice.
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
@@ -195,7 +195,7 @@ class TrainConfig:
     # update, no weight decay and no optimizer state.
     freeze: tuple[str, ...] = ()
     aux_loss_weight: float = 0.01  # β: weight of the layers' auxiliary losses (MoH load balance; layers/aux_loss.py)
-    sample_tokens: int = 96  # data.task text: greedy tokens `effarch train` generates for its summary (0: none)
+    sample_tokens: int = 96  # data.task text: tokens `effarch train` samples (temperature 0.7) for its summary (0: none)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
