@@ -30,7 +30,7 @@ class DataConfig:
     # tokenized, packed with a separator between documents (train/data/text_stream.py)
     # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
     # "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36), seq_len tokens
-    # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
+    # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (train/data/mqar.py::TRAIN_SEGMENTS).
     mixture: Literal["custom", "zoology_standard"] = "custom"
     train_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 20_000),)  # (seq_len, num_kv_pairs, num_examples)
     test_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 1_000),)
