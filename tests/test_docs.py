@@ -118,29 +118,28 @@ def _missing_keys(page: Path) -> list[str]:
     return bad
 
 
-class _Captured(Exception):
-    def __init__(self, parser):
-        self.parser = parser
-
-
 def _options(parser: argparse.ArgumentParser) -> set[str]:
     return {s for s in parser._option_string_actions if s.startswith("--")}
 
 
 def _cli_flags() -> dict[str, set[str]]:
-    """Each `effarch` command's options, read from the parsers the commands build."""
+    """Each `effarch` command's options, read from the parsers the commands build when asked for --help."""
     from effarch.train import evals, main
 
-    def capture(self, args=None, namespace=None):
-        raise _Captured(self)
-
+    init = argparse.ArgumentParser.__init__
     flags = {"train": set(), "report": set(), "eval": {"--help"}}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(argparse.ArgumentParser, "parse_known_args", capture)  # every parse_*args goes through it
-        for command in ("generate", "convert", "import-hf", "export-hf", "sweep"):
-            with pytest.raises(_Captured) as caught:
-                main.main([command, "a", "b"])
-            flags[command] = _options(caught.value.parser)
+    for command in ("generate", "convert", "import-hf", "export-hf", "sweep"):
+        built = []
+
+        def record(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            built.append(self)
+
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):
+            mp.setattr(argparse.ArgumentParser, "__init__", record)
+            main.main([command, "--help"])
+        assert len(built) == 1, command
+        flags[command] = _options(built[0])
     for task in evals.TASKS:
         flags["eval"] |= _options(evals.parser(task))
     return flags
