@@ -15,6 +15,7 @@ Cheap: imports the parsers and dataclasses, compiles nothing.
 import argparse
 import ast
 import dataclasses
+import functools
 import re
 import typing
 from pathlib import Path
@@ -145,11 +146,12 @@ def _cli_flags() -> dict[str, set[str]]:
     return flags
 
 
-def _bench_flags(name: str) -> set[str] | None:
+@functools.cache
+def _bench_flags(name: str) -> frozenset[str] | None:
     path = ROOT / "benchmarks" / f"{name}.py"
     if not path.exists():
         return None
-    return {"--help"} | {
+    return frozenset({"--help"}) | {
         arg.value for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"
         for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")
