@@ -1,9 +1,10 @@
 """Public layers of effarch: NNX modules to drop into any Flax model.
 
-Every mixer takes `(d_model, config, *, rngs)` (Lightning also `layer_idx, n_layers`), maps x [B, T, D] to
-[B, T, D] with `__call__`, and decodes through the `Mixer` protocol of `layers/axes.py` (`init_state`, `prefill`,
-`decode_step`, `state_size`). MLPs take `(d_model, hidden, *, rngs)` and map [..., D] to [..., D]. For Flax Linen
-models, wrap any of them with `effarch.layers.linen.to_linen` (README, "Using the layers in your own model").
+Every mixer takes `(d_model, config, *, rngs)` (Lightning also `layer_idx, n_layers`; Titans' MAC / MAG / MAL
+take two configs, `(d_model, memory, attention, *, rngs)`), maps x [B, T, D] to [B, T, D] with `__call__`, and
+decodes through the `Mixer` protocol of `layers/axes.py` (`init_state`, `prefill`, `decode_step`, `state_size`).
+MLPs take `(d_model, hidden, *, rngs)` and map [..., D] to [..., D]. For Flax Linen models, wrap any of them with
+`effarch.layers.linen.to_linen` (docs/layers.md).
 
 The decoder block (pre-norm mixer + MLP) is `effarch.arches.lm.Block`; it lives in arches/ because it picks its
 mixer from the registry.

@@ -9,7 +9,7 @@ The wrapper builds the NNX module from `cls(*args, **kwargs, rngs=...)` at init 
 apply. Every public method of the NNX class is reachable through the wrapper (`wrapped.decode_step(state, x_t)`),
 so a Linen model can decode with an effarch mixer's `init_state` / `prefill` / `decode_step`.
 
-Example (see README, "Using the layers in your own model"):
+Example (docs/layers.md has a whole Linen model, run as a test):
 
     class MyLM(nn.Module):
         def setup(self):

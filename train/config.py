@@ -29,7 +29,8 @@ class DataConfig:
     # tokenized, packed with a separator between documents (train/data/text_stream.py)
     # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
     # "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36), seq_len tokens
-    # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep (specs §7.1).
+    # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep
+    # (train/data/mqar.py::TRAIN_SEGMENTS).
     mixture: Literal["custom", "zoology_standard"] = "custom"
     train_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 20_000),)  # (seq_len, num_kv_pairs, num_examples)
     test_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 1_000),)
@@ -146,8 +147,8 @@ class MeshConfig:
             raise ValueError("at most one mesh axis may be -1")
 
 
-# Logical parameter / activation axis -> mesh axes (STYLE.md §3.12). A mesh axis of size 1 is a no-op, so the
-# same table serves one CPU and a pod slice.
+# Logical parameter / activation axis -> mesh axes (docs/training.md, "Sharding"). A mesh axis of size 1 is a
+# no-op, so the same table serves one CPU and a pod slice.
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", ("fsdp",)),
@@ -194,7 +195,7 @@ class TrainConfig:
     # update, no weight decay and no optimizer state.
     freeze: tuple[str, ...] = ()
     aux_loss_weight: float = 0.01  # β: weight of the layers' auxiliary losses (MoH load balance; layers/aux_loss.py)
-    sample_tokens: int = 96  # data.task text: greedy tokens `effarch train` generates for its summary (0: none)
+    sample_tokens: int = 96  # data.task text: tokens `effarch train` samples (temperature 0.7) for its summary; 0: none
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",

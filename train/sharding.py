@@ -1,4 +1,4 @@
-"""Device mesh (data, fsdp, tensor) and the map from logical axis names to mesh axes (STYLE.md §3.12).
+"""Device mesh (data, fsdp, tensor) and the map from logical axis names to mesh axes (docs/training.md, "Sharding").
 
 Layers tag each parameter with `logical_axes` metadata (e.g. ("embed", "mlp")); `param_specs` turns those tags
 into PartitionSpecs through the config's rules. The same code runs on one CPU (every mesh axis of size 1).

@@ -2,7 +2,6 @@
 
 Paper: Arora, Eyuboglu et al., "Zoology: Measuring and Improving Recall in Efficient Language Models", arXiv 2312.04927.
 Reference: HazyResearch/zoology@d88d6f5, zoology/data/multiquery_ar.py::multiquery_ar (unchanged since dbcb60d).
-Spec: specs/mechanisms.md §7.1.
 
 An example is a context of D key-value pairs `k1 v1 k2 v2 ...` followed by a query region in which every key appears
 once more, at an even offset 2·gap drawn from a power law that favours short gaps. The label at a query key is its

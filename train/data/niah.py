@@ -1,4 +1,4 @@
-"""Single needle in a haystack, token-level analogue of RULER's S-NIAH for small vocabularies (specs §7.3, choice).
+"""Single needle in a haystack: RULER's S-NIAH (Hsieh et al., arXiv 2404.06654) as tokens, for small vocabularies.
 
 RULER's niah_single_1 hides "One of the special magic numbers for {key} is: {value}." in a noise haystack and asks
 "What is the special magic number for {key} mentioned in the provided text? The special magic number for {key}

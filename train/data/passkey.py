@@ -1,4 +1,4 @@
-"""Passkey retrieval, token-level analogue for small vocabularies (specs/mechanisms.md §7.2, choice).
+"""Passkey retrieval, token-level analogue for small vocabularies (Mohtashami & Jaggi, arXiv 2305.16300).
 
 The landmark paper's task (epfml/landmark-attention, llama/run_test.py::generate_prompt) hides a 5-digit pass key in
 filler text and asks for it at the end. Here, tokenizer-free:

@@ -1,7 +1,7 @@
 """`effarch sweep SWEEP.yaml`: train every config of a grid in parallel processes, evaluate each run, keep the best.
 
-A sweep file lists named base configs and a grid of overrides (STYLE.md §3.10: a sweep is a list of configs; the
-file only spells the list as a product):
+A sweep file lists named base configs and a grid of overrides (a sweep is a list of configs; the file only
+spells the list as a product):
 
     sweep_dir: runs/sweeps/mqar_zoology        # default runs/sweeps/<file stem>; --sweep-dir overrides it
     runs:                                      # name: the config files (+ overrides) of one model family
