@@ -1,7 +1,7 @@
 """Turn a trained softmax-attention decoder into a MoH decoder for continue-tuning (MoH-LLaMA3 recipe).
 
 MoH paper §4.4 / SkyworkAI/MoH@66bb340 MoH-LLaMA3: a pretrained model's attention layers become MoH layers with
-the parameter-free router (specs/mechanisms.md §5.3): routed-head logits are the query-head norms, the gates are
+the parameter-free router (layers/moh.py): routed-head logits are the query-head norms, the gates are
 binary with a straight-through gradient, so there are no new weights and every baseline weight is reused as is.
 `MoHAttention` subclasses `Attention`, so its q/k/v/o parameters sit at the same paths with the same shapes.
 

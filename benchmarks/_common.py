@@ -1,17 +1,57 @@
-"""Helpers shared by the benchmark scripts: compiled memory, timing, the loss whose gradient is timed, output.
+"""Helpers shared by the benchmark scripts: the (path, point) sweep, compiled memory, timing, the loss whose gradient
+is timed, output.
 
 The scripts run as `python benchmarks/<name>.py`, which puts this folder first on sys.path, so they import this
 module as `_common` (the smoke tests under tests/benchmarks/ put the folder on sys.path the same way).
 """
 
 import json
+import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+
+def sweep(
+    paths: Sequence[str],
+    points: Sequence[Hashable],
+    measure: Callable[[str, Hashable], dict],
+    *,
+    log: Callable[[str], None] | None = None,
+    line: Callable[[str, Hashable, dict], str] | None = None,
+) -> dict[str, dict]:
+    """results[path][point] = measure(path, point), every point of the first path, then of the next; after each
+    record, log(line(path, point, record)) when both are given."""
+    results: dict[str, dict] = {}
+    for path in paths:
+        results[path] = {}
+        for point in points:
+            record = measure(path, point)
+            results[path][point] = record
+            if log is not None and line is not None:
+                log(line(path, point, record))
+    return results
+
+
+def by_str(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """A sweep's results with the points as strings (JSON object keys)."""
+    return {path: {str(point): r for point, r in per_point.items()} for path, per_point in results.items()}
+
+
+def skipped(results: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """{path: {point: why}} of the records `compile_and_time` did not run (past the memory cap)."""
+    return {path: {str(point): r["skipped"] for point, r in per_point.items() if "skipped" in r}
+            for path, per_point in results.items()}
+
+
+def platform_info() -> dict[str, str]:
+    """The backend, the first device and the jax version, for a report's config."""
+    return {"platform": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__}
 
 
 def memory_stats(compiled) -> dict[str, int]:
@@ -38,6 +78,49 @@ def time_calls(fn: Callable, args, warmup: int, reps: int) -> list[float]:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return times
+
+
+def compile_and_time(fn: Callable, args, *, warmup: int, reps: int, max_temp_bytes: int | None = None) -> dict:
+    """Compiles jit(fn) at args (compile_s, memory) and times `reps` calls (median_s, times_s). Past the cap on the
+    compiled temporaries, "skipped" (why) replaces the timings: the memory numbers are still reported."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    record = {"compile_s": time.perf_counter() - start, "memory": memory_stats(compiled)}
+    if max_temp_bytes is not None and record["memory"]["temp_bytes"] > max_temp_bytes:
+        record["skipped"] = (
+            f"compiled temporaries {record['memory']['temp_bytes'] / 2**30:.2f} GiB exceed the cap "
+            f"{max_temp_bytes / 2**30:.2f} GiB; not run"
+        )
+        return record
+    times = time_calls(compiled, args, warmup, reps)
+    record.update(median_s=statistics.median(times), times_s=times)
+    return record
+
+
+def time_decode_steps(layer: nnx.Module, state, x_t, *, warmup: int, steps: int) -> tuple[list[float], float | None]:
+    """Wall seconds of `steps` calls of the layer's jitted decode_step after `warmup` untimed ones, and the first
+    call's seconds (compilation included; None without warmup). The state is donated and fed back, so XLA updates
+    a KV cache in place, as a serving loop would."""
+    graphdef, params = nnx.split(layer)
+
+    def step(state, params, x_t):
+        return nnx.merge(graphdef, params).decode_step(state, x_t)
+
+    step = jax.jit(step, donate_argnums=0)
+    first_call_s = None
+    for i in range(warmup):
+        start = time.perf_counter()
+        state, y = step(state, params, x_t)
+        jax.block_until_ready(y)
+        if i == 0:
+            first_call_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, y = step(state, params, x_t)
+        jax.block_until_ready((state, y))
+        times.append(time.perf_counter() - start)
+    return times, first_call_s
 
 
 def loss_and_grads(attn: Callable) -> Callable:

@@ -40,6 +40,7 @@ def main(argv=None) -> dict:
 
     from effarch.train.config import DataConfig
     from effarch.train.data import TrainStream, build_data, local_text
+    from effarch.train.data.labels import IGNORE_LABEL
 
     with tempfile.TemporaryDirectory() as data_dir:
         cfg = DataConfig(task="text", text_source=args.source, data_dir=data_dir, seq_len=args.seq_len,
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
         "grain_over_numpy": statistics.median(grain_s) / statistics.median(numpy_s),
         "grain_batches_per_s": 1.0 / statistics.median(grain_s),
         "batch_shapes": [list(a[0].shape), list(b[0].shape)],
-        "labels_masked_fraction": float(np.mean(y == -100)),  # separators and pads, over all train windows
+        "labels_masked_fraction": float(np.mean(y == IGNORE_LABEL)),  # separators and pads, over all train windows
     }
     return emit(report, args.out)
 

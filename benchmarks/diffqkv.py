@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from _common import emit
+from _common import emit, platform_info, sweep
 from flax import nnx
 
 from effarch.layers.attention import Attention, AttentionConfig
@@ -150,15 +150,19 @@ def run(
 ) -> dict:
     """Cache bytes at the paper's layout, then decode time per token per path and context (module docstring)."""
     contexts = sorted(set(contexts))
-    decode: dict[str, dict[str, dict]] = {path: {} for path in paths}
-    for context in contexts:
-        records = measure_context(paths, context, warmup=warmup, reps=reps, d_model=d_model, n_q=n_q, n_v=n_v,
-                                  head_dim=head_dim)
-        for path, record in records.items():
-            decode[path][str(context)] = record
-            if log is not None:
-                log(f"{path:13s} context={context:6d} {record['median_s'] * 1e3:8.3f} ms/token, "
-                    f"cache {record['cache_bytes'] / 2**20:8.2f} MiB")
+
+    # The paths of one context are timed together (measure_context), the first time any of them is asked for.
+    @functools.cache
+    def measured(context: str) -> dict[str, dict]:
+        return measure_context(paths, int(context), warmup=warmup, reps=reps, d_model=d_model, n_q=n_q, n_v=n_v,
+                               head_dim=head_dim)
+
+    def line(path, context, record):
+        return (f"{path:13s} context={int(context):6d} {record['median_s'] * 1e3:8.3f} ms/token, "
+                f"cache {record['cache_bytes'] / 2**20:8.2f} MiB")
+
+    decode = sweep(paths, [str(c) for c in contexts], lambda path, context: measured(context)[path], log=log,
+                   line=line)
     ratios = {}
     if "gqa" in decode:
         for path, per_context in decode.items():
@@ -176,9 +180,7 @@ def run(
             "decode_cache_dtype": "float32",
             "warmup": warmup,
             "reps": reps,
-            "platform": jax.default_backend(),
-            "device": str(jax.devices()[0]),
-            "jax_version": jax.__version__,
+            **platform_info(),
         },
         "cache_bytes_bf16": cache_report(contexts),
         "decode": decode,

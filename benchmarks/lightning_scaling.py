@@ -17,14 +17,12 @@ Run:   .venv/bin/python benchmarks/lightning_scaling.py [--quick] [--lengths 102
 """
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from _common import emit, loss_and_grads, memory_stats, time_calls
+from _common import by_str, compile_and_time, emit, loss_and_grads, platform_info, skipped, sweep
 
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.lightning import lightning_attention, tnl_decay
@@ -48,18 +46,12 @@ def _attention_fn(path: str, heads: int, block_size: int) -> Callable:
     raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
 
 
-
-
 def _inputs(batch: int, t_len: int, heads: int, head_dim: int, seed: int):
     keys = jax.random.split(jax.random.key(seed), 4)
     shape = (batch, t_len, heads, head_dim)
     # Lightning feeds SiLU(x W) into the op; small positive-ish inputs keep both paths finite at 16k tokens.
     q, k, v, ct = (jax.random.normal(key, shape, jnp.float32) * 0.1 for key in keys)
     return q, k, v, ct
-
-
-
-
 
 
 def measure(
@@ -79,19 +71,11 @@ def measure(
     compiled temporaries exceed max_temp_bytes."""
     batch = max(budget // t_len, 1)
     args = _inputs(batch, t_len, heads, head_dim, seed)
-    start = time.perf_counter()
-    compiled = jax.jit(loss_and_grads(_attention_fn(path, heads, block_size))).lower(*args).compile()
-    record = {"batch": batch, "tokens": batch * t_len, "compile_s": time.perf_counter() - start}
-    record["memory"] = memory_stats(compiled)
-    if max_temp_bytes is not None and record["memory"]["temp_bytes"] > max_temp_bytes:
-        record["skipped"] = (
-            f"compiled temporaries {record['memory']['temp_bytes'] / 2**30:.2f} GiB exceed the cap "
-            f"{max_temp_bytes / 2**30:.2f} GiB; not run"
-        )
-        return record
-    times = time_calls(compiled, args, warmup, reps)
-    median = statistics.median(times)
-    record.update(median_s=median, times_s=times, tokens_per_s=batch * t_len / median)
+    record = {"batch": batch, "tokens": batch * t_len, **compile_and_time(
+        loss_and_grads(_attention_fn(path, heads, block_size)), args, warmup=warmup, reps=reps,
+        max_temp_bytes=max_temp_bytes)}
+    if "median_s" in record:
+        record["tokens_per_s"] = batch * t_len / record["median_s"]
     return record
 
 
@@ -144,26 +128,15 @@ def run(
     """Runs the sweep and returns the JSON-ready report (see the module docstring)."""
     lengths = sorted(set(lengths))
     max_temp = None if softmax_max_gib is None else int(softmax_max_gib * 2**30)
-    results: dict[str, dict[int, dict]] = {}
-    for path in paths:
-        results[path] = {}
-        for t_len in lengths:
-            record = measure(
-                path,
-                t_len,
-                budget=budget,
-                heads=heads,
-                head_dim=head_dim,
-                block_size=block_size,
-                warmup=warmup,
-                reps=reps,
-                max_temp_bytes=max_temp if path == "softmax_xla" else None,
-            )
-            results[path][t_len] = record
-            if log is not None:
-                speed = f"{record['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in record else record["skipped"]
-                log(f"{path:14s} T={t_len:6d} B={record['batch']:4d} {speed}, "
-                    f"peak {record['memory']['peak_bytes'] / 2**20:,.1f} MiB")
+    def line(path, t_len, record):
+        speed = f"{record['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in record else record["skipped"]
+        return (f"{path:14s} T={t_len:6d} B={record['batch']:4d} {speed}, "
+                f"peak {record['memory']['peak_bytes'] / 2**20:,.1f} MiB")
+
+    results = sweep(paths, lengths, lambda path, t_len: measure(
+        path, t_len, budget=budget, heads=heads, head_dim=head_dim, block_size=block_size, warmup=warmup, reps=reps,
+        max_temp_bytes=max_temp if path == "softmax_xla" else None,
+    ), log=log, line=line)
     ratios = {}
     for path, per_t in results.items():
         timed = {t: r["tokens_per_s"] for t, r in per_t.items() if "tokens_per_s" in r}
@@ -181,15 +154,11 @@ def run(
             "warmup": warmup,
             "reps": reps,
             "softmax_max_temp_gib": softmax_max_gib,
-            "platform": jax.default_backend(),
-            "device": str(jax.devices()[0]),
-            "jax_version": jax.__version__,
+            **platform_info(),
         },
-        "results": {path: {str(t): r for t, r in per_t.items()} for path, per_t in results.items()},
+        "results": by_str(results),
         "ratios": ratios,
-        "skipped": {
-            path: {str(t): r["skipped"] for t, r in per_t.items() if "skipped" in r} for path, per_t in results.items()
-        },
+        "skipped": skipped(results),
         "targets": _targets(results),
     }
 

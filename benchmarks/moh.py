@@ -21,12 +21,11 @@ Run:   .venv/bin/python benchmarks/moh.py [--quick] [--contexts 2048 8192] [--ou
 import argparse
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit, time_calls
+from _common import emit, sweep, time_calls, time_decode_steps
 from flax import nnx
 
 from effarch.layers.moh import MoHAttention, MoHConfig
@@ -85,23 +84,7 @@ def measure_decode(layer: MoHAttention, context: int, *, warmup: int, steps: int
         implementation=layer.moh.implementation))
     args = (q, state["k"], state["v"], routing.heads, routing.gates, layer._w_o(), positions)
     op_times = time_calls(op, args, warmup, steps)
-
-    graphdef, params = nnx.split(layer)
-
-    def step(state, params, x_t):
-        return nnx.merge(graphdef, params).decode_step(state, x_t)
-
-    # Donating the state lets XLA update the KV cache in place, as a serving loop would.
-    step = jax.jit(step, donate_argnums=0)
-    for _ in range(warmup):
-        state, y = step(state, params, x_t)
-        jax.block_until_ready(y)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, y = step(state, params, x_t)
-        jax.block_until_ready((state, y))
-        times.append(time.perf_counter() - start)
+    times, _ = time_decode_steps(layer, state, x_t, warmup=warmup, steps=steps)
     return {"op_per_token_s": statistics.median(op_times), "layer_per_token_s": statistics.median(times),
             "cache_bytes": int(layer.state_size(context))}
 
@@ -109,16 +92,15 @@ def measure_decode(layer: MoHAttention, context: int, *, warmup: int, steps: int
 def run(contexts, *, t_len: int, d_model: int, head_dim: int, block_size: int, warmup: int, steps: int,
         paths=PATHS, seed: int = 0) -> dict:
     heads, fractions = HEADS, SHARES
-    results = {}
-    for path in paths:
-        results[path] = {}
-        for frac, top_k in fractions.items():
-            layer = _layer(path, top_k, d_model=d_model, heads=heads, head_dim=head_dim, block_size=block_size)
-            rec = {"active_heads": N_SHARED + top_k, "top_k": top_k, **measure_flops(layer, t_len, seed),
-                   "decode": {str(c): measure_decode(layer, c, warmup=warmup, steps=steps, seed=seed)
-                              for c in contexts}}
-            results[path][frac] = rec
-            print(f"{path} {frac}%: op GFLOP {rec['op_flops'] / 1e9:.3f}", file=sys.stderr)
+
+    def measure(path: str, frac: str) -> dict:
+        top_k = fractions[frac]
+        layer = _layer(path, top_k, d_model=d_model, heads=heads, head_dim=head_dim, block_size=block_size)
+        return {"active_heads": N_SHARED + top_k, "top_k": top_k, **measure_flops(layer, t_len, seed),
+                "decode": {str(c): measure_decode(layer, c, warmup=warmup, steps=steps, seed=seed) for c in contexts}}
+
+    results = sweep(paths, list(fractions), measure, log=lambda line: print(line, file=sys.stderr),
+                    line=lambda path, frac, rec: f"{path} {frac}%: op GFLOP {rec['op_flops'] / 1e9:.3f}")
     ratios = {}
     for path, per_frac in results.items():
         base = per_frac["100"]

@@ -24,6 +24,7 @@ import numpy as np
 from _common import emit
 
 from effarch.arches.lm import DecoderLM
+from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.evals import common, plots
 from effarch.train.evals import passkey as passkey_eval
 from effarch.train.generate import load_model
@@ -36,7 +37,7 @@ with_topk = passkey_eval.with_topk
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Exact-match rate of the rows: every labelled position's argmax is its label."""
-    rows, cols = np.nonzero(labels != common.IGNORE)
+    rows, cols = np.nonzero(labels != IGNORE_LABEL)
     return float(common.exact_match(logits[rows, cols].argmax(-1), labels).mean())
 
 

@@ -34,12 +34,11 @@ Run:   .venv/bin/python benchmarks/scaling.py [--quick] [--out FILE]
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from _common import emit, loss_and_grads, memory_stats, time_calls
+from _common import by_str, compile_and_time, emit, loss_and_grads, platform_info, skipped, sweep, time_decode_steps
 from flax import nnx
 
 from effarch.layers.attention import Attention, AttentionConfig
@@ -69,8 +68,6 @@ def _train_fn(path: str, chunk_size: int) -> Callable:
     raise ValueError(f"unknown path {path!r}; choose from {TRAIN_PATHS}")
 
 
-
-
 def _train_inputs(path: str, batch: int, t_len: int, heads: int, feature_dim: int, value_dim: int, seed: int):
     qk_dim = value_dim if path == "softmax_xla" else feature_dim
     kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
@@ -79,10 +76,6 @@ def _train_inputs(path: str, batch: int, t_len: int, heads: int, feature_dim: in
     v = jax.random.normal(kv, (batch, t_len, heads, value_dim), jnp.float32)
     cotangent = jax.random.normal(kc, (batch, t_len, heads, value_dim), jnp.float32)
     return q, k, v, cotangent
-
-
-
-
 
 
 def measure_train(
@@ -101,18 +94,10 @@ def measure_train(
 ) -> dict:
     """Compiles and times one (path, T) forward + backward; "skipped" replaces the timings past the memory cap."""
     args = _train_inputs(path, batch, t_len, heads, feature_dim, value_dim, seed)
-    start = time.perf_counter()
-    compiled = jax.jit(loss_and_grads(_train_fn(path, chunk_size))).lower(*args).compile()
-    record = {"compile_s": time.perf_counter() - start, "memory": memory_stats(compiled)}
-    if max_temp_bytes is not None and record["memory"]["temp_bytes"] > max_temp_bytes:
-        record["skipped"] = (
-            f"compiled temporaries {record['memory']['temp_bytes'] / 2**30:.2f} GiB exceed the cap "
-            f"{max_temp_bytes / 2**30:.2f} GiB; not run"
-        )
-        return record
-    times = time_calls(compiled, args, warmup, reps)
-    median = statistics.median(times)
-    record.update(median_s=median, times_s=times, per_token_s=median / (batch * t_len))
+    record = compile_and_time(loss_and_grads(_train_fn(path, chunk_size)), args, warmup=warmup, reps=reps,
+                              max_temp_bytes=max_temp_bytes)
+    if "median_s" in record:
+        record["per_token_s"] = record["median_s"] / (batch * t_len)
     return record
 
 
@@ -147,29 +132,10 @@ def measure_decode(
 ) -> dict:
     """Per-token time of one jitted decode step after `context` tokens, and the state's size."""
     layer = _decode_layer(path, heads, feature_dim, value_dim)
-    graphdef, params = nnx.split(layer)
     state = _context_state(path, layer, context, warmup + steps, seed)
-
-    def step(state, params, x_t):
-        return nnx.merge(graphdef, params).decode_step(state, x_t)
-
-    # Donating the state lets XLA update the KV cache in place, as a serving loop would.
-    step = jax.jit(step, donate_argnums=0)
     x_t = jax.random.normal(jax.random.key(seed + 1), (1, layer.d_model), jnp.float32)
     allocated = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-    start = time.perf_counter()
-    state, y = step(state, params, x_t)
-    jax.block_until_ready(y)
-    compile_s = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        state, y = step(state, params, x_t)
-        jax.block_until_ready(y)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, y = step(state, params, x_t)
-        jax.block_until_ready((state, y))
-        times.append(time.perf_counter() - start)
+    times, compile_s = time_decode_steps(layer, state, x_t, warmup=max(warmup, 1), steps=steps)
     return {
         "per_token_s": statistics.median(times),
         "times_s": times,
@@ -241,36 +207,22 @@ def run(
     lengths = sorted(set(lengths))
     decode_lengths = lengths if decode_lengths is None else sorted(set(decode_lengths))
     max_temp = None if max_gib is None else int(max_gib * 2**30)
-    train: dict[str, dict[int, dict]] = {}
-    for path in train_paths:
-        train[path] = {}
-        for t_len in lengths:
-            record = measure_train(
-                path,
-                t_len,
-                batch=batch,
-                heads=heads,
-                feature_dim=feature_dim,
-                value_dim=value_dim,
-                chunk_size=chunk_size,
-                warmup=warmup,
-                reps=reps,
-                max_temp_bytes=max_temp if path in QUADRATIC_PATHS else None,
-            )
-            train[path][t_len] = record
-            if log is not None:
-                speed = f"{record['per_token_s'] * 1e6:9.3f} us/token" if "per_token_s" in record else record["skipped"]
-                log(f"train  {path:16s} T={t_len:6d} {speed}, peak {record['memory']['peak_bytes'] / 2**20:,.1f} MiB")
-    decode: dict[str, dict[int, dict]] = {}
-    for path in DECODE_PATHS:
-        decode[path] = {}
-        for context in decode_lengths:
-            record = measure_decode(path, context, heads=heads, feature_dim=feature_dim, value_dim=value_dim,
-                                    warmup=max(warmup, 2), steps=decode_steps)
-            decode[path][context] = record
-            if log is not None:
-                log(f"decode {path:16s} L={context:6d} {record['per_token_s'] * 1e6:9.1f} us/token, "
-                    f"state {record['state_bytes'] / 2**10:,.1f} KiB")
+    def train_line(path, t_len, record):
+        speed = f"{record['per_token_s'] * 1e6:9.3f} us/token" if "per_token_s" in record else record["skipped"]
+        return f"train  {path:16s} T={t_len:6d} {speed}, peak {record['memory']['peak_bytes'] / 2**20:,.1f} MiB"
+
+    def decode_line(path, context, record):
+        return (f"decode {path:16s} L={context:6d} {record['per_token_s'] * 1e6:9.1f} us/token, "
+                f"state {record['state_bytes'] / 2**10:,.1f} KiB")
+
+    train = sweep(train_paths, lengths, lambda path, t_len: measure_train(
+        path, t_len, batch=batch, heads=heads, feature_dim=feature_dim, value_dim=value_dim, chunk_size=chunk_size,
+        warmup=warmup, reps=reps, max_temp_bytes=max_temp if path in QUADRATIC_PATHS else None,
+    ), log=log, line=train_line)
+    decode = sweep(DECODE_PATHS, decode_lengths, lambda path, context: measure_decode(
+        path, context, heads=heads, feature_dim=feature_dim, value_dim=value_dim, warmup=max(warmup, 2),
+        steps=decode_steps,
+    ), log=log, line=decode_line)
     return {
         "config": {
             "lengths": lengths,
@@ -285,15 +237,11 @@ def run(
             "reps": reps,
             "decode_steps": decode_steps,
             "max_temp_gib": max_gib,
-            "platform": jax.default_backend(),
-            "device": str(jax.devices()[0]),
-            "jax_version": jax.__version__,
+            **platform_info(),
         },
-        "train": {path: {str(t): r for t, r in per_t.items()} for path, per_t in train.items()},
-        "skipped": {
-            path: {str(t): r["skipped"] for t, r in per_t.items() if "skipped" in r} for path, per_t in train.items()
-        },
-        "decode": {path: {str(t): r for t, r in per_t.items()} for path, per_t in decode.items()},
+        "train": by_str(train),
+        "skipped": skipped(train),
+        "decode": by_str(decode),
         "targets": _targets(train, decode),
     }
 

@@ -34,9 +34,10 @@ from _common import emit
 
 from effarch.train.config import load_config
 from effarch.train.data import build_data
+from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.health import raise_if_diverged
 from effarch.train.prefetch import Prefetcher
-from effarch.train.train import IGNORE, Trainer
+from effarch.train.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -81,7 +82,7 @@ def bench_model(name: str, steps: int, repeats: int, log_every: int, overrides: 
     cfg = load_config([ROOT / p for p in MODELS[name]], ["train.progress=false", *overrides])
     stream, evals = build_data(cfg.data, cfg.model.vocab_size, cfg.train.batch_size)
     # as train_and_evaluate builds it: logits only at the (at most this many per example) labelled positions
-    most_labels = max(int((s.labels != IGNORE).sum(1).max()) for s in [stream, *evals])
+    most_labels = max(int((s.labels != IGNORE_LABEL).sum(1).max()) for s in [stream, *evals])
     trainer = Trainer(cfg, labels_per_example=most_labels)
     compile_start = time.perf_counter()
     run_steps(trainer, stream, 3, sync=False, prefetch=0, log_every=1)  # compiles init, step and readbacks

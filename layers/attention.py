@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep, State
+from effarch.layers.linear import linear
 from effarch.layers.rope import apply_rope, scaled_rope_frequencies
 from effarch.pallas_kernels.attention import dot_product_attention
 
@@ -69,10 +70,6 @@ class AttentionConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
 
-def _init(axes):
-    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-
-
 class Attention(nnx.Module):
     """Softmax attention mixer; a Mixer (layers/axes.py) when it is causal self attention.
 
@@ -107,14 +104,10 @@ class Attention(nnx.Module):
         self.context_dim = context_dim
         n_heads, n_kv = config.n_heads, config.kv_heads
         kv_in = d_model if context_dim is None else context_dim
-        self.q_proj = nnx.Linear(d_model, n_heads * head_dim, use_bias=False, kernel_init=_init(("embed", "heads")),
-                                 rngs=rngs)
-        self.k_proj = nnx.Linear(kv_in, n_kv * head_dim, use_bias=False, kernel_init=_init(("embed", "kv_heads")),
-                                 rngs=rngs)
-        self.v_proj = nnx.Linear(kv_in, n_kv * head_dim, use_bias=False, kernel_init=_init(("embed", "kv_heads")),
-                                 rngs=rngs)
-        self.o_proj = nnx.Linear(n_heads * head_dim, d_model, use_bias=False, kernel_init=_init(("heads", "embed")),
-                                 rngs=rngs)
+        self.q_proj = linear(d_model, n_heads * head_dim, ("embed", "heads"), rngs)
+        self.k_proj = linear(kv_in, n_kv * head_dim, ("embed", "kv_heads"), rngs)
+        self.v_proj = linear(kv_in, n_kv * head_dim, ("embed", "kv_heads"), rngs)
+        self.o_proj = linear(n_heads * head_dim, d_model, ("heads", "embed"), rngs)
 
     def _heads(self, y, n: int):
         return y.reshape(*y.shape[:-1], n, self.head_dim)

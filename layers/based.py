@@ -5,7 +5,7 @@ arXiv 2402.18668, §3.1.
 Reference: HazyResearch/based@32c1bd4, based/models/mixers/linear_attention.py (`LinearAttention`);
 HazyResearch/zoology@d88d6f5, zoology/mixers/based.py (`Based`).
 
-Choices (see specs/mechanisms.md §2.1, §2.6):
+Choices:
 - q and k are projected to H heads of feature_dim F each and v to H heads of d_model / H, so every q/k head has its
   own value head (not fla's layer, which splits q/k with head_dim);
 - no biases, no RoPE, no q/k normalisation; output = concat(heads) -> out_proj;
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from effarch.layers.linear import linear
 from effarch.pallas_kernels import based as based_op
 
 
@@ -44,17 +45,12 @@ class BasedConfig:
             raise ValueError(f"based.chunk_size must be positive, got {self.chunk_size}")
 
 
-def _linear(d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
-    init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs)
-
-
 class BasedLinearAttention(nnx.Module):
     """Causal Taylor linear attention: y = out_proj(concat_h BASED(q_h, k_h, v_h)).
 
     Attributes:
-      proj_q, proj_k: d_model -> H * F.
-      proj_v: d_model -> H * head_dim, head_dim = d_model / H.
+      q_proj, k_proj: d_model -> H * F.
+      v_proj: d_model -> H * head_dim, head_dim = d_model / H.
       out_proj: H * head_dim -> d_model.
     """
 
@@ -65,17 +61,17 @@ class BasedLinearAttention(nnx.Module):
         self.d_model = d_model
         self.head_dim = d_model // config.n_heads
         hf = config.n_heads * config.feature_dim
-        self.proj_q = _linear(d_model, hf, ("embed", "heads"), rngs)
-        self.proj_k = _linear(d_model, hf, ("embed", "heads"), rngs)
-        self.proj_v = _linear(d_model, config.n_heads * self.head_dim, ("embed", "heads"), rngs)
-        self.out_proj = _linear(config.n_heads * self.head_dim, d_model, ("heads", "embed"), rngs)
+        self.q_proj = linear(d_model, hf, ("embed", "heads"), rngs)
+        self.k_proj = linear(d_model, hf, ("embed", "heads"), rngs)
+        self.v_proj = linear(d_model, config.n_heads * self.head_dim, ("embed", "heads"), rngs)
+        self.out_proj = linear(config.n_heads * self.head_dim, d_model, ("heads", "embed"), rngs)
 
     def _qkv(self, x: Float[Array, "B T D"]):
         b, t, _ = x.shape
         h, f = self.config.n_heads, self.config.feature_dim
-        q = self.proj_q(x).reshape(b, t, h, f)
-        k = self.proj_k(x).reshape(b, t, h, f)
-        v = self.proj_v(x).reshape(b, t, h, self.head_dim)
+        q = self.q_proj(x).reshape(b, t, h, f)
+        k = self.k_proj(x).reshape(b, t, h, f)
+        v = self.v_proj(x).reshape(b, t, h, self.head_dim)
         return q, k, v
 
     def _out(self, o: Float[Array, "B T H V"]) -> Float[Array, "B T D"]:

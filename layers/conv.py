@@ -1,6 +1,6 @@
 """Short causal depthwise convolution and the gated BaseConv token mixers built on it.
 
-Paper: BASED, Arora et al., arXiv 2402.18668 (BaseConv, section 2.3 of specs/mechanisms.md);
+Paper: BASED, Arora et al., arXiv 2402.18668 (BaseConv);
 Zoology, Arora et al., arXiv 2312.04927 (the MQAR models' first layer).
 Reference: HazyResearch/based@32c1bd4 based/models/mixers/convolution.py (`BaseConv`, non-CUDA path);
 HazyResearch/zoology@d88d6f5 zoology/mixers/base_conv.py (`BaseConv`).
@@ -19,9 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-
-def _init(init, axes):
-    return nnx.with_metadata(init, logical_axes=axes)
+from effarch.layers.linear import linear
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,12 +109,9 @@ class BaseConv(_ConvMixer):
 
     def __init__(self, d_model: int, config: ConvConfig, *, rngs: nnx.Rngs):
         inner = config.expand * d_model // 2
-        lecun = nnx.initializers.lecun_normal()
-        self.in_proj = nnx.Linear(d_model, 2 * inner, kernel_init=_init(lecun, ("embed", "mlp")),
-                                  bias_init=_init(nnx.initializers.zeros_init(), ("mlp",)), rngs=rngs)
+        self.in_proj = linear(d_model, 2 * inner, ("embed", "mlp"), rngs, use_bias=True)
         self.conv = ShortConv(inner, config.kernel_size, use_bias=False, rngs=rngs)
-        self.out_proj = nnx.Linear(inner, d_model, kernel_init=_init(lecun, ("mlp", "embed")),
-                                   bias_init=_init(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+        self.out_proj = linear(inner, d_model, ("mlp", "embed"), rngs, use_bias=True)
 
     def _mix(self, history, x):
         u1, u2 = jnp.split(self.in_proj(x), 2, axis=-1)
@@ -128,9 +123,7 @@ class ZoologyBaseConv(_ConvMixer):
     """Zoology's BaseConv: y = conv(x) * (W x + b) + x."""
 
     def __init__(self, d_model: int, config: ConvConfig, *, rngs: nnx.Rngs):
-        self.projection = nnx.Linear(d_model, d_model, kernel_init=_init(nnx.initializers.lecun_normal(),
-                                                                         ("embed", "mlp")),
-                                     bias_init=_init(nnx.initializers.zeros_init(), ("mlp",)), rngs=rngs)
+        self.projection = linear(d_model, d_model, ("embed", "mlp"), rngs, use_bias=True)
         self.conv = ShortConv(d_model, config.kernel_size, use_bias=True, rngs=rngs)
 
     def _mix(self, history, x):

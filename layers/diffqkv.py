@@ -1,17 +1,17 @@
 """Sigma's DiffQKV attention: differential query, key and value heads (Lin et al., arXiv 2501.13629v2, §2).
 
 Paper: arXiv 2501.13629 §2 (DiffQKV), Appendix E (augmented Q), Appendix B.2 (selective V cache fetching).
-Reference: none public (specs/mechanisms.md §6.3); the head mapping is FlexHeadFA's (xiayuqing0622/flex_head_fa).
+Reference: none public; the head mapping is FlexHeadFA's (xiayuqing0622/flex_head_fa).
 
 Query head i reads K head floor(i * n_k / n_q) and V head floor(i * n_v / n_q); with n_k < n_v the KV cache shrinks
 where quality is least sensitive (paper Table 1). The attention is `pallas_kernels.diffqkv.diffqkv_attention`.
 
-Choices (see specs/mechanisms.md §6.1):
+Choices:
 - augmented Q: q = q_down(SiLU(q_gate(q0)) * q_up(q0)) on the projected query q0, no residual (App. E), intermediate
   size `aug_q_hidden` (default 1.5 * d_model, the paper's best setting);
 - K head-dim compression: keys are projected to `k_cache_dim` < head_dim, cached small, and brought back to head_dim
-  by one trainable up-projection shared by the K heads, applied after the cache and before RoPE (the recommended
-  order of the spec); without compression the cache holds RoPE-rotated keys, as `Attention` does;
+  by one trainable up-projection shared by the K heads, applied after the cache and before RoPE; without compression
+  the cache holds RoPE-rotated keys, as `Attention` does;
 - selective V (`select_v_top_n`) applies to the cached path only (prefill and decode), as in the paper, where it is
   an inference-time saving; the parallel form always attends fully;
 - projections have no bias (Llama); o_proj reads the n_q * v_head_dim concatenated head outputs.
@@ -26,6 +26,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep, State
+from effarch.layers.linear import linear
 from effarch.layers.mlp import SwiGLU
 from effarch.layers.rope import apply_rope, scaled_rope_frequencies
 from effarch.pallas_kernels.diffqkv import diffqkv_attention, selective_v_attention
@@ -69,10 +70,6 @@ class DiffQKVConfig:
             raise ValueError(f"diffqkv.rope_theta must be positive, got {self.rope_theta}")
 
 
-def _init(axes):
-    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-
-
 class DiffQKVAttention(nnx.Module):
     """Causal DiffQKV self-attention mixer (a Mixer, layers/axes.py).
 
@@ -100,20 +97,16 @@ class DiffQKVAttention(nnx.Module):
         self.v_head_dim = config.v_head_dim if config.v_head_dim is not None else head_dim
         self.k_cache_dim = k_cache_dim
         n_q, n_k, n_v = config.n_q_heads, config.n_k_heads, config.n_v_heads
-        self.q_proj = nnx.Linear(d_model, n_q * head_dim, use_bias=False, kernel_init=_init(("embed", "heads")),
-                                 rngs=rngs)
+        self.q_proj = linear(d_model, n_q * head_dim, ("embed", "heads"), rngs)
         self.aug_q = SwiGLU(n_q * head_dim, self.aug_q_hidden(d_model), rngs=rngs) if config.aug_q else None
-        self.k_proj = nnx.Linear(d_model, n_k * k_cache_dim, use_bias=False, kernel_init=_init(("embed", "kv_heads")),
-                                 rngs=rngs)
+        self.k_proj = linear(d_model, n_k * k_cache_dim, ("embed", "kv_heads"), rngs)
         self.k_up = (
-            nnx.Linear(k_cache_dim, head_dim, use_bias=False, kernel_init=_init((None, None)), rngs=rngs)
+            linear(k_cache_dim, head_dim, (None, None), rngs)
             if k_cache_dim < head_dim
             else None
         )
-        self.v_proj = nnx.Linear(d_model, n_v * self.v_head_dim, use_bias=False,
-                                 kernel_init=_init(("embed", "kv_heads")), rngs=rngs)
-        self.o_proj = nnx.Linear(n_q * self.v_head_dim, d_model, use_bias=False, kernel_init=_init(("heads", "embed")),
-                                 rngs=rngs)
+        self.v_proj = linear(d_model, n_v * self.v_head_dim, ("embed", "kv_heads"), rngs)
+        self.o_proj = linear(n_q * self.v_head_dim, d_model, ("heads", "embed"), rngs)
 
     def aug_q_hidden(self, d_model: int) -> int:
         return self.config.aug_q_hidden if self.config.aug_q_hidden is not None else (3 * d_model) // 2

@@ -4,7 +4,7 @@ Paper: Mohtashami & Jaggi, "Landmark Attention: Random-Access Infinite Context L
 arXiv 2305.16300. Reference: epfml/landmark-attention@78ec517, models/landmark.py (training attention) and
 models/caches/mem_cache.py (`MemLMCacheStorage`: the block cache, top-k retrieval, positional remapping).
 
-Choices (specs/mechanisms.md §4):
+Choices:
 - The landmark layout is a function of position: position p is a landmark iff p % (L + 1) == L, L = block_len
   regular tokens per block. The Mixer protocol passes hidden states, not token ids, so the data pipeline
   (`effarch.train.data.text.insert_landmarks`) puts the landmark token exactly there; windows are therefore aligned
@@ -29,6 +29,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from effarch.layers.axes import Hidden, HiddenStep, State
+from effarch.layers.linear import linear
 from effarch.layers.rope import apply_rope, rope_frequencies
 from effarch.pallas_kernels.landmark import landmark_attention, landmark_attention_cached
 from effarch.pallas_kernels.landmark.reference import grouped_softmax
@@ -69,10 +70,6 @@ def _rotate(x: Float[Array, "*N K"], positions: Int[Array, "*N"], theta: float) 
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _init(axes):
-    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-
-
 class LandmarkAttention(nnx.Module):
     """Grouped-softmax attention over landmark-delimited blocks; a Mixer (layers/axes.py).
 
@@ -90,10 +87,10 @@ class LandmarkAttention(nnx.Module):
         self.d_model = d_model
         self.head_dim = head_dim
         hk = config.n_heads * head_dim
-        self.q_proj = nnx.Linear(d_model, hk, use_bias=False, kernel_init=_init(("embed", "heads")), rngs=rngs)
-        self.k_proj = nnx.Linear(d_model, hk, use_bias=False, kernel_init=_init(("embed", "heads")), rngs=rngs)
-        self.v_proj = nnx.Linear(d_model, hk, use_bias=False, kernel_init=_init(("embed", "heads")), rngs=rngs)
-        self.o_proj = nnx.Linear(hk, d_model, use_bias=False, kernel_init=_init(("heads", "embed")), rngs=rngs)
+        self.q_proj = linear(d_model, hk, ("embed", "heads"), rngs)
+        self.k_proj = linear(d_model, hk, ("embed", "heads"), rngs)
+        self.v_proj = linear(d_model, hk, ("embed", "heads"), rngs)
+        self.o_proj = linear(hk, d_model, ("heads", "embed"), rngs)
 
     @property
     def block_size(self) -> int:

@@ -5,7 +5,7 @@ Papers: Lightning Attention-2, arXiv 2401.04658; TransNormerLLM, arXiv 2307.1499
 Reference: OpenNLPLab/lightning-attention@d15c385, examples/module/tnl_attn.py (TnlAttention) and
 lightning_attn/ops/torch/srmsnorm.py (SimpleRMSNormTorch).
 
-Choices (specs/mechanisms.md §3.4, §3.6):
+Choices:
 - Q, K and V all go through SiLU, as in tnl_attn.py (the paper applies it to Q and K only).
 - Output gate (choice): the low-rank sigmoid gate of tnl_attn.py, U = σ(W_up(W_down x)) with a d → head_dim → d
   bottleneck, by default; `output_gate="linear"` gives paper eq. 11's plain U = X W_u.
@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep
+from effarch.layers.linear import linear
 from effarch.layers.norms import srms_norm
 from effarch.pallas_kernels.lightning import (
     lightning_attention,
@@ -52,11 +53,6 @@ class LightningConfig:
             raise ValueError(f"lightning.norm_eps must be positive, got {self.norm_eps}")
 
 
-def _linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs) -> nnx.Linear:
-    init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs)
-
-
 class LightningAttention(nnx.Module):
     """TNL token mixer: O = SRMSNorm(lightning(SiLU(X W_q), SiLU(X W_k), SiLU(X W_v))) ⊙ U, then W_o.
 
@@ -77,15 +73,15 @@ class LightningAttention(nnx.Module):
         self.head_dim = d_model // config.n_heads
         self.layer_idx = layer_idx
         self.n_layers = n_layers
-        self.q_proj = _linear(d_model, d_model, ("embed", "heads"), rngs)
-        self.k_proj = _linear(d_model, d_model, ("embed", "heads"), rngs)
-        self.v_proj = _linear(d_model, d_model, ("embed", "heads"), rngs)
+        self.q_proj = linear(d_model, d_model, ("embed", "heads"), rngs)
+        self.k_proj = linear(d_model, d_model, ("embed", "heads"), rngs)
+        self.v_proj = linear(d_model, d_model, ("embed", "heads"), rngs)
         if config.output_gate == "low_rank":
-            self.gate_down = _linear(d_model, self.head_dim, ("embed", None), rngs)
-            self.gate_up = _linear(self.head_dim, d_model, (None, "heads"), rngs)
+            self.gate_down = linear(d_model, self.head_dim, ("embed", None), rngs)
+            self.gate_up = linear(self.head_dim, d_model, (None, "heads"), rngs)
         else:
-            self.gate_proj = _linear(d_model, d_model, ("embed", "heads"), rngs)
-        self.out_proj = _linear(d_model, d_model, ("heads", "embed"), rngs)
+            self.gate_proj = linear(d_model, d_model, ("embed", "heads"), rngs)
+        self.out_proj = linear(d_model, d_model, ("heads", "embed"), rngs)
 
     def decay(self) -> Float[Array, " H"]:
         """Per-head rates s_h of this layer (fixed, not trained)."""
@@ -147,9 +143,9 @@ class SGLU(nnx.Module):
     """TransNormerLLM channel mixer: O = [(X W_v) ⊙ (X W_u)] W_o, a GLU without an activation."""
 
     def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
-        self.v_proj = _linear(d_model, hidden, ("embed", "mlp"), rngs)
-        self.u_proj = _linear(d_model, hidden, ("embed", "mlp"), rngs)
-        self.out_proj = _linear(hidden, d_model, ("mlp", "embed"), rngs)
+        self.v_proj = linear(d_model, hidden, ("embed", "mlp"), rngs)
+        self.u_proj = linear(d_model, hidden, ("embed", "mlp"), rngs)
+        self.out_proj = linear(hidden, d_model, ("mlp", "embed"), rngs)
 
     def __call__(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
         return self.out_proj(self.v_proj(x) * self.u_proj(x))

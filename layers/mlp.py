@@ -6,6 +6,8 @@ import jax
 from flax import nnx
 from jaxtyping import Array, Float
 
+from effarch.layers.linear import linear
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MLPConfig:
@@ -24,10 +26,6 @@ class MLPConfig:
         return -(-8 * d_model // 3 // 16) * 16
 
 
-def _init(axes):
-    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-
-
 class SwiGLU(nnx.Module):
     """Llama's MLP, `SwiGLU(d_model, hidden, *, rngs)`: x [..., D] -> [..., D].
 
@@ -37,9 +35,9 @@ class SwiGLU(nnx.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
-        self.gate = nnx.Linear(d_model, hidden, use_bias=False, kernel_init=_init(("embed", "mlp")), rngs=rngs)
-        self.up = nnx.Linear(d_model, hidden, use_bias=False, kernel_init=_init(("embed", "mlp")), rngs=rngs)
-        self.down = nnx.Linear(hidden, d_model, use_bias=False, kernel_init=_init(("mlp", "embed")), rngs=rngs)
+        self.gate = linear(d_model, hidden, ("embed", "mlp"), rngs)
+        self.up = linear(d_model, hidden, ("embed", "mlp"), rngs)
+        self.down = linear(hidden, d_model, ("mlp", "embed"), rngs)
 
     def __call__(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

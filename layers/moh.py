@@ -7,17 +7,17 @@ head, because other tokens may pick them. Routing is token-wise on the query tok
 applies it to causal attention outputs.
 
 Reference: SkyworkAI/MoH@66bb340, MoH-DiT/models.py::MoHAttention (learned router) and
-MoH-LLaMA3/Inference_code/modeling_llama.py (parameter-free router); specs/mechanisms.md §5.
+MoH-LLaMA3/Inference_code/modeling_llama.py (parameter-free router).
 
 Choices:
-- router "learned", default scaling = the released code (spec §5.2): routed gates renormalised over the selected
+- router "learned", default scaling = the released code: routed gates renormalised over the selected
   heads times top_k, shared gates softmax(W_s x) times n_shared, two-stage weights softmax(W_h x) times 2, load
   balance E·Σ_i f_i P_i. At uniform gates every active head weighs 1, i.e. the layer starts as plain MHA. With
   top_k = 1 the routed gate is p / p = 1, so W_r learns from the load-balance loss only (as in the released code).
   `paper_scaling=True` gives paper eq. 3-5 instead: g = α1·softmax(W_s x) on shared heads, α2·softmax(W_r x) on
   the selected routed heads (not renormalised), L_b = Σ_i f_i P_i;
-- router "parameter_free" (MoH-LLaMA3, spec §5.3): routed logits are the query-head norms ‖q_h‖ divided by their
-  standard deviation over the routed heads (ddof 0: the spec fixes no estimator, and top-k does not depend on it),
+- router "parameter_free" (MoH-LLaMA3): routed logits are the query-head norms ‖q_h‖ divided by their
+  standard deviation over the routed heads (ddof 0: top-k does not depend on the estimator),
   softmax, top-k; the gates are binary (shared 1, selected routed 1) with the straight-through gradient of paper
   eq. 9-10 (the forward value is exactly 1, the gradient goes to the softmax). Every weight is the baseline's, so
   `arches/convert_moh.py` turns a trained Attention model into this one; with top_k = E it equals the baseline;
@@ -41,6 +41,7 @@ from jaxtyping import Array, Float, Int
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.aux_loss import zero_aux_loss
 from effarch.layers.axes import Hidden, State
+from effarch.layers.linear import linear
 from effarch.layers.rope import ROPE_SCALING_FIELDS
 from effarch.pallas_kernels.moh import mixture_of_heads_attention
 
@@ -95,10 +96,6 @@ class MoHConfig:
                                **{f: getattr(self, f) for f in ROPE_SCALING_FIELDS})
 
 
-def _router_init(axes):
-    return nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-
-
 class Routing(NamedTuple):
     """Routing of one batch: active heads (shared first, then routed by rank), their gates, the load-balance loss and
     the routed heads' softmax."""
@@ -135,14 +132,11 @@ class MoHAttention(Attention):
         self.moh = config
         self.router = self.shared_router = self.stage_router = nnx.data(None)
         if config.router == "learned":
-            self.router = nnx.Linear(d_model, config.n_routed, use_bias=False,
-                                     kernel_init=_router_init(("embed", None)), rngs=rngs)
+            self.router = linear(d_model, config.n_routed, ("embed", None), rngs)
             if config.n_shared > 1:
-                self.shared_router = nnx.Linear(d_model, config.n_shared, use_bias=False,
-                                                kernel_init=_router_init(("embed", None)), rngs=rngs)
+                self.shared_router = linear(d_model, config.n_shared, ("embed", None), rngs)
             if config.n_shared > 0:
-                self.stage_router = nnx.Linear(d_model, 2, use_bias=False, kernel_init=_router_init(("embed", None)),
-                                               rngs=rngs)
+                self.stage_router = linear(d_model, 2, ("embed", None), rngs)
         self.load_balance = zero_aux_loss()
 
     # --- routing ------------------------------------------------------------------------------------------------

@@ -10,13 +10,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from effarch.layers.linear import logical_init
+
 
 def rms_norm(d_model: int, *, eps: float = 1e-6, rngs: nnx.Rngs) -> nnx.RMSNorm:
     """RMSNorm over the last axis with a learnable scale initialised to 1."""
     return nnx.RMSNorm(
         d_model,
         epsilon=eps,
-        scale_init=nnx.with_metadata(nnx.initializers.ones_init(), logical_axes=("embed",)),
+        scale_init=logical_init(("embed",), nnx.initializers.ones_init()),
         rngs=rngs,
     )
 

@@ -3,7 +3,7 @@
 Paper: Arora et al., arXiv 2402.18668, §3.2 (window 64, one tensor-core tile).
 Reference: HazyResearch/based@32c1bd4, based/models/mixers/slide_attention.py (`SlidingAttention`).
 
-Choices (see specs/mechanisms.md §2.2):
+Choices (conventions: pallas_kernels/sliding_window/README.md):
 - window w means exactly w keys: query t sees t - w < j <= t. based's `window_size=W` gives W // 2 + 1 keys and
   zoology's `block_size=w` gives w + 1; pass the key count you want as `window`;
 - RoPE (rotate-half, full head dim) on q and k, scale head_dim^-1/2, q/k/v/o projections without bias;
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from effarch.layers.linear import linear
 from effarch.layers.rope import apply_rope
 from effarch.pallas_kernels import sliding_window as swa_op
 
@@ -45,11 +46,6 @@ class SlidingWindowConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
 
-def _linear(d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
-    init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs)
-
-
 class SlidingWindowAttention(nnx.Module):
     """Causal local softmax attention with RoPE and GQA.
 
@@ -68,10 +64,10 @@ class SlidingWindowAttention(nnx.Module):
         if self.head_dim % 2:
             raise ValueError(f"sliding_window: RoPE needs an even head dim, got d_model / n_heads = {self.head_dim}")
         hkv = config.kv_heads
-        self.q_proj = _linear(d_model, config.n_heads * self.head_dim, ("embed", "heads"), rngs)
-        self.k_proj = _linear(d_model, hkv * self.head_dim, ("embed", "kv_heads"), rngs)
-        self.v_proj = _linear(d_model, hkv * self.head_dim, ("embed", "kv_heads"), rngs)
-        self.o_proj = _linear(config.n_heads * self.head_dim, d_model, ("heads", "embed"), rngs)
+        self.q_proj = linear(d_model, config.n_heads * self.head_dim, ("embed", "heads"), rngs)
+        self.k_proj = linear(d_model, hkv * self.head_dim, ("embed", "kv_heads"), rngs)
+        self.v_proj = linear(d_model, hkv * self.head_dim, ("embed", "kv_heads"), rngs)
+        self.o_proj = linear(config.n_heads * self.head_dim, d_model, ("heads", "embed"), rngs)
 
     def _qkv(self, x: Float[Array, "B T D"], positions):
         b, t, _ = x.shape

@@ -13,7 +13,7 @@ The op (pallas_kernels/titans) holds the maths; this layer produces its inputs:
 - Persistent memory (§3.3): `n_persistent` learned tokens are stored into the memory before the input, so every
   query sees what they wrote; their own outputs are dropped.
 
-Choices where the paper is silent (flagged per specs/mechanisms.md §1.6): kernel 4, expansion 4, max_lr 0.1
+Choices where the paper is silent: kernel 4, expansion 4, max_lr 0.1
 (train_mac.py), chunk 16 / mini-batch 64 by default, gate biases initialised so that θ, η and α start near
 σ(-2), σ(2) and σ(-4) (a usable memory from step 0 rather than 0.5 everywhere). `max_grad_norm` (off by default)
 soft-clamps each chunk gradient: the plain update can diverge at max_lr 1.0 (pallas_kernels/titans/README.md).
@@ -32,6 +32,7 @@ from jaxtyping import Array, Float
 
 from effarch.layers.axes import Hidden, HiddenStep
 from effarch.layers.conv import ShortConv
+from effarch.layers.linear import linear
 from effarch.pallas_kernels.titans import (
     MemoryState,
     neural_memory_init_state,
@@ -74,12 +75,6 @@ class NeuralMemoryState(NamedTuple):
     chunk_sum: Float[Array, "B D"]  # sum of the open chunk's inputs (float32)
 
 
-def _linear(d_in, d_out, axes, rngs, use_bias=False, bias_init=0.0):
-    init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=axes)
-    binit = nnx.with_metadata(nnx.initializers.constant(bias_init), logical_axes=axes[1:])
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=init, bias_init=binit, rngs=rngs)
-
-
 class NeuralMemory(nnx.Module):
     """Titans LMM mixer: [B, T, d_model] -> [B, T, d_model]. Implements the `Mixer` protocol."""
 
@@ -89,13 +84,13 @@ class NeuralMemory(nnx.Module):
         self.config, self.d_model = config, d_model
         H, K = config.n_heads, d_model // config.n_heads
         self.head_dim, F = K, config.expansion * K
-        self.q_proj, self.k_proj, self.v_proj = (_linear(d_model, d_model, ("embed", "heads"), rngs) for _ in range(3))
+        self.q_proj, self.k_proj, self.v_proj = (linear(d_model, d_model, ("embed", "heads"), rngs) for _ in range(3))
         self.convs = nnx.List([ShortConv(d_model, config.conv_kernel, use_bias=False, rngs=rngs) for _ in range(3)])
-        self.lr_proj = _linear(d_model, H, ("embed", None), rngs, use_bias=True, bias_init=-2.0)
-        self.momentum_proj = _linear(d_model, H, ("embed", None), rngs, use_bias=True, bias_init=2.0)
-        self.decay_proj = _linear(d_model, H, ("embed", None), rngs, use_bias=True, bias_init=-4.0)
-        self.gate_proj = _linear(d_model, H, ("embed", None), rngs)
-        self.out_proj = _linear(d_model, d_model, ("heads", "embed"), rngs)
+        self.lr_proj = linear(d_model, H, ("embed", None), rngs, use_bias=True, bias_init=-2.0)
+        self.momentum_proj = linear(d_model, H, ("embed", None), rngs, use_bias=True, bias_init=2.0)
+        self.decay_proj = linear(d_model, H, ("embed", None), rngs, use_bias=True, bias_init=-4.0)
+        self.gate_proj = linear(d_model, H, ("embed", None), rngs)
+        self.out_proj = linear(d_model, d_model, ("heads", "embed"), rngs)
         xavier = nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.w1 = nnx.Param(xavier(rngs.params(), (H, K, F)), logical_axes=("heads", None, None))
         self.w2 = nnx.Param(xavier(rngs.params(), (H, F, K)), logical_axes=("heads", None, None))

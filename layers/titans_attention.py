@@ -6,7 +6,7 @@ Fig. 3b); MAL (layers/titans_mal.py) uses the plain SlidingWindowAttention layer
 `pallas_kernels.attention.dot_product_attention` with a boolean mask; the projections and RoPE are those of
 `layers.attention.Attention`.
 
-Choices (the paper is silent, specs/mechanisms.md §1.4):
+Choices (the paper is silent):
 - a persistent token p_i enters attention as the key/value pair (p_i W_K, p_i W_V) with no rotary embedding: it has
   no position, so every query reads it the same way (titans-pytorch's SegmentedAttention also leaves its persistent
   keys unrotated).

@@ -16,7 +16,7 @@ The sequence is cut into segments S of `titans_attention.segment_len` tokens, pr
 - Persistent tokens are learned [N_p, d_model] vectors, key/value pairs without a position visible to every query
   (layers/titans_attention.py).
 
-Choices where the paper is silent or not causal (specs/mechanisms.md §1.5):
+Choices where the paper (§4.1) is silent or not causal:
 - h_j is the retrieval for segment token j, so causal attention shows it only to queries i >= j (all of h visible to
   every query would leak token j's input to earlier outputs); h_j and x_j share position j for RoPE
   (counted from the segment's start).
@@ -45,6 +45,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from effarch.layers.axes import Hidden, HiddenStep
+from effarch.layers.linear import linear
 from effarch.layers.norms import rms_norm
 from effarch.layers.rope import apply_rope
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig, NeuralMemoryState
@@ -86,10 +87,8 @@ class MemoryAsContext(nnx.Module):
         self.memory = NeuralMemory(d_model, dataclasses.replace(memory, n_persistent=0), rngs=rngs)
         self.memory_norm = rms_norm(d_model, rngs=rngs)
         self.attn = make_attention(d_model, attention, rngs)
-        init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=("embed", "heads"))
-        self.retrieve_q = nnx.Linear(d_model, d_model, use_bias=False, kernel_init=init, rngs=rngs)
-        init = nnx.with_metadata(nnx.initializers.lecun_normal(), logical_axes=("heads", "embed"))
-        self.retrieve_out = nnx.Linear(d_model, d_model, use_bias=False, kernel_init=init, rngs=rngs)
+        self.retrieve_q = linear(d_model, d_model, ("embed", "heads"), rngs)
+        self.retrieve_out = linear(d_model, d_model, ("heads", "embed"), rngs)
         n_p = memory.n_persistent
         self.persistent = (nnx.Param(0.02 * jax.random.normal(rngs.params(), (n_p, d_model)),
                                      logical_axes=(None, "embed")) if n_p else None)

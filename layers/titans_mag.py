@@ -7,7 +7,7 @@
 - SW-Attn* is causal sliding-window attention (window `titans_attention.window`) in which every query also sees the
   persistent prefix (paper Fig. 3b). The same persistent tokens (the memory layer's parameter) feed both branches.
 
-Choices where the paper is silent (specs/mechanisms.md §1.5): the gate `⊗` is RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m))
+Choices where the paper (§4.2) is silent: the gate `⊗` is RMSNorm_a(y) ⊙ sigmoid(RMSNorm_b(m))
 with learnable RMSNorm scales; persistent tokens have no position in attention (layers/titans_attention.py).
 
 Decoding state: the memory layer's state, the last `window` rotated keys and values, and the position; constant size.

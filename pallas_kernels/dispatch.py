@@ -1,4 +1,4 @@
-"""`implementation=` dispatch shared by every op (STYLE.md §3.6).
+"""`implementation=` dispatch shared by every op.
 
 - A single string is an explicit request: if that path cannot run here it raises at once, never falls back.
 - A sequence is tried in order, with a warning on each fallback; if all fail, one error lists every reason.

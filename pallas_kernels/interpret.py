@@ -1,6 +1,6 @@
 """Whether a Pallas implementation runs compiled or interpreted, shared by every op's "pallas_gpu"/"pallas_tpu" path.
 
-specs/jax_stack.md §5: on CPU a `pallas_call` runs only in interpret mode; on a GPU or TPU it is compiled for that
+On CPU a `pallas_call` runs only in interpret mode; on a GPU or TPU it is compiled for that
 backend. The contract (checked by tests/pallas_kernels/test_interpret.py):
 
 - `EFFARCH_PALLAS_INTERPRET=1` (also "true", "yes", "on"; anything else, or unset, means off) makes every Pallas
@@ -39,7 +39,7 @@ def resolve_interpret(op: str, name: str, platform: str, interpret: Interpret | 
       op, name: for the error message ("lightning_attention", "pallas_gpu").
       platform: the backend the compiled kernel needs, "gpu" or "tpu".
       interpret: an explicit choice wins: True or a `pltpu.InterpretParams` interprets, False compiles without a
-        platform check (cross-lowering from a CPU host, specs/jax_stack.md §6). None: interpret if the environment
+        platform check (cross-lowering from a CPU host). None: interpret if the environment
         variable says so, else compile, which needs `platform`.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Output shapes of `pl.pallas_call` that also work inside `jax.shard_map` (specs/jax_stack.md §5.4).
+"""Output shapes of `pl.pallas_call` that also work inside `jax.shard_map`.
 
 Under `shard_map(check_vma=True)` (the default) every value carries the set of manual mesh axes it varies over,
 and a `pallas_call`'s `out_shape` must say it too (`manual_axis_type`), or tracing fails with "`manual_axis_type` on

@@ -36,6 +36,7 @@ from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.checks import check_config
 from effarch.train.config import Config, ConfigError
 from effarch.train.data import Segment, build_data
+from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.finetune import init_from_checkpoint, write_report
 from effarch.train.health import (
     TrainingDiverged,  # noqa: F401 - re-exported: main.py catches it from here
@@ -48,8 +49,6 @@ from effarch.train.prefetch import Prefetcher
 from effarch.train.run_dir import prepare_run_dir
 
 log = logging.getLogger("effarch")
-
-IGNORE = -100  # label of positions without a target
 
 
 def maybe_initialize_distributed() -> None:
@@ -110,7 +109,7 @@ def _cast_floating(tree, dtype):
 
 def token_loss(logits, labels):
     """Summed cross entropy, correct count and count over positions with a label (labels == -100 are skipped)."""
-    mask = labels != IGNORE
+    mask = labels != IGNORE_LABEL
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
     correct = (jnp.argmax(logits, -1) == labels) & mask
     return jnp.sum(ce * mask), jnp.sum(correct), jnp.sum(mask)
@@ -126,9 +125,9 @@ def labeled_hidden(hidden, labels, max_labels: int):
     flat_y = labels.reshape(-1)
     if max_labels >= flat_y.shape[0]:
         return flat_h, flat_y
-    (idx,) = jnp.nonzero(flat_y != IGNORE, size=max_labels, fill_value=0)
-    valid = jnp.arange(max_labels) < jnp.sum(flat_y != IGNORE)
-    return flat_h[idx], jnp.where(valid, flat_y[idx], IGNORE)
+    (idx,) = jnp.nonzero(flat_y != IGNORE_LABEL, size=max_labels, fill_value=0)
+    valid = jnp.arange(max_labels) < jnp.sum(flat_y != IGNORE_LABEL)
+    return flat_h[idx], jnp.where(valid, flat_y[idx], IGNORE_LABEL)
 
 
 class Trainer:
@@ -281,7 +280,7 @@ class Trainer:
             y = segment.labels[start : start + bs]
             pad = bs - len(x)
             x = np.pad(x, ((0, pad), (0, 0)))
-            y = np.pad(y, ((0, pad), (0, 0)), constant_values=IGNORE)
+            y = np.pad(y, ((0, pad), (0, 0)), constant_values=IGNORE_LABEL)
             rows = slice(jax.process_index() * per_proc, (jax.process_index() + 1) * per_proc)
             with jax.set_mesh(self.mesh):
                 out = self._eval_step(params, *self.global_batch(x[rows], y[rows]))

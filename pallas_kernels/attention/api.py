@@ -1,4 +1,4 @@
-"""Softmax attention behind one `implementation=` switch (STYLE.md §3.6).
+"""Softmax attention behind one `implementation=` switch (pallas_kernels/dispatch.py).
 
 Implementations:
 - "reference": reference.py, plain jnp (any K and V, any float dtype).

@@ -7,7 +7,7 @@
 - `based_prefill`: the same output plus the state after the prompt, optionally continuing from a state.
 - `based_init_state` / `based_decode_step`: the recurrent form, one token at a time.
 
-Prefill and decoding stay on "xla" / the recurrent step. An unknown name raises ValueError (STYLE.md §3.6).
+Prefill and decoding stay on "xla" / the recurrent step. An unknown name raises ValueError (pallas_kernels/dispatch.py).
 """
 
 from collections.abc import Mapping, Sequence

@@ -22,35 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.based import chunk_math
 from effarch.pallas_kernels.interpret import Interpret
+from effarch.pallas_kernels.triton_utils import compiler_params, pad, tile, time_spec
 from effarch.pallas_kernels.vma import out_struct
-
-MIN_DIM = 16
-
-
-def tile(n: int) -> int:
-    """The size Triton runs a dimension of size n at: the power of 2 ≥ max(n, 16)."""
-    return max(MIN_DIM, 1 << (n - 1).bit_length())
-
-
-def _compiler_params():
-    return pltriton.CompilerParams(num_warps=4, num_stages=1)
-
-
-def _pad(x, t_pad, width):
-    """[B, T, H, X] zero-padded to [B, t_pad, H, width]."""
-    t, x_dim = x.shape[1], x.shape[-1]
-    if (t, x_dim) == (t_pad, width):
-        return x
-    return jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, width - x_dim)))
-
-
-def _time_spec(t_pad, width):
-    return pl.BlockSpec((None, t_pad, None, width), lambda b, h: (b, 0, h, 0))
 
 
 def _weight_specs(f, p):
@@ -105,13 +82,13 @@ def based_fwd(
     o = pl.pallas_call(
         functools.partial(based_fwd_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h),
-        in_specs=[_time_spec(t_pad, fp), _time_spec(t_pad, fp), _time_spec(t_pad, vp), *_weight_specs(fp, p)],
-        out_specs=_time_spec(t_pad, vp),
+        in_specs=[time_spec(t_pad, fp), time_spec(t_pad, fp), time_spec(t_pad, vp), *_weight_specs(fp, p)],
+        out_specs=time_spec(t_pad, vp),
         out_shape=out_struct((b, t_pad, h, vp), v.dtype, q),
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="based_fwd",
-    )(_pad(q, t_pad, fp), _pad(k, t_pad, fp), _pad(v, t_pad, vp), *_weights(f, fp))
+    )(pad(q, t_pad, fp), pad(k, t_pad, fp), pad(v, t_pad, vp), *_weights(f, fp))
     return o[:, :t, :, :v_dim]
 
 
@@ -180,32 +157,32 @@ def based_bwd(
     c, f_pad, v_pad = tile(chunk_size), tile(f), tile(v_dim)
     t_pad = pl.cdiv(t, c) * c
     p = chunk_math.padded_features(f)
-    qp, kp = _pad(q, t_pad, f_pad), _pad(k, t_pad, f_pad)
-    vp, dop = _pad(v, t_pad, v_pad), _pad(d_out, t_pad, v_pad)
+    qp, kp = pad(q, t_pad, f_pad), pad(k, t_pad, f_pad)
+    vp, dop = pad(v, t_pad, v_pad), pad(d_out, t_pad, v_pad)
     weights = _weights(f, f_pad)
     row = out_struct((b, t_pad, h, 1), jnp.float32, q)
     dq, inv_den, d_den = pl.pallas_call(
         functools.partial(based_bwd_dq_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h),
-        in_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, f_pad), _time_spec(t_pad, v_pad),
-                  _time_spec(t_pad, v_pad), *_weight_specs(f_pad, p)],
-        out_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, 1), _time_spec(t_pad, 1)],
+        in_specs=[time_spec(t_pad, f_pad), time_spec(t_pad, f_pad), time_spec(t_pad, v_pad),
+                  time_spec(t_pad, v_pad), *_weight_specs(f_pad, p)],
+        out_specs=[time_spec(t_pad, f_pad), time_spec(t_pad, 1), time_spec(t_pad, 1)],
         out_shape=[out_struct((b, t_pad, h, f_pad), q.dtype, q), row, row],
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="based_bwd_dq",
     )(qp, kp, vp, dop, *weights)
     dk, dv = pl.pallas_call(
         functools.partial(based_bwd_dkv_kernel, t_len=t, c=c, scale=f**-0.5),
         grid=(b, h),
-        in_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, f_pad), _time_spec(t_pad, v_pad),
-                  _time_spec(t_pad, v_pad), _time_spec(t_pad, 1), _time_spec(t_pad, 1), *_weight_specs(f_pad, p)],
-        out_specs=[_time_spec(t_pad, f_pad), _time_spec(t_pad, v_pad)],
+        in_specs=[time_spec(t_pad, f_pad), time_spec(t_pad, f_pad), time_spec(t_pad, v_pad),
+                  time_spec(t_pad, v_pad), time_spec(t_pad, 1), time_spec(t_pad, 1), *_weight_specs(f_pad, p)],
+        out_specs=[time_spec(t_pad, f_pad), time_spec(t_pad, v_pad)],
         out_shape=[
             out_struct((b, t_pad, h, f_pad), k.dtype, q),
             out_struct((b, t_pad, h, v_pad), v.dtype, q),
         ],
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="based_bwd_dkv",
     )(qp, kp, vp, dop, inv_den, d_den, *weights)

@@ -26,36 +26,8 @@ from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.based import chunk_math
 from effarch.pallas_kernels.interpret import Interpret
+from effarch.pallas_kernels.mosaic_utils import chunk, chunk_spec, compiler_params, head_major, time_major
 from effarch.pallas_kernels.vma import out_struct
-
-SUBLANES = 16
-
-
-def chunk(chunk_size: int) -> int:
-    """The chunk the kernels run at: chunk_size rounded up to a multiple of 16."""
-    return -(-chunk_size // SUBLANES) * SUBLANES
-
-
-def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-
-
-def _head_major(x, t_pad):
-    t = x.shape[1]
-    if t != t_pad:
-        x = jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
-    return x.swapaxes(1, 2)
-
-
-def _time_major(x, t):
-    return x.swapaxes(1, 2)[:, :t]
-
-
-def _chunk_spec(c, width, n=None):
-    """One chunk of a [B, H, T_pad, X] array; with n given, chunks are visited in reverse order."""
-    if n is None:
-        return pl.BlockSpec((None, None, c, width), lambda b, h, i: (b, h, i, 0))
-    return pl.BlockSpec((None, None, c, width), lambda b, h, i: (b, h, n - 1 - i, 0))
 
 
 def _weight_specs(f, p):
@@ -113,15 +85,15 @@ def based_fwd(
     o = pl.pallas_call(
         functools.partial(based_fwd_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h, n),
-        in_specs=[_chunk_spec(c, f), _chunk_spec(c, f), _chunk_spec(c, v_dim), *_weight_specs(f, p)],
-        out_specs=_chunk_spec(c, v_dim),
+        in_specs=[chunk_spec(c, f), chunk_spec(c, f), chunk_spec(c, v_dim), *_weight_specs(f, p)],
+        out_specs=chunk_spec(c, v_dim),
         out_shape=out_struct((b, h, n * c, v_dim), v.dtype, q),
         scratch_shapes=_state_scratch(p, v_dim),
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="based_fwd",
-    )(*(_head_major(x, n * c) for x in (q, k, v)), *_weights(f))
-    return _time_major(o, t)
+    )(*(head_major(x, n * c) for x in (q, k, v)), *_weights(f))
+    return time_major(o, t)
 
 
 def based_bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, a_ref, a0_ref, b_ref, b0_ref, dq_ref, inv_den_ref, d_den_ref,
@@ -171,33 +143,33 @@ def based_bwd(
     c = chunk(chunk_size)
     n = pl.cdiv(t, c)
     p = chunk_math.padded_features(f)
-    qh, kh, vh, doh = (_head_major(x, n * c) for x in (q, k, v, d_out))
+    qh, kh, vh, doh = (head_major(x, n * c) for x in (q, k, v, d_out))
     weights = _weights(f)
     row = out_struct((b, h, n * c, 1), jnp.float32, q)
     dq, inv_den, d_den = pl.pallas_call(
         functools.partial(based_bwd_dq_kernel, t_len=t, c=c, scale=f**-0.5, eps=eps),
         grid=(b, h, n),
-        in_specs=[_chunk_spec(c, f), _chunk_spec(c, f), _chunk_spec(c, v_dim), _chunk_spec(c, v_dim),
+        in_specs=[chunk_spec(c, f), chunk_spec(c, f), chunk_spec(c, v_dim), chunk_spec(c, v_dim),
                   *_weight_specs(f, p)],
-        out_specs=[_chunk_spec(c, f), _chunk_spec(c, 1), _chunk_spec(c, 1)],
+        out_specs=[chunk_spec(c, f), chunk_spec(c, 1), chunk_spec(c, 1)],
         out_shape=[out_struct((b, h, n * c, f), q.dtype, q), row, row],
         scratch_shapes=_state_scratch(p, v_dim),
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="based_bwd_dq",
     )(qh, kh, vh, doh, *weights)
     dk, dv = pl.pallas_call(
         functools.partial(based_bwd_dkv_kernel, t_len=t, c=c, scale=f**-0.5),
         grid=(b, h, n),
-        in_specs=[_chunk_spec(c, w, n) for w in (f, f, v_dim, v_dim, 1, 1)] + _weight_specs(f, p),
-        out_specs=[_chunk_spec(c, f, n), _chunk_spec(c, v_dim, n)],
+        in_specs=[chunk_spec(c, w, n) for w in (f, f, v_dim, v_dim, 1, 1)] + _weight_specs(f, p),
+        out_specs=[chunk_spec(c, f, n), chunk_spec(c, v_dim, n)],
         out_shape=[
             out_struct((b, h, n * c, f), k.dtype, q),
             out_struct((b, h, n * c, v_dim), v.dtype, q),
         ],
         scratch_shapes=_state_scratch(p, v_dim),
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="based_bwd_dkv",
     )(qh, kh, vh, doh, inv_den, d_den, *weights)
-    return _time_major(dq, t), _time_major(dk, t), _time_major(dv, t)
+    return time_major(dq, t), time_major(dk, t), time_major(dv, t)

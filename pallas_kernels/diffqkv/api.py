@@ -1,4 +1,4 @@
-"""DiffQKV attention behind one `implementation=` switch (STYLE.md §3.6).
+"""DiffQKV attention behind one `implementation=` switch (pallas_kernels/dispatch.py).
 
 Implementations:
 - "reference": reference.py, plain jnp; gathers K and V per query head (the oracle, O(T * S) memory).

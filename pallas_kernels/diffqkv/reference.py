@@ -2,7 +2,7 @@
 
 Plain jnp, O(T*S) memory and K / V heads gathered per query head: the readable truth that xla.py is tested against.
 
-Conventions (specs/mechanisms.md §6.1, FlexHeadFA eq. 3):
+Conventions (Sigma, arXiv 2501.13629 §2; FlexHeadFA eq. 3; README.md):
 - head-minor layout, q [B, T, Hq, K], k [B, S, Hk, K], v [B, S, Hv, V];
 - query head i reads K head floor(i * Hk / Hq) and V head floor(i * Hv / Hq), written here literally (any counts);
 - logits are scaled by 1/sqrt(K) unless `scale` says otherwise; the softmax runs in float32;

@@ -2,7 +2,7 @@
 {"reference", "xla"}.
 
 There is no Pallas kernel yet, so every platform defaults to "xla" (blockwise, O(T) score memory). Both run
-everywhere; an unknown name raises ValueError (STYLE.md §3.6).
+everywhere; an unknown name raises ValueError (pallas_kernels/dispatch.py).
 """
 
 from collections.abc import Mapping, Sequence
@@ -24,7 +24,7 @@ def landmark_attention(
     block_size: int = 64,
     implementation: str | Sequence[str] | None = None,
 ) -> Float[Array, "B T H V"]:
-    """Causal grouped-softmax attention over landmark-delimited blocks (specs/mechanisms.md §4.2), scale 1/sqrt(K).
+    """Causal grouped-softmax attention over landmark-delimited blocks (paper §3; README.md), scale 1/sqrt(K).
 
     block(j) = number of landmarks strictly before j. Query i in block c attends directly to the regular tokens
     j <= i of block c, and to each earlier block g through the landmark closing it: weight

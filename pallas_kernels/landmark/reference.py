@@ -2,7 +2,7 @@
 
 Paper: Mohtashami & Jaggi, arXiv 2305.16300, §3. Reference: epfml/landmark-attention,
 lm_benchmark/models/landmark.py (`LandmarkGroupedSoftmaxFunction`, the mask code of `CausalSelfAttention.forward`).
-Conventions: specs/mechanisms.md §4.2 and issue 7; the derivation is in README.md.
+Conventions and their derivation: README.md.
 
 For query i in block c = block(i) (block(j) = number of landmarks strictly before j):
 

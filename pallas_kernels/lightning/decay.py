@@ -4,7 +4,7 @@ Paper: TransNormerLLM, arXiv 2307.14995 (eq. 10); ALiBi slopes from arXiv 2108.1
 Reference: OpenNLPLab/lightning-attention@d15c385, lightning_attn/utils/utils.py::_build_slope_tensor and
 examples/module/tnl_attn.py (slope_rate * (1 - layer_idx / (num_layers - 1) + 1e-5)).
 
-Choices (specs/mechanisms.md §3.4):
+Choices:
 - the code convention, not paper eq. 10 as printed (λ = exp(−(8h/H)(1 − l/L)), which fla implements and which gives
   head 0 no decay);
 - a single-layer model (L = 1), where l/(L−1) is 0/0, uses the first-layer factor 1 + 1e-5.

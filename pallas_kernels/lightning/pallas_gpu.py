@@ -5,7 +5,7 @@ lightning_attn/ops/triton/lightning_attn2.py (one program per (batch, head) walk
 
 Tiling (README.md, "Kernels"): grid (B, H), one program per (batch, head), both axes independent. The program walks
 the N = ⌈T/C⌉ chunks in a `lax.fori_loop` and carries the [K, V] float32 state in registers: on a GPU the programs of
-a grid run in parallel and in no order, so state is never carried across programs (specs/jax_stack.md §3.2). q, k, v
+a grid run in parallel and in no order, so state is never carried across programs. q, k, v
 stay in HBM in their [B, T, H, X] layout (no transpose); each step loads one [C, X] slice.
 
 Triton's rule is that every load, store and value is a power-of-2-sized array and `tl.dot` needs each side ≥ 16, so
@@ -26,41 +26,17 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.interpret import Interpret
 from effarch.pallas_kernels.lightning import chunk_math
+from effarch.pallas_kernels.triton_utils import compiler_params, pad, tile, time_spec
 from effarch.pallas_kernels.vma import out_struct
-
-MIN_DIM = 16  # tl.dot's smallest operand side
-
-
-def tile(n: int) -> int:
-    """The size Triton runs a dimension of size n at: the power of 2 ≥ max(n, 16)."""
-    return max(MIN_DIM, 1 << (n - 1).bit_length())
-
-
-def _compiler_params():
-    return pltriton.CompilerParams(num_warps=4, num_stages=1)
-
-
-def _pad(x, t_pad, width):
-    """[B, T, H, X] zero-padded to [B, t_pad, H, width]."""
-    t, x_dim = x.shape[1], x.shape[-1]
-    if (t, x_dim) == (t_pad, width):
-        return x
-    return jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, width - x_dim)))
 
 
 def _pad_state(s, k_pad, v_pad):
     """[B, H, K, V] float32 zero-padded to [B, H, k_pad, v_pad]."""
     return jnp.pad(s.astype(jnp.float32), ((0, 0), (0, 0), (0, k_pad - s.shape[2]), (0, v_pad - s.shape[3])))
-
-
-def _time_spec(t_pad, width):
-    # The whole (padded) sequence of one (batch, head): the kernel slices chunks out of it with pl.ds.
-    return pl.BlockSpec((None, t_pad, None, width), lambda b, h: (b, 0, h, 0))
 
 
 def _state_spec(k_dim, v_dim):
@@ -111,20 +87,20 @@ def lightning_fwd(
         grid=(b, h),
         in_specs=[
             _decay_spec(h),
-            _time_spec(t_pad, kp),
-            _time_spec(t_pad, kp),
-            _time_spec(t_pad, vp),
+            time_spec(t_pad, kp),
+            time_spec(t_pad, kp),
+            time_spec(t_pad, vp),
             _state_spec(kp, vp),
         ],
-        out_specs=[_time_spec(t_pad, vp), _state_spec(kp, vp)],
+        out_specs=[time_spec(t_pad, vp), _state_spec(kp, vp)],
         out_shape=[
             out_struct((b, t_pad, h, vp), v.dtype, q),
             out_struct((b, h, kp, vp), jnp.float32, q),
         ],
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="lightning_fwd",
-    )(decay.astype(jnp.float32), _pad(q, t_pad, kp), _pad(k, t_pad, kp), _pad(v, t_pad, vp),
+    )(decay.astype(jnp.float32), pad(q, t_pad, kp), pad(k, t_pad, kp), pad(v, t_pad, vp),
       _pad_state(initial_state, kp, vp))
     return o[:, :t, :, :v_dim], state[:, :, :k_dim, :v_dim]
 
@@ -185,22 +161,22 @@ def lightning_bwd(
     v_dim = v.shape[-1]
     c, k_pad, v_pad = tile(block_size), tile(k_dim), tile(v_dim)
     t_pad = pl.cdiv(t, c) * c
-    qp, kp = _pad(q, t_pad, k_pad), _pad(k, t_pad, k_pad)
-    vp, dop = _pad(v, t_pad, v_pad), _pad(d_out, t_pad, v_pad)
+    qp, kp = pad(q, t_pad, k_pad), pad(k, t_pad, k_pad)
+    vp, dop = pad(v, t_pad, v_pad), pad(d_out, t_pad, v_pad)
     rates = decay.astype(jnp.float32)
     dq = pl.pallas_call(
         functools.partial(lightning_bwd_dq_kernel, t_len=t, c=c),
         grid=(b, h),
         in_specs=[
             _decay_spec(h),
-            _time_spec(t_pad, k_pad),
-            _time_spec(t_pad, v_pad),
-            _time_spec(t_pad, v_pad),
+            time_spec(t_pad, k_pad),
+            time_spec(t_pad, v_pad),
+            time_spec(t_pad, v_pad),
             _state_spec(k_pad, v_pad),
         ],
-        out_specs=_time_spec(t_pad, k_pad),
+        out_specs=time_spec(t_pad, k_pad),
         out_shape=out_struct((b, t_pad, h, k_pad), q.dtype, q),
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="lightning_bwd_dq",
     )(rates, kp, vp, dop, _pad_state(initial_state, k_pad, v_pad))
@@ -209,19 +185,19 @@ def lightning_bwd(
         grid=(b, h),
         in_specs=[
             _decay_spec(h),
-            _time_spec(t_pad, k_pad),
-            _time_spec(t_pad, k_pad),
-            _time_spec(t_pad, v_pad),
-            _time_spec(t_pad, v_pad),
+            time_spec(t_pad, k_pad),
+            time_spec(t_pad, k_pad),
+            time_spec(t_pad, v_pad),
+            time_spec(t_pad, v_pad),
             _state_spec(k_pad, v_pad),
         ],
-        out_specs=[_time_spec(t_pad, k_pad), _time_spec(t_pad, v_pad), _state_spec(k_pad, v_pad)],
+        out_specs=[time_spec(t_pad, k_pad), time_spec(t_pad, v_pad), _state_spec(k_pad, v_pad)],
         out_shape=[
             out_struct((b, t_pad, h, k_pad), k.dtype, q),
             out_struct((b, t_pad, h, v_pad), v.dtype, q),
             out_struct((b, h, k_pad, v_pad), jnp.float32, q),
         ],
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="lightning_bwd_dkv",
     )(rates, qp, kp, vp, dop, _pad_state(d_final_state, k_pad, v_pad))

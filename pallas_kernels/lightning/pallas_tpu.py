@@ -1,7 +1,7 @@
 """Lightning attention on TPU: Mosaic `pl.pallas_call` kernels, forward and Alg. 6's two-pass backward.
 
 Paper: Lightning Attention-2, arXiv 2401.04658, Alg. 5 / Alg. 6. Grid structure after apple/axlearn's
-rattention linear-attention kernel (a sequential chunk axis carrying the state; specs/jax_stack.md §9).
+rattention linear-attention kernel (a sequential chunk axis carrying the state).
 
 Tiling (README.md, "Kernels"): grid (B, H, N) with dimension semantics ("parallel", "parallel", "arbitrary"). The
 chunk axis runs in order on one core, so the running [K, V] float32 state lives in a VMEM scratch buffer across grid
@@ -29,38 +29,8 @@ from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.interpret import Interpret
 from effarch.pallas_kernels.lightning import chunk_math
+from effarch.pallas_kernels.mosaic_utils import chunk, chunk_spec, compiler_params, head_major, time_major
 from effarch.pallas_kernels.vma import out_struct
-
-SUBLANES = 16  # C must fill whole (bf16-packed) sublane tiles
-
-
-def chunk(block_size: int) -> int:
-    """The chunk the kernels run at: block_size rounded up to a multiple of 16."""
-    return -(-block_size // SUBLANES) * SUBLANES
-
-
-def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-
-
-def _head_major(x, t_pad):
-    """[B, T, H, X] -> zero-padded [B, H, T_pad, X]."""
-    t = x.shape[1]
-    if t != t_pad:
-        x = jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
-    return x.swapaxes(1, 2)
-
-
-def _time_major(x, t):
-    """[B, H, T_pad, X] -> [B, T, H, X]."""
-    return x.swapaxes(1, 2)[:, :t]
-
-
-def _chunk_spec(c, width, n=None):
-    """One chunk of a [B, H, T_pad, X] array; with n given, chunks are visited in reverse order."""
-    if n is None:
-        return pl.BlockSpec((None, None, c, width), lambda b, h, i: (b, h, i, 0))
-    return pl.BlockSpec((None, None, c, width), lambda b, h, i: (b, h, n - 1 - i, 0))
 
 
 def _state_spec(k_dim, v_dim):
@@ -113,19 +83,19 @@ def lightning_fwd(
     o, state = pl.pallas_call(
         functools.partial(lightning_fwd_kernel, t_len=t, c=c),
         grid=(b, h, n),
-        in_specs=[_DECAY_SPEC, _chunk_spec(c, k_dim), _chunk_spec(c, k_dim), _chunk_spec(c, v_dim),
+        in_specs=[_DECAY_SPEC, chunk_spec(c, k_dim), chunk_spec(c, k_dim), chunk_spec(c, v_dim),
                   _state_spec(k_dim, v_dim)],
-        out_specs=[_chunk_spec(c, v_dim), _state_spec(k_dim, v_dim)],
+        out_specs=[chunk_spec(c, v_dim), _state_spec(k_dim, v_dim)],
         out_shape=[
             out_struct((b, h, n * c, v_dim), v.dtype, q),
             out_struct((b, h, k_dim, v_dim), jnp.float32, q),
         ],
         scratch_shapes=[pltpu.VMEM((k_dim, v_dim), jnp.float32)],
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="lightning_fwd",
-    )(decay.astype(jnp.float32), *(_head_major(x, n * c) for x in (q, k, v)), initial_state.astype(jnp.float32))
-    return _time_major(o, t), state
+    )(decay.astype(jnp.float32), *(head_major(x, n * c) for x in (q, k, v)), initial_state.astype(jnp.float32))
+    return time_major(o, t), state
 
 
 def lightning_bwd_dq_kernel(decay_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, state_ref, *, t_len: int, c: int):
@@ -182,35 +152,35 @@ def lightning_bwd(
     v_dim = v.shape[-1]
     c = chunk(block_size)
     n = pl.cdiv(t, c)
-    qh, kh, vh, doh = (_head_major(x, n * c) for x in (q, k, v, d_out))
+    qh, kh, vh, doh = (head_major(x, n * c) for x in (q, k, v, d_out))
     rates = decay.astype(jnp.float32)
     state_scratch = [pltpu.VMEM((k_dim, v_dim), jnp.float32)]
     dq = pl.pallas_call(
         functools.partial(lightning_bwd_dq_kernel, t_len=t, c=c),
         grid=(b, h, n),
-        in_specs=[_DECAY_SPEC, _chunk_spec(c, k_dim), _chunk_spec(c, v_dim), _chunk_spec(c, v_dim),
+        in_specs=[_DECAY_SPEC, chunk_spec(c, k_dim), chunk_spec(c, v_dim), chunk_spec(c, v_dim),
                   _state_spec(k_dim, v_dim)],
-        out_specs=_chunk_spec(c, k_dim),
+        out_specs=chunk_spec(c, k_dim),
         out_shape=out_struct((b, h, n * c, k_dim), q.dtype, q),
         scratch_shapes=state_scratch,
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="lightning_bwd_dq",
     )(rates, kh, vh, doh, initial_state.astype(jnp.float32))
     dk, dv, d_initial = pl.pallas_call(
         functools.partial(lightning_bwd_dkv_kernel, t_len=t, c=c),
         grid=(b, h, n),
-        in_specs=[_DECAY_SPEC] + [_chunk_spec(c, w, n) for w in (k_dim, k_dim, v_dim, v_dim)]
+        in_specs=[_DECAY_SPEC] + [chunk_spec(c, w, n) for w in (k_dim, k_dim, v_dim, v_dim)]
         + [_state_spec(k_dim, v_dim)],
-        out_specs=[_chunk_spec(c, k_dim, n), _chunk_spec(c, v_dim, n), _state_spec(k_dim, v_dim)],
+        out_specs=[chunk_spec(c, k_dim, n), chunk_spec(c, v_dim, n), _state_spec(k_dim, v_dim)],
         out_shape=[
             out_struct((b, h, n * c, k_dim), k.dtype, q),
             out_struct((b, h, n * c, v_dim), v.dtype, q),
             out_struct((b, h, k_dim, v_dim), jnp.float32, q),
         ],
         scratch_shapes=state_scratch,
-        compiler_params=_compiler_params(),
+        compiler_params=compiler_params(),
         interpret=interpret,
         name="lightning_bwd_dkv",
     )(rates, qh, kh, vh, doh, d_final_state.astype(jnp.float32))
-    return _time_major(dq, t), _time_major(dk, t), _time_major(dv, t), d_initial
+    return time_major(dq, t), time_major(dk, t), time_major(dv, t), d_initial

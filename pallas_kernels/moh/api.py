@@ -1,4 +1,4 @@
-"""Mixture-of-head attention behind one `implementation=` switch (STYLE.md §3.6).
+"""Mixture-of-head attention behind one `implementation=` switch (pallas_kernels/dispatch.py).
 
 Implementations:
 - "reference": reference.py; every head via the jnp attention oracle, inactive heads zeroed.

@@ -1,6 +1,6 @@
 """Sliding-window causal softmax attention: the dense jnp oracle.
 
-Paper: BASED, arXiv 2402.18668 §3.2 (SWA with a 64-token window); spec: specs/mechanisms.md §2.2.
+Paper: BASED, arXiv 2402.18668 §3.2 (SWA with a 64-token window); conventions: README.md.
 Reference: HazyResearch/based@32c1bd4, based/models/mixers/slide_attention.py (`SlidingAttention`, flash-attn
 `window=(W // 2, 0)`); HazyResearch/zoology@d88d6f5, zoology/mixers/attention.py (`SlidingAttn`).
 

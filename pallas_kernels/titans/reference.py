@@ -1,7 +1,7 @@
 """Titans neural memory: the memory model, its per-token loss, the decode state, and the sequential oracle.
 
 Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663, §3.1-3.2. Chunk and
-batch semantics as lucidrains/titans-pytorch@`titans_pytorch/neural_memory.py` (specs/mechanisms.md §1.3).
+batch semantics as lucidrains/titans-pytorch@`titans_pytorch/neural_memory.py` (README.md).
 
 One memory per batch element and head: an MLP M_W(x) = gelu(x @ w1) @ w2 (exact erf GELU, no biases; `params` with
 more matrices w1..wL is a deeper MLP, GELU between layers; `residual=True` adds x). The memory learns at test time:

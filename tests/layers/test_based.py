@@ -35,11 +35,11 @@ def jitted(layer, method):
 def test_is_a_mixer_with_the_spec_projections():
     layer = make_layer()
     assert isinstance(layer, Mixer)
-    # proj_q, proj_k: D -> H F; proj_v: D -> H head_dim (head_dim = D / H); out_proj back to D; no biases.
-    assert layer.proj_q.kernel.shape == (D, 15) and layer.proj_k.kernel.shape == (D, 15)
-    assert layer.proj_v.kernel.shape == (D, D) and layer.out_proj.kernel.shape == (D, D)
-    assert all(lin.bias is None for lin in (layer.proj_q, layer.proj_k, layer.proj_v, layer.out_proj))
-    assert layer.proj_q.kernel.get_metadata()["logical_axes"] == ("embed", "heads")
+    # q_proj, k_proj: D -> H F; v_proj: D -> H head_dim (head_dim = D / H); out_proj back to D; no biases.
+    assert layer.q_proj.kernel.shape == (D, 15) and layer.k_proj.kernel.shape == (D, 15)
+    assert layer.v_proj.kernel.shape == (D, D) and layer.out_proj.kernel.shape == (D, D)
+    assert all(lin.bias is None for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj))
+    assert layer.q_proj.kernel.get_metadata()["logical_axes"] == ("embed", "heads")
     assert layer.out_proj.kernel.get_metadata()["logical_axes"] == ("heads", "embed")
 
 
@@ -51,9 +51,9 @@ def test_call_matches_the_op_reference():
     @jax.jit
     def by_hand(x):
         # Heads split as [H, F] for q, k and [H, head_dim] for v, head h of q/k paired with head h of v.
-        q = x @ layer.proj_q.kernel[...]
-        k = x @ layer.proj_k.kernel[...]
-        v = x @ layer.proj_v.kernel[...]
+        q = x @ layer.q_proj.kernel[...]
+        k = x @ layer.k_proj.kernel[...]
+        v = x @ layer.v_proj.kernel[...]
         o = reference.based_quadratic(q.reshape(2, T, 3, 5), k.reshape(2, T, 3, 5), v.reshape(2, T, 3, 4), eps=1e-6)
         return o.reshape(2, T, D) @ layer.out_proj.kernel[...]
 

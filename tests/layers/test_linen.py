@@ -132,7 +132,7 @@ def test_linen_model_with_an_effarch_mixer_trains_and_decodes():
     params = model.init(jax.random.key(1), tokens[:, :-1])["params"]
     # The mixer's weights carry effarch's logical axis names as Linen partitioning metadata.
     specs = nn.get_partition_spec(params)["mixer"]
-    assert tuple(specs["proj_q"]["kernel"]) == ("embed", "heads")
+    assert tuple(specs["q_proj"]["kernel"]) == ("embed", "heads")
     assert tuple(specs["out_proj"]["kernel"]) == ("heads", "embed")
 
     tx = optax.adam(1e-2)
@@ -149,10 +149,10 @@ def test_linen_model_with_an_effarch_mixer_trains_and_decodes():
         return optax.apply_updates(p, updates), s, loss, grads
 
     new_params, opt_state, loss0, grads = step(params, opt_state)
-    mixer_grad = nn.unbox(grads)["mixer"]["proj_q"]["kernel"]
+    mixer_grad = nn.unbox(grads)["mixer"]["q_proj"]["kernel"]
     assert float(jnp.abs(mixer_grad).max()) > 0, "no gradient reached the effarch mixer"
-    assert not np.allclose(nn.unbox(new_params)["mixer"]["proj_q"]["kernel"],
-                           nn.unbox(params)["mixer"]["proj_q"]["kernel"])
+    assert not np.allclose(nn.unbox(new_params)["mixer"]["q_proj"]["kernel"],
+                           nn.unbox(params)["mixer"]["q_proj"]["kernel"])
     assert float(jax.jit(loss_fn)(new_params)) < float(loss0)
 
     parallel = model.apply({"params": new_params}, tokens)

@@ -6,7 +6,8 @@ import tensorflow_datasets as tfds
 
 from effarch.train.config import ConfigError, DataConfig, load_config
 from effarch.train.data import build_data, local_text
-from effarch.train.data.packing import IGNORE, PackedWindows, concatenate
+from effarch.train.data.labels import IGNORE_LABEL
+from effarch.train.data.packing import PackedWindows, concatenate
 from effarch.train.data.text import read_bytes
 from effarch.train.data.text_stream import TextStream
 
@@ -73,11 +74,12 @@ def test_packing_separators_masks_and_pads():
     x, y = windows.all()
     np.testing.assert_array_equal(x, [[1, 2, 3, 9], [4, 5, 9, 6]])
     # Label of the separator position (the next document's first token) is masked; the separator itself is a label.
-    np.testing.assert_array_equal(y, [[2, 3, 9, IGNORE], [5, 9, IGNORE, 9]])
+    np.testing.assert_array_equal(y, [[2, 3, 9, IGNORE_LABEL], [5, 9, IGNORE_LABEL, 9]])
     windows = PackedWindows(stream, seq_len=5, sep_id=sep)
     x, y = windows.all()
     np.testing.assert_array_equal(x, [[1, 2, 3, 9, 4], [5, 9, 6, 9, 9]])  # last window padded with the separator
-    np.testing.assert_array_equal(y, [[2, 3, 9, IGNORE, 5], [9, IGNORE, 9, IGNORE, IGNORE]])  # pads -100
+    # pads -100
+    np.testing.assert_array_equal(y, [[2, 3, 9, IGNORE_LABEL, 5], [9, IGNORE_LABEL, 9, IGNORE_LABEL, IGNORE_LABEL]])
     # Every target of the stream is a label exactly once: 2, 3, 9, 5, 9, 9 (+ the masked 4, 6).
     assert windows.labelled_bytes(np.ones(10, np.int64)) == (6, 6)
     assert windows.labelled_bytes(np.array([1] * 9 + [0])) == (6, 3)  # the separators stand for no bytes
@@ -87,10 +89,10 @@ def test_no_label_crosses_a_document_boundary(corpus, tmp_path):
     cfg = DataConfig(task="text", text_source=str(corpus), data_dir=str(tmp_path), seq_len=13, val_fraction=0.2)
     stream, (val,) = build_data(cfg, vocab_size=257, batch_size=4)
     x, y = stream.windows.all()
-    assert x.shape[1] == 13 and (y[x == 256] == IGNORE).all()  # the separator's label is masked
+    assert x.shape[1] == 13 and (y[x == 256] == IGNORE_LABEL).all()  # the separator's label is masked
     real = x != 256
     np.testing.assert_array_equal(y[:, :-1][real[:, :-1]], x[:, 1:][real[:, :-1]])  # otherwise the next token
-    assert ((y != IGNORE).sum(1) >= 1).all()
+    assert ((y != IGNORE_LABEL).sum(1) >= 1).all()
     # The text of the training documents, in stored order, is the stream minus separators.
     train_docs = local_text.read_documents(local_text.prepare(str(corpus), str(tmp_path), 0.2), "train")
     assert stream.windows.tokens[stream.windows.tokens != 256].astype(np.uint8).tobytes() == b"".join(

@@ -12,9 +12,8 @@ import threading
 import numpy as np
 
 from effarch.train.data import mqar, niah, passkey, text
+from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.data.text_stream import TextStream, build_text_data
-
-IGNORE = -100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +28,7 @@ class Segment:
 
     @property
     def max_labels_per_example(self) -> int:
-        return int((self.labels != IGNORE).sum(1).max())
+        return int((self.labels != IGNORE_LABEL).sum(1).max())
 
 
 class TrainStream:
@@ -42,7 +41,7 @@ class TrainStream:
         self.batch_size = batch_size
         self.seed = seed
         self.steps_per_epoch = len(inputs) // batch_size  # the remainder of each epoch is dropped
-        self.max_labels_per_example = int((labels != IGNORE).sum(1).max())
+        self.max_labels_per_example = int((labels != IGNORE_LABEL).sum(1).max())
         self._perm_epoch, self._perm = -1, None
         self._lock = threading.Lock()  # the cached permutation is shared with a prefetching thread
 

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 from jaxtyping import Int
 
+from effarch.train.data.labels import IGNORE_LABEL
+
 # (seq_len, num_kv_pairs, num_examples): training segments of Zoology's standard sweep
 # (zoology/experiments/mqar_example_configs/original_mqar_configs.py), vocabulary 8192.
 TRAIN_SEGMENTS = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
@@ -37,8 +39,6 @@ TRAIN_SEGMENTS = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 3
 TEST_SEGMENTS = ((64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256))
 TEST_NUM_EXAMPLES = 1_000
 VOCAB_SIZE = 8_192
-
-IGNORE_INDEX = -100
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -165,7 +165,7 @@ def multiquery_ar(
     inputs[:, 1:context:2] = values
     query_pos = context + 2 * gaps
     np.put_along_axis(inputs, query_pos, keys.astype(np.int32), axis=1)
-    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int32)
+    labels = np.full((n, seq_len), IGNORE_LABEL, dtype=np.int32)
     np.put_along_axis(labels, query_pos, values.astype(np.int32), axis=1)
 
     if random_non_queries:
@@ -216,6 +216,6 @@ def make_mixture(
         if pad_to is not None:
             width = ((0, 0), (0, pad_to - seq_len))
             inputs = np.pad(inputs, width, constant_values=0)
-            labels = np.pad(labels, width, constant_values=IGNORE_INDEX)
+            labels = np.pad(labels, width, constant_values=IGNORE_LABEL)
         out.append((inputs, labels))
     return out

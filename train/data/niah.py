@@ -26,13 +26,14 @@ never needed its long-range path in training (configs/niah/titans_mac.yaml there
 
 import numpy as np
 
+from effarch.train.data.labels import IGNORE_LABEL
+
 DIGITS = tuple(range(10))  # token d is digit d
 KEY_WORDS = tuple(range(10, 26))  # 16 key words; a key is an ordered pair (256 keys)
 NOISE = (26, 27, 28, 29, 30, 31, 32)
 KEY, VAL, QUERY = 33, 34, 35
 VOCAB_SIZE = 36
 KEY_LEN, VALUE_LEN = 2, 7
-IGNORE = -100
 _PREAMBLE = len(NOISE)
 _NEEDLE = 1 + KEY_LEN + 1 + VALUE_LEN  # [KEY] k1 k2 [VAL] v1..v7
 _QUESTION = 1 + KEY_LEN + 1 + VALUE_LEN  # [Q] k1 k2 [VAL] answer
@@ -76,7 +77,7 @@ def niah_example(
         answers.append(sum(map(len, parts)) - 1)
         parts.append(value)
     inputs = np.concatenate(parts)
-    labels = np.full(seq_len, IGNORE)
+    labels = np.full(seq_len, IGNORE_LABEL)
     for a in answers:  # the question's [VAL] and the first six answer digits predict the next answer digit
         labels[a : a + VALUE_LEN] = value
     return inputs, labels

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-IGNORE = -100
+from effarch.train.data.labels import IGNORE_LABEL
 
 
 def concatenate(docs, sep_id: int) -> np.ndarray:
@@ -54,10 +54,10 @@ class PackedWindows:
         L = self.seq_len
         chunk = self.tokens[i * L : i * L + L + 1]
         inputs = np.full(L, self.sep_id, np.int32)
-        labels = np.full(L, IGNORE, np.int32)
+        labels = np.full(L, IGNORE_LABEL, np.int32)
         inputs[: len(chunk) - 1] = chunk[:-1]
         labels[: len(chunk) - 1] = chunk[1:]
-        labels[inputs == self.sep_id] = IGNORE  # the next document's first token, and the pads
+        labels[inputs == self.sep_id] = IGNORE_LABEL  # the next document's first token, and the pads
         return inputs, labels
 
     def all(self) -> tuple[np.ndarray, np.ndarray]:

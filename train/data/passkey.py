@@ -21,12 +21,13 @@ landmark token follows every L tokens (the layout of layers/landmark.py), and la
 
 import numpy as np
 
+from effarch.train.data.labels import IGNORE_LABEL
+
 DIGITS = tuple(range(10))  # token d is digit d
 GARBAGE = (10, 11, 12, 13, 14)
 PK_OPEN, PK_CLOSE, QUERY, LANDMARK = 15, 16, 17, 18
 VOCAB_SIZE = 19
 KEY_LEN = 5
-IGNORE = -100
 _INFO, _QUESTION = KEY_LEN + 2, 2 + KEY_LEN  # [PK] key [/PK];  [Q] [PK] answer
 _PREAMBLE = len(GARBAGE)
 
@@ -77,7 +78,7 @@ def passkey_example(
         parts += [chunk, [QUERY, PK_OPEN], key]
         answers.append(sum(map(len, parts)) - KEY_LEN - 1)
     raw = np.concatenate(parts)
-    raw_labels = np.full(n_raw, IGNORE)
+    raw_labels = np.full(n_raw, IGNORE_LABEL)
     for a in answers:  # the question's [PK] and the first four answer digits predict the next answer digit
         raw_labels[a : a + KEY_LEN] = key
     if landmark_block_len:
@@ -85,7 +86,7 @@ def passkey_example(
     else:
         positions = np.arange(n_raw)
     inputs = np.full(seq_len, GARBAGE[0])
-    labels = np.full(seq_len, IGNORE)
+    labels = np.full(seq_len, IGNORE_LABEL)
     if landmark_block_len:
         inputs[np.arange(seq_len) % (landmark_block_len + 1) == landmark_block_len] = LANDMARK
     inputs[positions] = raw

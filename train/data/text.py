@@ -8,6 +8,7 @@ are read through the TFDS dataset that train/data/local_text.py builds once unde
 import numpy as np
 
 from effarch.train.data import local_text
+from effarch.train.data.labels import IGNORE_LABEL
 
 
 def read_bytes(source: str, max_bytes: int, data_dir: str = "") -> np.ndarray:
@@ -26,7 +27,9 @@ def insert_landmarks(tokens: np.ndarray, block_len: int, landmark_token: int) ->
     return np.concatenate([np.concatenate([blocks, marks], axis=1).reshape(-1), tokens[n_full * block_len :]])
 
 
-def landmark_targets(windows: np.ndarray, landmark_token: int, ignore: int = -100) -> tuple[np.ndarray, np.ndarray]:
+def landmark_targets(
+    windows: np.ndarray, landmark_token: int, ignore: int = IGNORE_LABEL
+) -> tuple[np.ndarray, np.ndarray]:
     """[N, T + 2] windows -> inputs [N, T] and labels [N, T] (lm_benchmark/optim/utils.py::get_batch).
 
     The label is the next token, or the one after it when the next token is a landmark (landmarks are never

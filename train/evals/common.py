@@ -21,8 +21,8 @@ from jaxtyping import Int
 
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.train.config import ConfigError
+from effarch.train.data.labels import IGNORE_LABEL
 
-IGNORE = -100  # label of positions without a target (train/train.py)
 LN2 = math.log(2.0)
 
 
@@ -52,7 +52,7 @@ def labelled_outputs(
         raise ValueError(f"inputs and labels must both be [N, T], got {inputs.shape} and {labels.shape}")
     n, _ = inputs.shape
     batch_size = min(batch_size, n)
-    width = int((labels != IGNORE).sum(1).max()) * batch_size  # labelled positions per batch, at most
+    width = int((labels != IGNORE_LABEL).sum(1).max()) * batch_size  # labelled positions per batch, at most
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -66,11 +66,11 @@ def labelled_outputs(
         x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
         pad = batch_size - len(x)
         x = np.pad(x, ((0, pad), (0, 0)))
-        rows, cols = np.nonzero(y != IGNORE)
+        rows, cols = np.nonzero(y != IGNORE_LABEL)
         k = len(rows)
         # Padding entries read position (0, 0) with target 0; they are dropped below.
         rows, cols = np.pad(rows, (0, width - k)), np.pad(cols, (0, width - k))
-        targets = np.pad(y[y != IGNORE], (0, width - k))
+        targets = np.pad(y[y != IGNORE_LABEL], (0, width - k))
         p, c = run(state, jnp.asarray(x, jnp.int32), jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32),
                    jnp.asarray(targets, jnp.int32))
         preds.append(np.asarray(p)[:k])
@@ -82,7 +82,7 @@ def exact_match(predictions: np.ndarray, labels: Int[np.ndarray, "N T"]) -> np.n
     """[N] bool: every labelled position of the row predicted right (`predictions` in labelled_outputs' order).
 
     With the true prefix fed in, this is exactly when greedy decoding reproduces the whole answer."""
-    rows, cols = np.nonzero(labels != IGNORE)
+    rows, cols = np.nonzero(labels != IGNORE_LABEL)
     wrong = np.zeros(len(labels), bool)
     np.logical_or.at(wrong, rows, predictions != labels[rows, cols])
     return ~wrong

@@ -14,6 +14,7 @@ import re
 from effarch.arches.lm import DecoderLM
 from effarch.train.config import Config
 from effarch.train.data import mqar
+from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.evals.common import EvalError, labelled_outputs, positive_int, state_bytes
 
 NAME = "mqar"
@@ -60,7 +61,7 @@ def evaluate(model: DecoderLM, segments, *, examples: int, seed: int, batch_size
     results = {}
     for (n, d), (x, y) in zip(segments, data, strict=True):
         pred, ce = labelled_outputs(model, x, y, batch_size)
-        target = y[y != mqar.IGNORE_INDEX]
+        target = y[y != IGNORE_LABEL]
         results[segment_name(n, d)] = {"seq_len": n, "kv_pairs": d, "accuracy": float((pred == target).mean()),
                                        "loss": float(ce.mean()), "state_bytes": state_bytes(cfg, n),
                                        "examples": examples, "queries": len(target)}

@@ -12,6 +12,7 @@ import numpy as np
 from effarch.arches.lm import DecoderLM
 from effarch.train.config import Config
 from effarch.train.data import niah
+from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.evals import plots
 from effarch.train.evals.common import EvalError, check_vocab, exact_match, labelled_outputs, positive_int, unit_float
 from effarch.train.evals.passkey import DEPTHS, default_lengths, depth_table
@@ -43,7 +44,7 @@ def evaluate(model: DecoderLM, lengths, depths, *, trials: int, seed: int, batch
         pred = labelled_outputs(model, x, y, batch_size)[0]
         hit = exact_match(pred, y)
         results[str(T)] = {"accuracy": float(hit.mean()),
-                           "digit_accuracy": float((pred == y[y != niah.IGNORE]).mean()),
+                           "digit_accuracy": float((pred == y[y != IGNORE_LABEL]).mean()),
                            "by_depth": {str(depth): float(hit[d == depth].mean()) for depth in depths}}
         if log is not None:
             log(f"niah T={T}: exact {results[str(T)]['accuracy']:.3f}, per digit "

@@ -24,6 +24,7 @@ from effarch.arches.landmark_memory import init_memory, memory_prefill
 from effarch.arches.lm import DecoderLM
 from effarch.train.config import Config
 from effarch.train.data import passkey
+from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.evals import plots
 from effarch.train.evals.common import EvalError, check_vocab, exact_match, labelled_outputs, positive_int, unit_float
 
@@ -77,7 +78,7 @@ def predictions(model: DecoderLM, path: str, x: np.ndarray, y: np.ndarray, batch
         return labelled_outputs(model, x, y, batch_size)[0]
     logits = np.concatenate([memory_logits(with_topk(model, int(path[4:])), x[i : i + batch_size], chunk)
                              for i in range(0, len(x), batch_size)])
-    rows, cols = np.nonzero(y != passkey.IGNORE)
+    rows, cols = np.nonzero(y != IGNORE_LABEL)
     return logits[rows, cols].argmax(-1)
 
 
@@ -105,7 +106,7 @@ def evaluate(model: DecoderLM, lengths, depths, *, trials: int, seed: int, batch
             hit = exact_match(pred, y)
             results[path][str(T)] = {
                 "accuracy": float(hit.mean()),
-                "digit_accuracy": float((pred == y[y != passkey.IGNORE]).mean()),
+                "digit_accuracy": float((pred == y[y != IGNORE_LABEL]).mean()),
                 "by_depth": {str(depth): float(hit[d == depth].mean()) for depth in depths},
             }
             if log is not None:
