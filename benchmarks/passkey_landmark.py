@@ -1,6 +1,6 @@
 """Passkey retrieval of a trained landmark model at 1x to 8x its training length, with and without block retrieval.
 
-Task: train/data/passkey.py (the token-level analogue of the landmark paper's passkey test, specs §7.2). For each
+Task: train/data/passkey.py (the token-level analogue of the landmark paper's passkey test). For each
 length and depth, `--trials` keys are hidden at that depth; a trial is correct when all 5 answer digits are the
 argmax at their labelled positions with the true prefix fed in (teacher forcing). This equals greedy decoding of
 the key: if every digit is right given right digits before it, greedy produces exactly these digits.

@@ -1,4 +1,4 @@
-"""Cross-lowering of Pallas kernels for TPU and CUDA from a CPU-only host (specs/jax_stack.md §6).
+"""Cross-lowering of Pallas kernels for TPU and CUDA from a CPU-only host (`lower(lowering_platforms=...)`).
 
 Lowering under an abstract device runs the real Pallas→Mosaic TPU or Pallas→Triton lowering and MLIR verification,
 which catches block-shape, layout and dtype rules that interpret mode never checks. It does not compile for the

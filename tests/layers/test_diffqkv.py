@@ -64,7 +64,7 @@ def test_cache_stores_small_k_and_nv_values_and_state_size_counts_them():
 
 
 def test_state_size_sigma_32_4_16_is_37_5_percent_below_gqa_16():
-    # Paper §2 / specs §6.2: (4 + 16) / (16 + 16) heads of cache, d_h = 64, at any length.
+    # Sigma paper §2: (4 + 16) / (16 + 16) heads of cache, d_h = 64, at any length.
     sigma = DiffQKVAttention(2048, DiffQKVConfig(n_q_heads=32, n_k_heads=4, n_v_heads=16, aug_q=False),
                              rngs=nnx.Rngs(0))
     gqa = Attention(2048, AttentionConfig(n_heads=32, n_kv_heads=16), rngs=nnx.Rngs(0))

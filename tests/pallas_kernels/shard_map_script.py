@@ -5,7 +5,7 @@ gradients against the unsharded oracles on the same inputs. Command line: a dtyp
 grads}.
 
 check_vma=False: jax's HLO interpreter itself fails the varying-axes check inside shard_map ("Primitive
-dynamic_slice requires varying manual axes to match", specs/jax_stack.md §5.4); the compiled kernels are checked
+dynamic_slice requires varying manual axes to match"); the compiled kernels are checked
 with check_vma=True by cross-lowering in test_shard_map.py.
 """
 

@@ -1,4 +1,4 @@
-"""Tests for the MQAR generator (train/data/mqar.py, specs/mechanisms.md §7.1)."""
+"""Tests for the MQAR generator (train/data/mqar.py; Zoology, Arora et al. 2023)."""
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ X = -100
 
 
 def test_multiquery_ar_matches_zoology_known_answer():
-    # specs/mechanisms.md §7.1: checked against HazyResearch/zoology's multiquery_ar (V=32, N=16, D=2, seed 0).
+    # Checked against HazyResearch/zoology's multiquery_ar (V=32, N=16, D=2, seed 0).
     inputs, labels = multiquery_ar(32, 16, 2, 2, random_non_queries=False, seed=0)
     np.testing.assert_array_equal(
         inputs, [[2, 20, 7, 28, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 7, 0], [3, 29, 5, 22, 5, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]]

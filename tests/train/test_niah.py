@@ -1,4 +1,4 @@
-"""Single-needle haystack generator (token-level S-NIAH analogue, specs §7.3): known answer, depth, labels, data."""
+"""Single-needle haystack generator (token-level analogue of RULER's S-NIAH): known answer, depth, labels, data."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Passkey generator (token-level analogue of specs §7.2): known answer, layout with landmarks, depth, labels."""
+"""Passkey generator (token-level analogue of the landmark paper's passkey retrieval): answer, depth, labels."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""DiffQKV oracle: the textbook loop, the property tests of specs/mechanisms.md §6.3, selective V."""
+"""DiffQKV oracle: the textbook loop, the Sigma paper's properties, selective V."""
 
 import functools
 

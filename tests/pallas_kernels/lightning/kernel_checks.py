@@ -3,7 +3,7 @@ against the quadratic oracle, values and every input gradient, and their cross-l
 
 Sizes are Pallas-legal for both backends (C = 16, K = 16, V = 32: powers of 2 for Triton, multiples of 16 for
 Mosaic) but misaligned where the kernels must cope: T = 40 and 7 are not multiples of C (a partial last chunk; a
-single partial chunk), H = 3 is odd, V != K. Interpretation is slow, so these stay tiny (specs/jax_stack.md §5.3).
+single partial chunk), H = 3 is odd, V != K. Interpretation is slow, so these stay tiny.
 """
 
 import functools

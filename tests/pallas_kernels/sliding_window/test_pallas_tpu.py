@@ -90,7 +90,7 @@ def test_unaligned_length_fails_up_front():
 
 
 def lower_for_tpu(fn, *specs: jax.ShapeDtypeStruct) -> str:
-    """Lowers `fn` for TPU on this CPU host (specs/jax_stack.md §6) and returns the StableHLO text."""
+    """Lowers `fn` for TPU on this CPU host and returns the StableHLO text."""
     device = AbstractDevice(device_kind="TPU v5 lite", platform="tpu", num_cores=1)
     with use_abstract_mesh(AbstractMesh((), (), abstract_device=device)):
         return jax.jit(fn).trace(*specs).lower(lowering_platforms=("tpu",)).as_text()
