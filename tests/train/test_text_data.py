@@ -188,8 +188,8 @@ def test_corpus_windows_read_only_the_documents_they_overlap(seq_len, max_bytes)
     ends = document_ends(docs, tok, max_bytes)
     windows = CorpusWindows(docs, ends, tok, seq_len, max_bytes)
     # The same windows as the packed stream held in memory (what the train split was before).
-    packed = PackedWindows(concatenate([tok.encode(t) for t in read_documents(grain.MapDataset.source(docs.docs), max_bytes)], 256), seq_len,
-                           256)
+    texts = read_documents(grain.MapDataset.source(docs.docs), max_bytes)
+    packed = PackedWindows(concatenate([tok.encode(t) for t in texts], 256), seq_len, 256)
     assert len(windows) == len(packed) and windows.n_tokens == len(packed.tokens)
     starts = np.concatenate([[0], ends[:-1]])
     for i in range(len(windows)):
