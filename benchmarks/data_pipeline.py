@@ -11,11 +11,12 @@ is 1.4-2.1 s on 2 loaded CPU cores) for the loop's prefetch thread to hide it.
 
 `--scale-mb 100 500 2000 [--png FILE]` measures instead how the train side's memory grows with the corpus: for each
 size a corpus of generated text is written and prepared (array_record) in this process, then a fresh process
-measures its own resident memory (VmRSS / peak VmHWM from /proc, the peak reset after the imports) across
-`build_data` (the one-time offsets pass included), a second `build_data` from the cached offsets, and `--steps`
-batches, and the batches per second on one thread against the train step's need (`--step-s`, one batch per step).
-Writes the JSON (and a PNG of resident memory against corpus size). The corpus needs its size in free disk twice
-(the text files and the array_record copy) under `--work-dir` (default: a temporary directory).
+measures its own resident memory (VmRSS / peak VmHWM from /proc, the peak reset after the imports; RssAnon and
+RssFile at the end: file pages are page cache) across `build_data` (the one-time offsets pass included), a second
+`build_data` from the cached offsets, and `--steps` batches, and the batches per second on one thread against the
+train step's need (`--step-s`, one batch per step). Writes the JSON (and a PNG of resident memory against corpus
+size). A corpus needs about three times its size in free disk (the text files, the array_record copy, TFDS's
+temporary files) under `--work-dir` (default: a temporary directory); each is deleted before the next size.
 """
 
 import argparse
@@ -98,6 +99,9 @@ def _measure_child(args) -> dict:
     return {"train_tokens": stream.windows.n_tokens, "train_windows": len(stream.windows),
             "documents": len(stream.windows.ends), "rss_after_imports_mib": rss_imports / 1024,
             "rss_end_mib": _proc_kib("VmRSS") / 1024, "rss_peak_mib": _proc_kib("VmHWM") / 1024,
+            # Resident file pages (a memory-mapped array_record or offsets file) are page cache the kernel can drop;
+            # anonymous memory is what the process holds.
+            "rss_anon_end_mib": _proc_kib("RssAnon") / 1024, "rss_file_end_mib": _proc_kib("RssFile") / 1024,
             "build_data_first_s": first, "build_data_cached_s": cached, "batches_per_s": args.steps / serve}
 
 
@@ -113,6 +117,7 @@ def _plot(report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(mb, [r["rss_peak_mib"] for r in rows], "o-", label="peak resident (VmHWM)")
     ax.plot(mb, [r["rss_end_mib"] for r in rows], "s--", label="resident after the batches")
+    ax.plot(mb, [r["rss_anon_end_mib"] for r in rows], "^-.", label="  of which anonymous (not file pages)")
     ax.plot(mb, [r["rss_after_imports_mib"] for r in rows], ":", color="gray", label="after the imports")
     # For scale: what holding the text alone would add (the train split was once held as int32 tokens, 4x this).
     ax.plot(mb, [r["rss_after_imports_mib"] + r["corpus_bytes"] / 2**20 for r in rows], "--", color="lightgray",
