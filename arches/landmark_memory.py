@@ -41,17 +41,23 @@ def memory_prefill(model: DecoderLM, state: tuple, tokens: Int[Array, "B T"]) ->
 
 
 def memory_generate(
-    model: DecoderLM, prompt: np.ndarray, max_new_tokens: int, *, chunk: int, landmark_token: int
+    model: DecoderLM, prompt: np.ndarray, max_new_tokens: int, *, chunk: int, landmark_token: int,
+    max_blocks: int | None = None,
 ) -> np.ndarray:
     """Greedy tokens [B, max_new_tokens] after `prompt` [B, P] (landmarks already in place), with retrieval.
 
     The prompt goes through in chunks of `chunk` tokens; then one token per step. A landmark position during
     decoding is fed the landmark token and its prediction is dropped (landmarks are never predicted).
+    `max_blocks`: the blocks each layer's cache keeps, the oldest evicted first (the paper's cache size), so
+    memory does not grow with the prompt; None keeps every block of the prompt and the generated tokens.
     """
     _check(model)
     B, P = prompt.shape
     L = model.blocks[0].mixer.config.block_len
-    max_blocks = (P + 2 * max_new_tokens) // (L + 1) + 1
+    if max_blocks is None:
+        max_blocks = (P + 2 * max_new_tokens) // (L + 1) + 1
+    elif max_blocks < 1:
+        raise ValueError(f"memory_generate: max_blocks must be >= 1, got {max_blocks}")
     graphdef, params = nnx.split(model)
 
     # Donating the state lets XLA update the block cache in place rather than copy it (O(context)) every token.

@@ -8,12 +8,26 @@ is 1.4-2.1 s on 2 loaded CPU cores) for the loop's prefetch thread to hide it.
 
     .venv/bin/python benchmarks/data_pipeline.py [--source python_stdlib] [--batch-size 16] [--seq-len 256]
         [--steps 200] [--out FILE]
+
+`--scale-mb 100 500 2000 [--png FILE]` measures instead how the train side's memory grows with the corpus: for each
+size a corpus of generated text is written and prepared (array_record) in this process, then a fresh process
+measures its own resident memory (VmRSS / peak VmHWM from /proc, the peak reset after the imports; RssAnon and
+RssFile at the end: file pages are page cache) across `build_data` (the one-time offsets pass included), a second
+`build_data` from the cached offsets, and `--steps` batches, and the batches per second on one thread against the
+train step's need (`--step-s`, one batch per step). Writes the JSON (and a PNG of resident memory against corpus
+size). A corpus needs about three times its size in free disk (the text files, the array_record copy, TFDS's
+temporary files) under `--work-dir` (default: a temporary directory); each is deleted before the next size.
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from _common import emit
@@ -28,6 +42,137 @@ def _latencies(fn, steps: int) -> list[float]:
     return out
 
 
+def _proc_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (VmRSS: resident now; VmHWM: peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def write_corpus(root: Path, n_bytes: int, seed: int = 0) -> int:
+    """Generated text documents of 4-64 KB (words of a fixed vocabulary, lines of 8-16 words) under `root`, about
+    n_bytes in all, 1000 files per folder; returns the bytes written."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9)))
+                      for _ in range(5000)])
+    # One long text drawn once; documents are slices of it from random offsets, so writing 2 GB costs only I/O.
+    words = vocab[rng.integers(0, len(vocab), 400_000)]
+    ends = np.cumsum(rng.integers(8, 17, len(words) // 8))
+    words[ends[ends < len(words)]] = "\n"
+    base = " ".join(words).replace(" \n ", "\n").encode()
+    written, i = 0, 0
+    while written < n_bytes:
+        size = min(int(rng.integers(4096, 65536)), n_bytes - written)
+        start = int(rng.integers(0, len(base) - size))
+        folder = root / f"{i // 1000:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:07d}.txt").write_bytes(base[start : start + size])
+        written, i = written + size, i + 1
+    return written
+
+
+def _measure_child(args) -> dict:
+    """In a fresh process: the train side's memory and speed on a prepared corpus (see --scale-mb)."""
+    from effarch.train.config import DataConfig
+    from effarch.train.data import build_data
+
+    cfg = DataConfig(task="text", text_source=args.source, data_dir=args.data_dir, seq_len=args.seq_len,
+                     max_bytes=args.max_bytes)
+    rss_imports = _proc_kib("VmRSS")
+    try:  # reset the peak to the current resident set (Linux >= 4.0), so VmHWM is the peak of what follows
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    stream, _ = build_data(cfg, vocab_size=257, batch_size=args.batch_size)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stream, _ = build_data(cfg, vocab_size=257, batch_size=args.batch_size)
+    cached = time.perf_counter() - t0
+    n = len(stream.windows) // args.batch_size
+    steps = [int(s) for s in np.random.default_rng(0).integers(0, 10 * n, args.steps)]  # spread over 10 epochs
+    t0 = time.perf_counter()
+    for s in steps:
+        stream.batch(s)
+    serve = time.perf_counter() - t0
+    return {"train_tokens": stream.windows.n_tokens, "train_windows": len(stream.windows),
+            "documents": len(stream.windows.ends), "rss_after_imports_mib": rss_imports / 1024,
+            "rss_end_mib": _proc_kib("VmRSS") / 1024, "rss_peak_mib": _proc_kib("VmHWM") / 1024,
+            # Resident file pages (a memory-mapped array_record or offsets file) are page cache the kernel can drop;
+            # anonymous memory is what the process holds.
+            "rss_anon_end_mib": _proc_kib("RssAnon") / 1024, "rss_file_end_mib": _proc_kib("RssFile") / 1024,
+            "build_data_first_s": first, "build_data_cached_s": cached, "batches_per_s": args.steps / serve}
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["sizes"]
+    mb = [r["corpus_mb"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(mb, [r["rss_peak_mib"] for r in rows], "o-", label="peak resident (VmHWM)")
+    ax.plot(mb, [r["rss_end_mib"] for r in rows], "s--", label="resident after the batches")
+    ax.plot(mb, [r["rss_anon_end_mib"] for r in rows], "^-.", label="  of which anonymous (not file pages)")
+    ax.plot(mb, [r["rss_after_imports_mib"] for r in rows], ":", color="gray", label="after the imports")
+    # For scale: what holding the text alone would add (the train split was once held as int32 tokens, 4x this).
+    ax.plot(mb, [r["rss_after_imports_mib"] + r["corpus_bytes"] / 2**20 for r in rows], "--", color="lightgray",
+            label="after the imports + the corpus's bytes")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xticks(mb)
+    ax.set_xlabel("corpus size (MB of text)")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(0, 1.15 * max(max(r["rss_peak_mib"], r["rss_after_imports_mib"] + r["corpus_bytes"] / 2**20)
+                              for r in rows))
+    ax.set_title(f"text task, train side: batch {report['config']['batch_size']} x {report['config']['seq_len']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scale(args) -> dict:
+    """--scale-mb: one corpus per size, each measured in a fresh process."""
+    from effarch.train.data import local_text
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        for mb in args.scale_mb:
+            corpus, data_dir = Path(work) / f"corpus_{mb}", Path(work) / f"tfds_{mb}"
+            n_bytes = write_corpus(corpus, int(mb * 1e6))
+            t0 = time.perf_counter()
+            local_text.prepare(str(corpus), str(data_dir))
+            prepare_s = time.perf_counter() - t0
+            cmd = [sys.executable, __file__, "--measure", "--source", str(corpus), "--data-dir", str(data_dir),
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                   "--max-bytes", str(2 * n_bytes)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            rows.append({"corpus_mb": mb, "corpus_bytes": n_bytes, "prepare_s": prepare_s,
+                         **json.loads(out.stdout.strip().splitlines()[-1])})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+            for path in (corpus, data_dir):  # free the disk before the next size
+                subprocess.run(["rm", "-rf", str(path)], check=True)
+    need = 1.0 / args.step_s
+    report = {
+        "benchmark": "data_pipeline_scale",
+        "config": {"batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+                   "step_s": args.step_s, "cpu_count": os.cpu_count()},
+        "sizes": rows,
+        "rss_peak_growth_mib": rows[-1]["rss_peak_mib"] - rows[0]["rss_peak_mib"],
+        "step_need_batches_per_s": need,
+        "min_batches_per_s_over_need": min(r["batches_per_s"] for r in rows) / need,
+    }
+    if args.png:
+        _plot(report, args.png)
+    return emit(report, args.out)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="python_stdlib", help="data.text_source")
@@ -36,7 +181,20 @@ def main(argv=None) -> dict:
     p.add_argument("--max-bytes", type=int, default=4_000_000)
     p.add_argument("--steps", type=int, default=200, help="batches timed per path")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--scale-mb", type=float, nargs="+", help="corpus sizes (MB): memory against corpus size")
+    p.add_argument("--png", help="--scale-mb: the plot of resident memory against corpus size")
+    p.add_argument("--step-s", type=float, default=1.4, help="--scale-mb: the train step the batches must keep up "
+                   "with (the quickstart's on 2 loaded cores)")
+    p.add_argument("--work-dir", help="--scale-mb: where the generated corpora are written (default: $TMPDIR)")
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child of --scale-mb
+    p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.measure:
+        result = _measure_child(args)
+        print(json.dumps(result))
+        return result
+    if args.scale_mb:
+        return scale(args)
 
     from effarch.train.config import DataConfig
     from effarch.train.data import TrainStream, build_data, local_text
@@ -65,7 +223,7 @@ def main(argv=None) -> dict:
         "benchmark": "data_pipeline",
         "config": {"source": args.source, "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "max_bytes": args.max_bytes, "steps": args.steps},
-        "corpus": {"documents": splits, "train_tokens": int(len(stream.windows.tokens)),
+        "corpus": {"documents": splits, "train_tokens": stream.windows.n_tokens,
                    "train_windows": len(stream.windows), "eval_windows": int(len(val.inputs)),
                    "eval_bytes_per_label": val.bytes_per_label},
         "build_cold_s": cold,

@@ -11,7 +11,8 @@ Choices:
   to blocks (the paper cuts them at random offsets; the op itself takes any layout, see pallas_kernels/landmark).
 - Softmax attention heads with RoPE on q and k before the grouped softmax; no bias (like layers/attention.py).
 - `__call__` / `prefill` / `decode_step` are exact: a KV cache of max_len slots and the full grouped softmax.
-- `memory_prefill` is the paper's inference: tokens arrive in chunks; completed blocks move to a block cache; per
+- `memory_prefill` is the paper's inference: tokens arrive in chunks; completed blocks move to a block cache (a
+  ring buffer of `max_blocks`: the oldest block is evicted first, as mem_cache.py's); per
   token and head the cached landmark keys are scored and the top-k blocks are attended with the grouped softmax
   next to the local context (the incomplete block and the chunk). Retrieval uses "per_token_and_head" selection.
 - Positional remapping as in mem_cache.py: for scoring, the k most recent cached blocks sit in slots 1..k and all
@@ -190,13 +191,19 @@ class LandmarkAttention(nnx.Module):
     # --- inference with a block memory (paper §3.3, mem_cache.py) -------------------------------------------
 
     def init_memory(self, batch_size: int, max_blocks: int, max_chunk: int = 1, cache_dtype=jnp.float32) -> State:
-        """Empty block memory for up to `max_blocks` completed blocks, fed chunks of at most `max_chunk` tokens.
+        """Empty block memory keeping the last `max_blocks` completed blocks, fed chunks of at most `max_chunk` tokens.
+
+        A ring buffer, as the paper's cache (mem_cache.py's `cache_iter`): once `max_blocks` blocks are cached, each
+        new block evicts the oldest, so memory is bounded whatever the context length. Block b (the b-th completed)
+        lives in slot b % M.
 
         {"mem_k", "mem_v": [B, M, N, H, K] unrotated keys / values of completed blocks (N = L + 1, landmark last),
          "mem_lm_k": [B, H, M, K] their landmark keys again, rotated to the base position of
            _landmark_base_positions and laid out per head, so the per-token scoring reads them contiguously,
-         "n_blocks": int32, "loc_k", "loc_v": [B, N, H, K] the incomplete block, "pos": int32 tokens seen}.
-        M has room for the blocks one chunk can complete beyond max_blocks (written before they are counted).
+         "n_blocks": int32 blocks completed so far (evicted ones included), "loc_k", "loc_v": [B, N, H, K] the
+         incomplete block, "pos": int32 tokens seen, "max_blocks": int32 the blocks kept}.
+        M = max_blocks + the blocks one chunk can complete: a chunk's blocks are written before they are counted, into
+        slots whose blocks are already evicted, so a chunk's queries still see all `max_blocks` kept blocks.
         """
         N, H, K = self.block_size, self.config.n_heads, self.head_dim
         slack = (N - 1 + max_chunk) // N + 1
@@ -215,13 +222,17 @@ class LandmarkAttention(nnx.Module):
         return jnp.full_like(block_idx, N - 1) if self.config.remap else block_idx * N + N - 1
 
     def _retrieve(self, state: State, q: Float[Array, "B T H K"]):
-        """Top-k cached blocks per (token, head): scores [B, H, T, k, N], values, validity and indices [B, H, T, k]."""
+        """Top-k cached blocks per (token, head): scores [B, H, T, k, N], values, validity and the picked blocks
+        [B, H, T, k] (block b: the b-th completed, in slot b % M), in temporal order."""
         cfg, N = self.config, self.block_size
         topk = cfg.mem_topk
         mem_k, mem_v, n = state["mem_k"].astype(q.dtype), state["mem_v"].astype(q.dtype), state["n_blocks"]
         M = mem_k.shape[1]
         idx_M = jnp.arange(M)
-        valid_M = idx_M < n
+        # The block in each slot: the latest b < n with b % M == slot (negative: never written); kept if it is one of
+        # the last max_blocks.
+        t_M = n - 1 - jnp.mod(n - 1 - idx_M, M)
+        valid_M = (t_M >= 0) & (t_M >= n - state["max_blocks"])
         k_eff = min(topk, M)
         scale = self.head_dim**-0.5
         # Landmark keys are stored already rotated to their base position (see _landmark_base_positions), so the
@@ -229,27 +240,28 @@ class LandmarkAttention(nnx.Module):
         s_lm = jnp.einsum("bthk,bhmk->bhtm", q, state["mem_lm_k"].astype(q.dtype)) * scale
         if cfg.remap:
             # The k most recent blocks sit in slots 1..k: rescore just them at their slot positions.
-            first = jnp.maximum(n - topk, 0)
-            recent = first + jnp.arange(k_eff)  # may run past n; those are masked below
+            recent = jnp.maximum(n - k_eff, 0) + jnp.arange(k_eff)  # blocks; may run past n, masked below
             slot = recent - (n - topk) + 1
-            lm_raw = jax.lax.dynamic_slice_in_dim(mem_k, first, k_eff, axis=1)[:, :, N - 1]  # [B, k, H, K]
+            lm_raw = mem_k[:, recent % M, N - 1]  # [B, k, H, K]
             lm_rot = _rotate(lm_raw, jnp.broadcast_to((slot * N + N - 1)[None, :, None], lm_raw.shape[:3]),
                              cfg.rope_theta)
             s_recent = jnp.einsum("bthk,bmhk->bhtm", q, lm_rot) * scale
-            s_lm = jax.lax.dynamic_update_slice_in_dim(s_lm, s_recent, first, axis=3)
-            slot_M = jnp.where(idx_M >= n - topk, idx_M - (n - topk) + 1, 0)
+            s_lm = s_lm.at[..., recent % M].set(s_recent)
+            slot_M = jnp.where(t_M >= n - topk, t_M - (n - topk) + 1, 0)
         s_lm = jnp.where(valid_M[None, None, None], s_lm, -jnp.inf)
-        _, sel = jax.lax.top_k(s_lm, k_eff)
-        # Temporal order; invalid picks (fewer blocks than k) have the largest indices and sort last.
-        sel = jnp.sort(sel, axis=-1)
+        _, picked = jax.lax.top_k(s_lm, k_eff)
+        # Temporal order (by block, not slot); invalid picks (fewer blocks than k) sort last.
+        sel = jnp.sort(jnp.where(valid_M[picked], t_M[picked], jnp.iinfo(jnp.int32).max), axis=-1)
         sel_valid = sel < n
+        sel = jnp.where(sel_valid, sel, 0)
+        slots = sel % M
         B, H, T = sel.shape[:3]
         b_idx = jnp.arange(B)[:, None, None, None]
         h_idx = jnp.arange(H)[None, :, None, None]
-        k_sel = mem_k[b_idx, sel, :, h_idx]  # [B, H, T, k, N, K]
-        v_sel = mem_v[b_idx, sel, :, h_idx]
+        k_sel = mem_k[b_idx, slots, :, h_idx]  # [B, H, T, k, N, K]
+        v_sel = mem_v[b_idx, slots, :, h_idx]
         if cfg.remap:
-            base = (slot_M[sel] > 0) * N + jnp.arange(k_eff)[None, None, None] * N
+            base = (slot_M[slots] > 0) * N + jnp.arange(k_eff)[None, None, None] * N
         else:
             base = sel * N
         k_pos = base[..., None] + jnp.arange(N)[None, None, None, None]
@@ -261,16 +273,17 @@ class LandmarkAttention(nnx.Module):
         """Processes a chunk x [B, T, D] (T <= the init_memory max_chunk) with retrieval; returns (state, y).
 
         Attention per token: the top-k cached blocks ++ the incomplete block ++ the chunk (causal), all in one
-        grouped softmax. Blocks completed by the end of the chunk then move to the cache. Exceeding max_blocks:
-        ValueError eagerly, NaN outputs under jit.
+        grouped softmax. Blocks completed by the end of the chunk then move to the cache, evicting the oldest beyond
+        max_blocks. A chunk longer than init_memory's max_chunk: ValueError eagerly, NaN outputs under jit.
         """
         cfg, N = self.config, self.block_size
         B, T = x.shape[:2]
         pos, n, loc_len = state["pos"], state["n_blocks"], state["pos"] % N
-        capacity = state["max_blocks"]
-        if not isinstance(pos, jax.core.Tracer) and int(n) + (int(loc_len) + T) // N > int(capacity):
-            raise ValueError(f"landmark: block memory of {int(capacity)} blocks is full (n_blocks={int(n)}, "
-                             f"{T} new tokens)")
+        M, capacity = state["mem_k"].shape[1], state["max_blocks"]
+        n_slots = (N - 1 + T) // N + 1  # the blocks this chunk may write, the incomplete one included
+        if not isinstance(capacity, jax.core.Tracer) and n_slots > M - int(capacity):
+            raise ValueError(f"landmark: a chunk of {T} tokens is longer than the block memory was made for "
+                             f"(init_memory max_chunk)")
         q, k, v = self._qkv(x)
         start = (jnp.minimum(n, cfg.mem_topk + 1) if cfg.remap else n) * N
         # Local keys: the N slots of the incomplete block (the first loc_len written) ++ the chunk.
@@ -288,7 +301,6 @@ class LandmarkAttention(nnx.Module):
         # Blocks completed in this chunk move to the cache; the rest becomes the new incomplete block.
         total = loc_len + T
         n_new = total // N
-        n_slots = (N - 1 + T) // N + 1
         seq_k = jax.lax.dynamic_update_slice(jnp.zeros((B, n_slots * N) + k.shape[2:], k.dtype),
                                              state["loc_k"].astype(k.dtype), (0, 0, 0, 0))
         seq_k = jax.lax.dynamic_update_slice(seq_k, k, (0, loc_len, 0, 0))
@@ -297,15 +309,17 @@ class LandmarkAttention(nnx.Module):
         seq_v = jax.lax.dynamic_update_slice(seq_v, v, (0, loc_len, 0, 0))
         blocks_k = seq_k.reshape(B, n_slots, N, *k.shape[2:])
         blocks_v = seq_v.reshape(B, n_slots, N, *v.shape[2:])
-        mem_k = jax.lax.dynamic_update_slice(state["mem_k"], blocks_k.astype(state["mem_k"].dtype), (0, n, 0, 0, 0))
-        mem_v = jax.lax.dynamic_update_slice(state["mem_v"], blocks_v.astype(state["mem_v"].dtype), (0, n, 0, 0, 0))
+        # Block n + i goes to slot (n + i) % M: the ring buffer. Those slots hold blocks older than the last
+        # max_blocks (M - max_blocks >= n_slots), so nothing kept is overwritten.
+        slots = (n + jnp.arange(n_slots)) % M
+        mem_k = state["mem_k"].at[:, slots].set(blocks_k.astype(state["mem_k"].dtype))
+        mem_v = state["mem_v"].at[:, slots].set(blocks_v.astype(state["mem_v"].dtype))
         lm_k = blocks_k[:, :, -1]
         lm_k = _rotate(lm_k, jnp.broadcast_to(self._landmark_base_positions(n + jnp.arange(n_slots))[None, :, None],
                                               lm_k.shape[:3]), cfg.rope_theta)
-        mem_lm_k = jax.lax.dynamic_update_slice(state["mem_lm_k"], lm_k.swapaxes(1, 2).astype(state["mem_lm_k"].dtype),
-                                                (0, 0, n, 0))
-        # The cache write comes before the retrieval reads: the new blocks land at slots >= n_blocks, which
-        # retrieval masks, and reading the written buffer lets XLA update it in place (no O(cache) copy).
+        mem_lm_k = state["mem_lm_k"].at[:, :, slots].set(lm_k.swapaxes(1, 2).astype(state["mem_lm_k"].dtype))
+        # The cache write comes before the retrieval reads: the new blocks land in slots that retrieval masks (not
+        # yet counted, or evicted), and reading the written buffer lets XLA update it in place (no O(cache) copy).
         written = dict(state, mem_k=mem_k, mem_v=mem_v, mem_lm_k=mem_lm_k)
         s_mem, v_mem, mem_valid, _ = self._retrieve(written, q_rot.astype(jnp.float32))
         bcast = lambda a: jnp.broadcast_to(a[None], (B,) + a.shape)  # noqa: E731
@@ -318,7 +332,7 @@ class LandmarkAttention(nnx.Module):
                                                  n_new * N, N, axis=1)
         new_loc_v = jax.lax.dynamic_slice_in_dim(jnp.concatenate([seq_v, jnp.zeros_like(seq_v[:, :N])], 1),
                                                  n_new * N, N, axis=1)
-        y = jnp.where(n + n_new <= capacity, y, jnp.full((), jnp.nan, y.dtype))
+        y = jnp.where(n_slots <= M - capacity, y, jnp.full((), jnp.nan, y.dtype))
         new_state = dict(state, mem_k=mem_k, mem_v=mem_v, mem_lm_k=mem_lm_k, n_blocks=n + n_new,
                          loc_k=new_loc_k.astype(state["loc_k"].dtype), loc_v=new_loc_v.astype(state["loc_v"].dtype),
                          pos=pos + T)

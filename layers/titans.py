@@ -7,7 +7,10 @@ The op (pallas_kernels/titans) holds the maths; this layer produces its inputs:
   l2-normalised per head.
 - θ_t = max_lr · σ(x_t W_θ + b_θ) per token and head; η_n = σ(x̄_n W_η + b_η) and α_n = σ(x̄_n W_α + b_α) per chunk
   and head from the chunk's mean input x̄_n (titans-pytorch's AveragePool).
-- Per-head memory M_W(x) = gelu(x w1) w2 starting from learned w1 [H, K, F], w2 [H, F, K] (F = expansion·K).
+- Per-head memory MLP of `depth` L weight matrices starting from learned w1..wL, GELU between them (the paper's
+  §3.1 deep memory; its §5.5 studies L = 1..4): L = 2 (the default) is M_W(x) = gelu(x w1) w2 with w1 [H, K, F],
+  w2 [H, F, K] (F = expansion·K); deeper memories add w2..w(L-1) [H, F, F]; L = 1 is the linear memory x w1,
+  w1 [H, K, K].
 - Output: each head's retrieval scaled by a gate σ(x W_g) [B, T, H] (titans-pytorch's retrieve gate), heads merged
   by a linear map back to d_model.
 - Persistent memory (§3.3): `n_persistent` learned tokens are stored into the memory before the input, so every
@@ -45,6 +48,7 @@ from effarch.pallas_kernels.titans import (
 class NeuralMemoryConfig:
     n_heads: int = 4  # H; head dim K = d_model // H
     expansion: int = 4  # F = expansion * K: the memory MLP's hidden width
+    depth: int = 2  # L: the memory MLP's weight matrices (1: linear memory; 2: one hidden layer, as before)
     chunk_size: int = 16  # C: tokens per memory update
     batch_size: int | None = 64  # tokens between refreshes of the gradient point (multiple of C); None: never
     max_lr: float = 0.1  # θ = max_lr * sigmoid(...)
@@ -55,7 +59,7 @@ class NeuralMemoryConfig:
     implementation: str | None = None  # neural_memory_scan backend
 
     def __post_init__(self):
-        for name in ("n_heads", "expansion", "chunk_size", "conv_kernel"):
+        for name in ("n_heads", "expansion", "depth", "chunk_size", "conv_kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"titans.{name} must be positive, got {getattr(self, name)}")
         if self.batch_size is not None and (self.batch_size < 1 or self.batch_size % self.chunk_size):
@@ -92,13 +96,19 @@ class NeuralMemory(nnx.Module):
         self.gate_proj = linear(d_model, H, ("embed", None), rngs)
         self.out_proj = linear(d_model, d_model, ("heads", "embed"), rngs)
         xavier = nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
-        self.w1 = nnx.Param(xavier(rngs.params(), (H, K, F)), logical_axes=("heads", None, None))
-        self.w2 = nnx.Param(xavier(rngs.params(), (H, F, K)), logical_axes=("heads", None, None))
+        widths = (K, *(F,) * (config.depth - 1), K)  # titans-pytorch's MemoryMLP: dim, hidden x (depth - 1), dim
+        self.weight_names = tuple(f"w{i + 1}" for i in range(config.depth))  # the op's names, w1..wL
+        for name, d_in, d_out in zip(self.weight_names, widths[:-1], widths[1:], strict=True):
+            setattr(self, name, nnx.Param(xavier(rngs.params(), (H, d_in, d_out)), logical_axes=("heads", None, None)))
         self.persistent = (nnx.Param(0.02 * jax.random.normal(rngs.params(), (config.n_persistent, d_model)),
                                      logical_axes=(None, "embed")) if config.n_persistent else None)
 
     def _params(self):
-        return {"w1": self.w1[...], "w2": self.w2[...]}
+        return {name: getattr(self, name)[...] for name in self.weight_names}
+
+    def memory_size(self) -> int:
+        """Elements of one copy of the memory weights, all heads."""
+        return sum(getattr(self, name)[...].size for name in self.weight_names)
 
     def _heads(self, x):
         return x.reshape(*x.shape[:2], self.config.n_heads, self.head_dim)
@@ -187,6 +197,6 @@ class NeuralMemory(nnx.Module):
     def state_size(self, seq_len: int) -> int:
         """Bytes per sequence: W, S, Wref and the open gradient (4 weight sets), the conv histories, the chunk sum."""
         del seq_len
-        weights = 4 * (self.w1[...].size + self.w2[...].size) * 4
+        weights = 4 * self.memory_size() * 4
         conv = 3 * (self.config.conv_kernel - 1) * self.d_model * 4
         return weights + conv + self.d_model * 4 + 4

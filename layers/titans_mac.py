@@ -61,7 +61,7 @@ from effarch.pallas_kernels.titans import neural_memory_retrieve
 
 class MemoryAsContextState(NamedTuple):
     memory: NeuralMemoryState
-    seg_w: dict  # the memory weights at the current segment's start, {"w1": [B, H, K, F], "w2": [B, H, F, K]}
+    seg_w: dict  # the memory weights at the current segment's start, {"w1": [B, H, K, F], ..., "wL": [B, H, F, K]}
     hk: Float[Array, "B L H K"]  # rotated keys of the current segment's memory tokens (slot = position mod L);
     # with titans_attention.sliding, the unrotated keys of the last L tokens' memory tokens, oldest first
     hv: Float[Array, "B L H K"]
@@ -248,6 +248,6 @@ class MemoryAsContext(nnx.Module):
     def state_size(self, seq_len: int) -> int:
         """Bytes per sequence: the memory layer's state, W_s, and the segment's float32 keys and values of h and x."""
         del seq_len
-        seg_w = (self.memory.w1[...].size + self.memory.w2[...].size) * 4
+        seg_w = self.memory.memory_size() * 4
         caches = 4 * self.segment_len * self.attn.config.kv_heads * self.attn.head_dim * 4
         return self.memory.state_size(0) + seg_w + caches

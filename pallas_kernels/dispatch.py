@@ -4,6 +4,11 @@
 - A sequence is tried in order, with a warning on each fallback; if all fail, one error lists every reason.
 - None means the platform's default order.
 
+The repository's own Pallas kernels (Lightning, BASED) are in a platform's default order only once they have run
+there: until `scripts/gpu_check.sh` (or its TPU counterpart) has passed on a platform, that platform's default is
+"xla" and the kernels are opt-in (`implementation="pallas_gpu"` / `"pallas_tpu"`). Each op records the evidence per
+platform next to its default order (`kernel_default_order`); adding an entry there is the one place a default flips.
+
 Each implementation raises `NotImplementedError` *before doing any work* when it cannot run
 (wrong platform, unsupported shape), so a fallback never hides a numerical bug.
 """
@@ -13,11 +18,20 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
-DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {
-    "cpu": ("xla",),
-    "gpu": ("pallas_gpu", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-}
+KERNELS: Mapping[str, str] = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}  # a platform's own-kernel implementation
+
+
+def kernel_default_order(evidence: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """The default order of an op with Pallas kernels: (kernel, "xla") on a platform that `evidence` names (the
+    run that showed the kernel correct there: date, device, commit, where its results are), "xla" alone elsewhere."""
+    unknown = set(evidence) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"kernel evidence for unknown platform(s) {sorted(unknown)}; known: {sorted(KERNELS)}")
+    return {"cpu": ("xla",), **{p: (k, "xla") if p in evidence else ("xla",) for p, k in KERNELS.items()}}
+
+
+# For an op that passes no order of its own: no kernel without evidence.
+DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = kernel_default_order({})
 
 
 def dispatch(

@@ -1,9 +1,10 @@
 """Public entry points of the BASED Taylor linear attention op (arXiv 2402.18668).
 
 - `based_linear_attention`: the parallel (training) form, `implementation=` in {"reference", "xla", "pallas_gpu",
-  "pallas_tpu"}; the Pallas kernels (pallas_gpu.py, pallas_tpu.py, wired in pallas_vjp.py) are the GPU and TPU
-  defaults, take any shape, and raise NotImplementedError up front off their platform (unless
-  EFFARCH_PALLAS_INTERPRET=1), so a sequence can fall back to "xla".
+  "pallas_tpu"}; the Pallas kernels (pallas_gpu.py, pallas_tpu.py, wired in pallas_vjp.py) take any shape and raise
+  NotImplementedError up front off their platform (unless EFFARCH_PALLAS_INTERPRET=1), so a sequence can fall back
+  to "xla". They are opt-in: the default is "xla" on every platform until the kernels have passed
+  `scripts/gpu_check.sh` there (`KERNEL_EVIDENCE` below, pallas_kernels/dispatch.py).
 - `based_prefill`: the same output plus the state after the prompt, optionally continuing from a state.
 - `based_init_state` / `based_decode_step`: the recurrent form, one token at a time.
 
@@ -17,13 +18,14 @@ from jaxtyping import Array, Float
 from effarch.pallas_kernels.based import reference, xla
 from effarch.pallas_kernels.based.pallas_vjp import based_pallas_impl
 from effarch.pallas_kernels.based.reference import BasedState
-from effarch.pallas_kernels.dispatch import dispatch
+from effarch.pallas_kernels.dispatch import dispatch, kernel_default_order
 
-DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = {
-    "cpu": ("xla",),
-    "gpu": ("pallas_gpu", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
-}
+# Where the default flips: a platform named here gets (its kernel, "xla") as its default order. Add one only with
+# the evidence of a passing `scripts/gpu_check.sh` run on that platform (date, device, commit, its summary.json:
+# the `kernel_tests` step passed and benchmarks/kernels.py's max_rel_err_vs_xla within the tests' tolerances).
+# Evidence so far: none (neither kernel has run on a GPU or a TPU).
+KERNEL_EVIDENCE: dict[str, str] = {}
+DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = kernel_default_order(KERNEL_EVIDENCE)
 PREFILL_ORDER: Mapping[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 
 

@@ -12,7 +12,9 @@ Implementations:
   of 16. Both Pallas paths take any shape; they raise NotImplementedError before any work off their platform, unless
   EFFARCH_PALLAS_INTERPRET=1 asks for interpret mode (pallas_kernels/interpret.py).
 
-Default order: gpu ("pallas_gpu", "xla"), tpu ("pallas_tpu", "xla"), cpu ("xla",).
+Default order: "xla" on every platform until the kernels have passed `scripts/gpu_check.sh` there (`KERNEL_EVIDENCE`
+below, pallas_kernels/dispatch.py); then (kernel, "xla"). The kernels are opt-in until then: `implementation=
+"pallas_gpu"` / `"pallas_tpu"`.
 
 The decay rates are fixed (TransNormerLLM reports NaNs with learnable λ), so every implementation returns a zero
 cotangent for `decay` (the Pallas backward kernels compute none; the custom_vjp returns zeros); the reference path
@@ -26,12 +28,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from effarch.pallas_kernels.dispatch import dispatch
+from effarch.pallas_kernels.dispatch import dispatch, kernel_default_order
 from effarch.pallas_kernels.interpret import Interpret, resolve_interpret
 from effarch.pallas_kernels.lightning import pallas_gpu, pallas_tpu, reference, xla
 
 _OP = "lightning_attention"
-DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
+# Where the default flips: a platform named here gets (its kernel, "xla") as its default order. Add one only with
+# the evidence of a passing `scripts/gpu_check.sh` run on that platform (date, device, commit, its summary.json:
+# the `kernel_tests` step passed and benchmarks/kernels.py's max_rel_err_vs_xla within the tests' tolerances).
+# Evidence so far: none (neither kernel has run on a GPU or a TPU).
+KERNEL_EVIDENCE: dict[str, str] = {}
+DEFAULT_ORDER = kernel_default_order(KERNEL_EVIDENCE)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

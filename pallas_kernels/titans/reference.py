@@ -17,8 +17,8 @@ replaced by g_n c tanh(|g_n| / c) / |g_n| before it enters S. The plain update i
 MLP's curvature grows with its weights, so a fixed theta overshoots more, which grows W further): a trained MAC's
 memory reached |W| ~ 1e19 inside one 256-token sequence, its output overflowed and the outer gradient became NaN.
 Clamped, each chunk moves S by at most c, so |S| <= c / (1 - eta) and W stays bounded. titans-pytorch's
-`max_grad_norm` clamps per-token gradients the same way; a chunk's sum is what the parallel form computes, so it is
-clamped here.
+`max_grad_norm` clamps the same chunk gradient with another function of its norm n, (c/2) tanh(2n/c) + c/2, which
+raises every nonzero gradient's norm to at least c/2 where c tanh(n/c) leaves a small one nearly unchanged (README.md).
 
 `memory_step` is that definition for one token, and the oracle `neural_memory_reference` is `memory_step` under
 lax.scan. Because Wref is constant inside a chunk (batch_size is a multiple of C), the decode state accumulates the

@@ -61,6 +61,29 @@ def test_memory_generate_is_greedy_with_landmarks_inserted():
     np.testing.assert_array_equal(out, np.stack(expected, axis=1))
 
 
+@pytest.mark.slow  # tests/layers/test_landmark.py checks eviction itself in the default run
+def test_generation_with_a_bounded_memory(monkeypatch):
+    # max_blocks=1: every layer's cache holds one block (+ the slots of one chunk) while the prompt and the generated
+    # tokens complete 5, so the oldest are evicted and memory stays what init_memory allocated.
+    import effarch.arches.landmark_memory as lm_memory
+
+    model, x = make(mem_topk=2, remap=True), tokens(17)
+    allocated = []  # (slots, blocks kept) per layer, read before generation donates the state
+    real_init = lm_memory.init_memory
+
+    def spy(*args):
+        state = real_init(*args)
+        allocated.extend((s["mem_k"].shape[1], int(s["max_blocks"])) for s in state)
+        return state
+
+    monkeypatch.setattr(lm_memory, "init_memory", spy)
+    out = memory_generate(model, np.asarray(x), 8, chunk=5, landmark_token=V - 1, max_blocks=1)
+    assert out.shape == (2, 8) and ((out >= 0) & (out < V)).all()
+    assert allocated == [(1 + 2, 1)] * 2
+    with pytest.raises(ValueError, match="max_blocks must be >= 1"):
+        memory_generate(model, np.asarray(x), 1, chunk=5, landmark_token=V - 1, max_blocks=0)
+
+
 def test_non_landmark_mixer_is_rejected():
     cfg = ModelConfig(vocab_size=V, d_model=24, n_layers=1, mixers=("attention",))
     with pytest.raises(ValueError, match="landmark mixers"):

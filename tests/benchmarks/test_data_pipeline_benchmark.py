@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.benchmarks.test_based_benchmarks import _load
 
 
@@ -27,3 +29,33 @@ def test_data_pipeline_report(tmp_path):
     assert report["batch_shapes"] == [[4, 16], [4, 16]]
     # One masked label per document (after its separator) plus the last window's pads.
     assert 0 < report["labels_masked_fraction"] < 0.1
+
+
+def test_scale_mode_parts(tmp_path):
+    """--scale-mb's parts in this process (the mode runs each size in a fresh one): the generated corpus, the
+    train side's measurement on it, and the plot."""
+    bench = _load("data_pipeline")
+    corpus = tmp_path / "corpus"
+    assert bench.write_corpus(corpus, 150_000) == 150_000
+    sizes = sorted(p.stat().st_size for p in corpus.rglob("*.txt"))
+    assert len(sizes) >= 3 and sizes[-2] >= 4096 and sizes[-1] <= 65536  # 4-64 KB documents (the last cut short)
+    args = bench.argparse.Namespace(source=str(corpus), data_dir=str(tmp_path / "tfds"), seq_len=64, batch_size=4,
+                                    steps=5, max_bytes=300_000)
+    row = bench._measure_child(args)
+    assert row["train_tokens"] > 100_000 and row["documents"] >= 2
+    assert row["rss_peak_mib"] >= row["rss_end_mib"] >= row["rss_anon_end_mib"] > 0 and row["batches_per_s"] > 0
+    report = {"config": {"batch_size": 4, "seq_len": 64},
+              "sizes": [{"corpus_mb": 0.15, "corpus_bytes": 150_000, **row},
+                        {"corpus_mb": 0.3, "corpus_bytes": 300_000, **row}]}
+    bench._plot(report, str(tmp_path / "rss.png"))
+    assert (tmp_path / "rss.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_scale_mode_end_to_end(tmp_path):
+    out = tmp_path / "scale.json"
+    report = _load("data_pipeline").main(["--scale-mb", "0.2", "0.4", "--steps", "5", "--batch-size", "4",
+                                          "--seq-len", "32", "--work-dir", str(tmp_path), "--out", str(out),
+                                          "--png", str(tmp_path / "rss.png")])
+    assert json.loads(out.read_text()) == report and [r["corpus_mb"] for r in report["sizes"]] == [0.2, 0.4]
+    assert report["min_batches_per_s_over_need"] > 1 and (tmp_path / "rss.png").exists()

@@ -87,11 +87,48 @@ def test_memory_retrieves_only_top_k_blocks():
         assert (float(jnp.abs(y2[0] - y[0]).max()) > 1e-3) == moves, block
 
 
-def test_memory_overflow_raises():
-    layer, x = make_layer(mem_topk=2), make_x(12)
-    state = layer.init_memory(2, max_blocks=1, max_chunk=12)
-    with pytest.raises(ValueError, match="block memory"):
-        layer.memory_prefill(state, x)
+def test_full_memory_evicts_the_oldest_blocks():
+    # A cache keeping 2 blocks, fed 9 (a ring of 2 + 2 slots, wrapped twice): with true positions and k >= 2, the
+    # last chunk sees exactly the 2 newest blocks, as a fresh memory fed only from the first of them does (RoPE is
+    # relative, so dropping the evicted prefix changes nothing else). 45 tokens: 9 blocks, chunks of one block.
+    layer, x = make_layer(mem_topk=3, remap=False), make_x(45)
+    step = jax.jit(layer.memory_prefill)  # two compilations: the 2-block cache and the 9-block one
+    state = layer.init_memory(2, max_blocks=2, max_chunk=5)
+    assert state["mem_k"].shape[1] == 4  # bounded: 2 kept + 2 for a chunk's blocks, whatever the context
+    everything = layer.init_memory(2, max_blocks=9, max_chunk=5)
+    for t in range(0, 45, 5):
+        state, y = step(state, x[:, t : t + 5])
+        everything, y_all = step(everything, x[:, t : t + 5])
+    assert int(state["n_blocks"]) == 9
+    fresh = layer.init_memory(2, max_blocks=9, max_chunk=5)
+    for t in (30, 35, 40):  # blocks 6 and 7 of the long run, then its last chunk
+        fresh, want = step(fresh, x[:, t : t + 5])
+    assert_close("evicted", y, want, 1e-5)
+    assert float(jnp.abs(y - y_all).max()) > 1e-3  # keeping every block gives another answer
+    with pytest.raises(ValueError, match="longer than the block memory was made for"):
+        layer.memory_prefill(layer.init_memory(2, max_blocks=2, max_chunk=5), x[:, :12])
+
+
+@pytest.mark.slow  # ~10 s; test_full_memory_evicts_the_oldest_blocks covers the ring in the default run
+def test_remapped_retrieval_from_a_wrapped_ring():
+    # Remapping after eviction: 6 blocks through a cache keeping 2 (slots 4 % 4 = 0 and 5 % 4 = 1), k = 3. Only
+    # blocks 4 and 5 are candidates; they are the most recent, so they sit in remapped slots 1 and 2 (mem_cache.py
+    # ranks blocks by age, whatever ring slot they occupy) and their keys are read at positions N.. and 2N...
+    layer, x = make_layer(mem_topk=3, remap=True), make_x(31, B=1)
+    N = layer.block_size
+    state = layer.init_memory(1, max_blocks=2, max_chunk=N)
+    prefill = jax.jit(layer.memory_prefill)
+    for b in range(6):
+        state, _ = prefill(state, x[:, b * N : (b + 1) * N])
+    q = apply_rope(layer._qkv(x[:, 30:31])[0], jnp.array([3 * N]), layer.config.rope_theta)
+    s_sel, v_sel, valid, picked = jax.jit(layer._retrieve)(state, q)
+    np.testing.assert_array_equal(np.asarray(picked[..., :2]), np.broadcast_to([4, 5], picked.shape[:3] + (2,)))
+    assert np.asarray(valid[..., :2]).all() and not np.asarray(valid[..., 2]).any()
+    for i, slot in enumerate((0, 1)):  # block 4 in slot 0, block 5 in slot 1
+        k = apply_rope(state["mem_k"][:, slot], (i + 1) * N + jnp.arange(N), layer.config.rope_theta)  # [1, N, H, K]
+        want = jnp.einsum("bthk,bnhk->bhtn", q, k) * layer.head_dim**-0.5
+        assert_close(f"scores of block {4 + i}", s_sel[:, :, :, i], want, 1e-5)
+        np.testing.assert_array_equal(np.asarray(v_sel[0, :, 0, i]), np.asarray(state["mem_v"][0, slot].swapaxes(0, 1)))
 
 
 def test_remap_positions_bounded_whatever_the_context():

@@ -50,3 +50,28 @@ def test_config_errors_name_the_field():
     state = layer.init_state(1, 8)
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
     assert layer.state_size(10) == layer.state_size(10_000) == n_bytes + 4  # + the position
+
+
+@pytest.mark.parametrize("depth", [pytest.param(1, marks=pytest.mark.slow), 3])
+def test_memory_depth(depth):
+    """titans.depth L: w1..wL (K -> F -> ... -> K; L = 1 is K -> K), every matrix read, the state sized to match."""
+    from effarch.train.config import load_config
+
+    assert load_config([], [f"model.titans.depth={depth}"]).model.titans.depth == depth
+    cfg = NeuralMemoryConfig(n_heads=2, expansion=2, chunk_size=4, batch_size=8, depth=depth)
+    layer = NeuralMemory(D, cfg, rngs=nnx.Rngs(0))
+    K, F = D // 2, 2 * D // 2
+    widths = [K, *[F] * (depth - 1), K]
+    assert [layer._params()[f"w{i + 1}"].shape for i in range(depth)] == [
+        (2, a, b) for a, b in zip(widths[:-1], widths[1:])]
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 8, D)), jnp.float32)
+    run = nnx.jit(lambda layer, x: layer(x))  # one compilation for both calls
+    before = run(layer, x)
+    last = getattr(layer, f"w{depth}")
+    last[...] = last[...] * 2.0
+    assert float(jnp.max(jnp.abs(run(layer, x) - before))) > 1e-6  # the last matrix is part of the memory
+    state = layer.init_state(1, 8)
+    n_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    assert layer.state_size(10) == n_bytes + 4
+    with pytest.raises(ValueError, match="titans.depth must be positive, got 0"):
+        NeuralMemoryConfig(depth=0)

@@ -1,15 +1,21 @@
-"""The text data pipeline: TFDS builder round trip, packing masks, per-epoch shuffle, process rows, config errors."""
+"""The text data pipeline: TFDS builder round trip, packing masks, per-epoch shuffle, process rows, config errors,
+the train windows read from the corpus by index (never the whole corpus)."""
 
+import dataclasses
+
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from effarch.train.config import ConfigError, DataConfig, load_config
 from effarch.train.data import build_data, local_text
+from effarch.train.data.corpus_windows import CorpusWindows, document_ends
 from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.data.packing import PackedWindows, concatenate
 from effarch.train.data.text import read_bytes
-from effarch.train.data.text_stream import TextStream
+from effarch.train.data.text_stream import TextStream, read_documents
+from effarch.train.data.tokenizers import ByteTokenizer
 
 DOCS = {  # distinct sizes, a nested directory, non-ASCII text
     "a.txt": "alpha document\n" * 7,
@@ -161,3 +167,63 @@ def test_tfds_name_source_matches_the_local_corpus(corpus, tmp_path):
                                 batch_size=2)
     np.testing.assert_array_equal(named.batch(3)[0], local.batch(3)[0])
     np.testing.assert_array_equal(nval.labels, lval.labels)
+
+
+class _CountingDocs:
+    """Documents by index that record which were read (the window reader's only access to the corpus)."""
+
+    def __init__(self, docs):
+        self.docs, self.reads = docs, []
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, j):
+        self.reads.append(j)
+        return self.docs[j]
+
+
+@pytest.mark.parametrize("seq_len, max_bytes", [(7, 10_000), (40, 10_000), (7, 150)])
+def test_corpus_windows_read_only_the_documents_they_overlap(seq_len, max_bytes):
+    docs = _CountingDocs([v.encode() for v in DOCS.values()] * 3)  # 15 documents of 6 to 240 bytes
+    tok = ByteTokenizer()
+    ends = document_ends(docs, tok, max_bytes)
+    windows = CorpusWindows(docs, ends, tok, seq_len, max_bytes)
+    # The same windows as the packed stream held in memory (what the train split was before).
+    texts = read_documents(grain.MapDataset.source(docs.docs), max_bytes)
+    packed = PackedWindows(concatenate([tok.encode(t) for t in texts], 256), seq_len, 256)
+    assert len(windows) == len(packed) and windows.n_tokens == len(packed.tokens)
+    starts = np.concatenate([[0], ends[:-1]])
+    for i in range(len(windows)):
+        docs.reads = []
+        for a, b in zip(windows[i], packed[i]):
+            np.testing.assert_array_equal(a, b)
+        lo, hi = i * seq_len, min(i * seq_len + seq_len + 1, windows.n_tokens)
+        overlapping = [j for j in range(len(ends)) if starts[j] < hi and ends[j] > lo]
+        assert docs.reads == overlapping  # each overlapping document read once, nothing else
+    with pytest.raises(IndexError):
+        windows[len(windows)]
+
+
+def test_train_windows_come_from_the_cached_offsets(corpus, tmp_path, monkeypatch):
+    cfg = DataConfig(task="text", text_source=str(corpus), data_dir=str(tmp_path), seq_len=13, val_fraction=0.2)
+    stream, _ = build_data(cfg, vocab_size=257, batch_size=4)
+    assert isinstance(stream.windows, CorpusWindows)
+    (cached,) = (tmp_path / "effarch_offsets").iterdir()
+    np.testing.assert_array_equal(np.load(cached), stream.windows.ends)
+
+    def no_pass(*args):
+        raise AssertionError("the offsets were computed again")
+
+    monkeypatch.setattr("effarch.train.data.corpus_windows.document_ends", no_pass)
+    again, _ = build_data(cfg, vocab_size=257, batch_size=4)  # a resumed run: the cache, not another pass
+    for step in (0, 3, 9):
+        np.testing.assert_array_equal(again.batch(step)[0], stream.batch(step)[0])
+    # Another max_bytes is another stream: its own offsets (the pass runs, here refused).
+    with pytest.raises(AssertionError, match="computed again"):
+        build_data(dataclasses.replace(cfg, max_bytes=100), vocab_size=257, batch_size=4)
+    # A cache that does not match the documents is refused, not trained on.
+    np.save(cached, np.asarray(stream.windows.ends) + 1)
+    stale, _ = build_data(cfg, vocab_size=257, batch_size=4)
+    with pytest.raises(ValueError, match="cached offsets"):
+        stale.windows[0]

@@ -26,9 +26,26 @@ def concatenate(docs, sep_id: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
+def window(chunk: np.ndarray, seq_len: int, sep_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stream positions [i·L, i·L + L + 1) of window i (fewer at the end) -> (inputs [L], labels [L]) int32."""
+    inputs = np.full(seq_len, sep_id, np.int32)
+    labels = np.full(seq_len, IGNORE_LABEL, np.int32)
+    inputs[: len(chunk) - 1] = chunk[:-1]
+    labels[: len(chunk) - 1] = chunk[1:]
+    labels[inputs == sep_id] = IGNORE_LABEL  # the next document's first token, and the pads
+    return inputs, labels
+
+
+def n_windows(n_tokens: int, seq_len: int) -> int:
+    """Windows of a stream of n_tokens: every target position once, the last window padded."""
+    return -(-(n_tokens - 1) // seq_len)
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedWindows:
-    """The windows of a packed token stream, by index: a grain random-access data source (`len`, `[i]`).
+    """The windows of a packed token stream held in memory, by index: a grain random-access data source (`len`,
+    `[i]`). The eval split uses it; the train split reads the same windows from the corpus instead
+    (train/data/corpus_windows.py), so its memory does not grow with the corpus.
 
     Attributes:
       tokens: the stream, [N] int32 (`concatenate`).
@@ -45,20 +62,14 @@ class PackedWindows:
             raise ValueError(f"the packed stream has {len(self.tokens)} tokens: too few for one window")
 
     def __len__(self) -> int:
-        return -(-(len(self.tokens) - 1) // self.seq_len)  # every target position, the last window padded
+        return n_windows(len(self.tokens), self.seq_len)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs [L] int32, labels [L] int32) of window i."""
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} of {len(self)}")
         L = self.seq_len
-        chunk = self.tokens[i * L : i * L + L + 1]
-        inputs = np.full(L, self.sep_id, np.int32)
-        labels = np.full(L, IGNORE_LABEL, np.int32)
-        inputs[: len(chunk) - 1] = chunk[:-1]
-        labels[: len(chunk) - 1] = chunk[1:]
-        labels[inputs == self.sep_id] = IGNORE_LABEL  # the next document's first token, and the pads
-        return inputs, labels
+        return window(self.tokens[i * L : i * L + L + 1], L, self.sep_id)
 
     def all(self) -> tuple[np.ndarray, np.ndarray]:
         """Every window in order: inputs and labels [len(self), L]."""

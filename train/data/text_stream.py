@@ -6,7 +6,10 @@
   random-access `ArrayRecordDataSource` wrapped in `grain.MapDataset` (no TensorFlow).
 - `data.train_split` / `data.eval_split` name the splits; at most `data.max_bytes` / `data.max_eval_bytes` of text
   are read from each (whole documents in stored order, each cut at the limit).
-- Windows are packed by train/data/packing.py (separator, cross-document labels masked, pads -100).
+- Windows are packed by train/data/packing.py (separator, cross-document labels masked, pads -100). The train
+  split is never held in memory: its windows are read from the array_record files by index
+  (train/data/corpus_windows.py; document offsets computed once and cached under the data directory), so memory
+  does not grow with the corpus or `data.max_bytes`. The eval split (`data.max_eval_bytes`) is packed in memory.
 - The order: epoch e (every window once) is Grain's index shuffle with seed (derived(data.seed) + e). Global batch
   `step` holds the windows at positions [step·B, (step + 1)·B) of that endless sequence, so it is a pure function of
   (data config, corpus, step): a resumed run, a prefetching thread and every process see the same batches, and a
@@ -20,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from effarch.train.data import local_text
+from effarch.train.data.corpus_windows import CorpusWindows, cached_document_ends, offsets_path, tokenizer_key
 from effarch.train.data.packing import PackedWindows, concatenate
 from effarch.train.data.tokenizers import Tokenizer, make_tokenizer
 
@@ -82,6 +86,7 @@ def read_documents(docs: grain.MapDataset, max_bytes: int) -> list[bytes]:
 
 
 def pack_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> tuple[PackedWindows, str]:
+    """The split's packed windows, in memory (the eval split)."""
     docs, fingerprint = document_source(data_cfg, split)
     texts = read_documents(docs, max_bytes)
     tokens = concatenate([tokenizer.encode(t) for t in texts], tokenizer.sep_id)
@@ -90,10 +95,22 @@ def pack_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> tu
     return PackedWindows(tokens, data_cfg.seq_len, tokenizer.sep_id), fingerprint
 
 
+def corpus_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> tuple[CorpusWindows, str]:
+    """The split's packed windows, read from the corpus by index (the train split): the same windows as
+    `pack_split`, in memory independent of the corpus size."""
+    docs, fingerprint = document_source(data_cfg, split)
+    path = offsets_path(local_text.resolve_data_dir(data_cfg.data_dir), fingerprint,
+                        tokenizer_key(data_cfg.tokenizer, data_cfg.tokenizer_model), max_bytes)
+    ends = cached_document_ends(path, docs, tokenizer, max_bytes)
+    if (int(ends[-1]) if len(ends) else 0) < 2:
+        raise ValueError(f"data.text_source {data_cfg.text_source!r}: split {split!r} holds no text")
+    return CorpusWindows(docs, ends, tokenizer, data_cfg.seq_len, max_bytes), fingerprint
+
+
 class TextStream:
     """Batches of packed windows by step: `batch(step, rows)` -> (inputs, labels) [rows, seq_len] int32."""
 
-    def __init__(self, windows: PackedWindows, batch_size: int, seed: int, fingerprint: str = ""):
+    def __init__(self, windows: PackedWindows | CorpusWindows, batch_size: int, seed: int, fingerprint: str = ""):
         if len(windows) < batch_size:
             raise ValueError(f"the train split packs into {len(windows)} windows of data.seq_len={windows.seq_len}, "
                              f"fewer than train.batch_size={batch_size}: give data.max_bytes or more text")
@@ -123,7 +140,7 @@ def build_text_data(data_cfg, vocab_size: int, batch_size: int):
     if vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the {tokenizer.vocab_size} ids of "
                          f"data.tokenizer={data_cfg.tokenizer} (separator id {tokenizer.sep_id} included)")
-    train, fingerprint = pack_split(data_cfg, tokenizer, data_cfg.train_split, data_cfg.max_bytes)
+    train, fingerprint = corpus_split(data_cfg, tokenizer, data_cfg.train_split, data_cfg.max_bytes)
     val, _ = pack_split(data_cfg, tokenizer, data_cfg.eval_split, data_cfg.max_eval_bytes)
     n_labels, n_bytes = val.labelled_bytes(tokenizer.token_bytes())
     vx, vy = val.all()
