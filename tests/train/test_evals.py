@@ -330,3 +330,21 @@ def test_sweep_worker_processes_resume_after_the_whole_sweep_is_killed(tmp_path)
         assert "resumed from" in (r / "sweep.log").read_text()
         assert json.loads((r / "sweep_done.json").read_text())["trained"]["step"] == 100
     assert "| attention | 0.01 | " in out.stdout
+
+
+
+def test_sweep_rerun_with_changed_overrides_keeps_the_finished_results(toy_sweep, tmp_path, capsys):
+    """A rerun whose overrides changed (here the model, so its runs are refused) leaves sweep.json and table.md of
+    the finished sweep as they were and writes its own results beside them."""
+    out = toy_sweep["dir"]
+    finished = {name: (out / name).read_bytes() for name in ("sweep.json", "table.md")}
+    path = tmp_path / "changed.yaml"
+    changed = (SWEEP % {"root": ROOT}).replace("  model.vocab_size: 64\n", "  model.vocab_size: 64\n  model.d_model: 48\n")
+    path.write_text(changed)
+    code, _, err = cli(capsys, "sweep", str(path), "--sweep-dir", str(out), "--jobs", "1")
+    assert code == 1  # the saved runs' checkpoints are of another model: refused, nothing trained
+    assert "attention-lr=0.01: finished earlier with other overrides; running it again" in err
+    assert "kept sweep.json and table.md of the earlier sweep: attention-lr=0.0001, attention-lr=0.01" in err
+    assert {name: (out / name).read_bytes() for name in finished} == finished
+    attempt = json.loads((out / "sweep.attempt.json").read_text())
+    assert all(r["status"].startswith("failed") for r in attempt["runs"]) and attempt["best"] == []

@@ -3,7 +3,7 @@
 Tasks (one module each): `perplexity` (held-out loss, perplexity, bits per token / byte), `mqar` (accuracy per test
 segment, Zoology's protocol), `passkey` and `niah` (exact match by context length and depth, with a heatmap PNG).
 Results go to RUN_DIR/eval/<task>.json (+ <task>.png); `effarch report DIR` tabulates them and `effarch sweep`
-(train/evals/sweep.py) runs them after training every config of a grid.
+(train/evals/sweep.py and its parts sweep_*.py) runs them after training every config of a grid.
 """
 
 import argparse
