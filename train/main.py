@@ -9,6 +9,7 @@ status 2 and one line naming what was wrong, without a traceback.
 
 import argparse
 import logging
+import math
 import sys
 
 USAGE = """usage:
@@ -86,19 +87,27 @@ def generate_cli(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.text is None):
         _fail("generate needs exactly one of --prompt (token ids) or --text (bytes)")
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        _fail("--max-new-tokens must be >= 1 and --temperature >= 0")
+    if args.max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        _fail(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
 
     import numpy as np
+    from flax import nnx
 
+    from effarch.arches.lm import DecoderLM
     from effarch.train.config import ConfigError
     from effarch.train.data.tokenizers import make_tokenizer
-    from effarch.train.generate import generate, load_run
+    from effarch.train.generate import check_reach, generate, load_run, load_run_config
 
+    # Every check on the config alone, before the checkpoint is restored.
     try:
-        run_cfg, model = load_run(args.run_dir)
+        run_cfg = load_run_config(args.run_dir)
     except ConfigError as e:
         _fail(str(e))
+    if args.text is not None and run_cfg.data.task not in ("text", "bytes"):
+        _fail(f"--text needs a model trained on text (data.task text or bytes); {args.run_dir} was trained on "
+              f"data.task {run_cfg.data.task}, whose tokens are not text: give token ids with --prompt")
     # A text-task model reads and writes its tokenizer's ids; the bytes task's are the bytes themselves.
     tokenizer = make_tokenizer(run_cfg.data.tokenizer, run_cfg.data.tokenizer_model) if (
         run_cfg.data.task == "text") else None
@@ -111,9 +120,18 @@ def generate_cli(argv: list[str]) -> None:
             ids = [int(t) for t in args.prompt.split()]
         except ValueError:
             _fail(f"--prompt must be space-separated integers, got {args.prompt!r}")
-    vocab = model.cfg.vocab_size
+    vocab = run_cfg.model.vocab_size
     if not ids or min(ids) < 0 or max(ids) >= vocab:
         _fail(f"prompt token ids must be in [0, {vocab}), got {ids}")
+    try:
+        check_reach(nnx.eval_shape(lambda: DecoderLM(run_cfg.model, rngs=nnx.Rngs(0))), 1, len(ids),
+                    args.max_new_tokens)
+    except ValueError as e:
+        _fail(f"--max-new-tokens: {e}")
+    try:
+        _, model = load_run(args.run_dir)
+    except ConfigError as e:
+        _fail(str(e))
     out = generate(model, np.array([ids]), args.max_new_tokens, temperature=args.temperature, seed=args.seed)[0]
     if args.text is not None and tokenizer is not None:
         print(tokenizer.decode(out))
