@@ -18,6 +18,7 @@ from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import Config, ConfigError, load_config
 from effarch.train.data.text_stream import document_source
 from effarch.train.data.tokenizers import make_tokenizer
+from effarch.train.run_dir import checkpoint_steps
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -32,12 +33,14 @@ def load_run(run_dir: str | Path) -> tuple[Config, DecoderLM]:
     """(resolved config, model with the parameters of the newest complete checkpoint) of a training run directory."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    # Looked up before a Checkpointer exists: it would create checkpoints/ and, left unclosed, print an Orbax
+    # traceback at exit.
+    if not checkpoint_steps(run_dir):
+        raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint (nothing was saved yet: train it first)")
     model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     steps = ckpt.steps()
-    if not steps:
-        raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint (nothing was saved yet: train it first)")
     try:
         restored = ckpt.restore_latest(params)  # the params item only
     except CheckpointMismatch as e:

@@ -271,7 +271,10 @@ def test_depth_evals_write_json_table_and_heatmap(trained_run, capsys, task):
     code, out, err = cli(capsys, "eval", str(trained_run), task, "--lengths", "40", "--depths", "0", "1",
                          "--trials", "3", "--batch-size", "6")
     assert code == 0, err
+    # A token-level task the MQAR model was not trained on: it runs (transfer), with a warning naming the run's task.
+    assert f"effarch: warning: {str(trained_run)!r} was trained on data.task mqar, not {task}" in err
     result = json.loads((trained_run / "eval" / f"{task}.json").read_text())
+    assert result["trained_task"] == "mqar" and "not " + task in result["warning"]
     by_len = result["results"]["full"]
     assert set(by_len) == {"40"} and set(by_len["40"]["by_depth"]) == {"0.0", "1.0"}
     for r in by_len.values():  # as many trials per depth: the accuracy is the mean over depths
@@ -299,7 +302,12 @@ def test_eval_bad_input_is_one_line_exit_2(trained_run, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.yaml").write_text(dump_config(load_config([trained_run / "config.yaml"])))
     code, _, err = cli(capsys, "eval", str(empty), "perplexity")
-    assert code == 2 and "no checkpoint" in err
+    assert code == 2 and "no checkpoint" in err and err.count("\n") == 1
+    assert not (empty / "checkpoints").exists()  # looking for checkpoints creates no directory
+    # A token-level task on a model whose tokens are bytes means nothing: refused before anything is restored.
+    (empty / "config.yaml").write_text(dump_config(load_config([trained_run / "config.yaml"], ["data.task=bytes"])))
+    code, _, err = cli(capsys, "eval", str(empty), "passkey")
+    assert code == 2 and "was trained on data.task bytes, whose tokens are text" in err
     tiny_vocab = ModelConfig(vocab_size=16, d_model=8, n_layers=1)
     with pytest.raises(common.EvalError, match="task niah needs model.vocab_size >= 36"):
         niah_eval.evaluate(DecoderLM(tiny_vocab, rngs=nnx.Rngs(0)), [40], [0.0], trials=1, seed=0, batch_size=1)
