@@ -10,6 +10,7 @@ status 2 and one line naming what was wrong, without a traceback.
 import argparse
 import logging
 import math
+import os
 import sys
 
 USAGE = """usage:
@@ -36,8 +37,9 @@ def _fail(msg: str, code: int = 2):
 def train_cli(argv: list[str]) -> None:
     from effarch.train.config import ConfigError, load_config
 
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
+    # key=value is an override, unless a file of that name exists (a config named a=b.yaml).
+    overrides = [a for a in argv if "=" in a and not os.path.isfile(a)]
+    files = [a for a in argv if a not in overrides]
     if not files:
         _fail("train needs at least one CONFIG.yaml\n" + USAGE)
     try:
@@ -249,7 +251,27 @@ def main(argv: list[str] | None = None) -> None:
                 "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli}
     if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
-    commands[cmd](rest)
+    try:
+        commands[cmd](rest)
+    except OSError as e:  # a path that cannot be read or written: the path and why, not a traceback
+        _fail(os_error_message(e))
+    except KeyboardInterrupt:  # Ctrl-C before training installs its own handler (which checkpoints and stops)
+        print(f"effarch: {cmd} interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the path and what is wrong with it."""
+    path = e.filename
+    if path is None:
+        return e.strerror or str(e)
+    if isinstance(e, FileExistsError) and not os.path.isdir(path):
+        return f"{path}: exists and is not a directory"
+    if isinstance(e, NotADirectoryError):
+        return f"{path}: a part of this path is a file, not a directory"
+    if isinstance(e, PermissionError):
+        return f"{path}: permission denied (check the permissions of it and of its directory)"
+    return f"{path}: {e.strerror or e}"
 
 
 if __name__ == "__main__":
