@@ -73,3 +73,33 @@ def test_ctrl_c_during_startup_is_one_line(tmp_path, capsys, monkeypatch):
     code, out, err = cli(capsys, "train", BASE, TINY, f"train.run_dir={tmp_path / 'run'}")
     assert code == 130 and err == "effarch: train interrupted\n" and out == ""
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason=AS_ROOT)
+def test_unreadable_corpus_file(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text("some text\n" * 50)
+    (corpus / "b.txt").chmod(0o000)
+    try:
+        code, _, err = cli(capsys, "train", ROOT / "configs" / "lm" / "quickstart.yaml", TINY, "model.vocab_size=257",
+                           f"data.text_source={corpus}", f"data.data_dir={tmp_path / 'tfds'}", "data.seq_len=16",
+                           f"train.run_dir={tmp_path / 'run'}")
+    finally:
+        (corpus / "b.txt").chmod(0o644)
+    assert code == 2 and f"{corpus / 'b.txt'}: permission denied" in one_error_line(err)
+
+
+def test_a_data_error_writes_nothing_to_the_run_dir(tmp_path, capsys):
+    """A binary file in a text corpus: one line naming it, and no config.yaml / run_info.json of a run that never
+    started (they were written before the data was read)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text\n" * 50)
+    (corpus / "b.bin").write_bytes(bytes(range(256)))
+    code, _, err = cli(capsys, "train", ROOT / "configs" / "lm" / "quickstart.yaml", TINY, "model.vocab_size=257",
+                       f"data.text_source={corpus}", f"data.data_dir={tmp_path / 'tfds'}", "data.seq_len=16",
+                       f"train.run_dir={tmp_path / 'run'}")
+    assert code == 2 and f"{corpus / 'b.bin'} is not a text file (a NUL byte at offset 0)" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
