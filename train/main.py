@@ -3,8 +3,9 @@
 `effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py), and the evaluation suite
 (train/evals/): `effarch eval RUN_DIR TASK [options]`, `effarch sweep SWEEP.yaml`, `effarch report DIR`.
 
-Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint) exits with
-status 2 and one line naming what was wrong, without a traceback.
+Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint, a path that
+cannot be read or written) exits with status 2 and one line naming what was wrong, without a traceback; Ctrl-C
+before training has installed its own handler (which checkpoints, then stops) exits 130 with one line.
 """
 
 import argparse

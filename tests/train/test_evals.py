@@ -347,8 +347,8 @@ def test_sweep_rerun_with_changed_overrides_keeps_the_finished_results(toy_sweep
     out = toy_sweep["dir"]
     finished = {name: (out / name).read_bytes() for name in ("sweep.json", "table.md")}
     path = tmp_path / "changed.yaml"
-    changed = (SWEEP % {"root": ROOT}).replace("  model.vocab_size: 64\n", "  model.vocab_size: 64\n  model.d_model: 48\n")
-    path.write_text(changed)
+    path.write_text((SWEEP % {"root": ROOT}).replace("  model.vocab_size: 64\n", "  model.vocab_size: 64\n"
+                                                                                  "  model.d_model: 48\n"))
     code, _, err = cli(capsys, "sweep", str(path), "--sweep-dir", str(out), "--jobs", "1")
     assert code == 1  # the saved runs' checkpoints are of another model: refused, nothing trained
     assert "attention-lr=0.01: finished earlier with other overrides; running it again" in err
