@@ -1,6 +1,8 @@
 """The results of a sweep: one row per run (grid values, eval summaries, training record), the best row per group,
 and the files SWEEP_DIR/sweep.json, table.md and, with an `mqar` eval and matplotlib, mqar_accuracy_vs_state.png
 (Zoology's figure: accuracy against decode-state bytes). `effarch report` prints `best_table` of a sweep.json.
+A rerun that would report as unfinished a run the existing sweep.json has finished (its settings changed, or it
+failed) keeps those files and writes sweep.attempt.json, table.attempt.md (and the PNG) beside them.
 """
 
 import json
