@@ -109,8 +109,14 @@ def generate_cli(argv: list[str]) -> None:
     except ConfigError as e:
         _fail(str(e))
     if args.text is not None and run_cfg.data.task not in ("text", "bytes"):
-        _fail(f"--text needs a model trained on text (data.task text or bytes); {args.run_dir} was trained on "
-              f"data.task {run_cfg.data.task}, whose tokens are not text: give token ids with --prompt")
+        from pathlib import Path
+
+        info = Path(args.run_dir) / "run_info.json"
+        imported = info.is_file() and "imported_from" in info.read_text()
+        what = ("was imported from Hugging Face (its tokens are ids of its own tokenizer, which effarch does not read)"
+                if imported else f"was trained on data.task {run_cfg.data.task}, whose tokens are not text")
+        _fail(f"--text needs a model trained on text (data.task text or bytes); {args.run_dir} {what}: give token "
+              "ids with --prompt")
     # A text-task model reads and writes its tokenizer's ids; the bytes task's are the bytes themselves.
     tokenizer = make_tokenizer(run_cfg.data.tokenizer, run_cfg.data.tokenizer_model) if (
         run_cfg.data.task == "text") else None
