@@ -10,7 +10,10 @@ what `effarch generate OUT_DIR` samples from.
 
 import dataclasses
 import importlib
+import inspect
 import json
+import types
+import typing
 from pathlib import Path
 
 import jax
@@ -28,6 +31,64 @@ CONVERSIONS = {
     "moh": "effarch.arches.convert_moh:convert_to_moh",
     "diffqkv": "effarch.arches.convert_diffqkv:convert_attention_to_diffqkv",
 }
+# Where a conversion passes its options on (**options), the function whose keyword arguments they are.
+OPTIONS_OF = {"moh": "effarch.arches.convert_moh:moh_config_from_attention"}
+
+
+def _function(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def conversion_options(to: str) -> dict[str, object]:
+    """{option: its type annotation} of conversion `to`: the keyword arguments after (config, params)."""
+    fn = _function(OPTIONS_OF.get(to, CONVERSIONS[to]))
+    hints = typing.get_type_hints(fn)
+    return {name: hints.get(name, object) for name, p in inspect.signature(fn).parameters.items()
+            if p.kind == p.KEYWORD_ONLY}
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a YAML-parsed option value is of the annotated type (int | None, bool, str | None, float, ...)."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
+        annotation,)
+    for kind in kinds:
+        if kind is object or (kind is type(None) and value is None):
+            return True
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if isinstance(kind, type) and isinstance(value, kind) and not (isinstance(value, bool) and kind is int):
+            return True
+    return False
+
+
+def _type_name(annotation) -> str:
+    return " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in (
+        typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)))
+
+
+def parse_options(to: str, overrides: list[str]) -> dict:
+    """`key=value` options of conversion `to` (values parsed as YAML scalars), each checked against the function's
+    keyword arguments and their types; ConfigError names an unknown option or a value of the wrong type."""
+    import yaml
+
+    known = conversion_options(to)
+    options = {}
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"convert option {o!r}: expected key=value")
+        k, v = o.split("=", 1)
+        if k not in known:
+            raise ConfigError(f"convert --to {to}: unknown option {k!r}; its options are {', '.join(known) or 'none'}")
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError:
+            value = v  # not a YAML scalar: a string, which the type check below names
+        if not _fits(value, known[k]):
+            raise ConfigError(f"convert --to {to}: {k}: expected {_type_name(known[k])}, got {v!r}")
+        options[k] = value
+    return options
 
 
 def load_run_params(run_dir: str | Path) -> tuple[Config, nnx.State]:
@@ -65,17 +126,9 @@ def convert_run(src: str | Path, out: str | Path, to: str, overrides: list[str] 
     conversion function (parsed as YAML scalars)."""
     if to not in CONVERSIONS:
         raise ConfigError(f"--to: unknown conversion {to!r}; choose from {sorted(CONVERSIONS)}")
-    module, name = CONVERSIONS[to].split(":")
-    fn = getattr(importlib.import_module(module), name)
+    fn = _function(CONVERSIONS[to])
+    options = parse_options(to, list(overrides))  # before the source run is read
     cfg, params = load_run_params(src)
-    options = {}
-    import yaml
-
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"convert option {o!r}: expected key=value")
-        k, v = o.split("=", 1)
-        options[k] = yaml.safe_load(v)
     try:
         model_cfg, new_params = fn(cfg.model, params, **options)
     except (TypeError, ValueError) as e:

@@ -4,6 +4,8 @@ Decoding goes through each mixer's init_state / prefill / decode_step (KV caches
 states for recurrent mixers), so generation costs O(1) or O(T) per token rather than a full forward pass.
 """
 
+import math
+import os
 from pathlib import Path
 
 import jax
@@ -16,20 +18,29 @@ from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import Config, ConfigError, load_config
 from effarch.train.data.text_stream import document_source
 from effarch.train.data.tokenizers import make_tokenizer
+from effarch.train.run_dir import checkpoint_steps
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config (config.yaml) of a training run directory; ConfigError when it has none."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"run dir {str(run_dir)!r} has no config.yaml: is it a training run directory?")
+    return load_config([run_dir / "config.yaml"])
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, DecoderLM]:
     """(resolved config, model with the parameters of the newest complete checkpoint) of a training run directory."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"run dir {str(run_dir)!r} has no config.yaml: is it a training run directory?")
-    cfg = load_config([run_dir / "config.yaml"])
+    cfg = load_run_config(run_dir)
+    # Looked up before a Checkpointer exists: it would create checkpoints/ and, left unclosed, print an Orbax
+    # traceback at exit.
+    if not checkpoint_steps(run_dir):
+        raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint (nothing was saved yet: train it first)")
     model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     steps = ckpt.steps()
-    if not steps:
-        raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint to generate from")
     try:
         restored = ckpt.restore_latest(params)  # the params item only
     except CheckpointMismatch as e:
@@ -47,14 +58,45 @@ def load_model(run_dir: str | Path) -> DecoderLM:
     return load_run(run_dir)[1]
 
 
+def available_memory() -> int | None:
+    """Bytes the decode state may take: free memory of the first device (GPU/TPU), else available host memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not on this platform: no check
+        return None
+
+
+def check_reach(model: DecoderLM, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+    """ValueError naming the limit when decoding `max_new_tokens` after a prompt cannot run: positions past int32,
+    or a decode state (KV caches grow with the length) larger than the memory there is."""
+    total = prompt_len + max_new_tokens
+    if total >= 2**31:
+        raise ValueError(f"prompt + new tokens = {total:,} positions, more than the 2^31 - 1 a "
+                         "position index holds")
+    need, have = batch * model.state_size(total), available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"{max_new_tokens:,} new tokens need {need / 2**30:,.1f} GiB of decode "
+                         f"state (KV caches grow with the length), more than the {have / 2**30:,.1f} GiB available")
+
+
 def generate(
     model: DecoderLM, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0
 ) -> np.ndarray:
-    """Tokens [B, max_new_tokens] continuing `prompt` [B, P]: greedy when temperature == 0, else sampled."""
+    """Tokens [B, max_new_tokens] continuing `prompt` [B, P]: greedy when temperature == 0, else sampled.
+
+    ValueError for a temperature that is negative or not finite, and for a length out of reach (`check_reach`)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1], got shape {prompt.shape}")
     batch, plen = prompt.shape
+    check_reach(model, batch, plen, max_new_tokens)
     graphdef, state = nnx.split(model)
 
     def pick(logits, key):

@@ -15,6 +15,7 @@ The config and tensor-name mappings are arches/hf_llama.py.
 """
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16" dtype, which safetensors' numpy reader asks for
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from effarch.arches.hf_llama import (
@@ -47,16 +48,17 @@ def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise HFConfigError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-    try:
-        hf_config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise HFConfigError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    hf_config = _read_json_object(path / "config.json")
     if (path / INDEX).is_file():
-        weight_map = json.loads((path / INDEX).read_text()).get("weight_map")
+        weight_map = _read_json_object(path / INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFConfigError(f"{path / INDEX}: weight_map: missing or empty")
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
+            # A shard is a file of this directory: an absolute path or one that climbs out is refused, never read.
+            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+                raise HFConfigError(f"{path / INDEX}: weight_map puts {name} in {file!r}; a shard must be a file "
+                                    "name in the checkpoint directory (no directories, no absolute paths)")
             files.setdefault(file, []).append(name)
     elif (path / SINGLE).is_file():
         files = {SINGLE: None}
@@ -68,19 +70,36 @@ def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     for file, names in files.items():
         if not (path / file).is_file():
             raise HFConfigError(f"{path / INDEX}: weight_map names {file}, which does not exist")
-        with safe_open(path / file, framework="np") as f:
-            stored = set(f.keys())
-            for name in names if names is not None else sorted(stored):
-                if name not in stored:
-                    raise HFConfigError(f"{path / INDEX}: weight_map puts {name} in {file}, which lacks it")
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(path / file, framework="np") as f:
+                stored = set(f.keys())
+                for name in names if names is not None else sorted(stored):
+                    if name not in stored:
+                        raise HFConfigError(f"{path / INDEX}: weight_map puts {name} in {file}, which lacks it")
+                    tensors[name] = f.get_tensor(name)
+        except SafetensorError as e:  # empty, truncated or not safetensors at all
+            raise HFConfigError(f"{path / file}: not a readable safetensors file ({e}); is it complete?") from None
     return hf_config, tensors
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise HFConfigError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(value, dict):
+        raise HFConfigError(f"{path}: expected a JSON object {{...}}, got a {type(value).__name__}")
+    return value
 
 
 def write_hf_checkpoint(path: str | Path, hf_config: dict, tensors: Mapping[str, np.ndarray], *,
                         max_shard_bytes: int | None = None) -> Path:
     """Writes config.json and model.safetensors, or shards + model.safetensors.index.json past max_shard_bytes."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a directory; choose a new directory to write the checkpoint")
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -93,16 +112,25 @@ def write_hf_checkpoint(path: str | Path, hf_config: dict, tensors: Mapping[str,
         size += value.nbytes
     meta = {"format": "pt"}  # transformers checks this key of the safetensors metadata
     if len(shards) == 1:
-        save_file(dict(shards[0]), str(path / SINGLE), metadata=meta)
+        _save(shards[0], path / SINGLE, meta)
         return path
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(dict(shard), str(path / file), metadata=meta)
+        _save(shard, path / file, meta)
         weight_map.update({name: file for name in shard})
     total = sum(v.nbytes for v in tensors.values())
     (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return path
+
+
+def _save(tensors: Mapping[str, np.ndarray], file: Path, metadata: dict) -> None:
+    """save_file, then the mode of any file written here (0666 less the umask): safetensors creates it 0600, which
+    hides a shared checkpoint from everyone else."""
+    save_file(dict(tensors), str(file), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
 
 
 def import_hf(path: str | Path, run_dir: str | Path, *, seed: int = 0) -> Config:
@@ -111,6 +139,8 @@ def import_hf(path: str | Path, run_dir: str | Path, *, seed: int = 0) -> Config
     Returns the run's Config. Refuses a run_dir that already holds a config or checkpoints.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run dir {str(run_dir)!r} exists and is not a directory; choose a new directory")
     if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
         raise ConfigError(f"run dir {str(run_dir)!r} already holds a run; choose a new directory")
     hf_config, tensors = read_hf_checkpoint(path)

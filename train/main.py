@@ -3,12 +3,15 @@
 `effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py), and the evaluation suite
 (train/evals/): `effarch eval RUN_DIR TASK [options]`, `effarch sweep SWEEP.yaml`, `effarch report DIR`.
 
-Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint) exits with
-status 2 and one line naming what was wrong, without a traceback.
+Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint, a path that
+cannot be read or written) exits with status 2 and one line naming what was wrong, without a traceback; Ctrl-C
+before training has installed its own handler (which checkpoints, then stops) exits 130 with one line.
 """
 
 import argparse
 import logging
+import math
+import os
 import sys
 
 USAGE = """usage:
@@ -35,8 +38,9 @@ def _fail(msg: str, code: int = 2):
 def train_cli(argv: list[str]) -> None:
     from effarch.train.config import ConfigError, load_config
 
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
+    # key=value is an override, unless a file of that name exists (a config named a=b.yaml).
+    overrides = [a for a in argv if "=" in a and not os.path.isfile(a)]
+    files = [a for a in argv if a not in overrides]
     if not files:
         _fail("train needs at least one CONFIG.yaml\n" + USAGE)
     try:
@@ -86,19 +90,33 @@ def generate_cli(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.text is None):
         _fail("generate needs exactly one of --prompt (token ids) or --text (bytes)")
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        _fail("--max-new-tokens must be >= 1 and --temperature >= 0")
+    if args.max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        _fail(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
 
     import numpy as np
+    from flax import nnx
 
+    from effarch.arches.lm import DecoderLM
     from effarch.train.config import ConfigError
     from effarch.train.data.tokenizers import make_tokenizer
-    from effarch.train.generate import generate, load_run
+    from effarch.train.generate import check_reach, generate, load_run, load_run_config
 
+    # Every check on the config alone, before the checkpoint is restored.
     try:
-        run_cfg, model = load_run(args.run_dir)
+        run_cfg = load_run_config(args.run_dir)
     except ConfigError as e:
         _fail(str(e))
+    if args.text is not None and run_cfg.data.task not in ("text", "bytes"):
+        from pathlib import Path
+
+        info = Path(args.run_dir) / "run_info.json"
+        imported = info.is_file() and "imported_from" in info.read_text()
+        what = ("was imported from Hugging Face (its tokens are ids of its own tokenizer, which effarch does not read)"
+                if imported else f"was trained on data.task {run_cfg.data.task}, whose tokens are not text")
+        _fail(f"--text needs a model trained on text (data.task text or bytes); {args.run_dir} {what}: give token "
+              "ids with --prompt")
     # A text-task model reads and writes its tokenizer's ids; the bytes task's are the bytes themselves.
     tokenizer = make_tokenizer(run_cfg.data.tokenizer, run_cfg.data.tokenizer_model) if (
         run_cfg.data.task == "text") else None
@@ -111,9 +129,18 @@ def generate_cli(argv: list[str]) -> None:
             ids = [int(t) for t in args.prompt.split()]
         except ValueError:
             _fail(f"--prompt must be space-separated integers, got {args.prompt!r}")
-    vocab = model.cfg.vocab_size
+    vocab = run_cfg.model.vocab_size
     if not ids or min(ids) < 0 or max(ids) >= vocab:
         _fail(f"prompt token ids must be in [0, {vocab}), got {ids}")
+    try:
+        check_reach(nnx.eval_shape(lambda: DecoderLM(run_cfg.model, rngs=nnx.Rngs(0))), 1, len(ids),
+                    args.max_new_tokens)
+    except ValueError as e:
+        _fail(f"--max-new-tokens: {e}")
+    try:
+        _, model = load_run(args.run_dir)
+    except ConfigError as e:
+        _fail(str(e))
     out = generate(model, np.array([ids]), args.max_new_tokens, temperature=args.temperature, seed=args.seed)[0]
     if args.text is not None and tokenizer is not None:
         print(tokenizer.decode(out))
@@ -231,7 +258,27 @@ def main(argv: list[str] | None = None) -> None:
                 "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli}
     if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
-    commands[cmd](rest)
+    try:
+        commands[cmd](rest)
+    except OSError as e:  # a path that cannot be read or written: the path and why, not a traceback
+        _fail(os_error_message(e))
+    except KeyboardInterrupt:  # Ctrl-C before training installs its own handler (which checkpoints and stops)
+        print(f"effarch: {cmd} interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the path and what is wrong with it."""
+    path = e.filename
+    if path is None:
+        return e.strerror or str(e)
+    if isinstance(e, FileExistsError) and not os.path.isdir(path):
+        return f"{path}: exists and is not a directory"
+    if isinstance(e, NotADirectoryError):
+        return f"{path}: a part of this path is a file, not a directory"
+    if isinstance(e, PermissionError):
+        return f"{path}: permission denied (check the permissions of it and of its directory)"
+    return f"{path}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

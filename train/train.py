@@ -328,12 +328,11 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     run_dir = Path(tc.run_dir)
     is_main = jax.process_index() == 0
     check_config(cfg, devices)  # every config error before anything is built or written
-    prepare_run_dir(cfg, run_dir, is_main=is_main)
-
-    try:
+    try:  # before the run dir is touched: a data error leaves no config.yaml of a run that never started
         stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data: {e}") from None
+    prepare_run_dir(cfg, run_dir, is_main=is_main)
     most_labels = max(s.max_labels_per_example for s in [stream, *eval_sets])
     trainer = Trainer(cfg, devices, labels_per_example=most_labels)
     params, opt_state, rng = trainer.init_state(tc.seed)

@@ -271,7 +271,10 @@ def test_depth_evals_write_json_table_and_heatmap(trained_run, capsys, task):
     code, out, err = cli(capsys, "eval", str(trained_run), task, "--lengths", "40", "--depths", "0", "1",
                          "--trials", "3", "--batch-size", "6")
     assert code == 0, err
+    # A token-level task the MQAR model was not trained on: it runs (transfer), with a warning naming the run's task.
+    assert f"effarch: warning: {str(trained_run)!r} was trained on data.task mqar, not {task}" in err
     result = json.loads((trained_run / "eval" / f"{task}.json").read_text())
+    assert result["trained_task"] == "mqar" and "not " + task in result["warning"]
     by_len = result["results"]["full"]
     assert set(by_len) == {"40"} and set(by_len["40"]["by_depth"]) == {"0.0", "1.0"}
     for r in by_len.values():  # as many trials per depth: the accuracy is the mean over depths
@@ -299,7 +302,12 @@ def test_eval_bad_input_is_one_line_exit_2(trained_run, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.yaml").write_text(dump_config(load_config([trained_run / "config.yaml"])))
     code, _, err = cli(capsys, "eval", str(empty), "perplexity")
-    assert code == 2 and "no checkpoint" in err
+    assert code == 2 and "no checkpoint" in err and err.count("\n") == 1
+    assert not (empty / "checkpoints").exists()  # looking for checkpoints creates no directory
+    # A token-level task on a model whose tokens are bytes means nothing: refused before anything is restored.
+    (empty / "config.yaml").write_text(dump_config(load_config([trained_run / "config.yaml"], ["data.task=bytes"])))
+    code, _, err = cli(capsys, "eval", str(empty), "passkey")
+    assert code == 2 and "was trained on data.task bytes, whose tokens are text" in err
     tiny_vocab = ModelConfig(vocab_size=16, d_model=8, n_layers=1)
     with pytest.raises(common.EvalError, match="task niah needs model.vocab_size >= 36"):
         niah_eval.evaluate(DecoderLM(tiny_vocab, rngs=nnx.Rngs(0)), [40], [0.0], trials=1, seed=0, batch_size=1)
@@ -330,3 +338,21 @@ def test_sweep_worker_processes_resume_after_the_whole_sweep_is_killed(tmp_path)
         assert "resumed from" in (r / "sweep.log").read_text()
         assert json.loads((r / "sweep_done.json").read_text())["trained"]["step"] == 100
     assert "| attention | 0.01 | " in out.stdout
+
+
+
+def test_sweep_rerun_with_changed_overrides_keeps_the_finished_results(toy_sweep, tmp_path, capsys):
+    """A rerun whose overrides changed (here the model, so its runs are refused) leaves sweep.json and table.md of
+    the finished sweep as they were and writes its own results beside them."""
+    out = toy_sweep["dir"]
+    finished = {name: (out / name).read_bytes() for name in ("sweep.json", "table.md")}
+    path = tmp_path / "changed.yaml"
+    path.write_text((SWEEP % {"root": ROOT}).replace("  model.vocab_size: 64\n", "  model.vocab_size: 64\n"
+                                                                                  "  model.d_model: 48\n"))
+    code, _, err = cli(capsys, "sweep", str(path), "--sweep-dir", str(out), "--jobs", "1")
+    assert code == 1  # the saved runs' checkpoints are of another model: refused, nothing trained
+    assert "attention-lr=0.01: finished earlier with other overrides; running it again" in err
+    assert "kept sweep.json and table.md of the earlier sweep: attention-lr=0.0001, attention-lr=0.01" in err
+    assert {name: (out / name).read_bytes() for name in finished} == finished
+    attempt = json.loads((out / "sweep.attempt.json").read_text())
+    assert all(r["status"].startswith("failed") for r in attempt["runs"]) and attempt["best"] == []

@@ -224,6 +224,13 @@ def test_convert_cli_to_diffqkv_keeps_the_logits_and_fine_tunes(source, tmp_path
     with pytest.raises(SystemExit) as e:
         main(["convert", str(source), str(tmp_path / "bad"), "--to", "nope"])
     assert e.value.code == 2 and "unknown conversion 'nope'" in capsys.readouterr().err
+    for option, message in (("n_k_heads=abc", "n_k_heads: expected int or None, got 'abc'"),
+                            ("nosuch=1", "unknown option 'nosuch'; its options are n_k_heads, n_v_heads")):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", str(source), str(tmp_path / "bad"), "--to", "diffqkv", option])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"effarch: error: convert --to diffqkv: {message}\n" == err
+    assert not (tmp_path / "bad").exists()
     cfg_path = out / "config.yaml"
     from effarch.train.train import train_and_evaluate
 

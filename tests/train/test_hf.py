@@ -54,6 +54,8 @@ def test_import_hf_cli_then_generate_gives_transformers_greedy_continuation(tmp_
     code, out, err = cli(capsys, "generate", run_dir, "--prompt", prompt, "--max-new-tokens", n)
     assert code == 0, err
     assert [int(t) for t in out.split()] == EXPECTED["greedy_continuation"]
+    code, _, err = cli(capsys, "generate", run_dir, "--text", "hello")  # bytes are not this tokenizer's ids
+    assert code == 2 and "was imported from Hugging Face (its tokens are ids of its own tokenizer" in err
     code, _, err = cli(capsys, "import-hf", FIXTURE, run_dir)  # never overwrites a run
     assert code == 2 and "already holds a run" in err
 
@@ -110,6 +112,40 @@ def test_checkpoint_file_errors(tmp_path, capsys):
     assert code == 2 and "model-00099-of-00099.safetensors, which does not exist" in err
 
 
+def test_malformed_checkpoints_fail_in_one_line(tmp_path, capsys):
+    hf_config, tensors = read_hf_checkpoint(FIXTURE)
+    single = write_hf_checkpoint(tmp_path / "single", hf_config, tensors)
+
+    def fails(path, expected, run="run"):
+        code, out, err = cli(capsys, "import-hf", path, tmp_path / run)
+        assert code == 2 and out == "" and expected in err and err.count("\n") == 1, err
+        assert not (tmp_path / run).exists() or run == "file"
+
+    # A config.json that is JSON but not an object.
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    fails(listed, "config.json: expected a JSON object {...}, got a list")
+    # An empty and a truncated weights file.
+    data = (single / "model.safetensors").read_bytes()
+    for name, content in (("empty", b""), ("truncated", data[: len(data) // 2])):
+        (single / "model.safetensors").write_bytes(content)
+        fails(single, "model.safetensors: not a readable safetensors file")
+    # An index naming a shard outside the checkpoint directory is refused before anything is read: the file
+    # outside holds every tensor, so reading it would succeed.
+    outside = write_hf_checkpoint(tmp_path / "outside", hf_config, tensors)
+    sharded = write_hf_checkpoint(tmp_path / "sharded", hf_config, tensors, max_shard_bytes=40_000)
+    index = json.loads((sharded / INDEX).read_text())
+    for shard in ("../outside/model.safetensors", str(outside / "model.safetensors")):
+        weight_map = {**index["weight_map"], "lm_head.weight": shard}
+        (sharded / INDEX).write_text(json.dumps({**index, "weight_map": weight_map}))
+        fails(sharded, "a shard must be a file name in the checkpoint directory")
+    # import-hf into a path that is a file.
+    (tmp_path / "file").write_text("not a directory")
+    fails(FIXTURE, "exists and is not a directory", run="file")
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
 def test_unsupported_config_json_fails_in_one_line_from_the_cli(tmp_path, capsys):
     hf_config, tensors = read_hf_checkpoint(FIXTURE)
     bad = write_hf_checkpoint(tmp_path / "bad", {**hf_config, "rope_parameters": {"rope_type": "yarn"}}, tensors)
@@ -127,6 +163,10 @@ def test_export_hf_writes_the_checkpoint_back(imported, tmp_path, capsys):
         code, _, err = cli(capsys, "export-hf", imported, out_dir, *args)
         assert code == 0, err
         assert (out_dir / INDEX).exists() == sharded
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in out_dir.iterdir():  # safetensors writes 0600; a checkpoint is as readable as any file written here
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
         exported_config, back = read_hf_checkpoint(out_dir)
         assert model_config_from_hf(exported_config) == model_config_from_hf(hf_config)
         assert set(back) == set(tensors)

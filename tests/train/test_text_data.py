@@ -227,3 +227,12 @@ def test_train_windows_come_from_the_cached_offsets(corpus, tmp_path, monkeypatc
     stale, _ = build_data(cfg, vocab_size=257, batch_size=4)
     with pytest.raises(ValueError, match="cached offsets"):
         stale.windows[0]
+
+
+def test_a_binary_file_in_the_corpus_is_refused_by_name(corpus, tmp_path):
+    (corpus / "sub" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    base = dict(task="text", text_source=str(corpus), data_dir=str(tmp_path / "tfds"), seq_len=8, val_fraction=0.2)
+    with pytest.raises(ValueError, match=r"sub/logo.png is not a text file \(a NUL byte at offset 8\)"):
+        build_data(DataConfig(**base), vocab_size=257, batch_size=2)
+    (corpus / "sub" / "logo.png").unlink()  # nothing half-built stays behind: the corpus builds once it is text
+    assert build_data(DataConfig(**base), vocab_size=257, batch_size=2)

@@ -168,10 +168,18 @@ def test_generate_cli_and_greedy_matches_forward(tmp_path, capsys):
     assert code == 0, err
     toks = [int(t) for t in out.split()]
     assert len(toks) == 6 and all(0 <= t < 256 for t in toks)
-    sampled = [gen(str(run_dir), "--text", "ab", "--temperature", "1.0", "--seed", "3") for _ in range(2)]
+    sampled = [gen(str(run_dir), "--prompt", "5 9", "--temperature", "1.0", "--seed", "3") for _ in range(2)]
     assert sampled[0][0] == 0 and sampled[0][1] == sampled[1][1]  # seeded sampling is reproducible
     code, _, err = gen(str(run_dir), "--prompt", "5 999")
     assert code == 2 and "prompt token ids must be in [0, 256)" in err
+    for bad in ("nan", "inf", "-1"):  # nan used to print "0 0 0"
+        code, _, err = gen(str(run_dir), "--prompt", "5", "--temperature", bad)
+        assert code == 2 and "--temperature must be a finite number >= 0" in err and err.count("\n") == 1
+    code, _, err = gen(str(run_dir), "--text", "ab")  # an MQAR model's tokens are not bytes
+    assert code == 2 and "was trained on data.task mqar, whose tokens are not text" in err
+    for n, why in ((str(2**31 - 8), "GiB of decode state"), (str(2**31), "2^31 - 1")):
+        code, _, err = gen(str(run_dir), "--prompt", "5", "--max-new-tokens", n)
+        assert code == 2 and why in err and err.count("\n") == 1, err
     code, _, err = gen(str(tmp_path / "nope"), "--prompt", "1")
     assert code == 2 and "has no config.yaml" in err
 

@@ -104,7 +104,22 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         root = Path(self.builder_config.root)
         for rel in relpaths:
             # Raw bytes: Text stores them unchanged and gives them back as bytes, so nothing is re-encoded.
-            yield rel, {"text": (root / rel).read_bytes(), "path": rel}
+            text = (root / rel).read_bytes()
+            check_text(root / rel, text)
+            yield rel, {"text": text, "path": rel}
+
+
+class NotText(ValueError):
+    """A file of a text corpus is binary."""
+
+
+def check_text(path: Path, data: bytes) -> None:
+    """NotText when `data` holds a NUL byte, which text never does (git's test for a binary file, applied to the
+    whole file): an image, archive or compiled file matched by the source would otherwise be trained on as text."""
+    at = data.find(b"\0")
+    if at >= 0:
+        raise NotText(f"data.text_source: {path} is not a text file (a NUL byte at offset {at}); remove it or narrow "
+                      "the source to the text files (a glob such as 'DIR/**/*.txt')")
 
 
 def corpus_config(source: str, val_fraction: float) -> LocalTextConfig:

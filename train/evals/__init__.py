@@ -3,7 +3,7 @@
 Tasks (one module each): `perplexity` (held-out loss, perplexity, bits per token / byte), `mqar` (accuracy per test
 segment, Zoology's protocol), `passkey` and `niah` (exact match by context length and depth, with a heatmap PNG).
 Results go to RUN_DIR/eval/<task>.json (+ <task>.png); `effarch report DIR` tabulates them and `effarch sweep`
-(train/evals/sweep.py) runs them after training every config of a grid.
+(train/evals/sweep.py and its parts sweep_*.py) runs them after training every config of a grid.
 """
 
 import argparse
@@ -52,6 +52,24 @@ def options_to_argv(options: dict) -> list[str]:
     return argv
 
 
+TOKEN_TASKS = ("mqar", "passkey", "niah")  # synthetic tasks with their own token ids (train/data/<task>.py)
+
+
+def check_task(trained: str, task: str, run_dir: Path) -> str | None:
+    """A warning when `task` is not what the run was trained on but still measures something (a token-level task
+    on a model trained on another: transfer, e.g. passkey retrieval of an MQAR model); EvalError when the result
+    would mean nothing (a token-level task on a model whose tokens are bytes or tokenizer pieces). Perplexity is on
+    the run's own held-out data, so it always fits."""
+    if task not in TOKEN_TASKS or task == trained:
+        return None
+    if trained not in TOKEN_TASKS:
+        raise EvalError(f"task {task}: {str(run_dir)!r} was trained on data.task {trained}, whose tokens are text; "
+                        f"{task} is a task of its own token ids and would score a meaningless 0. Evaluate a run "
+                        f"trained with data.task {task}, or this one with perplexity")
+    return (f"{str(run_dir)!r} was trained on data.task {trained}, not {task}: this measures transfer to a task "
+            "the model never saw")
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -63,7 +81,7 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
     Raises EvalError / ConfigError (one line naming the problem) for an unknown task, a bad option, a missing run
     directory or checkpoint, or a task that does not fit the model.
     """
-    from effarch.train.generate import load_run
+    from effarch.train.generate import load_run, load_run_config
     from effarch.train.run_dir import checkpoint_steps
 
     module = TASKS.get(task)
@@ -71,12 +89,17 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"run dir {str(run_dir)!r} does not exist")
+    warning = check_task(load_run_config(run_dir).data.task, task, run_dir)
+    if warning and log is not None:
+        log(f"effarch: warning: {warning}")
     cfg, model = load_run(run_dir)
     with Timer() as t:
         out = module.run(cfg, model, args, log=log)
     steps = checkpoint_steps(run_dir)
     result = {"task": task, "run_dir": str(run_dir), "checkpoint_step": steps[-1] if steps else None,
-              "model": model_info(cfg.model), **out, "wall_s": t.seconds, "png": None}
+              "model": model_info(cfg.model), "trained_task": cfg.data.task, **out, "wall_s": t.seconds, "png": None}
+    if warning:
+        result["warning"] = warning
     write_result(run_dir, task, result)  # before the optional plot, so a missing matplotlib loses no measurement
     if hasattr(module, "plot"):
         png = eval_dir(run_dir) / f"{task}.png"

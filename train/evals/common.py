@@ -1,9 +1,9 @@
 """What every evaluation task shares: model outputs at the labelled positions, exact-match scoring, the result file.
 
 A task's result is one JSON object written to RUN_DIR/eval/<task>.json:
-`{"task", "run_dir", "checkpoint_step", "model", "options", "summary", "results", "wall_s", "png"}`, where
-`summary` is a flat {name: number} mapping (what `effarch report` tabulates and a sweep selects on) and `results`
-the task's full detail.
+`{"task", "run_dir", "checkpoint_step", "model", "trained_task", "options", "summary", "results", "wall_s", "png"}`
+(+ "warning" when the run was trained on another task), where `summary` is a flat {name: number} mapping (what
+`effarch report` tabulates and a sweep selects on) and `results` the task's full detail.
 """
 
 import argparse

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from effarch.train.config import ConfigError
-from effarch.train.evals import sweep
+from effarch.train.evals.sweep_results import best_table
 
 
 def _cell(v) -> str:
@@ -57,7 +57,7 @@ def report(directory: str | Path) -> str:
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         parts.append(f"## sweep: best of {', '.join(summary['over']) or 'each run'} by {summary['metric']} "
-                     f"({summary['mode']})\n\n{sweep.best_table(summary)}")
+                     f"({summary['mode']})\n\n{best_table(summary)}")
     for task, rows in results_under(directory).items():
         parts.append(f"## {task}\n\n{task_table(rows)}")
     if not parts:
