@@ -5,7 +5,8 @@
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint, a path that
 cannot be read or written) exits with status 2 and one line naming what was wrong, without a traceback; Ctrl-C
-before training has installed its own handler (which checkpoints, then stops) exits 130 with one line.
+before training has installed its own handler (which checkpoints, then stops) exits 2 with one line, like any
+other command that did not do what was asked.
 """
 
 import argparse
@@ -263,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # a path that cannot be read or written: the path and why, not a traceback
         _fail(os_error_message(e))
     except KeyboardInterrupt:  # Ctrl-C before training installs its own handler (which checkpoints and stops)
-        print(f"effarch: {cmd} interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail(f"{cmd} interrupted (Ctrl-C) before it started; nothing was written")
 
 
 def os_error_message(e: OSError) -> str:
