@@ -74,11 +74,11 @@ def write_corpus(root: Path, n_bytes: int, seed: int = 0) -> int:
 
 def _measure_child(args) -> dict:
     """In a fresh process: the train side's memory and speed on a prepared corpus (see --scale-mb)."""
-    from effarch.train.config import DataConfig
+    from effarch.train.config import DataConfig, TextData
     from effarch.train.data import build_data
 
-    cfg = DataConfig(task="text", text_source=args.source, data_dir=args.data_dir, seq_len=args.seq_len,
-                     max_bytes=args.max_bytes)
+    cfg = DataConfig(task="text", data_dir=args.data_dir, seq_len=args.seq_len,
+                     text=TextData(source=args.source, max_bytes=args.max_bytes))
     rss_imports = _proc_kib("VmRSS")
     try:  # reset the peak to the current resident set (Linux >= 4.0), so VmHWM is the peak of what follows
         Path("/proc/self/clear_refs").write_text("5")
@@ -175,7 +175,7 @@ def scale(args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", default="python_stdlib", help="data.text_source")
+    p.add_argument("--source", default="python_stdlib", help="data.text.source")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
@@ -196,18 +196,18 @@ def main(argv=None) -> dict:
     if args.scale_mb:
         return scale(args)
 
-    from effarch.train.config import DataConfig
+    from effarch.train.config import DataConfig, TextData
     from effarch.train.data import TrainStream, build_data, local_text
     from effarch.train.data.labels import IGNORE_LABEL
 
     with tempfile.TemporaryDirectory() as data_dir:
-        cfg = DataConfig(task="text", text_source=args.source, data_dir=data_dir, seq_len=args.seq_len,
-                         max_bytes=args.max_bytes)
+        cfg = DataConfig(task="text", data_dir=data_dir, seq_len=args.seq_len,
+                         text=TextData(source=args.source, max_bytes=args.max_bytes))
         t0 = time.perf_counter()
-        builder = local_text.prepare(cfg.text_source, data_dir, cfg.val_fraction)
+        builder = local_text.prepare(cfg.text.source, data_dir, cfg.text.val_fraction)
         cold = time.perf_counter() - t0
         t0 = time.perf_counter()
-        local_text.prepare(cfg.text_source, data_dir, cfg.val_fraction)
+        local_text.prepare(cfg.text.source, data_dir, cfg.text.val_fraction)
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         stream, (val,) = build_data(cfg, vocab_size=257, batch_size=args.batch_size)

@@ -72,8 +72,8 @@ def run_one(
             [BASE_CONFIGS[mixer]],
             [
                 f"model.d_model={d_model}",
-                f"data.train_segments=[[{seq_len}, {kv_pairs}, {train_examples}]]",
-                f"data.test_segments=[[{seq_len}, {kv_pairs}, {test_examples}]]",
+                f"data.mqar.train_segments=[[{seq_len}, {kv_pairs}, {train_examples}]]",
+                f"data.mqar.test_segments=[[{seq_len}, {kv_pairs}, {test_examples}]]",
                 f"optim.lr={lr}",
                 f"train.steps={max_steps}",
                 f"train.batch_size={batch_size}",

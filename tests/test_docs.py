@@ -106,13 +106,15 @@ def _is_key(section: type, parts: list[str]) -> bool:
 
 
 def _missing_keys(page: Path) -> list[str]:
-    from effarch.train.config import Config
+    from effarch.train.config import MOVED_DATA_KEYS, Config
 
     sections = _fields(Config)
     bad = []
     for section, rest in KEY_RE.findall(page.read_text()):
         key = section + rest
         if key.endswith(FILE_SUFFIXES):
+            continue
+        if section == "data" and rest[1:] in MOVED_DATA_KEYS:  # an old flat spelling that still loads
             continue
         if not _is_key(sections[section], rest.split(".")[1:]):
             bad.append(key)

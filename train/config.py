@@ -17,18 +17,15 @@ import yaml
 from effarch.arches.lm import ModelConfig
 from effarch.train.yaml_config import ConfigError, build, load_merged, load_yaml, parse_override, to_dict
 
-__all__ = ["Config", "ConfigError", "DataConfig", "MeshConfig", "OptimConfig", "TrainConfig", "config_from_dict",
-           "dump_config", "load_config", "load_yaml", "parse_override", "to_dict"]
+__all__ = ["Config", "ConfigError", "DataConfig", "LandmarkData", "MeshConfig", "MqarData", "NiahData", "OptimConfig",
+           "PasskeyData", "TextData", "TrainConfig", "config_from_dict", "dump_config", "load_config", "load_yaml",
+           "parse_override", "to_dict", "upgrade_data_keys"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class DataConfig:
-    # "bytes": next-byte LM on text_source (vocab >= 256), windows of the concatenated files
-    task: Literal["mqar", "bytes", "passkey", "niah", "text"] = "mqar"
-    # "text": language modelling on documents of text_source (a glob, a directory, python_stdlib, or tfds:NAME),
-    # tokenized, packed with a separator between documents (train/data/text_stream.py)
-    # "passkey": the token-level passkey task of train/data/passkey.py (vocab_size >= 19), windows of seq_len
-    # "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36), seq_len tokens
+class MqarData:
+    """Task "mqar": Zoology's multi-query associative recall (train/data/mqar.py)."""
+
     # "custom" uses train_segments / test_segments; "zoology_standard" is Zoology's sweep
     # (train/data/mqar.py::TRAIN_SEGMENTS).
     mixture: Literal["custom", "zoology_standard"] = "custom"
@@ -36,31 +33,6 @@ class DataConfig:
     test_segments: tuple[tuple[int, int, int], ...] = ((64, 4, 1_000),)
     power_a: float = 0.01  # power-law exponent of the query gaps
     random_non_queries: bool = True  # fill the query region's gaps with random tokens
-    seed: int = 0  # train data uses seed, test data seed + 1000 (disjoint streams)
-    # task "bytes" only:
-    text_source: str = "python_stdlib"  # a glob of text files, or the running Python's standard library
-    seq_len: int = 256  # tokens per training window
-    max_bytes: int = 4_000_000  # read at most this much text
-    val_fraction: float = 0.02  # the last fraction of the text is held out
-    landmark_block_len: int = 0  # insert a landmark token after every L bytes (0: none); = model.landmark.block_len
-    landmark_token: int = 256  # its id (model.vocab_size must exceed it)
-    passkey_examples: int = 8192  # task "passkey": training examples (evaluation: 256 more from seed + 1000)
-    passkey_queries: int = 1  # task "passkey": questions per training sequence (evaluation asks one, at the end)
-    niah_examples: int = 8192  # task "niah": training examples (evaluation: 256 more from seed + 1000)
-    niah_queries: int = 1  # task "niah": questions per training sequence (evaluation asks one, at the end)
-    # task "niah": training depths uniform in [0, 1] (0), or from N >= 2 evenly spaced depths 0..1, ends included
-    # (RULER: 40); the held-out examples stay uniform
-    niah_depths: int = 0
-    # Where prepared TFDS datasets live (local corpora are built there once): "" = $EFFARCH_DATA_DIR, else
-    # ~/.cache/effarch/tfds. Tasks "bytes" and "text".
-    data_dir: str = ""
-    # task "text" only:
-    tokenizer: Literal["bytes", "sentencepiece", "tiktoken"] = "bytes"  # bytes: ids 0-255 + separator 256
-    tokenizer_model: str = ""  # sentencepiece: the .model file; tiktoken: an encoding name or a .tiktoken file
-    text_field: str = "text"  # text_source tfds:NAME: the feature holding the text
-    train_split: str = "train"  # TFDS split names (local corpora have "train" and "validation")
-    eval_split: str = "validation"
-    max_eval_bytes: int = 262_144  # read at most this much text of eval_split (max_bytes bounds train_split)
 
     def __post_init__(self):
         for name in ("train_segments", "test_segments"):
@@ -70,38 +42,141 @@ class DataConfig:
             for seg in segs:
                 if len(seg) != 3 or min(seg) < 1:
                     raise ValueError(f"{name}: each entry is (seq_len, num_kv_pairs, num_examples) > 0, got {seg}")
-        if self.seq_len < 2 or self.max_bytes < 1:
-            raise ValueError(f"seq_len must be >= 2 and max_bytes >= 1, got {self.seq_len}, {self.max_bytes}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.power_a <= 1:
             raise ValueError(f"power_a must be in (0, 1], got {self.power_a}")
-        if self.landmark_block_len < 0 or self.landmark_token < 0:
-            raise ValueError(f"landmark_block_len and landmark_token must be >= 0, got {self.landmark_block_len}, "
-                             f"{self.landmark_token}")
-        if self.niah_examples < 1 or self.niah_queries < 1:
-            raise ValueError(f"niah_examples and niah_queries must be >= 1, got {self.niah_examples}, "
-                             f"{self.niah_queries}")
-        if self.niah_depths == 1 or self.niah_depths < 0:
-            raise ValueError(f"niah_depths must be 0 (uniform depths) or >= 2 (a grid of depths), got "
-                             f"{self.niah_depths}")
-        if self.landmark_block_len and self.seq_len % (self.landmark_block_len + 1):
-            raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark_block_len + 1 = "
-                             f"{self.landmark_block_len + 1} (windows start on a block boundary)")
-        if self.max_eval_bytes < 1:
-            raise ValueError(f"max_eval_bytes must be >= 1, got {self.max_eval_bytes}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TextData:
+    """Tasks "bytes" and "text": the corpus, and (task "text") its tokenizer and TFDS splits."""
+
+    # A glob of text files, a directory, the running Python's standard library ("python_stdlib"), or (task "text")
+    # tfds:NAME, a prepared TFDS dataset
+    source: str = "python_stdlib"
+    max_bytes: int = 4_000_000  # train on at most this much text (memory does not grow with it)
+    val_fraction: float = 0.02  # the fraction of documents (bytes: of the text) held out for validation
+    # task "text" only:
+    tokenizer: Literal["bytes", "sentencepiece", "tiktoken"] = "bytes"  # bytes: ids 0-255 + separator 256
+    tokenizer_model: str = ""  # sentencepiece: the .model file; tiktoken: an encoding name or a .tiktoken file
+    field: str = "text"  # source tfds:NAME: the feature holding the text
+    train_split: str = "train"  # TFDS split names (local corpora have "train" and "validation")
+    eval_split: str = "validation"
+    max_eval_bytes: int = 262_144  # read at most this much text of eval_split (max_bytes bounds train_split)
+
+    def __post_init__(self):
+        if self.max_bytes < 1 or self.max_eval_bytes < 1:
+            raise ValueError(f"max_bytes and max_eval_bytes must be >= 1, got {self.max_bytes}, {self.max_eval_bytes}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.tokenizer != "bytes" and not self.tokenizer_model:
             raise ValueError(f"tokenizer={self.tokenizer} needs tokenizer_model (a SentencePiece .model file or a "
                              "tiktoken encoding name)")
-        if self.text_source.startswith("tfds:") and not self.text_source[len("tfds:"):]:
-            raise ValueError("text_source='tfds:' needs a dataset name, e.g. tfds:my_dataset or tfds:name/config")
-        if self.text_source.startswith("tfds:") and self.task != "text":
-            raise ValueError(f"text_source={self.text_source!r} (a TFDS dataset) needs task: text, not {self.task}")
-        if self.task == "text" and self.landmark_block_len:
-            raise ValueError("landmark_block_len is for task: bytes; task: text does not insert landmarks")
-        if self.passkey_examples < 1 or self.passkey_queries < 1:
-            raise ValueError(f"passkey_examples and passkey_queries must be >= 1, got {self.passkey_examples}, "
-                             f"{self.passkey_queries}")
+        if self.source.startswith("tfds:") and not self.source[len("tfds:"):]:
+            raise ValueError("source='tfds:' needs a dataset name, e.g. tfds:my_dataset or tfds:name/config")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LandmarkData:
+    """Tasks "bytes" and "passkey": landmark tokens for Landmark Attention (= model.landmark.block_len)."""
+
+    block_len: int = 0  # insert a landmark token after every L tokens (0: none)
+    token: int = 256  # its id (model.vocab_size must exceed it)
+
+    def __post_init__(self):
+        if self.block_len < 0 or self.token < 0:
+            raise ValueError(f"block_len and token must be >= 0, got {self.block_len}, {self.token}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PasskeyData:
+    """Task "passkey": the token-level passkey retrieval of train/data/passkey.py (vocab_size >= 19)."""
+
+    examples: int = 8192  # training examples (evaluation: 256 more from seed + 1000)
+    queries: int = 1  # questions per training sequence (evaluation asks one, at the end)
+
+    def __post_init__(self):
+        if self.examples < 1 or self.queries < 1:
+            raise ValueError(f"examples and queries must be >= 1, got {self.examples}, {self.queries}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NiahData:
+    """Task "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36)."""
+
+    examples: int = 8192  # training examples (evaluation: 256 more from seed + 1000)
+    queries: int = 1  # questions per training sequence (evaluation asks one, at the end)
+    # Training depths uniform in [0, 1] (0), or from N >= 2 evenly spaced depths 0..1, ends included (RULER: 40);
+    # the held-out examples stay uniform
+    depths: int = 0
+
+    def __post_init__(self):
+        if self.examples < 1 or self.queries < 1:
+            raise ValueError(f"examples and queries must be >= 1, got {self.examples}, {self.queries}")
+        if self.depths == 1 or self.depths < 0:
+            raise ValueError(f"depths must be 0 (uniform depths) or >= 2 (a grid of depths), got {self.depths}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataConfig:
+    """What the model trains on: the task, its shared settings, and one group of settings per task."""
+
+    # "mqar": Zoology's associative recall (data.mqar); "bytes": next-byte LM on data.text.source (vocab >= 256),
+    # windows of the concatenated files; "text": language modelling on the documents of data.text.source,
+    # tokenized, packed with a separator between documents (train/data/text_stream.py); "passkey" / "niah": the
+    # token-level retrieval tasks (data.passkey / data.niah), windows of seq_len
+    task: Literal["mqar", "bytes", "passkey", "niah", "text"] = "mqar"
+    seed: int = 0  # train data uses seed, test data seed + 1000 (disjoint streams)
+    seq_len: int = 256  # tokens per training window (every task but mqar, whose segments carry their own)
+    # Where prepared TFDS datasets live (local corpora are built there once): "" = $EFFARCH_DATA_DIR, else
+    # ~/.cache/effarch/tfds. Tasks "bytes" and "text".
+    data_dir: str = ""
+    mqar: MqarData = MqarData()
+    text: TextData = TextData()
+    landmark: LandmarkData = LandmarkData()
+    passkey: PasskeyData = PasskeyData()
+    niah: NiahData = NiahData()
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.landmark.block_len and self.seq_len % (self.landmark.block_len + 1):
+            raise ValueError(f"seq_len={self.seq_len} must be a multiple of landmark.block_len + 1 = "
+                             f"{self.landmark.block_len + 1} (windows start on a block boundary)")
+        if self.text.source.startswith("tfds:") and self.task != "text":
+            raise ValueError(f"text.source={self.text.source!r} (a TFDS dataset) needs task: text, not {self.task}")
+        if self.task == "text" and self.landmark.block_len:
+            raise ValueError("landmark.block_len is for tasks bytes and passkey; task: text does not insert landmarks")
+
+
+# The flat keys of DataConfig before its settings were grouped per task: old configs and run directories keep
+# loading (a key moves to its group; giving both spellings is an error).
+MOVED_DATA_KEYS: dict[str, tuple[str, str]] = {
+    **{k: ("mqar", k) for k in ("mixture", "train_segments", "test_segments", "power_a", "random_non_queries")},
+    "text_source": ("text", "source"), "text_field": ("text", "field"),
+    **{k: ("text", k) for k in ("max_bytes", "val_fraction", "tokenizer", "tokenizer_model", "train_split",
+                                "eval_split", "max_eval_bytes")},
+    "landmark_block_len": ("landmark", "block_len"), "landmark_token": ("landmark", "token"),
+    "passkey_examples": ("passkey", "examples"), "passkey_queries": ("passkey", "queries"),
+    "niah_examples": ("niah", "examples"), "niah_queries": ("niah", "queries"), "niah_depths": ("niah", "depths"),
+}
+
+
+def upgrade_data_keys(values: dict) -> dict:
+    """`values` (nested plain config) with data's flat pre-grouping keys moved into their groups."""
+    data = values.get("data")
+    if not isinstance(data, dict) or not MOVED_DATA_KEYS.keys() & data.keys():
+        return values
+    data = dict(data)
+    for old, (group, new) in MOVED_DATA_KEYS.items():
+        if old not in data:
+            continue
+        sub = data.get(group, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"data.{group}: expected a mapping, got {sub!r}")
+        if new in sub:
+            raise ConfigError(f"data.{old} is the old spelling of data.{group}.{new}; give only one of them")
+        data[group] = {**sub, new: data.pop(old)}
+    return {**values, "data": data}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -240,9 +315,9 @@ class Config:
                                  f"use {sorted(mesh_axes)}")
         # The landmark mixer finds landmarks by position, so the data must put them exactly there.
         if "landmark" in self.model.mixers and self.data.task in ("bytes", "passkey") and (
-            self.data.landmark_block_len != self.model.landmark.block_len
+            self.data.landmark.block_len != self.model.landmark.block_len
         ):
-            raise ValueError(f"data.landmark_block_len={self.data.landmark_block_len} must equal "
+            raise ValueError(f"data.landmark.block_len={self.data.landmark.block_len} must equal "
                              f"model.landmark.block_len={self.model.landmark.block_len}")
 
 
@@ -251,12 +326,12 @@ class Config:
 
 def config_from_dict(values: dict) -> Config:
     """A validated Config from nested plain values (as to_dict gives), with the same one-line errors as load_config."""
-    return build(Config, values)
+    return build(Config, upgrade_data_keys(values))
 
 
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Merges the YAML files left to right, applies dotted overrides, validates, returns a frozen Config."""
-    return build(Config, load_merged(paths, overrides))
+    return build(Config, upgrade_data_keys(load_merged(paths, overrides)))
 
 
 def dump_config(config: Config) -> str:

@@ -126,14 +126,14 @@ def generate(
 def sample_text(run_dir: str | Path, *, prompt_bytes: int = 96, max_new_tokens: int = 96, temperature: float = 0.7,
                 seed: int = 0) -> tuple[str, str]:
     """(prompt, sampled continuation) of a `data.task: text` run. The prompt is the start of the first held-out
-    document (data.eval_split), cut at its last newline within `prompt_bytes`; the continuation stops at the
+    document (data.text.eval_split), cut at its last newline within `prompt_bytes`; the continuation stops at the
     document separator. Sampled (not greedy: a small model's greedy output collapses into repeated whitespace), with
     a fixed seed, so a run's sample is reproducible."""
     cfg, model = load_run(run_dir)
     if cfg.data.task != "text":
         raise ConfigError(f"run dir {str(run_dir)!r}: sample_text needs data.task: text, not {cfg.data.task}")
-    tokenizer = make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_model)
-    docs, _ = document_source(cfg.data, cfg.data.eval_split)
+    tokenizer = make_tokenizer(cfg.data.text.tokenizer, cfg.data.text.tokenizer_model)
+    docs, _ = document_source(cfg.data, cfg.data.text.eval_split)
     head = docs[0][:prompt_bytes]
     prompt = head[: head.rfind(b"\n") + 1] or head
     out = generate(model, tokenizer.encode(prompt)[None], max_new_tokens, temperature=temperature, seed=seed)[0]

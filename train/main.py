@@ -119,7 +119,7 @@ def generate_cli(argv: list[str]) -> None:
         _fail(f"--text needs a model trained on text (data.task text or bytes); {args.run_dir} {what}: give token "
               "ids with --prompt")
     # A text-task model reads and writes its tokenizer's ids; the bytes task's are the bytes themselves.
-    tokenizer = make_tokenizer(run_cfg.data.tokenizer, run_cfg.data.tokenizer_model) if (
+    tokenizer = make_tokenizer(run_cfg.data.text.tokenizer, run_cfg.data.text.tokenizer_model) if (
         run_cfg.data.task == "text") else None
     if args.text is not None and tokenizer is not None:
         ids = [int(t) for t in tokenizer.encode(args.text.encode("utf-8"))]

@@ -31,7 +31,7 @@ HARMLESS_KEYS = {
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batch_size", "train.stop_at_accuracy",
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint", "train.progress", "train.run_dir",
     "train.resume", "train.init_from", "train.init_mismatch", "train.compute_dtype", "train.grad_accum_steps",
-    "model.remat", "data.test_segments", "sharding_rules", "data.data_dir", "train.sample_tokens",
+    "model.remat", "data.mqar.test_segments", "sharding_rules", "data.data_dir", "train.sample_tokens",
     "train.prefetch",
 }
 HARMLESS_PREFIXES = ("mesh.",)

@@ -353,7 +353,7 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
         saved, now = meta.get("data", {}).get("corpus"), getattr(stream, "fingerprint", None)
         if saved and now and saved != now:  # same config, other files: the resumed batches would differ
             ckpt.close()
-            raise ConfigError(f"data.text_source: the checkpoint at step {step} was trained on {saved}, the corpus "
+            raise ConfigError(f"data.text.source: the checkpoint at step {step} was trained on {saved}, the corpus "
                               f"is now {now} (its files changed); train.resume=never starts over")
         log.info("resumed from %s at step %d", ckpt.directory, step)
         if tc.init_from:

@@ -43,19 +43,19 @@ def test_config_trains_one_step(path, tmp_path):
     base = load_config([path])
     if base.data.task == "bytes":
         # A landmark config needs one more id than the 256 bytes, for its landmark token.
-        vocab = base.data.landmark_token + 1 if base.data.landmark_block_len else 256
-        overrides += ["data.seq_len=32", "data.max_bytes=20000", f"model.vocab_size={vocab}"]
+        vocab = base.data.landmark.token + 1 if base.data.landmark.block_len else 256
+        overrides += ["data.seq_len=32", "data.text.max_bytes=20000", f"model.vocab_size={vocab}"]
     if base.data.task == "text":  # the tiny overlay's vocab_size 256 has no id for the byte tokenizer's separator
-        overrides += ["data.seq_len=32", "data.max_bytes=20000", "data.max_eval_bytes=4000",
+        overrides += ["data.seq_len=32", "data.text.max_bytes=20000", "data.text.max_eval_bytes=4000",
                       f"model.vocab_size={base.model.vocab_size}"]
         # One layer of each of its mixer kinds: the step proves the text pipeline end to end (every mixer kind and
         # the full-size model are covered by lm/based_small.yaml and test_config_checks).
         kinds = list(dict.fromkeys(base.model.mixers))
         overrides += [f"model.mixers=[{', '.join(kinds)}]", f"model.n_layers={len(kinds)}"]
     if base.data.task == "passkey":
-        overrides += ["data.seq_len=64", "data.passkey_examples=64"]
+        overrides += ["data.seq_len=64", "data.passkey.examples=64"]
     if base.data.task == "niah":
-        overrides += ["data.seq_len=64", "data.niah_examples=64"]
+        overrides += ["data.seq_len=64", "data.niah.examples=64"]
     if "titans_mac" in base.model.mixers:
         # MAC's step compiles nested scans per layer: one pass over the mixer list proves the config (4 layers took
         # 44 s on 2 cores).

@@ -86,7 +86,7 @@ def test_unreadable_corpus_file(tmp_path, capsys):
     (corpus / "b.txt").chmod(0o000)
     try:
         code, _, err = cli(capsys, "train", ROOT / "configs" / "lm" / "quickstart.yaml", TINY, "model.vocab_size=257",
-                           f"data.text_source={corpus}", f"data.data_dir={tmp_path / 'tfds'}", "data.seq_len=16",
+                           f"data.text.source={corpus}", f"data.data_dir={tmp_path / 'tfds'}", "data.seq_len=16",
                            f"train.run_dir={tmp_path / 'run'}")
     finally:
         (corpus / "b.txt").chmod(0o644)
@@ -101,7 +101,7 @@ def test_a_data_error_writes_nothing_to_the_run_dir(tmp_path, capsys):
     (corpus / "a.txt").write_text("some text\n" * 50)
     (corpus / "b.bin").write_bytes(bytes(range(256)))
     code, _, err = cli(capsys, "train", ROOT / "configs" / "lm" / "quickstart.yaml", TINY, "model.vocab_size=257",
-                       f"data.text_source={corpus}", f"data.data_dir={tmp_path / 'tfds'}", "data.seq_len=16",
+                       f"data.text.source={corpus}", f"data.data_dir={tmp_path / 'tfds'}", "data.seq_len=16",
                        f"train.run_dir={tmp_path / 'run'}")
     assert code == 2 and f"{corpus / 'b.bin'} is not a text file (a NUL byte at offset 0)" in one_error_line(err)
     assert not (tmp_path / "run").exists()

@@ -17,12 +17,13 @@ def write(tmp_path, text, name="c.yaml"):
 def test_defaults_merge_and_overrides(tmp_path):
     a = write(tmp_path, "model: {d_model: 96, mixers: [attention]}\ntrain: {steps: 7}\n", "a.yaml")
     b = write(tmp_path, "train: {steps: 9, batch_size: 16}\n", "b.yaml")
-    cfg = load_config([a, b], ["model.attention.n_heads=3", "optim.clip_norm=null", "data.train_segments=[[32,2,100]]"])
+    cfg = load_config([a, b], ["model.attention.n_heads=3", "optim.clip_norm=null",
+                              "data.mqar.train_segments=[[32,2,100]]"])
     assert cfg.model.d_model == 96
     assert cfg.train.steps == 9 and cfg.train.batch_size == 16  # later file wins
     assert cfg.model.attention.n_heads == 3
     assert cfg.optim.clip_norm is None
-    assert cfg.data.train_segments == ((32, 2, 100),)
+    assert cfg.data.mqar.train_segments == ((32, 2, 100),)
     assert cfg.model.mixers == ("attention",)
     assert cfg.optim.lr == Config().optim.lr  # untouched default
     assert load_config([], ["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
@@ -45,7 +46,7 @@ def test_dump_round_trips(tmp_path):
         ("optim.lr=-1", "optim: lr must be positive"),
         ("model.mixers=[attention, nope]", "unknown mixer(s) ['nope']"),
         ("train.progress=yes please", "train.progress: expected true or false"),
-        ("data.train_segments=[[64, 4]]", "data.train_segments[0]: expected a list of 3 items"),
+        ("data.mqar.train_segments=[[64, 4]]", "data.mqar.train_segments[0]: expected a list of 3 items"),
         ("train.batch_size=10", "grad_accum_steps"),  # with grad_accum_steps=4 below
         ("train.prefetch=-1", "train: prefetch must be >= 0 (batches made ahead; 0 turns it off), got -1"),
         ("train.prefetch=2.5", "train.prefetch: expected an integer, got 2.5"),
@@ -168,3 +169,16 @@ def test_the_loader_is_generic(tmp_path):
         build(Outer, {"inner": {"kind": "c"}})
     with pytest.raises(ConfigError, match=r"^config: rate must be >= 0, got -1.0$"):
         build(Outer, {"rate": -1})
+
+
+def test_data_settings_are_grouped_per_task_and_old_flat_keys_still_load(tmp_path):
+    new = load_config([write(tmp_path, "data: {task: niah, niah: {queries: 2, depths: 40}, text: {source: x}}\n")])
+    assert (new.data.niah.queries, new.data.niah.depths, new.data.text.source) == (2, 40, "x")
+    # A config or run directory written before the grouping: every flat key lands in its group.
+    old = write(tmp_path, "data: {task: niah, niah_queries: 2, niah_depths: 40, text_source: x}\n", "old.yaml")
+    assert load_config([old]) == new
+    assert load_config([], ["data.task=niah", "data.niah_queries=2", "data.niah_depths=40", "data.text_source=x"]) == new
+    with pytest.raises(ConfigError, match=r"^data.niah_queries is the old spelling of data.niah.queries; give only one"):
+        load_config([old], ["data.niah.queries=3"])
+    with pytest.raises(ConfigError, match=r"^data.niah: examples and queries must be >= 1, got 8192, 0$"):
+        load_config([], ["data.niah.queries=0"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from effarch.train.config import DataConfig
+from effarch.train.config import DataConfig, MqarData
 from effarch.train.data import TrainStream, _segments, build_data, mqar
 from effarch.train.data.text import byte_lm_examples
 
@@ -24,7 +24,7 @@ def test_batches_are_a_function_of_the_step():
 
 
 def test_mixed_lengths_are_right_padded():
-    cfg = DataConfig(train_segments=((16, 2, 40), (32, 4, 40)), test_segments=((16, 2, 10), (32, 4, 10)))
+    cfg = DataConfig(mqar=MqarData(train_segments=((16, 2, 40), (32, 4, 40)), test_segments=((16, 2, 10), (32, 4, 10))))
     stream, evals = build_data(cfg, vocab_size=64, batch_size=8)
     assert stream.inputs.shape == (80, 32)
     short = stream.labels[:40]
@@ -35,24 +35,24 @@ def test_mixed_lengths_are_right_padded():
 
 
 def test_zoology_standard_mixture():
-    train, test = _segments(DataConfig(mixture="zoology_standard"))
+    train, test = _segments(DataConfig(mqar=MqarData(mixture="zoology_standard")))
     assert train == mqar.TRAIN_SEGMENTS
     assert test == tuple((n, d, 1000) for n, d in mqar.TEST_SEGMENTS)
 
 
 def test_byte_lm_windows(tmp_path):
-    (tmp_path / "a.txt").write_bytes(bytes(range(100)))
+    (tmp_path / "a.txt").write_bytes(bytes(range(1, 101)))  # no NUL byte: a file with one is refused as binary
     x, y, vx, vy = byte_lm_examples(str(tmp_path / "*.txt"), seq_len=9, max_bytes=10_000, val_fraction=0.2)
     assert x.shape == (9, 9) and vx.shape == (2, 9)
     np.testing.assert_array_equal(y[:, :-1], x[:, 1:])  # next-byte targets
-    np.testing.assert_array_equal(x[1], np.arange(9, 18))
+    np.testing.assert_array_equal(x[1], np.arange(10, 19))
     with pytest.raises(FileNotFoundError, match="no files match"):
         byte_lm_examples(str(tmp_path / "*.md"), 9, 100, 0.1)
 
 
 def test_generator_options_reach_every_segment():
-    cfg = DataConfig(train_segments=((16, 2, 20),), test_segments=((16, 2, 10),), random_non_queries=False,
-                     power_a=0.5)
+    cfg = DataConfig(mqar=MqarData(train_segments=((16, 2, 20),), test_segments=((16, 2, 10),),
+                                   random_non_queries=False, power_a=0.5))
     stream, (test,) = build_data(cfg, vocab_size=64, batch_size=4)
     want_x, want_y = mqar.multiquery_ar(64, 16, 2, 20, power_a=0.5, random_non_queries=False, seed=0)
     np.testing.assert_array_equal(stream.inputs, want_x)

@@ -34,8 +34,8 @@ runs:
 configs: [%(root)s/configs/overlays/tiny.yaml]
 overrides:
   model.vocab_size: 64
-  data.train_segments: [[32, 4, 2000]]
-  data.test_segments: [[32, 4, 200]]
+  data.mqar.train_segments: [[32, 4, 2000]]
+  data.mqar.test_segments: [[32, 4, 200]]
   train.steps: 100
   train.batch_size: 32
   train.eval_every: 100
@@ -202,7 +202,7 @@ def test_shipped_sweeps_load(path):
         # Its training data is Zoology's standard mixture, written out.
         (spec, *_) = sweep.runs_to_do()
         data = load_config(spec["configs"], spec["overrides"]).data
-        assert data.train_segments == mqar_data.TRAIN_SEGMENTS and data.seed == 0
+        assert data.mqar.train_segments == mqar_data.TRAIN_SEGMENTS and data.seed == 0
 
 
 def test_sweep_and_report_bad_input_exit_2(tmp_path, capsys):

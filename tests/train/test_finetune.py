@@ -102,7 +102,7 @@ def test_finetune_at_a_longer_context_with_frozen_parameters(source, tmp_path):
     run_dir = tmp_path / "ft"
     freeze = '["^embed/", "^blocks/0/"]'
     result = train(run_dir, f"train.init_from={source}", "model.n_layers=3", "train.steps=3",
-                   "data.train_segments=[[64, 4, 256]]", "data.test_segments=[[64, 4, 64]]",  # 2x the length
+                   "data.mqar.train_segments=[[64, 4, 256]]", "data.mqar.test_segments=[[64, 4, 64]]",  # 2x the length
                    f"train.freeze={freeze}")
     assert result.step == 3 and np.isfinite(result.train_metrics["loss"])
     report = json.loads((run_dir / "init_report.json").read_text())

@@ -243,7 +243,7 @@ def test_fine_tune_an_imported_checkpoint_with_init_from(imported, tmp_path):
 
     overrides = [f"train.run_dir={tmp_path / 'ft'}", f"train.init_from={imported}", "train.steps=2",
                  "train.batch_size=4", "train.eval_batch_size=4", "train.progress=false", "train.eval_every=2",
-                 "data.train_segments=[[16, 2, 16]]", "data.test_segments=[[16, 2, 4]]"]
+                 "data.mqar.train_segments=[[16, 2, 16]]", "data.mqar.test_segments=[[16, 2, 4]]"]
     cfg = load_config([imported / "config.yaml"], overrides)
     trainer = Trainer(cfg)
     params, report = init_from_checkpoint(trainer.init_state(0)[0], imported)

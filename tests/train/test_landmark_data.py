@@ -24,8 +24,9 @@ def test_targets_skip_landmarks_and_landmark_inputs_are_ignored():
 
 
 def test_byte_windows_are_aligned_and_never_predict_a_landmark():
-    cfg = load_config([], ["data.task=bytes", "data.seq_len=24", "data.max_bytes=20000", "data.landmark_block_len=5",
-                           "model.vocab_size=257", "model.mixers=[landmark]", "model.landmark.block_len=5"])
+    cfg = load_config([], ["data.task=bytes", "data.seq_len=24", "data.text.max_bytes=20000",
+                           "data.landmark.block_len=5", "model.vocab_size=257", "model.mixers=[landmark]",
+                           "model.landmark.block_len=5"])
     stream, evals = build_data(cfg.data, cfg.model.vocab_size, batch_size=4)
     for x, y in ((stream.inputs, stream.labels), (evals[0].inputs, evals[0].labels)):
         assert x.shape[1] == 24
@@ -35,8 +36,8 @@ def test_byte_windows_are_aligned_and_never_predict_a_landmark():
 
 
 def test_mismatched_block_len_is_a_config_error():
-    with pytest.raises(ConfigError, match="landmark_block_len"):
-        load_config([], ["data.task=bytes", "data.seq_len=24", "data.landmark_block_len=3", "model.vocab_size=257",
+    with pytest.raises(ConfigError, match=r"data.landmark.block_len=3 must equal model.landmark.block_len=5"):
+        load_config([], ["data.task=bytes", "data.seq_len=24", "data.landmark.block_len=3", "model.vocab_size=257",
                          "model.mixers=[landmark]", "model.landmark.block_len=5"])
     with pytest.raises(ConfigError, match="seq_len"):
-        load_config([], ["data.task=bytes", "data.seq_len=25", "data.landmark_block_len=5"])
+        load_config([], ["data.task=bytes", "data.seq_len=25", "data.landmark.block_len=5"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from effarch.train.config import DataConfig
+from effarch.train.config import DataConfig, NiahData
 from effarch.train.data import build_data
 from effarch.train.data.niah import KEY, NOISE, QUERY, VAL, VOCAB_SIZE, niah_batch, niah_example
 
@@ -42,14 +42,14 @@ def test_batch_and_task_wiring():
     assert x.shape == y.shape == (5, 64) and x.max() < VOCAB_SIZE
     assert np.all((y >= 0).sum(1) == 7) and np.all(x[:, 0] == NOISE[0])
     np.testing.assert_array_equal(x, niah_batch(np.random.default_rng(0), 5, 64)[0])
-    train, evals = build_data(DataConfig(task="niah", seq_len=64, niah_examples=40), VOCAB_SIZE, 8)
+    train, evals = build_data(DataConfig(task="niah", seq_len=64, niah=NiahData(examples=40)), VOCAB_SIZE, 8)
     assert train.inputs.shape == (40, 64) and evals[0].name == "niah_64" and evals[0].inputs.shape == (256, 64)
     with pytest.raises(ValueError, match="the niah task needs at least 36"):
-        build_data(DataConfig(task="niah", seq_len=64, niah_examples=40), 20, 8)
-    train, _ = build_data(DataConfig(task="niah", seq_len=64, niah_examples=40, niah_queries=2), VOCAB_SIZE, 8)
+        build_data(DataConfig(task="niah", seq_len=64, niah=NiahData(examples=40)), 20, 8)
+    train, _ = build_data(DataConfig(task="niah", seq_len=64, niah=NiahData(examples=40, queries=2)), VOCAB_SIZE, 8)
     assert np.all((train.labels >= 0).sum(1) == 14)
-    with pytest.raises(ValueError, match="niah_queries"):
-        DataConfig(task="niah", niah_queries=0)
+    with pytest.raises(ValueError, match="examples and queries must be >= 1"):
+        NiahData(queries=0)
     with pytest.raises(ValueError, match="too short"):
         niah_example(np.array([10, 11]), np.zeros(7, int), 0.5, 20)
     with pytest.raises(ValueError, match="depth"):
@@ -57,7 +57,7 @@ def test_batch_and_task_wiring():
 
 
 def test_depth_grid_includes_both_ends():
-    # data.niah_depths: N evenly spaced depths, 0 and 1 included (uniform depths almost never give a needle right
+    # data.niah.depths: N evenly spaced depths, 0 and 1 included (uniform depths almost never give a needle right
     # before the question). With N = 3 every needle starts right after the preamble, halfway, or right before [Q].
     T = 64
     x, _ = niah_batch(np.random.default_rng(0), 60, T, depth_grid=3)
@@ -65,7 +65,7 @@ def test_depth_grid_includes_both_ends():
     n_noise = T - len(NOISE) - 2 * 11
     assert set(starts.tolist()) == {len(NOISE), len(NOISE) + round(n_noise / 2), T - 2 * 11}
     assert np.all(x[starts == T - 22][:, T - 11] == QUERY)  # depth 1: the question follows the needle directly
-    train, _ = build_data(DataConfig(task="niah", seq_len=T, niah_examples=60, niah_depths=3), VOCAB_SIZE, 8)
+    train, _ = build_data(DataConfig(task="niah", seq_len=T, niah=NiahData(examples=60, depths=3)), VOCAB_SIZE, 8)
     np.testing.assert_array_equal(train.inputs, x)  # the data config reaches the generator
-    with pytest.raises(ValueError, match="niah_depths must be 0"):
-        DataConfig(task="niah", niah_depths=1)
+    with pytest.raises(ValueError, match="depths must be 0"):
+        NiahData(depths=1)

@@ -65,7 +65,7 @@ def test_resume_never_moves_the_old_run_aside_and_require_needs_a_checkpoint(tmp
 def test_a_run_that_fails_before_its_first_step_leaves_the_directory_reusable(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match="data: "):
-        train(run_dir, "data.task=bytes", f"data.text_source={tmp_path}/missing/*.txt")
+        train(run_dir, "data.task=bytes", f"data.text.source={tmp_path}/missing/*.txt")
     # Another model and data: nothing was trained in that directory, so nothing binds it.
     assert train(run_dir, "train.steps=2", "model.d_model=48").step == 2
 

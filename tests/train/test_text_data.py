@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from effarch.train.config import ConfigError, DataConfig, load_config
+from effarch.train.config import ConfigError, DataConfig, TextData, load_config
 from effarch.train.data import build_data, local_text
 from effarch.train.data.corpus_windows import CorpusWindows, document_ends
 from effarch.train.data.labels import IGNORE_LABEL
@@ -67,7 +67,7 @@ def test_bytes_task_reads_the_files_through_the_builder(corpus, tmp_path, monkey
     np.testing.assert_array_equal(read_bytes(str(corpus / "**" / "*.txt"), 10_000), np.frombuffer(raw, np.uint8))
     np.testing.assert_array_equal(read_bytes(str(corpus), 50), np.frombuffer(raw[:50], np.uint8))
     assert (tmp_path / "env_dir" / "local_text").is_dir()  # $EFFARCH_DATA_DIR is where the cache went
-    with pytest.raises(FileNotFoundError, match="data.text_source: no files match"):
+    with pytest.raises(FileNotFoundError, match="data.text.source: no files match"):
         read_bytes(str(tmp_path / "nothing*.txt"), 10)
 
 
@@ -92,7 +92,8 @@ def test_packing_separators_masks_and_pads():
 
 
 def test_no_label_crosses_a_document_boundary(corpus, tmp_path):
-    cfg = DataConfig(task="text", text_source=str(corpus), data_dir=str(tmp_path), seq_len=13, val_fraction=0.2)
+    text = TextData(source=str(corpus), val_fraction=0.2)
+    cfg = DataConfig(task="text", data_dir=str(tmp_path), seq_len=13, text=text)
     stream, (val,) = build_data(cfg, vocab_size=257, batch_size=4)
     x, y = stream.windows.all()
     assert x.shape[1] == 13 and (y[x == 256] == IGNORE_LABEL).all()  # the separator's label is masked
@@ -134,11 +135,11 @@ def test_two_processes_load_the_global_batch():
 
 
 @pytest.mark.parametrize("override, match", [
-    (["data.tokenizer=sentencepiece"], "data: tokenizer=sentencepiece needs tokenizer_model"),
-    (["data.text_source='tfds:'"], "needs a dataset name"),
-    (["data.task=bytes", "data.text_source=tfds:x"], "needs task: text"),
-    (["data.max_eval_bytes=0"], "max_eval_bytes must be >= 1"),
-    (["data.tokenizer=word"], "data.tokenizer: expected one of"),
+    (["data.text.tokenizer=sentencepiece"], "data.text: tokenizer=sentencepiece needs tokenizer_model"),
+    (["data.text.source='tfds:'"], "needs a dataset name"),
+    (["data.task=bytes", "data.text.source=tfds:x"], "needs task: text"),
+    (["data.text.max_eval_bytes=0"], "max_eval_bytes must be >= 1"),
+    (["data.text.tokenizer=word"], "data.text.tokenizer: expected one of"),
 ])
 def test_config_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -146,25 +147,28 @@ def test_config_errors_name_the_key(override, match):
 
 
 def test_build_errors_name_the_key(corpus, tmp_path):
-    base = dict(task="text", text_source=str(corpus), data_dir=str(tmp_path), seq_len=8, val_fraction=0.2)
-    with pytest.raises(ValueError, match="model.vocab_size=256 is smaller than the 257 ids of data.tokenizer=bytes"):
+    text = TextData(source=str(corpus), val_fraction=0.2)
+    base = dict(task="text", data_dir=str(tmp_path), seq_len=8, text=text)
+    with pytest.raises(ValueError, match="vocab_size=256 is smaller than the 257 ids of data.text.tokenizer=bytes"):
         build_data(DataConfig(**base), vocab_size=256, batch_size=2)
     with pytest.raises(ValueError, match="fewer than train.batch_size=4096"):
         build_data(DataConfig(**base), vocab_size=257, batch_size=4096)
-    with pytest.raises(ValueError, match="data.text_source='tfds:no_such_dataset': cannot read split 'train'"):
-        build_data(DataConfig(**{**base, "text_source": "tfds:no_such_dataset"}), vocab_size=257, batch_size=2)
-    name = local_text.prepare(str(corpus), str(tmp_path), 0.2).builder_config.name
-    with pytest.raises(ValueError, match="data.text_field='body' is not a feature of the dataset"):
-        build_data(DataConfig(**{**base, "text_source": f"tfds:local_text/{name}", "text_field": "body"}),
+    with pytest.raises(ValueError, match="data.text.source='tfds:no_such_dataset': cannot read split 'train'"):
+        build_data(DataConfig(**{**base, "text": dataclasses.replace(text, source="tfds:no_such_dataset")}),
                    vocab_size=257, batch_size=2)
+    name = local_text.prepare(str(corpus), str(tmp_path), 0.2).builder_config.name
+    with pytest.raises(ValueError, match="data.text.field='body' is not a feature of the dataset"):
+        named = dataclasses.replace(text, source=f"tfds:local_text/{name}", field="body")
+        build_data(DataConfig(**{**base, "text": named}), vocab_size=257, batch_size=2)
 
 
 def test_tfds_name_source_matches_the_local_corpus(corpus, tmp_path):
-    base = dict(task="text", data_dir=str(tmp_path), seq_len=8, val_fraction=0.2)
-    local, (lval,) = build_data(DataConfig(text_source=str(corpus), **base), vocab_size=257, batch_size=2)
-    name = local_text.prepare(str(corpus), str(tmp_path), 0.2).builder_config.name
-    named, (nval,) = build_data(DataConfig(text_source=f"tfds:local_text/{name}", **base), vocab_size=257,
+    base = dict(task="text", data_dir=str(tmp_path), seq_len=8)
+    local, (lval,) = build_data(DataConfig(text=TextData(source=str(corpus), val_fraction=0.2), **base), vocab_size=257,
                                 batch_size=2)
+    name = local_text.prepare(str(corpus), str(tmp_path), 0.2).builder_config.name
+    named, (nval,) = build_data(DataConfig(text=TextData(source=f"tfds:local_text/{name}", val_fraction=0.2), **base),
+                                vocab_size=257, batch_size=2)
     np.testing.assert_array_equal(named.batch(3)[0], local.batch(3)[0])
     np.testing.assert_array_equal(nval.labels, lval.labels)
 
@@ -206,7 +210,8 @@ def test_corpus_windows_read_only_the_documents_they_overlap(seq_len, max_bytes)
 
 
 def test_train_windows_come_from_the_cached_offsets(corpus, tmp_path, monkeypatch):
-    cfg = DataConfig(task="text", text_source=str(corpus), data_dir=str(tmp_path), seq_len=13, val_fraction=0.2)
+    text = TextData(source=str(corpus), val_fraction=0.2)
+    cfg = DataConfig(task="text", data_dir=str(tmp_path), seq_len=13, text=text)
     stream, _ = build_data(cfg, vocab_size=257, batch_size=4)
     assert isinstance(stream.windows, CorpusWindows)
     (cached,) = (tmp_path / "effarch_offsets").iterdir()
@@ -221,7 +226,8 @@ def test_train_windows_come_from_the_cached_offsets(corpus, tmp_path, monkeypatc
         np.testing.assert_array_equal(again.batch(step)[0], stream.batch(step)[0])
     # Another max_bytes is another stream: its own offsets (the pass runs, here refused).
     with pytest.raises(AssertionError, match="computed again"):
-        build_data(dataclasses.replace(cfg, max_bytes=100), vocab_size=257, batch_size=4)
+        smaller = dataclasses.replace(cfg, text=dataclasses.replace(text, max_bytes=100))
+        build_data(smaller, vocab_size=257, batch_size=4)
     # A cache that does not match the documents is refused, not trained on.
     np.save(cached, np.asarray(stream.windows.ends) + 1)
     stale, _ = build_data(cfg, vocab_size=257, batch_size=4)
@@ -231,7 +237,8 @@ def test_train_windows_come_from_the_cached_offsets(corpus, tmp_path, monkeypatc
 
 def test_a_binary_file_in_the_corpus_is_refused_by_name(corpus, tmp_path):
     (corpus / "sub" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
-    base = dict(task="text", text_source=str(corpus), data_dir=str(tmp_path / "tfds"), seq_len=8, val_fraction=0.2)
+    text = TextData(source=str(corpus), val_fraction=0.2)
+    base = dict(task="text", data_dir=str(tmp_path / "tfds"), seq_len=8, text=text)
     with pytest.raises(ValueError, match=r"sub/logo.png is not a text file \(a NUL byte at offset 8\)"):
         build_data(DataConfig(**base), vocab_size=257, batch_size=2)
     (corpus / "sub" / "logo.png").unlink()  # nothing half-built stays behind: the corpus builds once it is text

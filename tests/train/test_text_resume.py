@@ -35,7 +35,7 @@ def corpus(tmp_path_factory):
 
 def run(run_dir, corpus, *extra, wait=True):
     cmd = [sys.executable, "-m", "effarch.train", str(CONFIG), str(TINY), f"train.run_dir={run_dir}",
-           f"data.text_source={corpus}", "data.seq_len=32", "data.val_fraction=0.2", "model.vocab_size=257",
+           f"data.text.source={corpus}", "data.seq_len=32", "data.text.val_fraction=0.2", "model.vocab_size=257",
            "model.n_layers=2", "model.mixers=[base_conv, sliding_window]", "model.sliding_window.window=8",
            "train.steps=60", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=10",
            "train.sample_tokens=0", *extra]
@@ -89,4 +89,4 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(corpus, tmp_path):
     # Another corpus under the same config would give other batches: resuming is refused, naming the key.
     (corpus / "doc0.txt").write_text("changed\n")
     out = run(run_dir, corpus, "train.steps=70")
-    assert out.returncode == 2 and "data.text_source: the checkpoint at step 60 was trained on" in out.stderr
+    assert out.returncode == 2 and "data.text.source: the checkpoint at step 60 was trained on" in out.stderr

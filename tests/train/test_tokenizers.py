@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from effarch.train.config import DataConfig
+from effarch.train.config import DataConfig, TextData
 from effarch.train.data import build_data
 from effarch.train.data.tokenizers import ByteTokenizer, make_tokenizer
 
@@ -85,8 +85,8 @@ def test_text_task_with_tiktoken(tiktoken_file, tmp_path):
     (tmp_path / "c").mkdir()
     for i in range(4):
         (tmp_path / "c" / f"{i}.txt").write_text(f"then the theme {i}\n" * 30)
-    cfg = DataConfig(task="text", text_source=str(tmp_path / "c"), data_dir=str(tmp_path / "d"), seq_len=16,
-                     tokenizer="tiktoken", tokenizer_model=tiktoken_file, val_fraction=0.3)
+    text = TextData(source=str(tmp_path / "c"), tokenizer="tiktoken", tokenizer_model=tiktoken_file, val_fraction=0.3)
+    cfg = DataConfig(task="text", data_dir=str(tmp_path / "d"), seq_len=16, text=text)
     stream, (val,) = build_data(cfg, vocab_size=263, batch_size=2)
     x, y = stream.batch(0)
     assert x.max() < 263 and (y[x == 262] == -100).all()
@@ -100,18 +100,18 @@ def test_text_task_with_tiktoken(tiktoken_file, tmp_path):
 @pytest.mark.parametrize("package", ["sentencepiece", "tiktoken"])
 def test_missing_package_names_the_key_and_the_extra(package, monkeypatch):
     monkeypatch.setitem(sys.modules, package, None)  # what an environment without the extra looks like to `import`
-    with pytest.raises(ValueError, match=rf"data.tokenizer={package} needs the {package} package: "
+    with pytest.raises(ValueError, match=rf"data.text.tokenizer={package} needs the {package} package: "
                                          rf"pip install 'effarch\[{package}\]'"):
         make_tokenizer(package, "x")
 
 
 @needs_sentencepiece
 def test_missing_sentencepiece_model_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.tokenizer_model: SentencePiece model file"):
+    with pytest.raises(FileNotFoundError, match="data.text.tokenizer_model: SentencePiece model file"):
         make_tokenizer("sentencepiece", str(tmp_path / "missing.model"))
 
 
 @needs_tiktoken
 def test_unknown_tiktoken_encoding():
-    with pytest.raises(ValueError, match="data.tokenizer_model: 'no_such_encoding' is neither a file nor"):
+    with pytest.raises(ValueError, match="data.text.tokenizer_model: 'no_such_encoding' is neither a file nor"):
         make_tokenizer("tiktoken", "no_such_encoding")

@@ -60,9 +60,9 @@ class TrainStream:
 
 
 def _segments(data_cfg) -> tuple[tuple, tuple]:
-    if data_cfg.mixture == "zoology_standard":
+    if data_cfg.mqar.mixture == "zoology_standard":
         return mqar.TRAIN_SEGMENTS, tuple((n, d, 1000) for n, d in mqar.TEST_SEGMENTS)
-    return data_cfg.train_segments, data_cfg.test_segments
+    return data_cfg.mqar.train_segments, data_cfg.mqar.test_segments
 
 
 def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream | TextStream, list[Segment]]:
@@ -76,31 +76,31 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream 
     if data_cfg.task == "bytes":
         if vocab_size < 256:
             raise ValueError(f"model.vocab_size={vocab_size}: the bytes task needs at least 256")
-        if data_cfg.landmark_block_len and vocab_size <= data_cfg.landmark_token:
-            raise ValueError(f"model.vocab_size={vocab_size} has no id for data.landmark_token="
-                             f"{data_cfg.landmark_token}")
-        x, y, vx, vy = text.byte_lm_examples(data_cfg.text_source, data_cfg.seq_len, data_cfg.max_bytes,
-                                             data_cfg.val_fraction, landmark_block_len=data_cfg.landmark_block_len,
-                                             landmark_token=data_cfg.landmark_token, data_dir=data_cfg.data_dir)
+        if data_cfg.landmark.block_len and vocab_size <= data_cfg.landmark.token:
+            raise ValueError(f"model.vocab_size={vocab_size} has no id for data.landmark.token="
+                             f"{data_cfg.landmark.token}")
+        x, y, vx, vy = text.byte_lm_examples(data_cfg.text.source, data_cfg.seq_len, data_cfg.text.max_bytes,
+                                             data_cfg.text.val_fraction, landmark_block_len=data_cfg.landmark.block_len,
+                                             landmark_token=data_cfg.landmark.token, data_dir=data_cfg.data_dir)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment("bytes_val", vx, vy)]
     if data_cfg.task == "passkey":
         if vocab_size < passkey.VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={vocab_size}: the passkey task needs at least {passkey.VOCAB_SIZE}")
         rng = np.random.default_rng(data_cfg.seed)
-        x, y, _ = passkey.passkey_batch(rng, data_cfg.passkey_examples, data_cfg.seq_len, data_cfg.landmark_block_len,
-                                        n_queries=data_cfg.passkey_queries)
+        x, y, _ = passkey.passkey_batch(rng, data_cfg.passkey.examples, data_cfg.seq_len, data_cfg.landmark.block_len,
+                                        n_queries=data_cfg.passkey.queries)
         vx, vy, _ = passkey.passkey_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len,
-                                          data_cfg.landmark_block_len)
+                                          data_cfg.landmark.block_len)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"passkey_{data_cfg.seq_len}", vx, vy)]
     if data_cfg.task == "niah":
         if vocab_size < niah.VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={vocab_size}: the niah task needs at least {niah.VOCAB_SIZE}")
-        x, y = niah.niah_batch(np.random.default_rng(data_cfg.seed), data_cfg.niah_examples, data_cfg.seq_len,
-                              n_queries=data_cfg.niah_queries, depth_grid=data_cfg.niah_depths)
+        x, y = niah.niah_batch(np.random.default_rng(data_cfg.seed), data_cfg.niah.examples, data_cfg.seq_len,
+                              n_queries=data_cfg.niah.queries, depth_grid=data_cfg.niah.depths)
         vx, vy = niah.niah_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"niah_{data_cfg.seq_len}", vx, vy)]
     train_segs, test_segs = _segments(data_cfg)
-    options = dict(power_a=data_cfg.power_a, random_non_queries=data_cfg.random_non_queries)
+    options = dict(power_a=data_cfg.mqar.power_a, random_non_queries=data_cfg.mqar.random_non_queries)
     max_len = max(n for n, _, _ in train_segs)
     train = mqar.make_mixture(train_segs, vocab_size, data_cfg.seed, pad_to=max_len, **options)
     stream = TrainStream(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), batch_size,

@@ -4,7 +4,7 @@ The packed stream of a split (train/data/packing.py: every document followed by 
 Instead one pass over the documents records where each document's tokens end in that stream, separator included
 (`document_ends`); the array is cached under the data directory, next to the TFDS datasets
 (`<data_dir>/effarch_offsets/<corpus>-<key>.npy`, keyed by the corpus fingerprint, split, tokenizer and
-`data.max_bytes`), and memory-mapped, so later runs skip the pass. Window i covers stream positions
+`data.text.max_bytes`), and memory-mapped, so later runs skip the pass. Window i covers stream positions
 [i·L, i·L + L + 1): a binary search in the ends finds the documents it overlaps, which are read by index from the
 array_record file (the split's Grain MapDataset) and tokenized, and the window is cut from them.
 

@@ -50,7 +50,7 @@ def source_files(source: str) -> tuple[Path, list[Path]]:
             files = sorted((Path(f) for f in glob.glob(expanded, recursive=True) if os.path.isfile(f)), key=str)
             root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
     if not files:
-        raise FileNotFoundError(f"data.text_source: no files match {source!r}")
+        raise FileNotFoundError(f"data.text.source: no files match {source!r}")
     return root.absolute(), [f.absolute() for f in files]
 
 
@@ -118,7 +118,7 @@ def check_text(path: Path, data: bytes) -> None:
     whole file): an image, archive or compiled file matched by the source would otherwise be trained on as text."""
     at = data.find(b"\0")
     if at >= 0:
-        raise NotText(f"data.text_source: {path} is not a text file (a NUL byte at offset {at}); remove it or narrow "
+        raise NotText(f"data.text.source: {path} is not a text file (a NUL byte at offset {at}); remove it or narrow "
                       "the source to the text files (a glob such as 'DIR/**/*.txt')")
 
 

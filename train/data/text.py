@@ -62,7 +62,7 @@ def byte_lm_examples(
         extra = 2
     n = (len(stream) - extra) // seq_len
     if n < 2:
-        raise ValueError(f"data.text_source {source!r} has {len(stream)} bytes: too few for seq_len={seq_len}")
+        raise ValueError(f"data.text.source {source!r} has {len(stream)} bytes: too few for seq_len={seq_len}")
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + extra)[None]
     windows = stream[idx]
     n_val = max(1, int(round(n * val_fraction)))

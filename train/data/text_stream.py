@@ -1,15 +1,16 @@
 """The `text` task: documents from TFDS -> tokens -> packed windows -> a Grain MapDataset, addressed by step.
 
-- Documents come from `data.text_source`: a local corpus (a glob, a directory or "python_stdlib"), built once
+- Documents come from `data.text.source`: a local corpus (a glob, a directory or "python_stdlib"), built once
   into a TFDS array_record dataset under the data directory (train/data/local_text.py), or `tfds:NAME`, any
-  prepared TFDS dataset under `data.data_dir`, whose `data.text_field` holds the text. Both are read through the
+  prepared TFDS dataset under `data.data_dir`, whose `data.text.field` holds the text. Both are read through the
   random-access `ArrayRecordDataSource` wrapped in `grain.MapDataset` (no TensorFlow).
-- `data.train_split` / `data.eval_split` name the splits; at most `data.max_bytes` / `data.max_eval_bytes` of text
-  are read from each (whole documents in stored order, each cut at the limit).
+- `data.text.train_split` / `data.text.eval_split` name the splits; at most `data.text.max_bytes` /
+  `data.text.max_eval_bytes` of text are read from each (whole documents in stored order, each cut at the limit).
 - Windows are packed by train/data/packing.py (separator, cross-document labels masked, pads -100). The train
   split is never held in memory: its windows are read from the array_record files by index
   (train/data/corpus_windows.py; document offsets computed once and cached under the data directory), so memory
-  does not grow with the corpus or `data.max_bytes`. The eval split (`data.max_eval_bytes`) is packed in memory.
+  does not grow with the corpus or `data.text.max_bytes`. The eval split (`data.text.max_eval_bytes`) is packed in
+  memory.
 - The order: epoch e (every window once) is Grain's index shuffle with seed (derived(data.seed) + e). Global batch
   `step` holds the windows at positions [step·B, (step + 1)·B) of that endless sequence, so it is a pure function of
   (data config, corpus, step): a resumed run, a prefetching thread and every process see the same batches, and a
@@ -37,33 +38,33 @@ def _grain_seed(seed: int) -> int:
 def _text_of(record, field: str) -> bytes:
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"data.text_field={field!r} is not a feature of the dataset (it has {keys})")
+        raise ValueError(f"data.text.field={field!r} is not a feature of the dataset (it has {keys})")
     text = record[field]
     if isinstance(text, np.ndarray) and text.ndim == 0:
         text = text.item()
     if isinstance(text, str):
         text = text.encode("utf-8")
     if not isinstance(text, bytes):
-        raise ValueError(f"data.text_field={field!r} holds {type(text).__name__}, not text")
+        raise ValueError(f"data.text.field={field!r} holds {type(text).__name__}, not text")
     return text
 
 
 def document_source(data_cfg, split: str) -> tuple[grain.MapDataset, str]:
     """(a MapDataset of the split's documents as bytes, a fingerprint naming the corpus and split)."""
-    source = data_cfg.text_source
+    source = data_cfg.text.source
     if source.startswith("tfds:"):
         name = source[len("tfds:"):]
         data_dir = local_text.resolve_data_dir(data_cfg.data_dir)
         try:
             src = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
         except Exception as e:  # tfds raises several types (not found, not prepared, unknown split)
-            raise ValueError(f"data.text_source={source!r}: cannot read split {split!r} of a prepared TFDS dataset "
+            raise ValueError(f"data.text.source={source!r}: cannot read split {split!r} of a prepared TFDS dataset "
                              f"under {data_dir} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                              ) from None
-        field = data_cfg.text_field
+        field = data_cfg.text.field
         fingerprint = f"tfds:{name}:{split}:{len(src)}"
     else:
-        builder = local_text.prepare(source, data_cfg.data_dir, data_cfg.val_fraction)
+        builder = local_text.prepare(source, data_cfg.data_dir, data_cfg.text.val_fraction)
         if split not in builder.info.splits:
             raise ValueError(f"data: split {split!r} does not exist in {source!r}; it has "
                              f"{sorted(builder.info.splits)}")
@@ -91,7 +92,7 @@ def pack_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> tu
     texts = read_documents(docs, max_bytes)
     tokens = concatenate([tokenizer.encode(t) for t in texts], tokenizer.sep_id)
     if len(tokens) < 2:
-        raise ValueError(f"data.text_source {data_cfg.text_source!r}: split {split!r} holds no text")
+        raise ValueError(f"data.text.source {data_cfg.text.source!r}: split {split!r} holds no text")
     return PackedWindows(tokens, data_cfg.seq_len, tokenizer.sep_id), fingerprint
 
 
@@ -100,10 +101,10 @@ def corpus_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> 
     `pack_split`, in memory independent of the corpus size."""
     docs, fingerprint = document_source(data_cfg, split)
     path = offsets_path(local_text.resolve_data_dir(data_cfg.data_dir), fingerprint,
-                        tokenizer_key(data_cfg.tokenizer, data_cfg.tokenizer_model), max_bytes)
+                        tokenizer_key(data_cfg.text.tokenizer, data_cfg.text.tokenizer_model), max_bytes)
     ends = cached_document_ends(path, docs, tokenizer, max_bytes)
     if (int(ends[-1]) if len(ends) else 0) < 2:
-        raise ValueError(f"data.text_source {data_cfg.text_source!r}: split {split!r} holds no text")
+        raise ValueError(f"data.text.source {data_cfg.text.source!r}: split {split!r} holds no text")
     return CorpusWindows(docs, ends, tokenizer, data_cfg.seq_len, max_bytes), fingerprint
 
 
@@ -113,7 +114,7 @@ class TextStream:
     def __init__(self, windows: PackedWindows | CorpusWindows, batch_size: int, seed: int, fingerprint: str = ""):
         if len(windows) < batch_size:
             raise ValueError(f"the train split packs into {len(windows)} windows of data.seq_len={windows.seq_len}, "
-                             f"fewer than train.batch_size={batch_size}: give data.max_bytes or more text")
+                             f"fewer than train.batch_size={batch_size}: give data.text.max_bytes or more text")
         self.windows = windows
         self.batch_size = batch_size
         self.fingerprint = fingerprint
@@ -136,12 +137,12 @@ class TextStream:
 
 def build_text_data(data_cfg, vocab_size: int, batch_size: int):
     """(TextStream over the train split, (inputs, labels, bytes per label) of the eval split)."""
-    tokenizer = make_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_model)
+    tokenizer = make_tokenizer(data_cfg.text.tokenizer, data_cfg.text.tokenizer_model)
     if vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the {tokenizer.vocab_size} ids of "
-                         f"data.tokenizer={data_cfg.tokenizer} (separator id {tokenizer.sep_id} included)")
-    train, fingerprint = corpus_split(data_cfg, tokenizer, data_cfg.train_split, data_cfg.max_bytes)
-    val, _ = pack_split(data_cfg, tokenizer, data_cfg.eval_split, data_cfg.max_eval_bytes)
+                         f"data.text.tokenizer={data_cfg.text.tokenizer} (separator id {tokenizer.sep_id} included)")
+    train, fingerprint = corpus_split(data_cfg, tokenizer, data_cfg.text.train_split, data_cfg.text.max_bytes)
+    val, _ = pack_split(data_cfg, tokenizer, data_cfg.text.eval_split, data_cfg.text.max_eval_bytes)
     n_labels, n_bytes = val.labelled_bytes(tokenizer.token_bytes())
     vx, vy = val.all()
     return TextStream(train, batch_size, data_cfg.seed, fingerprint), (vx, vy, n_bytes / max(n_labels, 1))

@@ -44,7 +44,7 @@ class ByteTokenizer:
 
 
 def _missing(package: str, key: str, extra: str) -> ValueError:
-    return ValueError(f"data.tokenizer={key} needs the {package} package: pip install 'effarch[{extra}]'")
+    return ValueError(f"data.text.tokenizer={key} needs the {package} package: pip install 'effarch[{extra}]'")
 
 
 class SentencePieceTokenizer:
@@ -57,7 +57,8 @@ class SentencePieceTokenizer:
         except ImportError:
             raise _missing("sentencepiece", "sentencepiece", "sentencepiece") from None
         if not model_file or not os.path.isfile(os.path.expanduser(model_file)):
-            raise FileNotFoundError(f"data.tokenizer_model: SentencePiece model file {model_file!r} does not exist")
+            raise FileNotFoundError(f"data.text.tokenizer_model: SentencePiece model file {model_file!r} does not "
+                                    "exist")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.expanduser(model_file))
         n = self.sp.get_piece_size()
         eos = self.sp.eos_id()
@@ -94,7 +95,8 @@ class TiktokenTokenizer:
         except ImportError:
             raise _missing("tiktoken", "tiktoken", "tiktoken") from None
         if not encoding:
-            raise ValueError("data.tokenizer=tiktoken needs data.tokenizer_model: an encoding name or a .tiktoken file")
+            raise ValueError("data.text.tokenizer=tiktoken needs data.text.tokenizer_model: an encoding name or a "
+                             ".tiktoken file")
         path = os.path.expanduser(encoding)
         if os.path.isfile(path):
             ranks = tiktoken.load.load_tiktoken_bpe(path)
@@ -104,7 +106,7 @@ class TiktokenTokenizer:
             try:
                 self.enc = tiktoken.get_encoding(encoding)
             except ValueError as e:
-                raise ValueError(f"data.tokenizer_model: {encoding!r} is neither a file nor a tiktoken encoding "
+                raise ValueError(f"data.text.tokenizer_model: {encoding!r} is neither a file nor a tiktoken encoding "
                                  f"({e})") from None
         self.sep_id = self.enc.eot_token
         self.vocab_size = self.enc.n_vocab
@@ -129,11 +131,11 @@ class TiktokenTokenizer:
 
 
 def make_tokenizer(kind: str, model: str = "") -> Tokenizer:
-    """`data.tokenizer` ("bytes", "sentencepiece", "tiktoken") and `data.tokenizer_model` -> a tokenizer."""
+    """`data.text.tokenizer` ("bytes", "sentencepiece", "tiktoken") and `data.text.tokenizer_model` -> a tokenizer."""
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "sentencepiece":
         return SentencePieceTokenizer(model)
     if kind == "tiktoken":
         return TiktokenTokenizer(model)
-    raise ValueError(f"data.tokenizer: unknown tokenizer {kind!r}; use bytes, sentencepiece or tiktoken")
+    raise ValueError(f"data.text.tokenizer: unknown tokenizer {kind!r}; use bytes, sentencepiece or tiktoken")

@@ -1,11 +1,11 @@
 """MQAR accuracy per test segment, by default Zoology's test protocol: (64, 4) ... (1024, 256), 1000 examples each.
 
 Data: `train/data/mqar.py::make_mixture` with the run's vocabulary, `power_a` and `random_non_queries`, from seed
-`data.seed + 1000` (segment i from seed + 1000 + i), the trainer's test stream: for a run trained with `data.mixture:
-zoology_standard` the default segments are exactly its test sets. Accuracy is over the labelled (query) positions of
-each segment, as in Zoology; chance is 2 / vocab_size (values are uniform over the upper half of the vocabulary).
-Each segment also reports the model's decode-state bytes per sequence at its length (`DecoderLM.state_size`), the
-x axis of Zoology's accuracy-vs-state figure.
+`data.seed + 1000` (segment i from seed + 1000 + i), the trainer's test stream: for a run trained with
+`data.mqar.mixture: zoology_standard` the default segments are exactly its test sets. Accuracy is over the labelled
+(query) positions of each segment, as in Zoology; chance is 2 / vocab_size (values are uniform over the upper half of
+the vocabulary). Each segment also reports the model's decode-state bytes per sequence at its length
+(`DecoderLM.state_size`), the x axis of Zoology's accuracy-vs-state figure.
 """
 
 import argparse
@@ -74,8 +74,8 @@ def run(cfg: Config, model: DecoderLM, args: argparse.Namespace, log=None) -> di
     segments = [tuple(s) for s in (args.segments or mqar.TEST_SEGMENTS)]
     seed = cfg.data.seed + 1000 if args.seed is None else args.seed
     batch = args.batch_size or cfg.train.eval_batch_size
-    out = evaluate(model, segments, examples=args.examples, seed=seed, batch_size=batch, power_a=cfg.data.power_a,
-                   random_non_queries=cfg.data.random_non_queries)
+    out = evaluate(model, segments, examples=args.examples, seed=seed, batch_size=batch, power_a=cfg.data.mqar.power_a,
+                   random_non_queries=cfg.data.mqar.random_non_queries)
     out["options"] = {"segments": [list(s) for s in segments], "examples": args.examples, "seed": seed,
                       "batch_size": batch}
     return out

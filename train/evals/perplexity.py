@@ -1,6 +1,6 @@
 """Loss, perplexity and bits per token (per byte for byte-level data) on the held-out split of a run's own data.
 
-The held-out split is what the trainer evaluates on: the last `data.val_fraction` of the text for `data.task:
+The held-out split is what the trainer evaluates on: the last `data.text.val_fraction` of the text for `data.task:
 bytes`, the test segments (seed + 1000) for MQAR, the 256 evaluation examples of passkey / niah. Only labelled
 positions count. Bits per byte = loss / ln 2 for the `bytes` task, whose tokens are bytes (landmark tokens are never
 targets); for the `text` task, bits per token / the UTF-8 bytes per label of the held-out set
@@ -31,12 +31,12 @@ def heldout_segments(cfg: Config) -> list[Segment]:
     if d.task == "mqar":
         # build_data would also generate the (much larger) training mixture; the test segments alone, from the
         # same seeds, are the same arrays (tests/train/test_evals.py checks the loss against the trainer's).
-        if d.mixture == "zoology_standard":
+        if d.mqar.mixture == "zoology_standard":
             tests = tuple((n, k, mqar.TEST_NUM_EXAMPLES) for n, k in mqar.TEST_SEGMENTS)
         else:
-            tests = d.test_segments
-        arrays = mqar.make_mixture(tests, cfg.model.vocab_size, d.seed + 1000, power_a=d.power_a,
-                                   random_non_queries=d.random_non_queries)
+            tests = d.mqar.test_segments
+        arrays = mqar.make_mixture(tests, cfg.model.vocab_size, d.seed + 1000, power_a=d.mqar.power_a,
+                                   random_non_queries=d.mqar.random_non_queries)
         return [Segment(f"mqar_N{n}_D{k}", x, y) for (n, k, _), (x, y) in zip(tests, arrays, strict=True)]
     return build_data(d, cfg.model.vocab_size, cfg.train.batch_size)[1]
 

@@ -7,7 +7,7 @@ A sweep is a list of configs; the file only spells the list as a product:
       attention: {configs: [configs/mqar/zoology_attention.yaml]}
       based: {configs: [configs/mqar/based.yaml], overrides: {optim.warmup_steps: 10}}
     configs: [configs/overlays/tiny.yaml]      # optional: applied after each run's own files
-    overrides: {data.mixture: zoology_standard} # optional: every run, after the files
+    overrides: {data.mqar.mixture: zoology_standard} # optional: every run, after the files
     grid: {model.d_model: [64, 128], optim.lr: [1.0e-3, 1.0e-2]}   # the cartesian product, applied last
     evals: {mqar: {}, perplexity: {max_examples: 100}}             # task: options, as `effarch eval` takes them
     select: {metric: mqar.accuracy, over: [optim.lr], mode: max}   # best of `over` per (run, other grid keys)
