@@ -210,6 +210,16 @@ class Checkpointer:
             self.manager.reload()
         return None
 
+    def _deleted(self, step_dir: Path) -> bool:
+        """Whether a step that failed to read is being deleted by the writer (a reader's view only; the writer's
+        deletion takes a moment, so a reader looks again for up to half a second)."""
+        for _ in range(10 if self.read_only else 1):
+            if not step_dir.exists():
+                return True
+            if self.read_only:
+                time.sleep(0.05)
+        return False
+
     def _restore_newest(self, params, opt_state, rng):
         """(restored or None, whether a listed step was deleted meanwhile)."""
         vanished = False
@@ -224,7 +234,7 @@ class Checkpointer:
             try:
                 self.item_metadata(step, "params")
             except Exception as e:  # noqa: BLE001 - metadata that cannot be read: a damaged checkpoint
-                if not step_dir.exists():
+                if self._deleted(step_dir):
                     vanished = True
                     continue
                 self._skip(step, f"has unreadable metadata ({_describe(e)})")
@@ -233,7 +243,7 @@ class Checkpointer:
             try:
                 return self.restore(step, params, opt_state, rng), vanished
             except Exception as e:  # noqa: BLE001 - trees match, so a failure here is damaged data
-                if not step_dir.exists():  # or the writer deleted it while it was being read: not damage
+                if self._deleted(step_dir):  # or the writer deleted it while it was being read: not damage
                     vanished = True
                     continue
                 self._skip(step, f"cannot be restored ({_describe(e)})")

@@ -64,10 +64,42 @@ def test_run_dir_is_checked_and_resume_never_moves_only_the_runs_files(tmp_path,
 
 
 # 2 ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("error::UserWarning")  # a reader must never find a damaged or half-written checkpoint
-def test_a_second_training_is_refused_while_eval_reads_and_a_killed_run_frees_the_lock(tmp_path):
-    from effarch.train.generate import restore_run
+HOLD_LOCK = """
+import sys, time
+from effarch.train.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_training_is_refused_naming_the_holder_and_a_killed_holder_frees_the_lock(tmp_path):
     from effarch.train.run_lock import RunLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = cli(run_dir)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"effarch: error: train.run_dir: {run_dir} is in use by another training run (pid {holder.pid} holds "
+            f"{run_dir}/run.lock); wait for it to finish, stop it, or choose another run_dir")
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # the refused run wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    with RunLock(run_dir):  # the kernel released the killed holder's lock
+        pass
+    assert train(run_dir).step == 2  # and the directory trains
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error::UserWarning")  # a reader must never find a damaged or half-written checkpoint
+def test_eval_reads_committed_checkpoints_while_a_run_saves_and_deletes(tmp_path):
+    from effarch.train.generate import restore_run
 
     run_dir = tmp_path / "run"
     first = cli(run_dir, "train.steps=100000", "train.checkpoint_every=5", "train.log_every=1",
@@ -78,31 +110,36 @@ def test_a_second_training_is_refused_while_eval_reads_and_a_killed_run_frees_th
             assert first.poll() is None, first.communicate()
             assert time.time() - t0 < 180
             time.sleep(0.1)
-        second = cli(run_dir, "train.steps=100000")
-        assert second.returncode == 2
-        lines = second.stderr.strip().splitlines()
-        assert f"in use by another training run (pid {first.pid} holds" in lines[-1], second.stderr
-        assert "Traceback" not in second.stderr
         # Readers take no lock and see committed checkpoints only, while the run keeps saving (and deleting).
-        steps = []
-        for _ in range(3):
-            _, _, step = restore_run(run_dir)
-            steps.append(step)
+        steps = [restore_run(run_dir)[2] for _ in range(3)]
         assert all(s % 5 == 0 for s in steps) and steps == sorted(steps)
         assert first.poll() is None  # the training was not disturbed
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.communicate(timeout=60)
-    with RunLock(run_dir):  # the kernel released the killed run's lock
-        pass
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and "stopped by SIGTERM" in out, err
 
 
 # 3 ----------------------------------------------------------------------------------------------------------------
-def test_eval_records_the_step_it_restored(tmp_path):
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (tests copy it)."""
+    run_dir = tmp_path_factory.mktemp("four") / "run"
+    train(run_dir, "train.steps=4", "train.keep_checkpoints=3")
+    return run_dir
+
+
+def copy_run(source, tmp_path):
+    import shutil
+
+    shutil.copytree(source, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_eval_records_the_step_it_restored(tmp_path, four_steps):
     from effarch.train.evals import run_eval
 
-    run_dir = tmp_path / "run"
-    train(run_dir, "train.steps=4", "train.keep_checkpoints=3")
+    run_dir = copy_run(four_steps, tmp_path)
     os.remove(run_dir / "checkpoints" / "4" / "_CHECKPOINT_METADATA")  # the newest checkpoint cannot be read
     with pytest.warns(UserWarning, match="checkpoints/4 is incomplete"):
         result = run_eval(run_dir, "perplexity", ["--max-examples", "8"], log=None)
@@ -111,23 +148,23 @@ def test_eval_records_the_step_it_restored(tmp_path):
 
 
 # 4 ----------------------------------------------------------------------------------------------------------------
-def test_resume_cuts_a_torn_metrics_line_marks_the_resume_and_readers_take_the_resumed_records(tmp_path):
+def test_resume_cuts_a_torn_metrics_line_marks_the_resume_and_readers_take_the_resumed_records(tmp_path, four_steps):
     import shutil
 
     from effarch.train.metrics import read_metrics
 
-    run_dir = tmp_path / "run"
-    train(run_dir, "train.steps=4")
+    run_dir = copy_run(four_steps, tmp_path)
     shutil.rmtree(run_dir / "checkpoints" / "4")  # killed after logging step 4, before its checkpoint...
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')  # ... while writing a line
     old = {r["step"]: r for r in read_metrics(run_dir)}
-    train(run_dir, "train.steps=6")  # resumes at step 2 under a longer schedule
+    train(run_dir, "train.steps=6", "train.keep_checkpoints=3")  # resumes at step 2 under a longer schedule
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is whole
     resumed = [r for r in records if r.get("event") == "resumed"]
-    assert resumed == [{"event": "resumed", "step": 2, "changed": {"train.steps": [4, 6]},
-                        "cut_bytes": len('{"step": 5, "lo')}]
+    (resumed,) = resumed
+    assert (resumed["step"], resumed["cut_bytes"]) == (2, len('{"step": 5, "lo'))
+    assert resumed["changed"]["train.steps"] == [4, 6]
     assert sum(1 for r in records if r.get("step") == 3 and "loss" in r) == 2  # step 3 was taken twice...
     new = read_metrics(run_dir)
     assert [r["step"] for r in new] == [1, 2, 3, 4, 5, 6]  # ... and readers see it once
@@ -136,13 +173,12 @@ def test_resume_cuts_a_torn_metrics_line_marks_the_resume_and_readers_take_the_r
 
 
 # 5 ----------------------------------------------------------------------------------------------------------------
-def test_info_lines_reach_the_console_despite_absl(tmp_path):
-    run_dir = tmp_path / "run"
-    assert cli(run_dir).returncode == 0
-    out = cli(run_dir, "train.steps=4")
+def test_info_lines_reach_the_console_despite_absl(tmp_path, four_steps):
+    run_dir = copy_run(four_steps, tmp_path)
+    out = cli(run_dir, "train.steps=6", "train.keep_checkpoints=3")
     assert out.returncode == 0, out.stderr
-    assert f"effarch: resumed from {run_dir}/checkpoints at step 2" in out.stderr
-    assert "effarch: resuming with a changed setting: train.steps 2 -> 4" in out.stderr
+    assert f"effarch: resumed from {run_dir}/checkpoints at step 4" in out.stderr
+    assert "effarch: resuming with a changed setting: train.steps 4 -> 6" in out.stderr
     assert "INFO" not in out.stderr  # once, as an effarch line (absl's handler does not print it again)
 
 
