@@ -1,12 +1,12 @@
 """The training loop: a jit-compiled, explicitly sharded train step, evaluation, metrics and checkpoints.
 
 Read top to bottom: `Trainer` builds the mesh, the model's parameters (sharded by logical-axis rules), the optimizer
-and the jitted step; `train_and_evaluate` opens the run (its directory's lock, checkpointer and metrics writer, each closed on every way
-out), `_initial_state` restores or initialises, and `_train_loop` runs the steps. A run directory holds everything
-needed to resume: config.yaml, run_info.json, metrics.jsonl, tb/ and checkpoints/. Starting a run in a directory that already has
-checkpoints resumes from the newest complete one (params, optimizer state, step = data position, RNG) when the
-config still means the same run (train/run_dir.py); `train.init_from` starts from another run's parameters
-(train/finetune.py).
+and the jitted step; `train_and_evaluate` opens the run (its directory's lock, checkpointer and metrics writer, each
+closed on every way out), `_initial_state` restores or initialises, and `_train_loop` runs the steps. A run directory
+holds everything needed to resume: config.yaml, run_info.json, metrics.jsonl, tb/ and checkpoints/. Starting a run in
+a directory that already has checkpoints resumes from the newest complete one (params, optimizer state, step = data
+position, RNG) when the config still means the same run (train/run_dir.py); `train.init_from` starts from another
+run's parameters (train/finetune.py).
 
 The loop keeps the devices busy: batches are made and put on the devices ahead by a thread (train/prefetch.py), and
 a step's results are read back only at log steps and before evaluations and checkpoints, where the device-side

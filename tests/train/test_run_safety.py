@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -36,8 +35,23 @@ def cli(run_dir, *overrides, wait=True):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (tests copy it)."""
+    run_dir = tmp_path_factory.mktemp("four") / "run"
+    train(run_dir, "train.steps=4", "train.keep_checkpoints=3")
+    return run_dir
+
+
+def copy_run(source, tmp_path):
+    import shutil
+
+    shutil.copytree(source, Path(tmp_path) / "run")
+    return Path(tmp_path) / "run"
+
+
 # 1 ----------------------------------------------------------------------------------------------------------------
-def test_run_dir_is_checked_and_resume_never_moves_only_the_runs_files(tmp_path, monkeypatch, caplog):
+def test_run_dir_is_checked_and_resume_never_moves_only_the_runs_files(tmp_path, monkeypatch, caplog, four_steps):
     work = tmp_path / "clone"
     (work / ".git").mkdir(parents=True)
     (work / "README.md").write_text("mine")
@@ -49,12 +63,12 @@ def test_run_dir_is_checked_and_resume_never_moves_only_the_runs_files(tmp_path,
     assert sorted(p.name for p in work.iterdir()) == [".git", "README.md"]  # nothing moved, nothing created
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert train("~/run", "train.steps=2").run_dir == tmp_path / "home" / "run"  # `~` expanded
-    assert not (work / "~").exists()
-    run_dir = tmp_path / "home" / "run"
+    run_dir = copy_run(four_steps, tmp_path / "home")
     (run_dir / "notes.txt").write_text("the user's")
     with caplog.at_level(logging.INFO, logger="effarch"):
-        assert train("~/run", "train.steps=2", "train.resume=never").step == 2
+        result = train("~/run", "train.steps=2", "train.resume=never")
+    assert (result.run_dir, result.step) == (run_dir, 2)  # `~` expanded; started again from step 0
+    assert not (work / "~").exists()
     (archive,) = (run_dir / "previous").iterdir()
     assert {"checkpoints", "config.yaml", "metrics.jsonl", "run_info.json", "tb"} <= {p.name for p in archive.iterdir()}
     assert "notes.txt" not in {p.name for p in archive.iterdir()}
@@ -93,7 +107,6 @@ def test_a_second_training_is_refused_naming_the_holder_and_a_killed_holder_free
         holder.stdout.close()
     with RunLock(run_dir):  # the kernel released the killed holder's lock
         pass
-    assert train(run_dir).step == 2  # and the directory trains
 
 
 @pytest.mark.slow
@@ -121,21 +134,6 @@ def test_eval_reads_committed_checkpoints_while_a_run_saves_and_deletes(tmp_path
 
 
 # 3 ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def four_steps(tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 2 and 4 (tests copy it)."""
-    run_dir = tmp_path_factory.mktemp("four") / "run"
-    train(run_dir, "train.steps=4", "train.keep_checkpoints=3")
-    return run_dir
-
-
-def copy_run(source, tmp_path):
-    import shutil
-
-    shutil.copytree(source, tmp_path / "run")
-    return tmp_path / "run"
-
-
 def test_eval_records_the_step_it_restored(tmp_path, four_steps):
     from effarch.train.evals import run_eval
 
