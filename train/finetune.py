@@ -37,7 +37,7 @@ def resolve_source(path: str | Path) -> tuple[Path, int]:
     if not p.exists():
         raise ConfigError(f"train.init_from: {str(p)!r} does not exist")
     if (p / "checkpoints").is_dir():
-        ckpt = Checkpointer(p / "checkpoints", async_save=False)
+        ckpt = Checkpointer(p / "checkpoints", read_only=True)
         try:
             for step in reversed(ckpt.steps()):
                 if (ckpt.directory / str(step) / "_CHECKPOINT_METADATA").exists():
@@ -65,7 +65,7 @@ def init_from_checkpoint(params, source: str | Path, mismatch: str = "error"):
     """(params with the checkpoint's values where paths match, report dict). `params`: the freshly initialised,
     sharded parameters of the new model; the returned tree has the same structure, dtypes and shardings."""
     directory, step = resolve_source(source)
-    ckpt = Checkpointer(directory, async_save=False)
+    ckpt = Checkpointer(directory, read_only=True)
     try:
         raw = ckpt.manager.item_metadata(step)["params"].tree  # the saved tree, read without loading arrays
         saved = param_tree.flatten(raw)

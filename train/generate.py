@@ -31,26 +31,35 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 def load_run(run_dir: str | Path) -> tuple[Config, DecoderLM]:
     """(resolved config, model with the parameters of the newest complete checkpoint) of a training run directory."""
+    cfg, model, _ = restore_run(run_dir)
+    return cfg, model
+
+
+def restore_run(run_dir: str | Path) -> tuple[Config, DecoderLM, int]:
+    """(resolved config, model, step of the checkpoint restored) of a training run directory.
+
+    The newest complete checkpoint is restored; one that cannot be read is skipped (with a warning) for the one
+    before, and the step returned is the one actually restored. Reading takes no lock and writes nothing, so it
+    works while the run is training (train/checkpoint.py: a reader sees committed checkpoints only).
+    """
+
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    # Looked up before a Checkpointer exists: it would create checkpoints/ and, left unclosed, print an Orbax
-    # traceback at exit.
+    # Looked up before a Checkpointer exists, so a run without checkpoints gets one line and nothing is created.
     if not checkpoint_steps(run_dir):
         raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint (nothing was saved yet: train it first)")
     model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    steps = ckpt.steps()
-    try:
-        restored = ckpt.restore_latest(params)  # the params item only
-    except CheckpointMismatch as e:
-        raise ConfigError(f"run dir {str(run_dir)!r}: its config.yaml does not describe its checkpoints ({e})"
-                          ) from None
-    finally:
-        ckpt.close()
+    with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
+        steps = ckpt.steps()
+        try:
+            restored = ckpt.restore_latest(params)  # the params item only
+        except CheckpointMismatch as e:
+            raise ConfigError(f"run dir {str(run_dir)!r}: its config.yaml does not describe its checkpoints ({e})"
+                              ) from None
     if restored is None:
         raise ConfigError(f"run dir {str(run_dir)!r}: no readable checkpoint among steps {steps}")
-    return cfg, nnx.merge(graphdef, restored[0], rest)
+    return cfg, nnx.merge(graphdef, restored[0], rest), int(restored[3]["step"])
 
 
 def load_model(run_dir: str | Path) -> DecoderLM:

@@ -10,6 +10,7 @@ other command that did not do what was asked.
 """
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -29,6 +30,67 @@ USAGE = """usage:
   effarch sweep SWEEP.yaml [--jobs N] [--sweep-dir DIR] [--only NAME ...] [--dry-run | --collect]
       # train a grid in parallel, evaluate each run, pick the best; skips finished runs, resumes interrupted ones
   effarch report DIR                                 # markdown table of the eval results under a run or sweep dir"""
+
+
+class _OrbaxTracebacks(logging.Filter):
+    """Drops the log records that Orbax's code emits (through absl): every failure they describe reaches effarch as
+    an exception, which is reported as one line (a full disk printed five tracebacks before). absl names its own
+    module as the record's origin, so the caller is found on the stack."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        frame = sys._getframe(1)
+        while frame is not None:
+            if f"{os.sep}orbax{os.sep}" in frame.f_code.co_filename:
+                return False
+            frame = frame.f_back
+        return True
+
+
+def _quiet_closed_loops(hook):
+    def quiet(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return quiet
+
+
+@contextlib.contextmanager
+def console_logging():
+    """The library's INFO lines (logger "effarch": resume notices, changed settings, where `resume=never` moved the
+    old run, the `train.init_from` report) on stderr as `effarch: ...` lines.
+
+    absl, imported by Orbax, puts its handler on the root logger at import, which makes `logging.basicConfig` a
+    no-op and leaves the root at WARNING, so the "effarch" logger gets a handler of its own and does not propagate
+    (absl's handler would print each line a second time). Restored on exit, so an in-process caller (the tests)
+    keeps its logging as it was.
+    """
+    logger, absl = logging.getLogger("effarch"), logging.getLogger("absl")
+    saved = logger.level, logger.propagate, absl.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("effarch: %(message)s"))
+    orbax_filter = _OrbaxTracebacks()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    absl.setLevel(logging.WARNING)
+    absl.addFilter(orbax_filter)
+    # Orbax's asyncio loops: after a failed save (a full disk) their leftover futures and callbacks print
+    # "Future exception was never retrieved" and "Event loop is closed" tracebacks; the save's own error is reported.
+    asyncio_logger = logging.getLogger("asyncio")
+    saved_asyncio, saved_hook = asyncio_logger.level, sys.unraisablehook
+    asyncio_logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = _quiet_closed_loops(saved_hook)
+    try:
+        yield
+    finally:
+        asyncio_logger.setLevel(saved_asyncio)
+        sys.unraisablehook = saved_hook
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        absl.setLevel(saved[2])
+        absl.removeFilter(orbax_filter)
 
 
 def _fail(msg: str, code: int = 2):
@@ -51,18 +113,16 @@ def train_cli(argv: list[str]) -> None:
 
     import jax
 
-    from effarch.train.train import TrainingDiverged, maybe_initialize_distributed, train_and_evaluate
+    from effarch.train.train import SaveFailed, TrainingDiverged, maybe_initialize_distributed, train_and_evaluate
 
     maybe_initialize_distributed()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
     print(f"effarch: {jax.device_count()} device(s) ({jax.default_backend()}), run dir {cfg.train.run_dir}",
           file=sys.stderr)
     try:
         result = train_and_evaluate(cfg)
-    except ConfigError as e:
+    except (ConfigError, SaveFailed) as e:  # a save that failed (disk full...) names the last good checkpoint
         _fail(str(e))
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # the run stopped; its last good checkpoint is named
         _fail(str(e), code=3)
     tm, em = result.train_metrics, result.eval_metrics
     parts = [f"step {result.step}/{cfg.train.steps}"]
@@ -260,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
     try:
-        commands[cmd](rest)
+        with console_logging():
+            commands[cmd](rest)
     except OSError as e:  # a path that cannot be read or written: the path and why, not a traceback
         _fail(os_error_message(e))
     except KeyboardInterrupt:  # Ctrl-C before training installs its own handler (which checkpoints and stops)

@@ -1,15 +1,20 @@
 """A run directory is the user's work: decide whether a new start may resume it, and never discard it.
 
-`prepare_run_dir` runs before anything is built:
+`resolve_run_dir` and `check_run_dir` run first: an empty `train.run_dir` is an error (it would be the current
+directory), `~` is expanded, and an existing directory that holds other things than effarch's files and no run
+(no run_info.json, metrics.jsonl or checkpoints/) is refused, so a run is never started over someone's work.
+Then the training takes the directory's lock (train/run_lock.py) and `prepare_run_dir` decides:
 - The saved `config.yaml` binds only once the run has a checkpoint. A run that failed before its first checkpoint
   (a bad data path, a model that would not build) left nothing to protect, so a corrected config simply replaces it.
 - With checkpoints, `train.resume` decides. "auto" / "require" resume, but first compare the saved resolved config
   with the new one: a change that would make the checkpoint's trees or the data order mean something else (model,
   optimizer, batch size, data, seed, freeze patterns) is refused with one line naming every differing key;
   harmless ones (step count, cadences, evaluation sets, mesh, dtype, kernel choice) are allowed and logged.
-  "never" moves the old run (checkpoints, metrics, config) to `previous/<time>/` and starts from step 0.
+  "never" moves what effarch wrote of the old run (`RUN_FILES`: checkpoints, metrics, config, tb, eval, ...) to
+  `previous/<time>/`, says so, and starts from step 0; anything else in the directory stays where it is.
 """
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -22,6 +27,7 @@ import jax
 import yaml
 
 from effarch.train.config import Config, ConfigError, dump_config, to_dict
+from effarch.train.run_lock import LOCK_NAME
 
 log = logging.getLogger("effarch")
 
@@ -73,11 +79,40 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
 
 
-def _archive(run_dir: Path) -> Path | None:
-    """Moves everything of the previous run except earlier archives to run_dir/previous/<time>/."""
-    entries = [p for p in run_dir.iterdir() if p.name != "previous"]
+# What a training run writes into its run directory (the files `resume=never` moves aside), and what else effarch
+# keeps there (the lock, a sweep's bookkeeping, earlier runs): anything outside both sets is the user's.
+RUN_FILES = ("config.yaml", "run_info.json", "metrics.jsonl", "tb", "checkpoints", "checkpoints_unreadable", "eval",
+             "init_report.json")
+KEPT_FILES = (LOCK_NAME, "previous", "sweep_spec.json", "sweep_trained.json", "sweep_done.json", "sweep.log")
+RUN_MARKERS = ("run_info.json", "metrics.jsonl", "checkpoints")  # a directory with one of these is a run
+
+
+def resolve_run_dir(value: str) -> Path:
+    """`train.run_dir` as a path: `~` expanded; ConfigError when empty (that would be the current directory)."""
+    if not str(value).strip():
+        raise ConfigError("train.run_dir is empty; name the run's own directory, e.g. train.run_dir=runs/my_run")
+    return Path(str(value)).expanduser()
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """ConfigError (one line) unless `run_dir` is new, empty, or a run directory."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir: {run_dir} exists and is not a directory")
+    names = {p.name for p in run_dir.iterdir()}
+    foreign = sorted(names - set(RUN_FILES) - set(KEPT_FILES))
+    if foreign and not names & set(RUN_MARKERS):
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ConfigError(f"train.run_dir: {run_dir} is not a run directory (it holds {', '.join(foreign[:3])}{more}"
+                          "); choose a new or empty directory")
+
+
+def _archive(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """Moves the previous run's `RUN_FILES` to run_dir/previous/<time>/: (destination, names moved)."""
+    entries = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     if not entries:
-        return None
+        return None, []
     dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
     n = 0
     while dest.exists():  # two restarts within one second
@@ -86,23 +121,37 @@ def _archive(run_dir: Path) -> Path | None:
     dest.mkdir(parents=True)
     for p in entries:
         shutil.move(str(p), str(dest / p.name))
-    return dest
+    return dest, [p.name for p in entries]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What `prepare_run_dir` found: whether there are checkpoints to resume, the harmless settings that changed
+    ({key: (saved, new)}), and where `resume=never` moved the previous run (None: nothing moved)."""
+
+    resume: bool
+    changed: dict
+    archived: Path | None = None
 
 
 def _fmt(v) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, *, is_main: bool = True) -> bool:
-    """Checks that `run_dir` may be used with `cfg` and records the config; True when the run should resume."""
+def prepare_run_dir(cfg: Config, run_dir: Path, *, is_main: bool = True) -> Prepared:
+    """Checks that `run_dir` may be used with `cfg` and records the config (run the checks of `check_run_dir` and
+    take the run's lock first)."""
     tc = cfg.train
     steps = checkpoint_steps(run_dir) if run_dir.is_dir() else []
     saved_path = run_dir / "config.yaml"
+    changed, archived = {}, None
     if tc.resume == "never" and run_dir.is_dir():
         if is_main:
-            dest = _archive(run_dir)
-            if dest is not None:
-                log.info("train.resume=never: the previous run in %s was moved to %s", run_dir, dest)
+            archived, moved = _archive(run_dir)
+            if archived is not None:
+                others = sorted(set(p.name for p in run_dir.iterdir()) - {"previous", *KEPT_FILES})
+                kept = f"; left in place: {', '.join(others)}" if others else ""
+                log.info("train.resume=never: moved the previous run's %s to %s%s", ", ".join(moved), archived, kept)
         steps = []
     elif tc.resume == "require" and not steps:
         raise ConfigError(f"train.resume=require: {run_dir} has no checkpoint to resume from")
@@ -111,7 +160,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, is_main: bool = True) -> bool
             raise ConfigError(f"train.run_dir: {run_dir} has checkpoints but no config.yaml to check them against; "
                               "set train.resume=never to move them aside and start again")
         saved = yaml.safe_load(saved_path.read_text()) or {}
-        refused, allowed = config_changes(saved, cfg)
+        refused, changed = config_changes(saved, cfg)
         if refused:
             diffs = ", ".join(f"{k} ({_fmt(a)} -> {_fmt(b)})" for k, (a, b) in refused.items())
             raise ConfigError(
@@ -119,7 +168,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, is_main: bool = True) -> bool
                 "would reinterpret them. Keep the saved values to resume, set train.resume=never to move the old "
                 f"run to {run_dir}/previous/ and start again, or fine-tune in a new run_dir with "
                 f"train.init_from={run_dir}")
-        for k, (a, b) in allowed.items():
+        for k, (a, b) in changed.items():
             log.info("resuming with a changed setting: %s %s -> %s", k, _fmt(a), _fmt(b))
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
@@ -128,7 +177,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, is_main: bool = True) -> bool
                 "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return bool(steps)
+    return Prepared(bool(steps), changed, archived)
 
 
 def _git_commit() -> str:

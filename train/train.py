@@ -1,17 +1,19 @@
 """The training loop: a jit-compiled, explicitly sharded train step, evaluation, metrics and checkpoints.
 
 Read top to bottom: `Trainer` builds the mesh, the model's parameters (sharded by logical-axis rules), the optimizer
-and the jitted step; `train_and_evaluate` runs the loop. A run directory holds everything needed to resume:
-config.yaml, run_info.json, metrics.jsonl, tb/ and checkpoints/. Starting a run in a directory that already has
-checkpoints resumes from the newest complete one (params, optimizer state, step = data position, RNG) when the
-config still means the same run (train/run_dir.py); `train.init_from` starts from another run's parameters
-(train/finetune.py).
+and the jitted step; `train_and_evaluate` opens the run (its directory's lock, checkpointer and metrics writer, each
+closed on every way out), `_initial_state` restores or initialises, and `_train_loop` runs the steps. A run directory
+holds everything needed to resume: config.yaml, run_info.json, metrics.jsonl, tb/ and checkpoints/. Starting a run in
+a directory that already has checkpoints resumes from the newest complete one (params, optimizer state, step = data
+position, RNG) when the config still means the same run (train/run_dir.py); `train.init_from` starts from another
+run's parameters (train/finetune.py).
 
 The loop keeps the devices busy: batches are made and put on the devices ahead by a thread (train/prefetch.py), and
 a step's results are read back only at log steps and before evaluations and checkpoints, where the device-side
 NaN/inf record carried through every step (train/health.py) is checked.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,7 +34,11 @@ from jax.sharding import PartitionSpec as P
 from effarch.arches.lm import DecoderLM
 from effarch.layers.aux_loss import collect_aux_losses
 from effarch.train import param_tree, sharding
-from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
+from effarch.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    SaveFailed,  # noqa: F401 - re-exported: main.py catches it from here
+)
 from effarch.train.checks import check_config
 from effarch.train.config import Config, ConfigError
 from effarch.train.data import Segment, build_data
@@ -44,9 +50,10 @@ from effarch.train.health import (
     raise_if_diverged,
     update_health,
 )
-from effarch.train.metrics import MetricsWriter
+from effarch.train.metrics import MetricsWriteFailed, MetricsWriter
 from effarch.train.prefetch import Prefetcher
-from effarch.train.run_dir import prepare_run_dir
+from effarch.train.run_dir import check_run_dir, prepare_run_dir, resolve_run_dir
+from effarch.train.run_lock import RunLock
 
 log = logging.getLogger("effarch")
 
@@ -323,27 +330,49 @@ class RunResult:
 
 
 def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
+    """Trains `cfg` in its run directory, resuming the run there if it has checkpoints (train/run_dir.py).
+
+    The run directory's lock (train/run_lock.py) is held from the first write to the last, the checkpointer and
+    the metrics writer are open inside it, and each is closed on every way out. Raises ConfigError (bad config, a
+    run directory in use or not a run), TrainingDiverged or SaveFailed; each message is one line.
+    """
     t_start = time.perf_counter()
+    run_dir = resolve_run_dir(cfg.train.run_dir)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
     tc = cfg.train
-    run_dir = Path(tc.run_dir)
     is_main = jax.process_index() == 0
     check_config(cfg, devices)  # every config error before anything is built or written
-    try:  # before the run dir is touched: a data error leaves no config.yaml of a run that never started
+    check_run_dir(run_dir)  # reads only
+    try:  # before the run dir is touched: a data error leaves nothing behind of a run that never started
         stream, eval_sets = build_data(cfg.data, cfg.model.vocab_size, tc.batch_size)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data: {e}") from None
-    prepare_run_dir(cfg, run_dir, is_main=is_main)
-    most_labels = max(s.max_labels_per_example for s in [stream, *eval_sets])
-    trainer = Trainer(cfg, devices, labels_per_example=most_labels)
-    params, opt_state, rng = trainer.init_state(tc.seed)
-    ckpt = Checkpointer(run_dir / "checkpoints", max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
-                        quarantine=is_main)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir) if is_main else contextlib.nullcontext():
+        prepared = prepare_run_dir(cfg, run_dir, is_main=is_main)
+        most_labels = max(s.max_labels_per_example for s in [stream, *eval_sets])
+        trainer = Trainer(cfg, devices, labels_per_example=most_labels)
+        with Checkpointer(run_dir / "checkpoints", max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
+                          quarantine=is_main) as ckpt:
+            params, opt_state, rng, step, resumed = _initial_state(cfg, trainer, ckpt, stream, is_main)
+            if resumed:
+                changed = {k: list(v) for k, v in prepared.changed.items()}
+                resumed = {"step": step, **({"changed": changed} if changed else {})}
+            with MetricsWriter(run_dir, total_steps=tc.steps, initial_step=step, progress=tc.progress,
+                               is_main=is_main, resumed=resumed or None) as writer:
+                step, train_metrics, eval_metrics, stopped_by = _train_loop(
+                    cfg, trainer, ckpt, writer, stream, eval_sets, (params, opt_state, rng), step)
+    return RunResult(step, train_metrics, eval_metrics, run_dir, stopped_by, time.perf_counter() - t_start)
 
-    step = 0
+
+def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, stream, is_main: bool):
+    """(params, opt_state, rng, step, resumed): the newest readable checkpoint's state, else `train.init_from`'s
+    parameters, else a fresh initialisation. ConfigError where the checkpoint does not fit the config."""
+    tc = cfg.train
+    params, opt_state, rng = trainer.init_state(tc.seed)
     try:
         restored = ckpt.restore_latest(params, opt_state, rng)
     except CheckpointMismatch as e:
-        ckpt.close()
         raise ConfigError(f"train.run_dir: {e}. The config does not describe the saved run; nothing was skipped "
                           "or changed (train.resume=never or a new run_dir with train.init_from are the ways out)"
                           ) from None
@@ -352,24 +381,27 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
         step = int(meta["step"])
         saved, now = meta.get("data", {}).get("corpus"), getattr(stream, "fingerprint", None)
         if saved and now and saved != now:  # same config, other files: the resumed batches would differ
-            ckpt.close()
             raise ConfigError(f"data.text.source: the checkpoint at step {step} was trained on {saved}, the corpus "
                               f"is now {now} (its files changed); train.resume=never starts over")
         log.info("resumed from %s at step %d", ckpt.directory, step)
         if tc.init_from:
             log.info("train.init_from=%s is ignored: the run resumes from its own checkpoint", tc.init_from)
-    elif tc.resume == "require":
-        ckpt.close()
+        return params, opt_state, rng, step, True
+    if tc.resume == "require":
         raise ConfigError(f"train.resume=require: no readable checkpoint in {ckpt.directory}")
-    elif tc.init_from:
-        try:
-            params, report = init_from_checkpoint(params, tc.init_from, tc.init_mismatch)
-        except ConfigError:
-            ckpt.close()
-            raise
+    if tc.init_from:
+        params, report = init_from_checkpoint(params, tc.init_from, tc.init_mismatch)
         opt_state = trainer.init_optimizer(params)
         if is_main:
-            write_report(report, run_dir)
+            write_report(report, Path(tc.run_dir))
+    return params, opt_state, rng, 0, False
+
+
+def _train_loop(cfg: Config, trainer: Trainer, ckpt: Checkpointer, writer: MetricsWriter, stream, eval_sets,
+                state, step: int) -> tuple[int, dict, dict, str]:
+    """Steps from `step` to train.steps (or a stop): (last step, train metrics, eval metrics, stopped_by)."""
+    tc = cfg.train
+    params, opt_state, rng = state
 
     def save(step):
         meta = {"step": step, "data_position": step * tc.batch_size, "seed": tc.seed}
@@ -377,12 +409,18 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
             meta["data"] = stream.position(step)
         ckpt.save(step, params, opt_state, rng, meta)
 
-    writer = MetricsWriter(run_dir, total_steps=tc.steps, initial_step=step, progress=tc.progress, is_main=is_main)
     rows_per_proc = tc.batch_size // jax.process_count()
     rows = slice(jax.process_index() * rows_per_proc, (jax.process_index() + 1) * rows_per_proc)
     train_metrics, eval_metrics, stopped_by = {}, {}, "steps"
     last_good_step = ckpt.steps()[-1] if ckpt.steps() else None
     health = trainer.init_health(step)
+
+    def write(step, metrics):
+        try:
+            writer.write(step, metrics)
+        except MetricsWriteFailed as e:
+            where = f"step {last_good_step}" if last_good_step is not None else "none saved yet"
+            raise SaveFailed(f"{e}; the run stopped. Last good checkpoint: {where} in {ckpt.directory}") from None
 
     def check_finite():
         """Waits for every dispatched step and stops the run if any of them was not finite (train/health.py)."""
@@ -398,52 +436,49 @@ def train_and_evaluate(cfg: Config, *, devices=None) -> RunResult:
     def device_batch(s):
         return trainer.global_batch(*stream.batch(s, rows))
 
-    try:
-        # The signal handlers are in place before the prefetch thread starts and until it is joined.
-        with _StopSignal() as stop, Prefetcher(device_batch, start=step, stop=tc.steps, depth=tc.prefetch) as batches:
-            while step < tc.steps:
-                inputs, labels = batches.get(step)
-                params, opt_state, health, m = trainer.train_step_checked(params, opt_state, health, inputs, labels)
-                if previous_loss is not None:
-                    jax.block_until_ready(previous_loss)
-                previous_loss = m["loss"]
-                step += 1
-                window_steps += 1
-                window_tokens += inputs.size
-                if step % tc.log_every == 0 or step == tc.steps:
-                    check_finite()
-                    m = {k: float(v) for k, v in jax.device_get(m).items()}
-                    window_time = time.perf_counter() - window_start - window_excluded
-                    train_metrics = {**m, "lr": float(trainer.schedule(step - 1)),
-                                     "step_time_s": window_time / window_steps,
-                                     "tokens_per_s": window_tokens / window_time}
-                    writer.write(step, train_metrics)
-                    writer.progress(step, m["loss"], train_metrics["tokens_per_s"])
-                    window_start, window_excluded, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    check_finite()  # inside the timed window: waiting for the steps is step time
-                    t_eval = time.perf_counter()
-                    eval_metrics = {}
-                    for seg in eval_sets:
-                        for k, v in trainer.evaluate(params, seg).items():
-                            eval_metrics[f"eval/{seg.name}/{k}"] = v
-                    eval_metrics["eval/accuracy"] = float(np.mean([eval_metrics[f"eval/{s.name}/accuracy"]
-                                                                   for s in eval_sets]))
-                    writer.write(step, eval_metrics)
-                    if tc.stop_at_accuracy is not None and eval_metrics["eval/accuracy"] >= tc.stop_at_accuracy:
-                        stopped_by = "accuracy"
-                    window_excluded += time.perf_counter() - t_eval
-                if stop.received and stopped_by == "steps":
-                    stopped_by = stop.received
-                if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_by != "steps":
-                    check_finite()  # covers every step since the last check: nothing non-finite is ever saved
-                    t_save = time.perf_counter()
-                    save(step)
-                    last_good_step = step
-                    window_excluded += time.perf_counter() - t_save
-                if stopped_by != "steps":
-                    break
-    finally:
-        ckpt.close()
-        writer.close()
-    return RunResult(step, train_metrics, eval_metrics, run_dir, stopped_by, time.perf_counter() - t_start)
+    # The signal handlers are in place before the prefetch thread starts and until it is joined.
+    with _StopSignal() as stop, Prefetcher(device_batch, start=step, stop=tc.steps, depth=tc.prefetch) as batches:
+        while step < tc.steps:
+            inputs, labels = batches.get(step)
+            params, opt_state, health, m = trainer.train_step_checked(params, opt_state, health, inputs, labels)
+            ckpt.raise_if_save_failed()  # a failed async save stops the run at once (a check that never waits)
+            if previous_loss is not None:
+                jax.block_until_ready(previous_loss)
+            previous_loss = m["loss"]
+            step += 1
+            window_steps += 1
+            window_tokens += inputs.size
+            if step % tc.log_every == 0 or step == tc.steps:
+                check_finite()
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                window_time = time.perf_counter() - window_start - window_excluded
+                train_metrics = {**m, "lr": float(trainer.schedule(step - 1)),
+                                 "step_time_s": window_time / window_steps,
+                                 "tokens_per_s": window_tokens / window_time}
+                write(step, train_metrics)
+                writer.progress(step, m["loss"], train_metrics["tokens_per_s"])
+                window_start, window_excluded, window_steps, window_tokens = time.perf_counter(), 0.0, 0, 0
+            if step % tc.eval_every == 0 or step == tc.steps:
+                check_finite()  # inside the timed window: waiting for the steps is step time
+                t_eval = time.perf_counter()
+                eval_metrics = {}
+                for seg in eval_sets:
+                    for k, v in trainer.evaluate(params, seg).items():
+                        eval_metrics[f"eval/{seg.name}/{k}"] = v
+                eval_metrics["eval/accuracy"] = float(np.mean([eval_metrics[f"eval/{s.name}/accuracy"]
+                                                               for s in eval_sets]))
+                write(step, eval_metrics)
+                if tc.stop_at_accuracy is not None and eval_metrics["eval/accuracy"] >= tc.stop_at_accuracy:
+                    stopped_by = "accuracy"
+                window_excluded += time.perf_counter() - t_eval
+            if stop.received and stopped_by == "steps":
+                stopped_by = stop.received
+            if step % tc.checkpoint_every == 0 or step == tc.steps or stopped_by != "steps":
+                check_finite()  # covers every step since the last check: nothing non-finite is ever saved
+                t_save = time.perf_counter()
+                save(step)
+                last_good_step = step
+                window_excluded += time.perf_counter() - t_save
+            if stopped_by != "steps":
+                break
+    return step, train_metrics, eval_metrics, stopped_by

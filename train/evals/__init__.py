@@ -76,13 +76,13 @@ def _stderr(line: str) -> None:
 
 def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
              log: Callable[[str], None] | None = _stderr) -> dict:
-    """Evaluates the newest checkpoint of `run_dir` on `task` and writes RUN_DIR/eval/<task>.json (and .png).
+    """Evaluates the newest readable checkpoint of `run_dir` on `task` and writes RUN_DIR/eval/<task>.json (and
+    .png); `checkpoint_step` is the step of the checkpoint evaluated.
 
     Raises EvalError / ConfigError (one line naming the problem) for an unknown task, a bad option, a missing run
     directory or checkpoint, or a task that does not fit the model.
     """
-    from effarch.train.generate import load_run, load_run_config
-    from effarch.train.run_dir import checkpoint_steps
+    from effarch.train.generate import load_run_config, restore_run
 
     module = TASKS.get(task)
     args = parse_options(task, argv)
@@ -92,11 +92,10 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
     warning = check_task(load_run_config(run_dir).data.task, task, run_dir)
     if warning and log is not None:
         log(f"effarch: warning: {warning}")
-    cfg, model = load_run(run_dir)
+    cfg, model, step = restore_run(run_dir)  # the step restored: an unreadable newest checkpoint is skipped
     with Timer() as t:
         out = module.run(cfg, model, args, log=log)
-    steps = checkpoint_steps(run_dir)
-    result = {"task": task, "run_dir": str(run_dir), "checkpoint_step": steps[-1] if steps else None,
+    result = {"task": task, "run_dir": str(run_dir), "checkpoint_step": step,
               "model": model_info(cfg.model), "trained_task": cfg.data.task, **out, "wall_s": t.seconds, "png": None}
     if warning:
         result["warning"] = warning
