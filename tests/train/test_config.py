@@ -177,8 +177,9 @@ def test_data_settings_are_grouped_per_task_and_old_flat_keys_still_load(tmp_pat
     # A config or run directory written before the grouping: every flat key lands in its group.
     old = write(tmp_path, "data: {task: niah, niah_queries: 2, niah_depths: 40, text_source: x}\n", "old.yaml")
     assert load_config([old]) == new
-    assert load_config([], ["data.task=niah", "data.niah_queries=2", "data.niah_depths=40", "data.text_source=x"]) == new
-    with pytest.raises(ConfigError, match=r"^data.niah_queries is the old spelling of data.niah.queries; give only one"):
+    flat = ["data.task=niah", "data.niah_queries=2", "data.niah_depths=40", "data.text_source=x"]
+    assert load_config([], flat) == new
+    with pytest.raises(ConfigError, match=r"^data.niah_queries is the old spelling of data.niah.queries; give only"):
         load_config([old], ["data.niah.queries=3"])
     with pytest.raises(ConfigError, match=r"^data.niah: examples and queries must be >= 1, got 8192, 0$"):
         load_config([], ["data.niah.queries=0"])
