@@ -35,7 +35,7 @@ def test_run_dir_that_is_a_file(tmp_path, capsys):
     file = tmp_path / "run"
     file.write_text("mine")
     code, _, err = cli(capsys, "train", BASE, TINY, f"train.run_dir={file}")
-    assert code == 2 and one_error_line(err) == f"effarch: error: {file}: exists and is not a directory"
+    assert code == 2 and one_error_line(err) == f"effarch: error: train.run_dir: {file} exists and is not a directory"
     assert file.read_text() == "mine"
     try:  # a run_dir below that file: the same handler, another message
         (file / "sub").mkdir(parents=True)
