@@ -1,4 +1,5 @@
-"""Attention layer: causality, GQA/MQA as repeated MHA, cross attention, RoPE, KV-cache decoding, gradients."""
+"""Attention layer: bidirectional attention, GQA/MQA as repeated MHA, cross attention, RoPE, the KV cache's limits and
+bf16 dtype, gradients vs the reference. Causal decoding == parallel and the rest of the Mixer protocol: tests/conformance/."""
 
 import jax
 import jax.numpy as jnp
