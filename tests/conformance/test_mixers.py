@@ -1,9 +1,10 @@
 """The `Mixer` protocol, checked for every mixer in the registry (arches/registry.py) at its registered small config.
 
 Per mixer, one jitted program runs the parallel pass, a prefill in pieces followed by a decode step, token-by-token
-decoding from the empty state, and the gradients; a second runs the parallel pass and the decoding in bfloat16. The tests below
-read its results (cached per mixer), so a mixer costs two compiles. A registration's `skip={check: reason}` skips a
-check the mixer genuinely cannot pass, with that reason; `slow={check: reason}` runs it only with `-m slow`. The 8-device mesh step is in test_mesh.py.
+decoding from the empty state, and the gradients; a second runs the parallel pass, its gradients and the decoding in
+bfloat16. The tests read their results (cached per mixer), so a mixer costs two compiles. A registration's
+`skip={check: reason}` skips a check the mixer genuinely cannot pass, with that reason; `slow={check: reason}` runs
+it only with `-m slow`. The 8-device mesh step is in test_mesh.py; docs/adding_a_mixer.md lists the checks.
 """
 
 import dataclasses
@@ -233,6 +234,19 @@ def test_config_loads_from_yaml_and_bad_keys_fail_in_one_line(name):
         with pytest.raises(ConfigError) as e:
             load_config([], [f"model.{key}.no_such_field=1"])
         assert str(e.value).startswith(f"model.{key}.no_such_field: unknown key") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", names_for("config"))
+def test_a_d_model_the_config_cannot_serve_fails_in_one_line_naming_the_key(name):
+    """At d_model 7 (prime: no head count divides it) the mixer builds, or raises a one-line ValueError that names
+    one of the config keys it reads (`<key>.field` or `<key>:`), as the user wrote it in model.<key>."""
+    skip_unless(name, "config")
+    try:
+        build_mixer(name, small_config(d_model=7), 0, nnx.Rngs(0))
+    except ValueError as e:
+        message, keys = str(e), MIXERS[name].configs
+        assert "\n" not in message and message.startswith(tuple(f"{k}{c}" for k in keys for c in ".:")), \
+            f"{name}: {message!r} does not name one of {keys}"
 
 
 def _yaml(value) -> str:

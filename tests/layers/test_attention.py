@@ -1,5 +1,6 @@
-"""Attention layer: bidirectional attention, GQA/MQA as repeated MHA, cross attention, RoPE, the KV cache's limits and
-bf16 dtype, gradients vs the reference. Causal decoding == parallel and the rest of the Mixer protocol: tests/conformance/."""
+"""Attention layer: bidirectional attention, GQA/MQA as repeated MHA, cross attention, RoPE, the KV cache's limits
+and bf16 dtype, gradients vs the reference. Causal decoding == parallel and the rest of the Mixer protocol are in
+tests/conformance/."""
 
 import jax
 import jax.numpy as jnp
