@@ -30,8 +30,8 @@ from effarch.layers.norms import SRMSNorm, rms_norm
 @with_mixer_configs
 class ModelConfig:
     """The model: sizes, the mixer layout, the MLP and norms; then one field per mixer config registered in
-    arches/registry.py (`attention`, `conv`, `based`, `sliding_window`, `lightning`, `titans`, `diffqkv`, `moh`,
-    `landmark`, `titans_attention`; YAML `model.<key>.*`), each defaulting to its dataclass's defaults."""
+    arches/registry.py (`register_config`: e.g. `attention`, `based`, `titans`; YAML `model.<key>.*`), each
+    defaulting to its dataclass's defaults."""
 
     vocab_size: int = 8192  # tokens; MQAR's default vocabulary
     d_model: int = 64  # D
