@@ -9,7 +9,7 @@ attention or from the mixers themselves.
 mixers[i % len(mixers)]); BASED's layouts are written out in full in their configs.
 
 Decoding: `init_state` / `prefill` / `decode_step` thread one state per layer; prefill then decode steps equal
-the parallel forward pass (tests/arches/test_lm.py).
+the parallel forward pass (tests/conformance/, for every registered mixer).
 """
 
 import dataclasses
@@ -20,23 +20,19 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from effarch.arches.registry import MIXERS, build_mixer
-from effarch.layers.attention import AttentionConfig
-from effarch.layers.based import BasedConfig
-from effarch.layers.conv import ConvConfig
-from effarch.layers.diffqkv import DiffQKVConfig
-from effarch.layers.landmark import LandmarkConfig
-from effarch.layers.lightning import SGLU, LightningConfig
+from effarch.arches.registry import MIXERS, build_mixer, with_mixer_configs
+from effarch.layers.lightning import SGLU
 from effarch.layers.mlp import MLPConfig, SwiGLU
-from effarch.layers.moh import MoHConfig
 from effarch.layers.norms import SRMSNorm, rms_norm
-from effarch.layers.sliding_window import SlidingWindowConfig
-from effarch.layers.titans import NeuralMemoryConfig
-from effarch.layers.titans_attention import TitansAttentionConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+@with_mixer_configs
 class ModelConfig:
+    """The model: sizes, the mixer layout, the MLP and norms; then one field per mixer config registered in
+    arches/registry.py (`register_config`: e.g. `attention`, `based`, `titans`; YAML `model.<key>.*`), each
+    defaulting to its dataclass's defaults."""
+
     vocab_size: int = 8192  # tokens; MQAR's default vocabulary
     d_model: int = 64  # D
     n_layers: int = 2
@@ -46,16 +42,6 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # LM head = embedding^T (Zoology's default)
     remat: bool = False  # recompute each block in the backward pass (nnx.remat)
-    attention: AttentionConfig = AttentionConfig()
-    conv: ConvConfig = ConvConfig()
-    based: BasedConfig = BasedConfig()
-    sliding_window: SlidingWindowConfig = SlidingWindowConfig()
-    lightning: LightningConfig = LightningConfig()
-    titans: NeuralMemoryConfig = NeuralMemoryConfig()
-    diffqkv: DiffQKVConfig = DiffQKVConfig()
-    moh: MoHConfig = MoHConfig()
-    landmark: LandmarkConfig = LandmarkConfig()
-    titans_attention: TitansAttentionConfig = TitansAttentionConfig()  # MAC / MAG / MAL's attention (+ titans)
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers"):

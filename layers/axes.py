@@ -31,7 +31,7 @@ class Mixer(Protocol):
 
     `__call__` is the parallel (training) form. Decoding goes through `init_state` / `decode_step`;
     `prefill` runs a whole prompt and returns the state after it. Prefill followed by decode steps
-    equals the parallel forward pass (tests/arches/test_lm.py checks this for every registered mixer).
+    equals the parallel forward pass (tests/conformance/ checks this for every registered mixer).
     """
 
     def __call__(self, x: Hidden) -> Hidden: ...

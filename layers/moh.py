@@ -128,7 +128,10 @@ class MoHAttention(Attention):
     """
 
     def __init__(self, d_model: int, config: MoHConfig, *, rngs: nnx.Rngs):
-        super().__init__(d_model, config.attention_config(), rngs=rngs)
+        try:
+            super().__init__(d_model, config.attention_config(), rngs=rngs)
+        except ValueError as e:  # Attention's errors name its own keys; the user wrote model.moh.*
+            raise ValueError(str(e).replace("attention.", "moh.").replace("attention:", "moh:")) from None
         self.moh = config
         self.router = self.shared_router = self.stage_router = nnx.data(None)
         if config.router == "learned":

@@ -81,7 +81,7 @@ def test_to_linen_matches_the_nnx_layer(name):
     np.testing.assert_allclose(y_linen, y_nnx, rtol=1e-6, atol=1e-6)
 
 
-# Each mixer's own decoding is tested against its parallel form in tests/arches/test_lm.py; here the point is that
+# Each mixer's own decoding is tested against its parallel form in tests/conformance/; here the point is that
 # the methods reach the NNX layer through the wrapper, with a dict KV cache (attention) and through a Block.
 @pytest.mark.parametrize("name", ["attention", "block"])
 def test_to_linen_decodes_like_the_parallel_form(name):

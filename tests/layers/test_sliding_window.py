@@ -1,4 +1,5 @@
-"""SlidingWindowAttention: prefill + decode (ring buffer wrapping) == parallel; state size stops growing at window."""
+"""SlidingWindowAttention: RoPE + the op reference, locality, the state size stops growing at window. Decoding ==
+parallel (the ring buffer wrapping) and the rest of the Mixer protocol are in tests/conformance/."""
 
 import dataclasses
 
@@ -48,34 +49,6 @@ def test_call_matches_rope_plus_reference():
     assert_close("call", y, by_hand(x), 1e-5)
     ref_layer = make_layer(dataclasses.replace(CONFIG, implementation="reference"))
     assert_close("implementation=reference", jitted(ref_layer, "__call__")(x), y, 1e-5)
-
-
-@pytest.mark.parametrize("prompt", [3, 12])
-def test_prefill_then_decode_matches_call(prompt):
-    # T = 23 > window = 5: decoding wraps the ring buffer several times.
-    layer = make_layer()
-    x = make_x()
-
-    def generate(layer, x):
-        state, y_prompt = layer.prefill(layer.init_state(2, T), x[:, :prompt])
-        state, y_steps = jax.lax.scan(layer.decode_step, state, x[:, prompt:].swapaxes(0, 1))
-        return jnp.concatenate([y_prompt, y_steps.swapaxes(0, 1)], axis=1), state
-
-    graphdef, params = nnx.split(layer)
-    y_gen, state = jax.jit(lambda p, x: generate(nnx.merge(graphdef, p), x))(params, x)
-    assert_close("prefill + decode", y_gen, jitted(layer, "__call__")(x), 1e-5)
-    assert int(state.pos) == T
-
-
-def test_chunked_calls_with_carried_state_equal_one_call():
-    layer = make_layer()
-    x = make_x()
-    prefill = jitted(layer, "prefill")
-    # Pieces of 8, 8, 7 tokens with window 5: each later piece reads the ring buffer left by the one before.
-    state, y_a = prefill(layer.init_state(2, T), x[:, :8])
-    state, y_b = prefill(state, x[:, 8:16])
-    _, y_c = prefill(state, x[:, 16:])
-    assert_close("split", jnp.concatenate([y_a, y_b, y_c], axis=1), jitted(layer, "__call__")(x), 1e-5)
 
 
 def test_is_causal_and_local():

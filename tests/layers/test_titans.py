@@ -14,7 +14,7 @@ D, T = 16, 21
 CONFIG = NeuralMemoryConfig(n_heads=2, expansion=2, chunk_size=4, batch_size=8, n_persistent=3)
 
 
-@pytest.mark.slow  # the op's split-call tests and test_lm's prefill + decode cover it by default
+@pytest.mark.slow  # the op's split-call tests and tests/conformance/'s prefill in pieces cover it by default
 def test_prefill_in_pieces_equals_one_pass():
     layer = NeuralMemory(D, CONFIG, rngs=nnx.Rngs(0))
     assert isinstance(layer, Mixer)

@@ -1,6 +1,6 @@
 """Titans MAC / MAG / MAL (layers/titans_mac.py, titans_mag.py, titans_mal.py) and their prefixed attention.
 
-Decoding == parallel and causality for all three run in tests/arches/test_lm.py (every registered mixer); here:
+Decoding == parallel and causality for all three run in tests/conformance/ (every registered mixer); here:
 persistent tokens reach the first query, MAC's memory carries information across segments, MAC's segment scan against
 its per-segment loop (and prefill in pieces), MAC's sliding window (titans_attention.sliding), SW-Attn* against dense
 masked attention, and config errors.
@@ -56,7 +56,7 @@ def test_mac_memory_carries_across_segments():
     assert float(jnp.max(jnp.abs(a[:, 8:] - b[:, 8:]))) > 1e-5
 
 
-@pytest.mark.slow  # MAC decode == parallel (tests/arches/test_lm.py) covers the scan in the default run
+@pytest.mark.slow  # MAC decode == parallel (tests/conformance/) covers the scan in the default run
 def test_mac_segment_scan_equals_the_segment_loop_and_pieces():
     # The parallel form runs whole segments under lax.scan; the per-segment Python loop (taken when batch_size does
     # not divide segment_len) is the sequential oracle. Both, and a prefill in pieces on the loop, agree.

@@ -1,0 +1,46 @@
+"""The loss and gradients of an LM with one layer of every registered mixer on an 8-device mesh (data x fsdp x tensor
+= 2 x 2 x 2, CPU devices in one subprocess for all mixers) equal those on one device, layer by layer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from effarch.arches.registry import MIXERS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(names: list[str]) -> dict[str, float]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "tests.conformance.mesh_script", *names], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(errors) == sorted([*names, "loss"]), errors
+    return errors
+
+
+def check(names: list[str]) -> None:
+    for name, err in run_script(names).items():
+        # float32 sums split over devices: a few ulps of reordering.
+        assert err <= 1e-5, f"{name}: 8 devices vs 1, relative error {err:.2e}"
+
+
+def _names(slow: bool) -> list[str]:
+    return [n for n in sorted(MIXERS) if "mesh" not in MIXERS[n].skip and ("mesh" in MIXERS[n].slow) == slow]
+
+
+def test_train_step_on_8_devices_equals_one_device():
+    check(_names(slow=False))
+
+
+@pytest.mark.slow
+def test_train_step_on_8_devices_equals_one_device_slow_mixers():
+    names = _names(slow=True)
+    if not names:
+        pytest.skip("no mixer defers its mesh check")
+    check(names)

@@ -1,0 +1,255 @@
+"""The `Mixer` protocol, checked for every mixer in the registry (arches/registry.py) at its registered small config.
+
+Per mixer, one jitted program runs the parallel pass, a prefill in pieces followed by a decode step, token-by-token
+decoding from the empty state, and the gradients; a second runs the parallel pass, its gradients and the decoding in
+bfloat16. The tests read their results (cached per mixer), so a mixer costs two compiles. A registration's
+`skip={check: reason}` skips a check the mixer genuinely cannot pass, with that reason; `slow={check: reason}` runs
+it only with `-m slow`. The 8-device mesh step is in test_mesh.py; docs/adding_a_mixer.md lists the checks.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effarch.arches.lm import ModelConfig
+from effarch.arches.registry import CONFIGS, MIXERS, build_mixer
+from effarch.layers.axes import Mixer
+from tests.helpers.numerics import assert_close, rel_err
+
+B, T, D = 2, 20, 24
+T0 = 11  # the token the causality check changes
+PIECES = (0, 5, 13, T - 1)  # prefill pieces ending inside chunks, blocks, windows and segments; then one decode step
+
+NAMES = sorted(MIXERS)
+
+
+def small_config(**kw) -> ModelConfig:
+    """Every registered config at its `small` instance: each mixer builds from this at d_model D."""
+    return ModelConfig(**{"d_model": D, "n_layers": 2, **{key: entry.small for key, entry in CONFIGS.items()}, **kw})
+
+
+def skip_unless(name: str, check: str):
+    reason = MIXERS[name].skip.get(check)
+    if reason is not None:
+        pytest.skip(f"{name} declares it cannot pass {check!r}: {reason}")
+
+
+def state_bytes(state) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _parallel_and_decoded(graphdef, params, rest, x, x_changed, cotangent, *, grad: bool):
+    """The parallel pass on x and x_changed (one call on both batches: two calls could compile to differently rounded
+    programs), the parameters' gradient of <y, cotangent> (where `grad`), and x decoded token by token from the empty
+    state (lax.scan: the carry must keep its structure and dtypes)."""
+    def parallel(params):
+        return nnx.merge(graphdef, params, rest, copy=True)(jnp.concatenate([x, x_changed]))
+
+    if grad:
+        y_both, vjp = jax.vjp(parallel, params)
+        (grads,) = vjp(jnp.concatenate([cotangent, jnp.zeros_like(cotangent)]).astype(y_both.dtype))
+    else:
+        y_both, grads = parallel(params), None
+    y, y_changed = jnp.split(y_both, 2)
+    mixer = nnx.merge(graphdef, params, rest, copy=True)
+    init = mixer.init_state(B, T)
+    decoded_state, y_tokens = jax.lax.scan(mixer.decode_step, init, x.swapaxes(0, 1))
+    return dict(y=y, y_changed=y_changed, tokens=y_tokens.swapaxes(0, 1), init_state=init,
+                decoded_state=decoded_state, grads=grads)
+
+
+def _pieces(mixer, x):
+    """Prefill in pieces, then one decode step: the state each piece leaves must carry on exactly."""
+    state, ys = mixer.init_state(B, T), []
+    for lo, hi in zip(PIECES[:-1], PIECES[1:]):
+        state, y_piece = mixer.prefill(state, x[:, lo:hi])
+        ys.append(y_piece)
+    state, y_last = mixer.decode_step(state, x[:, T - 1])
+    return jnp.concatenate([*ys, y_last[:, None]], axis=1), state
+
+
+@dataclasses.dataclass
+class Case:
+    mixer: nnx.Module
+    split: tuple  # nnx.split(mixer, nnx.Param, ...)
+    inputs: tuple  # x, x_changed (token T0 moved), cotangent: [B, T, D] float32
+
+
+@functools.cache
+def case(name: str) -> Case:
+    mixer = build_mixer(name, small_config(), 0, nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    return Case(mixer, nnx.split(mixer, nnx.Param, ...), (x, x.at[:, T0].add(1.0), cotangent))
+
+
+@functools.cache
+def float32(name: str) -> dict:
+    """One compile per mixer: the parallel pass, both decodings, and the gradients unless they are slow for it."""
+    c = case(name)
+    graphdef, params, rest = c.split
+    grad = "grad" not in MIXERS[name].slow
+
+    @jax.jit
+    def run(params, x, x_changed, cotangent):
+        out = _parallel_and_decoded(graphdef, params, rest, x, x_changed, cotangent, grad=grad)
+        pieces, pieces_state = _pieces(nnx.merge(graphdef, params, rest, copy=True), x)
+        return dict(**out, pieces=pieces, pieces_state=pieces_state)
+
+    return run(params, *c.inputs)
+
+
+@functools.cache
+def bfloat16(name: str) -> dict:
+    """Parameters and inputs in bfloat16 (the train step's compute dtype): the parallel pass, its gradients and the
+    token-by-token decoding."""
+    graphdef, params, rest = case(name).split
+    run = jax.jit(functools.partial(_parallel_and_decoded, graphdef, grad=True))
+    return run(_cast(params, jnp.bfloat16), rest, *(a.astype(jnp.bfloat16) for a in case(name).inputs))
+
+
+def gradients(name: str) -> list:
+    grads = float32(name)["grads"]
+    if grads is None:  # slow for this mixer: its own compile
+        graphdef, params, rest = case(name).split
+        grads = jax.jit(functools.partial(_parallel_and_decoded, graphdef, grad=True))(
+            params, rest, *case(name).inputs)["grads"]
+    return jax.tree.leaves(grads)
+
+
+def names_for(check: str) -> list:
+    """The registry's names, those whose registration defers `check` to the slow tests marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if check in MIXERS[n].slow else n for n in NAMES]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_is_a_mixer(name):
+    assert isinstance(case(name).mixer, Mixer), f"{name} does not implement layers.axes.Mixer"
+    y = float32(name)["y"]
+    assert y.shape == (B, T, D) and y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", names_for("causal"))
+def test_causal(name):
+    """Changing token T0 changes no output before T0, and does change the output at T0."""
+    skip_unless(name, "causal")
+    y, y_changed = np.asarray(float32(name)["y"]), np.asarray(float32(name)["y_changed"])
+    np.testing.assert_array_equal(y_changed[:, :T0], y[:, :T0], err_msg=f"{name}: a later token changed the past")
+    assert rel_err(y_changed[:, T0], y[:, T0]) > 1e-4, f"{name}: token {T0} does not reach its own output"
+
+
+@pytest.mark.parametrize("name", names_for("decode"))
+@pytest.mark.parametrize("path", ["pieces", "tokens"])
+def test_decoding_equals_the_parallel_pass(name, path):
+    """Prefill in pieces then a decode step (prompts ending inside chunks, windows, segments), and decoding token by
+    token from the empty state, give the parallel pass's outputs."""
+    skip_unless(name, "decode")
+    assert_close(f"{name} {path}", float32(name)[path], float32(name)["y"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", names_for("decode"))
+def test_prefill_and_decode_steps_leave_the_same_state(name):
+    """After T tokens, the state of the prefill pieces (+ a step) equals that of T decode steps from the empty state."""
+    skip_unless(name, "decode")
+    out = float32(name)
+    a, b = jax.tree.leaves(out["pieces_state"]), jax.tree.leaves(out["decoded_state"])
+    assert len(a) == len(b)
+    for i, (u, w) in enumerate(zip(a, b)):
+        if jnp.issubdtype(u.dtype, jnp.floating):
+            assert_close(f"{name} state leaf {i}", u, w, rtol=1e-5)
+        else:
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(w), err_msg=f"{name} state leaf {i}")
+
+
+@pytest.mark.parametrize("name", names_for("state_size"))
+def test_state_size_counts_the_decode_state(name):
+    """state_size(T) is the bytes of one sequence's decode state after T tokens (with or without the counters the
+    batch shares), and grows as registered: linearly (a KV cache) or not past some length (bounded)."""
+    skip_unless(name, "state_size")
+    mixer, out = case(name).mixer, float32(name)
+    init_1 = jax.eval_shape(lambda: mixer.init_state(1, T))
+    decoded = out["decoded_state"]
+    assert jax.tree.structure(decoded) == jax.tree.structure(out["init_state"])
+    per_sequence = state_bytes(decoded) - state_bytes(init_1)  # what a second sequence adds
+    # Mixers differ in whether they count the position counters the batch shares (a few int32 scalars): accept
+    # anything from what a second sequence adds to what a batch of one holds.
+    assert per_sequence <= mixer.state_size(T) <= state_bytes(init_1), \
+        f"{name}: state_size({T}) = {mixer.state_size(T)}; the decode state holds {per_sequence} bytes per " \
+        f"sequence, {state_bytes(init_1)} for a batch of one"
+    if MIXERS[name].state == "linear":
+        assert mixer.state_size(200) == 2 * mixer.state_size(100) > 0
+    else:
+        assert mixer.state_size(10**4) == mixer.state_size(10**5) >= mixer.state_size(T) > 0
+
+
+@pytest.mark.parametrize("name", names_for("grad"))
+def test_gradients_reach_every_parameter(name):
+    """Under jit, every parameter gets a finite, non-zero gradient."""
+    skip_unless(name, "grad")
+    grads = gradients(name)
+    assert grads, f"{name} has no parameters"
+    for i, g in enumerate(grads):
+        g = np.asarray(g)
+        assert np.isfinite(g).all(), f"{name}: non-finite gradient in parameter {i}"
+        assert np.abs(g).max() > 0, f"{name}: zero gradient for parameter {i} of shape {g.shape}"
+
+
+@pytest.mark.parametrize("name", names_for("bf16"))
+def test_bfloat16(name):
+    """In bfloat16 the decode state keeps its dtypes through lax.scan, the parallel pass and the decoding stay close
+    to float32, and the gradients are bfloat16 and finite."""
+    skip_unless(name, "bf16")
+    low = bfloat16(name)
+    assert [a.dtype for a in jax.tree.leaves(low["decoded_state"])] == \
+        [a.dtype for a in jax.tree.leaves(low["init_state"])]
+    for path in ("y", "tokens"):
+        assert low[path].dtype == jnp.bfloat16, f"{name} {path}: {low[path].dtype}"
+        # bfloat16 keeps 8 bits of mantissa: a few roundings of 2^-9 through a handful of matmuls and norms.
+        assert_close(f"{name} bf16 {path}", np.asarray(low[path], np.float32), float32(name)["y"], rtol=5e-2)
+    for i, g in enumerate(jax.tree.leaves(low["grads"])):
+        assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all(), f"{name}: bf16 grad {i}"
+
+
+@pytest.mark.parametrize("name", names_for("config"))
+def test_config_loads_from_yaml_and_bad_keys_fail_in_one_line(name):
+    """Each config the mixer reads round-trips through the YAML loader (`model.<key>.<field>=value`: every field's
+    type is one the loader reads), and an unknown key fails with one line naming it."""
+    from effarch.train.config import ConfigError, load_config, to_dict
+
+    skip_unless(name, "config")
+    for key in MIXERS[name].configs:
+        small = CONFIGS[key].small
+        overrides = [f"model.{key}.{field}={_yaml(value)}" for field, value in to_dict(small).items()]
+        assert load_config([], overrides).model.__getattribute__(key) == small, key
+        with pytest.raises(ConfigError) as e:
+            load_config([], [f"model.{key}.no_such_field=1"])
+        assert str(e.value).startswith(f"model.{key}.no_such_field: unknown key") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", names_for("config"))
+def test_a_d_model_the_config_cannot_serve_fails_in_one_line_naming_the_key(name):
+    """At d_model 7 (prime: no head count divides it) the mixer builds, or raises a one-line ValueError that names
+    one of the config keys it reads (`<key>.field` or `<key>:`), as the user wrote it in model.<key>."""
+    skip_unless(name, "config")
+    try:
+        build_mixer(name, small_config(d_model=7), 0, nnx.Rngs(0))
+    except ValueError as e:
+        message, keys = str(e), MIXERS[name].configs
+        assert "\n" not in message and message.startswith(tuple(f"{k}{c}" for k in keys for c in ".:")), \
+            f"{name}: {message!r} does not name one of {keys}"
+
+
+def _yaml(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
