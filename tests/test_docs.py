@@ -27,15 +27,13 @@ PAGES = sorted([ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / 
                 *(ROOT / "pallas_kernels").glob("*/README.md")])
 TOP_DIRS = ("arches", "layers", "pallas_kernels", "train", "configs", "tests", "benchmarks", "scripts", "docs")
 TOP_FILES = ("pyproject.toml", "uv.lock", ".python-version")
-# Pages being written on another branch, linked ahead of their merge; test_pending_pages_are_still_pending fails once
-# one exists, so its entry is removed then.
-PENDING = {"docs/adding_a_mixer.md"}
 # Paths of other repositories that the pages cite next to their repository's name (they are not ours).
 EXTERNAL = {
     "train/configs/experiment/reference/",  # HazyResearch/based's released configs
 }
 
-PATH_RE = re.compile(r"(?<![\w./@:~-])((?:%s)/[\w./{},-]*)" % "|".join(TOP_DIRS))
+# A path followed by "<" is a template (`layers/<name>.py`, `tests/layers/test_<name>.py`), not a file.
+PATH_RE = re.compile(r"(?<![\w./@:~-])((?:%s)/[\w./{},-]*)(?![\w./{},<-])" % "|".join(TOP_DIRS))
 SYMBOL_RE = re.compile(r"(?<![\w./@:~-])((?:%s)/[\w./-]*\.py)::(\w+)" % "|".join(TOP_DIRS))
 KEY_RE = re.compile(r"(?<![\w./$-])(model|data|optim|train|mesh)((?:\.[A-Za-z_]\w*)+)(?![\w(])")
 FILE_SUFFIXES = (".py", ".sh", ".md", ".yaml", ".json", ".jsonl", ".png", ".toml", ".lock", ".txt", ".safetensors")
@@ -67,7 +65,7 @@ def _missing_paths(page: Path) -> list[str]:
     text, bad = page.read_text(), []
     for raw in PATH_RE.findall(text):
         path = raw.rstrip(".,")
-        if path in EXTERNAL or path in PENDING or "..." in path:
+        if path in EXTERNAL or "..." in path:
             continue
         bad += [p for p in _expand(path) if not (ROOT / p).exists()]
     for path, name in SYMBOL_RE.findall(text):
@@ -75,8 +73,7 @@ def _missing_paths(page: Path) -> list[str]:
             bad.append(f"{path}::{name}")
     for target in LINK_RE.findall(text):
         target = target.split("#")[0]
-        pending = (page.parent / target).resolve() in {ROOT / p for p in PENDING}
-        if target and not re.match(r"[a-z]+:", target) and not (page.parent / target).exists() and not pending:
+        if target and not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
             bad.append(f"link {target}")
     if page.parent.parent == ROOT / "pallas_kernels":  # an op's README names its files, its tests' and layers' bare
         folders = (page.parent, ROOT / "tests" / "pallas_kernels" / page.parent.name, ROOT / "layers")
@@ -212,10 +209,6 @@ def cli_flags():
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
 def test_named_cli_flags_exist(page, cli_flags):
     assert not _wrong_flags(page, cli_flags), f"{_page_id(page)} names options its commands do not have"
-
-
-def test_pending_pages_are_still_pending():
-    assert not [p for p in PENDING if (ROOT / p).exists()], "remove the pages that exist now from PENDING"
 
 
 def test_the_checks_catch_what_they_should(cli_flags, tmp_path):
