@@ -12,6 +12,8 @@ from effarch.train.data import passkey
 from tests.benchmarks.test_based_benchmarks import _load
 
 
+# Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
+@pytest.mark.slow
 def test_memory_cost_report(tmp_path):
     bench = _load("landmark_memory_cost")
     out = tmp_path / "cost.json"

@@ -17,6 +17,8 @@ from effarch.train.data import niah
 from tests.benchmarks.test_based_benchmarks import _load
 
 
+# Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
+@pytest.mark.slow
 def test_speed_report(tmp_path):
     bench = _load("titans_speed")
     out = tmp_path / "speed.json"
@@ -43,6 +45,8 @@ def test_speed_report(tmp_path):
     assert targets["xla_peak_bytes_T32"]["pass"]
 
 
+# Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
+@pytest.mark.slow
 def test_niah_report(tmp_path):
     bench = _load("niah_titans")
     common = dict(vocab_size=niah.VOCAB_SIZE, d_model=16, n_layers=1)

@@ -179,6 +179,8 @@ RESHARD = textwrap.dedent("""
 """)
 
 
+# Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
+@pytest.mark.slow
 def test_restore_into_another_mesh(tmp_path):
     script = tmp_path / "reshard.py"
     script.write_text(RESHARD.format(tmp=tmp_path))
@@ -210,6 +212,8 @@ def test_write_run_makes_a_run_that_generates_and_fine_tunes(source, tmp_path):
     assert json.loads((tmp_path / "ft" / "init_report.json").read_text())["new"] == [] and result.step == 1
 
 
+# Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
+@pytest.mark.slow
 def test_convert_cli_to_diffqkv_keeps_the_logits_and_fine_tunes(source, tmp_path, capsys):
     from effarch.train.generate import load_model
     from effarch.train.main import main

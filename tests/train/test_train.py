@@ -57,7 +57,9 @@ def reference_run(tmp_path_factory):
     return losses(run_dir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+# SIGKILL (the harder case: nothing is saved at the signal) in the default suite; SIGTERM's checkpoint-at-the-signal
+# is also covered by tests/train/test_loop.py, so its end-to-end run is slow.
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL])
 def test_interrupt_then_resume_matches_uninterrupted(tmp_path, reference_run, sig):
     run_dir = tmp_path / "run"
     proc = run_cli(run_dir, *STEPS, wait=False)
@@ -132,7 +134,8 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+# accum=2 covers sharding and accumulation together; each mixer's sharded step is in tests/conformance/test_mesh.py.
+@pytest.mark.parametrize("accum", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_sharded_train_step_matches_one_device(tmp_path, accum):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED.format(base=BASE, tiny=TINY, accum=accum))
@@ -146,6 +149,8 @@ def test_sharded_train_step_matches_one_device(tmp_path, accum):
         assert "tensor" in specs_line and "fsdp" in specs_line, specs_line
 
 
+# Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
+@pytest.mark.slow
 def test_generate_cli_and_greedy_matches_forward(tmp_path, capsys):
     import jax.numpy as jnp
 
@@ -248,6 +253,8 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * losses["float32"], losses
 
 
+# Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """Multi-host: 2 processes x 4 CPU devices over jax.distributed on loopback == 1 process x 8 devices."""
     import socket
