@@ -13,18 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from effarch.train.config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
-BASE = ROOT / "configs" / "mqar" / "zoology_attention.yaml"
-
-
-def train(run_dir, *overrides):
-    from effarch.train.train import train_and_evaluate
-
-    cfg = load_config([BASE, TINY], [f"train.run_dir={run_dir}", "train.async_checkpoint=false", *overrides])
-    return train_and_evaluate(cfg)
+from effarch.train.config import ConfigError
+from tests.train.test_run_dir import BASE, TINY, train
 
 
 def cli(run_dir, *overrides, wait=True):
