@@ -150,7 +150,15 @@ def prepare(source: str, data_dir: str = "", val_fraction: float = 0.02) -> Loca
         builder = LocalText(config=config, data_dir=str(directory), file_format="array_record")
         if not builder.is_prepared():
             tfds.disable_progress_bar()
-            builder.download_and_prepare()
+            try:
+                builder.download_and_prepare()
+            except ModuleNotFoundError as e:
+                if e.name != "tensorflow":
+                    raise
+                # TFDS's writer keeps a split in memory up to 1 GB, then spills it to disk through tf.io.gfile.
+                raise ValueError(f"data.text.source {source!r}: a split of more than 1 GB of text cannot be prepared "
+                                 "without TensorFlow (TFDS spills larger splits through tf.io.gfile); use a smaller "
+                                 "corpus or a glob over part of it") from None
     return builder
 
 
