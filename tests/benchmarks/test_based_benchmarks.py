@@ -87,6 +87,8 @@ def test_scaling_quadratic_paths_over_memory_cap_are_skipped_not_run():
     assert "based_xla_vs_reference_speedup" not in report["targets"]
 
 
+# A training sweep in miniature (half a minute on 2 cores): the slow suite.
+@pytest.mark.slow
 def test_mqar_recall_vs_state_main_writes_report_with_expected_keys(tmp_path, capsys):
     bench = _load("mqar_recall_vs_state")
     out = tmp_path / "mqar.json"

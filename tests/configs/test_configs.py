@@ -21,10 +21,12 @@ def test_there_are_configs():
     assert len(CONFIGS) >= 2
 
 
-# Configs whose mixer and task another config already trains in the default run; every config still builds and
-# checks (test_config_checks) by default, and trains one step in the slow suite.
+# Configs whose mixer and task another config already trains in the default run (each mixer's gradients under jit
+# are also in tests/conformance/); every config still builds and checks (test_config_checks) by default, and trains
+# one step in the slow suite.
 SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_mac_ft.yaml", "lm/moh_small.yaml",
-             "lm/diffqkv_small.yaml", "lm/tnl_small.yaml", "mqar/titans_lmm.yaml"}
+             "lm/diffqkv_small.yaml", "lm/tnl_small.yaml", "mqar/titans_lmm.yaml", "lm/based_small.yaml",
+             "mqar/diffqkv.yaml", "mqar/moh.yaml", "mqar/lightning.yaml"}
 
 
 def _id(path: Path) -> str:

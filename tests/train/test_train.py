@@ -97,6 +97,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert good < max(losses(run_dir), default=0) + 1  # nothing saved after the bad step
 
 
+# The refusal itself is tests/train/test_run_dir.py's (in-process); this is the CLI end to end.
+@pytest.mark.slow
 def test_resume_refuses_a_different_model(tmp_path):
     run_dir = tmp_path / "run"
     assert run_cli(run_dir, "train.steps=2").returncode == 0
