@@ -1,6 +1,6 @@
 """BASED forward + backward on the CPU: our XLA path against flash-linear-attention's `naive_chunk_based`.
 
-The issue's comparison: fla's naive chunked PyTorch path (fla/ops/based/naive.py, the fastest CPU path among the
+The comparison: fla's naive chunked PyTorch path (fla/ops/based/naive.py, the fastest CPU path among the
 published BASED implementations) against `based_linear_attention(implementation="xla")`, forward + backward, float32,
 B = 1, H = 2, feature dim F = 16 (fla's q/k head dim), value dim V = 64, T in {1k, 4k}; target: ours >= 3x faster at
 both lengths.

@@ -17,7 +17,7 @@ every output, `min_bytes()`), and their fractions of the chip's peak when the de
 kernel output is also compared with the XLA path on the same inputs ("max_rel_err_vs_xla"), so a GPU run checks
 the compiled kernels' numbers too.
 
-Targets (the issue's, on an H100/H200-class GPU, at the longest T, fwd_bwd): each kernel ≥ 10x faster than cuDNN
+Targets (ours, on an H100/H200-class GPU, at the longest T, fwd_bwd): each kernel ≥ 10x faster than cuDNN
 flash attention and ≥ 2x faster than its XLA path. flash-linear-attention's Triton kernels are not run here (PyTorch
 is not on the GPU image); that comparison stays open.
 

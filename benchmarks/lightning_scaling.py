@@ -30,7 +30,7 @@ from effarch.pallas_kernels.lightning import lightning_attention, tnl_decay
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (1024, 4096)
 PATHS = ("lightning_xla", "softmax_xla")
-# Targets (the acceptance numbers): flat Lightning throughput and memory, falling softmax throughput.
+# Targets (our acceptance numbers): flat Lightning throughput and memory, falling softmax throughput.
 LIGHTNING_SPEED_TOLERANCE = 0.20
 LIGHTNING_MEMORY_TOLERANCE = 0.10
 

@@ -2,7 +2,7 @@
 
 Zoology's 2-layer MQAR model (BaseConv k=3, then 1-head attention, d_model 64, no MLP, vocab 8192), 20k training
 examples at (seq 64, 4 kv pairs), batch 64, lr 1e-2, 1k test examples: configs/mqar/zoology_attention.yaml.
-Zoology's own loop reaches 0.99 in about 124 s on a 2-core CPU machine like ours (issue #2's measurement).
+Zoology's own loop reaches 0.99 in about 124 s on a 2-core CPU machine like ours (measured when this loop was written).
 The clock starts before the config is loaded: data generation, compilation, evaluation and checkpoints count.
 
     .venv/bin/python benchmarks/mqar_loop.py [--config configs/mqar/zoology_attention.yaml] [--repeats 3] [--out FILE]

@@ -1,7 +1,7 @@
 """MQAR recall against decode-state size: Zoology's trade-off table for BASED and softmax attention.
 
 Paper claim under test: BASED (arXiv 2402.18668, Fig. 2) reaches near-perfect multi-query associative recall with a
-fixed-size recurrent state, while attention pays with a KV cache that grows with the sequence; the issue's target is
+fixed-size recurrent state, while attention pays with a KV cache that grows with the sequence; our target is
 BASED at d_model 128, feature dim 16 reaching >= 0.99 test accuracy at (seq 256, 16 kv pairs).
 
 Each model is Zoology's 2-layer MQAR model (layer 0 = Zoology's BaseConv, kernel 3; layer 1 = the mixer under test;

@@ -23,7 +23,7 @@ steps after warmup; state bytes are `state_size(L)` (what a query needs) and the
 
 Defaults (chosen to fit 2 CPU cores): B = 1, H = 2, F = 16, V = 64, chunk 64, T and L in {1k, 2k, 4k, 8k, 16k}.
 
-Targets (the BASED issue's acceptance numbers), evaluated on the lengths measured and reported under "targets":
+Targets (our BASED acceptance numbers), evaluated on the lengths measured and reported under "targets":
 - based_xla per-token time at the longest T within 1.5x of the shortest (16k vs 1k);
 - based_xla at least 5x faster than based_reference at 8k (or the longest T where both ran);
 - BASED decode per-token time and state bytes flat in the context length (max / min - 1 <= 0.10).

@@ -1,6 +1,6 @@
 """The Titans NeuralMemory layer, forward + backward on the CPU: ours against lucidrains' titans-pytorch.
 
-The issue's side-by-side: titans-pytorch's `NeuralMemory` (the best-known behavioural reference; its C16 layer takes
+A side-by-side: titans-pytorch's `NeuralMemory` (the best-known behavioural reference; its C16 layer takes
 ~0.54 s at 1k and ~4.3 s at 4k on a quiet 2-core machine) against our `layers/titans.py::NeuralMemory` (parallel
 `xla` op) at the same sizes: d_model 256, 4 heads of 64, a 2-layer MLP memory of expansion 4 (titans-pytorch's
 default `MemoryMLP(depth=2, expansion_factor=4)`; ours is gelu(x w1) w2 with the same shapes), chunk C, the same

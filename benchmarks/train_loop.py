@@ -4,8 +4,9 @@ Each variant runs the compiled step of `effarch.train.train.Trainer` (`train_ste
 device-side NaN/inf record) on the config's real data stream, from the same initial parameters over the same steps,
 so all variants must log identical losses (checked: `losses_identical`). They differ only in the host side:
 
-- `sync`: the loop before issue #10. Make the batch, put it on the device, run the step, then read every metric back
-  (`float()`) and check it for NaN: the host waits for each step before it can start on the next one.
+- `sync`: the loop without prefetch or deferred readback. Make the batch, put it on the device, run the step, then
+  read every metric back (`float()`) and check it for NaN: the host waits for each step before it can start on the
+  next one.
 - `sync_prefetch`: the same, with the batches made and put on the device ahead by `train/prefetch.py` (depth 2).
 - `deferred`: metrics and the NaN/inf record read back every `--log-every` steps only; the host dispatches step s+1
   while step s runs (waiting, without a copy, for step s-1: at most two steps in flight), batches made in the loop.
