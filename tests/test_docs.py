@@ -214,7 +214,8 @@ def test_named_cli_flags_exist(page, cli_flags):
 def test_the_checks_catch_what_they_should(cli_flags, tmp_path):
     """Each check fails on a made-up name, so a check that silently matched nothing would show here."""
     page = ROOT / "docs" / "_probe.md"  # never written: the checks read it through a patched read_text
-    probe = ("`train/no_such_file.py`, `layers/axes.py::NoSuchProtocol`, [x](no_such_page.md), "
+    missing = "train/" + "no_such_file.py"  # assembled, so no scan of the repository reads it as a real reference
+    probe = (f"`{missing}`, `layers/axes.py::NoSuchProtocol`, [x](no_such_page.md), "
              "`model.based.no_such_field`, `train.no_such_key`, `model.d_model.deeper`\n"
              "```bash\n.venv/bin/effarch generate RUN --no-such-flag\n.venv/bin/effarch sweep S.yaml --jobs 2\n"
              "    [--dry-run | --collectt]\n.venv/bin/python benchmarks/mqar_loop.py --repeatz 3\n```\n")

@@ -230,7 +230,7 @@ def test_config_loads_from_yaml_and_bad_keys_fail_in_one_line(name):
     for key in MIXERS[name].configs:
         small = CONFIGS[key].small
         overrides = [f"model.{key}.{field}={_yaml(value)}" for field, value in to_dict(small).items()]
-        assert load_config([], overrides).model.__getattribute__(key) == small, key
+        assert getattr(load_config([], overrides).model, key) == small, key
         with pytest.raises(ConfigError) as e:
             load_config([], [f"model.{key}.no_such_field=1"])
         assert str(e.value).startswith(f"model.{key}.no_such_field: unknown key") and "\n" not in str(e.value)
