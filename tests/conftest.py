@@ -1,10 +1,15 @@
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
 
 # Single-device by default; tests that need 8 CPU devices start a subprocess with its own XLA_FLAGS.
 os.environ.setdefault("XLA_FLAGS", "")
+# libtpu (test extra, for the TPU compile tests) makes jax look for a TPU chip at start and log to stderr when there is
+# none. The suite runs on the host's CPU (GPU machines have no libtpu, so their runs are unchanged).
+if importlib.util.find_spec("libtpu") is not None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
