@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from effarch.pallas_kernels.based import chunk_math
+from effarch.pallas_kernels.based import chunk_math, cost
 from effarch.pallas_kernels.interpret import Interpret
 from effarch.pallas_kernels.triton_utils import compiler_params, pad, tile, time_spec
 from effarch.pallas_kernels.vma import out_struct
@@ -86,6 +86,7 @@ def based_fwd(
         out_specs=time_spec(t_pad, vp),
         out_shape=out_struct((b, t_pad, h, vp), v.dtype, q),
         compiler_params=compiler_params(),
+        cost_estimate=cost.forward(b, h, t_pad // c, c, fp, p, vp, q.dtype.itemsize, weight_loads=b * h),
         interpret=interpret,
         name="based_fwd",
     )(pad(q, t_pad, fp), pad(k, t_pad, fp), pad(v, t_pad, vp), *_weights(f, fp))
@@ -169,6 +170,7 @@ def based_bwd(
         out_specs=[time_spec(t_pad, f_pad), time_spec(t_pad, 1), time_spec(t_pad, 1)],
         out_shape=[out_struct((b, t_pad, h, f_pad), q.dtype, q), row, row],
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dq(b, h, t_pad // c, c, f_pad, p, v_pad, q.dtype.itemsize, weight_loads=b * h),
         interpret=interpret,
         name="based_bwd_dq",
     )(qp, kp, vp, dop, *weights)
@@ -183,6 +185,7 @@ def based_bwd(
             out_struct((b, t_pad, h, v_pad), v.dtype, q),
         ],
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dkv(b, h, t_pad // c, c, f_pad, p, v_pad, q.dtype.itemsize, weight_loads=b * h),
         interpret=interpret,
         name="based_bwd_dkv",
     )(qp, kp, vp, dop, inv_den, d_den, *weights)

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
-from effarch.pallas_kernels.based import chunk_math
+from effarch.pallas_kernels.based import chunk_math, cost
 from effarch.pallas_kernels.interpret import Interpret
 from effarch.pallas_kernels.mosaic_utils import chunk, chunk_spec, compiler_params, head_major, time_major
 from effarch.pallas_kernels.vma import out_struct
@@ -90,6 +90,7 @@ def based_fwd(
         out_shape=out_struct((b, h, n * c, v_dim), v.dtype, q),
         scratch_shapes=_state_scratch(p, v_dim),
         compiler_params=compiler_params(),
+        cost_estimate=cost.forward(b, h, n, c, f, p, v_dim, q.dtype.itemsize, weight_loads=1),
         interpret=interpret,
         name="based_fwd",
     )(*(head_major(x, n * c) for x in (q, k, v)), *_weights(f))
@@ -155,6 +156,7 @@ def based_bwd(
         out_shape=[out_struct((b, h, n * c, f), q.dtype, q), row, row],
         scratch_shapes=_state_scratch(p, v_dim),
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dq(b, h, n, c, f, p, v_dim, q.dtype.itemsize, weight_loads=1),
         interpret=interpret,
         name="based_bwd_dq",
     )(qh, kh, vh, doh, *weights)
@@ -169,6 +171,7 @@ def based_bwd(
         ],
         scratch_shapes=_state_scratch(p, v_dim),
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dkv(b, h, n, c, f, p, v_dim, q.dtype.itemsize, weight_loads=1),
         interpret=interpret,
         name="based_bwd_dkv",
     )(qh, kh, vh, doh, inv_den, d_den, *weights)

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.interpret import Interpret
-from effarch.pallas_kernels.lightning import chunk_math
+from effarch.pallas_kernels.lightning import chunk_math, cost
 from effarch.pallas_kernels.triton_utils import compiler_params, pad, tile, time_spec
 from effarch.pallas_kernels.vma import out_struct
 
@@ -98,6 +98,7 @@ def lightning_fwd(
             out_struct((b, h, kp, vp), jnp.float32, q),
         ],
         compiler_params=compiler_params(),
+        cost_estimate=cost.forward(b, h, t_pad // c, c, kp, vp, q.dtype.itemsize, mask_per_chunk=False),
         interpret=interpret,
         name="lightning_fwd",
     )(decay.astype(jnp.float32), pad(q, t_pad, kp), pad(k, t_pad, kp), pad(v, t_pad, vp),
@@ -177,6 +178,7 @@ def lightning_bwd(
         out_specs=time_spec(t_pad, k_pad),
         out_shape=out_struct((b, t_pad, h, k_pad), q.dtype, q),
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dq(b, h, t_pad // c, c, k_pad, v_pad, q.dtype.itemsize, mask_per_chunk=False),
         interpret=interpret,
         name="lightning_bwd_dq",
     )(rates, kp, vp, dop, _pad_state(initial_state, k_pad, v_pad))
@@ -198,6 +200,7 @@ def lightning_bwd(
             out_struct((b, h, k_pad, v_pad), jnp.float32, q),
         ],
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dkv(b, h, t_pad // c, c, k_pad, v_pad, q.dtype.itemsize, mask_per_chunk=False),
         interpret=interpret,
         name="lightning_bwd_dkv",
     )(rates, qp, kp, vp, dop, _pad_state(d_final_state, k_pad, v_pad))

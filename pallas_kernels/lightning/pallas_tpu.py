@@ -28,7 +28,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.interpret import Interpret
-from effarch.pallas_kernels.lightning import chunk_math
+from effarch.pallas_kernels.lightning import chunk_math, cost
 from effarch.pallas_kernels.mosaic_utils import chunk, chunk_spec, compiler_params, head_major, time_major
 from effarch.pallas_kernels.vma import out_struct
 
@@ -92,6 +92,7 @@ def lightning_fwd(
         ],
         scratch_shapes=[pltpu.VMEM((k_dim, v_dim), jnp.float32)],
         compiler_params=compiler_params(),
+        cost_estimate=cost.forward(b, h, n, c, k_dim, v_dim, q.dtype.itemsize, mask_per_chunk=True),
         interpret=interpret,
         name="lightning_fwd",
     )(decay.astype(jnp.float32), *(head_major(x, n * c) for x in (q, k, v)), initial_state.astype(jnp.float32))
@@ -164,6 +165,7 @@ def lightning_bwd(
         out_shape=out_struct((b, h, n * c, k_dim), q.dtype, q),
         scratch_shapes=state_scratch,
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dq(b, h, n, c, k_dim, v_dim, q.dtype.itemsize, mask_per_chunk=True),
         interpret=interpret,
         name="lightning_bwd_dq",
     )(rates, kh, vh, doh, initial_state.astype(jnp.float32))
@@ -180,6 +182,7 @@ def lightning_bwd(
         ],
         scratch_shapes=state_scratch,
         compiler_params=compiler_params(),
+        cost_estimate=cost.backward_dkv(b, h, n, c, k_dim, v_dim, q.dtype.itemsize, mask_per_chunk=True),
         interpret=interpret,
         name="lightning_bwd_dkv",
     )(rates, qh, kh, vh, doh, d_final_state.astype(jnp.float32))
