@@ -1,7 +1,8 @@
-"""Run by test_tpu_step.py in a subprocess (libtpu can abort the process): compiles the training step `effarch train`
-runs (`Trainer._train_step_checked`, sharded over the config's mesh) for a TPU slice described from this CPU host
-(jax.experimental.topologies), nothing allocated. Command line: TOPOLOGY CONFIG [key=value overrides...]. Prints one
-JSON line {"kernels": Mosaic kernel calls in the lowered step, "temp_bytes": per-device temporaries}.
+"""Run by test_tpu_step.py in a subprocess (libtpu can abort the process): `check_config` and then the compile of the
+training step `effarch train` runs (`Trainer._train_step_checked`, sharded over the config's mesh) for a TPU slice
+described from this CPU host (jax.experimental.topologies), nothing allocated. Command line: TOPOLOGY CONFIG
+[key=value overrides...]. Prints one JSON line {"kernels": Mosaic kernel calls in the lowered step, "temp_bytes":
+per-device temporaries}.
 
 `compile_train_step` is the reusable part: any step-compile test (or tool) calls it with a config and the devices.
 """
@@ -15,12 +16,14 @@ from flax import nnx
 from jax.experimental import topologies
 
 from effarch.arches.lm import DecoderLM
+from effarch.train.checks import check_config
 from effarch.train.config import load_config
 from effarch.train.health import init_health
 from effarch.train.train import Trainer
 
 # topology name -> (chip_config_name, chips_per_host_bounds) for get_topology_desc
-TOPOLOGIES = {"v5p:2x2x1": ("megacore", (2, 2, 1)), "v5e:2x2": ("default", (2, 2, 1)), "v6e:2x2": ("default", (2, 2, 1))}
+TOPOLOGIES = {"v5p:2x2x1": ("megacore", (2, 2, 1)), "v5e:2x2": ("default", (2, 2, 1)),
+              "v6e:2x2": ("default", (2, 2, 1))}
 
 
 def topology_devices(name: str) -> list:
@@ -53,7 +56,9 @@ def compile_train_step(cfg, devices, seq_len: int | None = None):
 
 def main(topology: str, config: str, overrides: list[str]) -> None:
     cfg = load_config([config], overrides)
-    lowered, compiled = compile_train_step(cfg, topology_devices(topology))
+    devices = topology_devices(topology)
+    check_config(cfg, devices)  # the config check for the TPU target passes (kernels probed at a shape they take)
+    lowered, compiled = compile_train_step(cfg, devices)
     print(json.dumps({"kernels": lowered.as_text().count("tpu_custom_call"),
                       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}))
 
