@@ -26,7 +26,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import jax
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 BATCH, HEADS = "batch", "heads"
@@ -38,8 +37,7 @@ Axes = tuple[str | None, ...]
 
 def _free_axes(mesh) -> list[str]:
     """Mesh axes of size > 1 that a shard_map here may still split over (not already manual)."""
-    return [name for name, size in mesh.shape.items()
-            if size > 1 and mesh._name_to_type[name] != AxisType.Manual]
+    return [name for name, size in mesh.shape.items() if size > 1 and name not in mesh.manual_axes]
 
 
 def kernel_specs(mesh, in_axes: Sequence[Axes], shapes: Sequence[tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
@@ -94,7 +92,7 @@ def shard_kernel(fn: Callable, in_axes: Sequence[Axes], out_axes: Axes | tuple[A
         out_specs = tuple(_spec(a, table) for a in out_axes) if is_tuple else _spec(out_axes, table)
         # Every non-manual axis goes manual, size-1 ones too: an axis left automatic inside would again ask XLA to
         # partition the kernel.
-        auto = frozenset(a for a in mesh.axis_names if mesh._name_to_type[a] != AxisType.Manual)
+        auto = frozenset(a for a in mesh.axis_names if a not in mesh.manual_axes)
         mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(_spec(a, table) for a in in_axes), out_specs=out_specs,
                                axis_names=auto, check_vma=False)
         return mapped(*args)
