@@ -23,6 +23,8 @@ CASES = {
     # The same with heads split too: data=2, tensor=2 (4 heads).
     "tnl-lightning-tensor2": ["configs/lm/tnl_small.yaml", "model.lightning.implementation=pallas_tpu",
                               "mesh.data=2", "mesh.tensor=2"],
+    # The TPU defaults: splash sliding window (first in its TPU order), BASED on "xla" (no TPU evidence yet).
+    "quickstart-defaults": ["configs/lm/quickstart.yaml"],
     # BASED and splash sliding window, both named explicitly.
     "based-swa": ["configs/lm/based_small.yaml", "model.based.implementation=pallas_tpu",
                   "model.sliding_window.implementation=pallas_tpu"],
