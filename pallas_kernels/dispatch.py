@@ -4,6 +4,11 @@
 - A sequence is tried in order, with a warning on each fallback; if all fail, one error lists every reason.
 - None means the platform's default order.
 
+"The platform" is that of the devices the program is built for: the mesh in context (`jax.set_mesh`, or the
+abstract mesh inside jit, whose devices may be a TPU slice described from a CPU host with
+`jax.experimental.topologies`), else `jax.default_backend()` (`current_platform`). So a training step compiled from
+a CPU host for TPU devices gets the TPU default order, and an explicit "pallas_tpu" passes its platform check there.
+
 The repository's own Pallas kernels (Lightning, BASED) are in a platform's default order only once they have run
 there: until `scripts/gpu_check.sh` (or its TPU counterpart) has passed on a platform, that platform's default is
 "xla" and the kernels are opt-in (`implementation="pallas_gpu"` / `"pallas_tpu"`). Each op records the evidence per
@@ -34,6 +39,16 @@ def kernel_default_order(evidence: Mapping[str, str]) -> dict[str, tuple[str, ..
 DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = kernel_default_order({})
 
 
+_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def current_platform() -> str:
+    """"cpu", "gpu" or "tpu": the platform of the context mesh's devices, else of `jax.default_backend()`."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return _PLATFORM_ALIASES.get(platform, platform)
+
+
 def dispatch(
     op: str,
     impls: Mapping[str, Callable],
@@ -48,7 +63,7 @@ def dispatch(
             raise ValueError(f"{op}: unknown implementation {implementation!r}; choose from {sorted(impls)}")
         return impls[implementation](*args, **kwargs)
     if implementation is None:
-        platform = jax.default_backend()
+        platform = current_platform()
         order = tuple(name for name in default_order.get(platform, ("xla",)) if name in impls)
     else:
         order = tuple(implementation)
@@ -67,7 +82,7 @@ def dispatch(
 
 
 def require_platform(op: str, name: str, *platforms: str) -> None:
-    """Raises NotImplementedError unless the default backend is one of `platforms`."""
-    platform = jax.default_backend()
+    """Raises NotImplementedError unless `current_platform()` is one of `platforms`."""
+    platform = current_platform()
     if platform not in platforms:
         raise NotImplementedError(f"{op} implementation {name!r} needs a {'/'.join(platforms)} backend, not {platform}")

@@ -43,7 +43,8 @@ def resolve_interpret(op: str, name: str, platform: str, interpret: Interpret | 
         variable says so, else compile, which needs `platform`.
 
     Raises:
-      NotImplementedError: interpret is None, the variable is off and the default backend is not `platform`.
+      NotImplementedError: interpret is None, the variable is off and the platform the program is built for (the
+        mesh's devices, else the default backend: dispatch.py `current_platform`) is not `platform`.
     """
     if interpret is not None:
         return interpret

@@ -7,28 +7,48 @@ count, and the batch sizes against the data-parallel axes and the process count.
 naming the keys.
 """
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from effarch.arches.lm import DecoderLM
 from effarch.train.config import Config, ConfigError
 
+# Tokens per probe sequence: a multiple of 128 so that every kernel an implementation key can name accepts it (splash
+# sliding window needs T % 128 == 0; the chunked paths take any T), and small enough to trace in no time.
+PROBE_LEN = 128
 
-def check_model(cfg: Config) -> None:
-    """Builds and runs the model abstractly (jax.eval_shape): a layer's ValueError becomes a one-line ConfigError."""
+
+def check_model(cfg: Config, devices=None) -> None:
+    """Builds and runs the model abstractly (jax.eval_shape) on a [1, PROBE_LEN] batch, for the platform of
+    `devices` (default: this host's). A layer's ValueError, or an implementation that cannot run there
+    (NotImplementedError, or every implementation of a sequence failing), becomes a one-line ConfigError."""
 
     def build_and_call():
         model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
-        return model(jnp.zeros((1, 8), jnp.int32))
+        return model(jnp.zeros((1, PROBE_LEN), jnp.int32))
 
+    # A one-device mesh of the target's devices: kernel choice follows the mesh's platform (pallas_kernels/
+    # dispatch.py), so a CPU host checking a TPU config checks what the TPU would run.
+    one = None if devices is None else Mesh(np.array(list(devices)[:1]), ("probe",))
+    target = contextlib.nullcontext() if one is None else jax.set_mesh(one)
     try:
-        jax.eval_shape(build_and_call)
-    except (ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model: {first}") from None
+        with target:
+            jax.eval_shape(build_and_call)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise ConfigError(f"model: {_first_line(e)}") from None
+    except ExceptionGroup as e:  # dispatch: no implementation of a sequence can run
+        raise ConfigError(f"model: {_first_line(e)} ({'; '.join(_first_line(x) for x in e.exceptions)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = e.message if isinstance(e, BaseExceptionGroup) else str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def mesh_sizes(cfg: Config, n_devices: int) -> dict[str, int]:
@@ -69,5 +89,5 @@ def check_runtime(cfg: Config, devices=None) -> None:
 
 
 def check_config(cfg: Config, devices=None) -> None:
-    check_model(cfg)
+    check_model(cfg, devices)
     check_runtime(cfg, devices)

@@ -15,6 +15,7 @@ NaN/inf record carried through every step (train/health.py) is checked.
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -169,20 +170,32 @@ class Trainer:
         self._init = jax.jit(init, static_argnums=0, out_shardings=(self.param_sharding, self.replicated))
         self._opt_init = jax.jit(self.tx.init, in_shardings=(self.param_sharding,), out_shardings=self.opt_sharding)
         self._train_step = jax.jit(
-            self._step,
+            self._under_mesh(self._step),
             in_shardings=(*params_in, self.batch_sharding, self.batch_sharding),
             out_shardings=(*params_in, self.replicated),
             donate_argnums=(0, 1),
         )
         # The loop's step: the same update, plus the device-side NaN/inf record (train/health.py) carried through it.
         self._train_step_checked = jax.jit(
-            self._checked_step,
+            self._under_mesh(self._checked_step),
             in_shardings=(*params_in, self.replicated, self.batch_sharding, self.batch_sharding),
             out_shardings=(*params_in, self.replicated, self.replicated),
             donate_argnums=(0, 1, 2),
         )
-        self._eval_step = jax.jit(self._eval, in_shardings=(self.param_sharding, self.batch_sharding,
+        self._eval_step = jax.jit(self._under_mesh(self._eval), in_shardings=(self.param_sharding, self.batch_sharding,
                                                             self.batch_sharding), out_shardings=self.replicated)
+
+    def _under_mesh(self, fn):
+        """`fn` traced with the run's mesh in context even when the caller set none (a compile of the step from
+        another script): the Pallas kernels split themselves over it with shard_map and pick the kernels of its
+        devices' platform (pallas_kernels/shard.py, pallas_kernels/dispatch.py)."""
+
+        @functools.wraps(fn)
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return fn(*args)
+
+        return traced
 
     # --- state ------------------------------------------------------------------------------------------------
     def init_state(self, seed: int):

@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.based import pallas_gpu, pallas_tpu
 from effarch.pallas_kernels.interpret import Interpret, resolve_interpret
+from effarch.pallas_kernels.shard import BATCH, HEADS, shard_kernel
 
 _OP = "based_linear_attention"
 _KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
@@ -46,10 +47,17 @@ def based_pallas_impl(
     eps: float,
     interpret: Interpret | None = None,
 ) -> Float[Array, "B T H V"]:
-    """Runs kernel `name` after checking its platform (NotImplementedError before any work if it cannot run here).
+    """Runs kernel `name` after checking its platform (NotImplementedError before any work if it cannot run here),
+    inside `jax.shard_map` over batch and heads when a multi-device mesh is in context (pallas_kernels/shard.py).
 
     interpret: None follows EFFARCH_PALLAS_INTERPRET and otherwise needs the kernel's platform
     (pallas_kernels/interpret.py); True / InterpretParams interpret; False compiles without a platform check.
     """
     interpret = resolve_interpret(_OP, name, _PLATFORMS[name], interpret)
-    return based_pallas(q, k, v, name, chunk_size, eps, interpret)
+
+    def kernel(q, k, v):
+        return based_pallas(q, k, v, name, chunk_size, eps, interpret)
+
+    # Per device block of batch and heads under a multi-device mesh (pallas_kernels/shard.py).
+    x = (BATCH, None, HEADS, None)
+    return shard_kernel(kernel, (x, x, x), x)(q, k, v)

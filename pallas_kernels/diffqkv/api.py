@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int
 
 from effarch.pallas_kernels.diffqkv.reference import diffqkv_reference, selective_v_reference
 from effarch.pallas_kernels.diffqkv.xla import diffqkv_blockwise, selective_v_grouped
-from effarch.pallas_kernels.dispatch import dispatch
+from effarch.pallas_kernels.dispatch import current_platform, dispatch
 
 OP = "diffqkv_attention"
 
@@ -120,7 +120,8 @@ def diffqkv_attention(
         scale=scale,
         q_offset=q_offset,
         block_size=block_size,
-        default_order={jax.default_backend(): default_order(jax.default_backend(), q, k, v)},
+        # The platform the program is built for (the mesh's devices, pallas_kernels/dispatch.py), not the host's.
+        default_order={(platform := current_platform()): default_order(platform, q, k, v)},
     )
 
 

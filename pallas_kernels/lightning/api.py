@@ -9,8 +9,10 @@ Implementations:
 - "pallas_gpu": Triton `pallas_call` kernels (pallas_gpu.py), forward and two-pass backward, under a `jax.custom_vjp`
   that saves only the inputs. Runs block_size, K and V rounded up to powers of 2 >= 16 (zero padding, exact).
 - "pallas_tpu": Mosaic TPU kernels (pallas_tpu.py), the same custom_vjp. Runs block_size rounded up to a multiple
-  of 16. Both Pallas paths take any shape; they raise NotImplementedError before any work off their platform, unless
-  EFFARCH_PALLAS_INTERPRET=1 asks for interpret mode (pallas_kernels/interpret.py).
+  of 16. Both Pallas paths take any shape; they raise NotImplementedError before any work off their platform (that
+  of the mesh's devices, pallas_kernels/dispatch.py), unless EFFARCH_PALLAS_INTERPRET=1 asks for interpret mode
+  (pallas_kernels/interpret.py). Under a multi-device mesh they run per device block of batch and heads inside
+  `jax.shard_map` (pallas_kernels/shard.py).
 
 Default order: "xla" on every platform until the kernels have passed `scripts/gpu_check.sh` there (`KERNEL_EVIDENCE`
 below, pallas_kernels/dispatch.py); then (kernel, "xla"). The kernels are opt-in until then: `implementation=
@@ -31,6 +33,7 @@ from jaxtyping import Array, Float
 from effarch.pallas_kernels.dispatch import dispatch, kernel_default_order
 from effarch.pallas_kernels.interpret import Interpret, resolve_interpret
 from effarch.pallas_kernels.lightning import pallas_gpu, pallas_tpu, reference, xla
+from effarch.pallas_kernels.shard import BATCH, HEADS, shard_kernel
 
 _OP = "lightning_attention"
 # Where the default flips: a platform named here gets (its kernel, "xla") as its default order. Add one only with
@@ -95,11 +98,20 @@ def _lightning_pallas_bwd(name, block_size, interpret, residuals, cotangents):
 _lightning_pallas.defvjp(_lightning_pallas_fwd, _lightning_pallas_bwd)
 
 
+_X = (BATCH, None, HEADS, None)  # q, k, v, o: [B, T, H, K]
+_STATE = (BATCH, HEADS, None, None)  # [B, H, K, V]
+
+
 def _pallas(name: str, platform: str):
     def impl(q, k, v, decay, initial_state, block_size, *, interpret: Interpret | None = None):
         # Raises NotImplementedError before any work off the kernel's platform, so dispatch can fall back.
         interpret = resolve_interpret(_OP, name, platform, interpret)
-        return _lightning_pallas(q, k, v, decay, initial_state, name, block_size, interpret)
+
+        def kernel(q, k, v, decay, initial_state):
+            return _lightning_pallas(q, k, v, decay, initial_state, name, block_size, interpret)
+
+        # Per device block of batch and heads under a multi-device mesh (pallas_kernels/shard.py).
+        return shard_kernel(kernel, (_X, _X, _X, (HEADS,), _STATE), (_X, _STATE))(q, k, v, decay, initial_state)
 
     return impl
 

@@ -13,6 +13,8 @@ Choices:
   `make_splash_mqa` kernels, one per KV head (Hkv launches plus slicing and a concatenate). Hkv = 1 is the
   same call.
 - Batch: `jax.vmap` over the kernel (a grid axis of the pallas_calls); splash works on [heads, T, head dim].
+- Mesh: under a multi-device mesh the call runs per device block of batch and heads inside `jax.shard_map`
+  (pallas_kernels/shard.py); Mosaic kernels cannot be partitioned by XLA.
 - Scale: splash does not scale the logits, so q is multiplied by 1/sqrt(K) first (in q's dtype; exact for
   K = 64, a power of 4).
 - Block sizes: splash needs block_kv (and its compute block) to be a multiple of 128 lanes and every block to
@@ -28,6 +30,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention
 from jaxtyping import Array, Float
 
 from effarch.pallas_kernels.dispatch import require_platform
+from effarch.pallas_kernels.shard import BATCH, HEADS, shard_kernel
 
 LANES = 128  # splash's NUM_LANES: block_kv and block_kv_compute must be multiples of it
 
@@ -65,7 +68,8 @@ def sliding_window_splash(
       v: values, [B, T, Hkv, V].
       window: keys per query: t - window < j <= t.
       block_sizes: splash tile sizes (forward and backward); default `default_block_sizes(T, window)`.
-      interpret: None (the default): compiled Mosaic kernels, TPU backend required. True or a
+      interpret: None (the default): compiled Mosaic kernels, TPU devices required (the mesh's, else the default
+        backend's: pallas_kernels/dispatch.py `current_platform`). True or a
         `pltpu.InterpretParams`: the Pallas kernels in interpret mode on any backend (tests on CPU). False:
         compiled Mosaic kernels without the backend check, for lowering to TPU from another host
         (`.lower(lowering_platforms=("tpu",))`).
@@ -78,7 +82,7 @@ def sliding_window_splash(
     """
     if interpret is None:
         require_platform("sliding_window_attention", "pallas_tpu", "tpu")
-    b, t, h, kd = q.shape
+    _, t, _, kd = q.shape
     if t % LANES:
         raise NotImplementedError(
             f"splash attention needs T to be a multiple of {LANES} (block_kv must be a multiple of {LANES} lanes "
@@ -86,16 +90,26 @@ def sliding_window_splash(
         )
     if block_sizes is None:
         block_sizes = default_block_sizes(t, window)
-    # The same mask object for every head: splash's mask processing deduplicates equal head masks.
-    local = splash_attention.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
-    kernel = splash_attention.make_splash_mha(
-        splash_attention.MultiHeadMask([local] * h),
-        block_sizes=block_sizes,
-        head_shards=1,
-        q_seq_shards=1,
-        interpret=False if interpret is None else interpret,
-    )
-    q_scaled = q * np.asarray(1.0 / np.sqrt(kd), q.dtype)
-    # Splash is per example and head-major: [H, T, K] -> vmap over B.
-    o = jax.vmap(kernel)(q_scaled.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
-    return o.swapaxes(1, 2).astype(q.dtype)
+    mode = False if interpret is None else interpret
+
+    def kernel(q, k, v):
+        # Shapes here are per device block under a mesh (heads split over `tensor`): one mask per local head.
+        heads = q.shape[2]
+        # The same mask object for every head: splash's mask processing deduplicates equal head masks.
+        local = splash_attention.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+        splash = splash_attention.make_splash_mha(
+            splash_attention.MultiHeadMask([local] * heads),
+            block_sizes=block_sizes,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=mode,
+        )
+        q_scaled = q * np.asarray(1.0 / np.sqrt(kd), q.dtype)
+        # Splash is per example and head-major: [H, T, K] -> vmap over B.
+        o = jax.vmap(splash)(q_scaled.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
+        return o.swapaxes(1, 2).astype(q.dtype)
+
+    # Per device block of batch and (query and KV) heads under a multi-device mesh (pallas_kernels/shard.py); a
+    # contiguous block of H / n query heads reads exactly its block of Hkv / n KV heads (h // G).
+    x = (BATCH, None, HEADS, None)
+    return shard_kernel(kernel, (x, x, x), x)(q, k, v)

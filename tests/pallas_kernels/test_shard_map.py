@@ -1,6 +1,8 @@
 """The Lightning and BASED Pallas kernels inside `jax.shard_map` with batch and heads sharded (the train step's mesh
 axes): interpreted on 8 CPU devices in a subprocess (values and gradients vs the oracles), and cross-lowered for TPU
-and CUDA under an abstract 2 x 4 mesh with check_vma=True (the varying-axes types of the kernels' outputs)."""
+and CUDA under an abstract 2 x 4 mesh with check_vma=True (the varying-axes types of the kernels' outputs). Also the
+ops (splash sliding window too) called under a (data, fsdp, tensor) mesh with no shard_map of the caller's, which
+pallas_kernels/shard.py adds."""
 
 import functools
 import json
@@ -35,10 +37,11 @@ def run_script(dtype: str, cases: list[str]) -> dict[str, float]:
     return errors
 
 
+# "mesh:" cases: the op called under a mesh with no shard_map of the caller's; pallas_kernels/shard.py splits it.
 # One kernel style per op by default (each subprocess pays a fresh JAX start and 8-device compiles); the slow test
 # covers the other two combinations and bf16.
-DEFAULT_CASES = ["lightning:pallas_tpu", "based:pallas_gpu"]
-OTHER_CASES = ["lightning:pallas_gpu", "based:pallas_tpu"]
+DEFAULT_CASES = ["lightning:pallas_tpu", "based:pallas_gpu", "mesh:swa:pallas_tpu"]
+OTHER_CASES = ["lightning:pallas_gpu", "based:pallas_tpu", "mesh:lightning:pallas_tpu", "mesh:based:pallas_gpu"]
 
 
 def test_kernels_under_shard_map_on_8_devices_f32():
