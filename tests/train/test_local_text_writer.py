@@ -75,6 +75,13 @@ def test_the_files_are_those_tfds_writes(corpus, tmp_path, monkeypatch, num_shar
             DOCS[p].encode() for p in tfds_writer.tfds_order(files, split)]
 
 
+def test_config_names_the_files_relative_to_the_root(corpus, tmp_path):
+    # The relative paths name the records and enter the config's digest: they must stay what pathlib gives.
+    for source in (str(corpus), str(corpus / "**" / "*.txt"), str(corpus / "sub" / ".." / "*.txt"), "python_stdlib"):
+        root, files = local_text.source_files(source)
+        assert local_text.corpus_config(source, 0.3).files == tuple(str(f.relative_to(root)) for f in files)
+
+
 def test_serialized_size_from_lengths():
     features = tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()})
     serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
