@@ -9,14 +9,15 @@ is 1.4-2.1 s on 2 loaded CPU cores) for the loop's prefetch thread to hide it.
     .venv/bin/python benchmarks/data_pipeline.py [--source python_stdlib] [--batch-size 16] [--seq-len 256]
         [--steps 200] [--out FILE]
 
-`--scale-mb 100 500 2000 [--png FILE]` measures instead how the train side's memory grows with the corpus: for each
-size a corpus of generated text is written and prepared (array_record) in this process, then a fresh process
-measures its own resident memory (VmRSS / peak VmHWM from /proc, the peak reset after the imports; RssAnon and
-RssFile at the end: file pages are page cache) across `build_data` (the one-time offsets pass included), a second
-`build_data` from the cached offsets, and `--steps` batches, and the batches per second on one thread against the
-train step's need (`--step-s`, one batch per step). Writes the JSON (and a PNG of resident memory against corpus
-size). A corpus needs about three times its size in free disk (the text files, the array_record copy, TFDS's
-temporary files) under `--work-dir` (default: a temporary directory); each is deleted before the next size.
+`--scale-mb 100 500 2000 [--png FILE]` measures instead how memory grows with the corpus: for each size a corpus of
+generated text is written, then a fresh process prepares it (array_record, `local_text.prepare`) and measures its
+peak resident memory, and another fresh process measures its own resident memory (VmRSS / peak VmHWM from /proc,
+the peak reset after the imports; RssAnon and RssFile at the end: file pages are page cache) across `build_data`
+(the one-time offsets pass included), a second `build_data` from the cached offsets, and `--steps` batches, and the
+batches per second on one thread against the train step's need (`--step-s`, one batch per step). Writes the JSON
+(with the load average before and after) and a PNG of resident memory against corpus size. A corpus needs about
+twice its size in free disk (the text files and the array_record copy) under `--work-dir` (default: a temporary
+directory); each is deleted before the next size.
 """
 
 import argparse
@@ -72,6 +73,28 @@ def write_corpus(root: Path, n_bytes: int, seed: int = 0) -> int:
     return written
 
 
+def _reset_peak() -> None:
+    """Resets VmHWM to the current resident set (Linux >= 4.0), so the peak read later is the peak of what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _prepare_child(args) -> dict:
+    """In a fresh process: the time and peak resident memory of preparing the corpus (files -> array_record)."""
+    from effarch.train.data import local_text
+
+    rss_imports = _proc_kib("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    builder = local_text.prepare(args.source, args.data_dir)
+    return {"prepare_s": time.perf_counter() - t0, "prepare_rss_after_imports_mib": rss_imports / 1024,
+            "prepare_rss_peak_mib": _proc_kib("VmHWM") / 1024,
+            "prepare_shards": {k: v.num_shards for k, v in builder.info.splits.items()},
+            "array_record_bytes": sum(p.stat().st_size for p in Path(builder.data_dir).glob("*.array_record-*"))}
+
+
 def _measure_child(args) -> dict:
     """In a fresh process: the train side's memory and speed on a prepared corpus (see --scale-mb)."""
     from effarch.train.config import DataConfig, TextData
@@ -80,10 +103,7 @@ def _measure_child(args) -> dict:
     cfg = DataConfig(task="text", data_dir=args.data_dir, seq_len=args.seq_len,
                      text=TextData(source=args.source, max_bytes=args.max_bytes))
     rss_imports = _proc_kib("VmRSS")
-    try:  # reset the peak to the current resident set (Linux >= 4.0), so VmHWM is the peak of what follows
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    _reset_peak()
     t0 = time.perf_counter()
     stream, _ = build_data(cfg, vocab_size=257, batch_size=args.batch_size)
     first = time.perf_counter() - t0
@@ -119,6 +139,7 @@ def _plot(report: dict, path: str) -> None:
     ax.plot(mb, [r["rss_end_mib"] for r in rows], "s--", label="resident after the batches")
     ax.plot(mb, [r["rss_anon_end_mib"] for r in rows], "^-.", label="  of which anonymous (not file pages)")
     ax.plot(mb, [r["rss_after_imports_mib"] for r in rows], ":", color="gray", label="after the imports")
+    ax.plot(mb, [r["prepare_rss_peak_mib"] for r in rows], "D-", label="peak resident while preparing the corpus")
     # For scale: what holding the text alone would add (the train split was once held as int32 tokens, 4x this).
     ax.plot(mb, [r["rss_after_imports_mib"] + r["corpus_bytes"] / 2**20 for r in rows], "--", color="lightgray",
             label="after the imports + the corpus's bytes")
@@ -127,9 +148,10 @@ def _plot(report: dict, path: str) -> None:
     ax.set_xticks(mb)
     ax.set_xlabel("corpus size (MB of text)")
     ax.set_ylabel("MiB")
-    ax.set_ylim(0, 1.15 * max(max(r["rss_peak_mib"], r["rss_after_imports_mib"] + r["corpus_bytes"] / 2**20)
-                              for r in rows))
-    ax.set_title(f"text task, train side: batch {report['config']['batch_size']} x {report['config']['seq_len']}")
+    ax.set_ylim(0, 1.15 * max(max(r["rss_peak_mib"], r["prepare_rss_peak_mib"],
+                                  r["rss_after_imports_mib"] + r["corpus_bytes"] / 2**20) for r in rows))
+    ax.set_title(f"text task: prepare, then train side (batch {report['config']['batch_size']} x "
+                 f"{report['config']['seq_len']})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -137,24 +159,21 @@ def _plot(report: dict, path: str) -> None:
 
 
 def scale(args) -> dict:
-    """--scale-mb: one corpus per size, each measured in a fresh process."""
-    from effarch.train.data import local_text
-
-    rows = []
+    """--scale-mb: one corpus per size, prepared in a fresh process and measured in another."""
+    rows, load_before = [], os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         for mb in args.scale_mb:
             corpus, data_dir = Path(work) / f"corpus_{mb}", Path(work) / f"tfds_{mb}"
             n_bytes = write_corpus(corpus, int(mb * 1e6))
-            t0 = time.perf_counter()
-            local_text.prepare(str(corpus), str(data_dir))
-            prepare_s = time.perf_counter() - t0
-            cmd = [sys.executable, __file__, "--measure", "--source", str(corpus), "--data-dir", str(data_dir),
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-                   "--max-bytes", str(2 * n_bytes)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
-            rows.append({"corpus_mb": mb, "corpus_bytes": n_bytes, "prepare_s": prepare_s,
-                         **json.loads(out.stdout.strip().splitlines()[-1])})
+            row = {"corpus_mb": mb, "corpus_bytes": n_bytes}
+            for what in ("prepare", "train"):
+                cmd = [sys.executable, __file__, "--measure", what, "--source", str(corpus), "--data-dir",
+                       str(data_dir), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                       "--steps", str(args.steps), "--max-bytes", str(2 * n_bytes)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr)
             for path in (corpus, data_dir):  # free the disk before the next size
                 subprocess.run(["rm", "-rf", str(path)], check=True)
@@ -165,8 +184,11 @@ def scale(args) -> dict:
                    "step_s": args.step_s, "cpu_count": os.cpu_count()},
         "sizes": rows,
         "rss_peak_growth_mib": rows[-1]["rss_peak_mib"] - rows[0]["rss_peak_mib"],
+        "prepare_rss_peak_growth_mib": rows[-1]["prepare_rss_peak_mib"] - rows[0]["prepare_rss_peak_mib"],
         "step_need_batches_per_s": need,
         "min_batches_per_s_over_need": min(r["batches_per_s"] for r in rows) / need,
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(os.getloadavg()),
     }
     if args.png:
         _plot(report, args.png)
@@ -186,11 +208,11 @@ def main(argv=None) -> dict:
     p.add_argument("--step-s", type=float, default=1.4, help="--scale-mb: the train step the batches must keep up "
                    "with (the quickstart's on 2 loaded cores)")
     p.add_argument("--work-dir", help="--scale-mb: where the generated corpora are written (default: $TMPDIR)")
-    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child of --scale-mb
+    p.add_argument("--measure", choices=["prepare", "train"], help=argparse.SUPPRESS)  # the children of --scale-mb
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure:
-        result = _measure_child(args)
+        result = (_prepare_child if args.measure == "prepare" else _measure_child)(args)
         print(json.dumps(result))
         return result
     if args.scale_mb:

@@ -32,8 +32,8 @@ def test_data_pipeline_report(tmp_path):
 
 
 def test_scale_mode_parts(tmp_path):
-    """--scale-mb's parts in this process (the mode runs each size in a fresh one): the generated corpus, the
-    train side's measurement on it, and the plot."""
+    """--scale-mb's parts in this process (the mode runs each in a fresh one): the generated corpus, its preparation,
+    the train side's measurement on it, and the plot."""
     bench = _load("data_pipeline")
     corpus = tmp_path / "corpus"
     assert bench.write_corpus(corpus, 150_000) == 150_000
@@ -41,7 +41,10 @@ def test_scale_mode_parts(tmp_path):
     assert len(sizes) >= 3 and sizes[-2] >= 4096 and sizes[-1] <= 65536  # 4-64 KB documents (the last cut short)
     args = bench.argparse.Namespace(source=str(corpus), data_dir=str(tmp_path / "tfds"), seq_len=64, batch_size=4,
                                     steps=5, max_bytes=300_000)
-    row = bench._measure_child(args)
+    prepared = bench._prepare_child(args)
+    assert prepared["prepare_rss_peak_mib"] > 0 and prepared["prepare_shards"] == {"train": 1, "validation": 1}
+    assert prepared["array_record_bytes"] > 0
+    row = {**prepared, **bench._measure_child(args)}
     assert row["train_tokens"] > 100_000 and row["documents"] >= 2
     assert row["rss_peak_mib"] >= row["rss_end_mib"] >= row["rss_anon_end_mib"] > 0 and row["batches_per_s"] > 0
     report = {"config": {"batch_size": 4, "seq_len": 64},
