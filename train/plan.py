@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 
 GiB = 2**30
 INSTALL = "pip install 'effarch[tpu]'"
@@ -166,7 +167,7 @@ class PlanReport:
     hbm_bytes: int
     peak_bf16_flops: float
     train: StepReport
-    decode: StepReport
+    decode: StepReport | None  # None: not compiled (plan(..., decode=False))
     decode_batch: int
     largest_leaves: list[tuple[int, str]]  # (bytes per device, path) of the largest parameter / optimizer leaves
     advice: list[str]
@@ -222,8 +223,9 @@ class PlanReport:
             "largest_buffers": [{"bytes": b, "what": w} for b, w in t.largest],
             "largest_leaves": [{"bytes": b, "path": p} for b, p in self.largest_leaves],
             "advice": self.advice,
-            "decode": {"batch": self.decode_batch, "cache_len": self.seq_len, "per_device_bytes": self.decode.total,
-                       "fits": self.decode.total <= self.hbm_bytes, "estimated_step_s": self.decode.optimal_seconds},
+            "decode": None if self.decode is None else {
+                "batch": self.decode_batch, "cache_len": self.seq_len, "per_device_bytes": self.decode.total,
+                "fits": self.decode.total <= self.hbm_bytes, "estimated_step_s": self.decode.optimal_seconds},
         }
 
 
@@ -303,13 +305,14 @@ def check_plan_input(cfg, topo: Topology) -> None:
         raise PlanError(f"{e} (on {topo.name}: {topo.devices} devices, {topo.processes} processes)") from None
 
 
-def plan(cfg, topology: str | Topology, num_slices: int = 1, *, stage=lambda name: None) -> PlanReport:
+def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = True,
+         stage=lambda name: None) -> PlanReport:
     """Compiles `cfg`'s training step and one decode step for `topology` and reports memory, FLOPs and time.
 
     In-process: a compiler abort kills the caller, so run it in a subprocess per config (`run_in_subprocess`).
     JAX_PLATFORMS=cpu must be set before jax is imported (a TPU host's chips are not needed, nor opened).
-    `stage(name)` is called before each compile ("train", "decode"). Raises PlanError (bad input) or
-    CompileFailed (the compiler raised).
+    `decode=False` skips the decode step. `stage(name)` is called before each compile ("train", "decode").
+    Raises PlanError (bad input) or CompileFailed (the compiler raised).
     """
     import jax
     import jax.numpy as jnp
@@ -376,8 +379,12 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, stage=lambda nam
 
     state = jax.tree.map(state_spec, abstract_state)
     token = jax.ShapeDtypeStruct((decode_batch,), jnp.int32, sharding=rows if decode_batch > 1 else trainer.replicated)
-    stage("decode")
-    decode = _compile(trainer.mesh, jax.jit(decode_step), (params, state, token), f"decode step of {', '.join(mixers)}")
+    if decode:
+        stage("decode")
+        decode = _compile(trainer.mesh, jax.jit(decode_step), (params, state, token),
+                          f"decode step of {', '.join(mixers)}")
+    else:
+        decode = None
 
     leaves = [(b, f"parameter {p}") for p, b in param_leaves.items()] + [
         (b, f"optimizer state {p}") for p, b in opt_leaves.items()]
@@ -486,15 +493,18 @@ def _child(request_path: str) -> None:
     try:
         cfg = load_config(req["files"], req["overrides"])
         print(f"effarch-plan-mixers: {', '.join(dict.fromkeys(cfg.model.mixers))}", flush=True)
-        report = plan(cfg, req["topology"], req["num_slices"],
-                      stage=lambda name: print(f"effarch-plan-stage: {name}", flush=True))
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a dimension the mesh does not divide, replicated
+            warnings.simplefilter("always")
+            report = plan(cfg, req["topology"], req["num_slices"],
+                          stage=lambda name: print(f"effarch-plan-stage: {name}", flush=True))
     except (ConfigError, PlanError) as e:
         write({"code": EXIT_BAD_INPUT, "error": str(e)})
         return
     except CompileFailed as e:
         write({"code": EXIT_NO_COMPILE, "error": str(e)})
         return
-    write({"report": report.to_json()})
+    notes = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if w.category is UserWarning))
+    write({"report": {**report.to_json(), "warnings": notes}})
 
 
 # --- the text report ------------------------------------------------------------------------------------------
@@ -542,9 +552,10 @@ def format_report(r: dict, config_name: str) -> str:
         lines.append(f"  step time: {r['estimated_step_s'] * 1e3:,.3f} ms estimated (the compiler's roofline, not a "
                      f"measurement) -> {r['estimated_tokens_per_s_per_chip']:,.0f} tokens/s per chip{mfu} (estimates)")
     d = r["decode"]
-    est = "unknown" if d["estimated_step_s"] is None else f"{d['estimated_step_s'] * 1e3:,.3f} ms estimated"
-    lines.append(f"  decode step ({d['batch']} sequence(s), cache {d['cache_len']}): {_b(d['per_device_bytes'])} per "
-                 f"device, {'fits' if d['fits'] else 'does not fit'}; {est} per token")
+    if d is not None:
+        est = "unknown" if d["estimated_step_s"] is None else f"{d['estimated_step_s'] * 1e3:,.3f} ms estimated"
+        lines.append(f"  decode step ({d['batch']} sequence(s), cache {d['cache_len']}): {_b(d['per_device_bytes'])} "
+                     f"per device, {'fits' if d['fits'] else 'does not fit'}; {est} per token")
     if not r["fits"]:
         lines.append("  largest arrays of the compiled step (per device; not all live at once):")
         lines += [f"    {_b(x['bytes']):>12}  {x['what']}" for x in r["largest_buffers"]]
@@ -552,6 +563,7 @@ def format_report(r: dict, config_name: str) -> str:
         lines += [f"    {_b(x['bytes']):>12}  {x['path']}" for x in r["largest_leaves"][:3]]
         lines.append("  what would help:")
         lines += [f"    - {a}" for a in r["advice"]]
+    lines += [f"  warning: {w}" for w in r.get("warnings", [])]
     verdict = "fits" if r["fits"] else f"does not fit: {_b(b['total'])} per device > {_b(hbm)} HBM"
     lines.append(f"effarch plan: {verdict} (estimates: compiled for TPU, not run)")
     return "\n".join(lines)
