@@ -300,6 +300,11 @@ def check_plan_input(cfg, topo: Topology) -> None:
 
     try:
         check_model(cfg)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    except NotImplementedError as e:  # an implementation that cannot run where the model is probed (this host)
+        raise PlanError(f"model: {_first_line(e).removeprefix('NotImplementedError: ')}") from None
+    try:
         check_runtime(cfg, range(topo.devices), processes=topo.processes)
     except ConfigError as e:
         raise PlanError(f"{e} (on {topo.name}: {topo.devices} devices, {topo.processes} processes)") from None
