@@ -60,6 +60,15 @@ class CompileFailed(RuntimeError):
     """The TPU compiler failed (raised or aborted) on a step: one line, exit 3."""
 
 
+class HbmOom(RuntimeError):
+    """The TPU compiler refused a program whose temporaries exceed the chip's HBM (CompileTimeHbmOom): the plan
+    reports it as does-not-fit, with the sizes from the compiler's message."""
+
+    def __init__(self, message: str, temporaries: int, available: int):
+        super().__init__(message)
+        self.temporaries, self.available = temporaries, available
+
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
     name: str  # as given, e.g. "v5p:4x4x4"
@@ -144,6 +153,9 @@ class StepReport:
     bytes_accessed: float | None  # per device, HBM traffic as the cost analysis counts it
     optimal_seconds: float | None  # the compiler's roofline estimate; None where it is unknown (negative)
     largest: list[tuple[int, str]]  # (bytes, description) of the largest arrays the compiled program holds
+    # Set when the compiler refused the program for HBM (CompileTimeHbmOom): its message. Then `temporaries` is the
+    # compiler's stated need, `arguments` is computed from the shardings, and nothing else is known.
+    compiler_oom: str | None = None
 
     @property
     def total(self) -> int:
@@ -174,7 +186,7 @@ class PlanReport:
 
     @property
     def fits(self) -> bool:
-        return self.train.total <= self.hbm_bytes
+        return self.train.compiler_oom is None and self.train.total <= self.hbm_bytes
 
     @property
     def tokens_per_step(self) -> int:
@@ -221,11 +233,13 @@ class PlanReport:
             "model_flops_per_step": 6 * self.params * self.tokens_per_step,
             "peak_bf16_flops_per_chip": self.peak_bf16_flops,
             "largest_buffers": [{"bytes": b, "what": w} for b, w in t.largest],
+            "compiler_oom": t.compiler_oom,
             "largest_leaves": [{"bytes": b, "path": p} for b, p in self.largest_leaves],
             "advice": self.advice,
             "decode": None if self.decode is None else {
                 "batch": self.decode_batch, "cache_len": self.seq_len, "per_device_bytes": self.decode.total,
-                "fits": self.decode.total <= self.hbm_bytes, "estimated_step_s": self.decode.optimal_seconds},
+                "fits": self.decode.compiler_oom is None and self.decode.total <= self.hbm_bytes,
+                "estimated_step_s": self.decode.optimal_seconds},
         }
 
 
@@ -360,9 +374,16 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
                 for path, v in param_tree.flatten(tree).items()}
 
     param_leaves, opt_leaves = per_device(params), per_device(opt_state)
+    def shard_bytes(tree) -> int:
+        return sum(math.prod(v.sharding.shard_shape(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves(tree))
+
     stage("train")
-    train = _compile(trainer.mesh, trainer._train_step_checked, (params, opt_state, health, batch, batch),
-                     f"training step of {', '.join(mixers)}")
+    train_args = (params, opt_state, health, batch, batch)
+    try:
+        train = _compile(trainer.mesh, trainer._train_step_checked, train_args,
+                         f"training step of {', '.join(mixers)}")
+    except HbmOom as e:
+        train = _oom_report(e, shard_bytes(train_args))
 
     # One decode step (train/generate.py's loop body) with the training shardings of the parameters: one sequence
     # per data-parallel group, a cache as long as a training window.
@@ -386,8 +407,11 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
     token = jax.ShapeDtypeStruct((decode_batch,), jnp.int32, sharding=rows if decode_batch > 1 else trainer.replicated)
     if decode:
         stage("decode")
-        decode = _compile(trainer.mesh, jax.jit(decode_step), (params, state, token),
-                          f"decode step of {', '.join(mixers)}")
+        try:
+            decode = _compile(trainer.mesh, jax.jit(decode_step), (params, state, token),
+                              f"decode step of {', '.join(mixers)}")
+        except HbmOom as e:
+            decode = _oom_report(e, shard_bytes((params, state, token)))
     else:
         decode = None
 
@@ -412,8 +436,25 @@ def _compile(mesh, jitted, args, what: str) -> StepReport:
         with jax.set_mesh(mesh):
             compiled = jitted.lower(*args).compile()
     except Exception as e:  # a lowering or compile error (e.g. a Pallas kernel outside shard_map): one line
+        m = _OOM_RE.search(str(e))
+        if m:
+            raise HbmOom(_first_line(e), _gib(m.group(1)), _gib(m.group(2))) from None
         raise CompileFailed(f"the {what} did not compile: {_first_line(e)}") from None
     return _step_report(compiled)
+
+
+# libtpu's refusal: "Ran out of memory on HBM, the total memory required for HLO temporaries (24.11G) exceeds
+# available HBM (15.75G)" (G: GiB).
+_OOM_RE = re.compile(r"CompileTimeHbmOom.*?temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def _gib(text: str) -> int:
+    return int(float(text) * GiB)
+
+
+def _oom_report(e: HbmOom, arguments: int) -> StepReport:
+    return StepReport(arguments=arguments, outputs=0, aliased=0, temporaries=e.temporaries, generated_code=0,
+                      flops=None, bytes_accessed=None, optimal_seconds=None, largest=[], compiler_oom=str(e))
 
 
 def advice(cfg, r: PlanReport) -> list[str]:
@@ -561,9 +602,13 @@ def format_report(r: dict, config_name: str) -> str:
         est = "unknown" if d["estimated_step_s"] is None else f"{d['estimated_step_s'] * 1e3:,.3f} ms estimated"
         lines.append(f"  decode step ({d['batch']} sequence(s), cache {d['cache_len']}): {_b(d['per_device_bytes'])} "
                      f"per device, {'fits' if d['fits'] else 'does not fit'}; {est} per token")
-    if not r["fits"]:
+    if r.get("compiler_oom"):
+        lines.append(f"  the compiler refused the step for HBM ({r['compiler_oom']}): temporaries are its stated need, "
+                     "arguments are computed from the shardings, the rest is unknown")
+    if not r["fits"] and r["largest_buffers"]:
         lines.append("  largest arrays of the compiled step (per device; not all live at once):")
         lines += [f"    {_b(x['bytes']):>12}  {x['what']}" for x in r["largest_buffers"]]
+    if not r["fits"]:
         lines.append("  largest parameter / optimizer leaves (per device):")
         lines += [f"    {_b(x['bytes']):>12}  {x['path']}" for x in r["largest_leaves"][:3]]
         lines.append("  what would help:")
