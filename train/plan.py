@@ -513,7 +513,7 @@ def run_in_subprocess(files, overrides, topology: str, num_slices: int = 1, *, t
         step = f"the {stages[-1]} step" if stages else "the plan"
         of = f" of {mixers[-1]}" if mixers else ""
         check = re.findall(r"Check failed: (.*)", proc.stderr)
-        why = f": Check failed: {check[-1][:300]}" if check else ""
+        why = f": Check failed: {check[-1][:160]}..." if check else ""
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
             return {"code": EXIT_NO_COMPILE,

@@ -150,3 +150,21 @@ ENTRY %main (a: f32[8,8]) -> f32[16,256] {
 """
     assert plan_mod.largest_arrays(hlo) == [(16384, "f32[16,256] fusion"),
                                             (8192, "bf16[16,256] jit(step)/dot_general")]
+
+
+def test_a_compiler_hbm_refusal_is_a_does_not_fit():
+    class Refused:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+                               "memory required for HLO temporaries (24.11G) exceeds available HBM (15.75G).")
+
+    import jax
+
+    with pytest.raises(plan_mod.HbmOom) as e:
+        plan_mod._compile(jax.make_mesh((1,), ("x",)), Refused(), (), "training step of attention")
+    assert (e.value.temporaries, e.value.available) == (int(24.11 * 2**30), int(15.75 * 2**30))
+    step = plan_mod._oom_report(e.value, arguments=2**30)
+    assert step.total == 2**30 + int(24.11 * 2**30) and "CompileTimeHbmOom" in step.compiler_oom
