@@ -369,13 +369,11 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
     seq_len = plan_window(cfg)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, seq_len), jnp.int32, sharding=trainer.batch_sharding)
 
-    def per_device(tree) -> dict[str, int]:
-        return {path: math.prod(v.sharding.shard_shape(v.shape)) * v.dtype.itemsize
-                for path, v in param_tree.flatten(tree).items()}
+    def shard_bytes(v) -> int:  # of one array on one device
+        return math.prod(v.sharding.shard_shape(v.shape)) * v.dtype.itemsize
 
-    param_leaves, opt_leaves = per_device(params), per_device(opt_state)
-    def shard_bytes(tree) -> int:
-        return sum(math.prod(v.sharding.shard_shape(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves(tree))
+    param_leaves = {path: shard_bytes(v) for path, v in param_tree.flatten(params).items()}
+    opt_leaves = {path: shard_bytes(v) for path, v in param_tree.flatten(opt_state).items()}
 
     stage("train")
     train_args = (params, opt_state, health, batch, batch)
@@ -383,7 +381,7 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
         train = _compile(trainer.mesh, trainer._train_step_checked, train_args,
                          f"training step of {', '.join(mixers)}")
     except HbmOom as e:
-        train = _oom_report(e, shard_bytes(train_args))
+        train = _oom_report(e, sum(map(shard_bytes, jax.tree.leaves(train_args))))
 
     # One decode step (train/generate.py's loop body) with the training shardings of the parameters: one sequence
     # per data-parallel group, a cache as long as a training window.
@@ -405,15 +403,14 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
 
     state = jax.tree.map(state_spec, abstract_state)
     token = jax.ShapeDtypeStruct((decode_batch,), jnp.int32, sharding=rows if decode_batch > 1 else trainer.replicated)
+    decoded = None
     if decode:
         stage("decode")
         try:
-            decode = _compile(trainer.mesh, jax.jit(decode_step), (params, state, token),
-                              f"decode step of {', '.join(mixers)}")
+            decoded = _compile(trainer.mesh, jax.jit(decode_step), (params, state, token),
+                               f"decode step of {', '.join(mixers)}")
         except HbmOom as e:
-            decode = _oom_report(e, shard_bytes((params, state, token)))
-    else:
-        decode = None
+            decoded = _oom_report(e, sum(map(shard_bytes, jax.tree.leaves((params, state, token)))))
 
     leaves = [(b, f"parameter {p}") for p, b in param_leaves.items()] + [
         (b, f"optimizer state {p}") for p, b in opt_leaves.items()]
@@ -423,7 +420,7 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
         params=sum(math.prod(v.shape) for v in param_tree.flatten(params).values()),
         param_bytes=sum(param_leaves.values()), optimizer_bytes=sum(opt_leaves.values()),
         batch_size=cfg.train.batch_size, seq_len=seq_len, hbm_bytes=topo.chip.hbm_bytes,
-        peak_bf16_flops=topo.chip.peak_bf16_flops, train=train, decode=decode, decode_batch=decode_batch,
+        peak_bf16_flops=topo.chip.peak_bf16_flops, train=train, decode=decoded, decode_batch=decode_batch,
         largest_leaves=sorted(leaves, reverse=True)[:5], advice=[])
     report.advice = advice(cfg, report)
     return report
