@@ -551,7 +551,7 @@ def _child(request_path: str) -> None:
 
 
 # --- the text report ------------------------------------------------------------------------------------------
-def _b(n: float) -> str:
+def _b(n: int | float) -> str:
     for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:,.2f} {unit}"

@@ -168,3 +168,24 @@ def test_a_compiler_hbm_refusal_is_a_does_not_fit():
     assert (e.value.temporaries, e.value.available) == (int(24.11 * 2**30), int(15.75 * 2**30))
     step = plan_mod._oom_report(e.value, arguments=2**30)
     assert step.total == 2**30 + int(24.11 * 2**30) and "CompileTimeHbmOom" in step.compiler_oom
+
+
+def test_text_report_of_a_does_not_fit():
+    """The text report and the advice from a PlanReport built by hand (no compile): a data-parallel model whose
+    parameters and AdamW moments alone exceed a 16 GiB chip."""
+    cfg = load_config([QUICKSTART], [*TINY, "train.batch_size=64", "train.eval_batch_size=64"])
+    step = plan_mod.StepReport(arguments=20 * 2**30, outputs=20 * 2**30, aliased=20 * 2**30, temporaries=2**30,
+                               generated_code=2**20, flops=1e12, bytes_accessed=1e9, optimal_seconds=None,
+                               largest=[(2**30, "f32[16,2048,8192] jit(_checked_step)/jvp()/dot_general")])
+    report = plan_mod.PlanReport(
+        topology="v5e:2x2", num_slices=1, devices=4, processes=1, device_kind="TPU v5 lite",
+        mesh={"data": 4, "fsdp": 1, "tensor": 1}, mixers=["attention"], params=1_700_000_000,
+        param_bytes=6 * 2**30, optimizer_bytes=14 * 2**30, batch_size=64, seq_len=64, hbm_bytes=16 * 2**30,
+        peak_bf16_flops=197e12, train=step, decode=None, decode_batch=4, largest_leaves=[(2**28, "parameter x")],
+        advice=[])
+    report.advice = plan_mod.advice(cfg, report)
+    assert not report.fits and report.roofline_step_s == pytest.approx(1e12 / 197e12)
+    text = plan_mod.format_report({**report.to_json(), "warnings": []}, "big.yaml")
+    assert "DOES NOT FIT" in text and "step time: unknown" in text and "f32[16,2048,8192]" in text
+    assert "mesh.fsdp=-1" in text and "model.remat=true" in text and "train.grad_accum_steps=2" in text
+    assert text.splitlines()[-1].startswith("effarch plan: does not fit: 21.00 GiB per device > 16.00 GiB HBM")
