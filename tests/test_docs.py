@@ -41,7 +41,7 @@ LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
 FENCE_RE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 SPAN_RE = re.compile(r"`([^`\n]+)`")
 FLAG_RE = re.compile(r"(?<![\w-])--[a-z][\w-]*")
-COMMAND_RE = re.compile(r"\beffarch (train|generate|convert|import-hf|export-hf|eval|sweep|report)\b")
+COMMAND_RE = re.compile(r"\beffarch (train|generate|convert|import-hf|export-hf|eval|sweep|report|plan)\b")
 BENCH_RE = re.compile(r"benchmarks/(\w+)\.py")
 
 
@@ -128,7 +128,7 @@ def _cli_flags() -> dict[str, set[str]]:
 
     init = argparse.ArgumentParser.__init__
     flags = {"train": set(), "report": set(), "eval": {"--help"}}
-    for command in ("generate", "convert", "import-hf", "export-hf", "sweep"):
+    for command in ("generate", "convert", "import-hf", "export-hf", "sweep", "plan"):
         built = []
 
         def record(self, *args, **kwargs):

@@ -67,14 +67,15 @@ def mesh_sizes(cfg: Config, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def check_runtime(cfg: Config, devices=None) -> None:
-    """Mesh vs devices and batch divisibility, for this machine's devices and processes."""
+def check_runtime(cfg: Config, devices=None, *, processes: int | None = None) -> None:
+    """Mesh vs devices and batch divisibility, for this machine's devices and processes (or, for a plan of a slice
+    that is not here, its devices and `processes`)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = mesh_sizes(cfg, len(devices))
     batch_axes = [a for a in dict(cfg.sharding_rules).get("batch", ()) if sizes[a] > 1]
     shards = math.prod(sizes[a] for a in batch_axes)
     where = "*".join(f"mesh.{a}" for a in batch_axes) or "1"
-    tc, procs = cfg.train, jax.process_count()
+    tc, procs = cfg.train, processes or jax.process_count()
     micro = tc.batch_size // tc.grad_accum_steps
     if micro % shards:
         raise ConfigError(f"train.batch_size={tc.batch_size} / train.grad_accum_steps={tc.grad_accum_steps} = {micro} "

@@ -1,7 +1,8 @@
 """Command line: `effarch train CONFIG... [key=value ...]`, `effarch generate RUN_DIR [options]`,
 `effarch convert RUN_DIR OUT_DIR --to NAME [option=value ...]`, and `effarch import-hf PATH RUN_DIR` /
 `effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py), and the evaluation suite
-(train/evals/): `effarch eval RUN_DIR TASK [options]`, `effarch sweep SWEEP.yaml`, `effarch report DIR`.
+(train/evals/): `effarch eval RUN_DIR TASK [options]`, `effarch sweep SWEEP.yaml`, `effarch report DIR`, and
+`effarch plan CONFIG... --topology NAME` (compile the training step for a TPU slice from this host, train/plan.py).
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint, a path that
 cannot be read or written) exits with status 2 and one line naming what was wrong, without a traceback; Ctrl-C
@@ -11,6 +12,7 @@ other command that did not do what was asked.
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -29,7 +31,11 @@ USAGE = """usage:
       e.g. effarch eval runs/mqar_based mqar --segments 256x16 1024x256
   effarch sweep SWEEP.yaml [--jobs N] [--sweep-dir DIR] [--only NAME ...] [--dry-run | --collect]
       # train a grid in parallel, evaluate each run, pick the best; skips finished runs, resumes interrupted ones
-  effarch report DIR                                 # markdown table of the eval results under a run or sweep dir"""
+  effarch report DIR                                 # markdown table of the eval results under a run or sweep dir
+  effarch plan CONFIG.yaml [MORE.yaml ...] [key=value ...] --topology NAME [--num-slices N] [--json]
+      # compile the training step for a TPU slice from this host: memory per chip, fits or not, estimated step
+      # time; exit 0 fits, 1 does not fit, 2 bad input, 3 the step did not compile
+      e.g. effarch plan configs/lm/quickstart.yaml mesh.fsdp=-1 --topology v5p:4x4x4"""
 
 
 class _OrbaxTracebacks(logging.Filter):
@@ -309,6 +315,47 @@ def report_cli(argv: list[str]) -> None:
         _fail(str(e))
 
 
+def plan_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="effarch plan", description="Compile CONFIG's training and decode steps for a "
+                                "TPU slice (compiled on this host, not run) and report memory per chip and the "
+                                "compiler's estimates. Exit 0: fits; 1: does not fit; 2: bad input; 3: a step did "
+                                "not compile.")
+    p.add_argument("config", nargs="*", help="CONFIG.yaml [MORE.yaml ...] [key=value ...]")
+    p.add_argument("--topology", required=True, help="the slice, e.g. v5e:2x2, v5p:4x4x4, v6e:16x16")
+    p.add_argument("--num-slices", type=int, default=1, help="slices of that topology (multislice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    args = p.parse_intermixed_args(argv)
+    # The plan needs no local device: JAX on the CPU, so that a TPU host's chips are not opened (a training run may
+    # hold them) and libtpu does not look for a chip on a host without one. Before jax is imported.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from effarch.train.config import ConfigError, load_config
+    from effarch.train.plan import (
+        PlanError,
+        check_plan_input,
+        format_report,
+        parse_topology,
+        require_libtpu,
+        run_in_subprocess,
+    )
+
+    overrides = [a for a in args.config if "=" in a and not os.path.isfile(a)]
+    files = [a for a in args.config if a not in overrides]
+    if not files:
+        _fail("plan needs at least one CONFIG.yaml\n" + USAGE)
+    try:  # every check that needs no compiler, here; the compile runs in a child that a compiler abort may kill
+        topo = parse_topology(args.topology, args.num_slices)
+        require_libtpu()
+        check_plan_input(load_config(files, overrides), topo)
+    except (ConfigError, PlanError) as e:
+        _fail(str(e))
+    out = run_in_subprocess(files, overrides, args.topology, args.num_slices)
+    if "error" in out:
+        _fail(out["error"], code=out["code"])
+    report = out["report"]
+    print(json.dumps(report, indent=1) if args.json else format_report(report, " ".join(args.config)))
+    sys.exit(0 if report["fits"] else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -316,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     commands = {"train": train_cli, "generate": generate_cli, "convert": convert_cli, "import-hf": import_hf_cli,
-                "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli}
+                "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli,
+                "plan": plan_cli}
     if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
     try:
