@@ -8,8 +8,10 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "")
 # libtpu (test extra, for the TPU compile tests) makes jax look for a TPU chip at start and log to stderr when there is
 # none. The suite runs on the host's CPU (GPU machines have no libtpu, so their runs are unchanged).
+# The TPU compile tests only compile: two test workers (or another process on the host) may load libtpu at once.
 if importlib.util.find_spec("libtpu") is not None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

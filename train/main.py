@@ -334,8 +334,8 @@ def plan_cli(argv: list[str]) -> None:
         check_plan_input,
         format_report,
         parse_topology,
-        require_libtpu,
         run_in_subprocess,
+        topology_devices,
     )
 
     overrides = [a for a in args.config if "=" in a and not os.path.isfile(a)]
@@ -344,8 +344,7 @@ def plan_cli(argv: list[str]) -> None:
         _fail("plan needs at least one CONFIG.yaml\n" + USAGE)
     try:  # every check that needs no compiler, here; the compile runs in a child that a compiler abort may kill
         topo = parse_topology(args.topology, args.num_slices)
-        require_libtpu()
-        check_plan_input(load_config(files, overrides), topo)
+        check_plan_input(load_config(files, overrides), topo, topology_devices(topo))
     except (ConfigError, PlanError) as e:
         _fail(str(e))
     out = run_in_subprocess(files, overrides, args.topology, args.num_slices)

@@ -13,6 +13,7 @@ child process (`run_in_subprocess`: `python -m effarch.train.plan --child`) and 
 callers (tests, benchmarks) should do the same: one subprocess per config.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -121,6 +122,22 @@ def require_libtpu() -> None:
         raise PlanError(f"libtpu is not installed (it compiles for TPU on this host): {INSTALL}")
 
 
+@contextlib.contextmanager
+def _libtpu_init_logs_dropped():
+    """libtpu's C++ start-up writes to the process's stderr (fd 2) on a host without a TPU (no TPU_ACCELERATOR_TYPE,
+    no worker hostnames): harmless for compiling, and noise before the plan's own lines, so it goes to a dropped
+    temporary file. Python's errors are raised, not printed, and are unaffected."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def topology_devices(topo: Topology) -> list:
     """The slice's devices (abstract: nothing is there), or PlanError with libtpu's own reason."""
     require_libtpu()
@@ -130,10 +147,11 @@ def topology_devices(topo: Topology) -> list:
     from jax.experimental import topologies
 
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name,
-                                            chip_config_name=topo.chip.chip_config_name,
-                                            chips_per_host_bounds=topo.chips_per_host_bounds,
-                                            num_slices=topo.num_slices)
+        with _libtpu_init_logs_dropped():
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name,
+                                                chip_config_name=topo.chip.chip_config_name,
+                                                chips_per_host_bounds=topo.chips_per_host_bounds,
+                                                num_slices=topo.num_slices)
     except Exception as e:  # libtpu's INVALID_ARGUMENT (e.g. a shape its hosts do not divide) as one line
         raise PlanError(f"--topology {topo.name}: {_first_line(e)}") from None
     return list(desc.devices)
@@ -306,17 +324,18 @@ def plan_window(cfg) -> int:
     return max(s[0] for s in cfg.data.mqar.train_segments)
 
 
-def check_plan_input(cfg, topo: Topology) -> None:
-    """Every check that needs no compiler: the model builds (abstractly), the mesh divides the slice's devices,
-    and the batch divides over the batch axes and the slice's processes. PlanError naming the keys."""
+def check_plan_input(cfg, topo: Topology, devices: list) -> None:
+    """Every check that needs no compiler: the model builds (abstractly, for the slice's `devices`, so that kernel
+    choice follows their platform), the mesh divides the slice's devices, and the batch divides over the batch axes
+    and the slice's processes. PlanError naming the keys."""
     from effarch.train.checks import check_model, check_runtime
     from effarch.train.config import ConfigError
 
     try:
-        check_model(cfg)
+        check_model(cfg, devices)
     except ConfigError as e:
         raise PlanError(str(e)) from None
-    except NotImplementedError as e:  # an implementation that cannot run where the model is probed (this host)
+    except NotImplementedError as e:  # an implementation that cannot run on the slice's platform
         raise PlanError(f"model: {_first_line(e).removeprefix('NotImplementedError: ')}") from None
     try:
         check_runtime(cfg, range(topo.devices), processes=topo.processes)
@@ -345,8 +364,8 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
     from effarch.train.train import Trainer
 
     topo = parse_topology(topology, num_slices) if isinstance(topology, str) else topology
-    check_plan_input(cfg, topo)
     devices = topology_devices(topo)
+    check_plan_input(cfg, topo, devices)
     processes = len({d.process_index for d in devices})
     if len(devices) != topo.devices or processes != topo.processes:
         raise PlanError(f"--topology {topo.name}: libtpu describes {len(devices)} devices on {processes} hosts, "
