@@ -13,6 +13,7 @@ the parallel forward pass (tests/conformance/, for every registered mixer).
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -123,14 +124,21 @@ class DecoderLM(nnx.Module):
             return self.embed.attend(h).astype(jnp.float32)
         return self.head(h).astype(jnp.float32)
 
-    def hidden(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-        h = self.embed(tokens)
+    def hidden(self, tokens: Int[Array, "B T"], *, constrain: Callable[[Array], Array] | None = None
+               ) -> Float[Array, "B T D"]:
+        """The last block's output. `constrain` (a trainer's: a sharding constraint on the batch axes) is applied to
+        the embeddings and to every block's output. Without one, nothing tells the compiler how activations are laid
+        out, and under FSDP (weights split over the same mesh axis as the batch) it may keep them whole on every
+        device: the global batch's activations on each chip."""
+        constrain = constrain or (lambda x: x)
+        h = constrain(self.embed(tokens))
         for block in self.blocks:
             if self.cfg.remat:
                 # nnx.remat, not jax.checkpoint: it carries the blocks' AuxLoss writes (layers/aux_loss.py) out.
                 h = nnx.remat(lambda blk, x: blk(x))(block, h)
             else:
                 h = block(h)
+            h = constrain(h)
         return h
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:

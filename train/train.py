@@ -216,8 +216,16 @@ class Trainer:
         # copy=True: the forward pass writes the layers' AuxLoss variables, which must belong to this trace.
         model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest, copy=True)
         per_example = self.labels_per_example or labels.shape[1]
-        h, y = labeled_hidden(model.hidden(inputs), labels, per_example * labels.shape[0])
-        return *token_loss(model.logits(h), y), collect_aux_losses(model)
+        h, y = labeled_hidden(model.hidden(inputs, constrain=self._split_rows), labels, per_example * labels.shape[0])
+        logits = self._split_rows(model.logits(self._split_rows(h)))
+        return *token_loss(logits, y), collect_aux_losses(model)
+
+    def _split_rows(self, x: jax.Array) -> jax.Array:
+        """Activations (hidden states [B, T, D], the labelled rows [N, D], their logits [N, V]) split along their first
+        axis over the batch axes, like the batch. Without it the compiler chose to keep them whole on every device
+        under FSDP, where the weights are split over the same axis (DecoderLM.hidden)."""
+        spec = P(self.batch_sharding.spec[0], *(None,) * (x.ndim - 1))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def _forward_loss(self, params, inputs, labels):
         return self._forward(params, inputs, labels)[:3]
