@@ -6,9 +6,9 @@ Tokens are processed in blocks of whole chunks inside which the gradient point W
 1. Chunk gradients at Wref, all at once: g_j = d/dW_j sum_{t in chunk j} theta_t l_t(W_j), with Wref broadcast to
    one copy W_j per chunk, so autodiff gives every chunk's sum of per-token gradients as einsums over the chunk's
    tokens (the paper's vmap(grad) followed by the sum, without a [tokens, D, F] intermediate).
-2. Momentum and decay by `jax.lax.associative_scan` over the chunks with (a, x) o (b, y) = (a b, b x + y):
-   S_j = eta_j S_{j-1} - g_j, then W_{j+1} = (1 - alpha_j) W_j + S_j; the carried S and W enter through the first
-   element. No cumulative products are divided (they underflow).
+2. Momentum and decay by a sequential `lax.scan` over the block's chunks (`_recurrence`): S_j = eta_j S_{j-1} - g_j,
+   then W_{j+1} = (1 - alpha_j) W_j + S_j, from the carried S and W. No cumulative products are divided (they
+   underflow). Not an associative scan: its backward aborts XLA's TPU compiler (README.md).
 3. Retrieval y_t = M_{W[floor((t+1)/C)]}(q_t): the block's queries shifted right by one token and cut into groups of
    C, so group m (tokens mC-1 .. mC+C-2) is answered by the block's m-th weights [W_0 .. W_nc].
 
