@@ -32,11 +32,14 @@ Choices where the paper (§4.1) is silent or not causal:
 
 Parallel form = prefill from the initial state: a leading piece up to the next segment boundary, whole segments under
 `lax.scan` (when segment_len is also a multiple of titans.batch_size, so every segment starts aligned), otherwise a
-Python loop, and a trailing piece. Decoding state: the memory layer's state, W_s, the keys and values of the current
-segment's h and x (with `sliding`, the last L tokens' unrotated ones), the position; constant size.
+Python loop, and a trailing piece. From 16 whole segments on, the scan runs over rematerialised groups of about
+sqrt(segments) (`segment_group`): the backward keeps the memory's weights at group starts only, not at every segment.
+Decoding state: the memory layer's state, W_s, the keys and values of the current segment's h and x (with `sliding`,
+the last L tokens' unrotated ones), the position; constant size.
 """
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -57,6 +60,14 @@ from effarch.layers.titans_attention import (
     prefixed_attention,
 )
 from effarch.pallas_kernels.titans import neural_memory_retrieve
+
+
+def segment_group(n_seg: int) -> int:
+    """Segments per rematerialised group of the segment scan (1: no grouping). Groups of G keep n_seg / G + G
+    segments' residuals instead of n_seg, for one more forward pass of the segments: G is the largest divisor of n_seg
+    up to sqrt(n_seg), used only where it at least halves what is kept (n_seg >= 16; 32 segments keep 12)."""
+    g = max(d for d in range(1, math.isqrt(n_seg) + 1) if n_seg % d == 0)
+    return g if n_seg // g + g <= n_seg / 2 else 1
 
 
 class MemoryAsContextState(NamedTuple):
@@ -205,7 +216,20 @@ class MemoryAsContext(nnx.Module):
             s, o = self._piece(s, x, decode=False)
             return strip(s), o
 
-        carry, o = jax.lax.scan(body, strip(state), jnp.moveaxis(xs, 1, 0))
+        # A scan keeps every step's residuals for its backward, and MAC's hold copies of the memory's weights (W, S,
+        # Wref and their uses) per segment: most of the step's memory at scale (pallas_kernels/titans/README.md).
+        # Segments run in groups of G under a rematerialised scan: the backward keeps one carry per group and
+        # recomputes one group's G segments at a time.
+        xs_t = jnp.moveaxis(xs, 1, 0)  # [S, B, L, D]
+        G = segment_group(n_seg)
+        if G > 1:
+            def group(carry, xg):
+                return jax.lax.scan(body, carry, xg)
+
+            carry, o = jax.lax.scan(jax.checkpoint(group), strip(state), xs_t.reshape(n_seg // G, G, *xs_t.shape[1:]))
+            o = o.reshape(n_seg, *o.shape[2:])
+        else:
+            carry, o = jax.lax.scan(body, strip(state), xs_t)
         state = carry._replace(pos=pos0 + n_seg * L, memory=carry.memory._replace(
             memory=carry.memory.memory._replace(pos=mem_pos0 + n_seg * L)))
         return state, jnp.moveaxis(o, 0, 1).reshape(xs.shape[0], n_seg * L, -1)

@@ -2,8 +2,8 @@
 
 Implementations:
 - "reference": the sequential token loop (reference.py), the oracle; differentiated by autodiff through lax.scan.
-- "xla": the paper's parallel form (xla.py): chunk gradients at Wref by autodiff, momentum and decay by associative
-  scans, a rematerialised scan over mini-batches.
+- "xla": the paper's parallel form (xla.py): chunk gradients at Wref by autodiff, momentum and decay by a sequential
+  scan over each block's chunks, a rematerialised scan over mini-batches.
 No Pallas kernel yet: every platform runs "xla" by default.
 """
 

@@ -6,9 +6,9 @@ Tokens are processed in blocks of whole chunks inside which the gradient point W
 1. Chunk gradients at Wref, all at once: g_j = d/dW_j sum_{t in chunk j} theta_t l_t(W_j), with Wref broadcast to
    one copy W_j per chunk, so autodiff gives every chunk's sum of per-token gradients as einsums over the chunk's
    tokens (the paper's vmap(grad) followed by the sum, without a [tokens, D, F] intermediate).
-2. Momentum and decay by `jax.lax.associative_scan` over the chunks with (a, x) o (b, y) = (a b, b x + y):
-   S_j = eta_j S_{j-1} - g_j, then W_{j+1} = (1 - alpha_j) W_j + S_j; the carried S and W enter through the first
-   element. No cumulative products are divided (they underflow).
+2. Momentum and decay by a sequential `lax.scan` over the block's chunks (`_recurrence`): S_j = eta_j S_{j-1} - g_j,
+   then W_{j+1} = (1 - alpha_j) W_j + S_j, from the carried S and W. No cumulative products are divided (they
+   underflow). Not an associative scan: its backward aborts XLA's TPU compiler (README.md).
 3. Retrieval y_t = M_{W[floor((t+1)/C)]}(q_t): the block's queries shifted right by one token and cut into groups of
    C, so group m (tokens mC-1 .. mC+C-2) is answered by the block's m-th weights [W_0 .. W_nc].
 
@@ -35,16 +35,25 @@ from effarch.pallas_kernels.titans.reference import (
 from effarch.pallas_kernels.titans.reference import token_losses as _token_losses
 
 
-def _scan_op(left, right):
-    a_l, x_l = left
-    a_r, x_r = right
-    return a_l * a_r, jax.tree.map(lambda xl, xr: a_r[..., None, None] * xl + xr, x_l, x_r)
+def _recurrence(w, s, g, eta, alpha):
+    """Momentum and decay over a block's chunks, one chunk per step of a `lax.scan` (leading axis j):
+    S_j = eta_j S_{j-1} - g_j, W_{j+1} = (1 - alpha_j) W_j + S_j. Returns W_0 .. W_{nc-1} (the weights each chunk
+    starts from, stacked on a leading axis) and the carry (W_nc, S_{nc-1}).
 
+    Sequential, not `jax.lax.associative_scan`: the backward of the associative form's stride-2 slices, recomputed
+    inside the checkpointed block, aborts XLA's TPU compiler (libtpu 0.0.52, "Cannot find a valid window for
+    %slice_add_fusion"; README.md), and a block holds few chunks (batch_size / chunk_size, 4 in the shipped configs).
+    """
 
-def _linear_scan(gates: Float[Array, "B H N"], inputs: Params, initial: Params) -> Params:
-    """out_j = gates_j out_{j-1} + inputs_j over the chunk axis (2), with out_{-1} = initial."""
-    first = jax.tree.map(lambda x, init: x.at[:, :, 0].add(gates[:, :, 0, None, None] * init), inputs, initial)
-    return jax.lax.associative_scan(_scan_op, (gates, first), axis=2)[1]
+    def step(carry, xs):
+        w, s = carry
+        e, a, gj = xs  # e, a [B, H]; gj per matrix [B, H, I, O]
+        s = jax.tree.map(lambda si, gi: e[..., None, None] * si - gi, s, gj)
+        w_next = jax.tree.map(lambda wi, si: (1.0 - a[..., None, None]) * wi + si, w, s)
+        return (w_next, s), w
+
+    (w, s), w_starts = jax.lax.scan(step, (w, s), (eta, alpha, g))
+    return w_starts, w, s
 
 
 def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool, max_grad_norm: float | None):
@@ -55,20 +64,21 @@ def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool, max_gra
     C = chunk_size
     nc = L // C
 
-    def chunk_loss(w_chunks):
-        losses = _token_losses(w_chunks, k.reshape(B, H, nc, C, D), v.reshape(B, H, nc, C, D), residual)
-        return jnp.sum(lr.reshape(B, H, nc, C) * losses)
+    def chunks(x):  # [B, H, L, ...] -> [nc, B, H, C, ...]: the chunk axis leads (scanned, then batched over)
+        return jnp.moveaxis(x.reshape(B, H, nc, C, *x.shape[3:]), 2, 0)
 
-    w_chunks = jax.tree.map(lambda x: jnp.broadcast_to(x[:, :, None], (B, H, nc, *x.shape[2:])), wref)
-    g = clamp_norm(jax.grad(chunk_loss)(w_chunks), max_grad_norm)  # [B, H, nc, I, O] per matrix
-    s_all = _linear_scan(eta, jax.tree.map(jnp.negative, g), s)  # S_0 .. S_{nc-1}
-    w_all = _linear_scan(1.0 - alpha, s_all, w)  # W_1 .. W_nc
-    w_seq = jax.tree.map(lambda w0, ws: jnp.concatenate([w0[:, :, None], ws], axis=2), w, w_all)  # W_0 .. W_nc
-    # Group m of the queries shifted right by one holds tokens mC-1 .. mC+C-2, all answered by W_m.
-    q_shift = jnp.pad(q, ((0, 0), (0, 0), (1, C - 1), (0, 0))).reshape(B, H, nc + 1, C, D)
-    y = memory_apply(w_seq, q_shift, residual).reshape(B, H, (nc + 1) * C, D)[:, :, 1 : L + 1]
-    w_end = jax.tree.map(lambda x: x[:, :, -1], w_all)
-    s_end = jax.tree.map(lambda x: x[:, :, -1], s_all)
+    def chunk_loss(w_chunks):
+        return jnp.sum(chunks(lr) * _token_losses(w_chunks, chunks(k), chunks(v), residual))
+
+    w_chunks = jax.tree.map(lambda x: jnp.broadcast_to(x, (nc, *x.shape)), wref)
+    g = clamp_norm(jax.grad(chunk_loss)(w_chunks), max_grad_norm)  # [nc, B, H, I, O] per matrix
+    w_starts, w_end, s_end = _recurrence(w, s, g, jnp.moveaxis(eta, 2, 0), jnp.moveaxis(alpha, 2, 0))
+    # Group m of the queries shifted right by one holds tokens mC-1 .. mC+C-2, all answered by W_m: groups
+    # 0 .. nc-1 by the weights each chunk starts from, group nc (the block's last token only) by W_nc.
+    q_shift = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, 0), (1, C - 1), (0, 0))).reshape(B, H, nc + 1, C, D), 2, 0)
+    y = jnp.concatenate([memory_apply(w_starts, q_shift[:nc], residual),
+                         memory_apply(w_end, q_shift[nc], residual)[None]], axis=0)
+    y = jnp.moveaxis(y, 0, 2).reshape(B, H, (nc + 1) * C, D)[:, :, 1 : L + 1]
     return (w_end, s_end, w_end if refresh else wref), y
 
 

@@ -109,3 +109,16 @@ def test_titans_pytorch_side_by_side_with_torch():
     _check_side_by_side(report, ["ours_xla", "titans_pytorch_1t"])
     speedups = {t: r["titans_pytorch_1t"]["median_s"] / r["ours_xla"]["median_s"] for t, r in report["results"].items()}
     assert report["targets"]["ours_vs_titans_pytorch"]["speedups"] == pytest.approx(speedups)
+
+
+# Compiles four layer steps (~10 s of CPU): the slow suite.
+@pytest.mark.slow
+def test_scan_forms_measure_agrees_and_reports_the_ratio():
+    # benchmarks/titans_scan_forms.py at a tiny size: the associative baseline it keeps gives the sequential form's
+    # loss and gradients, and the ratio is recomputed from the medians.
+    bench = _load("titans_scan_forms")
+    r = bench.measure((4, 8, 19, 2), reps=1, d_model=8, heads=2)
+    assert r["loss_rel_diff"] < 1e-5 and r["grad_max_rel_diff"] < 1e-5
+    med = r["median_s"]
+    assert r["ratio_new_over_old"] == pytest.approx(med["sequential"] / med["associative"])
+    assert len(r["times_s"]["sequential"]) == len(r["times_s"]["associative"]) == 1
