@@ -15,6 +15,7 @@ Python exception), so the jobs run in a child process:
 """
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -65,6 +66,7 @@ class Result:
         return f"{self.name}: {self.status}" + (f": {self.message}" if self.message else "")
 
 
+@functools.cache
 def tpu_devices(topology: str, num_slices: int = 1) -> list:
     """The devices of TPU slice `topology` ("v5p:2x2x1"; a generation "v5p" means its `SLICES` entry). Needs libtpu;
     chip_config_name is "megacore" for v4/v5p and "default" otherwise; hosts hold 2x2x1 chips, as on real slices."""
@@ -92,8 +94,10 @@ def _stderr_hint(path: Path) -> str:
     except OSError:
         return ""
     for line in reversed(lines):
-        if "Check failed" in line or re.match(r"F\d{4} ", line):
-            return line[:400]
+        if "Check failed" in line:
+            return line[line.index("Check failed"):][:400]
+        if re.match(r"F\d{4} ", line):  # a fatal glog line: drop its date, thread and source prefix
+            return line.split("] ", 1)[-1][:400]
     return lines[-1][:400] if lines else ""
 
 

@@ -28,11 +28,11 @@ def train_seq_len(cfg: Config) -> int:
     return max(seq_len for seq_len, *_ in segments)
 
 
-def compile_train_step(config: str, overrides: list[str], topology: str) -> None:
-    """Compiles the checked training step of `config` (a path under the repository) with `overrides` for the TPU
-    slice `topology` ("v5p:2x2x1", or a generation of harness.SLICES)."""
+def compile_train_step(config: str, overrides: list[str], topology: str, num_slices: int = 1) -> None:
+    """Compiles the checked training step of `config` (a path under the repository) with `overrides` for
+    `num_slices` TPU slices `topology` ("v5p:2x2x1", or a generation of harness.SLICES)."""
     cfg = load_config([REPO / config], overrides)
-    trainer = Trainer(cfg, tpu_devices(topology))
+    trainer = Trainer(cfg, tpu_devices(topology, num_slices))
     abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
     _, params, rest = nnx.split(abstract, nnx.Param, ...)
     # The step closes over the non-parameter variables (auxiliary-loss scalars that every forward pass overwrites):
