@@ -170,10 +170,12 @@ def run_jobs(jobs: Sequence[Job], *, job_timeout_s: float = 300.0, env: dict | N
                 results[job.name] = Result(job.name, "timeout", f"killed after {job_timeout_s:.0f} s", job_timeout_s)
             elif proc.returncode < 0:
                 sig = signal.Signals(-proc.returncode).name
-                results[job.name] = Result(job.name, "signal", f"process killed by {sig}: {_stderr_hint(err_file)}")
+                results[job.name] = Result(job.name, "signal", f"process killed by {sig}: {_stderr_hint(err_file)}",
+                                           round(time.monotonic() - since, 3))
             else:
                 results[job.name] = Result(
-                    job.name, "error", f"process exited with code {proc.returncode}: {_stderr_hint(err_file)}")
+                    job.name, "error", f"process exited with code {proc.returncode}: {_stderr_hint(err_file)}",
+                    round(time.monotonic() - since, 3))
             pending = pending[dead + 1:]
     return results
 
