@@ -8,7 +8,8 @@ Python exception), so the jobs run in a child process:
 - The parent writes the jobs (`Job`: a name, a `module:function` target, JSON keyword arguments) to a file and starts
   `python -m tests.tpu.harness JOBS RESULTS`. The child records "started i" before job i and "done i" with its outcome
   after it, one JSON line each, flushed, so whatever kills it, the parent knows which job was running.
-- Many jobs share one child (starting JAX and libtpu costs ~3 s; one kernel compile 0.2-0.6 s). When the child dies
+- Many jobs share one child (starting JAX and libtpu costs ~3 s; a kernel compiles in 0.3-4 s, a small model's
+  training step in 6-20 s). When the child dies
   by a signal, the running job is reported with the signal (and the last "Check failed" line libtpu wrote on
   stderr), and a fresh child runs the jobs after it. A job running longer than `job_timeout_s` is killed the same way.
 - A job passes when its function returns; an exception is reported by its type and first line.
@@ -31,13 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The 4-chip slices the tests compile for, by chip generation: topology name and chip_config_name. v5p runs its two
-# TensorCores as one device ("megacore"); v5e and v6e have one TensorCore per chip ("default").
-SLICES: dict[str, tuple[str, str]] = {
-    "v5e": ("v5e:2x2", "default"),
-    "v5p": ("v5p:2x2x1", "megacore"),
-    "v6e": ("v6e:2x2", "default"),
-}
+# The 4-chip slice the tests compile for, by chip generation.
+SLICES: dict[str, str] = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +69,7 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     from jax.experimental import topologies
 
     if ":" not in topology:
-        topology = SLICES[topology][0]
+        topology = SLICES[topology]
     chip_config = "megacore" if topology.split(":")[0] in ("v4", "v5p") else "default"
     return topologies.get_topology_desc(
         platform="tpu", topology_name=topology, chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1),
@@ -112,13 +108,17 @@ def _read_records(path: Path) -> list[dict]:
 
 
 def run_jobs(jobs: Sequence[Job], *, job_timeout_s: float = 300.0, env: dict | None = None) -> dict[str, Result]:
-    """Runs `jobs` in as few child processes as their failures allow; returns {job name: Result} for every job."""
+    """Runs `jobs` in as few child processes as their failures allow; returns {job name: Result} for every job.
+
+    `env`: variables added to this process's for the children. A job silent for `job_timeout_s` is killed."""
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"job names must be unique: {sorted(n for n in set(names) if names.count(n) > 1)}")
     # No chip is used: ALLOW_MULTIPLE_LIBTPU_LOAD lets two harnesses (xdist workers, other checkouts) load libtpu at
     # once, where its lockfile would make the second fail.
     child_env = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    # Compile the kernels themselves, never their interpret mode (pallas_kernels/interpret.py).
+    child_env.pop("EFFARCH_PALLAS_INTERPRET", None)
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), child_env.get("PYTHONPATH")]))
     results: dict[str, Result] = {}
     pending = list(jobs)

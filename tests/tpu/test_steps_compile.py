@@ -53,10 +53,10 @@ def _params():
         name = config.removeprefix("configs/").removesuffix(".yaml")
         for chip in SLICES:
             slow = [] if default and chip == DEFAULT_CHIP else [pytest.mark.slow]
-            yield pytest.param(step_job(config, SLICES[chip][0]), id=f"{name}-{chip}", marks=marks + slow)
+            yield pytest.param(step_job(config, SLICES[chip]), id=f"{name}-{chip}", marks=marks + slow)
             for key, override in PALLAS_TPU.items():
                 if key in keys:
-                    yield pytest.param(step_job(config, SLICES[chip][0], (override,)),
+                    yield pytest.param(step_job(config, SLICES[chip], (override,)),
                                        id=f"{name}-{chip}-{key}-pallas_tpu",
                                        marks=marks + [KERNEL_UNPARTITIONED, pytest.mark.slow])
 
