@@ -174,6 +174,7 @@ class StepReport:
     # Set when the compiler refused the program for HBM (CompileTimeHbmOom): its message. Then `temporaries` is the
     # compiler's stated need, `arguments` is computed from the shardings, and nothing else is known.
     compiler_oom: str | None = None
+    kernels: int = 0  # Pallas (Mosaic) kernel calls in the compiled program
 
     @property
     def total(self) -> int:
@@ -296,16 +297,18 @@ def _step_report(compiled) -> StepReport:
     flops = cost.get("flops", -1)
     seconds = cost.get("optimal_seconds")
     try:
-        largest = largest_arrays(compiled.as_text())
+        text = compiled.as_text()
+        largest, kernels = largest_arrays(text), text.count('custom_call_target="tpu_custom_call"')
     except Exception:  # the HLO text is a convenience; the memory analysis is the measure
-        largest = []
+        largest, kernels = [], 0
     return StepReport(
         arguments=int(ma.argument_size_in_bytes), outputs=int(ma.output_size_in_bytes),
         aliased=int(ma.alias_size_in_bytes), temporaries=int(ma.temp_size_in_bytes),
         generated_code=int(ma.generated_code_size_in_bytes),
         flops=float(flops) if flops is not None and flops >= 0 else None,
         bytes_accessed=float(cost["bytes accessed"]) if cost.get("bytes accessed", -1) >= 0 else None,
-        optimal_seconds=float(seconds) if seconds is not None and seconds > 0 else None, largest=largest)
+        optimal_seconds=float(seconds) if seconds is not None and seconds > 0 else None, largest=largest,
+        kernels=kernels)
 
 
 def _first_line(e: BaseException) -> str:
