@@ -18,6 +18,8 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow  # three paths at two lengths, trained and decoded: ~11 s; the report's code paths are shared with
+# benchmarks/_common.py's sweep, which the other benchmarks' smoke runs cover by default
 def test_scaling_main_writes_report_with_expected_keys(tmp_path, capsys):
     bench = _load("scaling")
     out = tmp_path / "scaling.json"

@@ -26,7 +26,9 @@ def test_there_are_configs():
 # one step in the slow suite.
 SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_mac_ft.yaml", "lm/moh_small.yaml",
              "lm/diffqkv_small.yaml", "lm/tnl_small.yaml", "mqar/titans_lmm.yaml", "lm/based_small.yaml",
-             "mqar/diffqkv.yaml", "mqar/moh.yaml", "mqar/lightning.yaml"}
+             "mqar/diffqkv.yaml", "mqar/moh.yaml", "mqar/lightning.yaml",
+             "lm/landmark_small.yaml",  # passkey/landmark trains the mixer, quickstart the text task
+             "mqar/attention.yaml"}  # mqar/zoology_attention trains attention on MQAR
 
 
 def _id(path: Path) -> str:

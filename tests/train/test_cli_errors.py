@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from effarch.train.main import main, os_error_message
+from effarch.train.main import os_error_message
+from tests.helpers.cli import cli, one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "configs" / "mqar" / "zoology_attention.yaml"
@@ -14,21 +15,6 @@ TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
 AS_ROOT = "running as root: permissions do not stop root, so the error cannot happen"
 
 
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    """The single `effarch: error:` line of stderr (other lines are the device notice)."""
-    lines = [line for line in err.splitlines() if line.startswith("effarch: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_run_dir_that_is_a_file(tmp_path, capsys):

@@ -24,6 +24,7 @@ from effarch.train.data import mqar as mqar_data
 from effarch.train.evals import common, mqar, perplexity
 from effarch.train.evals import niah as niah_eval
 from effarch.train.main import main
+from tests.helpers.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 # Zoology's attention model shrunk (configs/overlays/tiny.yaml) to d_model 32 and vocabulary 64 (chance 2/64) on
@@ -82,15 +83,6 @@ def toy_sweep(tmp_path_factory):
 def trained_run(toy_sweep):
     return toy_sweep["trained"]
 
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_mqar_eval_trained_beats_chance_untrained_does_not(trained_run):

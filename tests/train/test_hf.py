@@ -17,22 +17,12 @@ from flax import nnx
 
 from effarch.arches.hf_llama import model_config_from_hf, params_from_hf
 from effarch.train.hf import INDEX, read_hf_checkpoint, write_hf_checkpoint
-from effarch.train.main import main
 from tests.arches.test_hf_llama import FIXTURE, assert_logits_close
+from tests.helpers.cli import cli
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 HF_REFERENCE = Path(__file__).resolve().parents[1] / "helpers" / "hf_llama_reference.py"
 
-
-def cli(capsys, *args):
-    """The CLI in-process: (exit code, stdout, stderr)."""
-    try:
-        main(list(map(str, args)))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

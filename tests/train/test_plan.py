@@ -12,7 +12,7 @@ import pytest
 
 from effarch.train import plan as plan_mod
 from effarch.train.config import load_config
-from effarch.train.main import main
+from tests.helpers.cli import cli, one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "lm" / "quickstart.yaml"
@@ -24,20 +24,6 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu (the tpu / test extra) compiles for TPU")
 
 
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("effarch: error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("topology, words", [
@@ -47,7 +33,7 @@ def one_error_line(err: str) -> str:
 ])
 def test_unknown_topology_exits_2_naming_the_forms(capsys, topology, words):
     code, out, err = cli(capsys, "plan", QUICKSTART, "--topology", topology)
-    line = one_error_line(err)
+    line = one_error_line(err, alone=True)
     assert code == 2 and not out and all(w in line for w in words), line
 
 
@@ -61,7 +47,7 @@ def test_unknown_topology_exits_2_naming_the_forms(capsys, topology, words):
 def test_mesh_and_batch_errors_exit_2(capsys, overrides, words):
     topology = "v5p:4x4x4" if "16 processes" in words else "v5e:2x2"  # 64 chips on 16 four-chip hosts
     code, _, err = cli(capsys, "plan", QUICKSTART, *overrides, "--topology", topology)
-    line = one_error_line(err)
+    line = one_error_line(err, alone=True)
     assert code == 2 and all(w in line for w in words), line
 
 
@@ -69,7 +55,7 @@ def test_missing_libtpu_names_the_install_command(capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     code, _, err = cli(capsys, "plan", QUICKSTART, "--topology", "v5e:2x2")
-    assert code == 2 and "pip install 'effarch[tpu]'" in one_error_line(err)
+    assert code == 2 and "pip install 'effarch[tpu]'" in one_error_line(err, alone=True)
 
 
 def test_topology_hosts_and_processes():

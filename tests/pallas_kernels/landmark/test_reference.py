@@ -18,8 +18,8 @@ def test_block_ids_known_answer():
     np.testing.assert_array_equal(np.asarray(block_ids(lm)), [[0, 0, 0, 1, 1, 2, 3]])
 
 
-@pytest.mark.parametrize("kind, T, L", [("aligned", 23, 5), ("misaligned", 23, 5), ("random", 19, 0),
-                                        ("aligned", 31, 1)])
+@pytest.mark.parametrize("kind, T, L", [pytest.param("aligned", 23, 5, marks=pytest.mark.slow), ("misaligned", 23, 5),
+                                        pytest.param("random", 19, 0, marks=pytest.mark.slow), ("aligned", 31, 1)])
 def test_weights_match_literal_oracle(kind, T, L):
     # L = 1 on T = 31 gives 15 groups: no cap on the number of blocks (the reference code's default is 16).
     q, k, _, _ = make_inputs(1, T)

@@ -36,7 +36,11 @@ def inputs(seed=0, T=T, depth=2, gates_for=None):
     return params, k, v, q, lr, momentum, decay
 
 
-CASES = [(1, None), (4, None), (4, 8), (1, 4), (5, None)]
+# In the default suite: chunks of one token refreshed every 4 (the token-level edge) and chunks of 5 that do not
+# divide T; the other three with the slow tests.
+SLOW = pytest.mark.slow
+CASES = [pytest.param(1, None, marks=SLOW), pytest.param(4, None, marks=SLOW), pytest.param(4, 8, marks=SLOW), (1, 4),
+         (5, None)]
 
 
 @pytest.mark.parametrize("chunk_size, batch_size", CASES)
@@ -102,7 +106,7 @@ def test_clamped_chunk_gradients_match_and_bound_the_update():
         neural_memory_scan(params, k, v, q, lr, momentum, decay, chunk_size=C, max_grad_norm=0.0)
 
 
-@pytest.mark.parametrize("chunk_size, batch_size", [(4, 8), (5, None)])
+@pytest.mark.parametrize("chunk_size, batch_size", [pytest.param(4, 8, marks=SLOW), (5, None)])
 def test_split_calls_with_carried_state_equal_one_pass(chunk_size, batch_size):
     params, k, v, q, lr, momentum, decay = inputs(2)
     C = chunk_size
