@@ -28,7 +28,7 @@ STATE = P("data", "model", None, None)
 
 
 def run_script(dtype: str, cases: list[str]) -> dict[str, float]:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", ENV_VAR: "1"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", ENV_VAR: "1"}
     proc = subprocess.run([sys.executable, "-m", "tests.pallas_kernels.shard_map_script", dtype, *cases], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

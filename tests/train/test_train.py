@@ -144,7 +144,7 @@ SHARDED = textwrap.dedent("""
 def test_sharded_train_step_matches_one_device(tmp_path, accum):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED.format(base=BASE, tiny=TINY, accum=accum))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK" in out.stdout
@@ -268,7 +268,8 @@ def test_two_processes_match_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["train.steps=4", "train.checkpoint_every=2", "mesh.fsdp=2"]
-    single = run_cli(tmp_path / "single", *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    eight = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"
+    single = run_cli(tmp_path / "single", *args, env={"XLA_FLAGS": eight})
     assert single.returncode == 0, single.stderr
     procs = [
         run_cli(tmp_path / "multi", *args, wait=False,
