@@ -2,7 +2,6 @@
 = 2 x 2 x 2, CPU devices in one subprocess for all mixers) equal those on one device, layer by layer."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from effarch.arches.registry import MIXERS
+from tests.helpers.devices import eight_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_script(names: list[str]) -> dict[str, float]:
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = eight_cpu_devices()
     proc = subprocess.run([sys.executable, "-m", "tests.conformance.mesh_script", *names], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

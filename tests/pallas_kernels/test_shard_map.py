@@ -6,7 +6,6 @@ pallas_kernels/shard.py adds."""
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from effarch.pallas_kernels.based import pallas_vjp
 from effarch.pallas_kernels.interpret import ENV_VAR
 from effarch.pallas_kernels.lightning import api as lightning_api
+from tests.helpers.devices import eight_cpu_devices
 from tests.helpers.lowering import ABSTRACT_DEVICES, count_kernels, lower_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ STATE = P("data", "model", None, None)
 
 
 def run_script(dtype: str, cases: list[str]) -> dict[str, float]:
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", ENV_VAR: "1"}
+    env = eight_cpu_devices(**{ENV_VAR: "1"})
     proc = subprocess.run([sys.executable, "-m", "tests.pallas_kernels.shard_map_script", dtype, *cases], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -2,8 +2,8 @@
 slice: `effarch train`'s checked step built by `Trainer` over the slice's devices (tests/tpu/steps.py), compiled by
 XLA's TPU compiler through libtpu from this CPU host (tests/tpu/harness.py). Compiled, not run.
 
-Default suite: v5p (2x2x1), the cheapest config of each mixer cut to one layer per mixer (`DEFAULT_CONFIGS`; a step
-costs 3-20 s of compiler time). Slow suite (`-m slow`): the other configs on v5p, every config on v5e and v6e, and every config once per
+Default suite: v5p (2x2x1), the cheapest config of each mixer cut to one layer per mixer (`DEFAULT_CONFIGS`; a
+step costs 3-20 s of compiler time). Slow suite (`-m slow`): every config on every chip, and every config once per
 `pallas_tpu` option its mixers have, on every chip, with the kernels counted in the compiled step.
 """
 

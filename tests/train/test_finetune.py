@@ -16,6 +16,7 @@ from flax import nnx
 from effarch.train import param_tree
 from effarch.train.checkpoint import Checkpointer
 from effarch.train.config import ConfigError, load_config
+from tests.helpers.devices import eight_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
@@ -184,8 +185,7 @@ RESHARD = textwrap.dedent("""
 def test_restore_into_another_mesh(tmp_path):
     script = tmp_path / "reshard.py"
     script.write_text(RESHARD.format(tmp=tmp_path))
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = eight_cpu_devices(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
                          cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr

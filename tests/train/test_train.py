@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.devices import eight_cpu_devices
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "overlays" / "tiny.yaml"
 BASE = ROOT / "configs" / "mqar" / "zoology_attention.yaml"
@@ -144,7 +146,7 @@ SHARDED = textwrap.dedent("""
 def test_sharded_train_step_matches_one_device(tmp_path, accum):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED.format(base=BASE, tiny=TINY, accum=accum))
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = eight_cpu_devices()
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK" in out.stdout
@@ -268,8 +270,7 @@ def test_two_processes_match_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["train.steps=4", "train.checkpoint_every=2", "mesh.fsdp=2"]
-    eight = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"
-    single = run_cli(tmp_path / "single", *args, env={"XLA_FLAGS": eight})
+    single = run_cli(tmp_path / "single", *args, env={"XLA_FLAGS": eight_cpu_devices()["XLA_FLAGS"]})
     assert single.returncode == 0, single.stderr
     procs = [
         run_cli(tmp_path / "multi", *args, wait=False,
