@@ -139,10 +139,8 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-# Slow: each mixer's loss and gradients on 8 devices are tests/conformance/test_mesh.py's, the trainer's sharded step
-# compiles for a TPU slice in tests/tpu/test_steps_compile.py, and accumulation is test_gradient_accumulation_...'s.
-@pytest.mark.slow
-@pytest.mark.parametrize("accum", [1, 2])
+# accum=2 covers sharding and accumulation together; each mixer's sharded step is in tests/conformance/test_mesh.py.
+@pytest.mark.parametrize("accum", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_sharded_train_step_matches_one_device(tmp_path, accum):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED.format(base=BASE, tiny=TINY, accum=accum))
