@@ -132,9 +132,10 @@ register("base_conv", BaseConv, configs=("conv",), state="bounded")
 register("zoology_base_conv", ZoologyBaseConv, configs=("conv",), state="bounded")
 register("based", BasedLinearAttention, configs=("based",), state="bounded")
 register("sliding_window", SlidingWindowAttention, configs=("sliding_window",), state="bounded")
-# The memory's inner gradient step makes the outer gradient a second-order program: ~1 min of compiling per Titans
-# mixer on 2 CPU cores, so their gradient and bfloat16 checks run with the slow tests.
-TITANS_SLOW = {"grad": "second-order compile, ~1 min on 2 CPU cores", "bf16": "a second compile of the memory",
+# The memory's inner gradient step makes the outer gradient a second-order program. Its gradients run in the default
+# suite (in the mixer's one compile: ~10 s more per Titans mixer on 2 CPU cores); the bfloat16 program (a second
+# compile, ~7 s) and the 8-device step with the slow tests.
+TITANS_SLOW = {"bf16": "a second compile of the memory's second-order program",
                "mesh": "two second-order compiles of the train step"}
 register("titans_lmm", NeuralMemory, configs=("titans",), state="bounded", slow=TITANS_SLOW)
 # The decay rate depends on the layer's depth (TNL's schedule), hence layer_idx / n_layers.
