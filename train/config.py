@@ -100,18 +100,16 @@ class PasskeyData:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class NiahData:
-    """Task "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36)."""
+class NiahData(PasskeyData):
+    """Task "niah": the token-level single needle in a haystack of train/data/niah.py (vocab_size >= 36); examples
+    and queries as the passkey task's."""
 
-    examples: int = 8192  # training examples (evaluation: 256 more from seed + 1000)
-    queries: int = 1  # questions per training sequence (evaluation asks one, at the end)
     # Training depths uniform in [0, 1] (0), or from N >= 2 evenly spaced depths 0..1, ends included (RULER: 40);
     # the held-out examples stay uniform
     depths: int = 0
 
     def __post_init__(self):
-        if self.examples < 1 or self.queries < 1:
-            raise ValueError(f"examples and queries must be >= 1, got {self.examples}, {self.queries}")
+        PasskeyData.__post_init__(self)  # not super(): dataclass(slots=True) replaces the class it decorates
         if self.depths == 1 or self.depths < 0:
             raise ValueError(f"depths must be 0 (uniform depths) or >= 2 (a grid of depths), got {self.depths}")
 

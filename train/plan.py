@@ -320,11 +320,9 @@ def plan_window(cfg) -> int:
     """Tokens per training sequence: data.seq_len, or an MQAR mixture's longest training segment."""
     if cfg.data.task != "mqar":
         return cfg.data.seq_len
-    if cfg.data.mqar.mixture == "zoology_standard":
-        from effarch.train.data.mqar import TRAIN_SEGMENTS
+    from effarch.train.data import mqar_segments
 
-        return max(s[0] for s in TRAIN_SEGMENTS)
-    return max(s[0] for s in cfg.data.mqar.train_segments)
+    return max(s[0] for s in mqar_segments(cfg.data)[0])
 
 
 def check_plan_input(cfg, topo: Topology, devices: list) -> None:

@@ -13,7 +13,6 @@ chunk work is constant-folded or dead (at T = 512 every chunk's state update is 
 """
 
 import functools
-import os
 import re
 from pathlib import Path
 
@@ -47,16 +46,9 @@ P_XLA = based_chunk_math.n_features(F)  # 153: the xla path's
 @pytest.fixture(scope="module")
 def tpu_sharding():
     pytest.importorskip("libtpu", reason="TPU compiles need libtpu (the test extra)")
-    from jax.experimental import topologies
+    from tests.tpu.harness import tpu_devices
 
-    # libtpu's lockfile guards a real chip against two processes; here there is no chip, only the compiler, and
-    # other test processes (xdist workers) may hold the lock.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    devices = topologies.get_topology_desc(
-        platform="tpu", topology_name="v5e:2x2", chip_config_name="default", chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-    ).devices
-    return NamedSharding(Mesh(np.array(devices[:1]), ("chip",)), PartitionSpec())
+    return NamedSharding(Mesh(np.array(tpu_devices("v5e")[:1]), ("chip",)), PartitionSpec())
 
 
 def _cost(fn, *shapes, sharding):

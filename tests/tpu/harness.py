@@ -64,17 +64,11 @@ class Result:
 
 @functools.cache
 def tpu_devices(topology: str, num_slices: int = 1) -> list:
-    """The devices of TPU slice `topology` ("v5p:2x2x1"; a generation "v5p" means its `SLICES` entry). Needs libtpu;
-    chip_config_name is "megacore" for v4/v5p and "default" otherwise; hosts hold 2x2x1 chips, as on real slices."""
-    from jax.experimental import topologies
+    """The devices of TPU slice `topology` ("v5p:2x2x1"; a generation "v5p" means its `SLICES` entry), as
+    `effarch plan` describes it (train/plan.py: chip configuration and hosts as on real slices). Needs libtpu."""
+    from effarch.train.plan import parse_topology, topology_devices
 
-    if ":" not in topology:
-        topology = SLICES[topology]
-    chip_config = "megacore" if topology.split(":")[0] in ("v4", "v5p") else "default"
-    return topologies.get_topology_desc(
-        platform="tpu", topology_name=topology, chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1),
-        num_slices=num_slices,
-    ).devices
+    return topology_devices(parse_topology(SLICES.get(topology, topology), num_slices))
 
 
 def first_line(e: BaseException) -> str:

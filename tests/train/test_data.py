@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from effarch.train.config import DataConfig, MqarData
-from effarch.train.data import TrainStream, _segments, build_data, mqar
+from effarch.train.data import TrainStream, build_data, mqar, mqar_segments
 from effarch.train.data.text import byte_lm_examples
 
 
@@ -35,7 +35,7 @@ def test_mixed_lengths_are_right_padded():
 
 
 def test_zoology_standard_mixture():
-    train, test = _segments(DataConfig(mqar=MqarData(mixture="zoology_standard")))
+    train, test = mqar_segments(DataConfig(mqar=MqarData(mixture="zoology_standard")))
     assert train == mqar.TRAIN_SEGMENTS
     assert test == tuple((n, d, 1000) for n, d in mqar.TEST_SEGMENTS)
 

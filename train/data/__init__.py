@@ -59,7 +59,8 @@ class TrainStream:
         return self.inputs[idx], self.labels[idx]
 
 
-def _segments(data_cfg) -> tuple[tuple, tuple]:
+def mqar_segments(data_cfg) -> tuple[tuple, tuple]:
+    """(train, test) MQAR segments of `data_cfg`: Zoology's standard mixture or the config's own."""
     if data_cfg.mqar.mixture == "zoology_standard":
         return mqar.TRAIN_SEGMENTS, tuple((n, d, 1000) for n, d in mqar.TEST_SEGMENTS)
     return data_cfg.mqar.train_segments, data_cfg.mqar.test_segments
@@ -99,7 +100,7 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream 
                               n_queries=data_cfg.niah.queries, depth_grid=data_cfg.niah.depths)
         vx, vy = niah.niah_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"niah_{data_cfg.seq_len}", vx, vy)]
-    train_segs, test_segs = _segments(data_cfg)
+    train_segs, test_segs = mqar_segments(data_cfg)
     options = dict(power_a=data_cfg.mqar.power_a, random_non_queries=data_cfg.mqar.random_non_queries)
     max_len = max(n for n, _, _ in train_segs)
     train = mqar.make_mixture(train_segs, vocab_size, data_cfg.seed, pad_to=max_len, **options)
