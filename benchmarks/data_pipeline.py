@@ -195,6 +195,11 @@ def scale(args) -> dict:
     return emit(report, args.out)
 
 
+def _files(directory) -> dict[str, tuple[int, int]]:
+    """{name: (inode, modification time in ns)} of a prepared dataset's files: any rewrite changes one of them."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in Path(directory).iterdir()}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="python_stdlib", help="data.text.source")
@@ -228,9 +233,11 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         builder = local_text.prepare(cfg.text.source, data_dir, cfg.text.val_fraction)
         cold = time.perf_counter() - t0
+        written = _files(builder.data_dir)
         t0 = time.perf_counter()
         local_text.prepare(cfg.text.source, data_dir, cfg.text.val_fraction)
         warm = time.perf_counter() - t0
+        rebuilt = _files(builder.data_dir) != written
         t0 = time.perf_counter()
         stream, (val,) = build_data(cfg, vocab_size=257, batch_size=args.batch_size)
         build = time.perf_counter() - t0
@@ -250,6 +257,7 @@ def main(argv=None) -> dict:
                    "eval_bytes_per_label": val.bytes_per_label},
         "build_cold_s": cold,
         "prepare_cached_s": warm,
+        "prepare_cached_rebuilt": rebuilt,  # whether the second prepare wrote the files again (it should read them)
         "build_data_s": build,
         "grain_batch_ms_median": 1e3 * statistics.median(grain_s),
         "numpy_batch_ms_median": 1e3 * statistics.median(numpy_s),
