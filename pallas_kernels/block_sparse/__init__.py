@@ -1,0 +1,7 @@
+"""Block-sparse softmax attention: each query block attends to a list of key blocks (per head group, per batch row),
+with causal / window / sink / segment predicates on token positions; `merge_attention` joins two disjoint parts."""
+
+from effarch.pallas_kernels.block_sparse.api import block_sparse_attention
+from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, merge_attention, visible_mask
+
+__all__ = ["block_sparse_attention", "block_sparse_reference", "merge_attention", "visible_mask"]
