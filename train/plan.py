@@ -252,7 +252,7 @@ class PlanReport:
             "model_flops_per_step": 6 * self.params * self.tokens_per_step,
             "peak_bf16_flops_per_chip": self.peak_bf16_flops,
             "largest_buffers": [{"bytes": b, "what": w} for b, w in t.largest],
-            "compiler_oom": t.compiler_oom,
+            "compiler_oom": t.compiler_oom, "pallas_kernels": t.kernels,
             "largest_leaves": [{"bytes": b, "path": p} for b, p in self.largest_leaves],
             "advice": self.advice,
             "decode": None if self.decode is None else {
@@ -461,12 +461,16 @@ def _compile(mesh, jitted, args, what: str) -> StepReport:
 
 
 # libtpu's refusal: "Ran out of memory on HBM, the total memory required for HLO temporaries (24.11G) exceeds
-# available HBM (15.75G)" (G: GiB).
-_OOM_RE = re.compile(r"CompileTimeHbmOom.*?temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+# available HBM (15.75G)"; the unit is binary (G: GiB) and grows with the number (4.28T for a [T, T] score matrix
+# at 32k tokens), so it is part of the match.
+_OOM_RE = re.compile(r"CompileTimeHbmOom.*?temporaries \(([\d.]+[KMGTP]?)\) exceeds available HBM \(([\d.]+[KMGTP]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": GiB, "T": 2**40, "P": 2**50}
 
 
 def _gib(text: str) -> int:
-    return int(float(text) * GiB)
+    """libtpu's size "24.11G" (or "4.28T", "512M") in bytes."""
+    unit = text[-1] if text[-1] in _UNITS else ""
+    return int(float(text.removesuffix(unit) if unit else text) * _UNITS[unit])
 
 
 def _oom_report(e: HbmOom, arguments: int) -> StepReport:
@@ -509,7 +513,8 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
-def run_in_subprocess(files, overrides, topology: str, num_slices: int = 1, *, timeout: float | None = None) -> dict:
+def run_in_subprocess(files, overrides, topology: str, num_slices: int = 1, *, decode: bool = True,
+                      timeout: float | None = None) -> dict:
     """Loads the config and plans it in a child process: {"report": PlanReport.to_json()} or {"error": one line,
     "code": 2 or 3}. A child killed by a signal (a compiler abort) becomes an error naming the signal, the step,
     the mixers and libtpu's `Check failed` line where it printed one."""
@@ -517,7 +522,7 @@ def run_in_subprocess(files, overrides, topology: str, num_slices: int = 1, *, t
         request, result = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
         with open(request, "w") as f:
             json.dump({"files": [str(p) for p in files], "overrides": list(overrides), "topology": topology,
-                       "num_slices": num_slices, "result": result}, f)
+                       "num_slices": num_slices, "decode": decode, "result": result}, f)
         proc = subprocess.run([sys.executable, "-m", "effarch.train.plan", "--child", request], env=child_env(),
                               capture_output=True, text=True, timeout=timeout)
         if os.path.exists(result):
@@ -558,7 +563,7 @@ def _child(request_path: str) -> None:
         print(f"effarch-plan-mixers: {', '.join(dict.fromkeys(cfg.model.mixers))}", flush=True)
         with warnings.catch_warnings(record=True) as caught:  # e.g. a dimension the mesh does not divide, replicated
             warnings.simplefilter("always")
-            report = plan(cfg, req["topology"], req["num_slices"],
+            report = plan(cfg, req["topology"], req["num_slices"], decode=req.get("decode", True),
                           stage=lambda name: print(f"effarch-plan-stage: {name}", flush=True))
     except (ConfigError, PlanError) as e:
         write({"code": EXIT_BAD_INPUT, "error": str(e)})
