@@ -16,7 +16,9 @@ The models (all: vocabulary 32,000 tied, float32 parameters and activations as `
 | 1B | 2048 | 16 | 8192 | 32 (64) | 8 |
 | 8B | 4096 | 32 | 14336 | 32 (128) | 8 |
 
-Mechanisms (`MECHANISMS`): `softmax` (attention, GQA as above), `based` (configs/lm/based_small.yaml's layer pattern:
+Mechanisms (`MECHANISMS`): `softmax` (attention, GQA as above; XLA's attention, which holds the [T, T] scores: the
+TPU default), `softmax_splash` (the same with `model.attention.implementation=pallas_tpu`: jax's splash flash-attention
+kernel, opt-in), `based` (configs/lm/based_small.yaml's layer pattern:
 gated convolutions, BASED linear attention with feature dim 16, sliding-window attention of 64 tokens), `tnl`
 (configs/lm/tnl_small.yaml: Lightning attention with heads of 128, SRMSNorm, SGLU), `titans_mac` (memory heads of
 128, expansion 2, chunks of 16, segments of 512), `landmark` (blocks of 50), `moh` (a quarter of the heads shared, half
@@ -60,8 +62,10 @@ SLICES = {"v5p-64": ("v5p:2x4x4", 32), "v6e-256": ("v6e:16x16", 256)}
 
 def _mechanism_overrides(name: str, s: dict) -> list[str]:
     d, h, kv = s["d_model"], s["heads"], s["kv_heads"]
-    if name == "softmax":
-        return ["model.mixers=[attention]", f"model.attention.n_heads={h}", f"model.attention.n_kv_heads={kv}"]
+    if name in ("softmax", "softmax_splash"):
+        splash = ["model.attention.implementation=pallas_tpu"] if name == "softmax_splash" else []
+        return ["model.mixers=[attention]", f"model.attention.n_heads={h}", f"model.attention.n_kv_heads={kv}",
+                *splash]
     if name == "based":
         return ["model.mixers=[base_conv,based,sliding_window,base_conv,base_conv]", "model.based.feature_dim=16",
                 f"model.based.n_heads={h}", f"model.sliding_window.n_heads={h}", "model.sliding_window.window=64"]
@@ -83,7 +87,7 @@ def _mechanism_overrides(name: str, s: dict) -> list[str]:
     raise ValueError(f"unknown mechanism {name!r}")
 
 
-MECHANISMS = ("softmax", "based", "tnl", "titans_mac", "landmark", "moh", "diffqkv")
+MECHANISMS = ("softmax", "softmax_splash", "based", "tnl", "titans_mac", "landmark", "moh", "diffqkv")
 
 
 def cell_overrides(mechanism: str, size: str, seq_len: int, chips: int) -> list[str]:

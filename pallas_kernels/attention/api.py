@@ -5,6 +5,9 @@ Implementations:
 - "xla": `jax.nn.dot_product_attention(implementation="xla")`; GQA natively, K == V, q/k/v of one dtype.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention; GPU only, bf16/fp16,
   K == V, K a multiple of 8 and at most 256. Checked here before any work, so a fallback never hides a bug.
+- "pallas_tpu": jax's splash attention kernel (splash.py: a `CausalMask` or `FullMask`, flash attention whose memory
+  is O(T), not the [T, T] scores of "xla"); TPU only, T a multiple of 128, S == T, K == V, no array mask. Opt-in:
+  no TPU has run it yet.
 
 Default order: cpu ("xla",), gpu ("cudnn", "xla"), tpu ("xla",). cuDNN is left out of the default for inputs that
 are not bf16/fp16, so a float32 model on GPU goes straight to "xla" instead of warning about a fallback each trace.
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from effarch.pallas_kernels.attention.reference import attention_reference
+from effarch.pallas_kernels.attention.splash import attention_splash
 from effarch.pallas_kernels.dispatch import dispatch, require_platform
 
 OP = "dot_product_attention"
@@ -77,7 +81,13 @@ def _reference(q, k, v, *, causal, scale, mask):
     return attention_reference(q, k, v, causal=causal, scale=scale, mask=mask)
 
 
-IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "cudnn": _cudnn}
+def _pallas_tpu(q, k, v, *, causal, scale, mask):
+    if not q.dtype == k.dtype == v.dtype:
+        raise NotImplementedError(f"'pallas_tpu' needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return attention_splash(q, k, v, causal=causal, scale=scale, mask=mask)
+
+
+IMPLEMENTATIONS = {"reference": _reference, "xla": _xla, "cudnn": _cudnn, "pallas_tpu": _pallas_tpu}
 
 
 def dot_product_attention(
@@ -100,8 +110,8 @@ def dot_product_attention(
         that start at an offset into the keys (prefill against a cache), pass causal=False and a mask.
       scale: logit scale; None means 1 / sqrt(K).
       mask: optional boolean [B, T, S]; True marks a visible key. A row with no visible key gives 0.
-      implementation: "reference", "xla", "cudnn", a sequence of them tried in order, or None for the platform
-        default (see the module docstring). A single name fails at once if it cannot run here.
+      implementation: "reference", "xla", "cudnn", "pallas_tpu", a sequence of them tried in order, or None for
+        the platform default (see the module docstring). A single name fails at once if it cannot run here.
 
     Returns:
       [B, T, H, V] in q's dtype.

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from effarch.pallas_kernels.attention.splash import attention_splash
 from effarch.pallas_kernels.based.pallas_vjp import based_pallas_impl
 from effarch.pallas_kernels.lightning import api as lightning_api
 from effarch.pallas_kernels.sliding_window.splash import sliding_window_splash
@@ -29,11 +30,13 @@ class Shape:
 
 
 # Realistic per-chip shapes: Lightning (TransNormerLLM) heads of 128; BASED's feature dim 16 with value heads of 64
-# (arXiv 2402.18668 §3); sliding-window attention with GQA (8 query heads on 2 KV heads) of head dim 128, window 512.
+# (arXiv 2402.18668 §3); sliding-window and causal attention with GQA (8 query heads on 2 KV heads) of head dim 128,
+# window 512.
 SHAPES = {
     "lightning": Shape(b=2, h=8, h_kv=8, k=128, v=128),
     "based": Shape(b=2, h=8, h_kv=8, k=16, v=64),
     "splash": Shape(b=2, h=8, h_kv=2, k=128, v=128),
+    "attention": Shape(b=2, h=8, h_kv=2, k=128, v=128),
 }
 WINDOW = 512
 
@@ -54,8 +57,12 @@ def _splash(q, k, v):
     return sliding_window_splash(q, k, v, window=WINDOW, interpret=False)
 
 
+def _attention(q, k, v):
+    return attention_splash(q, k, v, causal=True, interpret=False)
+
+
 # kernel -> f(q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V]) running its pallas_tpu implementation.
-OPS = {"lightning": _lightning, "based": _based, "splash": _splash}
+OPS = {"lightning": _lightning, "based": _based, "splash": _splash, "attention": _attention}
 CHIPS = ("v5e", "v5p", "v6e")
 LENGTHS = (2048, 32768)
 DTYPES = ("bfloat16", "float32")
