@@ -7,8 +7,9 @@ analysis. Reported per cell: parameters, per-device bytes (arguments, temporarie
 fits, the compiler's step-time estimate and the tokens/s per chip and MFU it implies. The estimates are the
 compiler's cost model, not measurements (docs/planning.md, "What the numbers are").
 
-The models (all: vocabulary 32,000 tied, float32 parameters and activations as `effarch train` runs them, AdamW,
-`model.remat=true`, pure FSDP over every chip `mesh.fsdp=-1 mesh.data=1`, one sequence per chip):
+The models (all: vocabulary 32,000 tied, float32 parameters and AdamW state with bfloat16 compute
+`train.compute_dtype=bfloat16`, `model.remat=true`, pure FSDP over every chip `mesh.fsdp=-1 mesh.data=1`, one
+sequence per chip):
 
 | size | d_model | layers | MLP hidden | heads (head dim) | KV heads |
 |---|---|---|---|---|---|
@@ -32,17 +33,19 @@ Resumable: the JSON (--out) is rewritten after every cell, and a rerun plans onl
 --redo, those that failed). Each cell records the effarch commit, the wall seconds and the load average, so a table
 built over several sessions says where each number came from. `--render` only rewrites the table and the PNG.
 
-Run:   .venv[-tpu]/bin/python benchmarks/plan_scale.py [--out benchmarks/results/plan_scale.json] [--only softmax,tnl]
-       [--sizes 125M 1B] [--render]
+Run:   .venv/bin/python benchmarks/plan_scale.py [--out benchmarks/results/plan_scale.json] [--only softmax,tnl]
+       [--sizes 125M 1B] [--jobs 2] [--render]
 Needs libtpu (`pip install 'effarch[tpu]'`; the test extra has it too).
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,7 +98,7 @@ def cell_overrides(mechanism: str, size: str, seq_len: int, chips: int) -> list[
     s = SIZES[size]
     return [
         "model.vocab_size=32000", f"model.d_model={s['d_model']}", f"model.n_layers={s['n_layers']}",
-        "model.mlp.kind=swiglu", f"model.mlp.hidden={s['hidden']}", "model.remat=true",
+        "model.mlp.kind=swiglu", f"model.mlp.hidden={s['hidden']}", "model.remat=true", "train.compute_dtype=bfloat16",
         *_mechanism_overrides(mechanism, s),
         f"data.seq_len={seq_len}", f"train.batch_size={chips}", f"train.eval_batch_size={chips}",
         "mesh.fsdp=-1", "mesh.data=1",
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--slices", nargs="*", default=list(SLICES))
     p.add_argument("--seq-lens", nargs="*", type=int, default=list(SEQ_LENS))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
+    p.add_argument("--jobs", type=int, default=1, help="cells planned at once (each is one process)")
     p.add_argument("--redo", action="store_true", help="plan again the cells that failed")
     p.add_argument("--render", action="store_true", help="only rewrite the table and the PNG from --out")
     args = p.parse_args(argv)
@@ -243,14 +247,21 @@ def main(argv=None) -> int:
         todo = [(m, size, t, sl) for size in args.sizes for sl in args.slices for t in args.seq_lens
                 for m in args.only.split(",")
                 if cell_key(m, size, t, sl) not in cells or (args.redo and "error" in cells[cell_key(m, size, t, sl)])]
-        for n, (m, size, t, sl) in enumerate(todo, 1):
-            c = plan_cell(m, size, t, sl, args.timeout)
-            cells[cell_key(m, size, t, sl)] = c
-            write_json(args.out, cells)
-            what = c.get("error") or (f"{_gib(c['per_device_bytes']['total'])} GiB/chip, fits={c['fits']}, "
-                                      f"{_tok(c)} tok/s/chip")
-            print(f"[{n}/{len(todo)}] {cell_key(m, size, t, sl)}: {what} ({c['wall_s']} s, load "
-                  f"{c['load_before']} -> {c['load_after']})", flush=True)
+        lock, done = threading.Lock(), []
+
+        def run(cell):
+            c = plan_cell(*cell, args.timeout)
+            with lock:  # one writer at a time; the JSON is whole after every cell
+                cells[cell_key(*cell)] = c
+                write_json(args.out, cells)
+                done.append(cell)
+                what = c.get("error") or (f"{_gib(c['per_device_bytes']['total'])} GiB/chip, fits={c['fits']}, "
+                                          f"{_tok(c)} tok/s/chip")
+                print(f"[{len(done)}/{len(todo)}] {cell_key(*cell)}: {what} ({c['wall_s']} s, load "
+                      f"{c['load_before']} -> {c['load_after']})", flush=True)
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(run, todo))
     if cells:
         print(table(cells))
         plot(cells, args.out.with_suffix(".png"))

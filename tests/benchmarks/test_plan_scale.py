@@ -1,0 +1,48 @@
+"""benchmarks/plan_scale.py without compiling: every cell's overrides make a valid config of the stated size, and a
+table and PNG are rendered from planned cells (the compiles themselves are `effarch plan`'s, tested in
+tests/train/test_plan.py)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from effarch.train.config import load_config
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plan_scale.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("plan_scale", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
+
+
+@pytest.mark.parametrize("mechanism", bench.MECHANISMS)
+def test_every_cell_is_a_valid_config(mechanism):
+    for size, s in bench.SIZES.items():
+        cfg = load_config([bench.BASE_CONFIG], bench.cell_overrides(mechanism, size, 8192, 32))
+        assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.seq_len) == (s["d_model"], s["n_layers"], 8192)
+        assert cfg.train.batch_size == 32 and cfg.train.compute_dtype == "bfloat16" and cfg.model.remat
+
+
+def test_render_from_cells(tmp_path, capsys):
+    def cell(total, fits):
+        return {"params": 125_000_000, "per_device_bytes": {"total": total}, "fits": fits, "hbm_bytes": 95 * 2**30,
+                "estimated_tokens_per_s_per_chip": 1000.0}
+
+    cells = {bench.cell_key("softmax", "125M", 8192, "v5p-64"): cell(8 * 2**30, True),
+             bench.cell_key("softmax", "125M", 32768, "v5p-64"): cell(200 * 2**30, False),
+             bench.cell_key("based", "125M", 8192, "v5p-64"): {"error": "the TPU compiler aborted", "code": 3}}
+    out = tmp_path / "scale.json"
+    bench.write_json(out, cells)
+    assert bench.main(["--out", str(out), "--render"]) == 0
+    assert json.loads(out.read_text())["cells"] == cells
+    text = capsys.readouterr().out
+    assert "| softmax | 125M | 125M | 8.0, 1,000 | 200.0 ✗, — |" in text and "compile failed" in text
+    assert out.with_suffix(".png").stat().st_size > 0
