@@ -181,7 +181,8 @@ def generate_cli(argv: list[str]) -> None:
         info = Path(args.run_dir) / "run_info.json"
         imported = info.is_file() and "imported_from" in info.read_text()
         what = ("was imported from Hugging Face without a tokenizer.json (its tokens are ids of a tokenizer effarch "
-                "was not given)" if imported else f"was trained on data.task {run_cfg.data.task}, whose tokens are not text")
+                "was not given)" if imported
+                else f"was trained on data.task {run_cfg.data.task}, whose tokens are not text")
         _fail(f"--text needs a model trained on text (data.task text or bytes); {args.run_dir} {what}: give token "
               "ids with --prompt")
     # A text-task model reads and writes its tokenizer's ids; the bytes task's are the bytes themselves.
