@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -283,9 +284,10 @@ class Documents:
             raise ValueError(f"two examples of split {split!r} share a key: {self.key(a)!r} and {self.key(b)!r}")
         return indices[rank]
 
-    def example_sizes(self, order: np.ndarray) -> np.ndarray:
-        return np.array([tfds_writer.bytes_example_size({"text": self.length[i], "path": len(self.key(i).encode())})
-                         for i in order.tolist()], np.int64)
+    def example_sizes(self, order: np.ndarray) -> array.array:
+        return array.array("q", (tfds_writer.bytes_example_size({"text": self.length[i],
+                                                                   "path": len(self.key(i).encode())})
+                                 for i in order.tolist()))
 
     def examples(self, order: np.ndarray, text, root: Path):
         """(key, example) of each document in `order`, one in memory at a time; `text`: the temporary file."""
@@ -299,7 +301,7 @@ class Documents:
             yield key, {"text": data, "path": key}
 
 
-class _Keys:
+class _Keys(Sequence):
     """The keys of the documents in `order`, made when asked (the writer checks each against its example)."""
 
     def __init__(self, docs: Documents, order: np.ndarray):
@@ -308,7 +310,9 @@ class _Keys:
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         return self.docs.key(int(self.order[i]))
 
 
