@@ -29,13 +29,11 @@ with `builder.as_data_source(split)` (random access, what `tfds.data_source` ret
 """
 
 import array
-import contextlib
 import dataclasses
 import fcntl
 import glob
 import hashlib
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -176,8 +174,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
                 docs = Documents.scan(root, cfg.files, cfg.field, out)
             self.info.metadata.update(docs.metadata(cfg.field))
             docs.log(cfg.field, root)
-            with open(spill, "rb") as f, (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if docs.text_bytes
-                                          else contextlib.nullcontext(b"")) as text:  # mmap refuses an empty file
+            with open(spill, "rb") as text:
                 for split, indices in docs.splits(cfg.val_fraction).items():
                     order = docs.tfds_order(indices, split)
                     keys = _Keys(docs, order)
@@ -290,14 +287,15 @@ class Documents:
                                  for i in order.tolist()))
 
     def examples(self, order: np.ndarray, text, root: Path):
-        """(key, example) of each document in `order`, one in memory at a time; `text`: the temporary file."""
+        """(key, example) of each document in `order`, one in memory at a time; `text`: the temporary file, read
+        with pread (a memory map would count the whole file in the process's resident memory)."""
         for i in order.tolist():
             key = self.key(i)
             if self.record[i] < 0:
                 data = (root / key).read_bytes()
                 check_text(root / key, data)
             else:
-                data = text[self.offset[i]: self.offset[i] + self.length[i]]
+                data = os.pread(text.fileno(), self.length[i], self.offset[i])
             yield key, {"text": data, "path": key}
 
 
