@@ -33,8 +33,8 @@ def make_corpus(root: Path, field: str = "text") -> dict[str, bytes]:
     for i, row in enumerate(a):
         if isinstance(row, dict) and isinstance(row.get(field), str) and "\ud800" not in row[field]:
             want[f"a.jsonl#{i + (i > 0)}"] = row[field].encode()
-    with gzip.open(root / "b.jsonl.gz", "wb") as f:
-        f.write(_jsonl([{field: f"beta {i}"} for i in range(5)]))
+    with gzip.open(root / "b.jsonl.gz", "wb") as f:  # with a byte order mark
+        f.write("\ufeff".encode() + _jsonl([{field: f"beta {i}"} for i in range(5)]))
     want.update({f"b.jsonl.gz#{i}": f"beta {i}".encode() for i in range(5)})
     (root / "sub").mkdir(exist_ok=True)
     # two zstd frames: a shard written by appending

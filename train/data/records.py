@@ -102,8 +102,11 @@ def _jsonl_records(path: Path, field: str) -> Iterator[tuple[int, bytes | str]]:
             i += 1
             if not line.strip():
                 continue
+            text = line.decode("utf-8", "surrogateescape")
+            if i == 0:  # a byte order mark, which some writers put first
+                text = text.removeprefix("\ufeff")
             try:  # invalid UTF-8 survives as lone surrogates, so only the text field's decides about a record
-                record = json.loads(line.decode("utf-8", "surrogateescape"))
+                record = json.loads(text)
             except ValueError as e:
                 raise BadShard(f"data.text.source: {path} line {i + 1} is not JSON ({e}); a .jsonl file holds one "
                                "JSON object per line") from None
