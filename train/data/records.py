@@ -2,7 +2,8 @@
 
 This is how the corpora that models are pretrained on are distributed (FineWeb, SlimPajama, C4, RedPajama...):
 many files, each holding many documents, the text in one field (`data.text.field`, default "text"). A file is read
-as a stream, one record at a time (Parquet: one batch of rows), so memory does not depend on its size.
+as a stream, one record at a time (Parquet: 256 rows decoded at a time, from at most one row group's text column
+read at once), so memory does not depend on its size.
 
 A record whose field is missing (or null), is not a string, or is not valid UTF-8 is not a document: it is skipped
 and counted under one of `SKIP_REASONS` (train/data/local_text.py logs the counts and keeps them in the corpus
@@ -20,7 +21,7 @@ from pathlib import Path
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 SKIP_REASONS = ("missing_field", "not_string", "invalid_utf8")
-PARQUET_BATCH_ROWS = 256  # rows decoded at a time: bounds memory by 256 documents, not by a row group
+PARQUET_BATCH_ROWS = 256  # rows decoded into Python objects at a time (not a whole row group's)
 
 
 class BadShard(ValueError):
