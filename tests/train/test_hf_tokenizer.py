@@ -90,7 +90,7 @@ def write_corpus(root: Path) -> None:
     pq.write_table(pa.table({"text": [*docs[80:], None]}), root / "part-00001.parquet")
 
 
-@pytest.mark.slow  # a fine-tuning run, generation, an eval, an export and transformers: ~60 s on 2 loaded cores
+@pytest.mark.slow  # a fine-tuning run, generation, an eval, an export and transformers: 60-140 s on 2 loaded cores
 def test_imported_llama_fine_tuned_on_its_own_tokenizer_end_to_end(tmp_path, capsys):
     from effarch.train.data.tokenizers import text_tokenizer
     from effarch.train.generate import generate, load_model
