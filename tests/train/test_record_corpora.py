@@ -164,3 +164,11 @@ def test_parquet_is_read_a_batch_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     got = list(records.read_records(tmp_path / "a.parquet", "text"))
     assert got == [(i, f"row {i}".encode()) for i in range(1000)] and asked == [records.PARQUET_BATCH_ROWS]
+
+
+def test_bytes_task_reads_the_records_field(tmp_path):
+    from effarch.train.data.text import read_bytes
+
+    want = make_corpus(tmp_path / "corpus", field="content")
+    stream = read_bytes(str(tmp_path / "corpus"), 10**6, str(tmp_path / "tfds"), field="content")
+    assert stream.tobytes() == b"".join(t for _, t in sorted(want.items()))  # the documents in key order
