@@ -18,6 +18,11 @@ batches per second on one thread against the train step's need (`--step-s`, one 
 (with the load average before and after) and a PNG of resident memory against corpus size. A corpus needs about
 twice its size in free disk (the text files and the array_record copy) under `--work-dir` (default: a temporary
 directory); each is deleted before the next size.
+
+`--records-mb 100 [--shard-mb 64] [--records-format jsonl]` measures the builder on a sharded document corpus: a
+generated JSONL corpus of about that many MB (documents of 0.5-8 KB as {"id", "url", "text"} records, like FineWeb's
+shards; `jsonl.zst` or `parquet` shards with --records-format) is written under `--work-dir`, then a fresh process
+prepares it and reports records per second, MB of text per second and its peak resident memory.
 """
 
 import argparse
@@ -73,6 +78,72 @@ def write_corpus(root: Path, n_bytes: int, seed: int = 0) -> int:
     return written
 
 
+def write_record_corpus(root: Path, n_bytes: int, shard_bytes: int, fmt: str = "jsonl", seed: int = 0) -> dict:
+    """Shards of {"id", "url", "text"} records under `root`, about n_bytes of JSONL in all (documents of 0.5-8 KB
+    of generated words), `shard_bytes` a shard; returns {"records", "text_bytes", "file_bytes", "shards"}."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9)))
+                      for _ in range(5000)])
+    base = " ".join(vocab[rng.integers(0, len(vocab), 400_000)])
+    root.mkdir(parents=True, exist_ok=True)
+    stats = {"records": 0, "text_bytes": 0, "file_bytes": 0, "shards": 0}
+    written = 0
+    while written < n_bytes:
+        rows, size = [], 0
+        while size < shard_bytes and written + size < n_bytes:
+            n = int(rng.integers(512, 8192))
+            start = int(rng.integers(0, len(base) - n))
+            i = stats["records"] + len(rows)
+            rows.append({"id": i, "url": f"https://example.com/{i}", "text": base[start : start + n]})
+            size += n + 60
+        path = root / f"shard-{stats['shards']:05d}.{fmt}"
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            if fmt == "jsonl.zst":
+                import zstandard
+
+                data = zstandard.ZstdCompressor().compress(data)
+            path.write_bytes(data)
+        stats["records"] += len(rows)
+        stats["text_bytes"] += sum(len(r["text"]) for r in rows)
+        stats["file_bytes"] += path.stat().st_size
+        stats["shards"] += 1
+        written += size
+    return stats
+
+
+def records(args) -> dict:
+    """--records-mb: the builder's records per second on a generated sharded corpus, prepared in a fresh process."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        corpus, data_dir = Path(work) / "corpus", Path(work) / "tfds"
+        t0 = time.perf_counter()
+        corpus_stats = write_record_corpus(corpus, int(args.records_mb * 1e6), int(args.shard_mb * 1e6),
+                                           args.records_format)
+        generate_s = time.perf_counter() - t0
+        cmd = [sys.executable, __file__, "--measure", "prepare", "--source", str(corpus), "--data-dir", str(data_dir)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        prepared = json.loads(out.stdout.strip().splitlines()[-1])
+    report = {
+        "benchmark": "data_pipeline_records",
+        "config": {"records_mb": args.records_mb, "shard_mb": args.shard_mb, "format": args.records_format,
+                   "cpu_count": os.cpu_count()},
+        "corpus": corpus_stats, "generate_s": generate_s, **prepared,
+        "records_per_s": corpus_stats["records"] / prepared["prepare_s"],
+        "text_mb_per_s": corpus_stats["text_bytes"] / 1e6 / prepared["prepare_s"],
+        "file_mb_per_s": corpus_stats["file_bytes"] / 1e6 / prepared["prepare_s"],
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(os.getloadavg()),
+    }
+    return emit(report, args.out)
+
+
 def _reset_peak() -> None:
     """Resets VmHWM to the current resident set (Linux >= 4.0), so the peak read later is the peak of what follows."""
     try:
@@ -92,6 +163,7 @@ def _prepare_child(args) -> dict:
     return {"prepare_s": time.perf_counter() - t0, "prepare_rss_after_imports_mib": rss_imports / 1024,
             "prepare_rss_peak_mib": _proc_kib("VmHWM") / 1024,
             "prepare_shards": {k: v.num_shards for k, v in builder.info.splits.items()},
+            "prepare_documents": sum(v.num_examples for v in builder.info.splits.values()),
             "array_record_bytes": sum(p.stat().st_size for p in Path(builder.data_dir).glob("*.array_record-*"))}
 
 
@@ -212,7 +284,12 @@ def main(argv=None) -> dict:
     p.add_argument("--png", help="--scale-mb: the plot of resident memory against corpus size")
     p.add_argument("--step-s", type=float, default=1.4, help="--scale-mb: the train step the batches must keep up "
                    "with (the quickstart's on 2 loaded cores)")
-    p.add_argument("--work-dir", help="--scale-mb: where the generated corpora are written (default: $TMPDIR)")
+    p.add_argument("--work-dir", help="--scale-mb, --records-mb: where the generated corpora are written (default: "
+                   "$TMPDIR)")
+    p.add_argument("--records-mb", type=float, help="size (MB) of a generated sharded JSONL corpus: builder records/s")
+    p.add_argument("--shard-mb", type=float, default=64, help="--records-mb: MB per shard")
+    p.add_argument("--records-format", choices=["jsonl", "jsonl.zst", "parquet"], default="jsonl",
+                   help="--records-mb: the shards' format")
     p.add_argument("--measure", choices=["prepare", "train"], help=argparse.SUPPRESS)  # the children of --scale-mb
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -222,6 +299,8 @@ def main(argv=None) -> dict:
         return result
     if args.scale_mb:
         return scale(args)
+    if args.records_mb:
+        return records(args)
 
     from effarch.train.config import DataConfig, TextData
     from effarch.train.data import TrainStream, build_data, local_text

@@ -50,15 +50,22 @@ class MqarData:
 class TextData:
     """Tasks "bytes" and "text": the corpus, and (task "text") its tokenizer and TFDS splits."""
 
-    # A glob of text files, a directory, the running Python's standard library ("python_stdlib"), or (task "text")
+    # A glob of files or a directory (plain files: one document each; .jsonl, .jsonl.gz, .jsonl.zst and .parquet
+    # files: one per record, see field), the running Python's standard library ("python_stdlib"), or (task "text")
     # tfds:NAME, a prepared TFDS dataset
     source: str = "python_stdlib"
     max_bytes: int = 4_000_000  # train on at most this much text (memory does not grow with it)
     val_fraction: float = 0.02  # the fraction of documents (bytes: of the text) held out for validation
     # task "text" only:
-    tokenizer: Literal["bytes", "sentencepiece", "tiktoken"] = "bytes"  # bytes: ids 0-255 + separator 256
-    tokenizer_model: str = ""  # sentencepiece: the .model file; tiktoken: an encoding name or a .tiktoken file
-    field: str = "text"  # source tfds:NAME: the feature holding the text
+    # bytes: ids 0-255 + separator 256; hf: a Hugging Face tokenizer.json (the `tokenizers` library)
+    tokenizer: Literal["bytes", "sentencepiece", "tiktoken", "hf"] = "bytes"
+    # sentencepiece: the .model file; tiktoken: an encoding name or a .tiktoken file; hf: a tokenizer.json or a
+    # directory holding one
+    tokenizer_model: str = ""
+    # tokenizer hf: the token that ends each document ("" = the tokenizer's EOS, from the tokenizer_config.json beside
+    # tokenizer.json, else a token such as </s> or <|endoftext|>)
+    separator_token: str = ""
+    field: str = "text"  # the text's field in the records of .jsonl / .parquet files, or the feature of tfds:NAME
     train_split: str = "train"  # TFDS split names (local corpora have "train" and "validation")
     eval_split: str = "validation"
     max_eval_bytes: int = 262_144  # read at most this much text of eval_split (max_bytes bounds train_split)
@@ -69,8 +76,10 @@ class TextData:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.tokenizer != "bytes" and not self.tokenizer_model:
-            raise ValueError(f"tokenizer={self.tokenizer} needs tokenizer_model (a SentencePiece .model file or a "
-                             "tiktoken encoding name)")
+            raise ValueError(f"tokenizer={self.tokenizer} needs tokenizer_model (a SentencePiece .model file, a "
+                             "tiktoken encoding name or a Hugging Face tokenizer.json)")
+        if self.separator_token and self.tokenizer != "hf":
+            raise ValueError(f"separator_token is for tokenizer=hf, not {self.tokenizer}")
         if self.source.startswith("tfds:") and not self.source[len("tfds:"):]:
             raise ValueError("source='tfds:' needs a dataset name, e.g. tfds:my_dataset or tfds:name/config")
 

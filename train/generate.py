@@ -17,7 +17,7 @@ from effarch.arches.lm import DecoderLM
 from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import Config, ConfigError, load_config
 from effarch.train.data.text_stream import document_source
-from effarch.train.data.tokenizers import make_tokenizer
+from effarch.train.data.tokenizers import text_tokenizer
 from effarch.train.run_dir import checkpoint_steps
 
 
@@ -141,7 +141,7 @@ def sample_text(run_dir: str | Path, *, prompt_bytes: int = 96, max_new_tokens: 
     cfg, model = load_run(run_dir)
     if cfg.data.task != "text":
         raise ConfigError(f"run dir {str(run_dir)!r}: sample_text needs data.task: text, not {cfg.data.task}")
-    tokenizer = make_tokenizer(cfg.data.text.tokenizer, cfg.data.text.tokenizer_model)
+    tokenizer = text_tokenizer(cfg.data.text)
     docs, _ = document_source(cfg.data, cfg.data.text.eval_split)
     head = docs[0][:prompt_bytes]
     prompt = head[: head.rfind(b"\n") + 1] or head

@@ -9,13 +9,20 @@
   train/checkpoint.py with the params, a fresh optimizer state of the run's optimizer, the RNG and the metadata.
   So `effarch generate RUN_DIR`, a resume of RUN_DIR itself, and anything that restores params from a run
   directory through train/checkpoint.py read it.
+- The tokenizer: a checkpoint with a tokenizer.json (the `tokenizers` library's file, what Llama-family checkpoints
+  ship) has it and its tokenizer_config.json / special_tokens_map.json copied into RUN_DIR/tokenizer/, and the
+  written config trains and generates with it (`data.task: text`, `data.text.tokenizer: hf`, `tokenizer_model` that
+  directory), so `effarch generate RUN_DIR --text`, `effarch eval RUN_DIR perplexity` and `train.init_from=RUN_DIR`
+  use the checkpoint's own vocabulary. export-hf copies the files of a run's `hf` tokenizer back out.
 - export-hf writes config.json + model.safetensors (or shards with an index) that `transformers` loads.
 
 The config and tensor-name mappings are arches/hf_llama.py.
 """
 
+import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,11 +43,13 @@ from effarch.arches.hf_llama import (
     params_to_hf,
 )
 from effarch.arches.lm import DecoderLM
-from effarch.train.config import Config, ConfigError, TrainConfig
+from effarch.train.config import Config, ConfigError, DataConfig, TextData, TrainConfig
 from effarch.train.convert import write_run
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # tokenizer.json first
+TOKENIZER_DIR = "tokenizer"  # where import-hf puts them in the run directory
 
 
 def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -144,11 +153,56 @@ def import_hf(path: str | Path, run_dir: str | Path, *, seed: int = 0) -> Config
     if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
         raise ConfigError(f"run dir {str(run_dir)!r} already holds a run; choose a new directory")
     hf_config, tensors = read_hf_checkpoint(path)
-    cfg = Config(model=model_config_from_hf(hf_config), train=TrainConfig(run_dir=str(run_dir), seed=seed))
+    model_cfg = model_config_from_hf(hf_config)
+    tokenizer_files = [Path(path) / f for f in TOKENIZER_FILES if (Path(path) / f).is_file()]
+    data = DataConfig()
+    if tokenizer_files and tokenizer_files[0].name == TOKENIZER_FILES[0]:
+        check_tokenizer(tokenizer_files[0], model_cfg.vocab_size)
+        # An absolute path: the config is read from other directories (a fine-tuning run's, an eval's).
+        data = DataConfig(task="text", text=TextData(tokenizer="hf",
+                                                     tokenizer_model=str(run_dir.absolute() / TOKENIZER_DIR)))
+    else:
+        tokenizer_files = []
+    cfg = Config(model=model_cfg, data=data, train=TrainConfig(run_dir=str(run_dir), seed=seed))
     params = _params_state(cfg, params_from_hf(tensors, cfg.model))
     info = {"imported_from": str(Path(path).absolute()), "hf_architecture": hf_config.get("architectures")}
     write_run(cfg, params, run_dir, info=info)  # the same run directory `effarch convert` writes
+    if tokenizer_files:
+        (run_dir / TOKENIZER_DIR).mkdir()
+        for f in tokenizer_files:
+            shutil.copyfile(f, run_dir / TOKENIZER_DIR / f.name)
     return cfg
+
+
+def check_tokenizer(file: Path, vocab_size: int) -> None:
+    """HFConfigError when `file` is not a tokenizer.json, or has ids past the model's vocabulary (checked where the
+    `tokenizers` package is installed; without it the files are carried unread)."""
+    if importlib.util.find_spec("tokenizers") is None:
+        return
+    import tokenizers
+
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+        raise HFConfigError(f"{file}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0] if str(e) else e!r})"
+                            ) from None
+    n = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if n > vocab_size:
+        raise HFConfigError(f"{file}: its {n} token ids do not fit the model's vocab_size={vocab_size} (config.json)")
+
+
+def tokenizer_sources(cfg: Config) -> list[Path]:
+    """The tokenizer files of a run whose tokenizer is `hf` (none otherwise): tokenizer_model's tokenizer.json and
+    the tokenizer_config.json / special_tokens_map.json beside it."""
+    text = cfg.data.text
+    if cfg.data.task != "text" or text.tokenizer != "hf":
+        return []
+    model = Path(os.path.expanduser(text.tokenizer_model))
+    main = model / TOKENIZER_FILES[0] if model.is_dir() else model
+    if not main.is_file():
+        raise ConfigError(f"data.text.tokenizer_model: {str(model)!r} is neither a tokenizer.json nor a directory "
+                          "holding one: the run's tokenizer cannot be exported")
+    return [main, *(main.parent / f for f in TOKENIZER_FILES[1:] if (main.parent / f).is_file())]
 
 
 def _params_state(cfg: Config, tree: dict) -> nnx.State:
@@ -162,17 +216,20 @@ def _params_state(cfg: Config, tree: dict) -> nnx.State:
 def export_hf(run_dir: str | Path, path: str | Path, *, dtype: str = "float32",
               max_shard_bytes: int | None = None) -> Path:
     """Writes the newest checkpoint of `run_dir` (an all-attention model) as a Llama checkpoint directory `path`."""
-    from effarch.train.generate import load_model
+    from effarch.train.generate import load_model, load_run_config
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     path = Path(path)
     if (path / "config.json").exists():
         raise ConfigError(f"{path}: already holds a checkpoint (config.json); choose a new directory")
+    tokenizer = tokenizer_sources(load_run_config(run_dir))  # before anything is written
     model = load_model(run_dir)
     check_exportable(model.cfg)
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     hf_config = {**hf_config_from_model(model.cfg), "torch_dtype": dtype}
-    return write_hf_checkpoint(path, hf_config, params_to_hf(tree, model.cfg, np_dtype),
-                               max_shard_bytes=max_shard_bytes)
+    out = write_hf_checkpoint(path, hf_config, params_to_hf(tree, model.cfg, np_dtype), max_shard_bytes=max_shard_bytes)
+    for i, f in enumerate(tokenizer):  # the first is the tokenizer.json, whatever its name in the run
+        shutil.copyfile(f, out / (TOKENIZER_FILES[0] if i == 0 else f.name))
+    return out

@@ -167,7 +167,7 @@ def generate_cli(argv: list[str]) -> None:
 
     from effarch.arches.lm import DecoderLM
     from effarch.train.config import ConfigError
-    from effarch.train.data.tokenizers import make_tokenizer
+    from effarch.train.data.tokenizers import text_tokenizer
     from effarch.train.generate import check_reach, generate, load_run, load_run_config
 
     # Every check on the config alone, before the checkpoint is restored.
@@ -180,13 +180,16 @@ def generate_cli(argv: list[str]) -> None:
 
         info = Path(args.run_dir) / "run_info.json"
         imported = info.is_file() and "imported_from" in info.read_text()
-        what = ("was imported from Hugging Face (its tokens are ids of its own tokenizer, which effarch does not read)"
-                if imported else f"was trained on data.task {run_cfg.data.task}, whose tokens are not text")
+        what = ("was imported from Hugging Face without a tokenizer.json (its tokens are ids of a tokenizer effarch "
+                "was not given)" if imported
+                else f"was trained on data.task {run_cfg.data.task}, whose tokens are not text")
         _fail(f"--text needs a model trained on text (data.task text or bytes); {args.run_dir} {what}: give token "
               "ids with --prompt")
     # A text-task model reads and writes its tokenizer's ids; the bytes task's are the bytes themselves.
-    tokenizer = make_tokenizer(run_cfg.data.text.tokenizer, run_cfg.data.text.tokenizer_model) if (
-        run_cfg.data.task == "text") else None
+    try:
+        tokenizer = text_tokenizer(run_cfg.data.text) if run_cfg.data.task == "text" else None
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     if args.text is not None and tokenizer is not None:
         ids = [int(t) for t in tokenizer.encode(args.text.encode("utf-8"))]
     elif args.text is not None:

@@ -62,3 +62,17 @@ def test_scale_mode_end_to_end(tmp_path):
                                           "--png", str(tmp_path / "rss.png")])
     assert json.loads(out.read_text()) == report and [r["corpus_mb"] for r in report["sizes"]] == [0.2, 0.4]
     assert report["min_batches_per_s_over_need"] > 1 and (tmp_path / "rss.png").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.zst", "parquet"])
+def test_records_mode_parts(tmp_path, fmt):
+    """--records-mb's parts in this process: the generated shards (every record a document) and their preparation."""
+    if fmt == "jsonl.zst":
+        pytest.importorskip("zstandard")
+    bench = _load("data_pipeline")
+    stats = bench.write_record_corpus(tmp_path / "corpus", 200_000, 80_000, fmt)
+    assert stats["shards"] == len(list((tmp_path / "corpus").iterdir())) == 3
+    assert 25 <= stats["records"] and stats["text_bytes"] < 200_000
+    args = bench.argparse.Namespace(source=str(tmp_path / "corpus"), data_dir=str(tmp_path / "tfds"))
+    prepared = bench._prepare_child(args)
+    assert prepared["prepare_documents"] == stats["records"] and prepared["prepare_s"] > 0

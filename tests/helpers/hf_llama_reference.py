@@ -2,6 +2,7 @@
 
     python hf_llama_reference.py make DIR     # a fresh random Llama (GQA 4/1, tied head, default RoPE) in DIR
     python hf_llama_reference.py logits DIR   # prints {"logits": ...} of the checkpoint in DIR on PROMPT
+    python hf_llama_reference.py text DIR TEXT  # prints {"ids": ..., "logits": ...}: TEXT through DIR's tokenizer
 
 Kept out of effarch's own environment: transformers is never an effarch dependency, and the machines' torch wheel
 may be for another Python than effarch's venv (tests/train/test_hf.py picks the interpreter).
@@ -39,5 +40,18 @@ def logits(path: str) -> None:
     print(json.dumps({"logits": out.tolist()}))
 
 
+def text(path: str, prompt: str) -> None:
+    """The checkpoint's own tokenizer (tokenizer.json, read by AutoTokenizer) on `prompt`, without added special
+    tokens (as effarch packs documents), and the model's logits on those ids."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    ids = AutoTokenizer.from_pretrained(path)(prompt, add_special_tokens=False)["input_ids"]
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(torch.tensor([ids])).logits[0]
+    print(json.dumps({"ids": ids, "logits": out.tolist()}))
+
+
 if __name__ == "__main__":
-    {"make": make, "logits": logits}[sys.argv[1]](sys.argv[2])
+    {"make": make, "logits": logits, "text": text}[sys.argv[1]](*sys.argv[2:])

@@ -91,3 +91,39 @@ def test_a_data_error_writes_nothing_to_the_run_dir(tmp_path, capsys):
                        f"train.run_dir={tmp_path / 'run'}")
     assert code == 2 and f"{corpus / 'b.bin'} is not a text file (a NUL byte at offset 0)" in one_error_line(err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("problem", ["no shard", "field in no record", "tokenizer does not parse", "vocab too large"])
+def test_corpus_and_tokenizer_errors_are_one_line(tmp_path, capsys, problem):
+    """Bad input of a sharded corpus or an hf tokenizer: one line naming it, exit 2, no run directory."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "some text"}\n' * 50)
+    args = [f"data.text.source={corpus}"]
+    if problem == "no shard":
+        args = [f"data.text.source={corpus}/*.parquet"]
+        expected = f"data: data.text.source: no files match '{corpus}/*.parquet'"
+    elif problem == "field in no record":
+        args.append("data.text.field=body")
+        expected = f"data: data.text.field='body' is in none of the 50 records of the 1 record files under {corpus}"
+    else:
+        pytest.importorskip("tokenizers", reason="tokenizers is not installed")
+        from tests.helpers.tiny_tokenizers import byte_level_bpe
+
+        model = tmp_path / "tok" / "tokenizer.json"
+        if problem == "tokenizer does not parse":
+            model.parent.mkdir()
+            model.write_text("{not json")
+        else:
+            byte_level_bpe(model.parent, vocab_size=300)
+        args += ["data.text.tokenizer=hf", f"data.text.tokenizer_model={model.parent}"]
+        expected = (f"data: data.text.tokenizer_model: {model} is not a Hugging Face tokenizer.json ("
+                    if problem == "tokenizer does not parse" else
+                    "data: model.vocab_size=257 is smaller than the 300 ids of data.text.tokenizer=hf (separator id 2 "
+                    "included)")
+    code, out, err = cli(capsys, "train", ROOT / "configs" / "lm" / "quickstart.yaml", TINY, "model.vocab_size=257",
+                         f"data.data_dir={tmp_path / 'tfds'}", "data.seq_len=16", f"train.run_dir={tmp_path / 'run'}",
+                         *args)
+    assert code == 2  # (stdout may hold TFDS's "Downloading and preparing" line of the corpus build)
+    assert one_error_line(err).startswith(f"effarch: error: {expected}")
+    assert not (tmp_path / "run").exists()

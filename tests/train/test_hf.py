@@ -45,7 +45,7 @@ def test_import_hf_cli_then_generate_gives_transformers_greedy_continuation(tmp_
     assert code == 0, err
     assert [int(t) for t in out.split()] == EXPECTED["greedy_continuation"]
     code, _, err = cli(capsys, "generate", run_dir, "--text", "hello")  # bytes are not this tokenizer's ids
-    assert code == 2 and "was imported from Hugging Face (its tokens are ids of its own tokenizer" in err
+    assert code == 2 and "was imported from Hugging Face without a tokenizer.json" in err
     code, _, err = cli(capsys, "import-hf", FIXTURE, run_dir)  # never overwrites a run
     assert code == 2 and "already holds a run" in err
 

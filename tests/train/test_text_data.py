@@ -140,6 +140,8 @@ def test_two_processes_load_the_global_batch():
     (["data.task=bytes", "data.text.source=tfds:x"], "needs task: text"),
     (["data.text.max_eval_bytes=0"], "max_eval_bytes must be >= 1"),
     (["data.text.tokenizer=word"], "data.text.tokenizer: expected one of"),
+    (["data.text.tokenizer=hf"], "data.text: tokenizer=hf needs tokenizer_model"),
+    (["data.text.separator_token=</s>"], "data.text: separator_token is for tokenizer=hf, not bytes"),
 ])
 def test_config_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

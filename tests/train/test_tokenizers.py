@@ -1,4 +1,5 @@
-"""Tokenizer round trips: byte-level always; SentencePiece and tiktoken when their (optional) packages are present."""
+"""Tokenizer round trips: byte-level always; SentencePiece, tiktoken and Hugging Face tokenizer.json when their
+(optional) packages are present."""
 
 import base64
 import importlib.util
@@ -115,3 +116,77 @@ def test_missing_sentencepiece_model_file(tmp_path):
 def test_unknown_tiktoken_encoding():
     with pytest.raises(ValueError, match="data.text.tokenizer_model: 'no_such_encoding' is neither a file nor"):
         make_tokenizer("tiktoken", "no_such_encoding")
+
+
+needs_tokenizers = pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None,
+                                      reason="tokenizers is not installed (pip install 'effarch[tokenizers]')")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed")
+    from tests.helpers.tiny_tokenizers import byte_level_bpe
+
+    return byte_level_bpe(tmp_path_factory.mktemp("hf") / "tok").parent
+
+
+@needs_tokenizers
+@pytest.mark.parametrize("text", [*TEXTS, "a </s> b <s>"])
+def test_hf_tokenizer_round_trip(hf_dir, text):
+    tok = make_tokenizer("hf", str(hf_dir))  # the directory or the file itself
+    assert make_tokenizer("hf", str(hf_dir / "tokenizer.json")).encode(text.encode()).tolist() == (
+        ids := tok.encode(text.encode())).tolist()
+    assert ids.dtype == np.int32 and ((ids >= 0) & (ids < tok.vocab_size)).all()
+    assert tok.decode(ids) == text and tok.decode([*ids, tok.sep_id]) == text
+    assert (tok.vocab_size, tok.sep_token, tok.sep_id) == (300, "</s>", 2)  # no tokenizer_config.json: "</s>"
+    assert tok.sep_id not in ids  # "</s>" written in a document is text, not the separator
+    assert tok.token_bytes()[ids].sum() == len(text.encode()) and tok.token_bytes()[tok.sep_id] == 0
+
+
+@needs_tokenizers
+def test_hf_separator_from_the_config_or_the_key(hf_dir, tmp_path):
+    from tests.helpers.tiny_tokenizers import byte_level_bpe
+
+    d = byte_level_bpe(tmp_path / "t", config={"eos_token": {"content": "<s>", "special": True}}).parent
+    assert make_tokenizer("hf", str(d)).sep_token == "<s>"  # tokenizer_config.json's eos_token
+    assert make_tokenizer("hf", str(d), separator_token="<unk>").sep_id == 0
+    with pytest.raises(ValueError, match=r"has no token 'EOT' \(data.text.separator_token\)"):
+        make_tokenizer("hf", str(d), separator_token="EOT")
+    metaspace = tmp_path / "m"
+    from tests.helpers.tiny_tokenizers import metaspace_bpe
+
+    tok = make_tokenizer("hf", str(metaspace_bpe(metaspace, 100, "abc ", ["ab ca bc"] * 5)))
+    ids = tok.encode(b"ab cab")
+    assert tok.decode(ids) == "ab cab" and tok.token_bytes()[ids].sum() == 6  # "\u2581" counts as the space
+
+
+@needs_tokenizers
+def test_hf_tokenizer_files_that_do_not_parse(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nonsense"}}')
+    with pytest.raises(ValueError, match=rf"^data.text.tokenizer_model: {tmp_path}/tokenizer.json is not a Hugging "
+                                         r"Face tokenizer.json \(.+\)$"):
+        make_tokenizer("hf", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is neither a tokenizer.json nor a directory holding one"):
+        make_tokenizer("hf", str(tmp_path / "empty_dir_or_missing"))
+
+
+def test_hf_tokenizer_without_its_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ValueError, match=r"data.text.tokenizer=hf needs the tokenizers package: "
+                                         r"pip install 'effarch\[tokenizers\]'"):
+        make_tokenizer("hf", "x")
+
+
+@needs_tokenizers
+def test_text_task_with_an_hf_tokenizer(hf_dir, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text("".join(f'{{"text": "then the theme {i} </s>"}}\n' for i in range(40)))
+    text = TextData(source=str(tmp_path / "c"), tokenizer="hf", tokenizer_model=str(hf_dir), val_fraction=0.2)
+    cfg = DataConfig(task="text", data_dir=str(tmp_path / "d"), seq_len=16, text=text)
+    stream, (val,) = build_data(cfg, vocab_size=300, batch_size=2)
+    x, y = stream.batch(0)
+    assert x.max() < 300 and (y[x == 2] == -100).all()  # the label after a separator is masked
+    assert val.bytes_per_label > 1
+    with pytest.raises(ValueError, match=r"^model.vocab_size=299 is smaller than the 300 ids of "
+                                         r"data.text.tokenizer=hf \(separator id 2 included\)$"):
+        build_data(cfg, vocab_size=299, batch_size=2)

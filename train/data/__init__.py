@@ -82,7 +82,8 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream 
                              f"{data_cfg.landmark.token}")
         x, y, vx, vy = text.byte_lm_examples(data_cfg.text.source, data_cfg.seq_len, data_cfg.text.max_bytes,
                                              data_cfg.text.val_fraction, landmark_block_len=data_cfg.landmark.block_len,
-                                             landmark_token=data_cfg.landmark.token, data_dir=data_cfg.data_dir)
+                                             landmark_token=data_cfg.landmark.token, data_dir=data_cfg.data_dir,
+                                             field=data_cfg.text.field)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment("bytes_val", vx, vy)]
     if data_cfg.task == "passkey":
         if vocab_size < passkey.VOCAB_SIZE:

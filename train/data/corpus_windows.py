@@ -29,12 +29,15 @@ OFFSETS_DIR = "effarch_offsets"
 _FORMAT = 1  # bump when the meaning of the cached ends changes
 
 
-def tokenizer_key(kind: str, model: str = "") -> str:
-    """What identifies a tokenizer's output: its kind and model, a model file by the digest of its contents."""
+def tokenizer_key(kind: str, model: str = "", sep_id: int | None = None) -> str:
+    """What identifies a tokenizer's output: its kind and model, a model file by the digest of its contents (a
+    directory: of its tokenizer.json), and the separator id where the config chooses it (tokenizer hf)."""
     path = os.path.expanduser(model) if model else ""
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
     if path and os.path.isfile(path):
         model = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return f"{kind}:{model}"
+    return f"{kind}:{model}" + ("" if sep_id is None else f":sep={sep_id}")
 
 
 def document_ends(docs, tokenizer, max_bytes: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Byte-level language-modelling data from local text files: tokens are UTF-8 bytes (vocabulary 256).
 
 The source is a glob of text files, a directory, or "python_stdlib": the .py files of the running Python's standard
-library, a few MB of real text present on every machine, so LM configs and their tests need no download. The files
-are read through the TFDS dataset that train/data/local_text.py builds once under the data directory.
+library, a few MB of real text present on every machine, so LM configs and their tests need no download (a glob may
+also name .jsonl / .parquet shards: one document per record). The files are read through the TFDS dataset that
+train/data/local_text.py builds once under the data directory.
 """
 
 import numpy as np
@@ -11,10 +12,11 @@ from effarch.train.data import local_text
 from effarch.train.data.labels import IGNORE_LABEL
 
 
-def read_bytes(source: str, max_bytes: int, data_dir: str = "") -> np.ndarray:
+def read_bytes(source: str, max_bytes: int, data_dir: str = "", field: str = "text") -> np.ndarray:
     """The concatenated bytes (uint8) of the source files, in sorted-path order, at most `max_bytes`, read from the
-    source's TFDS dataset under the data directory (built on first use: train/data/local_text.py)."""
-    return local_text.corpus_bytes(source, data_dir, max_bytes)
+    source's TFDS dataset under the data directory (built on first use: train/data/local_text.py). `field`: the text's
+    field in .jsonl / .parquet files."""
+    return local_text.corpus_bytes(source, data_dir, max_bytes, field=field)
 
 
 def insert_landmarks(tokens: np.ndarray, block_len: int, landmark_token: int) -> np.ndarray:
@@ -42,7 +44,7 @@ def landmark_targets(
 
 def byte_lm_examples(
     source: str, seq_len: int, max_bytes: int, val_fraction: float, landmark_block_len: int = 0,
-    landmark_token: int = 256, data_dir: str = "",
+    landmark_token: int = 256, data_dir: str = "", field: str = "text",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Windows of seq_len + 1 bytes at a stride of seq_len -> (train_inputs, train_labels, val_inputs, val_labels).
 
@@ -52,7 +54,7 @@ def byte_lm_examples(
     With `landmark_block_len` L > 0 a landmark token follows every L bytes (windows start on a block boundary:
     seq_len must be a multiple of L + 1), and the labels skip landmarks (`landmark_targets`).
     """
-    stream = read_bytes(source, max_bytes, data_dir).astype(np.int32)
+    stream = read_bytes(source, max_bytes, data_dir, field).astype(np.int32)
     extra = 1
     if landmark_block_len:
         if seq_len % (landmark_block_len + 1):

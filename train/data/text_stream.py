@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from effarch.train.data import local_text
 from effarch.train.data.corpus_windows import CorpusWindows, cached_document_ends, offsets_path, tokenizer_key
 from effarch.train.data.packing import PackedWindows, concatenate
-from effarch.train.data.tokenizers import Tokenizer, make_tokenizer
+from effarch.train.data.tokenizers import Tokenizer, text_tokenizer
 
 
 def _grain_seed(seed: int) -> int:
@@ -64,7 +64,7 @@ def document_source(data_cfg, split: str) -> tuple[grain.MapDataset, str]:
         field = data_cfg.text.field
         fingerprint = f"tfds:{name}:{split}:{len(src)}"
     else:
-        builder = local_text.prepare(source, data_cfg.data_dir, data_cfg.text.val_fraction)
+        builder = local_text.prepare(source, data_cfg.data_dir, data_cfg.text.val_fraction, data_cfg.text.field)
         if split not in builder.info.splits:
             raise ValueError(f"data: split {split!r} does not exist in {source!r}; it has "
                              f"{sorted(builder.info.splits)}")
@@ -101,7 +101,8 @@ def corpus_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> 
     `pack_split`, in memory independent of the corpus size."""
     docs, fingerprint = document_source(data_cfg, split)
     path = offsets_path(local_text.resolve_data_dir(data_cfg.data_dir), fingerprint,
-                        tokenizer_key(data_cfg.text.tokenizer, data_cfg.text.tokenizer_model), max_bytes)
+                        tokenizer_key(data_cfg.text.tokenizer, data_cfg.text.tokenizer_model,
+                                      tokenizer.sep_id if data_cfg.text.tokenizer == "hf" else None), max_bytes)
     ends = cached_document_ends(path, docs, tokenizer, max_bytes)
     if (int(ends[-1]) if len(ends) else 0) < 2:
         raise ValueError(f"data.text.source {data_cfg.text.source!r}: split {split!r} holds no text")
@@ -137,7 +138,7 @@ class TextStream:
 
 def build_text_data(data_cfg, vocab_size: int, batch_size: int):
     """(TextStream over the train split, (inputs, labels, bytes per label) of the eval split)."""
-    tokenizer = make_tokenizer(data_cfg.text.tokenizer, data_cfg.text.tokenizer_model)
+    tokenizer = text_tokenizer(data_cfg.text)
     if vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the {tokenizer.vocab_size} ids of "
                          f"data.text.tokenizer={data_cfg.text.tokenizer} (separator id {tokenizer.sep_id} included)")

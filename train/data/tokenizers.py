@@ -1,15 +1,18 @@
-"""Tokenizers of the `text` task: byte-level (the default, no files), SentencePiece and tiktoken (optional extras).
+"""Tokenizers of the `text` task: byte-level (the default, no files), SentencePiece, tiktoken and Hugging Face
+`tokenizer.json` (optional extras).
 
 Every tokenizer maps document bytes to int32 ids and back, and names a separator id (`sep_id`) that ends each
 document in a packed stream (train/data/packing.py). `vocab_size` counts every id it can produce, separator
 included: the model's `model.vocab_size` must be at least that. `token_bytes()` gives the number of UTF-8 bytes
 each id stands for, which turns a loss per token into bits per byte.
 
-SentencePiece and tiktoken are imported only when configured; a missing package is a config error naming the key
-and the extra to install.
+SentencePiece, tiktoken and tokenizers are imported only when configured; a missing package is a config error naming
+the key and the extra to install.
 """
 
+import json
 import os
+import re
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -130,12 +133,101 @@ class TiktokenTokenizer:
         return out
 
 
-def make_tokenizer(kind: str, model: str = "") -> Tokenizer:
-    """`data.text.tokenizer` ("bytes", "sentencepiece", "tiktoken") and `data.text.tokenizer_model` -> a tokenizer."""
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library, what Llama-family checkpoints ship): the file, or a
+    directory holding it. The separator is `separator_token` if given, else the EOS token named by the
+    tokenizer_config.json (or special_tokens_map.json) beside it, else the first of `EOS_CANDIDATES` in the vocabulary.
+    Documents are encoded without the tokenizer's added BOS/EOS (packing adds the separator), and a document's own
+    text is never read as a special token ("</s>" written in a document is text)."""
+
+    FILE = "tokenizer.json"
+    EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+
+    def __init__(self, model: str, separator_token: str = ""):
+        try:
+            import tokenizers
+        except ImportError:
+            raise _missing("tokenizers", "hf", "tokenizers") from None
+        path = os.path.expanduser(model)
+        if os.path.isdir(path):
+            path = os.path.join(path, self.FILE)
+        if not model or not os.path.isfile(path):
+            raise FileNotFoundError(f"data.text.tokenizer_model: {model!r} is neither a tokenizer.json nor a directory "
+                                    "holding one")
+        self.path = path
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"data.text.tokenizer_model: {path} is not a Hugging Face tokenizer.json ({why})"
+                             ) from None
+        self.tok.encode_special_tokens = True  # "</s>" in a document's text is text, never the separator
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0  # ids may have gaps: the largest counts
+        name = separator_token or self._eos(os.path.dirname(path), vocab)
+        if name not in vocab:
+            what = "data.text.separator_token" if separator_token else "its EOS token"
+            raise ValueError(f"data.text.tokenizer_model: {path} has no token {name!r} ({what})")
+        self.sep_token, self.sep_id = name, vocab[name]
+        self._special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    @classmethod
+    def _eos(cls, directory: str, vocab: dict) -> str:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    eos = json.load(f).get("eos_token")
+            except (OSError, ValueError, AttributeError):  # absent, not JSON, not an object
+                continue
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if isinstance(eos, str) and eos:
+                return eos
+        for eos in cls.EOS_CANDIDATES:
+            if eos in vocab:
+                return eos
+        raise ValueError(f"data.text.tokenizer_model: {directory}/tokenizer.json names no EOS token (no "
+                         f"tokenizer_config.json eos_token, none of {list(cls.EOS_CANDIDATES)}): set "
+                         "data.text.separator_token")
+
+    def encode(self, text: bytes) -> np.ndarray:
+        ids = self.tok.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+        return np.asarray(ids, np.int32)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) != self.sep_id],
+                               skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        # Byte-level BPE (GPT-2, Llama 3) writes each byte as one character; SentencePiece-style vocabularies (Llama
+        # 2) write "▁" for a space and <0xAB> for a byte-fallback piece.
+        byte_level = type(self.tok.decoder).__name__ == "ByteLevel"
+        out = np.zeros(self.vocab_size, np.int64)
+        for piece, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i in self._special:
+                continue
+            if byte_level:
+                out[i] = len(piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                out[i] = 1
+            else:
+                out[i] = len(piece.replace("\u2581", " ").encode())
+        return out
+
+
+def make_tokenizer(kind: str, model: str = "", separator_token: str = "") -> Tokenizer:
+    """`data.text.tokenizer` ("bytes", "sentencepiece", "tiktoken", "hf"), `data.text.tokenizer_model` and
+    `data.text.separator_token` (hf only) -> a tokenizer."""
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "sentencepiece":
         return SentencePieceTokenizer(model)
     if kind == "tiktoken":
         return TiktokenTokenizer(model)
-    raise ValueError(f"data.text.tokenizer: unknown tokenizer {kind!r}; use bytes, sentencepiece or tiktoken")
+    if kind == "hf":
+        return HFTokenizer(model, separator_token)
+    raise ValueError(f"data.text.tokenizer: unknown tokenizer {kind!r}; use bytes, sentencepiece, tiktoken or hf")
+
+
+def text_tokenizer(text_cfg) -> Tokenizer:
+    """The tokenizer of a `data.text` config section."""
+    return make_tokenizer(text_cfg.tokenizer, text_cfg.tokenizer_model, text_cfg.separator_token)
