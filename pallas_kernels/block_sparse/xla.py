@@ -27,9 +27,11 @@ from jaxtyping import Array, Float, Int
 
 from effarch.pallas_kernels.block_sparse.reference import group_of_heads, per_group
 
-# Default bound on one step's float32 score buffer [B, Hq, steps' query blocks, q_block, Kmax · kv_block], in bytes:
-# large enough that the per-step einsums stay big (few steps), small enough that T = 32k fits a 2-core CPU host.
-STEP_SCORE_BYTES = 1 << 25
+# Default bound on one step's float32 score buffer [B, Hq, steps' query blocks, q_block, Kmax · kv_block], in bytes.
+# A step's forward + backward keeps about 7 buffers of that size live (scores, probabilities, mask, their cotangents,
+# gathered K/V and theirs). On a 2-core CPU (fwd + bwd, T = 8k, H = 4, D = 64, 10% of blocks) 4 to 128 query blocks per
+# step timed alike within the load noise while the compiled temporaries grew from 66 MiB to 682 MiB: the bound is small.
+STEP_SCORE_BYTES = 1 << 22
 
 
 def _pad_axis1(x, length: int, value):
@@ -76,8 +78,9 @@ def block_sparse_xla(
     """Gathered-block attention (module docstring); arguments as `block_sparse_attention`, plus:
 
     Args:
-      q_blocks_per_step: query blocks computed together in one `lax.map` step (static); None picks the most whose
-        float32 scores fit STEP_SCORE_BYTES. nQb is padded up to a multiple (padded blocks have empty lists).
+      q_blocks_per_step: query blocks computed together in one `lax.map` step (static); None takes the fewest
+        steps whose float32 scores fit STEP_SCORE_BYTES, split evenly. nQb is padded up to a multiple (the padded
+        blocks have empty lists).
       remat: `jax.checkpoint` each step, so the backward recomputes the scores instead of saving them.
 
     Returns:
@@ -98,7 +101,10 @@ def block_sparse_xla(
 
     if q_blocks_per_step is None:
         per_block = B * Hq * q_block * span * 4
-        q_blocks_per_step = int(np.clip(STEP_SCORE_BYTES // max(per_block, 1), 1, n_q_blocks))
+        most = int(np.clip(STEP_SCORE_BYTES // max(per_block, 1), 1, n_q_blocks))
+        q_blocks_per_step = -(-n_q_blocks // -(-n_q_blocks // most))  # equal steps: the least padding
+    if q_blocks_per_step < 1:
+        raise ValueError(f"q_blocks_per_step must be positive, got {q_blocks_per_step}")
     n_steps = -(-n_q_blocks // q_blocks_per_step)
     nqb_pad = n_steps * q_blocks_per_step
     tq_pad, tk_pad = nqb_pad * q_block, n_kv_blocks * kv_block
@@ -109,7 +115,7 @@ def block_sparse_xla(
     pad_blocks = ((0, 0), (0, 0), (0, 0), (0, nqb_pad - n_q_blocks))
     idx = jnp.pad(idx, pad_blocks + ((0, 0),))
     cnt = jnp.pad(cnt, pad_blocks)  # padded query blocks list nothing
-    listed = (jnp.arange(kmax) < cnt[..., None]) & (idx >= 0) & (idx < n_kv_blocks)
+    listed = (jnp.arange(kmax)[None, None, None, None, :] < cnt[..., None]) & (idx >= 0) & (idx < n_kv_blocks)
     idx = jnp.clip(idx, 0, n_kv_blocks - 1)
 
     # Per-group window and sinks, [Hl, Gs]; no window = int32 max, so the predicate is always true.
