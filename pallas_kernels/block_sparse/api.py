@@ -2,8 +2,8 @@
 
 Implementations:
 - "reference": reference.py, the dense masked softmax built from the lists (the oracle; O(Tq · Tk) memory).
-- "xla": xla.py, gathers only the listed key blocks (O(Tq · Kmax · kv_block) memory), checkpointed steps of query
-  blocks under lax.map; tested against the reference (tests/pallas_kernels/block_sparse/test_xla.py).
+- "xla": xla.py, gathers only the listed key blocks (O(Tq · Kmax · kv_block) memory at most, one step of query blocks
+  at a time), FA2-style custom_vjp backward; tested against the reference (tests/pallas_kernels/block_sparse/).
 
 Default order: "xla" on every platform (pallas_kernels/dispatch.py: a Pallas kernel joins a platform's default only
 once `scripts/gpu_check.sh` or its TPU counterpart has shown it correct and faster there).

@@ -10,14 +10,20 @@ its transpose, the scatter-add of dK/dV, move blocks rather than single tokens).
 Heads: with Hs = 1 or Hkv one gathered K/V block serves the Hq / Hkv query heads of a KV head (Hs = 1 broadcasts the
 list over the KV heads); with Hs = Hq each query head gathers its own blocks (Hq / Hkv times the bytes).
 
-Memory: the query blocks are processed `q_blocks_per_step` at a time under `lax.map`, and the per-step computation
-(gather, scores, softmax, contraction) is wrapped in `jax.checkpoint`, so the backward saves only each step's inputs
-and recomputes the scores: the live score buffers are [B, Hq, q_blocks_per_step, q_block, Kmax · kv_block], the
-saved residuals O(Tq · D). The softmax is the reference's double-where form (masked logits -inf, an empty row's max
-replaced by 0 and its sum by 1), so an empty row gives o = 0, lse = -inf and zero, finite gradients.
+Steps and backward: the query blocks are processed `q_blocks_per_step` at a time (`lax.map` forward, `lax.scan`
+backward). The backward is written by hand behind `jax.custom_vjp`, as FlashAttention-2 does (arXiv 2307.08691,
+Algorithm 2): it saves o and lse, and per step re-gathers K/V, recomputes P = exp(S - lse) on the visible entries,
+and forms dS = P ∘ (dP - rowsum(dO ∘ o) + dlse), dQ = dS K, dK = dSᵀ Q, dV = Pᵀ dO, scatter-adding the gathered
+blocks' dK/dV into float32 accumulators. So the live score-sized buffers are one step's
+[B, Hq, q_blocks_per_step, q_block, Kmax · kv_block], the saved residuals O(Tq · (D + Dv)). (Autodiff through a
+`jax.checkpoint`ed step needs the same memory but recomputes the P·V product and the softmax's max and sum: it was
+1.24x slower at T = 4k and 1.3x at 8k, fwd + bwd, same run, on the 2-core CPU.)
 
-Precision: scores and the probability-value contraction accumulate in float32; bf16 inputs stay bf16 in the gathers
-(the probabilities are cast to v's dtype for the contraction, as flash attention kernels do).
+The softmax is the reference's double-where form (masked logits -inf, an empty row's max replaced by 0 and its sum by
+1): an empty row gives o = 0, lse = -inf, and P = 0 there in the backward, so its gradients are zero and finite.
+
+Precision: scores, the probability-value contraction and every gradient accumulate in float32; bf16 inputs stay bf16
+in the gathers (the probabilities are cast to v's dtype for the forward contraction, as flash attention kernels do).
 """
 
 import jax
@@ -28,9 +34,10 @@ from jaxtyping import Array, Float, Int
 from effarch.pallas_kernels.block_sparse.reference import group_of_heads, per_group
 
 # Default bound on one step's float32 score buffer [B, Hq, steps' query blocks, q_block, Kmax · kv_block], in bytes.
-# A step's forward + backward keeps about 7 buffers of that size live (scores, probabilities, mask, their cotangents,
-# gathered K/V and theirs). On a 2-core CPU (fwd + bwd, T = 8k, H = 4, D = 64, 10% of blocks) 4 to 128 query blocks per
-# step timed alike within the load noise while the compiled temporaries grew from 66 MiB to 682 MiB: the bound is small.
+# A step's backward keeps several buffers of that size live (scores, probabilities, mask, dP, dS) next to the gathered
+# K/V and their gradients. fwd + bwd at T = 8k, H = 4, D = 64, 10% of the blocks: compiled temporaries 36, 49, 100,
+# 305 and 674 MiB at 1, 4, 16, 64 and 128 query blocks per step, while 4 to 128 timed alike within the load noise of
+# the 2-core CPU (measured with the earlier checkpointed-autodiff backward); hence a small bound (4 per step there).
 STEP_SCORE_BYTES = 1 << 22
 
 
@@ -73,15 +80,13 @@ def block_sparse_xla(
     scale: float | None = None,
     return_lse: bool = False,
     q_blocks_per_step: int | None = None,
-    remat: bool = True,
 ):
     """Gathered-block attention (module docstring); arguments as `block_sparse_attention`, plus:
 
     Args:
-      q_blocks_per_step: query blocks computed together in one `lax.map` step (static); None takes the fewest
-        steps whose float32 scores fit STEP_SCORE_BYTES, split evenly. nQb is padded up to a multiple (the padded
-        blocks have empty lists).
-      remat: `jax.checkpoint` each step, so the backward recomputes the scores instead of saving them.
+      q_blocks_per_step: query blocks computed together in one step (static); None takes the fewest steps whose
+        float32 scores fit STEP_SCORE_BYTES, split evenly. nQb is padded up to a multiple (the padded blocks have
+        empty lists).
 
     Returns:
       o [B, Tq, Hq, Dv] in q's dtype (and lse [B, Tq, Hq] float32, -inf on empty rows, when return_lse).
@@ -144,21 +149,14 @@ def block_sparse_xla(
     b_ix = jnp.arange(B)[:, None, None, None, None]
     h_ix = jnp.arange(Hkv)[None, :, None, None, None]
 
-    def step(k_blocks, v_blocks, kp_blocks, kv_seg_blocks, xs):
-        """One group of C query blocks: o [B, Hkv, G, C, q_block, Dv], lse [B, Hkv, G, C, q_block]."""
-        q_c, idx_c, listed_c, qp_c, qseg_c = xs  # [B,Hkv,G,C,bq,D], [B,Hl,Gs,C,Kmax] x2, [B,C,bq] x2
-        C = idx_c.shape[3]
-        # Gathered K/V [B, Hkv, Gs, C, Kmax, kv_block, D] -> [B, Hkv, Gs, C, span, D].
-        idx_kv = jnp.broadcast_to(idx_c, (B, Hkv, Gs, C, kmax))
-        k_g = k_blocks[b_ix, h_ix, idx_kv].reshape(B, Hkv, Gs, C, span, D)
-        v_g = v_blocks[b_ix, h_ix, idx_kv].reshape(B, Hkv, Gs, C, span, Dv)
-        if Gs == 1:
-            s = jnp.einsum("BHGCQD,BHCSD->BHGCQS", q_c, k_g[:, :, 0], preferred_element_type=jnp.float32)
-        else:
-            s = jnp.einsum("BHGCQD,BHGCSD->BHGCQS", q_c, k_g, preferred_element_type=jnp.float32)
-        s = s * scale
+    def gather(blocks, idx_c, width):
+        """[B, Hkv, nKb, kv_block, width] at the listed ids -> [B, Hkv, Gs, C, span, width]."""
+        idx_kv = jnp.broadcast_to(idx_c, (B, Hkv) + idx_c.shape[2:])
+        return blocks[b_ix, h_ix, idx_kv].reshape(B, Hkv, Gs, idx_c.shape[3], span, width)
 
-        # Visibility [B, Hl, Gs, C, q_block, span] on gathered positions (broadcasts over the score's heads).
+    def visible(kp_blocks, kv_seg_blocks, idx_c, listed_c, qp_c, qseg_c):
+        """[B, Hl, Gs, C, q_block, span] on gathered positions (broadcasts over the score's heads)."""
+        C = idx_c.shape[3]
         kp_g = kp_blocks[b_ix, idx_c].reshape(B, Hl, Gs, C, 1, span)
         qp_b = qp_c[:, None, None, :, :, None]
         vis = jnp.repeat(listed_c, kv_block, axis=-1).reshape(B, Hl, Gs, C, 1, span)
@@ -172,35 +170,88 @@ def block_sparse_xla(
         if kv_seg_blocks is not None:
             kseg_g = kv_seg_blocks[b_ix, idx_c].reshape(B, Hl, Gs, C, 1, span)
             vis = vis & (kseg_g == qseg_c[:, None, None, :, :, None])
+        return vis
 
-        # The double-where softmax (reference.py): masked logits -inf, exp gives 0 with a zero gradient; an empty
-        # row's max becomes 0 and its sum 1, so no NaN reaches the gradient.
+    # Einsums over the gathered keys: "BHCSD" when one gathered block serves the Hq / Hkv query heads of a KV head
+    # (Gs = 1, the G axis squeezed), "BHGCSD" per query head.
+    kv_spec = "BHCS" if Gs == 1 else "BHGCS"
+
+    def squeeze(x_g):
+        return x_g[:, :, 0] if Gs == 1 else x_g
+
+    def fwd_step(k_blocks, v_blocks, ints, xs):
+        """One group of C query blocks: o [B, Hkv, G, C, q_block, Dv] float32, lse [B, Hkv, G, C, q_block]."""
+        kp_blocks, kv_seg_blocks = ints
+        q_c, idx_c, listed_c, qp_c, qseg_c = xs
+        k_g, v_g = squeeze(gather(k_blocks, idx_c, D)), squeeze(gather(v_blocks, idx_c, Dv))
+        s = jnp.einsum(f"BHGCQD,{kv_spec}D->BHGCQS", q_c, k_g, preferred_element_type=jnp.float32) * scale
+        vis = visible(kp_blocks, kv_seg_blocks, idx_c, listed_c, qp_c, qseg_c)
         s = jnp.where(vis, s, -jnp.inf)
         m = jnp.max(s, axis=-1, keepdims=True)
-        m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
         p = jnp.exp(s - m)
         denom = jnp.sum(p, axis=-1, keepdims=True)
         nonempty = denom > 0
         l_safe = jnp.where(nonempty, denom, 1.0)
         p = (p / l_safe).astype(v.dtype if v.dtype != jnp.float32 else jnp.float32)
-        if Gs == 1:
-            o = jnp.einsum("BHGCQS,BHCSV->BHGCQV", p, v_g[:, :, 0], preferred_element_type=jnp.float32)
-        else:
-            o = jnp.einsum("BHGCQS,BHGCSV->BHGCQV", p, v_g, preferred_element_type=jnp.float32)
+        o = jnp.einsum(f"BHGCQS,{kv_spec}V->BHGCQV", p, v_g, preferred_element_type=jnp.float32)
         lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)[..., 0]
         return o, lse
 
-    if remat:
-        step = jax.checkpoint(step, prevent_cse=False)
+    def run_forward(q_blocked, k_blocks, v_blocks, ints, xs_int):
+        return jax.lax.map(lambda x: fwd_step(k_blocks, v_blocks, ints, x), (q_blocked,) + xs_int)
 
-    xs = (
-        _steps(q_blocked, n_steps, 3),
+    @jax.custom_vjp
+    def core(q_blocked, k_blocks, v_blocks, ints, xs_int):
+        return run_forward(q_blocked, k_blocks, v_blocks, ints, xs_int)
+
+    def core_fwd(q_blocked, k_blocks, v_blocks, ints, xs_int):
+        o, lse = run_forward(q_blocked, k_blocks, v_blocks, ints, xs_int)
+        return (o, lse), (q_blocked, k_blocks, v_blocks, ints, xs_int, o, lse)
+
+    def core_bwd(res, cts):
+        """FA2-style: recompute P = exp(S - lse) per step; dS = P (dP - rowsum(dO o) + dlse); dK/dV scatter-added."""
+        q_blocked, k_blocks, v_blocks, ints, xs_int, o, lse = res
+        do, dlse = cts
+        kp_blocks, kv_seg_blocks = ints
+
+        def bwd_step(carry, x):
+            dk_blocks, dv_blocks = carry
+            q_c, idx_c, listed_c, qp_c, qseg_c, o_c, lse_c, do_c, dlse_c = x
+            k_g, v_g = squeeze(gather(k_blocks, idx_c, D)), squeeze(gather(v_blocks, idx_c, Dv))
+            s = jnp.einsum(f"BHGCQD,{kv_spec}D->BHGCQS", q_c, k_g, preferred_element_type=jnp.float32) * scale
+            vis = visible(kp_blocks, kv_seg_blocks, idx_c, listed_c, qp_c, qseg_c)
+            lse_safe = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)[..., None]
+            p = jnp.where(vis, jnp.exp(s - lse_safe), 0.0)
+            do_c = do_c.astype(jnp.float32)
+            dp = jnp.einsum(f"BHGCQV,{kv_spec}V->BHGCQS", do_c, v_g, preferred_element_type=jnp.float32)
+            delta = jnp.sum(do_c * o_c, axis=-1, keepdims=True)
+            ds = p * (dp - delta + dlse_c[..., None]) * scale
+            dq_c = jnp.einsum(f"BHGCQS,{kv_spec}D->BHGCQD", ds, k_g, preferred_element_type=jnp.float32)
+            out_spec = "BHCSD" if Gs == 1 else "BHGCSD"
+            dk_g = jnp.einsum(f"BHGCQS,BHGCQD->{out_spec}", ds, q_c, preferred_element_type=jnp.float32)
+            dv_g = jnp.einsum(f"BHGCQS,BHGCQV->{out_spec.replace('D', 'V')}", p, do_c,
+                              preferred_element_type=jnp.float32)
+            C = idx_c.shape[3]
+            idx_kv = jnp.broadcast_to(idx_c, (B, Hkv, Gs, C, kmax))
+            dk_blocks = dk_blocks.at[b_ix, h_ix, idx_kv].add(dk_g.reshape(B, Hkv, Gs, C, kmax, kv_block, D))
+            dv_blocks = dv_blocks.at[b_ix, h_ix, idx_kv].add(dv_g.reshape(B, Hkv, Gs, C, kmax, kv_block, Dv))
+            return (dk_blocks, dv_blocks), dq_c
+
+        zeros = (jnp.zeros(k_blocks.shape, jnp.float32), jnp.zeros(v_blocks.shape, jnp.float32))
+        (dk_blocks, dv_blocks), dq = jax.lax.scan(bwd_step, zeros, (q_blocked,) + xs_int + (o, lse, do, dlse))
+        return (dq.astype(q_blocked.dtype), dk_blocks.astype(k_blocks.dtype), dv_blocks.astype(v_blocks.dtype),
+                None, None)
+
+    core.defvjp(core_fwd, core_bwd)
+
+    xs_int = (
         _steps(idx, n_steps, 3),
         _steps(listed, n_steps, 3),
         _steps(qp.reshape(B, nqb_pad, q_block), n_steps, 1),
         _steps(q_seg.reshape(B, nqb_pad, q_block), n_steps, 1),
     )
-    o, lse = jax.lax.map(lambda x: step(k_blocks, v_blocks, kp_blocks, kv_seg_blocks, x), xs)
+    o, lse = core(_steps(q_blocked, n_steps, 3), k_blocks, v_blocks, (kp_blocks, kv_seg_blocks), xs_int)
     # [nS, B, Hkv, G, C, bq, *] -> [B, nS, C, bq, Hkv, G, *] -> [B, Tq, Hq, *].
     o = jnp.transpose(o, (1, 0, 4, 5, 2, 3, 6)).reshape(B, tq_pad, Hq, Dv)[:, :Tq].astype(q.dtype)
     if not return_lse:

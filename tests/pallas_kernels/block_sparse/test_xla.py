@@ -176,7 +176,7 @@ def test_no_quadratic_buffer_at_8192_tokens_and_10_percent_of_blocks():
     """Forward + backward at T = 8192, 10% of the blocks listed (traced and compiled, not run): no array in the xla
     path's jaxpr holds T · T elements (the reference's does: the check can fail), and the compiled temporaries are
     under 1/8 of one dense float32 score tensor, B · H · T · T · 4 bytes (the default steps bound the live scores;
-    at T = 2048 the whole op is one step and its temporaries are ~0.66 of it, 7 score-sized buffers at 10%)."""
+    at T = 2048 the whole op is one step and its temporaries are ~0.74 of it: several score-sized buffers at 10%)."""
     B, T, H, D, bs = 1, 8192, 2, 64, 64
     n = T // bs
     idx, cnt = _causal_lists(np.random.default_rng(7), B, H, n, max(1, round(0.1 * n)))
