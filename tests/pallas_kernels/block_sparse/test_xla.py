@@ -105,9 +105,16 @@ def test_full_lists_equal_dense_causal_attention():
     # Every block, in reversed order: the lists may be unsorted.
     idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[::-1], (B, 1, n, n))
     cnt = jnp.full((B, 1, n), n, jnp.int32)
-    o = jax.jit(lambda *a: block_sparse_xla(*a, q_block=bs, kv_block=bs))(q, k, v, idx, cnt)
-    np.testing.assert_allclose(o, jax.jit(jax.nn.dot_product_attention, static_argnames="is_causal")(
-        q, k, v, is_causal=True), atol=ATOL)
+    ct = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
+
+    def loss(attn):  # o only (no lse): the backward gets a zero lse cotangent
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attn(q, k, v) * ct), argnums=(0, 1, 2)))
+
+    value, grads = loss(lambda q, k, v: block_sparse_xla(q, k, v, idx, cnt, q_block=bs, kv_block=bs))(q, k, v)
+    value_ref, grads_ref = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))(q, k, v)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, atol=ATOL, err_msg=f"d{name}")
 
 
 def test_empty_lists_give_zero_output_minus_inf_lse_and_zero_finite_gradients():
