@@ -2,8 +2,11 @@
 
 Implementations:
 - "reference": reference.py, the dense masked softmax built from the lists (the oracle; O(Tq · Tk) memory).
+- "xla": xla.py, gathers only the listed key blocks (O(Tq · Kmax · kv_block) memory at most, one step of query blocks
+  at a time), FA2-style custom_vjp backward; tested against the reference (tests/pallas_kernels/block_sparse/).
 
-Default order: "reference" on every platform until a faster path is tested against it.
+Default order: "xla" on every platform (pallas_kernels/dispatch.py: a Pallas kernel joins a platform's default only
+once `scripts/gpu_check.sh` or its TPU counterpart has shown it correct and faster there).
 """
 
 from collections.abc import Sequence
@@ -13,12 +16,13 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, group_of_heads
+from effarch.pallas_kernels.block_sparse.xla import block_sparse_xla
 from effarch.pallas_kernels.dispatch import dispatch
 
 OP = "block_sparse_attention"
 
-DEFAULT_ORDER = {"cpu": ("reference",), "gpu": ("reference",), "tpu": ("reference",)}
-IMPLEMENTATIONS = {"reference": block_sparse_reference}
+DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+IMPLEMENTATIONS = {"reference": block_sparse_reference, "xla": block_sparse_xla}
 
 
 def check_inputs(q, k, v, block_idx, block_cnt, *, q_block: int, kv_block: int, q_pos=None, kv_pos=None) -> None:

@@ -1,0 +1,231 @@
+"""Block-sparse attention (the gathered-block XLA path) vs dense causal XLA attention on the CPU, forward + backward.
+
+Claim under test: with ~10% of the key blocks listed, `block_sparse_attention(implementation="xla")` is at least 5x
+faster than dense causal softmax attention at T = 8k and 32k, with memory O(T · Kmax · kv_block), never [T, T].
+
+Setup: op level, float32, B = 1, H = 4 heads (one list per head, Hs = H = Hkv), D = 64, q_block = kv_block = 64. The
+lists are random and causal: query block I lists its diagonal block plus Kmax - 1 distinct earlier blocks (all of
+them while I < Kmax), Kmax = round(density · nKb); the report gives the fraction of all blocks and of the causal
+blocks listed. The timed function is the jitted value_and_grad (w.r.t. q, k, v) of sum(out · cotangent) for
+- `block_sparse_xla`: `block_sparse_attention(implementation="xla")`, the lists passed as traced arguments;
+- `dense_xla`: `effarch.pallas_kernels.attention.dot_product_attention(causal=True, implementation="xla")`.
+Both are compiled first (compile time, XLA's compiled memory analysis: temporaries, peak = arguments + outputs +
+temporaries - aliased), then called alternately, `--warmup` rounds untimed and `--reps` timed rounds, so a load
+spike from other jobs hits both; the median of each is reported with every time. A dense length whose compiled
+temporaries exceed `--dense-max-gib` is compiled for its memory numbers but not run (listed under "skipped").
+
+The machine may be shared: the 1-minute load average is recorded before and after. When either exceeds
+LOADED_ABOVE (1.5, on this 2-core host) the result is marked "loaded" and no target verdict is given.
+
+Run:   .venv/bin/python benchmarks/block_sparse_cpu.py [--quick] [--lengths 8192 32768] [--out FILE.json] [--png FILE]
+       (with --out and no --png, the PNG is written beside the JSON, same name, .png)
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import emit, loss_and_grads, memory_stats, platform_info
+
+from effarch.pallas_kernels.attention import dot_product_attention
+from effarch.pallas_kernels.block_sparse import block_sparse_attention
+
+DEFAULT_LENGTHS = (8192, 32768)
+QUICK_LENGTHS = (2048, 4096)
+PATHS = ("block_sparse_xla", "dense_xla")
+TARGET_SPEEDUP = 5.0
+LOADED_ABOVE = 1.5
+
+
+def causal_lists(rng: np.random.Generator, batch: int, heads: int, n_blocks: int, kmax: int):
+    """idx [B, H, n, kmax] (-1 padded), cnt [B, H, n]: the diagonal block plus kmax - 1 distinct earlier blocks."""
+    idx = np.full((batch, heads, n_blocks, kmax), -1, np.int32)
+    cnt = np.minimum(np.arange(n_blocks) + 1, kmax).astype(np.int32)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(n_blocks):
+                idx[b, h, i, : cnt[i]] = np.concatenate([[i], rng.choice(i, cnt[i] - 1, replace=False)])
+    return idx, np.broadcast_to(cnt, (batch, heads, n_blocks)).copy()
+
+
+def _compile(fn, args, max_temp_bytes: int | None) -> tuple[object, dict]:
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    record = {"compile_s": time.perf_counter() - start, "memory": memory_stats(compiled)}
+    if max_temp_bytes is not None and record["memory"]["temp_bytes"] > max_temp_bytes:
+        record["skipped"] = (f"compiled temporaries {record['memory']['temp_bytes'] / 2**30:.2f} GiB exceed the cap "
+                             f"{max_temp_bytes / 2**30:.2f} GiB; not run")
+        return None, record
+    return compiled, record
+
+
+def measure(t_len: int, *, batch: int, heads: int, head_dim: int, block: int, density: float, warmup: int, reps: int,
+            dense_max_bytes: int | None, seed: int = 0) -> dict:
+    """Both paths at one T: {path: record}, plus the lists' statistics."""
+    if t_len % block:
+        raise ValueError(f"T={t_len} must be a multiple of --block {block}")
+    n = t_len // block
+    kmax = max(1, round(density * n))
+    rng = np.random.default_rng(seed)
+    idx, cnt = causal_lists(rng, batch, heads, n, kmax)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q, k, v, ct = (jax.random.normal(key, (batch, t_len, heads, head_dim), jnp.float32) for key in keys)
+    idx, cnt = jnp.asarray(idx), jnp.asarray(cnt)
+
+    def sparse(q, k, v, ct, idx, cnt):
+        attn = lambda q, k, v: block_sparse_attention(q, k, v, idx, cnt, q_block=block, kv_block=block,  # noqa: E731
+                                                      implementation="xla")
+        return loss_and_grads(attn)(q, k, v, ct)
+
+    def dense(q, k, v, ct, idx, cnt):
+        return loss_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=True, implementation="xla"))(
+            q, k, v, ct)
+
+    args = (q, k, v, ct, idx, cnt)
+    compiled, records = {}, {}
+    for path, fn, cap in (("block_sparse_xla", sparse, None), ("dense_xla", dense, dense_max_bytes)):
+        compiled[path], records[path] = _compile(fn, args, cap)
+    runnable = {p: c for p, c in compiled.items() if c is not None}
+    times = {p: [] for p in runnable}
+    for round_ in range(warmup + reps):
+        for path, c in runnable.items():
+            start = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            if round_ >= warmup:
+                times[path].append(time.perf_counter() - start)
+    for path, ts in times.items():
+        records[path].update(median_s=statistics.median(ts), times_s=ts)
+    listed = int(np.asarray(cnt).sum())
+    lists = {"kmax": kmax, "n_blocks": n, "listed_fraction_of_all_blocks": listed / (batch * heads * n * n),
+             "listed_fraction_of_causal_blocks": listed / (batch * heads * n * (n + 1) / 2)}
+    return {"lists": lists, **records}
+
+
+def _speedups(results: dict) -> dict:
+    out = {}
+    for t, r in results.items():
+        if "median_s" in r["dense_xla"] and "median_s" in r["block_sparse_xla"]:
+            out[t] = {"time": r["dense_xla"]["median_s"] / r["block_sparse_xla"]["median_s"],
+                      "temp_bytes": r["dense_xla"]["memory"]["temp_bytes"]
+                      / r["block_sparse_xla"]["memory"]["temp_bytes"]}
+        else:  # dense not run: the memory ratio of the compiled programs still holds
+            out[t] = {"time": None, "temp_bytes": r["dense_xla"]["memory"]["temp_bytes"]
+                      / r["block_sparse_xla"]["memory"]["temp_bytes"]}
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    """Median fwd + bwd time against T for both paths (log-log); dense lengths not run are marked on the axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lengths = [int(t) for t in report["results"]]
+    for name, marker in zip(PATHS, "os"):
+        ts = [(t, report["results"][str(t)][name].get("median_s")) for t in lengths]
+        ran = [(t, s) for t, s in ts if s is not None]
+        if ran:
+            ax.plot(*zip(*ran), marker + "-", label=name)
+        not_run = [t for t, s in ts if s is None]
+        if not_run:
+            ax.plot(not_run, [ax.get_ylim()[1]] * len(not_run), "x", color="gray", label=f"{name}: not run (memory)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [str(t) for t in lengths])
+    ax.set_xlabel("T (tokens)")
+    ax.set_ylabel("forward + backward, median s")
+    cfg = report["config"]
+    status = "LOADED machine: " if report["loaded"] else ""
+    ax.set_title(f"{status}block-sparse ({cfg['density']:.0%} of blocks) vs dense, CPU f32, H={cfg['heads']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(lengths: Sequence[int], *, batch: int = 1, heads: int = 4, head_dim: int = 64, block: int = 64,
+        density: float = 0.1, warmup: int = 1, reps: int = 3, dense_max_gib: float | None = 8.0, log=None) -> dict:
+    """The JSON-ready report (module docstring)."""
+    lengths = sorted(set(lengths))
+    load_before = os.getloadavg()
+    results = {}
+    for t_len in lengths:
+        results[str(t_len)] = measure(t_len, batch=batch, heads=heads, head_dim=head_dim, block=block,
+                                      density=density, warmup=warmup, reps=reps,
+                                      dense_max_bytes=None if dense_max_gib is None else int(dense_max_gib * 2**30))
+        if log is not None:
+            r = results[str(t_len)]
+            line = [f"T={t_len:6d}"]
+            for path in PATHS:
+                speed = f"{r[path]['median_s']:.3f} s" if "median_s" in r[path] else "not run"
+                line.append(f"{path} {speed} (temp {r[path]['memory']['temp_bytes'] / 2**20:,.0f} MiB)")
+            log(", ".join(line) + f", load {os.getloadavg()[0]:.2f}")
+    load_after = os.getloadavg()
+    loaded = max(load_before[0], load_after[0]) > LOADED_ABOVE
+    speedups = _speedups(results)
+    timed = {t: s["time"] for t, s in speedups.items() if s["time"] is not None}
+    if loaded:
+        verdict = f"loaded (1-minute load average above {LOADED_ABOVE}): no target verdict"
+    elif not timed:
+        verdict = "no length where both paths ran"
+    else:
+        verdict = "pass" if all(s >= TARGET_SPEEDUP for s in timed.values()) else "fail"
+    return {
+        "config": {"lengths": lengths, "batch": batch, "heads": heads, "head_dim": head_dim, "q_block": block,
+                   "kv_block": block, "density": density, "dtype": "float32", "warmup": warmup, "reps": reps,
+                   "dense_max_temp_gib": dense_max_gib, "cpu_count": os.cpu_count(), **platform_info()},
+        "load_average_before": list(load_before),
+        "load_average_after": list(load_after),
+        "loaded": loaded,
+        "results": results,
+        "speedup": speedups,
+        "skipped": {t: r["dense_xla"]["skipped"] for t, r in results.items() if "skipped" in r["dense_xla"]},
+        "target": {"min_time_speedup": TARGET_SPEEDUP, "verdict": verdict},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", help=f"sequence lengths (default {list(DEFAULT_LENGTHS)})")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: lengths {list(QUICK_LENGTHS)}, 2 reps")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block", type=int, default=64, help="q_block = kv_block")
+    p.add_argument("--density", type=float, default=0.1, help="Kmax = round(density * number of key blocks)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 3, --quick 2)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dense-max-gib", type=float, default=8.0,
+                   help="compile but do not run dense lengths whose temporaries exceed this; <= 0 disables the cap")
+    p.add_argument("--out", help="also write the JSON report here (and the PNG beside it unless --png)")
+    p.add_argument("--png", help="write the time-vs-T plot here (needs matplotlib, the plots extra)")
+    args = p.parse_args(argv)
+    if not 0 < args.density <= 1:
+        p.error(f"--density must lie in (0, 1], got {args.density}")
+    lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    bad = [t for t in lengths if t <= 0 or t % args.block]
+    if bad:
+        p.error(f"--lengths {bad} must be positive multiples of --block {args.block}")
+    report = run(lengths, batch=args.batch, heads=args.heads, head_dim=args.head_dim, block=args.block,
+                 density=args.density, warmup=args.warmup, reps=args.reps if args.reps is not None else
+                 (2 if args.quick else 3), dense_max_gib=args.dense_max_gib if args.dense_max_gib > 0 else None,
+                 log=lambda line: print(line, file=sys.stderr))
+    png = args.png or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+    if png:
+        plot(report, png)
+        report["png"] = png
+    return emit(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
