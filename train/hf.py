@@ -9,7 +9,8 @@
   train/checkpoint.py with the params, a fresh optimizer state of the run's optimizer, the RNG and the metadata.
   So `effarch generate RUN_DIR`, a resume of RUN_DIR itself, and anything that restores params from a run
   directory through train/checkpoint.py read it.
-- export-hf writes config.json + model.safetensors (or shards with an index) that `transformers` loads.
+- export-hf writes config.json + model.safetensors (or shards with an index) that `transformers` loads. A LoRA
+  run (`train.lora`) is written with its adapters merged into the kernels (train/lora.py).
 
 The config and tensor-name mappings are arches/hf_llama.py.
 """
@@ -162,14 +163,15 @@ def _params_state(cfg: Config, tree: dict) -> nnx.State:
 def export_hf(run_dir: str | Path, path: str | Path, *, dtype: str = "float32",
               max_shard_bytes: int | None = None) -> Path:
     """Writes the newest checkpoint of `run_dir` (an all-attention model) as a Llama checkpoint directory `path`."""
-    from effarch.train.generate import load_model
+    from effarch.train.generate import load_run
+    from effarch.train.lora import merged
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     path = Path(path)
     if (path / "config.json").exists():
         raise ConfigError(f"{path}: already holds a checkpoint (config.json); choose a new directory")
-    model = load_model(run_dir)
+    _, model = merged(*load_run(run_dir))  # a LoRA run's adapters folded into its kernels
     check_exportable(model.cfg)
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
