@@ -121,16 +121,14 @@ def test_a_step_trains_only_the_adapters_and_train_also_with_their_optimizer_sta
     from effarch.train.train import Trainer
 
     c = cfg(tmp_path / "r", *LLAMA, "train.batch_size=4")
-    lora_tr, base_tr = Trainer(c), Trainer(cfg(tmp_path / "b", *LLAMA, "train.batch_size=4", lora=False))
-    params, opt, _ = lora_tr.init_state(0)
-    base_params, base_opt, _ = base_tr.init_state(0)
+    trainer = Trainer(c)
+    params, opt, _ = trainer.init_state(0)
     before = flat(params)
-    for path, value in flat(base_params).items():  # the same base weights as without LoRA, for the same seed
+    # The same base weights as the config without LoRA draws for the same seed (only its init is compiled).
+    base_params = Trainer(cfg(tmp_path / "b", *LLAMA, "train.batch_size=4", lora=False))._init(0)[0]
+    for path, value in flat(base_params).items():
         np.testing.assert_array_equal(before[path], value)
-    stream, _ = build_data(c.data, c.model.vocab_size, c.train.batch_size)
-    batch = lora_tr.global_batch(*stream.batch(0))
-    # Step 0: the LoRA model computes exactly the base model's loss.
-    assert float(lora_tr._eval_step(params, *batch)[0]) == float(base_tr._eval_step(base_params, *batch)[0])
+    assert len(before) > len(flat(base_params)) and not any(np.any(v) for p, v in before.items() if "lora_b" in p)
 
     def state_bytes(tree):
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -139,8 +137,9 @@ def test_a_step_trains_only_the_adapters_and_train_also_with_their_optimizer_sta
     # AdamW keeps two moments per trainable parameter and nothing for the frozen ones (plus a few scalar counts).
     assert 2 * sum(before[p].nbytes for p in trainable) <= state_bytes(opt) <= 2 * sum(
         before[p].nbytes for p in trainable) + 64
-    assert state_bytes(opt) < state_bytes(base_opt) / 2
-    params, opt, m = lora_tr.train_step(params, opt, *batch)
+    assert state_bytes(opt) < sum(v.nbytes for v in before.values())  # full fine-tuning: 2x the parameters
+    stream, _ = build_data(c.data, c.model.vocab_size, c.train.batch_size)
+    params, opt, m = trainer.train_step(params, opt, *trainer.global_batch(*stream.batch(0)))
     after = flat(params)
     assert np.isfinite(float(m["loss"]))
     for path in before:
@@ -151,6 +150,8 @@ def test_a_step_trains_only_the_adapters_and_train_also_with_their_optimizer_sta
             np.testing.assert_array_equal(after[path], before[path], err_msg=path)  # frozen: bitwise
 
 
+# Three training runs and a refused one: ~8 s on 2 cores.
+@pytest.mark.slow
 def test_resumed_lora_run_continues_bit_identically(tmp_path):
     from effarch.train.train import train_and_evaluate
 
@@ -190,6 +191,8 @@ def test_adapter_shardings_follow_their_kernels():
     assert specs["blocks/0/mixer/o_proj/lora/lora_b"] == (None, "fsdp")
 
 
+# Two training runs and a refused one: ~8 s on 2 cores.
+@pytest.mark.slow
 def test_init_from_a_base_run_adds_fresh_adapters_and_a_lora_run_needs_them(tmp_path):
     import json
 
