@@ -90,7 +90,9 @@ def add_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str],
     for path in chosen:
         layer = layers[path]
         if isinstance(layer, LoRALinear):
-            raise ValueError(f"{path}: already has an adapter")
+            raise ValueError(f"targets: {path} already has an adapter")
+        if layer.kernel.ndim != 2:
+            raise ValueError(f"targets: {path} is {layer.kernel.ndim}-D; LoRA adapts 2-D kernels [d_in, d_out]")
         _replace(model, path, LoRALinear(layer, rank, alpha, rngs=rngs))
     return chosen
 
