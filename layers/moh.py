@@ -42,6 +42,7 @@ from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.aux_loss import zero_aux_loss
 from effarch.layers.axes import Hidden, State
 from effarch.layers.linear import linear
+from effarch.layers.lora import kernel_of
 from effarch.layers.rope import ROPE_SCALING_FIELDS
 from effarch.pallas_kernels.moh import mixture_of_heads_attention
 
@@ -187,7 +188,8 @@ class MoHAttention(Attention):
     # --- attention --------------------------------------------------------------------------------------------
 
     def _w_o(self) -> Float[Array, "H V D"]:
-        return self.o_proj.kernel[...].reshape(self.config.n_heads, self.head_dim, self.d_model)
+        # kernel_of: a LoRA adapter on o_proj (layers/lora.py) is part of the matrix this reads
+        return kernel_of(self.o_proj).reshape(self.config.n_heads, self.head_dim, self.d_model)
 
     def _mixture(self, q, k, v, routing: Routing, q_positions=None) -> Hidden:
         return mixture_of_heads_attention(

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from effarch.arches.lm import DecoderLM
 from effarch.train.config import Config, ConfigError
+from effarch.train.lora import check_lora
 
 # Tokens per probe sequence: a multiple of 128 so that every kernel an implementation key can name accepts it (splash
 # sliding window needs T % 128 == 0; the chunked paths take any T), and small enough to trace in no time.
@@ -91,4 +92,5 @@ def check_runtime(cfg: Config, devices=None, *, processes: int | None = None) ->
 
 def check_config(cfg: Config, devices=None) -> None:
     check_model(cfg, devices)
+    check_lora(cfg)
     check_runtime(cfg, devices)

@@ -17,9 +17,9 @@ import yaml
 from effarch.arches.lm import ModelConfig
 from effarch.train.yaml_config import ConfigError, build, load_merged, load_yaml, parse_override, to_dict
 
-__all__ = ["Config", "ConfigError", "DataConfig", "LandmarkData", "MeshConfig", "MqarData", "NiahData", "OptimConfig",
-           "PasskeyData", "TextData", "TrainConfig", "config_from_dict", "dump_config", "load_config", "load_yaml",
-           "parse_override", "to_dict", "upgrade_data_keys"]
+__all__ = ["Config", "ConfigError", "DataConfig", "LandmarkData", "LoRAConfig", "MeshConfig", "MqarData", "NiahData",
+           "OptimConfig", "PasskeyData", "TextData", "TrainConfig", "config_from_dict", "dump_config", "load_config",
+           "load_yaml", "parse_override", "to_dict", "upgrade_data_keys"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -243,6 +243,34 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """`train.lora`: low-rank adapters on the linear layers `targets` names (layers/lora.py, train/lora.py); every
+    other parameter is frozen unless `train_also` names it."""
+
+    rank: int = 8  # r of A [d_in, r] and B [r, d_out]
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank (LoRA, arXiv 2106.09685, §4.1)
+    # Regexes (re.search) on the kernel paths of linear layers, e.g. "mixer/[qkvo]_proj/kernel"; each must match one
+    targets: tuple[str, ...] = ()
+    # Regexes on parameter paths of base weights that train too (LongLoRA's LoRA+: "^embed/", "norm"); each must match
+    train_also: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not self.targets:
+            raise ValueError("targets must list at least one regex on linear layers' kernel paths, e.g. "
+                             "'mixer/[qkvo]_proj/kernel'")
+        for name in ("targets", "train_also"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{name}: {pattern!r} is not a valid regex ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TrainConfig:
     run_dir: str = "runs/default"  # metrics, checkpoints and the resolved config go here; resumed if present
     steps: int = 1000  # optimizer updates
@@ -276,6 +304,9 @@ class TrainConfig:
     # Regexes (re.search) on parameter paths like "blocks/0/mixer/q_proj/kernel": matching parameters get no
     # update, no weight decay and no optimizer state.
     freeze: tuple[str, ...] = ()
+    # LoRA fine-tuning (null: off): adapters on the linear layers lora.targets matches; the base weights are frozen
+    # except those lora.train_also matches (docs/checkpoints.md, "LoRA")
+    lora: LoRAConfig | None = None
     aux_loss_weight: float = 0.01  # β: weight of the layers' auxiliary losses (MoH load balance; layers/aux_loss.py)
     sample_tokens: int = 96  # data.task text: tokens `effarch train` samples (temperature 0.7) for its summary; 0: none
 

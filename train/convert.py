@@ -6,6 +6,9 @@ directory I/O around it: read the source run's config and newest checkpoint, con
 normal run directory at step 0 (resolved config.yaml with the new model, a checkpoint with the parameters, a fresh
 optimizer state and RNG). OUT_DIR is then what `effarch train CONFIG train.init_from=OUT_DIR` fine-tunes from and
 what `effarch generate OUT_DIR` samples from.
+
+A LoRA run (`train.lora`) is read with its adapters merged into the kernels (train/lora.py), so every conversion
+starts from the plain model and OUT_DIR has no `train.lora`; `--to merged` converts nothing else.
 """
 
 import dataclasses
@@ -24,12 +27,14 @@ from effarch.arches.lm import ModelConfig
 from effarch.train.checkpoint import Checkpointer
 from effarch.train.config import Config, ConfigError, config_from_dict, to_dict
 from effarch.train.generate import load_run
+from effarch.train.lora import merged
 from effarch.train.run_dir import checkpoint_steps, prepare_run_dir
 
 # --to NAME -> "module:function" of a conversion in arches/.
 CONVERSIONS = {
     "moh": "effarch.arches.convert_moh:convert_to_moh",
     "diffqkv": "effarch.arches.convert_diffqkv:convert_attention_to_diffqkv",
+    "merged": "effarch.train.lora:merged_conversion",  # the same model, a LoRA run's adapters merged
 }
 # Where a conversion passes its options on (**options), the function whose keyword arguments they are.
 OPTIONS_OF = {"moh": "effarch.arches.convert_moh:moh_config_from_attention"}
@@ -92,8 +97,9 @@ def parse_options(to: str, overrides: list[str]) -> dict:
 
 
 def load_run_params(run_dir: str | Path) -> tuple[Config, nnx.State]:
-    """(resolved config, parameters of the newest complete checkpoint) of a training run directory."""
-    cfg, model = load_run(run_dir)
+    """(resolved config, parameters of the newest complete checkpoint) of a training run directory. A LoRA run's
+    adapters come merged into their kernels, and its config without `train.lora` (train/lora.py)."""
+    cfg, model = merged(*load_run(run_dir))
     return cfg, nnx.state(model, nnx.Param)
 
 

@@ -8,6 +8,8 @@ log and in `init_report.json` of the new run:
 - loaded: same path and shape in both: copied exactly (bitwise), restored straight into the new mesh's shardings;
 - new: not in the checkpoint: keeps its fresh initialisation (e.g. an added layer);
 - dropped: in the checkpoint only: not read into the model (e.g. a removed layer);
+- dropped LoRA adapters (a `train.lora` run read into a model without them) are an error: the base weights alone are
+  not the fine-tuned model (`effarch convert RUN OUT --to merged` folds them in first);
 - reshaped: same path, other shape (e.g. another vocabulary size): `train.init_mismatch` decides: "error" (the
   default) stops with one line naming them, "init" keeps the fresh initialisation, "overlap" copies the
   overlapping corner `[:min(a, b), ...]` into it (a vocabulary padded or truncated at its end).
@@ -78,6 +80,11 @@ def init_from_checkpoint(params, source: str | Path, mismatch: str = "error"):
             "reshaped": [{"path": p, "checkpoint": list(saved[p].shape), "model": list(target[p].shape),
                           "action": mismatch} for p in reshaped],
         }
+        adapters = sorted(p for p in report["dropped"] if "/lora/lora_" in p)
+        if adapters:  # the weights without them are not the fine-tuned model
+            raise ConfigError(f"train.init_from: the checkpoint holds LoRA adapters that this model lacks "
+                              f"({adapters[0]}, {len(adapters)} in all); set the source run's train.lora, or merge "
+                              "them into the weights first: effarch convert SOURCE_RUN OUT --to merged")
         if reshaped and mismatch == "error":
             shown = "; ".join(f"{p} {tuple(saved[p].shape)} -> {tuple(target[p].shape)}" for p in reshaped[:3])
             more = f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else ""

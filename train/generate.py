@@ -18,6 +18,7 @@ from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import Config, ConfigError, load_config
 from effarch.train.data.text_stream import document_source
 from effarch.train.data.tokenizers import text_tokenizer
+from effarch.train.lora import build_model
 from effarch.train.run_dir import checkpoint_steps
 
 
@@ -48,7 +49,7 @@ def restore_run(run_dir: str | Path) -> tuple[Config, DecoderLM, int]:
     # Looked up before a Checkpointer exists, so a run without checkpoints gets one line and nothing is created.
     if not checkpoint_steps(run_dir):
         raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint (nothing was saved yet: train it first)")
-    model = DecoderLM(cfg.model, rngs=nnx.Rngs(0))
+    model = build_model(cfg, nnx.Rngs(0))  # with train.lora's adapters: they are in the checkpoint
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
         steps = ckpt.steps()

@@ -14,7 +14,8 @@
   written config trains and generates with it (`data.task: text`, `data.text.tokenizer: hf`, `tokenizer_model` that
   directory), so `effarch generate RUN_DIR --text`, `effarch eval RUN_DIR perplexity` and `train.init_from=RUN_DIR`
   use the checkpoint's own vocabulary. export-hf copies the files of a run's `hf` tokenizer back out.
-- export-hf writes config.json + model.safetensors (or shards with an index) that `transformers` loads.
+- export-hf writes config.json + model.safetensors (or shards with an index) that `transformers` loads. A LoRA
+  run (`train.lora`) is written with its adapters merged into the kernels (train/lora.py).
 
 The config and tensor-name mappings are arches/hf_llama.py.
 """
@@ -216,15 +217,17 @@ def _params_state(cfg: Config, tree: dict) -> nnx.State:
 def export_hf(run_dir: str | Path, path: str | Path, *, dtype: str = "float32",
               max_shard_bytes: int | None = None) -> Path:
     """Writes the newest checkpoint of `run_dir` (an all-attention model) as a Llama checkpoint directory `path`."""
-    from effarch.train.generate import load_model, load_run_config
+    from effarch.train.generate import load_run
+    from effarch.train.lora import merged
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     path = Path(path)
     if (path / "config.json").exists():
         raise ConfigError(f"{path}: already holds a checkpoint (config.json); choose a new directory")
-    tokenizer = tokenizer_sources(load_run_config(run_dir))  # before anything is written
-    model = load_model(run_dir)
+    run_cfg, model = load_run(run_dir)
+    tokenizer = tokenizer_sources(run_cfg)  # before anything is written
+    _, model = merged(run_cfg, model)  # a LoRA run's adapters folded into its kernels
     check_exportable(model.cfg)
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16

@@ -359,9 +359,9 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from effarch.arches.lm import DecoderLM
     from effarch.train import param_tree
     from effarch.train.health import init_health
+    from effarch.train.lora import build_model
     from effarch.train.train import Trainer
 
     topo = parse_topology(topology, num_slices) if isinstance(topology, str) else topology
@@ -373,7 +373,7 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
                         f"expected {topo.devices} on {topo.processes}")
     mixers = list(dict.fromkeys(cfg.model.mixers))
     trainer = Trainer(cfg, devices)
-    abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))  # the trainer's model, adapters included
     _, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     # The non-parameter state (e.g. MoH's AuxLoss scalars) is closed over by the step, as after init_state; it is
     # tiny, so concrete zeros stand in for it.

@@ -51,6 +51,7 @@ from effarch.train.health import (
     raise_if_diverged,
     update_health,
 )
+from effarch.train.lora import build_model, lora_frozen_paths
 from effarch.train.metrics import MetricsWriteFailed, MetricsWriter
 from effarch.train.prefetch import Prefetcher
 from effarch.train.run_dir import check_run_dir, prepare_run_dir, resolve_run_dir
@@ -84,9 +85,11 @@ def decays(path: str, var: nnx.Variable) -> bool:
 
 
 def frozen_paths(cfg: Config, abstract_params) -> set[str]:
-    """Paths of the parameters that a `train.freeze` pattern matches (re.search)."""
+    """Paths of the parameters that a `train.freeze` pattern matches (re.search), and with `train.lora` every base
+    weight that `lora.train_also` does not name (train/lora.py)."""
     patterns = [re.compile(p) for p in cfg.train.freeze]
-    return {path for path in param_tree.flatten(abstract_params) if any(p.search(path) for p in patterns)}
+    matched = {path for path in param_tree.flatten(abstract_params) if any(p.search(path) for p in patterns)}
+    return matched | lora_frozen_paths(cfg, abstract_params)
 
 
 def make_optimizer(cfg: Config, abstract_params) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -147,7 +150,7 @@ class Trainer:
         self.labels_per_example = labels_per_example
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         rules = cfg.sharding_rules
-        abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
         self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
         self.tx, self.schedule = make_optimizer(cfg, abstract_params)
         frozen = frozen_paths(cfg, abstract_params)
@@ -163,7 +166,7 @@ class Trainer:
         params_in = (self.param_sharding, self.opt_sharding)
 
         def init(seed):
-            model = DecoderLM(cfg.model, rngs=nnx.Rngs(seed))
+            model = build_model(cfg, nnx.Rngs(seed))
             _, params, rest = nnx.split(model, nnx.Param, ...)
             return params, rest
 
