@@ -153,34 +153,51 @@ def _gib(n) -> str:
     return "—" if n is None else f"{n / GIB:.1f}"
 
 
+def step_estimate(c: dict) -> tuple[float | None, str]:
+    """(seconds, kind) of a planned cell's step: the compiler's estimate ("compiler"), or where it has none (libtpu
+    0.0.52 gives none for v6e) the roofline of its counts ("roofline": max(FLOPs / peak, bytes / HBM bandwidth))."""
+    if c.get("estimated_step_s"):
+        return c["estimated_step_s"], "compiler"
+    if c.get("roofline_step_s"):
+        return c["roofline_step_s"], "roofline"
+    return None, ""
+
+
+def tokens_per_s_per_chip(c: dict) -> float | None:
+    s, _ = step_estimate(c)
+    return None if not s or not c.get("fits") else c["batch_size"] * c["seq_len"] / c["devices"] / s
+
+
 def _tok(c: dict) -> str:
-    t = c.get("estimated_tokens_per_s_per_chip")
-    return "—" if not t or not c.get("fits") else f"{t:,.0f}"
+    t = tokens_per_s_per_chip(c)
+    return "—" if t is None else f"{t:,.0f}" + ("ʳ" if step_estimate(c)[1] == "roofline" else "")
 
 
 def table(cells: dict) -> str:
-    """Markdown: one row per mechanism and size, per slice and length: per-chip GiB (✗ = does not fit) and the
-    estimated tokens/s per chip."""
+    """Two markdown tables, one row per mechanism and size, one column per slice and length: the per-chip GiB of the
+    training step (✗ = does not fit), and the estimated tokens/s per chip (ʳ: from the roofline)."""
     cols = [(sl, t) for sl in SLICES for t in SEQ_LENS]
-    head = "| mechanism | size | params | " + " | ".join(f"{sl} {t // 1024}k: GiB/chip, tok/s/chip" for sl, t in cols)
-    lines = [head + " |", "|---|---|---|" + "---|" * len(cols)]
-    for m in MECHANISMS:
-        for size in SIZES:
-            row = [m, size]
-            params = None
-            for sl, t in cols:
-                c = cells.get(cell_key(m, size, t, sl))
-                if c is None:
-                    row.append("(not planned)")
-                elif "error" in c:
-                    row.append("compile failed")
-                else:
-                    params = c["params"]
-                    mark = "" if c["fits"] else " ✗"
-                    row.append(f"{_gib(c['per_device_bytes']['total'])}{mark}, {_tok(c)}")
-            row.insert(2, "—" if params is None else f"{params / 1e6:,.0f}M")
-            lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    out = []
+    for title, fmt in (("GiB per chip (✗: does not fit)", lambda c: f"{_gib(c['per_device_bytes']['total'])}"
+                        + ("" if c["fits"] else " ✗")), ("estimated tokens/s per chip", _tok)):
+        head = f"| {title} | params | " + " | ".join(f"{sl}, {t // 1024}k" for sl, t in cols) + " |"
+        lines = [head, "|---|---|" + "---|" * len(cols)]
+        for m in MECHANISMS:
+            for size in SIZES:
+                row, params = [], None
+                for sl, t in cols:
+                    c = cells.get(cell_key(m, size, t, sl))
+                    if c is None:
+                        row.append("")
+                    elif "error" in c:
+                        row.append("compile failed")
+                    else:
+                        params = c["params"]
+                        row.append(fmt(c))
+                p = "" if params is None else f"{params / 1e6:,.0f}M"
+                lines.append(f"| {m} {size} | {p} | " + " | ".join(row) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def plot(cells: dict, png: Path) -> None:
@@ -204,7 +221,7 @@ def plot(cells: dict, png: Path) -> None:
                 hbm = c["hbm_bytes"]
                 xs.append(i)
                 mem.append(c["per_device_bytes"]["total"] / GIB)
-                tok.append(c.get("estimated_tokens_per_s_per_chip") if c["fits"] else None)
+                tok.append(tokens_per_s_per_chip(c))
                 no_fit.append(not c["fits"])
             if not xs:
                 continue
@@ -220,7 +237,7 @@ def plot(cells: dict, png: Path) -> None:
         ax_tok.set_yscale("log")
         ax_mem.set_title(f"{sl}, {t // 1024}k tokens")
         ax_mem.set_ylabel("GiB per chip (compiled; x = does not fit)")
-        ax_tok.set_ylabel("tokens/s per chip (compiler estimate)")
+        ax_tok.set_ylabel("tokens/s per chip (estimate)")
         ax_tok.set_xticks(range(len(sizes)), sizes)
         ax_tok.set_xlabel("model size")
     axes[0, 0].legend(fontsize=8)
