@@ -200,6 +200,34 @@ def table(cells: dict) -> str:
     return "\n\n".join(out)
 
 
+def markdown(cells: dict, tables: str) -> str:
+    """The page written beside the JSON: what was planned, from which commits, the two tables and the failures."""
+    done = [c for c in cells.values() if "error" not in c]
+    commits = sorted({c["commit"] for c in cells.values()})
+    loads = [c["load_before"] for c in cells.values()]
+    total = len(MECHANISMS) * len(SIZES) * len(SEQ_LENS) * len(SLICES)
+    failed = [f"- {k}: {c['error']}" for k, c in cells.items() if "error" in c]
+    return "\n".join([
+        "# effarch plan: each mechanism's LM on TPU slices",
+        "",
+        f"Written by benchmarks/plan_scale.py (its docstring has the models and the method). {len(cells)} of {total} "
+        f"cells planned ({len(done)} compiled), effarch commit(s) {', '.join(commits)}, on "
+        f"{', '.join(sorted({c['date'] for c in cells.values()}))}; the compiles ran on a 2-core CPU host (load "
+        f"average {min(loads):.1f} to {max(loads):.1f}; compile times are not results). Memory is the compiled "
+        "program's; tokens/s are the compiler's cost-model estimates (ʳ: the roofline of its counts where it gives "
+        "none), which count a loop's body once and a Pallas kernel only through its declared cost estimate (jax's "
+        "splash kernel declares none): an upper bound for chunked and scanned mixers and for splash attention. "
+        "Compare memory across mechanisms; treat tokens/s as the compiler's view, not a measurement "
+        "(docs/planning.md, \"What the numbers are\"). Nothing ran on a TPU.",
+        "",
+        tables,
+        "",
+        *(["Did not compile:", "", *failed, ""] if failed else []),
+        "![memory and tokens/s per chip](plan_scale.png)",
+        "",
+    ])
+
+
 def plot(cells: dict, png: Path) -> None:
     import matplotlib
 
@@ -280,7 +308,9 @@ def main(argv=None) -> int:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(run, todo))
     if cells:
-        print(table(cells))
+        text = table(cells)
+        print(text)
+        args.out.with_suffix(".md").write_text(markdown(cells, text))
         plot(cells, args.out.with_suffix(".png"))
     return 0
 

@@ -33,12 +33,15 @@ def test_every_cell_is_a_valid_config(mechanism):
 
 def test_render_from_cells(tmp_path, capsys):
     def cell(total, fits):
-        return {"params": 125_000_000, "per_device_bytes": {"total": total}, "fits": fits, "hbm_bytes": 95 * 2**30,
+        return {"commit": "abc1234", "date": "2026-12-07", "load_before": 1.0, "params": 125_000_000,
+                "per_device_bytes": {"total": total}, "fits": fits, "hbm_bytes": 95 * 2**30,
                 "batch_size": 32, "seq_len": 8192, "devices": 32, "estimated_step_s": 8.192, "roofline_step_s": 4.0}
 
     cells = {bench.cell_key("softmax", "125M", 8192, "v5p-64"): cell(8 * 2**30, True),
              bench.cell_key("softmax", "125M", 32768, "v5p-64"): cell(200 * 2**30, False),
-             bench.cell_key("based", "125M", 8192, "v5p-64"): {"error": "the TPU compiler aborted", "code": 3},
+             bench.cell_key("based", "125M", 8192, "v5p-64"): {"error": "the TPU compiler aborted", "code": 3,
+                                                                 "commit": "abc1234", "date": "2026-12-07",
+                                                                 "load_before": 2.0},
              bench.cell_key("tnl", "125M", 8192, "v6e-256"): {**cell(2**30, True), "estimated_step_s": None}}
     out = tmp_path / "scale.json"
     bench.write_json(out, cells)
@@ -49,3 +52,5 @@ def test_render_from_cells(tmp_path, capsys):
     assert "| softmax 125M | 125M | 1,000 | — |" in text  # tokens/s from the compiler's step estimate
     assert "| tnl 125M | 125M |  |  | 2,048ʳ |" in text  # or from the roofline where the compiler has none
     assert out.with_suffix(".png").stat().st_size > 0
+    page = out.with_suffix(".md").read_text()
+    assert "4 of 96 cells planned (3 compiled)" in page and "- based/125M/8192/v5p-64: the TPU compiler" in page
