@@ -34,7 +34,6 @@ class Tiling:
     n_q_blocks: int
     n_kv_blocks: int
     kmax: int  # list length (grid steps per query block)
-    bound: int  # transposed list length C_T (grid steps per key block in dK/dV)
     n_groups: int  # Hs
     heads_per_program: int  # gq: query heads of one program
     density: float  # listed pairs / list slots (B · Hs · nQb · Kmax): the cost estimates' share of the grid
@@ -50,17 +49,18 @@ class Tiling:
         return 0 if self.n_groups == 1 else h
 
     def kv_head(self, h):
-        return h // self.kv_group if self.heads_per_program == 1 else h
+        # lax.div: h is a non-negative grid index (floor division lowers through a sign Mosaic rejects on scalars)
+        return jax.lax.div(h, self.kv_group) if self.heads_per_program == 1 and self.kv_group > 1 else h
 
 
-def tiling(q_shape, k_shape, v_shape, idx_shape, *, q_block, kv_block, bq, bk, gq, bound, density, scale, causal,
+def tiling(q_shape, k_shape, v_shape, idx_shape, *, q_block, kv_block, bq, bk, gq, density, scale, causal,
            has_window, has_segments) -> Tiling:
     B, Tq, Hq, D = q_shape
     Tk, Hkv = k_shape[1], k_shape[2]
     n_groups = idx_shape[1]
     G = Hq // Hkv
     return Tiling(q_block=q_block, kv_block=kv_block, bq=bq, bk=bk, n_q_blocks=-(-Tq // q_block),
-                  n_kv_blocks=-(-Tk // kv_block), kmax=max(1, idx_shape[3]), bound=bound, n_groups=n_groups,
+                  n_kv_blocks=-(-Tk // kv_block), kmax=max(1, idx_shape[3]), n_groups=n_groups,
                   heads_per_program=gq, density=density, kv_group=G, d=D, dv=v_shape[3],
                   scale=D**-0.5 if scale is None else float(scale), causal=causal, has_window=has_window,
                   has_segments=has_segments)

@@ -25,6 +25,7 @@ the value dtype before the p·V product (bf16 inputs stay on the MXU's bf16 path
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -100,27 +101,37 @@ def _program_specs(t: Tiling, gq, dp, dvp):
     return q_side, k_side
 
 
-def _transposed_specs(t: Tiling, gq, dp, dvp):
-    """BlockSpecs of the dK/dV grid (b, h, j, c): key-side blocks at j, query-side blocks at the listed I."""
+def _block_of(code, t: Tiling):
+    """Key block J of pair code J · nQb + I (codes are non-negative: lax.div, not floor division, which Mosaic
+    lowers through a sign it cannot take on scalars)."""
+    return jax.lax.div(code, t.n_q_blocks)
 
-    def row(b, h, j):
-        return (b * t.n_groups + t.list_group(h)) * t.n_kv_blocks + j
 
-    def query(b, h, j, c, idx_ref, cnt_ref, *_):
-        return _listed(idx_ref, cnt_ref, row(b, h, j), c, t.bound, t.n_q_blocks)
+def _pair_specs(t: Tiling, gq, dp, dvp, n_pairs):
+    """BlockSpecs of the dK/dV grid (b, h, s): slot s of the key-major pairs (transpose.py) of the program's list
+    group, pair code J · nQb + I; query-side blocks at I, key-side blocks and the dK/dV outputs at J."""
+
+    def code(b, h, s, codes_ref):
+        return codes_ref[(b * t.n_groups + t.list_group(h)) * n_pairs + s]
+
+    def query(b, h, s, codes_ref, *_):
+        return jax.lax.rem(code(b, h, s, codes_ref), t.n_q_blocks)
+
+    def key(b, h, s, codes_ref, *_):
+        return jax.lax.div(code(b, h, s, codes_ref), t.n_q_blocks)
 
     q_side = {
-        "q": pl.BlockSpec((None, None, gq, t.bq, dp), lambda b, h, j, c, *r: (b, h, 0, query(b, h, j, c, *r), 0)),
-        "o": pl.BlockSpec((None, None, gq, t.bq, dvp), lambda b, h, j, c, *r: (b, h, 0, query(b, h, j, c, *r), 0)),
-        "row": pl.BlockSpec((None, None, gq, t.bq, 1), lambda b, h, j, c, *r: (b, h, 0, query(b, h, j, c, *r), 0)),
-        "pos": pl.BlockSpec((None, t.bq, 1), lambda b, h, j, c, *r: (b, query(b, h, j, c, *r), 0)),
+        "q": pl.BlockSpec((None, None, gq, t.bq, dp), lambda b, h, s, *r: (b, h, 0, query(b, h, s, *r), 0)),
+        "o": pl.BlockSpec((None, None, gq, t.bq, dvp), lambda b, h, s, *r: (b, h, 0, query(b, h, s, *r), 0)),
+        "row": pl.BlockSpec((None, None, gq, t.bq, 1), lambda b, h, s, *r: (b, h, 0, query(b, h, s, *r), 0)),
+        "pos": pl.BlockSpec((None, t.bq, 1), lambda b, h, s, *r: (b, query(b, h, s, *r), 0)),
     }
     k_side = {
-        "k": pl.BlockSpec((None, None, t.bk, dp), lambda b, h, j, c, *_: (b, t.kv_head(h), j, 0)),
-        "v": pl.BlockSpec((None, None, t.bk, dvp), lambda b, h, j, c, *_: (b, t.kv_head(h), j, 0)),
-        "out_k": pl.BlockSpec((None, None, t.bk, dp), lambda b, h, j, c, *_: (b, h, j, 0)),
-        "out_v": pl.BlockSpec((None, None, t.bk, dvp), lambda b, h, j, c, *_: (b, h, j, 0)),
-        "pos": pl.BlockSpec((None, None, 1, t.bk), lambda b, h, j, c, *_: (b, j, 0, 0)),
+        "k": pl.BlockSpec((None, None, t.bk, dp), lambda b, h, s, *r: (b, t.kv_head(h), key(b, h, s, *r), 0)),
+        "v": pl.BlockSpec((None, None, t.bk, dvp), lambda b, h, s, *r: (b, t.kv_head(h), key(b, h, s, *r), 0)),
+        "out_k": pl.BlockSpec((None, None, t.bk, dp), lambda b, h, s, *r: (b, h, key(b, h, s, *r), 0)),
+        "out_v": pl.BlockSpec((None, None, t.bk, dvp), lambda b, h, s, *r: (b, h, key(b, h, s, *r), 0)),
+        "pos": pl.BlockSpec((None, None, 1, t.bk), lambda b, h, s, *r: (b, key(b, h, s, *r), 0, 0)),
     }
     return q_side, k_side
 
@@ -208,40 +219,47 @@ def _dq_kernel(idx_ref, cnt_ref, win_ref, sink_ref, q_ref, k_ref, v_ref, do_ref,
         dq_ref[...] = dq_sc[...].reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, win_ref, sink_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, kp_ref,
-                qs_ref, ks_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, t: Tiling):
-    b, h, j, c = (pl.program_id(a) for a in range(4))
+def _dkv_kernel(codes_ref, n_ref, win_ref, sink_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref,
+                kp_ref, qs_ref, ks_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, t: Tiling, n_pairs: int):
+    b, h, s = (pl.program_id(a) for a in range(3))
     gq = q_ref.shape[0]
     rows = gq * t.bq
-    n = cnt_ref[(b * t.n_groups + t.list_group(h)) * t.n_kv_blocks + j]
+    row = b * t.n_groups + t.list_group(h)
+    base = row * n_pairs
+    key = _block_of(codes_ref[base + s], t)
+    # A key block's pairs are one run of consecutive slots: start it at the run's first slot, write at its last
+    # (the output block stays in VMEM while its index does not change).
+    first = (s == 0) | (_block_of(codes_ref[base + jnp.maximum(s - 1, 0)], t) != key)
+    last = (s == n_pairs - 1) | (_block_of(codes_ref[base + jnp.minimum(s + 1, n_pairs - 1)], t) != key)
 
-    @pl.when(c == 0)
+    @pl.when(first)
     def _():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    @pl.when(c < n)
+    @pl.when(s < n_ref[row])
     def _():
         q = q_ref[...].reshape(rows, q_ref.shape[-1])
         do = do_ref[...].reshape(rows, do_ref.shape[-1])
-        s = dot_nt(q, k_ref[...]) * t.scale
+        sc = dot_nt(q, k_ref[...]) * t.scale
         vis = _predicate(t, gq, qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref)
-        p = probabilities(s, vis, lse_ref[...].reshape(rows, 1))
+        p = probabilities(sc, vis, lse_ref[...].reshape(rows, 1))
         dv_sc[...] += dot_tn(p.astype(do.dtype), do)
         dp = dot_nt(do, v_ref[...])
         ds = p * (dp - delta_ref[...].reshape(rows, 1))
         dk_sc[...] += dot_tn(ds.astype(q.dtype), q) * t.scale
 
-    @pl.when(c == t.bound - 1)
+    @pl.when(last)
     def _():
         dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def backward(t: Tiling, qk, kk, vk, qpos, kpos, qseg, kseg, idx, cnt, q_idx, q_cnt, window, sink, d_o, lse, delta,
+def backward(t: Tiling, qk, kk, vk, qpos, kpos, qseg, kseg, idx, cnt, transposed, window, sink, d_o, lse, delta,
              *, interpret: Interpret):
     """(dq [B, Hp, gq, Tq_p, Dp], dk [B, Hp, Tk_p, Dp], dv [B, Hp, Tk_p, Dvp]) in the kernel layout; dk, dv per
-    program head (float32 when gq == 1 and G > 1: the caller sums them over the group)."""
+    program head (float32 when gq == 1 and G > 1: the caller sums them over the group). `transposed`: the
+    key-major pairs of transpose.py."""
     B, Hp, gq, Tq_p, dp = qk.shape
     Tk_p, dvp = kk.shape[2], vk.shape[-1]
     q_side, k_side = _program_specs(t, gq, dp, dvp)
@@ -262,23 +280,31 @@ def backward(t: Tiling, qk, kk, vk, qpos, kpos, qseg, kseg, idx, cnt, q_idx, q_c
         name="block_sparse_bwd_dq",
     )(idx, cnt, window, sink, qk, kk, vk, d_o, lse, delta, qpos, kpos, qseg, kseg)
 
-    q_side, k_side = _transposed_specs(t, gq, dp, dvp)
+    pair_q, pair_k, _, q_cnt, n_valid = transposed
+    n_pairs = pair_q.shape[-1]
+    codes = (pair_k * t.n_q_blocks + pair_q).reshape(-1)
+    q_side, k_side = _pair_specs(t, gq, dp, dvp, n_pairs)
     summed = Hp != kk.shape[1]  # one program per query head: dK/dV summed over the group outside, in float32
     dk_dtype, dv_dtype = (jnp.float32, jnp.float32) if summed else (kk.dtype, vk.dtype)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, t=t),
+        functools.partial(_dkv_kernel, t=t, n_pairs=n_pairs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
-            grid=(B, Hp, t.n_kv_blocks, t.bound),
+            grid=(B, Hp, n_pairs),
             in_specs=[q_side["q"], k_side["k"], k_side["v"], q_side["o"], q_side["row"], q_side["row"],
                       q_side["pos"], k_side["pos"], q_side["pos"], k_side["pos"]],
             out_specs=[k_side["out_k"], k_side["out_v"]],
             scratch_shapes=[pltpu.VMEM((t.bk, dp), jnp.float32), pltpu.VMEM((t.bk, dvp), jnp.float32)],
         ),
         out_shape=[out_struct((B, Hp, Tk_p, dp), dk_dtype, qk), out_struct((B, Hp, Tk_p, dvp), dv_dtype, qk)],
-        compiler_params=_compiler_params(),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost.backward_dkv(t, B, Hp, gq, dp, dvp, qk.dtype.itemsize),
         interpret=interpret,
         name="block_sparse_bwd_dkv",
-    )(q_idx, q_cnt, window, sink, qk, kk, vk, d_o, lse, delta, qpos, kpos, qseg, kseg)
+    )(codes, n_valid.reshape(-1), window, sink, qk, kk, vk, d_o, lse, delta, qpos, kpos, qseg, kseg)
+    # Key blocks that no list names are never visited: their output blocks hold whatever was there; zero them.
+    heads = jnp.asarray([t.list_group(h) for h in range(Hp)])
+    named = (q_cnt[:, heads] > 0)[:, :, :, None, None]  # [B, Hp, nKb, 1, 1]
+    dk = jnp.where(named, dk.reshape(B, Hp, t.n_kv_blocks, t.bk, dp), 0).reshape(dk.shape)
+    dv = jnp.where(named, dv.reshape(B, Hp, t.n_kv_blocks, t.bk, dvp), 0).reshape(dv.shape)
     return dq, dk, dv

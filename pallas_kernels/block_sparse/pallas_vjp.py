@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from effarch.pallas_kernels.block_sparse import layout, pallas_tpu
-from effarch.pallas_kernels.block_sparse.transpose import transpose_lists, transposed_bound
+from effarch.pallas_kernels.block_sparse.transpose import key_major_pairs
 from effarch.pallas_kernels.interpret import Interpret, resolve_interpret
 from effarch.pallas_kernels.shard import BATCH, HEADS, shard_kernel
 
@@ -48,11 +48,10 @@ def _attend_bwd(name, t, interpret, residuals, cotangents):
     d_o, d_lse = cotangents
     delta = jnp.sum(o.astype(jnp.float32) * d_o.astype(jnp.float32), axis=-1, keepdims=True) - d_lse
     B = qk.shape[0]
-    q_idx, q_cnt = transpose_lists(idx.reshape(B, t.n_groups, t.n_q_blocks, t.kmax),
-                                   cnt.reshape(B, t.n_groups, t.n_q_blocks), t.n_kv_blocks, t.bound)
-    dq, dk, dv = _kernels(name).backward(t, qk, kk, vk, qpos, kpos, qseg, kseg, idx, cnt, q_idx.reshape(-1),
-                                         q_cnt.reshape(-1), window, sink, d_o.astype(qk.dtype), lse, delta,
-                                         interpret=interpret)
+    transposed = key_major_pairs(idx.reshape(B, t.n_groups, t.n_q_blocks, t.kmax),
+                                 cnt.reshape(B, t.n_groups, t.n_q_blocks), t.n_kv_blocks)
+    dq, dk, dv = _kernels(name).backward(t, qk, kk, vk, qpos, kpos, qseg, kseg, idx, cnt, transposed, window, sink,
+                                         d_o.astype(qk.dtype), lse, delta, interpret=interpret)
     n_kv = kk.shape[1]
     if dk.shape[1] != n_kv:  # per-query-head programs: sum over each GQA group
         dk = dk.reshape(B, n_kv, -1, *dk.shape[2:]).sum(2)
@@ -81,7 +80,7 @@ def _run(name, interpret, static, q, k, v, idx, cnt, q_pos, kv_pos, q_seg, kv_se
     dp, dvp = kernels.lane_tile(D), kernels.lane_tile(Dv)
     gq = kernels.heads_per_program(Hs, Hq, Hkv)
     t = layout.tiling(q.shape, k.shape, v.shape, idx.shape, q_block=q_block, kv_block=kv_block, bq=bq, bk=bk, gq=gq,
-                      bound=static["bound"], density=static["density"], scale=static["scale"],
+                      density=static["density"], scale=static["scale"],
                       causal=static["causal"], has_window=static["has_window"], has_segments=static["has_segments"])
     nq, nk = t.n_q_blocks, t.n_kv_blocks
 
@@ -135,10 +134,8 @@ def block_sparse_pallas(
     B, Tq = q.shape[:2]
     Tk = k.shape[1]
     Hs = block_idx.shape[1]
-    n_kv_blocks = -(-Tk // kv_block)
     static = dict(q_block=q_block, kv_block=kv_block, scale=scale, causal=causal, has_window=window is not None,
-                  has_segments=segment_ids is not None, bound=transposed_bound(block_idx, block_cnt, n_kv_blocks),
-                  density=_density(block_idx, block_cnt))
+                  has_segments=segment_ids is not None, density=_density(block_idx, block_cnt))
     if segment_ids is None:
         q_seg, kv_seg = jnp.zeros((B, Tq), jnp.int32), jnp.zeros((B, Tk), jnp.int32)
     else:

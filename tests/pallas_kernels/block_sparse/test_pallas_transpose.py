@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effarch.pallas_kernels.block_sparse.transpose import transpose_lists, transposed_bound
+from effarch.pallas_kernels.block_sparse.transpose import key_major_pairs, transpose_lists
 from tests.pallas_kernels.block_sparse.test_reference import random_lists
 
 
@@ -17,15 +17,13 @@ def as_sets(idx, cnt):
 @pytest.mark.parametrize("n_q_blocks,n_kv_blocks,kmax", [(5, 7, 3), (6, 4, 4), (1, 3, 3)])
 def test_transpose_is_the_relation_read_the_other_way(n_q_blocks, n_kv_blocks, kmax):
     rng = np.random.default_rng(n_q_blocks)
-    idx, cnt = random_lists(rng, 2, 3, n_q_blocks, n_kv_blocks, kmax)
-    bound = transposed_bound(idx, cnt, n_kv_blocks)
-    q_idx, q_cnt = (np.asarray(x) for x in transpose_lists(jnp.asarray(idx), jnp.asarray(cnt), n_kv_blocks, bound))
-    assert q_idx.shape == (2, 3, n_kv_blocks, bound) and q_cnt.shape == (2, 3, n_kv_blocks)
-    lists = as_sets(idx, cnt)
+    idx, cnt = (jnp.asarray(x) for x in random_lists(rng, 2, 3, n_q_blocks, n_kv_blocks, kmax))
+    q_idx, q_cnt = (np.asarray(x) for x in transpose_lists(idx, cnt, n_kv_blocks, n_q_blocks))
+    assert q_idx.shape == (2, 3, n_kv_blocks, n_q_blocks) and q_cnt.shape == (2, 3, n_kv_blocks)
+    lists = as_sets(np.asarray(idx), np.asarray(cnt))
     expected = {(b, g, j): {i for i in range(n_q_blocks) if j in lists[b, g, i]}
                 for b, g, j in np.ndindex(q_cnt.shape)}
     assert as_sets(q_idx, q_cnt) == expected
-    assert bound == max(1, max(len(s) for s in expected.values()))
     for key in np.ndindex(q_cnt.shape):  # increasing query blocks, unused slots -1
         used = q_idx[key][: q_cnt[key]]
         assert (np.diff(used) > 0).all() and (q_idx[key][q_cnt[key]:] == -1).all()
@@ -33,17 +31,24 @@ def test_transpose_is_the_relation_read_the_other_way(n_q_blocks, n_kv_blocks, k
     back_idx, back_cnt = transpose_lists(jnp.asarray(q_idx), jnp.asarray(q_cnt), n_q_blocks, kmax)
     assert as_sets(np.asarray(back_idx), np.asarray(back_cnt)) == lists
 
+    # The pair form: runs sorted on J, each J's run at [start, start + q_cnt), the tail repeating the last pair.
+    pair_q, pair_k, start, runs, n_pairs = (np.asarray(x) for x in key_major_pairs(idx, cnt, n_kv_blocks))
+    np.testing.assert_array_equal(runs, q_cnt)
+    for b, g in np.ndindex(n_pairs.shape):
+        n = n_pairs[b, g]
+        assert n == sum(len(s) for key, s in lists.items() if key[:2] == (b, g))
+        assert (np.diff(pair_k[b, g, :n]) >= 0).all()
+        for j in range(n_kv_blocks):
+            run = slice(start[b, g, j], start[b, g, j] + runs[b, g, j])
+            assert (pair_k[b, g, run] == j).all() and set(pair_q[b, g, run].tolist()) == expected[b, g, j]
+        tail = (pair_q[b, g, n - 1], pair_k[b, g, n - 1]) if n else (0, 0)
+        assert (pair_q[b, g, n:] == tail[0]).all() and (pair_k[b, g, n:] == tail[1]).all()
 
-def test_traced_lists_use_the_worst_case_bound():
+
+def test_traced_lists():
     rng = np.random.default_rng(1)
     idx, cnt = (jnp.asarray(x) for x in random_lists(rng, 1, 2, 4, 6, 3))
-
-    def fn(idx, cnt):
-        bound = transposed_bound(idx, cnt, 6)
-        assert bound == 4  # nQb: traced lists cannot be inspected
-        return transpose_lists(idx, cnt, 6, bound)
-
-    q_idx, q_cnt = jax.jit(fn)(idx, cnt)
+    q_idx, q_cnt = jax.jit(lambda i, c: transpose_lists(i, c, 6, 4))(idx, cnt)
     expected = transpose_lists(idx, cnt, 6, 4)
     np.testing.assert_array_equal(q_idx, expected[0])
     np.testing.assert_array_equal(q_cnt, expected[1])
