@@ -136,8 +136,9 @@ def _pair_specs(t: Tiling, gq, dp, dvp, n_pairs):
     return q_side, k_side
 
 
-def _predicate(t, gq, qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref):
-    g = t.list_group(pl.program_id(1))
+def _predicate(t, gq, g, qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref):
+    """visible() for the program's rows; g: its list group, read at the kernel's top level (the HLO interpreter does
+    not substitute program_id inside a pl.when branch)."""
     return visible(t, _rows(qp_ref[...], gq), kp_ref[...], _rows(qs_ref[...], gq), ks_ref[...], win_ref[g],
                    sink_ref[g])
 
@@ -158,7 +159,7 @@ def _fwd_kernel(idx_ref, cnt_ref, win_ref, sink_ref, q_ref, k_ref, v_ref, qp_ref
     def _():
         q = q_ref[...].reshape(gq * t.bq, q_ref.shape[-1])
         s = dot_nt(q, k_ref[...]) * t.scale
-        vis = _predicate(t, gq, qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref)
+        vis = _predicate(t, gq, t.list_group(h), qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref)
         m_sc[...], l_sc[...], acc_sc[...] = softmax_step(s, vis, m_sc[...], l_sc[...], acc_sc[...], v_ref[...],
                                                          p_dtype=v_ref.dtype)
 
@@ -208,7 +209,7 @@ def _dq_kernel(idx_ref, cnt_ref, win_ref, sink_ref, q_ref, k_ref, v_ref, do_ref,
     def _():
         k = k_ref[...]
         s = dot_nt(q_ref[...].reshape(rows, q_ref.shape[-1]), k) * t.scale
-        vis = _predicate(t, gq, qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref)
+        vis = _predicate(t, gq, t.list_group(h), qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref)
         p = probabilities(s, vis, lse_ref[...].reshape(rows, 1))
         dp = dot_nt(do_ref[...].reshape(rows, do_ref.shape[-1]), v_ref[...])
         ds = p * (dp - delta_ref[...].reshape(rows, 1))
@@ -242,7 +243,7 @@ def _dkv_kernel(codes_ref, n_ref, win_ref, sink_ref, q_ref, k_ref, v_ref, do_ref
         q = q_ref[...].reshape(rows, q_ref.shape[-1])
         do = do_ref[...].reshape(rows, do_ref.shape[-1])
         sc = dot_nt(q, k_ref[...]) * t.scale
-        vis = _predicate(t, gq, qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref)
+        vis = _predicate(t, gq, t.list_group(h), qp_ref, kp_ref, qs_ref, ks_ref, win_ref, sink_ref)
         p = probabilities(sc, vis, lse_ref[...].reshape(rows, 1))
         dv_sc[...] += dot_tn(p.astype(do.dtype), do)
         dp = dot_nt(do, v_ref[...])

@@ -1,0 +1,58 @@
+"""Block-sparse "pallas_tpu" (Mosaic) kernels: interpret mode vs the oracle (values, lse and gradients at 1e-5),
+under the TPU interpreter's race detector, and TPU lowering. Real TPU compiles: tests/tpu/test_kernels_compile.py."""
+
+import functools
+
+import jax.numpy as jnp
+import pytest
+
+from effarch.pallas_kernels.block_sparse.pallas_vjp import block_sparse_pallas
+from effarch.pallas_kernels.interpret import ENV_VAR, tpu_interpret_params
+from tests.pallas_kernels.block_sparse import kernel_checks as kc
+from tests.pallas_kernels.block_sparse.kernel_checks import Case
+
+NAME = "pallas_tpu"
+
+
+@pytest.fixture
+def interpret_env(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "1")
+
+
+def test_gqa_lists_windows_sinks_match_reference(interpret_env):
+    # One list per KV head (a program takes the group's 2 query heads), Tq != Tk, q_block != kv_block, odd D and Dv,
+    # per-group window and sinks, empty lists; gradients through o and lse.
+    kc.check_f32(kc.through_api(NAME), Case(window=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [
+    Case(groups="q", causal=False, positions=True, segments=True, seed=1),  # per-query-head lists, dK/dV summed
+    Case(groups="one", hkv=1, positions=True, seed=2),  # one list for all heads (MQA)
+    Case(b=2, tq=24, tk=24, hq=2, hkv=2, d=16, dv=16, q_block=8, kv_block=16, kmax=2, segments=True, seed=3),
+], ids=["per-head-noncausal-positions-segments", "one-list-mqa", "batch2-aligned-segments"])
+def test_more_layouts_match_reference(interpret_env, case):
+    kc.check_f32(kc.through_api(NAME), case)
+
+
+@pytest.mark.slow
+def test_bf16_error_within_twice_reference(interpret_env):
+    kc.check_bf16(kc.through_api(NAME), Case(d=16, dv=16, seed=4))
+
+
+@pytest.mark.slow  # the TPU interpreter costs ~8 ms per grid step
+def test_tpu_interpreter_no_races_nan_poisoned_memory():
+    # NaN-poisoned scratch and outputs: a running max, sum or accumulator read before its init, or a dK/dV block left
+    # unwritten, would show up as NaN.
+    attend = functools.partial(block_sparse_pallas, NAME, interpret=tpu_interpret_params())
+    kc.check_f32(attend, Case(groups="q", seed=5))
+
+
+@pytest.mark.parametrize("t_len,dtype,groups", [
+    (2048, jnp.bfloat16, "q"),
+    pytest.param(2048, jnp.float32, "kv", marks=pytest.mark.slow),
+    pytest.param(32768, jnp.bfloat16, "kv", marks=pytest.mark.slow),
+    pytest.param(32768, jnp.float32, "q", marks=pytest.mark.slow),
+])
+def test_lowers_for_tpu(t_len, dtype, groups):
+    kc.check_lowering(NAME, "tpu", t_len, dtype, groups)
