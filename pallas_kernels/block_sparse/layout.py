@@ -35,6 +35,7 @@ class Tiling:
     n_kv_blocks: int
     kmax: int  # list length (grid steps per query block)
     n_groups: int  # Hs
+    n_q_heads: int  # Hq
     heads_per_program: int  # gq: query heads of one program
     density: float  # listed pairs / list slots (B · Hs · nQb · Kmax): the cost estimates' share of the grid
     kv_group: int  # G = Hq / Hkv
@@ -46,10 +47,15 @@ class Tiling:
     has_segments: bool
 
     def list_group(self, h):
-        return 0 if self.n_groups == 1 else h
+        """The list group of program head h (a non-negative grid index; lax.div: floor division lowers through a
+        sign Mosaic rejects on scalars)."""
+        if self.n_groups == 1:
+            return 0
+        if self.heads_per_program == 1 and self.n_groups != self.n_q_heads and self.kv_group > 1:
+            return jax.lax.div(h, self.kv_group)  # one query head per program, one list per KV head
+        return h
 
     def kv_head(self, h):
-        # lax.div: h is a non-negative grid index (floor division lowers through a sign Mosaic rejects on scalars)
         return jax.lax.div(h, self.kv_group) if self.heads_per_program == 1 and self.kv_group > 1 else h
 
 
@@ -60,7 +66,7 @@ def tiling(q_shape, k_shape, v_shape, idx_shape, *, q_block, kv_block, bq, bk, g
     n_groups = idx_shape[1]
     G = Hq // Hkv
     return Tiling(q_block=q_block, kv_block=kv_block, bq=bq, bk=bk, n_q_blocks=-(-Tq // q_block),
-                  n_kv_blocks=-(-Tk // kv_block), kmax=max(1, idx_shape[3]), n_groups=n_groups,
+                  n_kv_blocks=-(-Tk // kv_block), kmax=max(1, idx_shape[3]), n_groups=n_groups, n_q_heads=Hq,
                   heads_per_program=gq, density=density, kv_group=G, d=D, dv=v_shape[3],
                   scale=D**-0.5 if scale is None else float(scale), causal=causal, has_window=has_window,
                   has_segments=has_segments)

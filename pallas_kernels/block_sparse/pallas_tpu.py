@@ -304,7 +304,7 @@ def backward(t: Tiling, qk, kk, vk, qpos, kpos, qseg, kseg, idx, cnt, transposed
         name="block_sparse_bwd_dkv",
     )(codes, n_valid.reshape(-1), window, sink, qk, kk, vk, d_o, lse, delta, qpos, kpos, qseg, kseg)
     # Key blocks that no list names are never visited: their output blocks hold whatever was there; zero them.
-    heads = jnp.asarray([t.list_group(h) for h in range(Hp)])
+    heads = jnp.asarray([0 if t.n_groups == 1 else h for h in range(Hp)])  # program head h reads list group h
     named = (q_cnt[:, heads] > 0)[:, :, :, None, None]  # [B, Hp, nKb, 1, 1]
     dk = jnp.where(named, dk.reshape(B, Hp, t.n_kv_blocks, t.bk, dp), 0).reshape(dk.shape)
     dv = jnp.where(named, dv.reshape(B, Hp, t.n_kv_blocks, t.bk, dvp), 0).reshape(dv.shape)

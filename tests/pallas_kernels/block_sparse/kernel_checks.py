@@ -52,7 +52,8 @@ def make(case: Case, dtype=jnp.float32):
                 (case.b, case.tk, case.hkv, case.dv)))
     kw = dict(q_block=case.q_block, kv_block=case.kv_block, causal=case.causal)
     if case.window:
-        kw.update(window=rng.integers(4, 30, size=hs).astype(np.int32), n_sink=rng.integers(0, 5, size=hs).astype(np.int32))
+        kw.update(window=rng.integers(4, 30, size=hs).astype(np.int32),
+                  n_sink=rng.integers(0, 5, size=hs).astype(np.int32))
     if case.positions:
         q_pos = np.stack([rng.permutation(case.tq) for _ in range(case.b)]).astype(np.int32)
         kv_pos = np.stack([rng.permutation(case.tk) for _ in range(case.b)]).astype(np.int32)

@@ -14,7 +14,8 @@ def as_sets(idx, cnt):
     return {key: set(idx[key][: cnt[key]].tolist()) for key in np.ndindex(cnt.shape)}
 
 
-@pytest.mark.parametrize("n_q_blocks,n_kv_blocks,kmax", [(5, 7, 3), (6, 4, 4), (1, 3, 3)])
+@pytest.mark.parametrize("n_q_blocks,n_kv_blocks,kmax", [(5, 7, 3), pytest.param(6, 4, 4, marks=pytest.mark.slow),
+                                                         pytest.param(1, 3, 3, marks=pytest.mark.slow)])
 def test_transpose_is_the_relation_read_the_other_way(n_q_blocks, n_kv_blocks, kmax):
     rng = np.random.default_rng(n_q_blocks)
     idx, cnt = (jnp.asarray(x) for x in random_lists(rng, 2, 3, n_q_blocks, n_kv_blocks, kmax))
