@@ -3,11 +3,15 @@ under the TPU interpreter's race detector, and TPU lowering. Real TPU compiles: 
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from effarch.pallas_kernels.block_sparse.pallas_vjp import block_sparse_pallas
 from effarch.pallas_kernels.interpret import ENV_VAR, tpu_interpret_params
+from tests.helpers.lowering import ABSTRACT_DEVICES, count_kernels, lower_text
 from tests.pallas_kernels.block_sparse import kernel_checks as kc
 from tests.pallas_kernels.block_sparse.kernel_checks import Case
 
@@ -56,3 +60,32 @@ def test_tpu_interpreter_no_races_nan_poisoned_memory():
 ])
 def test_lowers_for_tpu(t_len, dtype, groups):
     kc.check_lowering(NAME, "tpu", t_len, dtype, groups)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 1, 2), "kv"), pytest.param((2, 2, 1), "one", marks=pytest.mark.slow)],
+                         ids=["batch+heads", "batch"])
+def test_sharded_call_lowers_for_a_tpu_mesh(shape, groups):
+    # Sharded inputs and traced lists under a 4-device TPU mesh, no shard_map of the caller's: shard_kernel splits
+    # the batch (and the heads with the lists when each KV head has its own), or XLA could not partition the kernels.
+    m = AbstractMesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                     abstract_device=ABSTRACT_DEVICES["tpu"])
+    b, t, hq, hkv, n = 4, 512, 4, 2, 4
+    hs = {"one": 1, "kv": hkv}[groups]
+
+    def spec(shape_, dtype, partition):
+        return jax.ShapeDtypeStruct(shape_, dtype, sharding=NamedSharding(m, partition))
+
+    x = P(("data", "fsdp"), None, "tensor", None)
+    lists = P(("data", "fsdp"), "tensor" if hs > 1 else None)
+    args = (spec((b, t, hq, 128), jnp.bfloat16, x), spec((b, t, hkv, 128), jnp.bfloat16, x),
+            spec((b, t, hkv, 128), jnp.bfloat16, x), spec((b, hs, n, 2), jnp.int32, lists),
+            spec((b, hs, n), jnp.int32, lists))
+
+    def loss(q, k, v, idx, cnt):
+        o = block_sparse_pallas(NAME, q, k, v, idx, cnt, q_block=128, kv_block=128, window=300, n_sink=4,
+                                interpret=False)
+        return o.astype(jnp.float32).sum()
+
+    text = lower_text(jax.grad(loss, argnums=(0, 1, 2)), *args, platform="tpu", mesh=m)
+    assert count_kernels(text, "tpu") == 3
+    assert "shard_map" in text or "sdy.manual_computation" in text
