@@ -89,3 +89,21 @@ def test_sharded_call_lowers_for_a_tpu_mesh(shape, groups):
     text = lower_text(jax.grad(loss, argnums=(0, 1, 2)), *args, platform="tpu", mesh=m)
     assert count_kernels(text, "tpu") == 3
     assert "shard_map" in text or "sdy.manual_computation" in text
+
+
+def test_off_platform_request_refuses_before_work(monkeypatch):
+    # Without interpret mode a CPU host cannot run the kernel: an explicit request raises before any work, so a
+    # sequence of implementations can fall back (pallas_kernels/dispatch.py).
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    q, k, v, idx, cnt, kw, _ = kc.make(Case())
+    with pytest.raises(NotImplementedError, match="tpu"):
+        kc.through_api(NAME)(q, k, v, idx, cnt, **kw)
+
+
+@pytest.mark.slow
+def test_empty_lists_give_zero_and_minus_inf(interpret_env):
+    # Kmax = 0 (no slot at all): every row sees nothing; o = 0, lse = -inf, gradients zero.
+    q, k, v, idx, cnt, kw, cts = kc.make(Case())
+    idx, cnt = jnp.zeros(idx.shape[:3] + (0,), jnp.int32), jnp.zeros_like(cnt)
+    o, lse, grads = kc.values_and_grads(kc.attend_with(kc.through_api(NAME), idx, cnt, kw), q, k, v, cts)
+    assert not jnp.any(o) and bool(jnp.all(jnp.isneginf(lse))) and not any(jnp.any(g) for g in grads)
