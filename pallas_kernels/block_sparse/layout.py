@@ -139,8 +139,7 @@ def softmax_step(s, vis, m_prev, l_prev, acc_prev, v, *, p_dtype):
     p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    pv = jax.lax.dot_general(p.astype(p_dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return m_new, l_new, alpha * acc_prev + pv
+    return m_new, l_new, alpha * acc_prev + dot_nn(p.astype(p_dtype), v)
 
 
 def finish(m, row_sum, acc):
@@ -156,15 +155,27 @@ def probabilities(s, vis, lse):
     return jnp.where(vis, jnp.exp(s - lse_safe), 0.0)
 
 
+def _precision(a):
+    """HIGHEST for float32 operands (float32 products on the MXU / tensor cores, not one bf16 pass), DEFAULT for
+    bf16 ones; explicit, so `jax_default_matmul_precision` ("highest" with bf16 is a type error in Mosaic) does not
+    reach the kernels."""
+    return jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _dot(a, b, dims):
+    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
+
+
 def dot_nt(a, b):
     """a [m, k] · b [n, k]ᵀ in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return _dot(a, b, ((1,), (1,)))
 
 
 def dot_tn(a, b):
     """a [k, m]ᵀ · b [k, n] in float32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return _dot(a, b, ((0,), (0,)))
 
 
 def dot_nn(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """a [m, k] · b [k, n] in float32."""
+    return _dot(a, b, ((1,), (0,)))

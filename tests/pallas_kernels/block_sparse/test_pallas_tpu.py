@@ -107,3 +107,26 @@ def test_empty_lists_give_zero_and_minus_inf(interpret_env):
     idx, cnt = jnp.zeros(idx.shape[:3] + (0,), jnp.int32), jnp.zeros_like(cnt)
     o, lse, grads = kc.values_and_grads(kc.attend_with(kc.through_api(NAME), idx, cnt, kw), q, k, v, cts)
     assert not jnp.any(o) and bool(jnp.all(jnp.isneginf(lse))) and not any(jnp.any(g) for g in grads)
+
+
+@pytest.mark.slow  # a libtpu compile
+def test_cost_estimate_reaches_xla_cost_analysis():
+    # Compiled for one v5e chip: the forward kernel's flops (cost.py: every list slot of traced lists, per query head
+    # 2·bq·bk·(Dp + Dvp)) are counted by XLA, which cannot see into the kernel otherwise.
+    pytest.importorskip("libtpu", reason="TPU compiles need libtpu (the test extra)")
+    from tests.tpu.harness import tpu_devices
+
+    sharding = jax.sharding.make_single_device_sharding(tpu_devices("v5e")[0])
+    b, t, hq, hkv, d, block, kmax = 1, 1024, 4, 2, 128, 128, 2
+    n = t // block
+
+    def spec(shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    attend = functools.partial(block_sparse_pallas, NAME, q_block=block, kv_block=block, interpret=False)
+    compiled = jax.jit(attend).lower(spec((b, t, hq, d)), spec((b, t, hkv, d)), spec((b, t, hkv, d)),
+                                     spec((b, hkv, n, kmax), jnp.int32), spec((b, hkv, n), jnp.int32)).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    kernel_flops = b * hkv * n * kmax * (hq // hkv) * 2 * block * block * (d + d)
+    assert kernel_flops <= analysis["flops"] < 1.1 * kernel_flops
