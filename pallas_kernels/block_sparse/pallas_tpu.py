@@ -10,11 +10,14 @@ steps c ≥ cnt name the block already in VMEM and the pipeline copies nothing f
 row that sees nothing is written (o = 0, lse = -inf). Token predicates inside a block come from positions
 (layout.py `visible`).
 
-Backward (FA2-style recompute from the saved lse): dQ runs the forward's grid and lists; dK/dV run a grid (B, Hp, nKb,
-C_T) over the transposed lists (transpose.py), accumulating into VMEM scratch. A program takes gq query heads at once
-(layout.py): with a list per GQA group the group's heads share one K/V block load, and dK/dV of the group sum over
-their rows in one matmul; with a list per query head, dK/dV come out per query head in float32 and are summed over the
-group outside.
+Backward (FA2-style recompute from the saved lse): dQ runs the forward's grid and lists. dK/dV run a grid (B, Hp,
+nQb · Kmax) over the key-major pairs of transpose.py (pair code J · nQb + I, scalar-prefetched like the lists, so the
+grid and SMEM are the forward's size whatever the lists): each key block's pairs are one run of consecutive steps,
+accumulated in VMEM scratch from the run's first step and written at its last (the output block stays in VMEM while
+its index holds); steps past the valid pairs repeat the last pair and compute nothing, and key blocks no list names
+are zeroed after the call. A program takes gq query heads at once (layout.py): with a list per GQA group the group's
+heads share one K/V block load, and dK/dV of the group sum over their rows in one matmul; with a list per query head,
+dK/dV come out per query head in float32 and are summed over the group outside.
 
 Mosaic's block rule (last two block dims multiples of (8, 128) or the full dims): tiles are bq, bk = q_block,
 kv_block rounded up to multiples of 16 rows (bf16 packs 16 rows per sublane tile; layout.py pads inside each block),
