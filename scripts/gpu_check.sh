@@ -5,8 +5,10 @@
 # $OUT/summary.json covers every step so far, so a timeout loses only the steps that had not run.
 #
 # Order: what decides whether the Lightning and BASED kernels may become a platform's default first (their compiled
-# correctness tests, then benchmarks/kernels.py one length at a time: speed and max_rel_err_vs_xla), the rest after
-# (the other @pytest.mark.gpu tests, the op and layer tests, the other benchmarks). A step runs under `timeout` with
+# correctness tests, then benchmarks/kernels.py one length at a time: speed and max_rel_err_vs_xla), then the same for
+# the block-sparse kernel (its compiled tests, then benchmarks/block_sparse_gpu.py: correct against the oracle at 4k
+# and fwd+bwd speed against dense cuDNN at 32k, 10% density), the rest after (the other @pytest.mark.gpu tests, the
+# op and layer tests, the other benchmarks). A step runs under `timeout` with
 # at most its own limit and never past the budget; a step with under 15 s left is recorded as skipped. The kernels
 # flip to default only when summary.json's kernels_passed is true and kernels_T*.json agree with XLA: record the
 # run in KERNEL_EVIDENCE (pallas_kernels/lightning/api.py, pallas_kernels/based/api.py).
@@ -63,9 +65,14 @@ step kernel_tests 150 "${pytest[@]}" -m gpu --junitxml="$OUT/kernel_tests.xml" \
 for T in 2048 8192 32768; do
   step "kernels_T$T" 90 python3 benchmarks/kernels.py --lengths "$T" --out "$OUT/kernels_T$T.json"
 done
-# 3. The rest: the other GPU tests, the op and layer tests compiled for GPU, the other benchmarks.
+# 3. The block-sparse kernel: compiled correctness, then correct (4k) and fast (32k, 10% density) vs dense cuDNN.
+step block_sparse_tests 60 "${pytest[@]}" -m gpu --junitxml="$OUT/block_sparse_tests.xml" \
+  tests/pallas_kernels/block_sparse
+step block_sparse_T32768 90 python3 benchmarks/block_sparse_gpu.py --length 32768 --density 0.1 \
+  --out "$OUT/block_sparse_T32768.json"
+# 4. The rest: the other GPU tests, the op and layer tests compiled for GPU, the other benchmarks.
 step gpu_tests 90 "${pytest[@]}" -m gpu --junitxml="$OUT/gpu_tests.xml" tests \
-  --ignore=tests/pallas_kernels/lightning --ignore=tests/pallas_kernels/based
+  --ignore=tests/pallas_kernels/lightning --ignore=tests/pallas_kernels/based --ignore=tests/pallas_kernels/block_sparse
 step op_tests 240 "${pytest[@]}" --junitxml="$OUT/op_tests.xml" tests/pallas_kernels tests/layers
 for b in lightning_scaling scaling diffqkv mqar_loop; do
   step "$b" 120 python3 "benchmarks/$b.py" --out "$OUT/$b.json"

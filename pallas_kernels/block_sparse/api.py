@@ -4,17 +4,21 @@ Implementations:
 - "reference": reference.py, the dense masked softmax built from the lists (the oracle; O(Tq · Tk) memory).
 - "xla": xla.py, gathers only the listed key blocks (O(Tq · Kmax · kv_block) memory at most, one step of query blocks
   at a time), FA2-style custom_vjp backward; tested against the reference (tests/pallas_kernels/block_sparse/).
+- "pallas_tpu" / "pallas_gpu": the Mosaic and Triton kernels (pallas_tpu.py, pallas_gpu.py, wired in pallas_vjp.py),
+  forward and backward; opt-in (never in DEFAULT_ORDER) until they have run on a device.
 
 Default order: "xla" on every platform (pallas_kernels/dispatch.py: a Pallas kernel joins a platform's default only
 once `scripts/gpu_check.sh` or its TPU counterpart has shown it correct and faster there).
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from effarch.pallas_kernels.block_sparse.pallas_vjp import block_sparse_pallas
 from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, group_of_heads
 from effarch.pallas_kernels.block_sparse.xla import block_sparse_xla
 from effarch.pallas_kernels.dispatch import dispatch
@@ -23,6 +27,9 @@ OP = "block_sparse_attention"
 
 DEFAULT_ORDER = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 IMPLEMENTATIONS = {"reference": block_sparse_reference, "xla": block_sparse_xla}
+# The kernels: opt-in (not in DEFAULT_ORDER) until scripts/gpu_check.sh or a TPU run has shown them correct there.
+IMPLEMENTATIONS["pallas_tpu"] = functools.partial(block_sparse_pallas, "pallas_tpu")
+IMPLEMENTATIONS["pallas_gpu"] = functools.partial(block_sparse_pallas, "pallas_gpu")
 
 
 def check_inputs(q, k, v, block_idx, block_cnt, *, q_block: int, kv_block: int, q_pos=None, kv_pos=None) -> None:

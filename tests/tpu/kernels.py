@@ -10,9 +10,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effarch.pallas_kernels.attention.splash import attention_splash
 from effarch.pallas_kernels.based.pallas_vjp import based_pallas_impl
+from effarch.pallas_kernels.block_sparse.pallas_vjp import block_sparse_pallas
 from effarch.pallas_kernels.lightning import api as lightning_api
 from effarch.pallas_kernels.sliding_window.splash import sliding_window_splash
 from tests.tpu.harness import Job, tpu_devices
@@ -31,14 +33,18 @@ class Shape:
 
 # Realistic per-chip shapes: Lightning (TransNormerLLM) heads of 128; BASED's feature dim 16 with value heads of 64
 # (arXiv 2402.18668 §3); sliding-window and causal attention with GQA (8 query heads on 2 KV heads) of head dim 128,
-# window 512.
+# window 512; block-sparse attention with the same GQA heads, one list per KV head, 128-token blocks, 10% of the
+# blocks listed.
 SHAPES = {
     "lightning": Shape(b=2, h=8, h_kv=8, k=128, v=128),
     "based": Shape(b=2, h=8, h_kv=8, k=16, v=64),
     "splash": Shape(b=2, h=8, h_kv=2, k=128, v=128),
     "attention": Shape(b=2, h=8, h_kv=2, k=128, v=128),
+    "block_sparse": Shape(b=2, h=8, h_kv=2, k=128, v=128),
 }
 WINDOW = 512
+SPARSE_BLOCK = 128
+SPARSE_DENSITY = 0.1
 
 
 def _lightning(q, k, v):
@@ -61,8 +67,29 @@ def _attention(q, k, v):
     return attention_splash(q, k, v, causal=True, interpret=False)
 
 
+def sparse_lists(batch: int, groups: int, n_blocks: int, density: float, seed: int = 0):
+    """Causal lists (numpy, so concrete at trace time): each query block's own block plus random earlier ones, about
+    `density` of all n_blocks blocks per row; unsorted."""
+    rng = np.random.default_rng(seed)
+    kmax = max(1, round(density * n_blocks))
+    idx = np.full((batch, groups, n_blocks, kmax), -1, np.int32)
+    cnt = np.zeros((batch, groups, n_blocks), np.int32)
+    for b, g, i in np.ndindex(cnt.shape):
+        listed = [i, *rng.permutation(i)[: kmax - 1]]
+        idx[b, g, i, : len(listed)] = rng.permutation(listed)
+        cnt[b, g, i] = len(listed)
+    return idx, cnt
+
+
+def _block_sparse(q, k, v):
+    idx, cnt = sparse_lists(q.shape[0], k.shape[2], q.shape[1] // SPARSE_BLOCK, SPARSE_DENSITY)
+    return block_sparse_pallas("pallas_tpu", q, k, v, jnp.asarray(idx), jnp.asarray(cnt), q_block=SPARSE_BLOCK,
+                               kv_block=SPARSE_BLOCK, interpret=False)
+
+
 # kernel -> f(q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V]) running its pallas_tpu implementation.
-OPS = {"lightning": _lightning, "based": _based, "splash": _splash, "attention": _attention}
+OPS = {"lightning": _lightning, "based": _based, "splash": _splash, "attention": _attention,
+       "block_sparse": _block_sparse}
 CHIPS = ("v5e", "v5p", "v6e")
 LENGTHS = (2048, 32768)
 DTYPES = ("bfloat16", "float32")
