@@ -23,6 +23,7 @@ from flax import nnx
 
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.rope import ROPE_SCALING_FIELDS
+from effarch.layers.sparse_attention import PATTERNS
 
 
 def sparse_attention_config_from_attention(
@@ -47,6 +48,8 @@ def sparse_attention_config_from_attention(
     att = cfg.attention
     if not att.causal:
         raise ValueError("convert to sparse_attention: model.attention.causal must be True (a causal decoder)")
+    if pattern not in PATTERNS:
+        raise ValueError(f"convert to sparse_attention: pattern must be one of {list(PATTERNS)}, got {pattern!r}")
     if dense_every < 0:
         raise ValueError(f"convert to sparse_attention: dense_every must be >= 0, got {dense_every}")
     given = dict(pattern=pattern, block_size=block_size, n_sink=n_sink, window=window, local_blocks=local_blocks,
