@@ -214,7 +214,7 @@ class SparseAttention(Attention):
     def _bounded_lists(self, n_sink_blocks: int, n_ring_blocks: int, n_chunk_blocks: int):
         """Lists of a chunk's query blocks over the layout [sink | ring | chunk], each part padded to whole blocks:
         every sink block; the ring blocks for the query blocks whose window reaches before the chunk; the chunk's
-        own window blocks."""
+        own window blocks, and its first blocks, which hold the sinks when the chunk starts the sequence."""
         bs, w = self.sparse.block_size, self.sparse.window
         n_blocks = n_sink_blocks + n_ring_blocks + n_chunk_blocks
         qi = np.arange(n_chunk_blocks)[:, None]
@@ -222,7 +222,8 @@ class SparseAttention(Attention):
         C = kj - n_sink_blocks - n_ring_blocks  # the key block's index within the chunk
         sink = kj < n_sink_blocks
         ring = (kj >= n_sink_blocks) & (C < 0) & (qi * bs < w - 1)
-        own = (C >= 0) & (C <= qi) & ((C + 1) * bs - 1 > qi * bs - w)
+        # A chunk token at position < n_sink has chunk index < n_sink (the sinks of a prompt that starts at 0).
+        own = (C >= 0) & (C <= qi) & (((C + 1) * bs - 1 > qi * bs - w) | (C * bs < self.sparse.n_sink))
         return sparse_patterns.block_lists((sink | ring | own)[None])
 
     def _prefill_bounded(self, state: State, x: Hidden) -> tuple[State, Hidden]:

@@ -119,21 +119,25 @@ def decoded(cfg: SparseAttentionConfig) -> dict:
     @jax.jit
     def run(params, x):
         out = conformance._parallel_and_decoded(graphdef, params, rest, x, x, x, grad=False)
-        pieces, _ = conformance._pieces(nnx.merge(graphdef, params, rest, copy=True), x)
-        return out["y"], out["tokens"], pieces
+        mixer = nnx.merge(graphdef, params, rest, copy=True)
+        pieces, _ = conformance._pieces(mixer, x)
+        _, whole = mixer.prefill(mixer.init_state(B, T), x)  # one prompt longer than n_sink + window
+        return out["y"], out["tokens"], pieces, whole
 
-    return dict(zip(("y", "tokens", "pieces"), run(params, x)))
+    return dict(zip(("y", "tokens", "pieces", "whole"), run(params, x)))
 
 
 @pytest.mark.parametrize("cfg", [
     S2,
+    SINK,
     pytest.param(LONGLORA, marks=pytest.mark.slow),
     pytest.param(dataclasses.replace(SINK, n_sink=0, window=5, block_size=3), marks=pytest.mark.slow),
     pytest.param(dataclasses.replace(SINK, n_sink=6, window=9, block_size=4), marks=pytest.mark.slow),
-], ids=["s2", "longlora", "window_only", "sinks_over_blocks"])
+], ids=["s2", "sink_window", "longlora", "window_only", "sinks_over_blocks"])
 def test_decoding_equals_the_parallel_pass(cfg):
+    """Prefill in the suite's pieces then a step, token-by-token decoding, and one whole-prompt prefill."""
     out = decoded(cfg)
-    for path in ("pieces", "tokens"):
+    for path in ("pieces", "tokens", "whole"):
         assert_close(f"{cfg.pattern} {path}", out[path], out["y"], 1e-5)
 
 
