@@ -127,18 +127,33 @@ def decoded(cfg: SparseAttentionConfig) -> dict:
     return dict(zip(("y", "tokens", "pieces", "whole"), run(params, x)))
 
 
+# s2 and longlora decode through one path (Attention's KV cache, a list per token): longlora represents it in the
+# default run; sink_window's bounded cache is in the conformance suite at the registered config.
 @pytest.mark.parametrize("cfg", [
-    S2,
-    SINK,
-    pytest.param(LONGLORA, marks=pytest.mark.slow),
+    LONGLORA,
+    pytest.param(S2, marks=pytest.mark.slow),
+    pytest.param(SINK, marks=pytest.mark.slow),
     pytest.param(dataclasses.replace(SINK, n_sink=0, window=5, block_size=3), marks=pytest.mark.slow),
     pytest.param(dataclasses.replace(SINK, n_sink=6, window=9, block_size=4), marks=pytest.mark.slow),
-], ids=["s2", "sink_window", "longlora", "window_only", "sinks_over_blocks"])
+], ids=["longlora", "s2", "sink_window", "window_only", "sinks_over_blocks"])
 def test_decoding_equals_the_parallel_pass(cfg):
     """Prefill in the suite's pieces then a step, token-by-token decoding, and one whole-prompt prefill."""
     out = decoded(cfg)
     for path in ("pieces", "tokens", "whole"):
         assert_close(f"{cfg.pattern} {path}", out[path], out["y"], 1e-5)
+
+
+def test_sink_window_prefills_a_prompt_longer_than_sinks_and_window():
+    """A prompt from position 0 holds its own sinks (the suite's first prompt piece is shorter than the window)."""
+    layer = SparseAttention(D, dataclasses.replace(SINK, n_sink=5), rngs=nnx.Rngs(0))
+    x = make_x()
+
+    @jax.jit
+    def run(x):
+        return layer.prefill(layer.init_state(B, T), x)[1], layer(x)
+
+    whole, y = run(x)
+    assert_close("whole prompt", whole, y, 1e-5)
 
 
 def test_infer_dense_decodes_with_full_attention_on_the_same_weights():
