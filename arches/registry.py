@@ -27,6 +27,7 @@ from effarch.layers.landmark import LandmarkAttention, LandmarkConfig
 from effarch.layers.lightning import LightningAttention, LightningConfig
 from effarch.layers.moh import MoHAttention, MoHConfig
 from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
+from effarch.layers.sparse_attention import SparseAttention, SparseAttentionConfig
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
 from effarch.layers.titans_attention import TitansAttentionConfig
 from effarch.layers.titans_mac import MemoryAsContext
@@ -125,6 +126,11 @@ register_config("landmark", LandmarkConfig, small=LandmarkConfig(n_heads=2, bloc
 # MAC / MAG / MAL's attention (their memory is `titans`): MAC segments of 8, MAG / MAL windows of 6.
 register_config("titans_attention", TitansAttentionConfig,
                 small=TitansAttentionConfig(n_heads=2, window=6, segment_len=8))
+# sink + window in blocks of 4: 3 sinks (a partial block), a window of 6 keys; the suite's 20 tokens wrap the ring
+# buffer, and its prompt pieces end inside blocks. tests/layers/test_sparse_attention.py decodes the other patterns.
+register_config("sparse_attention", SparseAttentionConfig,
+                small=SparseAttentionConfig(pattern="sink_window", block_size=4, n_sink=3, window=6, n_heads=3,
+                                            n_kv_heads=1))
 
 # --- mixers ---------------------------------------------------------------------------------------------------------
 register("attention", Attention, configs=("attention",), state="linear")
@@ -149,3 +155,6 @@ register("landmark", LandmarkAttention, configs=("landmark",), state="linear")
 register("titans_mac", MemoryAsContext, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
 register("titans_mag", MemoryAsGate, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
 register("titans_mal", MemoryAsLayer, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
+# Bounded at its small config (sink_window: sinks + a ring buffer); with pattern s2 or longlora, or infer_dense, the
+# decode state is Attention's KV cache, which grows linearly.
+register("sparse_attention", SparseAttention, configs=("sparse_attention",), state="bounded")

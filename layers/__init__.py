@@ -24,6 +24,7 @@ from effarch.layers.moh import MoHAttention, MoHConfig
 from effarch.layers.norms import SRMSNorm, rms_norm, srms_norm
 from effarch.layers.rope import apply_rope
 from effarch.layers.sliding_window import SlidingWindowAttention, SlidingWindowConfig
+from effarch.layers.sparse_attention import SparseAttention, SparseAttentionConfig
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
 from effarch.layers.titans_attention import TitansAttentionConfig
 from effarch.layers.titans_mac import MemoryAsContext
@@ -50,6 +51,8 @@ __all__ = [
     "MoHConfig",
     "SlidingWindowAttention",
     "SlidingWindowConfig",
+    "SparseAttention",
+    "SparseAttentionConfig",
     "NeuralMemory",
     "NeuralMemoryConfig",
     "TitansAttentionConfig",

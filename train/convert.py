@@ -34,10 +34,12 @@ from effarch.train.run_dir import checkpoint_steps, prepare_run_dir
 CONVERSIONS = {
     "moh": "effarch.arches.convert_moh:convert_to_moh",
     "diffqkv": "effarch.arches.convert_diffqkv:convert_attention_to_diffqkv",
+    "sparse_attention": "effarch.arches.convert_sparse_attention:convert_to_sparse_attention",
     "merged": "effarch.train.lora:merged_conversion",  # the same model, a LoRA run's adapters merged
 }
 # Where a conversion passes its options on (**options), the function whose keyword arguments they are.
-OPTIONS_OF = {"moh": "effarch.arches.convert_moh:moh_config_from_attention"}
+OPTIONS_OF = {"moh": "effarch.arches.convert_moh:moh_config_from_attention",
+              "sparse_attention": "effarch.arches.convert_sparse_attention:sparse_attention_config_from_attention"}
 
 
 def _function(path: str):

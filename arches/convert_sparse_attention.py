@@ -1,0 +1,94 @@
+"""Turn a trained softmax-attention decoder into a block-sparse one (`sparse_attention`, layers/sparse_attention.py).
+
+`SparseAttention` subclasses `Attention`: the q/k/v/o projections sit at the same paths with the same shapes, so
+every weight is reused as is and only the config changes. This is how a trained attention run is evaluated or
+fine-tuned with a static sparse pattern: StreamingLLM's sinks + window on a model trained dense (arXiv 2309.17453),
+LongLoRA's S²-Attn for long-context fine-tuning (arXiv 2309.12307 §3.2), or an S2-Attention layout (arXiv
+2407.17678), whose hybrid keeps some layers dense (`dense_every`).
+
+Usage (the `effarch convert RUN OUT --to sparse_attention pattern=... [key=value ...]` CLI reads and writes run
+directories around this):
+
+    from effarch.arches.convert_sparse_attention import convert_to_sparse_attention
+    cfg2, params2 = convert_to_sparse_attention(model_cfg, params, pattern="sink_window", n_sink=4, window=1024)
+
+A pattern that lists every causal key for the sequence length (e.g. sink_window with window >= T) reproduces the
+attention model's logits (tests/arches/test_convert_sparse_attention.py).
+"""
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from effarch.arches.lm import DecoderLM, ModelConfig
+from effarch.layers.rope import ROPE_SCALING_FIELDS
+from effarch.layers.sparse_attention import PATTERNS
+
+
+def sparse_attention_config_from_attention(
+    cfg: ModelConfig, *, pattern: str = "sink_window", block_size: int | None = None, n_sink: int | None = None,
+    window: int | None = None, local_blocks: int | None = None, vert_stride: int | None = None,
+    dense_heads: int | None = None, group_size: int | None = None, infer_dense: bool | None = None,
+    dense_every: int = 0, implementation: str | None = None,
+) -> ModelConfig:
+    """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
+    RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
+    defaults unless the source config set them).
+
+    Args:
+      cfg: the attention model's config; its attention layers must be causal self attention.
+      pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
+        implementation: SparseAttentionConfig's fields of the same names.
+      dense_every: 0 converts every attention layer; k > 0 keeps layer l dense when (l + 1) % k == 0 (k = 2: the
+        S2-Attention hybrid of Phi-3-small, layers 1, 3, 5, ... dense).
+    """
+    if "attention" not in cfg.mixers:
+        raise ValueError(f"convert to sparse_attention: model.mixers {list(cfg.mixers)} has no 'attention' layer")
+    att = cfg.attention
+    if not att.causal:
+        raise ValueError("convert to sparse_attention: model.attention.causal must be True (a causal decoder)")
+    if pattern not in PATTERNS:
+        raise ValueError(f"convert to sparse_attention: pattern must be one of {list(PATTERNS)}, got {pattern!r}")
+    if dense_every < 0:
+        raise ValueError(f"convert to sparse_attention: dense_every must be >= 0, got {dense_every}")
+    given = dict(pattern=pattern, block_size=block_size, n_sink=n_sink, window=window, local_blocks=local_blocks,
+                 vert_stride=vert_stride, dense_heads=dense_heads, group_size=group_size, infer_dense=infer_dense)
+    sparse = dataclasses.replace(
+        cfg.sparse_attention, **{k: v for k, v in given.items() if v is not None}, implementation=implementation,
+        n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, head_dim=att.head_dim, rope=att.rope,
+        rope_theta=att.rope_theta, **{f: getattr(att, f) for f in ROPE_SCALING_FIELDS})
+    if dense_every:  # written out per layer: which layers stay dense depends on the depth
+        mixers = tuple("sparse_attention" if m == "attention" and (i + 1) % dense_every else m
+                       for i, m in enumerate(cfg.layer_mixers()))
+    else:
+        mixers = tuple("sparse_attention" if m == "attention" else m for m in cfg.mixers)
+    if "sparse_attention" not in mixers:
+        raise ValueError(f"convert to sparse_attention: dense_every={dense_every} keeps every attention layer dense")
+    return dataclasses.replace(cfg, mixers=mixers, sparse_attention=sparse)
+
+
+def convert_to_sparse_attention(cfg: ModelConfig, params: nnx.State | dict, **options) -> tuple[ModelConfig,
+                                                                                                nnx.State | dict]:
+    """(sparse model config, parameters) from an attention model's (config, parameters).
+
+    Args:
+      cfg: the attention model's ModelConfig.
+      params: its parameters, an nnx.State of nnx.Param or the equivalent pure dict.
+      **options: see sparse_attention_config_from_attention.
+
+    Returns:
+      (config, params): the params in the form they came in, every array the source's. Raises ValueError naming
+      the first path whose shape differs from what the sparse model expects.
+    """
+    new_cfg = sparse_attention_config_from_attention(cfg, **options)
+    abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
+    expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    given = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    want = dict(jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x: tuple(x.shape), expected))[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x: tuple(x.shape), given))[0])
+    for path in sorted(set(want) | set(got), key=str):
+        if want.get(path) != got.get(path):
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} is {got.get(path)} in the checkpoint but the "
+                             f"sparse model needs {want.get(path)}; is `cfg` the checkpoint's model config?")
+    return new_cfg, jax.tree.map(lambda x: x, params)

@@ -1,0 +1,278 @@
+"""Block-sparse softmax attention with static per-head patterns: sink + window, S2-Attention, LongLoRA's S²-Attn.
+
+The projections, RoPE, GQA grouping and the dense KV cache are those of `layers/attention.py` (this layer subclasses
+`Attention`, so a trained `attention` layer's weights fit it as they are: `arches/convert_sparse_attention.py`); the
+core is `pallas_kernels.block_sparse.block_sparse_attention` with lists that `layers/sparse_patterns.py` builds once,
+in numpy, at trace time. `pattern` picks them:
+
+- "sink_window" (StreamingLLM, Xiao et al., arXiv 2309.17453 §3.2): query t sees the first `n_sink` tokens and the
+  causal window t - window < j <= t (the op's window / n_sink predicates; the lists hold the sink blocks and the
+  blocks the window reaches). Decoding keeps a bounded cache: the n_sink sink keys plus a ring buffer of `window`
+  slots (slot p % window, the convention of pallas_kernels/sliding_window/cache.py), so memory and time per token do
+  not grow with the context. RoPE is applied at true positions (the parallel form's); StreamingLLM's re-indexing of
+  cached positions (its pos-shift) is not done.
+- "s2" (S2-Attention, Lin et al., arXiv 2407.17678 §3; dkernel's local-stride pattern): each KV head reads the
+  `local_blocks` newest blocks plus the blocks J with (J + h·s) mod vert_stride = 0, a different residue per head,
+  so the heads together cover the context; the last `dense_heads` KV heads read every causal block. The paper's
+  hybrid (sparse and dense layers alternating) is a `model.mixers` list, e.g. [sparse_attention, attention].
+- "longlora" (LongLoRA, Chen et al., arXiv 2309.12307 §3.2): groups of `group_size` tokens; the second half of the
+  heads uses groups shifted by group_size / 2, written as block-diagonal lists, so unlike the paper's token roll no
+  query sees the other end of the sequence. The paper fine-tunes with it and infers with full attention:
+  `infer_dense: true`.
+
+Decoding (prefill / decode_step) equals the parallel form for every pattern, except with `infer_dense`, where it is
+`Attention`'s full causal attention on the same weights (then the parallel form is still the sparse training form).
+"""
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from effarch.layers import sparse_patterns
+from effarch.layers.attention import Attention, AttentionConfig
+from effarch.layers.axes import Hidden, HiddenStep, State
+from effarch.layers.rope import ROPE_SCALING_FIELDS
+from effarch.pallas_kernels import sliding_window as swa_op
+from effarch.pallas_kernels.block_sparse import block_sparse_attention
+
+PATTERNS = ("sink_window", "s2", "longlora")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SparseAttentionConfig:
+    pattern: Literal["sink_window", "s2", "longlora"] = "sink_window"
+    block_size: int = 64  # q_block = kv_block of the op, tokens
+    # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
+    n_sink: int = 4  # attention-sink tokens at the start of the sequence
+    window: int = 1024  # keys in the causal window, t - window < j <= t
+    # s2 (Phi-3-small: blocks of 64, 16 local blocks, vertical stride 8)
+    local_blocks: int = 16  # newest blocks every head reads, the diagonal block included
+    vert_stride: int = 8  # V: a sparse head reads one earlier block in V
+    dense_heads: int = 0  # the last dense_heads KV heads read every causal block
+    # longlora (the paper: a quarter of the fine-tuning length)
+    group_size: int = 2048  # G tokens per attention group; even, with block_size dividing G / 2
+    infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
+    # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    implementation: str | None = None  # block_sparse_attention path; None = the platform default
+
+    def __post_init__(self):
+        p = "sparse_attention."
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"{p}pattern must be one of {list(PATTERNS)}, got {self.pattern!r}")
+        for name in ("block_size", "window", "local_blocks", "group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{p}{name} must be positive, got {getattr(self, name)}")
+        if self.n_sink < 0:
+            raise ValueError(f"{p}n_sink must be >= 0, got {self.n_sink}")
+        if self.vert_stride < 2:
+            raise ValueError(f"{p}vert_stride must be >= 2 (1 would read every block: use attention), "
+                             f"got {self.vert_stride}")
+        try:
+            att = self.attention_config()
+        except ValueError as e:
+            raise ValueError(str(e).replace("attention.", p, 1)) from None
+        if not 0 <= self.dense_heads <= att.kv_heads:
+            raise ValueError(f"{p}dense_heads={self.dense_heads} must be in [0, kv heads={att.kv_heads}]")
+        if self.pattern == "longlora":
+            if self.group_size % 2 or (self.group_size // 2) % self.block_size:
+                raise ValueError(f"{p}group_size={self.group_size} must be even and block_size={self.block_size} "
+                                 f"must divide group_size / 2")
+            if self.n_heads % 2:
+                raise ValueError(f"{p}n_heads={self.n_heads} must be even for longlora (two halves of the heads)")
+
+    def attention_config(self) -> AttentionConfig:
+        return AttentionConfig(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                               rope=self.rope, rope_theta=self.rope_theta, causal=True,
+                               implementation=None, **{f: getattr(self, f) for f in ROPE_SCALING_FIELDS})
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class SparseAttention(Attention):
+    """Causal self-attention mixer (layers/axes.py Mixer) over a static block-sparse pattern.
+
+    Attributes:
+      q_proj, k_proj, v_proj, o_proj: as Attention (same shapes and paths).
+    """
+
+    def __init__(self, d_model: int, config: SparseAttentionConfig, *, rngs: nnx.Rngs):
+        try:
+            super().__init__(d_model, config.attention_config(), rngs=rngs)
+        except ValueError as e:  # Attention's errors name its own keys; the user wrote model.sparse_attention.*
+            raise ValueError(str(e).replace("attention.", "sparse_attention.", 1)
+                             .replace("attention:", "sparse_attention:", 1)) from None
+        self.sparse = config
+
+    # --- the pattern -----------------------------------------------------------------------------------------------
+
+    def block_mask(self, n_q_blocks: int, n_kv_blocks: int) -> np.ndarray:
+        """The pattern's block mask [Hs, nQb, nKb] (numpy) for query / key blocks of block_size tokens at 0, 1, ..."""
+        c, att = self.sparse, self.config
+        if c.pattern == "sink_window":
+            return sparse_patterns.sink_window_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, n_sink=c.n_sink,
+                                                      window=c.window)
+        if c.pattern == "s2":
+            return sparse_patterns.s2_blocks(n_q_blocks, n_kv_blocks, n_kv_heads=att.kv_heads, n_q_heads=att.n_heads,
+                                             local_blocks=c.local_blocks, vert_stride=c.vert_stride,
+                                             dense_heads=c.dense_heads)
+        # One list per KV head when the KV heads split into the two halves of the query heads, else per query head.
+        n_groups = att.kv_heads if att.kv_heads % 2 == 0 else att.n_heads
+        return sparse_patterns.longlora_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, group_size=c.group_size,
+                                               n_groups=n_groups)
+
+    def _predicates(self) -> dict:
+        c = self.sparse
+        if c.pattern == "sink_window":
+            return dict(window=c.window, n_sink=c.n_sink)
+        return {}
+
+    def _attend_lists(self, q, k, v, idx, cnt, *, q_block: int, q_pos=None, kv_pos=None):
+        """The op with per-group lists idx [Hs, nQb, Kmax], cnt [Hs, nQb] shared by the batch."""
+        B = q.shape[0]
+        idx = jnp.broadcast_to(jnp.asarray(idx, jnp.int32)[None], (B, *np.shape(idx)))
+        cnt = jnp.broadcast_to(jnp.asarray(cnt, jnp.int32)[None], (B, *np.shape(cnt)))
+        o = block_sparse_attention(q, k, v, idx, cnt, q_block=q_block, kv_block=self.sparse.block_size, causal=True,
+                                   q_pos=q_pos, kv_pos=kv_pos, implementation=self.sparse.implementation,
+                                   **self._predicates())
+        return o
+
+    def __call__(self, x: Hidden) -> Hidden:
+        """Parallel (training) form: x [B, T, D] -> [B, T, D]."""
+        B, T = x.shape[:2]
+        q, k, v = self.project_qkv(x, jnp.arange(T))
+        n_blocks = _ceil_div(T, self.sparse.block_size)
+        idx, cnt = sparse_patterns.block_lists(self.block_mask(n_blocks, n_blocks))
+        o = self._attend_lists(q, k, v, idx, cnt, q_block=self.sparse.block_size)
+        return self.o_proj(o.reshape(B, T, -1))
+
+    # --- decoding --------------------------------------------------------------------------------------------------
+    # sink_window: a bounded cache, {"sink_k", "sink_v": [B, n_sink, Hkv, K], "ring": SlidingWindowCache of `window`
+    # slots}. s2 / longlora / infer_dense: Attention's KV cache {"k", "v": [B, max_len, Hkv, K], "pos"}.
+
+    def _bounded(self) -> bool:
+        return self.sparse.pattern == "sink_window" and not self.sparse.infer_dense
+
+    def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
+        """Empty decode state: the sink + ring cache for sink_window (max_len unused: it never grows), else
+        Attention's KV cache of max_len slots."""
+        if not self._bounded():
+            return super().init_state(batch_size, max_len, cache_dtype)
+        c, hkv, K = self.sparse, self.config.kv_heads, self.head_dim
+        sink = jnp.zeros((batch_size, c.n_sink, hkv, K), cache_dtype)
+        return {"sink_k": sink, "sink_v": sink,
+                "ring": swa_op.sliding_window_init_cache(batch_size, c.window, hkv, K, dtype=cache_dtype)}
+
+    def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
+        """Bytes of decode state per sequence after seq_len tokens: Attention's KV cache, or for sink_window
+        2 * min(seq_len, n_sink + window) * Hkv * K * itemsize (constant past n_sink + window tokens)."""
+        if not self._bounded():
+            return super().state_size(seq_len, cache_dtype)
+        return super().state_size(min(seq_len, self.sparse.n_sink + self.sparse.window), cache_dtype)
+
+    def prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:
+        """Runs x [B, T, D] from the state's position; returns (state after it, y [B, T, D])."""
+        if self.sparse.infer_dense:
+            return super().prefill(state, x)
+        if self._bounded():
+            return self._prefill_bounded(state, x)
+        return self._prefill_cache(state, x)
+
+    def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
+        """One token x_t [B, D]; returns (state, y_t [B, D])."""
+        state, y = self.prefill(state, x_t[:, None])
+        return state, y[:, 0]
+
+    def _prefill_cache(self, state: State, x: Hidden) -> tuple[State, Hidden]:
+        """s2 / longlora over the dense KV cache: each new token is its own query block (q_block = 1) and reads the
+        list of its block in the pattern built for the cache's length, so it sees what the parallel form shows it."""
+        B, T = x.shape[:2]
+        state, q, positions = self._write(state, x)
+        S, bs = state["k"].shape[1], self.sparse.block_size
+        idx, cnt = sparse_patterns.block_lists(self.block_mask(_ceil_div(S, bs), _ceil_div(S, bs)))
+        rows = jnp.minimum(positions // bs, idx.shape[1] - 1)  # past the cache end the output is poisoned below
+        k, v = state["k"].astype(q.dtype), state["v"].astype(q.dtype)
+        o = self._attend_lists(q, k, v, jnp.asarray(idx)[:, rows], jnp.asarray(cnt)[:, rows], q_block=1,
+                               q_pos=positions)
+        y = self.o_proj(o.reshape(B, T, -1))
+        return state, jnp.where(state["pos"] <= S, y, jnp.full((), jnp.nan, y.dtype))
+
+    def _bounded_lists(self, n_sink_blocks: int, n_ring_blocks: int, n_chunk_blocks: int):
+        """Lists of a chunk's query blocks over the layout [sink | ring | chunk], each part padded to whole blocks:
+        every sink block; the ring blocks for the query blocks whose window reaches before the chunk; the chunk's
+        own window blocks, and its first blocks, which hold the sinks when the chunk starts the sequence."""
+        bs, w = self.sparse.block_size, self.sparse.window
+        n_blocks = n_sink_blocks + n_ring_blocks + n_chunk_blocks
+        qi = np.arange(n_chunk_blocks)[:, None]
+        kj = np.arange(n_blocks)[None, :]
+        C = kj - n_sink_blocks - n_ring_blocks  # the key block's index within the chunk
+        sink = kj < n_sink_blocks
+        ring = (kj >= n_sink_blocks) & (C < 0) & (qi * bs < w - 1)
+        # A chunk token at position < n_sink has chunk index < n_sink (the sinks of a prompt that starts at 0).
+        own = (C >= 0) & (C <= qi) & (((C + 1) * bs - 1 > qi * bs - w) | (C * bs < self.sparse.n_sink))
+        return sparse_patterns.block_lists((sink | ring | own)[None])
+
+    def _prefill_bounded(self, state: State, x: Hidden) -> tuple[State, Hidden]:
+        """sink_window over the sink + ring cache. The keys are [sinks | ring slots | the new tokens], with positions:
+        sink s is valid once written before this chunk (s < pos), ring slot r holds the newest position p < pos with
+        p % window = r, valid when p >= n_sink (a sink is never counted twice); the op's window / sink predicates do
+        the rest, exactly as in the parallel form."""
+        B, T = x.shape[:2]
+        c, bs = self.sparse, self.sparse.block_size
+        ring: swa_op.SlidingWindowCache = state["ring"]
+        pos, W = ring.pos, c.window
+        positions = pos + jnp.arange(T, dtype=jnp.int32)
+        q, k, v = self.project_qkv(x, positions)
+
+        def padded(a, n):  # [B, L, ...] -> [B, n, ...]
+            return jnp.pad(a, ((0, 0), (0, n - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
+
+        n_sink_blocks, n_ring_blocks, n_chunk_blocks = _ceil_div(c.n_sink, bs), _ceil_div(W, bs), _ceil_div(T, bs)
+        s1, s2, s3 = n_sink_blocks * bs, n_ring_blocks * bs, n_chunk_blocks * bs
+        slots = jnp.arange(W)
+        ring_pos = pos - 1 - jnp.mod(pos - 1 - slots, W)
+        sink_pos = jnp.arange(c.n_sink)
+        kv_pos = jnp.concatenate([  # padding slots get position -1: never visible
+            jnp.pad(jnp.where(sink_pos < pos, sink_pos, -1), (0, s1 - c.n_sink), constant_values=-1),
+            jnp.pad(jnp.where(ring_pos >= c.n_sink, ring_pos, -1), (0, s2 - W), constant_values=-1),
+            pos + jnp.arange(s3, dtype=jnp.int32)])
+        keys = jnp.concatenate([padded(state["sink_k"].astype(q.dtype), s1), padded(ring.k.astype(q.dtype), s2),
+                                padded(k, s3)], axis=1)
+        values = jnp.concatenate([padded(state["sink_v"].astype(q.dtype), s1), padded(ring.v.astype(q.dtype), s2),
+                                  padded(v, s3)], axis=1)
+        idx, cnt = self._bounded_lists(n_sink_blocks, n_ring_blocks, n_chunk_blocks)
+        o = self._attend_lists(padded(q, s3), keys, values, idx, cnt, q_block=bs,
+                               q_pos=pos + jnp.arange(s3, dtype=jnp.int32), kv_pos=kv_pos)[:, :T]
+        y = self.o_proj(o.reshape(B, T, -1))
+
+        # Writes: sink s <- new token s - pos; ring slot r <- the newest new position p with p % W = r, if any.
+        def take(a, i):  # a [B, T, ...] at token indices i [n] (clipped; the unused ones are masked by the caller)
+            return jnp.take(a, jnp.clip(i, 0, T - 1), axis=1)
+
+        def put(old, new, i, write):
+            return jnp.where(write[None, :, None, None], take(new, i).astype(old.dtype), old)
+
+        sink_write = (sink_pos >= pos) & (sink_pos < pos + T)
+        newest = pos + T - 1 - jnp.mod(pos + T - 1 - slots, W)
+        ring_write = newest >= pos
+        new_state = {
+            "sink_k": put(state["sink_k"], k, sink_pos - pos, sink_write),
+            "sink_v": put(state["sink_v"], v, sink_pos - pos, sink_write),
+            "ring": swa_op.SlidingWindowCache(put(ring.k, k, newest - pos, ring_write),
+                                              put(ring.v, v, newest - pos, ring_write), pos + T),
+        }
+        return new_state, y

@@ -1,0 +1,80 @@
+"""Static block-sparse attention patterns: which key blocks each query block of each head group reads.
+
+Pure numpy, run once at trace time for a static sequence length; `layers/sparse_attention.py` passes the lists to
+`pallas_kernels.block_sparse.block_sparse_attention`, whose causal / window / sink predicates then cut the listed
+blocks down to exact token sets. Every builder returns a boolean block mask `allowed [Hs, nQb, nKb]` (Hs list
+groups: 1, or one per KV head); `block_lists` compacts it into the op's `(block_idx, block_cnt)`.
+
+Patterns (the layer's docstring says which paper each follows):
+- `sink_window_blocks`: StreamingLLM (arXiv 2309.17453 §3.2): the blocks holding the first n_sink tokens and the
+  blocks a causal window of `window` keys can reach; one list for all heads.
+- `s2_blocks`: S2-Attention (arXiv 2407.17678 §3, linxihui/dkernel@0d4e90e `utils.py::get_sparse_attn_mask`,
+  causal, absolute strides): KV head h of the sparse heads reads the `local_blocks` newest blocks and every block J
+  with (J + h·s) mod vert_stride = 0, s = max(1, int(vert_stride / n_q_heads)); the last `dense_heads` KV heads
+  read every causal block.
+- `longlora_blocks`: LongLoRA's shifted sparse attention S²-Attn (arXiv 2309.12307 §3.2) in the form of its flash
+  path (dvlab-research/LongLoRA@d4eb344 `llama_attn_replace.py::forward_flashattn`): groups of `group_size` tokens,
+  the second half of the head groups shifted by group_size / 2, the shifted half's first and last half-groups
+  their own groups. No token roll, so no query sees a key from the other end of the sequence.
+"""
+
+import numpy as np
+
+
+def block_lists(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Compacts a block mask [Hs, nQb, nKb] into int32 lists: block_idx [Hs, nQb, Kmax] (ascending block ids, -1
+    after block_cnt) and block_cnt [Hs, nQb]; Kmax = the longest row (at least 1)."""
+    allowed = np.asarray(allowed, bool)
+    cnt = allowed.sum(-1).astype(np.int32)
+    kmax = max(int(cnt.max(initial=0)), 1)
+    # A stable sort of "not allowed" puts the allowed ids first, in ascending order.
+    order = np.argsort(~allowed, axis=-1, kind="stable")[..., :kmax]
+    idx = np.where(np.arange(kmax) < cnt[..., None], order, -1).astype(np.int32)
+    return idx, cnt
+
+
+def _grid(n_q_blocks: int, n_kv_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(n_q_blocks)[:, None], np.arange(n_kv_blocks)[None, :]
+
+
+def sink_window_blocks(n_q_blocks: int, n_kv_blocks: int, *, block: int, n_sink: int, window: int) -> np.ndarray:
+    """[1, nQb, nKb]: key block J is listed for query block I when J <= I and J holds a sink token (< n_sink) or a
+    key some query of I sees in its window (q - window < k, i.e. J's last token > I's first token - window)."""
+    qi, kj = _grid(n_q_blocks, n_kv_blocks)
+    sink = kj * block < n_sink
+    in_window = (kj + 1) * block - 1 > qi * block - window
+    return ((kj <= qi) & (sink | in_window))[None]
+
+
+def s2_blocks(n_q_blocks: int, n_kv_blocks: int, *, n_kv_heads: int, n_q_heads: int, local_blocks: int,
+              vert_stride: int, dense_heads: int = 0) -> np.ndarray:
+    """[Hkv, nQb, nKb]: KV head h (its query heads share the list) reads the causal blocks J <= I with
+    I - J < local_blocks or (J + h·s) mod vert_stride == 0, s = max(1, int(vert_stride / n_q_heads)) (dkernel's
+    head_sliding_step, offset 0); heads h >= n_kv_heads - dense_heads read every causal block.
+
+    With s = 1 (n_q_heads >= vert_stride) any vert_stride consecutive sparse heads read disjoint stride residues,
+    so together they cover every earlier block: the heterogeneous context sharding of the paper's §3.
+    """
+    qi, kj = _grid(n_q_blocks, n_kv_blocks)
+    step = max(1, int(vert_stride / n_q_heads))
+    h = np.arange(n_kv_heads)[:, None, None]
+    strided = (kj[None] + h * step) % vert_stride == 0
+    dense = h >= n_kv_heads - dense_heads
+    return (kj <= qi)[None] & ((qi - kj < local_blocks)[None] | strided | dense)
+
+
+def longlora_blocks(n_q_blocks: int, n_kv_blocks: int, *, block: int, group_size: int, n_groups: int) -> np.ndarray:
+    """[n_groups, nQb, nKb]: with half-groups of G/2 tokens (m = index of a block's half-group), list groups
+    g < n_groups / 2 read the G-token groups [kG, (k+1)G) (query half-group m reads m - 1 too when m is odd), the
+    others the groups shifted by G/2 ([0, G/2) alone, then [G/2 + kG, G/2 + (k+1)G): m reads m - 1 when m is even
+    and >= 2). block must divide G/2; the op's causal predicate cuts the diagonal half-group to j <= i."""
+    half = group_size // 2
+    if half % block:
+        raise ValueError(f"block {block} must divide group_size / 2 = {half}")
+    qi, kj = _grid(n_q_blocks, n_kv_blocks)
+    m, n = qi * block // half, kj * block // half
+    same = n == m
+    unshifted = same | ((m % 2 == 1) & (n == m - 1))
+    shifted = same | ((m % 2 == 0) & (m >= 2) & (n == m - 1))
+    first_half = np.arange(n_groups)[:, None, None] < n_groups // 2
+    return (kj <= qi)[None] & np.where(first_half, unshifted[None], shifted[None])

@@ -1,0 +1,82 @@
+"""Attention checkpoint -> sparse_attention: the same weights; a pattern that lists every causal key gives the same
+logits; the S2 hybrid keeps every dense_every-th layer dense; `effarch convert` options are checked in one line."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effarch.arches.convert_sparse_attention import convert_to_sparse_attention
+from effarch.arches.lm import DecoderLM, ModelConfig
+from effarch.layers.attention import AttentionConfig
+from effarch.layers.sparse_attention import SparseAttention
+from tests.helpers.numerics import assert_close
+
+V, D, T = 37, 24, 12
+CFG = ModelConfig(vocab_size=V, d_model=D, n_layers=2, mixers=("attention", "base_conv"),
+                  attention=AttentionConfig(n_heads=4, n_kv_heads=2))
+
+
+def tokens():
+    return jnp.asarray(np.random.default_rng(0).integers(0, V, (2, T)), jnp.int32)
+
+
+def load(cfg, params) -> DecoderLM:
+    model = DecoderLM(cfg, rngs=nnx.Rngs(123))  # a different init: every weight must come from `params`
+    nnx.update(model, params)
+    return model
+
+
+@pytest.mark.parametrize("pure_dict", [False, True])
+def test_a_pattern_listing_every_causal_key_keeps_the_logits(pure_dict):
+    baseline = DecoderLM(CFG, rngs=nnx.Rngs(0))
+    params = nnx.state(baseline, nnx.Param)
+    params = nnx.to_pure_dict(params) if pure_dict else params
+    cfg, new_params = convert_to_sparse_attention(CFG, params, pattern="sink_window", block_size=4, n_sink=2,
+                                                  window=T)
+    assert cfg.layer_mixers() == ("sparse_attention", "base_conv")
+    assert (cfg.sparse_attention.n_heads, cfg.sparse_attention.n_kv_heads) == (4, 2)
+    assert isinstance(new_params, dict) == pure_dict
+    model = load(cfg, new_params)
+    assert isinstance(model.blocks[0].mixer, SparseAttention)
+    x = tokens()
+
+    @jax.jit
+    def run(base, model, x):
+        _, decoded = model.prefill(model.init_state(2, T), x)
+        return base(x), model(x), decoded
+
+    expected, got, decoded = run(baseline, model, x)
+    assert_close("logits", got, expected, 1e-5)
+    assert_close("prefill logits", decoded, expected, 1e-5)
+
+
+def test_s2_hybrid_keeps_every_second_layer_dense():
+    cfg = ModelConfig(vocab_size=V, d_model=D, n_layers=4, attention=AttentionConfig(n_heads=4))
+    baseline = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    new_cfg, params = convert_to_sparse_attention(cfg, nnx.state(baseline, nnx.Param), pattern="s2", block_size=2,
+                                                  local_blocks=1, vert_stride=4, dense_every=2)
+    assert new_cfg.layer_mixers() == ("sparse_attention", "attention") * 2
+    assert new_cfg.sparse_attention.pattern == "s2"
+    model = load(new_cfg, params)
+    np.testing.assert_array_equal(np.asarray(model.blocks[0].mixer.q_proj.kernel),
+                                  np.asarray(baseline.blocks[0].mixer.q_proj.kernel))
+
+
+def test_bad_conversions_fail_in_one_line():
+    from effarch.train.config import ConfigError
+    from effarch.train.convert import parse_options
+
+    params = nnx.state(nnx.eval_shape(lambda: DecoderLM(CFG, rngs=nnx.Rngs(0))), nnx.Param)
+    no_attention = ModelConfig(vocab_size=V, d_model=D, n_layers=1, mixers=("base_conv",))
+    with pytest.raises(ValueError, match="has no 'attention' layer"):
+        convert_to_sparse_attention(no_attention, params)
+    with pytest.raises(ValueError, match="pattern must be one of .*got 'moa'$"):
+        convert_to_sparse_attention(CFG, params, pattern="moa")
+    with pytest.raises(ValueError, match="keeps every attention layer dense"):
+        convert_to_sparse_attention(CFG, params, dense_every=1)
+    assert parse_options("sparse_attention", ["pattern=s2", "vert_stride=4", "dense_every=2"]) == \
+        dict(pattern="s2", vert_stride=4, dense_every=2)
+    with pytest.raises(ConfigError, match="^convert --to sparse_attention: window: expected int or None, got 'x'$"):
+        parse_options("sparse_attention", ["window=x"])
