@@ -28,10 +28,12 @@ DEFAULT_CONFIGS = {
     "configs/lm/tnl_small.yaml": ("model.n_layers=1",),
     "configs/passkey/landmark.yaml": ("model.n_layers=1",),
     "configs/mqar/titans_mac.yaml": (),  # two layers: Zoology's BaseConv and MAC
+    "configs/lm/sparse_attention_small.yaml": ("model.n_layers=2",),  # the S2 hybrid: sparse_attention, attention
 }
 DEFAULT_CHIP = "v5p"
 # Config key -> the override that selects its op's Mosaic kernel.
-PALLAS_TPU = {key: f"model.{key}.implementation=pallas_tpu" for key in ("based", "lightning", "sliding_window")}
+PALLAS_TPU = {key: f"model.{key}.implementation=pallas_tpu"
+              for key in ("based", "lightning", "sliding_window", "attention", "sparse_attention")}
 
 # The Mosaic kernels are in the step (a forward and two backward kernels at least): a config naming a `pallas_tpu`
 # option must not compile without them.
