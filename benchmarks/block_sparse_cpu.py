@@ -35,24 +35,13 @@ import numpy as np
 from _common import emit, loss_and_grads, memory_stats, platform_info
 
 from effarch.pallas_kernels.attention import dot_product_attention
-from effarch.pallas_kernels.block_sparse import block_sparse_attention
+from effarch.pallas_kernels.block_sparse import block_sparse_attention, random_causal_lists
 
 DEFAULT_LENGTHS = (8192, 32768)
 QUICK_LENGTHS = (2048, 4096)
 PATHS = ("block_sparse_xla", "dense_xla")
 TARGET_SPEEDUP = 5.0
 LOADED_ABOVE = 1.5
-
-
-def causal_lists(rng: np.random.Generator, batch: int, heads: int, n_blocks: int, kmax: int):
-    """idx [B, H, n, kmax] (-1 padded), cnt [B, H, n]: the diagonal block plus kmax - 1 distinct earlier blocks."""
-    idx = np.full((batch, heads, n_blocks, kmax), -1, np.int32)
-    cnt = np.minimum(np.arange(n_blocks) + 1, kmax).astype(np.int32)
-    for b in range(batch):
-        for h in range(heads):
-            for i in range(n_blocks):
-                idx[b, h, i, : cnt[i]] = np.concatenate([[i], rng.choice(i, cnt[i] - 1, replace=False)])
-    return idx, np.broadcast_to(cnt, (batch, heads, n_blocks)).copy()
 
 
 def _compile(fn, args, max_temp_bytes: int | None) -> tuple[object, dict]:
@@ -74,7 +63,7 @@ def measure(t_len: int, *, batch: int, heads: int, head_dim: int, block: int, de
     n = t_len // block
     kmax = max(1, round(density * n))
     rng = np.random.default_rng(seed)
-    idx, cnt = causal_lists(rng, batch, heads, n, kmax)
+    idx, cnt = random_causal_lists(batch, heads, n, kmax, rng=rng)
     keys = jax.random.split(jax.random.key(seed), 4)
     q, k, v, ct = (jax.random.normal(key, (batch, t_len, heads, head_dim), jnp.float32) for key in keys)
     idx, cnt = jnp.asarray(idx), jnp.asarray(cnt)

@@ -26,21 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from _common import emit, loss_and_grads, time_calls
 
-from effarch.pallas_kernels.block_sparse import api, block_sparse_reference
+from effarch.pallas_kernels.block_sparse import api, block_sparse_reference, random_causal_lists
 
 TARGET_VS_CUDNN = 5.0
 
 
 def causal_lists(batch: int, groups: int, n_blocks: int, density: float, seed: int = 0):
-    """Each query block's own block plus random earlier ones, about `density` · n_blocks per row, unsorted."""
-    rng = np.random.default_rng(seed)
-    kmax = max(1, round(density * n_blocks))
-    idx = np.full((batch, groups, n_blocks, kmax), -1, np.int32)
-    cnt = np.zeros((batch, groups, n_blocks), np.int32)
-    for b, g, i in np.ndindex(cnt.shape):
-        listed = [i, *rng.permutation(i)[: kmax - 1]]
-        idx[b, g, i, : len(listed)] = rng.permutation(listed)
-        cnt[b, g, i] = len(listed)
+    """`random_causal_lists` with about `density` of the n_blocks blocks per row, as device arrays."""
+    idx, cnt = random_causal_lists(batch, groups, n_blocks, max(1, round(density * n_blocks)), rng=seed)
     return jnp.asarray(idx), jnp.asarray(cnt)
 
 

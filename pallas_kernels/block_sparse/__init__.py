@@ -2,6 +2,7 @@
 with causal / window / sink / segment predicates on token positions; `merge_attention` joins two disjoint parts."""
 
 from effarch.pallas_kernels.block_sparse.api import block_sparse_attention
+from effarch.pallas_kernels.block_sparse.lists import random_causal_lists
 from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, merge_attention, visible_mask
 
-__all__ = ["block_sparse_attention", "block_sparse_reference", "merge_attention", "visible_mask"]
+__all__ = ["block_sparse_attention", "block_sparse_reference", "merge_attention", "random_causal_lists", "visible_mask"]

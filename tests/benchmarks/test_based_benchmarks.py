@@ -1,27 +1,17 @@
 """Smoke tests of benchmarks/scaling.py and benchmarks/mqar_recall_vs_state.py: each sweep runs end to end at tiny
 sizes and its JSON report has the documented keys. Timings and accuracies are not checked (2 shared CPU cores)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    # benchmarks/ is a folder of scripts, not a package of effarch: load the file by path.
-    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.benchmarks import load_benchmark
 
 
 @pytest.mark.slow  # three paths at two lengths, trained and decoded: ~11 s; the report's code paths are shared with
 # benchmarks/_common.py's sweep, which the other benchmarks' smoke runs cover by default
 def test_scaling_main_writes_report_with_expected_keys(tmp_path, capsys):
-    bench = _load("scaling")
+    bench = load_benchmark("scaling")
     out = tmp_path / "scaling.json"
     argv = ["--lengths", "48", "96", "--decode-lengths", "16", "40", "--heads", "3", "--feature-dim", "5",
             "--value-dim", "6", "--chunk-size", "16", "--reps", "1", "--warmup", "1", "--decode-steps", "2",
@@ -78,7 +68,7 @@ def test_scaling_main_writes_report_with_expected_keys(tmp_path, capsys):
 
 
 def test_scaling_quadratic_paths_over_memory_cap_are_skipped_not_run():
-    bench = _load("scaling")
+    bench = load_benchmark("scaling")
     report = bench.run([48], decode_lengths=[16], heads=3, feature_dim=5, value_dim=6, chunk_size=16, reps=1,
                        decode_steps=1, max_gib=1e-9)
     for path in ("based_reference", "softmax_xla"):
@@ -92,7 +82,7 @@ def test_scaling_quadratic_paths_over_memory_cap_are_skipped_not_run():
 # A training sweep in miniature (half a minute on 2 cores): the slow suite.
 @pytest.mark.slow
 def test_mqar_recall_vs_state_main_writes_report_with_expected_keys(tmp_path, capsys):
-    bench = _load("mqar_recall_vs_state")
+    bench = load_benchmark("mqar_recall_vs_state")
     out = tmp_path / "mqar.json"
     argv = ["--d-models", "16", "--seq-len", "32", "--kv-pairs", "2", "--train-examples", "64", "--test-examples",
             "16", "--max-steps", "2", "--batch-size", "8", "--eval-every", "1", "--lr", "based=1e-3", "--out",

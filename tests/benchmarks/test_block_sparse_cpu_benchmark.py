@@ -1,22 +1,13 @@
 """Smoke test of benchmarks/block_sparse_cpu.py at tiny lengths: the report's keys, the PNG beside the JSON, and the
 dense path compiled but not run past its memory cap. Timings are not checked (2 shared CPU cores)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "block_sparse_cpu.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("block_sparse_cpu", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.benchmarks import load_benchmark
 
 
 def test_report_png_and_memory_cap(tmp_path):
-    bench = _load_benchmark()
+    bench = load_benchmark("block_sparse_cpu")
     out = tmp_path / "r.json"
     report = bench.main(["--lengths", "256", "512", "--heads", "2", "--head-dim", "16", "--reps", "1", "--warmup",
                          "0", "--dense-max-gib", "1e-6", "--out", str(out)])

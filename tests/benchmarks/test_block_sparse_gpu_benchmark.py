@@ -2,27 +2,17 @@
 end with the kernel interpreted, its correctness check passes, its lists are causal at the asked density, and cuDNN
 is recorded as skipped off GPU. Timings are not checked (2 shared CPU cores)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from effarch.pallas_kernels.interpret import ENV_VAR
-
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "block_sparse_gpu.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("block_sparse_gpu_benchmark", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.benchmarks import load_benchmark
 
 
 def test_lists_are_causal_at_the_density():
-    idx, cnt = (np.asarray(x) for x in _load_benchmark().causal_lists(1, 2, 40, 0.1))
+    idx, cnt = (np.asarray(x) for x in load_benchmark("block_sparse_gpu").causal_lists(1, 2, 40, 0.1))
     assert idx.shape == (1, 2, 40, 4) and (cnt == np.minimum(np.arange(40) + 1, 4)).all()
     for g, i in np.ndindex(2, 40):
         listed = idx[0, g, i, : cnt[0, g, i]]
@@ -33,7 +23,7 @@ def test_lists_are_causal_at_the_density():
 def test_dry_run_report(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "1")
     out = tmp_path / "block_sparse.json"
-    report = _load_benchmark().main(["--dry-run", "--out", str(out)])
+    report = load_benchmark("block_sparse_gpu").main(["--dry-run", "--out", str(out)])
     assert json.loads(out.read_text()) == report
     assert report["check"]["passed"]
     assert report["speed"]["times_s"]["dense/cudnn"] == {"skipped": "needs a GPU"}

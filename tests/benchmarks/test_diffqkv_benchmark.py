@@ -1,24 +1,15 @@
 """Smoke test of benchmarks/diffqkv.py at tiny sizes: the JSON report, the exact cache accounting (the paper's
 37.5%), and decode records whose cache bytes are the layers' real arrays. Timings are only checked to exist."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffqkv.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("diffqkv_benchmark", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.benchmarks import load_benchmark
 
 
 def test_main_writes_report_with_exact_cache_bytes(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("diffqkv")
     out = tmp_path / "report.json"
     # One context and three of the four paths: each (path, context) is a compilation, the cost of this test.
     argv = ["--contexts", "40", "--d-model", "32", "--n-q-heads", "4", "--n-v-heads", "4", "--head-dim", "8",

@@ -3,26 +3,16 @@ with the Pallas kernels interpreted, the kernels agree with the XLA paths on the
 recorded as skipped off GPU, and the derived numbers (FLOPs, speedups, targets) follow from the measurements.
 Timings themselves are not checked (2 shared CPU cores)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from effarch.pallas_kernels.interpret import ENV_VAR
-
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("kernels_benchmark", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.benchmarks import load_benchmark
 
 
 def test_flop_and_byte_counts():
-    bench = _load_benchmark()
+    bench = load_benchmark("kernels")
     # Lightning fwd, 2 chunks of 32, K = V = 16: per chunk 2·32²·32 + 4·32·16·16 = 98,304.
     assert bench.flops("lightning", "fwd", 1, 64, 1, 16, 16, 32) == 2 * 98_304
     # fwd_bwd adds 6·32²·32 + 10·32·16·16 per chunk.
@@ -36,7 +26,7 @@ def test_flop_and_byte_counts():
 
 def test_dry_run_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(ENV_VAR, "1")
-    bench = _load_benchmark()
+    bench = load_benchmark("kernels")
     out = tmp_path / "kernels.json"
     # fwd_bwd only (the fwd pieces are in it); the fwd mode is the same code path with a different jitted function.
     report = bench.main(["--dry-run", "--lengths", "64", "--modes", "fwd_bwd", "--out", str(out)])

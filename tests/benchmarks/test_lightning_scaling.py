@@ -1,25 +1,15 @@
 """Smoke test of benchmarks/lightning_scaling.py: the sweep runs end to end at tiny sizes and its JSON report has
 the documented keys. Timings are not checked (2 shared CPU cores)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lightning_scaling.py"
-
-
-def _load_benchmark():
-    # benchmarks/ is a folder of scripts, not a package of effarch: load the file by path.
-    spec = importlib.util.spec_from_file_location("lightning_scaling", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.benchmarks import load_benchmark
 
 
 def test_main_writes_report_with_expected_keys(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("lightning_scaling")
     out = tmp_path / "report.json"
     argv = ["--lengths", "128", "256", "--budget", "512", "--heads", "3", "--head-dim", "16", "--block-size", "32",
             "--reps", "1", "--warmup", "1", "--out", str(out)]
@@ -64,7 +54,7 @@ def test_main_writes_report_with_expected_keys(tmp_path, capsys):
 
 
 def test_softmax_over_memory_cap_is_skipped_not_run():
-    bench = _load_benchmark()
+    bench = load_benchmark("lightning_scaling")
     # A cap of ~0 bytes: softmax is compiled for its memory numbers but never timed; Lightning is unaffected.
     report = bench.run([128], budget=256, heads=3, head_dim=16, block_size=32, reps=1, softmax_max_gib=1e-9)
     soft = report["results"]["softmax_xla"]["128"]

@@ -1,21 +1,11 @@
 """Smoke test of benchmarks/moh.py at tiny sizes: the report's keys, and the one number that does not depend on the
 machine's load: the sparse path's compiled FLOPs fall with the share of active heads, the dense path's do not."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "moh.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("moh_benchmark", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers.benchmarks import load_benchmark
 
 TINY = ["--contexts", "40", "--seq-len", "48", "--d-model", "32", "--head-dim", "8", "--block-size", "8",
         "--warmup", "1", "--steps", "1"]
@@ -23,7 +13,7 @@ TINY = ["--contexts", "40", "--seq-len", "48", "--d-model", "32", "--head-dim", 
 
 def test_sparse_flops_fall_and_decode_record():
     # The pieces main() is made of, at tiny sizes (the full sweep is the slow test below).
-    bench = _load_benchmark()
+    bench = load_benchmark("moh")
     sizes = {"d_model": 32, "heads": 8, "head_dim": 8, "block_size": 8}
     flops = {share: bench.measure_flops(bench._layer("sparse", bench.SHARES[share], **sizes), 48, 0)
              for share in ("100", "50")}
@@ -37,7 +27,7 @@ def test_sparse_flops_fall_and_decode_record():
 
 @pytest.mark.slow
 def test_main_both_paths(tmp_path):
-    bench = _load_benchmark()
+    bench = load_benchmark("moh")
     out = tmp_path / "report.json"
     report = bench.main([*TINY, "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))

@@ -2,25 +2,14 @@
 table and PNG are rendered from planned cells (the compiles themselves are `effarch plan`'s, tested in
 tests/train/test_plan.py)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from effarch.train.config import load_config
+from tests.helpers.benchmarks import load_benchmark
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plan_scale.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("plan_scale", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("plan_scale")
 
 
 @pytest.mark.parametrize("mechanism", bench.MECHANISMS)

@@ -10,10 +10,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from effarch.pallas_kernels.attention.splash import attention_splash
 from effarch.pallas_kernels.based.pallas_vjp import based_pallas_impl
+from effarch.pallas_kernels.block_sparse import random_causal_lists
 from effarch.pallas_kernels.block_sparse.pallas_vjp import block_sparse_pallas
 from effarch.pallas_kernels.lightning import api as lightning_api
 from effarch.pallas_kernels.sliding_window.splash import sliding_window_splash
@@ -67,22 +67,9 @@ def _attention(q, k, v):
     return attention_splash(q, k, v, causal=True, interpret=False)
 
 
-def sparse_lists(batch: int, groups: int, n_blocks: int, density: float, seed: int = 0):
-    """Causal lists (numpy, so concrete at trace time): each query block's own block plus random earlier ones, about
-    `density` of all n_blocks blocks per row; unsorted."""
-    rng = np.random.default_rng(seed)
-    kmax = max(1, round(density * n_blocks))
-    idx = np.full((batch, groups, n_blocks, kmax), -1, np.int32)
-    cnt = np.zeros((batch, groups, n_blocks), np.int32)
-    for b, g, i in np.ndindex(cnt.shape):
-        listed = [i, *rng.permutation(i)[: kmax - 1]]
-        idx[b, g, i, : len(listed)] = rng.permutation(listed)
-        cnt[b, g, i] = len(listed)
-    return idx, cnt
-
-
 def _block_sparse(q, k, v):
-    idx, cnt = sparse_lists(q.shape[0], k.shape[2], q.shape[1] // SPARSE_BLOCK, SPARSE_DENSITY)
+    n = q.shape[1] // SPARSE_BLOCK
+    idx, cnt = random_causal_lists(q.shape[0], k.shape[2], n, max(1, round(SPARSE_DENSITY * n)))
     return block_sparse_pallas("pallas_tpu", q, k, v, jnp.asarray(idx), jnp.asarray(cnt), q_block=SPARSE_BLOCK,
                                kv_block=SPARSE_BLOCK, interpret=False)
 

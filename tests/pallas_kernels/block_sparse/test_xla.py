@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effarch.pallas_kernels.block_sparse import api, block_sparse_attention, block_sparse_reference
+from effarch.pallas_kernels.block_sparse import api, block_sparse_attention, block_sparse_reference, random_causal_lists
 from effarch.pallas_kernels.block_sparse.xla import block_sparse_xla
 from tests.pallas_kernels.block_sparse.test_reference import random_lists
 
@@ -153,19 +153,6 @@ def test_bf16_inputs_stay_close_to_the_float32_reference():
         np.testing.assert_allclose(g.astype(jnp.float32), g_ref, atol=5e-2, rtol=5e-2)
 
 
-def _causal_lists(rng, B, Hs, n, kmax):
-    """Random causal lists: the diagonal block plus kmax - 1 earlier ones (fewer near the start)."""
-    idx = np.full((B, Hs, n, kmax), -1, np.int32)
-    cnt = np.zeros((B, Hs, n), np.int32)
-    for b in range(B):
-        for g in range(Hs):
-            for i in range(n):
-                c = min(i + 1, kmax)
-                idx[b, g, i, :c] = np.concatenate([[i], rng.permutation(i)[: c - 1]])
-                cnt[b, g, i] = c
-    return idx, cnt
-
-
 def _largest_array(jaxpr) -> int:
     """Elements of the largest value any equation of `jaxpr` (or of a jaxpr nested in its params) produces."""
     sizes = [0]
@@ -186,7 +173,7 @@ def test_no_quadratic_buffer_at_8192_tokens_and_10_percent_of_blocks():
     at T = 2048 the whole op is one step and its temporaries are ~0.74 of it: several score-sized buffers at 10%)."""
     B, T, H, D, bs = 1, 8192, 2, 64, 64
     n = T // bs
-    idx, cnt = _causal_lists(np.random.default_rng(7), B, H, n, max(1, round(0.1 * n)))
+    idx, cnt = random_causal_lists(B, H, n, max(1, round(0.1 * n)), rng=7)
     idx, cnt = jnp.asarray(idx), jnp.asarray(cnt)
     qkv = [jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)] * 3
     ct = jnp.zeros((B, T, H, D))
