@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.benchmarks.test_based_benchmarks import _load
+from tests.helpers.benchmarks import load_benchmark
 
 ARGV = [
     "--lengths",
@@ -38,7 +38,7 @@ def _check_xla(record):
 
 
 def test_based_cpu_ours_only_writes_report(tmp_path, capsys):
-    bench = _load("based_cpu")
+    bench = load_benchmark("based_cpu")
     out = tmp_path / "based_cpu.json"
     report = bench.main([*ARGV, "--out", str(out)])
 
@@ -52,7 +52,7 @@ def test_based_cpu_ours_only_writes_report(tmp_path, capsys):
 
 @pytest.mark.skipif(not os.environ.get("EFFARCH_FLA_PYTHON"), reason="EFFARCH_FLA_PYTHON (torch + fla-core) not set")
 def test_based_cpu_against_fla_naive_chunk():
-    bench = _load("based_cpu")
+    bench = load_benchmark("based_cpu")
     report = bench.main(
         [*ARGV, "--fla-python", os.environ["EFFARCH_FLA_PYTHON"], "--fla-chunk-size", "16", "--fla-threads", "1"]
     )
@@ -71,6 +71,6 @@ def test_based_cpu_against_fla_naive_chunk():
 
 
 def test_based_cpu_rejects_lengths_fla_cannot_chunk():
-    bench = _load("based_cpu")
+    bench = load_benchmark("based_cpu")
     with pytest.raises(ValueError, match="divisible by --fla-chunk-size=256"):
         bench.run([48], fla_python="unused-python")

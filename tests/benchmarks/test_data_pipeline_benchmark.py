@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.benchmarks.test_based_benchmarks import _load
+from tests.helpers.benchmarks import load_benchmark
 
 
 def test_data_pipeline_report(tmp_path):
@@ -13,7 +13,7 @@ def test_data_pipeline_report(tmp_path):
     for i in range(6):
         (corpus / f"{i}.txt").write_text(f"document {i}\n" * (40 + 10 * i))
     out = tmp_path / "report.json"
-    report = _load("data_pipeline").main(["--source", str(corpus), "--batch-size", "4", "--seq-len", "16",
+    report = load_benchmark("data_pipeline").main(["--source", str(corpus), "--batch-size", "4", "--seq-len", "16",
                                           "--steps", "5", "--out", str(out)])
     assert json.loads(out.read_text()) == report
     docs = report["corpus"]["documents"]
@@ -34,7 +34,7 @@ def test_data_pipeline_report(tmp_path):
 def test_scale_mode_parts(tmp_path):
     """--scale-mb's parts in this process (the mode runs each in a fresh one): the generated corpus, its preparation,
     the train side's measurement on it, and the plot."""
-    bench = _load("data_pipeline")
+    bench = load_benchmark("data_pipeline")
     corpus = tmp_path / "corpus"
     assert bench.write_corpus(corpus, 150_000) == 150_000
     sizes = sorted(p.stat().st_size for p in corpus.rglob("*.txt"))
@@ -57,7 +57,7 @@ def test_scale_mode_parts(tmp_path):
 @pytest.mark.slow
 def test_scale_mode_end_to_end(tmp_path):
     out = tmp_path / "scale.json"
-    report = _load("data_pipeline").main(["--scale-mb", "0.2", "0.4", "--steps", "5", "--batch-size", "4",
+    report = load_benchmark("data_pipeline").main(["--scale-mb", "0.2", "0.4", "--steps", "5", "--batch-size", "4",
                                           "--seq-len", "32", "--work-dir", str(tmp_path), "--out", str(out),
                                           "--png", str(tmp_path / "rss.png")])
     assert json.loads(out.read_text()) == report and [r["corpus_mb"] for r in report["sizes"]] == [0.2, 0.4]
@@ -69,7 +69,7 @@ def test_records_mode_parts(tmp_path, fmt):
     """--records-mb's parts in this process: the generated shards (every record a document) and their preparation."""
     if fmt == "jsonl.zst":
         pytest.importorskip("zstandard")
-    bench = _load("data_pipeline")
+    bench = load_benchmark("data_pipeline")
     stats = bench.write_record_corpus(tmp_path / "corpus", 200_000, 80_000, fmt)
     assert stats["shards"] == len(list((tmp_path / "corpus").iterdir())) == 3
     assert 25 <= stats["records"] and stats["text_bytes"] < 200_000

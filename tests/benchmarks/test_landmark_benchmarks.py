@@ -9,13 +9,13 @@ from flax import nnx
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.landmark import LandmarkConfig
 from effarch.train.data import passkey
-from tests.benchmarks.test_based_benchmarks import _load
+from tests.helpers.benchmarks import load_benchmark
 
 
 # Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
 @pytest.mark.slow
 def test_memory_cost_report(tmp_path):
-    bench = _load("landmark_memory_cost")
+    bench = load_benchmark("landmark_memory_cost")
     out = tmp_path / "cost.json"
     report = bench.main(["--contexts", "60", "120", "--d-model", "16", "--heads", "2", "--block-len", "4",
                          "--tokens", "2", "--reps", "1", "--warmup", "1", "--out", str(out)])
@@ -33,7 +33,7 @@ def test_memory_cost_report(tmp_path):
 
 
 def test_passkey_report_retrieval_of_everything_matches_full(tmp_path):
-    bench = _load("passkey_landmark")
+    bench = load_benchmark("passkey_landmark")
     # Untrained model; k = 8 covers every block and remap is off, so "topk8" must score exactly like "full".
     cfg = ModelConfig(vocab_size=passkey.VOCAB_SIZE, d_model=16, n_layers=1, mixers=("landmark",),
                       landmark=LandmarkConfig(n_heads=2, block_len=7, tile=16, remap=False))
@@ -51,7 +51,7 @@ def test_passkey_report_retrieval_of_everything_matches_full(tmp_path):
 
 
 def test_passkey_accuracy_counts_exact_matches():
-    bench = _load("passkey_landmark")
+    bench = load_benchmark("passkey_landmark")
     labels = np.array([[-100, 3, 4], [-100, 3, 4]])
     logits = np.zeros((2, 3, 5))
     logits[0, 1, 3] = logits[0, 2, 4] = 1.0  # row 0 right on both digits
@@ -61,7 +61,7 @@ def test_passkey_accuracy_counts_exact_matches():
 
 def test_passkey_heatmap_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    bench = _load("passkey_landmark")
+    bench = load_benchmark("passkey_landmark")
     report = {"config": {"lengths": [32, 64], "depths": [0.0, 1.0]},
               "results": {"full": {t: {"by_depth": {"0.0": 1.0, "1.0": 0.5}} for t in ("32", "64")}}}
     bench.heatmap(report, str(tmp_path / "h.png"))

@@ -14,13 +14,13 @@ from effarch.layers.sliding_window import SlidingWindowConfig
 from effarch.layers.titans import NeuralMemoryConfig
 from effarch.layers.titans_attention import TitansAttentionConfig
 from effarch.train.data import niah
-from tests.benchmarks.test_based_benchmarks import _load
+from tests.helpers.benchmarks import load_benchmark
 
 
 # Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
 @pytest.mark.slow
 def test_speed_report(tmp_path):
-    bench = _load("titans_speed")
+    bench = load_benchmark("titans_speed")
     out = tmp_path / "speed.json"
     report = bench.main(["--lengths", "16", "32", "--chunks", "8", "--reference-lengths", "16", "--d-model", "8",
                          "--heads", "1", "--batch-size", "8", "--reps", "1", "--out", str(out)])
@@ -48,7 +48,7 @@ def test_speed_report(tmp_path):
 # Heavy end-to-end (a minute or more on 2 cores): the slow suite (`-m slow`), so the default stays under 10 min.
 @pytest.mark.slow
 def test_niah_report(tmp_path):
-    bench = _load("niah_titans")
+    bench = load_benchmark("niah_titans")
     common = dict(vocab_size=niah.VOCAB_SIZE, d_model=16, n_layers=1)
     models = {
         "mac": DecoderLM(ModelConfig(**common, mixers=("titans_mac",),
@@ -89,7 +89,7 @@ def _check_side_by_side(report, names):
 
 
 def test_titans_pytorch_side_by_side_ours_only(tmp_path):
-    bench = _load("titans_pytorch_cpu")
+    bench = load_benchmark("titans_pytorch_cpu")
     out = tmp_path / "tp.json"
     report = bench.main(["--lengths", "32", *_TINY, "--out", str(out)])  # one length: one compile
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
@@ -103,7 +103,7 @@ def test_titans_pytorch_side_by_side_ours_only(tmp_path):
 @pytest.mark.skipif(not os.environ.get("EFFARCH_TITANS_TORCH_PYTHON"),
                     reason="EFFARCH_TITANS_TORCH_PYTHON (a Python with torch + titans-pytorch) not set")
 def test_titans_pytorch_side_by_side_with_torch():
-    bench = _load("titans_pytorch_cpu")
+    bench = load_benchmark("titans_pytorch_cpu")
     torch_python = os.environ["EFFARCH_TITANS_TORCH_PYTHON"]
     report = bench.main(["--lengths", "32", "64", *_TINY, "--torch-python", torch_python, "--torch-threads", "1"])
     _check_side_by_side(report, ["ours_xla", "titans_pytorch_1t"])
@@ -116,7 +116,7 @@ def test_titans_pytorch_side_by_side_with_torch():
 def test_scan_forms_measure_agrees_and_reports_the_ratio():
     # benchmarks/titans_scan_forms.py at a tiny size: the associative baseline it keeps gives the sequential form's
     # loss and gradients, and the ratio is recomputed from the medians.
-    bench = _load("titans_scan_forms")
+    bench = load_benchmark("titans_scan_forms")
     r = bench.measure((4, 8, 19, 2), reps=1, d_model=8, heads=2)
     assert r["loss_rel_diff"] < 1e-5 and r["grad_max_rel_diff"] < 1e-5
     med = r["median_s"]

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from tests.benchmarks.test_based_benchmarks import _load
+from tests.helpers.benchmarks import load_benchmark
 
 
 def test_train_loop_variants_agree_and_report_their_speed(tmp_path, capsys):
-    bench = _load("train_loop")
+    bench = load_benchmark("train_loop")
     out = tmp_path / "train_loop.json"
     report = bench.main(["--models", "tiny", "--steps", "12", "--repeats", "2", "--log-every", "5", "--out", str(out)])
 
@@ -34,6 +34,6 @@ def test_train_loop_variants_agree_and_report_their_speed(tmp_path, capsys):
 
 
 def test_train_loop_rejects_bad_arguments():
-    bench = _load("train_loop")
+    bench = load_benchmark("train_loop")
     with pytest.raises(SystemExit):
         bench.main(["--models", "tiny", "small", "--steps", "1", "2", "3"])
