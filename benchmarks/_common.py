@@ -6,6 +6,7 @@ module as `_common` (the smoke tests under tests/benchmarks/ put the folder on s
 """
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -121,6 +122,49 @@ def time_decode_steps(layer: nnx.Module, state, x_t, *, warmup: int, steps: int)
         jax.block_until_ready((state, y))
         times.append(time.perf_counter() - start)
     return times, first_call_s
+
+
+def _busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (/proc/stat's first line), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """How busy the rest of the machine was while a `with` block ran: the CPU seconds other processes used (busy
+    time from /proc/stat minus this process's and its children's own CPU time) per second of wall time, in cores.
+
+    The load average cannot say this: on a 2-core host a benchmark's own threads hold it near 2. A measurement
+    is quiet when `cores` stays well under one core (QUIET_BELOW); `cores` is None where /proc/stat is missing.
+    """
+
+    QUIET_BELOW = 0.25
+
+    def __enter__(self) -> "OtherLoad":
+        self.cores = None
+        self._start = (time.perf_counter(), _busy_s(), _own_s())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0 = self._start
+        busy1 = _busy_s()
+        if busy0 is not None and busy1 is not None:
+            wall = max(time.perf_counter() - wall0, 1e-9)
+            self.cores = max(0.0, (busy1 - busy0) - (_own_s() - own0)) / wall
+
+    @property
+    def quiet(self) -> bool | None:
+        return None if self.cores is None else self.cores < self.QUIET_BELOW
 
 
 def loss_and_grads(attn: Callable) -> Callable:
