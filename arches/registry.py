@@ -53,8 +53,9 @@ class ConfigEntry:
 class MixerEntry:
     build: MixerFactory
     configs: tuple[str, ...]  # the CONFIGS keys (ModelConfig fields) it reads
-    # How state_size(seq_len) grows: "linear" (a KV cache) or "bounded" (a recurrent state, a window, a buffer).
-    state: Literal["linear", "bounded"]
+    # How state_size(seq_len) grows: "linear" (a KV cache) or "bounded" (a recurrent state, a window, a buffer), or
+    # a function of the built layer where its config decides (sparse_attention: bounded only for sink_window).
+    state: Literal["linear", "bounded"] | Callable[[nnx.Module], Literal["linear", "bounded"]]
     skip: Mapping[str, str]  # conformance check -> why this mixer cannot pass it
     slow: Mapping[str, str]  # conformance check -> why it runs only with the slow tests (`-m slow`) for this mixer
 
@@ -72,7 +73,8 @@ def register_config(key: str, cls: type, *, small: Any) -> None:
     CONFIGS[key] = ConfigEntry(cls, small)
 
 
-def register(name: str, cls: type | None = None, *, configs: tuple[str, ...], state: Literal["linear", "bounded"],
+def register(name: str, cls: type | None = None, *, configs: tuple[str, ...],
+             state: Literal["linear", "bounded"] | Callable[[nnx.Module], Literal["linear", "bounded"]],
              build: MixerFactory | None = None, skip: Mapping[str, str] | None = None,
              slow: Mapping[str, str] | None = None) -> None:
     """Adds the mixer `name`: by default built as `cls(cfg.d_model, *(cfg.<key> for key in configs), rngs=rngs)`;
@@ -92,6 +94,12 @@ def register(name: str, cls: type | None = None, *, configs: tuple[str, ...], st
             return cls(cfg.d_model, *(getattr(cfg, k) for k in configs), rngs=rngs)
     MIXERS[name] = MixerEntry(build, tuple(configs), state, MappingProxyType(dict(skip or {})),
                               MappingProxyType(dict(slow or {})))
+
+
+def state_growth(name: str, layer: nnx.Module) -> Literal["linear", "bounded"]:
+    """How the built mixer `layer` (registered as `name`)'s decode state grows with the context."""
+    state = MIXERS[name].state
+    return state(layer) if callable(state) else state
 
 
 def with_mixer_configs(cls: type) -> type:
@@ -157,4 +165,5 @@ register("titans_mag", MemoryAsGate, configs=("titans", "titans_attention"), sta
 register("titans_mal", MemoryAsLayer, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
 # Bounded at its small config (sink_window: sinks + a ring buffer); with pattern s2 or longlora, or infer_dense, the
 # decode state is Attention's KV cache, which grows linearly.
-register("sparse_attention", SparseAttention, configs=("sparse_attention",), state="bounded")
+register("sparse_attention", SparseAttention, configs=("sparse_attention",),
+         state=lambda layer: "bounded" if layer.bounded_state else "linear")

@@ -164,13 +164,15 @@ class SparseAttention(Attention):
     # sink_window: a bounded cache, {"sink_k", "sink_v": [B, n_sink, Hkv, K], "ring": SlidingWindowCache of `window`
     # slots}. s2 / longlora / infer_dense: Attention's KV cache {"k", "v": [B, max_len, Hkv, K], "pos"}.
 
-    def _bounded(self) -> bool:
+    @property
+    def bounded_state(self) -> bool:
+        """Whether the decode state stops growing (sink_window's sink + ring cache) or is a KV cache of max_len."""
         return self.sparse.pattern == "sink_window" and not self.sparse.infer_dense
 
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
         """Empty decode state: the sink + ring cache for sink_window (max_len unused: it never grows), else
         Attention's KV cache of max_len slots."""
-        if not self._bounded():
+        if not self.bounded_state:
             return super().init_state(batch_size, max_len, cache_dtype)
         c, hkv, K = self.sparse, self.config.kv_heads, self.head_dim
         sink = jnp.zeros((batch_size, c.n_sink, hkv, K), cache_dtype)
@@ -180,7 +182,7 @@ class SparseAttention(Attention):
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
         """Bytes of decode state per sequence after seq_len tokens: Attention's KV cache, or for sink_window
         2 * min(seq_len, n_sink + window) * Hkv * K * itemsize (constant past n_sink + window tokens)."""
-        if not self._bounded():
+        if not self.bounded_state:
             return super().state_size(seq_len, cache_dtype)
         return super().state_size(min(seq_len, self.sparse.n_sink + self.sparse.window), cache_dtype)
 
@@ -188,7 +190,7 @@ class SparseAttention(Attention):
         """Runs x [B, T, D] from the state's position; returns (state after it, y [B, T, D])."""
         if self.sparse.infer_dense:
             return super().prefill(state, x)
-        if self._bounded():
+        if self.bounded_state:
             return self._prefill_bounded(state, x)
         return self._prefill_cache(state, x)
 

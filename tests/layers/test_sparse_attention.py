@@ -187,6 +187,22 @@ def test_sink_window_decode_state_is_flat_in_the_context_length():
     assert str(steps[0]) == str(steps[1])
 
 
+@pytest.mark.parametrize("cfg, growth", [(SINK, "bounded"), (S2, "linear"), (LONGLORA, "linear"),
+                                          (dataclasses.replace(SINK, infer_dense=True), "linear")],
+                         ids=["sink_window", "s2", "longlora", "sink_window_infer_dense"])
+def test_registry_state_growth_follows_the_pattern(cfg, growth):
+    """sink_window decodes over a bounded cache; s2, longlora and infer_dense over a KV cache that grows with the
+    context: the registry (which the conformance suite's state_size check reads) says so per built layer."""
+    from effarch.arches.registry import state_growth
+
+    layer = SparseAttention(D, cfg, rngs=nnx.Rngs(0))
+    assert state_growth("sparse_attention", layer) == growth
+    if growth == "linear":
+        assert layer.state_size(200) == 2 * layer.state_size(100) > 0
+    else:
+        assert layer.state_size(10**5) == layer.state_size(10**4) > 0
+
+
 @pytest.mark.parametrize("override, message", [
     ("pattern=moa", "pattern: expected one of ['sink_window', 's2', 'longlora'], got 'moa'"),
     ("block_size=0", "block_size must be positive"),
