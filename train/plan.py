@@ -536,6 +536,10 @@ def run_in_subprocess(files, overrides, topology: str, num_slices: int = 1, *, d
         of = f" of {mixers[-1]}" if mixers else ""
         check = re.findall(r"Check failed: (.*)", proc.stderr)
         why = f": Check failed: {check[-1][:160]}..." if check else ""
+        if proc.returncode == -signal.SIGKILL:  # not the compiler: Linux's OOM killer (or a user) sent it
+            return {"code": EXIT_NO_COMPILE,
+                    "error": f"the planning process was killed (SIGKILL) on {step}{of} for {topology}, most likely by "
+                             f"the out-of-memory killer: compiling this step needs more host RAM than was free"}
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
             return {"code": EXIT_NO_COMPILE,

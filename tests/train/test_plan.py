@@ -134,6 +134,20 @@ def test_a_killed_child_is_one_line(monkeypatch):
     assert "Check failed: rank == best_window_bounds_in_chunks.size()" in out["error"]
 
 
+def test_a_child_killed_for_memory_says_so(monkeypatch):
+    """SIGKILL is not a compiler abort: on a host without enough RAM for the compile, the OOM killer sends it."""
+    class Killed:
+        returncode = -signal.SIGKILL
+        stdout = "effarch-plan-mixers: titans_mac\neffarch-plan-stage: train\n"
+        stderr = ""
+
+    monkeypatch.setattr(plan_mod.subprocess, "run", lambda *a, **k: Killed())
+    out = plan_mod.run_in_subprocess([QUICKSTART], [], "v5p:2x4x4")
+    assert out["code"] == plan_mod.EXIT_NO_COMPILE and "\n" not in out["error"]
+    assert out["error"].startswith("the planning process was killed (SIGKILL) on the train step of titans_mac")
+    assert "out-of-memory killer" in out["error"] and "host RAM" in out["error"]
+
+
 def test_largest_arrays_reads_the_hlo_outside_fusions():
     hlo = """HloModule m
 
