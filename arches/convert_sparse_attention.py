@@ -4,7 +4,8 @@
 every weight is reused as is and only the config changes. This is how a trained attention run is evaluated or
 fine-tuned with a static sparse pattern: StreamingLLM's sinks + window on a model trained dense (arXiv 2309.17453),
 LongLoRA's S²-Attn for long-context fine-tuning (arXiv 2309.12307 §3.2), or an S2-Attention layout (arXiv
-2407.17678), whose hybrid keeps some layers dense (`dense_every`).
+2407.17678), whose hybrid keeps some layers dense (`dense_every`), or MoA's per-head elastic spans from a plan that
+`effarch moa-search` found for this model (arXiv 2406.14909; `plan=PATH`).
 
 Usage (the `effarch convert RUN OUT --to sparse_attention pattern=... [key=value ...]` CLI reads and writes run
 directories around this):
@@ -17,11 +18,13 @@ attention model's logits (tests/arches/test_convert_sparse_attention.py).
 """
 
 import dataclasses
+from pathlib import Path
 
 import jax
 from flax import nnx
 
 from effarch.arches.lm import DecoderLM, ModelConfig
+from effarch.layers import moa_plan
 from effarch.layers.rope import ROPE_SCALING_FIELDS
 from effarch.layers.sparse_attention import PATTERNS
 
@@ -30,7 +33,7 @@ def sparse_attention_config_from_attention(
     cfg: ModelConfig, *, pattern: str = "sink_window", block_size: int | None = None, n_sink: int | None = None,
     window: int | None = None, local_blocks: int | None = None, vert_stride: int | None = None,
     dense_heads: int | None = None, group_size: int | None = None, infer_dense: bool | None = None,
-    dense_every: int = 0, implementation: str | None = None,
+    plan: str | None = None, dense_every: int = 0, implementation: str | None = None,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
@@ -40,6 +43,9 @@ def sparse_attention_config_from_attention(
       cfg: the attention model's config; its attention layers must be causal self attention.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
         implementation: SparseAttentionConfig's fields of the same names.
+      plan: moa's plan file; the config keeps its absolute path, so the converted run finds it from any directory
+        (the plan must stay there). Without n_sink, moa takes the plan's own `n_sink` (the sinks it was searched
+        with), when the plan records one.
       dense_every: 0 converts every attention layer; k > 0 keeps layer l dense when (l + 1) % k == 0 (k = 2: the
         S2-Attention hybrid of Phi-3-small, layers 1, 3, 5, ... dense).
     """
@@ -52,8 +58,16 @@ def sparse_attention_config_from_attention(
         raise ValueError(f"convert to sparse_attention: pattern must be one of {list(PATTERNS)}, got {pattern!r}")
     if dense_every < 0:
         raise ValueError(f"convert to sparse_attention: dense_every must be >= 0, got {dense_every}")
+    if plan is not None:
+        plan = str(Path(plan).resolve())
+        if pattern == "moa" and n_sink is None:
+            try:
+                n_sink = moa_plan.read_plan(plan).get("n_sink")
+            except moa_plan.PlanError as e:
+                raise ValueError(f"plan: {e}") from None
     given = dict(pattern=pattern, block_size=block_size, n_sink=n_sink, window=window, local_blocks=local_blocks,
-                 vert_stride=vert_stride, dense_heads=dense_heads, group_size=group_size, infer_dense=infer_dense)
+                 vert_stride=vert_stride, dense_heads=dense_heads, group_size=group_size, infer_dense=infer_dense,
+                 plan=plan)
     sparse = dataclasses.replace(
         cfg.sparse_attention, **{k: v for k, v in given.items() if v is not None}, implementation=implementation,
         n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, head_dim=att.head_dim, rope=att.rope,

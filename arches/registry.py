@@ -163,7 +163,10 @@ register("landmark", LandmarkAttention, configs=("landmark",), state="linear")
 register("titans_mac", MemoryAsContext, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
 register("titans_mag", MemoryAsGate, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
 register("titans_mal", MemoryAsLayer, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
-# Bounded at its small config (sink_window: sinks + a ring buffer); with pattern s2 or longlora, or infer_dense, the
-# decode state is Attention's KV cache, which grows linearly.
-register("sparse_attention", SparseAttention, configs=("sparse_attention",),
-         state=lambda layer: "bounded" if layer.bounded_state else "linear")
+# Bounded for sink_window (sinks + a ring buffer, its small config); with pattern s2, longlora or moa, or infer_dense,
+# the decode state is Attention's KV cache, which grows linearly.
+# A moa plan has one entry per layer: the layer's index picks its (alpha, beta), and the plan's length is checked.
+register("sparse_attention", configs=("sparse_attention",),
+         state=lambda layer: "bounded" if layer.bounded_state else "linear",
+         build=lambda cfg, layer_idx, rngs: SparseAttention(cfg.d_model, cfg.sparse_attention, layer_idx=layer_idx,
+                                                            n_layers=cfg.n_layers, rngs=rngs))

@@ -1,4 +1,5 @@
-"""Block-sparse softmax attention with static per-head patterns: sink + window, S2-Attention, LongLoRA's S²-Attn.
+"""Block-sparse softmax attention with static per-head patterns: sink + window, S2-Attention, LongLoRA's S²-Attn,
+MoA's elastic spans.
 
 The projections, RoPE, GQA grouping and the dense KV cache are those of `layers/attention.py` (this layer subclasses
 `Attention`, so a trained `attention` layer's weights fit it as they are: `arches/convert_sparse_attention.py`); the
@@ -19,6 +20,13 @@ in numpy, at trace time. `pattern` picks them:
   heads uses groups shifted by group_size / 2, written as block-diagonal lists, so unlike the paper's token roll no
   query sees the other end of the sequence. The paper fine-tunes with it and infers with full attention:
   `infer_dense: true`.
+- "moa" (MoA, Fu et al., arXiv 2406.14909): KV head h (its query heads share it) sees a span of
+  S_h(N) = α_h + β_h·N tokens for a sequence of N tokens: the first min(n_sink, S_h - 1) tokens (sinks) and the
+  causal window of the rest (`sparse_patterns.moa_spans`: token-exact, through the op's per-group window and sink
+  predicates). (α_h, β_h) per layer and KV head come from the JSON plan file `plan` (layers/moa_plan.py; written by
+  `effarch moa-search`), read once when the layer is built. N is the length of the call in the parallel form, and
+  the KV cache's length (`init_state`'s max_len: the prompt plus the new tokens, as MoA sizes its cache) when
+  decoding, so a decode into a cache of T slots equals the parallel form over T tokens.
 
 Decoding (prefill / decode_step) equals the parallel form for every pattern, except with `infer_dense`, where it is
 `Attention`'s full causal attention on the same weights (then the parallel form is still the sparse training form).
@@ -31,22 +39,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effarch.layers import sparse_patterns
+from effarch.layers import moa_plan, sparse_patterns
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.rope import ROPE_SCALING_FIELDS
 from effarch.pallas_kernels import sliding_window as swa_op
 from effarch.pallas_kernels.block_sparse import block_sparse_attention
 
-PATTERNS = ("sink_window", "s2", "longlora")
+PATTERNS = ("sink_window", "s2", "longlora", "moa")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseAttentionConfig:
-    pattern: Literal["sink_window", "s2", "longlora"] = "sink_window"
+    pattern: Literal["sink_window", "s2", "longlora", "moa"] = "sink_window"
     block_size: int = 64  # q_block = kv_block of the op, tokens
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
-    n_sink: int = 4  # attention-sink tokens at the start of the sequence
+    n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
     window: int = 1024  # keys in the causal window, t - window < j <= t
     # s2 (Phi-3-small: blocks of 64, 16 local blocks, vertical stride 8)
     local_blocks: int = 16  # newest blocks every head reads, the diagonal block included
@@ -54,6 +62,8 @@ class SparseAttentionConfig:
     dense_heads: int = 0  # the last dense_heads KV heads read every causal block
     # longlora (the paper: a quarter of the fine-tuning length)
     group_size: int = 2048  # G tokens per attention group; even, with block_size dividing G / 2
+    # moa: the plan file (JSON, layers/moa_plan.py) with (alpha, beta) per layer and KV head
+    plan: str | None = None
     infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
@@ -86,6 +96,8 @@ class SparseAttentionConfig:
             raise ValueError(str(e).replace("attention.", p, 1)) from None
         if not 0 <= self.dense_heads <= att.kv_heads:
             raise ValueError(f"{p}dense_heads={self.dense_heads} must be in [0, kv heads={att.kv_heads}]")
+        if self.pattern == "moa" and not self.plan:
+            raise ValueError(f"{p}plan: pattern moa needs a plan file (write one with effarch moa-search)")
         if self.pattern == "longlora":
             if self.group_size % 2 or (self.group_size // 2) % self.block_size:
                 raise ValueError(f"{p}group_size={self.group_size} must be even and block_size={self.block_size} "
@@ -110,19 +122,40 @@ class SparseAttention(Attention):
       q_proj, k_proj, v_proj, o_proj: as Attention (same shapes and paths).
     """
 
-    def __init__(self, d_model: int, config: SparseAttentionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, config: SparseAttentionConfig, *, rngs: nnx.Rngs, layer_idx: int = 0,
+                 n_layers: int | None = None):
+        """layer_idx, n_layers: the layer's place in the model, which picks its entry of a moa plan (n_layers None:
+        the plan's layer count is not checked)."""
         try:
             super().__init__(d_model, config.attention_config(), rngs=rngs)
         except ValueError as e:  # Attention's errors name its own keys; the user wrote model.sparse_attention.*
             raise ValueError(str(e).replace("attention.", "sparse_attention.", 1)
                              .replace("attention:", "sparse_attention:", 1)) from None
         self.sparse = config
+        self.moa_alpha = self.moa_beta = None  # moa: (α, β) per KV head, plain floats (static, like the config)
+        if config.pattern == "moa":
+            try:
+                plan = moa_plan.read_plan(config.plan)
+                self.moa_alpha, self.moa_beta = moa_plan.layer_rule(
+                    plan, config.plan, layer_idx=layer_idx, n_layers=n_layers, n_kv_heads=self.config.kv_heads)
+            except moa_plan.PlanError as e:
+                raise ValueError(f"sparse_attention.plan: {e}") from None
 
     # --- the pattern -----------------------------------------------------------------------------------------------
 
-    def block_mask(self, n_q_blocks: int, n_kv_blocks: int) -> np.ndarray:
-        """The pattern's block mask [Hs, nQb, nKb] (numpy) for query / key blocks of block_size tokens at 0, 1, ..."""
+    def moa_spans(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """moa: (span, window, sink) per KV head, int [Hkv] each, at sequence length N = n_tokens
+        (`sparse_patterns.moa_spans`)."""
+        return sparse_patterns.moa_spans(self.moa_alpha, self.moa_beta, n_tokens, self.sparse.n_sink)
+
+    def block_mask(self, n_q_blocks: int, n_kv_blocks: int, seq_len: int | None = None) -> np.ndarray:
+        """The pattern's block mask [Hs, nQb, nKb] (numpy) for query / key blocks of block_size tokens at 0, 1, ...;
+        seq_len is moa's N (default n_kv_blocks * block_size)."""
         c, att = self.sparse, self.config
+        if c.pattern == "moa":
+            _, window, sink = self.moa_spans(n_kv_blocks * c.block_size if seq_len is None else seq_len)
+            return sparse_patterns.moa_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, window=window,
+                                              n_sink=sink)
         if c.pattern == "sink_window":
             return sparse_patterns.sink_window_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, n_sink=c.n_sink,
                                                       window=c.window)
@@ -135,20 +168,25 @@ class SparseAttention(Attention):
         return sparse_patterns.longlora_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, group_size=c.group_size,
                                                n_groups=n_groups)
 
-    def _predicates(self) -> dict:
+    def _predicates(self, seq_len: int | None) -> dict:
+        """The op's window / sink predicates at sequence length seq_len (moa's N; unused by the other patterns)."""
         c = self.sparse
         if c.pattern == "sink_window":
             return dict(window=c.window, n_sink=c.n_sink)
+        if c.pattern == "moa":  # one window and sink count per list group (Hs = Hkv)
+            _, window, sink = self.moa_spans(seq_len)
+            return dict(window=tuple(int(w) for w in window), n_sink=tuple(int(s) for s in sink))
         return {}
 
-    def _attend_lists(self, q, k, v, idx, cnt, *, q_block: int, q_pos=None, kv_pos=None):
-        """The op with per-group lists idx [Hs, nQb, Kmax], cnt [Hs, nQb] shared by the batch."""
+    def _attend_lists(self, q, k, v, idx, cnt, *, q_block: int, seq_len: int | None = None, q_pos=None,
+                      kv_pos=None):
+        """The op with per-group lists idx [Hs, nQb, Kmax], cnt [Hs, nQb] shared by the batch; seq_len: moa's N."""
         B = q.shape[0]
         idx = jnp.broadcast_to(jnp.asarray(idx, jnp.int32)[None], (B, *np.shape(idx)))
         cnt = jnp.broadcast_to(jnp.asarray(cnt, jnp.int32)[None], (B, *np.shape(cnt)))
         o = block_sparse_attention(q, k, v, idx, cnt, q_block=q_block, kv_block=self.sparse.block_size, causal=True,
                                    q_pos=q_pos, kv_pos=kv_pos, implementation=self.sparse.implementation,
-                                   **self._predicates())
+                                   **self._predicates(seq_len))
         return o
 
     def __call__(self, x: Hidden) -> Hidden:
@@ -156,13 +194,13 @@ class SparseAttention(Attention):
         B, T = x.shape[:2]
         q, k, v = self.project_qkv(x, jnp.arange(T))
         n_blocks = _ceil_div(T, self.sparse.block_size)
-        idx, cnt = sparse_patterns.block_lists(self.block_mask(n_blocks, n_blocks))
-        o = self._attend_lists(q, k, v, idx, cnt, q_block=self.sparse.block_size)
+        idx, cnt = sparse_patterns.block_lists(self.block_mask(n_blocks, n_blocks, T))
+        o = self._attend_lists(q, k, v, idx, cnt, q_block=self.sparse.block_size, seq_len=T)
         return self.o_proj(o.reshape(B, T, -1))
 
     # --- decoding --------------------------------------------------------------------------------------------------
     # sink_window: a bounded cache, {"sink_k", "sink_v": [B, n_sink, Hkv, K], "ring": SlidingWindowCache of `window`
-    # slots}. s2 / longlora / infer_dense: Attention's KV cache {"k", "v": [B, max_len, Hkv, K], "pos"}.
+    # slots}. s2 / longlora / moa / infer_dense: Attention's KV cache {"k", "v": [B, max_len, Hkv, K], "pos"}.
 
     @property
     def bounded_state(self) -> bool:
@@ -200,15 +238,16 @@ class SparseAttention(Attention):
         return state, y[:, 0]
 
     def _prefill_cache(self, state: State, x: Hidden) -> tuple[State, Hidden]:
-        """s2 / longlora over the dense KV cache: each new token is its own query block (q_block = 1) and reads the
-        list of its block in the pattern built for the cache's length, so it sees what the parallel form shows it."""
+        """s2 / longlora / moa over the dense KV cache: each new token is its own query block (q_block = 1) and reads
+        the list of its block in the pattern built for the cache's length S (moa's N = S), so it sees what the
+        parallel form over S tokens shows it."""
         B, T = x.shape[:2]
         state, q, positions = self._write(state, x)
         S, bs = state["k"].shape[1], self.sparse.block_size
-        idx, cnt = sparse_patterns.block_lists(self.block_mask(_ceil_div(S, bs), _ceil_div(S, bs)))
+        idx, cnt = sparse_patterns.block_lists(self.block_mask(_ceil_div(S, bs), _ceil_div(S, bs), S))
         rows = jnp.minimum(positions // bs, idx.shape[1] - 1)  # past the cache end the output is poisoned below
         k, v = state["k"].astype(q.dtype), state["v"].astype(q.dtype)
-        o = self._attend_lists(q, k, v, jnp.asarray(idx)[:, rows], jnp.asarray(cnt)[:, rows], q_block=1,
+        o = self._attend_lists(q, k, v, jnp.asarray(idx)[:, rows], jnp.asarray(cnt)[:, rows], q_block=1, seq_len=S,
                                q_pos=positions)
         y = self.o_proj(o.reshape(B, T, -1))
         return state, jnp.where(state["pos"] <= S, y, jnp.full((), jnp.nan, y.dtype))

@@ -16,6 +16,18 @@ Patterns (the layer's docstring says which paper each follows):
   path (dvlab-research/LongLoRA@d4eb344 `llama_attn_replace.py::forward_flashattn`): groups of `group_size` tokens,
   the second half of the head groups shifted by group_size / 2, the shifted half's first and last half-groups
   their own groups. No token roll, so no query sees a key from the other end of the sequence.
+- `moa_blocks`: MoA's elastic spans (Fu et al., arXiv 2406.14909, its elastic rule search space; thu-nics/MoA):
+  KV head h of a layer sees a causal span of S_h(N) = α_h + β_h·N tokens for a sequence of N tokens, its first
+  tokens being sinks. `moa_spans` turns (α, β, N) into the per-head window and sink counts of the op's predicates,
+  so the span is token-exact.
+
+MoA's span is token-granular here. MoA's profiling layout is block-granular (thu-nics/MoA
+`MoA/universal/elastic_block_sparse.py`: a band of int(α / 64 + β·nB) blocks of 64 plus one global block), but its
+inference cache is token-granular (`moa_config_to_cache_config`: int(α + β·N) tokens per head, 64 of them sinks, the
+rest a local window), and it is the inference rule that defines the model a plan describes: `moa_spans` follows it,
+without MoA's rounding of the cache up to a multiple of 64 and its floor of 128 tokens (kernel tiling choices of its
+GPU cache, not part of the rule). The block lists only bound which blocks the op visits; the window / sink
+predicates cut them to the exact tokens.
 """
 
 import numpy as np
@@ -78,3 +90,26 @@ def longlora_blocks(n_q_blocks: int, n_kv_blocks: int, *, block: int, group_size
     shifted = same | ((m % 2 == 0) & (m >= 2) & (n == m - 1))
     first_half = np.arange(n_groups)[:, None, None] < n_groups // 2
     return (kj <= qi)[None] & np.where(first_half, unshifted[None], shifted[None])
+
+
+def moa_spans(alpha, beta, n_tokens: int, n_sink: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MoA's elastic rule at sequence length N = n_tokens, per head (alpha, beta [H] floats):
+
+        S_h = clip(floor(α_h + β_h·N), 1, N)      tokens a query sees (its KV cache), sinks included
+        sink_h = min(n_sink, S_h - 1)             the first sink_h tokens are always visible
+        window_h = S_h - sink_h >= 1              plus the causal window t - window_h < j <= t (its own key included)
+
+    so query t sees min(t + 1, S_h) keys: the whole causal prefix while t < S_h, then the sinks and the newest
+    window_h keys. Returns (span, window, sink), int64 [H] each.
+    """
+    raw = np.floor(np.asarray(alpha, np.float64) + np.asarray(beta, np.float64) * n_tokens)
+    span = np.clip(raw, 1, max(n_tokens, 1)).astype(np.int64)
+    sink = np.minimum(n_sink, span - 1)
+    return span, span - sink, sink
+
+
+def moa_blocks(n_q_blocks: int, n_kv_blocks: int, *, block: int, window, n_sink) -> np.ndarray:
+    """[H, nQb, nKb]: per head h (window, n_sink [H] from `moa_spans`), the blocks of `sink_window_blocks` with that
+    head's window and sinks: what query blocks must visit for the op's per-group window / sink predicates."""
+    return np.concatenate([sink_window_blocks(n_q_blocks, n_kv_blocks, block=block, n_sink=int(s), window=int(w))
+                           for w, s in zip(np.asarray(window), np.asarray(n_sink), strict=True)])

@@ -41,7 +41,8 @@ LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
 FENCE_RE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 SPAN_RE = re.compile(r"`([^`\n]+)`")
 FLAG_RE = re.compile(r"(?<![\w-])--[a-z][\w-]*")
-COMMAND_RE = re.compile(r"\beffarch (train|generate|convert|import-hf|export-hf|eval|sweep|report|plan)\b")
+COMMAND_RE = re.compile(r"\beffarch (train|generate|convert|import-hf|export-hf|eval|sweep|report|plan|"
+                        r"moa-search)\b")
 BENCH_RE = re.compile(r"benchmarks/(\w+)\.py")
 
 
@@ -128,7 +129,7 @@ def _cli_flags() -> dict[str, set[str]]:
 
     init = argparse.ArgumentParser.__init__
     flags = {"train": set(), "report": set(), "eval": {"--help"}}
-    for command in ("generate", "convert", "import-hf", "export-hf", "sweep", "plan"):
+    for command in ("generate", "convert", "import-hf", "export-hf", "sweep", "plan", "moa-search"):
         built = []
 
         def record(self, *args, **kwargs):

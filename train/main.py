@@ -2,7 +2,8 @@
 `effarch convert RUN_DIR OUT_DIR --to NAME [option=value ...]`, and `effarch import-hf PATH RUN_DIR` /
 `effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py), and the evaluation suite
 (train/evals/): `effarch eval RUN_DIR TASK [options]`, `effarch sweep SWEEP.yaml`, `effarch report DIR`, and
-`effarch plan CONFIG... --topology NAME` (compile the training step for a TPU slice from this host, train/plan.py).
+`effarch plan CONFIG... --topology NAME` (compile the training step for a TPU slice from this host, train/plan.py),
+and `effarch moa-search RUN_DIR --density D --out plan.json` (MoA's per-head span plan, train/moa_search.py).
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint, a path that
 cannot be read or written) exits with status 2 and one line naming what was wrong, without a traceback; Ctrl-C
@@ -25,6 +26,10 @@ USAGE = """usage:
   effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,merged} [option=value ...]  # merged: LoRA folded
       e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
            effarch train CONFIG.yaml train.init_from=runs/base_moh
+  effarch moa-search RUN_DIR --density D --out plan.json [--calibration-batches N] [--lengths N ...] [--block B]
+      # MoA: profile a trained attention run, pick alpha + beta*N spans per layer and KV head under a density budget
+      e.g. effarch moa-search runs/base --density 0.25 --out plan.json; then
+           effarch convert runs/base runs/base_moa --to sparse_attention pattern=moa plan=plan.json
   effarch import-hf HF_CHECKPOINT_DIR RUN_DIR     # a local Llama checkpoint -> an effarch run dir at step 0
   effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]
   effarch eval RUN_DIR {perplexity,mqar,passkey,niah} [options]     # results in RUN_DIR/eval/; --help per task
@@ -238,6 +243,22 @@ def convert_cli(argv: list[str]) -> None:
     print(f"effarch: converted {args.run_dir} to {args.to}: {out}")
 
 
+def moa_search_cli(argv: list[str]) -> None:
+    from effarch.train.config import ConfigError
+    from effarch.train.moa_search import main as moa_search
+
+    try:
+        result = moa_search(argv)
+    except ConfigError as e:
+        _fail(str(e))
+    plan = result.plan
+    densities = ", ".join(f"{d:.3f} at N={n}" for n, d in plan["plan_density"].items())
+    rules = {(a, b) for layer in plan["layers"] if layer for a, b in zip(layer["alpha"], layer["beta"], strict=True)}
+    print(f"effarch: moa plan for {plan['source_run']} (checkpoint step {plan['checkpoint_step']}): density "
+          f"{densities} (budget {plan['density']}), {len(rules)} distinct rule(s) (alpha, beta): "
+          f"{sorted(rules)}: {result.plan_path}")
+
+
 def import_hf_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="effarch import-hf")
     p.add_argument("path", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
@@ -366,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     commands = {"train": train_cli, "generate": generate_cli, "convert": convert_cli, "import-hf": import_hf_cli,
                 "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli,
-                "plan": plan_cli}
+                "plan": plan_cli, "moa-search": moa_search_cli}
     if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
     try:

@@ -72,7 +72,9 @@ def test_bad_conversions_fail_in_one_line():
     no_attention = ModelConfig(vocab_size=V, d_model=D, n_layers=1, mixers=("base_conv",))
     with pytest.raises(ValueError, match="has no 'attention' layer"):
         convert_to_sparse_attention(no_attention, params)
-    with pytest.raises(ValueError, match="pattern must be one of .*got 'moa'$"):
+    with pytest.raises(ValueError, match="pattern must be one of .*got 'moe'$"):
+        convert_to_sparse_attention(CFG, params, pattern="moe")
+    with pytest.raises(ValueError, match="^sparse_attention.plan: pattern moa needs a plan file"):
         convert_to_sparse_attention(CFG, params, pattern="moa")
     with pytest.raises(ValueError, match="keeps every attention layer dense"):
         convert_to_sparse_attention(CFG, params, dense_every=1)
@@ -80,3 +82,24 @@ def test_bad_conversions_fail_in_one_line():
         dict(pattern="s2", vert_stride=4, dense_every=2)
     with pytest.raises(ConfigError, match="^convert --to sparse_attention: window: expected int or None, got 'x'$"):
         parse_options("sparse_attention", ["window=x"])
+
+
+def test_moa_conversion_reads_the_plan_and_keeps_the_weights(tmp_path):
+    """pattern=moa with a plan whose spans cover the sequence (beta = 1) reproduces the attention model's logits;
+    the config keeps the plan's absolute path and, without n_sink, the plan's n_sink; a plan for another model fails
+    in one line naming the file and the key."""
+    import json
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"n_sink": 3, "layers": [{"alpha": [0, 0], "beta": [1.0, 1.0]}, None]}))
+    baseline = DecoderLM(CFG, rngs=nnx.Rngs(0))
+    cfg, params = convert_to_sparse_attention(CFG, nnx.state(baseline, nnx.Param), pattern="moa", block_size=4,
+                                              plan=str(plan))
+    assert cfg.sparse_attention.plan == str(plan.resolve()) and cfg.sparse_attention.n_sink == 3
+    x = tokens()
+    assert_close("moa, full spans", jax.jit(load(cfg, params))(x), jax.jit(baseline)(x), 1e-5)
+
+    plan.write_text(json.dumps({"layers": [{"alpha": [0, 0, 0], "beta": [1, 1, 1]}, None]}))
+    with pytest.raises(ValueError, match=r"^sparse_attention.plan: .*plan.json: layers\[0\].alpha has 3 heads but "
+                                         r"the layer has 2 KV heads"):
+        convert_to_sparse_attention(CFG, nnx.state(baseline, nnx.Param), pattern="moa", plan=str(plan))

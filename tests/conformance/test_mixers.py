@@ -5,10 +5,15 @@ decoding from the empty state, and the gradients; a second runs the parallel pas
 bfloat16. The tests read their results (cached per mixer), so a mixer costs two compiles. A registration's
 `skip={check: reason}` skips a check the mixer genuinely cannot pass, with that reason; `slow={check: reason}` runs
 it only with `-m slow`. The 8-device mesh step is in test_mesh.py; docs/adding_a_mixer.md lists the checks.
+
+`VARIANTS` adds cases beyond the registry's small configs: a registered mixer at another config that takes another
+code path (sparse_attention's moa pattern: per-head windows from a plan file, decoded over the KV cache), checked
+exactly like the registered ones.
 """
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +24,40 @@ from flax import nnx
 from effarch.arches.lm import ModelConfig
 from effarch.arches.registry import CONFIGS, MIXERS, build_mixer, state_growth
 from effarch.layers.axes import Mixer
+from effarch.layers.sparse_attention import SparseAttentionConfig
 from tests.helpers.numerics import assert_close, rel_err
 
 B, T, D = 2, 20, 24
 T0 = 11  # the token the causality check changes
 PIECES = (0, 5, 13, T - 1)  # prefill pieces ending inside chunks, blocks, windows and segments; then one decode step
 
-NAMES = sorted(MIXERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    mixer: str  # the registry name
+    configs: dict  # {config key: instance} replacing the registered small configs
+
+
+MOA_PLAN = Path(__file__).parents[1] / "fixtures" / "moa_small_plan.json"
+VARIANTS = {
+    # Spans of 7 and 11 tokens at N = T = 20 (the plan's layer 0), 2 sinks, blocks of 4: the prompt pieces end
+    # inside blocks and windows; decoding runs over Attention's KV cache (linear).
+    "sparse_attention[moa]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="moa", plan=str(MOA_PLAN), block_size=4, n_sink=2, n_heads=4, n_kv_heads=2)}),
+}
+NAMES = sorted(MIXERS) + sorted(VARIANTS)
+
+
+def mixer_of(name: str) -> str:
+    """The registry name of a case (a registered mixer or a VARIANTS entry)."""
+    return VARIANTS[name].mixer if name in VARIANTS else name
+
+
+def configs_of(name: str) -> dict:
+    """{config key: instance} a case builds from: the registered small configs, or a variant's."""
+    variant = VARIANTS[name].configs if name in VARIANTS else {}
+    return {key: variant.get(key, CONFIGS[key].small) for key in MIXERS[mixer_of(name)].configs}
 
 
 def small_config(**kw) -> ModelConfig:
@@ -33,8 +65,13 @@ def small_config(**kw) -> ModelConfig:
     return ModelConfig(**{"d_model": D, "n_layers": 2, **{key: entry.small for key, entry in CONFIGS.items()}, **kw})
 
 
+def build_case(name: str, **kw) -> nnx.Module:
+    """Layer 0 of the small config of case `name` (`kw`: ModelConfig overrides)."""
+    return build_mixer(mixer_of(name), small_config(**configs_of(name), **kw), 0, nnx.Rngs(0))
+
+
 def skip_unless(name: str, check: str):
-    reason = MIXERS[name].skip.get(check)
+    reason = MIXERS[mixer_of(name)].skip.get(check)
     if reason is not None:
         pytest.skip(f"{name} declares it cannot pass {check!r}: {reason}")
 
@@ -86,7 +123,7 @@ class Case:
 
 @functools.cache
 def case(name: str) -> Case:
-    mixer = build_mixer(name, small_config(), 0, nnx.Rngs(0))
+    mixer = build_case(name)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
     cotangent = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
@@ -98,7 +135,7 @@ def float32(name: str) -> dict:
     """One compile per mixer: the parallel pass, both decodings, and the gradients unless they are slow for it."""
     c = case(name)
     graphdef, params, rest = c.split
-    grad = "grad" not in MIXERS[name].slow
+    grad = "grad" not in MIXERS[mixer_of(name)].slow
 
     @jax.jit
     def run(params, x, x_changed, cotangent):
@@ -129,7 +166,7 @@ def gradients(name: str) -> list:
 
 def names_for(check: str) -> list:
     """The registry's names, those whose registration defers `check` to the slow tests marked slow."""
-    return [pytest.param(n, marks=pytest.mark.slow) if check in MIXERS[n].slow else n for n in NAMES]
+    return [pytest.param(n, marks=pytest.mark.slow) if check in MIXERS[mixer_of(n)].slow else n for n in NAMES]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -186,7 +223,7 @@ def test_state_size_counts_the_decode_state(name):
     assert per_sequence <= mixer.state_size(T) <= state_bytes(init_1), \
         f"{name}: state_size({T}) = {mixer.state_size(T)}; the decode state holds {per_sequence} bytes per " \
         f"sequence, {state_bytes(init_1)} for a batch of one"
-    if state_growth(name, mixer) == "linear":
+    if state_growth(mixer_of(name), mixer) == "linear":
         assert mixer.state_size(200) == 2 * mixer.state_size(100) > 0
     else:
         assert mixer.state_size(10**4) == mixer.state_size(10**5) >= mixer.state_size(T) > 0
@@ -227,8 +264,7 @@ def test_config_loads_from_yaml_and_bad_keys_fail_in_one_line(name):
     from effarch.train.config import ConfigError, load_config, to_dict
 
     skip_unless(name, "config")
-    for key in MIXERS[name].configs:
-        small = CONFIGS[key].small
+    for key, small in configs_of(name).items():
         overrides = [f"model.{key}.{field}={_yaml(value)}" for field, value in to_dict(small).items()]
         assert getattr(load_config([], overrides).model, key) == small, key
         with pytest.raises(ConfigError) as e:
@@ -242,9 +278,9 @@ def test_a_d_model_the_config_cannot_serve_fails_in_one_line_naming_the_key(name
     one of the config keys it reads (`<key>.field` or `<key>:`), as the user wrote it in model.<key>."""
     skip_unless(name, "config")
     try:
-        build_mixer(name, small_config(d_model=7), 0, nnx.Rngs(0))
+        build_case(name, d_model=7)
     except ValueError as e:
-        message, keys = str(e), MIXERS[name].configs
+        message, keys = str(e), MIXERS[mixer_of(name)].configs
         assert "\n" not in message and message.startswith(tuple(f"{k}{c}" for k in keys for c in ".:")), \
             f"{name}: {message!r} does not name one of {keys}"
 

@@ -2,9 +2,12 @@
 equals the parallel form for every pattern (the conformance suite decodes the registered sink_window config; the
 others run here through its own helpers), sink_window's decode state is flat in the context length, LongLoRA's
 lists leak nothing across the sequence ends, S2's heads cover the context together, infer_dense decodes with
-full attention, and bad configs fail in one line."""
+full attention, MoA's per-head spans are the elastic rule's token sets at every N, and bad configs and plan files
+fail in one line."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,21 @@ B, T, D = conformance.B, conformance.T, conformance.D  # 2, 20, 24: the suite's 
 SINK = SparseAttentionConfig(pattern="sink_window", block_size=4, n_sink=3, window=6, n_heads=3, n_kv_heads=1)
 S2 = SparseAttentionConfig(pattern="s2", block_size=2, local_blocks=2, vert_stride=3, n_heads=4, n_kv_heads=2)
 LONGLORA = SparseAttentionConfig(pattern="longlora", block_size=2, group_size=8, n_heads=4, n_kv_heads=2)
+MOA = conformance.VARIANTS["sparse_attention[moa]"].configs["sparse_attention"]  # spans 7 and 11 at N = 20
+
+
+def moa_band(alpha: float, beta: float, n: int, n_sink: int) -> np.ndarray:
+    """visible [N, N] of one head under MoA's elastic rule, written out per query: a span of S = α + β·N tokens
+    (floored, at least 1, at most N), the sinks first: query t sees min(t + 1, S) keys, the first min(n_sink, S - 1)
+    tokens and the newest others."""
+    span = min(max(int(np.floor(alpha + beta * n)), 1), n)
+    sink = min(n_sink, span - 1)
+    visible = np.zeros((n, n), bool)
+    for t in range(n):
+        keys = set(range(min(sink, t + 1))) | set(range(max(0, t - (span - sink) + 1), t + 1))
+        assert len(keys) == min(t + 1, span)
+        visible[t, sorted(keys)] = True
+    return visible
 
 
 def make_x(seed=0, t=T):
@@ -44,6 +62,10 @@ def token_rule(cfg: SparseAttentionConfig, t: int) -> np.ndarray:
                                    | (h >= hkv - cfg.dense_heads)) for h in kv_head])
     # LongLoRA's flash path: groups [kG, (k+1)G) for the first half of the heads, the groups shifted by G/2 (the
     # first and last G/2 tokens their own groups) for the second half; causal within a group.
+    if cfg.pattern == "moa":  # the plan's layer 0, per KV head
+        rule = json.loads(Path(cfg.plan).read_text())["layers"][0]
+        bands = [moa_band(a, b, t, cfg.n_sink) for a, b in zip(rule["alpha"], rule["beta"], strict=True)]
+        return np.stack([bands[h] for h in kv_head])
     G = cfg.group_size
     plain, shifted = causal & (i // G == j // G), causal & ((i + G // 2) // G == (j + G // 2) // G)
     return np.stack([plain if h < H // 2 else shifted for h in range(H)])
@@ -62,13 +84,58 @@ def dense_masked(layer: SparseAttention, x, visible):
 
 @pytest.mark.parametrize("cfg", [SINK, S2, LONGLORA, dataclasses.replace(LONGLORA, n_kv_heads=1),
                                  dataclasses.replace(S2, n_heads=6, n_kv_heads=6, dense_heads=2, vert_stride=4),
-                                 dataclasses.replace(SINK, n_sink=0, window=5, block_size=3)],
-                         ids=["sink_window", "s2", "longlora", "longlora_mqa", "s2_dense_heads", "window_only"])
+                                 dataclasses.replace(SINK, n_sink=0, window=5, block_size=3), MOA],
+                         ids=["sink_window", "s2", "longlora", "longlora_mqa", "s2_dense_heads", "window_only", "moa"])
 def test_parallel_form_is_attention_over_the_papers_token_set(cfg):
     layer = SparseAttention(D, cfg, rngs=nnx.Rngs(0))
     x = make_x()
     y, expected = jax.jit(lambda x: (layer(x), dense_masked(layer, x, token_rule(cfg, T))))(x)
     assert_close(cfg.pattern, y, expected, 1e-5)
+
+
+def write_plan(path, alphas, betas, **extra):
+    """A plan file with one layer of (alpha, beta) per KV head."""
+    path.write_text(json.dumps({"layers": [{"alpha": list(alphas), "beta": list(betas)}], **extra}))
+    return str(path)
+
+
+@pytest.mark.parametrize("alpha, beta, n, n_sink, block", [
+    (0, 0.25, 64, 4, 8),      # proportional: 16 tokens
+    (-16, 0.5, 50, 3, 8),     # negative alpha, N not a multiple of the block
+    (3, 0.0, 40, 8, 4),       # a span shorter than the sinks: S - 1 sinks and the query's own key
+    pytest.param(12, 0.0, 37, 0, 5, marks=pytest.mark.slow),    # fixed span, no sinks, odd blocks
+    pytest.param(-100, 0.1, 30, 2, 4, marks=pytest.mark.slow),  # a negative span: clipped to 1 (the own key)
+    pytest.param(10, 1.0, 24, 4, 6, marks=pytest.mark.slow),    # longer than N: dense causal attention
+])
+def test_moa_layout_is_the_elastic_band(alpha, beta, n, n_sink, block):
+    """moa_spans' window / sinks through the op's predicates, restricted to moa_blocks' lists (the reference path's
+    visible mask), give exactly the band of MoA's rule; the lists visit no block without a visible key."""
+    from effarch.pallas_kernels.block_sparse.reference import visible_mask
+
+    _, window, sink = sparse_patterns.moa_spans([alpha, 0.0], [beta, 0.5], n, n_sink)
+    nb = -(-n // block)
+    allowed = sparse_patterns.moa_blocks(nb, nb, block=block, window=window, n_sink=sink)
+    idx, cnt = sparse_patterns.block_lists(allowed)
+    vis = np.asarray(visible_mask(jnp.asarray(idx)[None], jnp.asarray(cnt)[None], n_q_heads=2, n_kv_heads=2,
+                                  q_len=n, kv_len=n, q_block=block, kv_block=block, window=tuple(window),
+                                  n_sink=tuple(sink)))[0]
+    np.testing.assert_array_equal(vis[0], moa_band(alpha, beta, n, n_sink))
+    np.testing.assert_array_equal(vis[1], moa_band(0.0, 0.5, n, n_sink))
+    pad = nb * block - n
+    pooled = np.pad(vis, ((0, 0), (0, pad), (0, pad))).reshape(2, nb, block, nb, block).any((2, 4))
+    np.testing.assert_array_equal(allowed, pooled)  # tight: every listed block holds a visible key
+
+
+def test_moa_span_follows_the_sequence_length(tmp_path):
+    """The same layer at two lengths: S(N) = α + β·N grows with N (the parallel form's N is the call's T)."""
+    cfg = dataclasses.replace(MOA, plan=write_plan(tmp_path / "p.json", [4, 2], [0.0, 0.5]))
+    layer = SparseAttention(D, cfg, rngs=nnx.Rngs(0))
+    assert layer.moa_spans(20)[0].tolist() == [4, 12] and layer.moa_spans(40)[0].tolist() == [4, 22]
+    for t in (13, 20):
+        x = make_x(t=t)
+        visible = np.stack([moa_band(4, 0.0, t, 2)] * 2 + [moa_band(2, 0.5, t, 2)] * 2)
+        y, expected = jax.jit(lambda x: (layer(x), dense_masked(layer, x, visible)))(x)  # noqa: B023
+        assert_close(f"moa T={t}", y, expected, 1e-5)
 
 
 def test_s2_heads_together_cover_every_earlier_block():
@@ -204,7 +271,8 @@ def test_registry_state_growth_follows_the_pattern(cfg, growth):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("pattern=moa", "pattern: expected one of ['sink_window', 's2', 'longlora'], got 'moa'"),
+    ("pattern=moe", "pattern: expected one of ['sink_window', 's2', 'longlora', 'moa'], got 'moe'"),
+    ("pattern=moa", "sparse_attention.plan: pattern moa needs a plan file"),
     ("block_size=0", "block_size must be positive"),
     ("vert_stride=1", "vert_stride must be >= 2"),
     ("n_sink=-1", "n_sink must be >= 0"),
@@ -227,3 +295,38 @@ def test_longlora_config_errors(fields, message):
     with pytest.raises(ValueError, match="^sparse_attention.") as e:
         SparseAttentionConfig(pattern="longlora", **fields)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ('{"layers": [', "not valid JSON (line 1 column"),
+    ("[1, 2]", "expected a JSON object with a 'layers' key"),
+    ('{"alpha": [1]}', "missing key 'layers'"),
+    ('{"layers": [{"alpha": [1, 2]}]}', "layers[0]: missing key 'beta'"),
+    ('{"layers": [{"alpha": [1, 2], "beta": [0.5, "x"]}]}', "layers[0].beta: expected a non-empty list"),
+    ('{"layers": [{"alpha": [1, 2], "beta": [0.5]}]}', "layers[0]: alpha has 2 heads but beta has 1"),
+    ('{"layers": [{"alpha": [1, 2, 3], "beta": [0, 0, 0]}]}', "layers[0].alpha has 3 heads but the layer has 2 KV"),
+    ('{"layers": [null]}', "layers[0] is null, but layer 0 is a sparse_attention layer"),
+    ('{"layers": [{"alpha": [1, 2], "beta": [0, -1]}]}', "layers[0].beta: expected numbers >= 0"),
+    ('{"format": "other", "layers": []}', "format: expected 'effarch-moa-plan'"),
+])
+def test_bad_plan_files_fail_in_one_line_naming_the_file_and_key(tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        SparseAttention(D, dataclasses.replace(MOA, plan=str(path)), rngs=nnx.Rngs(0))
+    text = str(e.value)
+    assert text.startswith(f"sparse_attention.plan: {path}: ") and message in text and "\n" not in text, text
+
+
+def test_a_plan_for_another_depth_fails_in_one_line(tmp_path):
+    """Built in a model, the plan's layer count must be the model's (the registry passes layer_idx and n_layers)."""
+    from effarch.arches.lm import DecoderLM, ModelConfig
+
+    plan = write_plan(tmp_path / "plan.json", [4, 2], [0.0, 0.5])
+    cfg = ModelConfig(vocab_size=11, d_model=D, n_layers=2, mixers=("sparse_attention",),
+                      sparse_attention=dataclasses.replace(MOA, plan=plan))
+    with pytest.raises(ValueError, match=r"^sparse_attention.plan: .*plan.json: layers has 1 entries but the model "
+                                         r"has 2 layers$"):
+        DecoderLM(cfg, rngs=nnx.Rngs(0))
