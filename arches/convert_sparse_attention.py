@@ -15,6 +15,10 @@ directories around this):
 
 A pattern that lists every causal key for the sequence length (e.g. sink_window with window >= T) reproduces the
 attention model's logits (tests/arches/test_convert_sparse_attention.py).
+
+A model whose layers are already `sparse_attention` (and none `attention`) converts too: the options given replace
+those of `model.sparse_attention`, the others (the pattern included) are kept. This evaluates the same weights with
+another pattern, e.g. a sink_window run without its sinks (`effarch convert RUN OUT --to sparse_attention n_sink=0`).
 """
 
 import dataclasses
@@ -30,37 +34,34 @@ from effarch.layers.sparse_attention import PATTERNS
 
 
 def sparse_attention_config_from_attention(
-    cfg: ModelConfig, *, pattern: str = "sink_window", block_size: int | None = None, n_sink: int | None = None,
+    cfg: ModelConfig, *, pattern: str | None = None, block_size: int | None = None, n_sink: int | None = None,
     window: int | None = None, local_blocks: int | None = None, vert_stride: int | None = None,
     dense_heads: int | None = None, group_size: int | None = None, infer_dense: bool | None = None,
     plan: str | None = None, dense_every: int = 0, implementation: str | None = None,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
-    defaults unless the source config set them).
+    defaults unless the source config set them). A model with sparse_attention layers and no attention layer keeps
+    its layers and gets the options given (pattern and implementation included: those not given are kept).
 
     Args:
       cfg: the attention model's config; its attention layers must be causal self attention.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
-        implementation: SparseAttentionConfig's fields of the same names.
+        implementation: SparseAttentionConfig's fields of the same names (pattern None: "sink_window" for an
+        attention model, the source's own for a sparse one).
       plan: moa's plan file; the config keeps its absolute path, so the converted run finds it from any directory
         (the plan must stay there). Without n_sink, moa takes the plan's own `n_sink` (the sinks it was searched
         with), when the plan records one.
       dense_every: 0 converts every attention layer; k > 0 keeps layer l dense when (l + 1) % k == 0 (k = 2: the
         S2-Attention hybrid of Phi-3-small, layers 1, 3, 5, ... dense).
     """
-    if "attention" not in cfg.mixers:
-        raise ValueError(f"convert to sparse_attention: model.mixers {list(cfg.mixers)} has no 'attention' layer")
-    att = cfg.attention
-    if not att.causal:
-        raise ValueError("convert to sparse_attention: model.attention.causal must be True (a causal decoder)")
-    if pattern not in PATTERNS:
+    if pattern is not None and pattern not in PATTERNS:
         raise ValueError(f"convert to sparse_attention: pattern must be one of {list(PATTERNS)}, got {pattern!r}")
-    if dense_every < 0:
-        raise ValueError(f"convert to sparse_attention: dense_every must be >= 0, got {dense_every}")
+    to_sparse = "attention" not in cfg.mixers and "sparse_attention" in cfg.mixers  # a sparse model's options
     if plan is not None:
         plan = str(Path(plan).resolve())
-        if pattern == "moa" and n_sink is None:
+        effective = pattern or (cfg.sparse_attention.pattern if to_sparse else "sink_window")
+        if effective == "moa" and n_sink is None:
             try:
                 n_sink = moa_plan.read_plan(plan).get("n_sink")
             except moa_plan.PlanError as e:
@@ -68,6 +69,22 @@ def sparse_attention_config_from_attention(
     given = dict(pattern=pattern, block_size=block_size, n_sink=n_sink, window=window, local_blocks=local_blocks,
                  vert_stride=vert_stride, dense_heads=dense_heads, group_size=group_size, infer_dense=infer_dense,
                  plan=plan)
+    if to_sparse:
+        if dense_every:
+            raise ValueError(f"convert to sparse_attention: dense_every={dense_every} needs attention layers; "
+                             f"model.mixers {list(cfg.mixers)} has none")
+        given["implementation"] = implementation
+        sparse = dataclasses.replace(cfg.sparse_attention, **{k: v for k, v in given.items() if v is not None})
+        return dataclasses.replace(cfg, sparse_attention=sparse)
+    if "attention" not in cfg.mixers:
+        raise ValueError(f"convert to sparse_attention: model.mixers {list(cfg.mixers)} has no 'attention' layer "
+                         "(nor a 'sparse_attention' layer to change)")
+    given["pattern"] = pattern or "sink_window"
+    att = cfg.attention
+    if not att.causal:
+        raise ValueError("convert to sparse_attention: model.attention.causal must be True (a causal decoder)")
+    if dense_every < 0:
+        raise ValueError(f"convert to sparse_attention: dense_every must be >= 0, got {dense_every}")
     sparse = dataclasses.replace(
         cfg.sparse_attention, **{k: v for k, v in given.items() if v is not None}, implementation=implementation,
         n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, head_dim=att.head_dim, rope=att.rope,

@@ -1,5 +1,8 @@
 """Attention checkpoint -> sparse_attention: the same weights; a pattern that lists every causal key gives the same
-logits; the S2 hybrid keeps every dense_every-th layer dense; `effarch convert` options are checked in one line."""
+logits; a sparse model converts to other pattern options; the S2 hybrid keeps every dense_every-th layer dense;
+`effarch convert` options are checked in one line."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +65,24 @@ def test_s2_hybrid_keeps_every_second_layer_dense():
     model = load(new_cfg, params)
     np.testing.assert_array_equal(np.asarray(model.blocks[0].mixer.q_proj.kernel),
                                   np.asarray(baseline.blocks[0].mixer.q_proj.kernel))
+
+
+def test_a_sparse_model_converts_to_another_pattern_on_the_same_weights():
+    """sink_window -> sink_window without sinks and a window >= T lists every causal key: the attention logits."""
+    baseline = DecoderLM(CFG, rngs=nnx.Rngs(0))
+    cfg, params = convert_to_sparse_attention(CFG, nnx.state(baseline, nnx.Param), pattern="sink_window",
+                                              block_size=4, n_sink=2, window=3)
+    cfg2, params2 = convert_to_sparse_attention(cfg, params, n_sink=0, window=T)
+    assert cfg2.layer_mixers() == cfg.layer_mixers() and cfg2.attention == cfg.attention
+    assert cfg2.sparse_attention == dataclasses.replace(cfg.sparse_attention, n_sink=0, window=T)  # the rest kept
+    x = tokens()
+    run = nnx.jit(lambda m, x: m(x))
+    assert_close("logits", run(load(cfg2, params2), x), run(baseline, x), 1e-5)
+    assert not np.allclose(run(load(cfg, params), x), run(baseline, x), atol=1e-3)  # the window of 3 differs
+    with pytest.raises(ValueError, match="dense_every=2 needs attention layers"):
+        convert_to_sparse_attention(cfg, params, dense_every=2)
+    with pytest.raises(ValueError, match="n_sink must be >= 0, got -1"):
+        convert_to_sparse_attention(cfg, params, n_sink=-1)
 
 
 def test_bad_conversions_fail_in_one_line():

@@ -348,3 +348,115 @@ def test_sweep_rerun_with_changed_overrides_keeps_the_finished_results(toy_sweep
     assert {name: (out / name).read_bytes() for name in finished} == finished
     attempt = json.loads((out / "sweep.attempt.json").read_text())
     assert all(r["status"].startswith("failed") for r in attempt["runs"]) and attempt["best"] == []
+
+
+TEXT_DOCS = {"a.txt": "alpha document\n" * 20, "b.txt": "béta: ünïcode ✓\n" * 9, "sub/c.txt": "gamma " * 60,
+             "sub/d.txt": "delta\n", "e.txt": "epsilon " * 23}
+
+
+def test_perplexity_by_length_counts_windows_and_equals_the_default_at_seq_len(tmp_path):
+    """evaluate_lengths on a packed stream of 3 documents: the pipeline's windows at each length, the same labels at
+    every length, L = 8 equal to `evaluate` on the 8-token windows, the loss by position adding up, and the PNG."""
+    from effarch.train.data.packing import PackedWindows, concatenate, n_windows
+
+    rng = np.random.default_rng(0)
+    tokens = concatenate([rng.integers(0, 256, n) for n in (50, 7, 90)], 256)
+    held = perplexity.HeldoutText(tokens, 256, 1.0)
+    model = DecoderLM(ModelConfig(vocab_size=257, d_model=8, n_layers=1, mixers=("attention",)), rngs=nnx.Rngs(1))
+    out = perplexity.evaluate_lengths(model, held, [8, 32], rows={8: 4, 32: 1}, bucket=8)
+    x8, y8 = PackedWindows(tokens, 8, 256).all()
+    default = perplexity.evaluate(model, [Segment("text_val", x8, y8, 1.0)], batch_size=4, byte_level=False)
+    r8, r32 = out["results"]["T8"], out["results"]["T32"]
+    assert (r8["windows"], r32["windows"]) == (n_windows(len(tokens), 8), n_windows(len(tokens), 32)) == (19, 5)
+    assert r8["tokens"] == r32["tokens"] == default["summary"]["tokens"] == len(tokens) - 1 - 2  # 2 inner seps
+    for key in ("loss", "perplexity", "bits_per_token", "bits_per_byte"):
+        assert r8[key] == pytest.approx(default["summary"][key], rel=1e-6)
+    assert [(b["start"], b["end"]) for b in r32["by_position"]] == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert sum(b["tokens"] for b in r32["by_position"]) == r32["tokens"]
+    assert r32["loss"] == pytest.approx(sum(b["loss"] * b["tokens"] for b in r32["by_position"]) / r32["tokens"])
+    assert out["summary"]["bits_per_byte_T32"] == r32["bits_per_byte"]
+    result = {"options": {"lengths": [8, 32], "train_seq_len": 8}, **out}
+    if HAS_PLOTS:
+        perplexity.plot(result, str(tmp_path / "p.png"))
+        assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(common.EvalError, match="length 150 is longer than the held-out text"):
+        perplexity.evaluate_lengths(model, held, [150], rows={150: 1}, bucket=8)
+
+
+@pytest.mark.slow
+def test_perplexity_by_length_on_a_text_run(tmp_path, capsys):
+    """`perplexity --lengths` on a random-init byte model of a text run (written as a run directory at step 0):
+    the windows are the held-out stream's at each length, L = data.seq_len is the default evaluation exactly, every
+    length scores the same labels, and the JSON, table and PNG are written."""
+    from effarch.train.config import Config, DataConfig, TextData, TrainConfig
+    from effarch.train.convert import write_run
+    from effarch.train.data.packing import n_windows
+
+    corpus = tmp_path / "corpus"
+    for name, text in TEXT_DOCS.items():
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / name).write_text(text)
+    cfg = Config(model=ModelConfig(vocab_size=257, d_model=8, n_layers=1, mixers=("attention",)),
+                 data=DataConfig(task="text", seq_len=8, text=TextData(source=str(corpus), val_fraction=0.2)),
+                 train=TrainConfig(batch_size=1, eval_batch_size=4))
+    run_dir = write_run(cfg, nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param), tmp_path / "run")
+    held = perplexity.heldout_text(cfg)
+    assert held.sep_id == 256 and 0.5 < held.bytes_per_label < 1  # the separators' labels stand for no byte
+
+    code, _, err = cli(capsys, "eval", run_dir, "perplexity")
+    assert code == 0, err
+    default = json.loads((run_dir / "eval" / "perplexity.json").read_text())
+    assert default["png"] is None and "png_skipped" not in default  # nothing to draw without --lengths
+    code, out, err = cli(capsys, "eval", run_dir, "perplexity", "--lengths", "8", "32", "--bucket", "4")
+    assert code == 0, err
+    result = json.loads((run_dir / "eval" / "perplexity.json").read_text())
+    r8, r32 = result["results"]["T8"], result["results"]["T32"]
+    for t, r in ((8, r8), (32, r32)):
+        assert r["windows"] == n_windows(len(held.tokens), t) == len(held.windows(t)[0])
+        assert [b["start"] for b in r["by_position"]] == list(range(0, t, 4))
+        assert sum(b["tokens"] for b in r["by_position"]) == r["tokens"]
+        assert r["loss"] == pytest.approx(
+            sum(b["loss"] * b["tokens"] for b in r["by_position"] if b["tokens"]) / r["tokens"], rel=1e-6)
+    assert r8["tokens"] == r32["tokens"] == default["summary"]["tokens"]  # every held-out label, at both lengths
+    for key in ("loss", "perplexity", "bits_per_token", "bits_per_byte"):
+        assert r8[key] == pytest.approx(default["summary"][key], rel=1e-6)  # L = seq_len: the existing evaluation
+    assert result["summary"]["bits_per_byte_T32"] == r32["bits_per_byte"] and result["options"]["bucket"] == 4
+    assert "| 32 | %d |" % r32["windows"] in out and "loss by position (buckets of 4 tokens)" in out
+    assert result["png"] == "perplexity.png"
+    assert (run_dir / "eval" / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, _ = cli(capsys, "eval", run_dir, "perplexity", "--lengths", "32", "--max-examples", "2")
+    assert code == 0 and json.loads((run_dir / "eval" / "perplexity.json").read_text())["results"]["T32"][
+        "windows"] == 2
+    # Bad input: one line each.
+    too_long = len(held.tokens)
+    for argv, message in ((["--lengths", "1"], "each length must be >= 2 tokens, got 1"),
+                          (["--lengths", "8", str(too_long)], f"length {too_long} is longer than the held-out text"),
+                          (["--bucket", "4"], "--bucket needs --lengths")):
+        code, _, err = cli(capsys, "eval", run_dir, "perplexity", *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_perplexity_lengths_of_a_bytes_stream_and_other_tasks(tmp_path):
+    """bytes: windows of L + 1 bytes at a stride of L, the remainder dropped, from the trainer's held-out bytes (at
+    L = seq_len its very windows); a token task has no text to cut."""
+    from effarch.train.config import Config, DataConfig, TextData
+
+    held = perplexity.HeldoutText(np.arange(23, dtype=np.int32), None, 1.0)
+    x, y = held.windows(5)
+    assert x.shape == (4, 5) and x[1].tolist() == [5, 6, 7, 8, 9] and y[1].tolist() == [6, 7, 8, 9, 10]
+    (tmp_path / "corpus").mkdir()
+    for name, text in TEXT_DOCS.items():
+        (tmp_path / "corpus" / name.replace("/", "_")).write_text(text)
+    cfg = Config(model=ModelConfig(vocab_size=256, d_model=8, n_layers=1),
+                 data=DataConfig(task="bytes", seq_len=8, text=TextData(source=str(tmp_path / "corpus"),
+                                                                         val_fraction=0.2)))
+    (seg,) = perplexity.heldout_segments(cfg)
+    held = perplexity.heldout_text(cfg)
+    assert held.sep_id is None and held.bytes_per_label == 1.0
+    x, y = held.windows(8)
+    np.testing.assert_array_equal(x, seg.inputs)
+    np.testing.assert_array_equal(y, seg.labels)
+    assert len(held.windows(16)[0]) == (seg.inputs.size) // 16
+    cfg = load_config([ROOT / "configs/mqar/zoology_attention.yaml"])
+    with pytest.raises(common.EvalError, match="needs a run trained on data.task text or bytes, not mqar"):
+        perplexity.heldout_text(cfg)

@@ -100,7 +100,7 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
     if warning:
         result["warning"] = warning
     write_result(run_dir, task, result)  # before the optional plot, so a missing matplotlib loses no measurement
-    if hasattr(module, "plot"):
+    if hasattr(module, "plot") and getattr(module, "draws", lambda r: True)(result):
         png = eval_dir(run_dir) / f"{task}.png"
         try:
             module.plot(result, str(png))

@@ -1,4 +1,4 @@
-"""PNG figures of evaluation results (matplotlib, the optional `plots` extra).
+"""PNG figures of evaluation results (matplotlib, a default dependency; the `plots` extra is kept empty).
 
 Without matplotlib every function raises `PlotsUnavailable` (an ImportError) with the install hint, so callers can
 write their JSON first and skip the picture with one clear line.
@@ -80,6 +80,45 @@ def accuracy_vs_state(panels: dict, path: str, title: str = "MQAR") -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def length_curves(results: dict, lengths, path: str, train_len: int | None = None) -> None:
+    """Length extrapolation (perplexity --lengths): left, bits per byte (y) against the window length (x, log2);
+    right, the bits per byte by position in the window, one line per length (the x value of a bucket is its middle
+    position, log2). A dashed line marks the training length.
+
+    Args:
+      results: {"T{length}": {"bits_per_byte", "by_position": [{"start", "end", "bits_per_byte", "tokens"}, ...]}}.
+      lengths: the lengths, in the order drawn.
+      path: the PNG to write.
+      train_len: data.seq_len of the run (None: no marker).
+    """
+    plt = _pyplot()
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ys = [results[f"T{t}"]["bits_per_byte"] for t in lengths]
+    left.plot(lengths, ys, marker="o")
+    left.set_xscale("log", base=2)
+    left.set_xticks(lengths, [str(t) for t in lengths])
+    left.set_xlabel("window length (tokens)")
+    left.set_ylabel("bits per byte")
+    left.set_title("held-out bits per byte by length")
+    for t in lengths:
+        points = [((b["start"] + b["end"]) / 2, b["bits_per_byte"]) for b in results[f"T{t}"]["by_position"]
+                  if b["tokens"]]
+        right.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=f"T={t}")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("position in the window (bucket middle)")
+    right.set_ylabel("bits per byte")
+    right.set_title("by position")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if train_len:
+            ax.axvline(train_len, color="gray", ls="--", lw=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
