@@ -28,6 +28,7 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "lm/diffqkv_small.yaml", "lm/tnl_small.yaml", "mqar/titans_lmm.yaml", "lm/based_small.yaml",
              "mqar/diffqkv.yaml", "mqar/moh.yaml", "mqar/lightning.yaml",
              "lm/landmark_small.yaml",  # passkey/landmark trains the mixer, quickstart the text task
+             "lm/sink_window_small.yaml",  # lm/sparse_attention_small trains the mixer, quickstart the text task
              "mqar/attention.yaml"}  # mqar/zoology_attention trains attention on MQAR
 
 
