@@ -19,6 +19,11 @@ attention model's logits (tests/arches/test_convert_sparse_attention.py).
 A model whose layers are already `sparse_attention` (and none `attention`) converts too: the options given replace
 those of `model.sparse_attention`, the others (the pattern included) are kept. This evaluates the same weights with
 another pattern, e.g. a sink_window run without its sinks (`effarch convert RUN OUT --to sparse_attention n_sink=0`).
+
+The way back, `convert_to_attention` (`effarch convert RUN OUT --to attention`), makes every sparse_attention layer
+dense attention on the same weights: LongLoRA trains with S²-Attn and infers (and is evaluated) with full attention
+(arXiv 2309.12307 §3.2), which `infer_dense` gives for decoding only; after this conversion the parallel form, hence
+`effarch eval RUN perplexity`, is full attention too.
 """
 
 import dataclasses
@@ -113,6 +118,12 @@ def convert_to_sparse_attention(cfg: ModelConfig, params: nnx.State | dict, **op
       the first path whose shape differs from what the sparse model expects.
     """
     new_cfg = sparse_attention_config_from_attention(cfg, **options)
+    _check_shapes(new_cfg, params, "sparse")
+    return new_cfg, jax.tree.map(lambda x: x, params)
+
+
+def _check_shapes(new_cfg: ModelConfig, params: nnx.State | dict, target: str) -> None:
+    """ValueError naming the first parameter path whose shape differs from what `new_cfg`'s model expects."""
     abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
     expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     given = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
@@ -121,5 +132,32 @@ def convert_to_sparse_attention(cfg: ModelConfig, params: nnx.State | dict, **op
     for path in sorted(set(want) | set(got), key=str):
         if want.get(path) != got.get(path):
             raise ValueError(f"parameter {jax.tree_util.keystr(path)} is {got.get(path)} in the checkpoint but the "
-                             f"sparse model needs {want.get(path)}; is `cfg` the checkpoint's model config?")
+                             f"{target} model needs {want.get(path)}; is `cfg` the checkpoint's model config?")
+
+
+def attention_config_from_sparse_attention(cfg: ModelConfig) -> ModelConfig:
+    """The dense ModelConfig: "sparse_attention" layers become "attention" with the sparse layer's heads and RoPE.
+    Dense attention layers already in the model (an S2 hybrid) must have the same heads and RoPE, since one
+    `model.attention` configures them all."""
+    if "sparse_attention" not in cfg.mixers:
+        raise ValueError(f"convert to attention: model.mixers {list(cfg.mixers)} has no 'sparse_attention' layer")
+    sp = cfg.sparse_attention
+    fields = ("n_heads", "n_kv_heads", "head_dim", "rope", "rope_theta", *ROPE_SCALING_FIELDS)
+    att = dataclasses.replace(cfg.attention, causal=True, **{f: getattr(sp, f) for f in fields})
+    if "attention" in cfg.mixers:
+        differ = [f for f in fields if getattr(cfg.attention, f) != getattr(sp, f)]
+        if differ or not cfg.attention.causal:
+            raise ValueError(f"convert to attention: the model's dense attention layers differ from its sparse ones "
+                             f"in {differ or ['causal']}; one model.attention cannot hold both")
+        att = cfg.attention
+    mixers = tuple("attention" if m == "sparse_attention" else m for m in cfg.mixers)
+    return dataclasses.replace(cfg, mixers=mixers, attention=att)
+
+
+def convert_to_attention(cfg: ModelConfig, params: nnx.State | dict) -> tuple[ModelConfig, nnx.State | dict]:
+    """(attention model config, parameters) from a sparse_attention model's: the inverse of
+    convert_to_sparse_attention. `SparseAttention` is `Attention` with a pattern, so the weights are reused as they
+    are; the model's logits become those of full causal attention (LongLoRA's inference)."""
+    new_cfg = attention_config_from_sparse_attention(cfg)
+    _check_shapes(new_cfg, params, "attention")
     return new_cfg, jax.tree.map(lambda x: x, params)

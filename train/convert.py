@@ -35,6 +35,7 @@ CONVERSIONS = {
     "moh": "effarch.arches.convert_moh:convert_to_moh",
     "diffqkv": "effarch.arches.convert_diffqkv:convert_attention_to_diffqkv",
     "sparse_attention": "effarch.arches.convert_sparse_attention:convert_to_sparse_attention",
+    "attention": "effarch.arches.convert_sparse_attention:convert_to_attention",  # sparse_attention back to dense
     "merged": "effarch.train.lora:merged_conversion",  # the same model, a LoRA run's adapters merged
 }
 # Where a conversion passes its options on (**options), the function whose keyword arguments they are.

@@ -23,7 +23,8 @@ USAGE = """usage:
   effarch train CONFIG.yaml [MORE.yaml ...] [key=value ...]
       e.g. effarch train configs/mqar/attention.yaml model.d_model=128
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
-  effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,merged} [option=value ...]  # merged: LoRA folded
+  effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
+      # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
       e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
            effarch train CONFIG.yaml train.init_from=runs/base_moh
   effarch moa-search RUN_DIR --density D --out plan.json [--calibration-batches N] [--lengths N ...] [--block B]

@@ -1,6 +1,7 @@
 """Attention checkpoint -> sparse_attention: the same weights; a pattern that lists every causal key gives the same
 logits; a sparse model converts to other pattern options; the S2 hybrid keeps every dense_every-th layer dense;
-`effarch convert` options are checked in one line."""
+`effarch convert` options are checked in one line. sparse_attention -> attention (LongLoRA's dense inference): the
+same weights, the logits of infer_dense decoding, and the round trip gives back the attention config."""
 
 import dataclasses
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effarch.arches.convert_sparse_attention import convert_to_sparse_attention
+from effarch.arches.convert_sparse_attention import convert_to_attention, convert_to_sparse_attention
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.sparse_attention import SparseAttention
@@ -124,3 +125,42 @@ def test_moa_conversion_reads_the_plan_and_keeps_the_weights(tmp_path):
     with pytest.raises(ValueError, match=r"^sparse_attention.plan: .*plan.json: layers\[0\].alpha has 3 heads but "
                                          r"the layer has 2 KV heads"):
         convert_to_sparse_attention(CFG, nnx.state(baseline, nnx.Param), pattern="moa", plan=str(plan))
+
+
+def test_longlora_back_to_attention_gives_the_dense_inference_logits():
+    """A LongLoRA model (trained sparse, inferred dense) converted to attention: its parallel logits are those of
+    the sparse model's infer_dense decoding, not of its sparse parallel form, and the round trip restores the
+    attention layers' config."""
+    baseline = DecoderLM(CFG, rngs=nnx.Rngs(0))
+    sparse_cfg, params = convert_to_sparse_attention(CFG, nnx.state(baseline, nnx.Param), pattern="longlora",
+                                                     block_size=2, group_size=4, infer_dense=True)
+    sparse = load(sparse_cfg, params)
+    cfg, dense_params = convert_to_attention(sparse_cfg, params)
+    assert (cfg.layer_mixers(), cfg.attention) == (CFG.layer_mixers(), CFG.attention)
+    dense = load(cfg, dense_params)
+    x = tokens()
+
+    @jax.jit
+    def run(sparse, dense, x):
+        _, decoded = sparse.prefill(sparse.init_state(2, T), x)
+        return sparse(x), decoded, dense(x)
+
+    sparse_logits, decoded, got = run(sparse, dense, x)
+    assert_close("dense logits", got, decoded, 1e-5)
+    assert float(jnp.max(jnp.abs(got - sparse_logits))) > 1e-3  # groups of 4 < T: the sparse form differs
+
+
+def test_convert_to_attention_refuses_what_it_cannot_hold():
+    from effarch.train.config import ConfigError
+    from effarch.train.convert import parse_options
+
+    with pytest.raises(ConfigError, match="^convert --to attention: unknown option 'pattern'; its options are none$"):
+        parse_options("attention", ["pattern=longlora"])
+    params = nnx.state(nnx.eval_shape(lambda: DecoderLM(CFG, rngs=nnx.Rngs(0))), nnx.Param)
+    with pytest.raises(ValueError, match="has no 'sparse_attention' layer"):
+        convert_to_attention(CFG, params)
+    hybrid = ModelConfig(vocab_size=V, d_model=D, n_layers=2, mixers=("sparse_attention", "attention"),
+                         attention=AttentionConfig(n_heads=2))  # sparse_attention: the default 4 heads
+    with pytest.raises(ValueError, match=r"differ from its sparse ones in \['n_heads'\]"):
+        convert_to_attention(hybrid, nnx.state(nnx.eval_shape(lambda: DecoderLM(hybrid, rngs=nnx.Rngs(0))),
+                                               nnx.Param))
