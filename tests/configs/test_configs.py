@@ -28,7 +28,8 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "lm/diffqkv_small.yaml", "lm/tnl_small.yaml", "mqar/titans_lmm.yaml", "lm/based_small.yaml",
              "mqar/diffqkv.yaml", "mqar/moh.yaml", "mqar/lightning.yaml",
              "lm/landmark_small.yaml",  # passkey/landmark trains the mixer, quickstart the text task
-             "mqar/attention.yaml"}  # mqar/zoology_attention trains attention on MQAR
+             "mqar/attention.yaml",  # mqar/zoology_attention trains attention on MQAR
+             "passkey/attention_moa.yaml"}  # passkey/landmark trains the task, mqar/zoology_attention attention
 
 
 def _id(path: Path) -> str:
