@@ -32,7 +32,11 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "mqar/attention.yaml",  # mqar/zoology_attention trains attention on MQAR
              # BaseConv + attention / sparse_attention (s2) on MQAR (256, 16): zoology_attention and
              # lm/sparse_attention_small train those mixers
-             "mqar/attention_256.yaml", "mqar/s2_hybrid.yaml", "mqar/s2.yaml"}
+             "mqar/attention_256.yaml", "mqar/s2_hybrid.yaml", "mqar/s2.yaml",
+             "passkey/attention_moa.yaml",  # passkey/landmark trains the task, mqar/zoology_attention attention
+             # LongLoRA's fine-tunes: lm/attention_512 trains attention on text, lm/sparse_attention_small the mixer,
+             # tests/train/test_lora.py the adapters
+             "lm/longlora_finetune.yaml", "lm/longlora_s2.yaml"}
 
 
 def _id(path: Path) -> str:
