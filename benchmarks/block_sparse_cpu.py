@@ -262,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"{args.dense_chunk} (or shorter than it)")
     report = run(lengths, batch=args.batch, heads=args.heads, head_dim=args.head_dim, block=args.block,
                  density=args.density, warmup=args.warmup, reps=args.reps if args.reps is not None else
-                 (2 if args.quick else 3), dense_max_gib=args.dense_max_gib if args.dense_max_gib > 0 else None, dense_chunk=args.dense_chunk,
+                 (2 if args.quick else 3), dense_max_gib=args.dense_max_gib if args.dense_max_gib > 0 else None,
+                 dense_chunk=args.dense_chunk,
                  log=lambda line: print(line, file=sys.stderr))
     png = args.png or (str(Path(args.out).with_suffix(".png")) if args.out else None)
     if png:
