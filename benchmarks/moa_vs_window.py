@@ -14,13 +14,13 @@ at most the budget).
 Run:      .venv/bin/python benchmarks/moa_vs_window.py --run-dir RUN --work-dir DIR [--density 0.25] [--block 16]
               [--calibration-batches 8] [--n-sink 4] [--max-examples N] [--out FILE]
 Measured (effarch cb57378, jax 0.12.1, 2 shared CPU cores, load 7-10; benchmarks/README.md has the table): LM-base
-(configs/lm/attention_512.yaml, the base run of the LongLoRA evidence: 4 layers of 4 MHA heads, d_model 128,
-byte-level Python stdlib text, T = N = 512, 300 steps, 2.610 bits/byte held out), density 0.25 (128 keys per
-query; 16 heads), 8 calibration batches of 8 rows, all 83,258 held-out tokens. Perplexity dense 6.1042;
-sink_window (4 sinks + 124) 6.1264; window (128) 6.1267; moa 6.1168 (--block 16), 6.1133 (--block 64), 6.1173 (--block 16, fixed spans α ∈ {16,
-32, ..., 512}, β = 0): the searched plan beats the uniform window of the same density every time, closing 43% / 59%
-/ 41% of its gap to dense. The plans give layer 0 the widest spans (192-256 keys) and the later layers 48-128 but a
-head or two of 192-224. Each run 3.5 min.
+(configs/lm/attention_512.yaml, the base run of the LongLoRA evidence: 4 layers of 4 MHA heads, d_model 128, byte-level
+Python stdlib text, T = N = 512, 300 steps, 2.610 bits/byte held out), density 0.25 (128 keys per query; 16 heads), 8
+calibration batches of 8 rows, all 83,258 held-out tokens. Perplexity dense 6.1042; sink_window (4 sinks + 124) 6.1264;
+window (128) 6.1267; moa 6.1168 (--block 16), 6.1133 (--block 64), 6.1173 (--block 16, fixed spans α ∈ {16, 32, ...,
+512}, β = 0): the searched plan beats the uniform window of the same density every time, closing 43% / 59% / 41% of its
+gap to dense. The plans give layer 0 the widest spans (192-256 keys) and the later layers 48-128 but a head or two of
+192-224. Each run 3.5 min.
 """
 
 import argparse
