@@ -2,26 +2,17 @@
 four variants evaluated on the same held-out tokens."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.helpers.benchmarks import load_benchmark
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.runs import tiny_mqar_attention_run
 
 
 # Trains a tiny run, searches, converts and evaluates four runs (~40 s on 2 cores): the slow suite.
 @pytest.mark.slow
 def test_moa_vs_window_report(tmp_path):
-    from effarch.train.config import load_config
-    from effarch.train.train import train_and_evaluate
-
-    run = tmp_path / "run"
-    train_and_evaluate(load_config([ROOT / "configs" / "mqar" / "zoology_attention.yaml",
-                                    ROOT / "configs" / "overlays" / "tiny.yaml"],
-                                   [f"train.run_dir={run}", "train.async_checkpoint=false",
-                                    "model.attention.n_heads=2", "train.steps=2"]))
+    run = tiny_mqar_attention_run(tmp_path / "run", steps=2)
     out = tmp_path / "report.json"
     report = load_benchmark("moa_vs_window").main(
         ["--run-dir", str(run), "--work-dir", str(tmp_path / "work"), "--density", "0.5", "--block", "4",

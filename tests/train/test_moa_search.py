@@ -5,7 +5,6 @@ picks the lower-loss plan, and the command runs end to end on a tiny trained run
 on bad input."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +20,8 @@ from effarch.train import moa_search
 from effarch.train.config import ConfigError
 from tests.helpers.cli import cli, one_error_line
 from tests.helpers.numerics import assert_close
+from tests.helpers.runs import tiny_mqar_attention_run
 
-ROOT = Path(__file__).resolve().parents[2]
 V, D = 29, 16
 ONE_LAYER = ModelConfig(vocab_size=V, d_model=D, n_layers=1, mixers=("attention",),
                         attention=AttentionConfig(n_heads=4, n_kv_heads=2))
@@ -175,15 +174,9 @@ def test_moa_search_bad_input_is_one_line_exit_2(tmp_path, capsys):
 # evaluated (~30 s on 2 cores): the slow suite.
 @pytest.mark.slow
 def test_moa_search_end_to_end_on_a_tiny_run(tmp_path, capsys):
-    from effarch.train.config import load_config
     from effarch.train.generate import load_model
-    from effarch.train.train import train_and_evaluate
 
-    run = tmp_path / "run"
-    train_and_evaluate(load_config([ROOT / "configs" / "mqar" / "zoology_attention.yaml",
-                                    ROOT / "configs" / "overlays" / "tiny.yaml"],
-                                   [f"train.run_dir={run}", "train.async_checkpoint=false",
-                                    "model.attention.n_heads=2", "train.steps=4"]))
+    run = tiny_mqar_attention_run(tmp_path / "run", steps=4)
     plan_path = tmp_path / "plan.json"
     code, out, err = cli(capsys, "moa-search", run, "--density", "0.5", "--out", plan_path, "--block", "4",
                          "--calibration-batches", "2", "--lengths", "16", "32")

@@ -121,29 +121,29 @@ def test_too_large_a_model_exits_1_with_advice(capsys):
     assert "DOES NOT FIT" in out and "mesh.fsdp=-1" in out and "model.remat=true" in out
 
 
-def test_a_killed_child_is_one_line(monkeypatch):
+def _killed_child(monkeypatch, sig: int, stderr: str, topology: str) -> dict:
+    """run_in_subprocess's answer when the child dies by `sig` after announcing the train step of titans_mac."""
     class Killed:
-        returncode = -signal.SIGABRT
+        returncode = -sig
         stdout = "effarch-plan-mixers: titans_mac\neffarch-plan-stage: train\n"
-        stderr = "F0000 ... Check failed: rank == best_window_bounds_in_chunks.size() Cannot find a valid window\n"
 
+    Killed.stderr = stderr
     monkeypatch.setattr(plan_mod.subprocess, "run", lambda *a, **k: Killed())
-    out = plan_mod.run_in_subprocess([QUICKSTART], [], "v5p:2x2x1")
+    out = plan_mod.run_in_subprocess([QUICKSTART], [], topology)
     assert out["code"] == plan_mod.EXIT_NO_COMPILE and "\n" not in out["error"]
+    return out
+
+
+def test_a_killed_child_is_one_line(monkeypatch):
+    out = _killed_child(monkeypatch, signal.SIGABRT, "F0000 ... Check failed: rank == best_window_bounds_in_chunks"
+                        ".size() Cannot find a valid window\n", "v5p:2x2x1")
     assert out["error"].startswith("the TPU compiler aborted (SIGABRT) on the train step of titans_mac for v5p:2x2x1")
     assert "Check failed: rank == best_window_bounds_in_chunks.size()" in out["error"]
 
 
 def test_a_child_killed_for_memory_says_so(monkeypatch):
     """SIGKILL is not a compiler abort: on a host without enough RAM for the compile, the OOM killer sends it."""
-    class Killed:
-        returncode = -signal.SIGKILL
-        stdout = "effarch-plan-mixers: titans_mac\neffarch-plan-stage: train\n"
-        stderr = ""
-
-    monkeypatch.setattr(plan_mod.subprocess, "run", lambda *a, **k: Killed())
-    out = plan_mod.run_in_subprocess([QUICKSTART], [], "v5p:2x4x4")
-    assert out["code"] == plan_mod.EXIT_NO_COMPILE and "\n" not in out["error"]
+    out = _killed_child(monkeypatch, signal.SIGKILL, "", "v5p:2x4x4")
     assert out["error"].startswith("the planning process was killed (SIGKILL) on the train step of titans_mac")
     assert "out-of-memory killer" in out["error"] and "host RAM" in out["error"]
 
