@@ -43,3 +43,6 @@ def test_render_from_cells(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 0
     page = out.with_suffix(".md").read_text()
     assert "4 of 96 cells planned (3 compiled)" in page and "- based/125M/8192/v5p-64: the TPU compiler" in page
+    # The 92 cells not planned are listed, with the host's reason where one is known.
+    assert page.count("\n- ") == 1 + 92 and "- moh/1B/8192/v5p-64: not planned yet" in page
+    assert "- titans_mac/8B/32768/v6e-256: compiling the training step took more than 17 GiB of host RAM" in page
