@@ -14,7 +14,7 @@ under a model-wide density budget, and writes the plan file that `sparse_attenti
 
    |ΔL| is sum-pooled into blocks of `block` tokens (E_h[I, J]), averaged over the samples, and max-pooled over the
    query heads of each KV head (one rule per KV head: GQA groups share their keys, hence their cache).
-2. Candidates (MoA `scripts/pipeline/elastic_generate.py`): α on a grid from −min(lengths) to max(lengths) in
+2. Candidates (thu-nics/MoA's elastic-rule generator): α on a grid from −min(lengths) to max(lengths) in
    steps of max(lengths) / 8 (MoA: −2k..8k in steps of 1024 for lengths up to 8k), β ∈ {0, 1/8, ..., 1}; a pair is
    kept when α + β·N ≤ N at every profiled length and α + β·min(lengths) > 0. Pairs whose spans are equal at every
    profiled length cannot be told apart by the profile: the one with the smallest |α|, then the smallest β, stays.
