@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from effarch.arches.lm import DecoderLM
 from effarch.layers.aux_loss import collect_aux_losses
+from effarch.layers.trained_state import SAVED, TrainedBuffer
 from effarch.train import param_tree, sharding
 from effarch.train.checkpoint import (
     Checkpointer,
@@ -79,9 +80,18 @@ def maybe_initialize_distributed() -> None:
 
 
 def decays(path: str, var: nnx.Variable) -> bool:
-    """AdamW's weight decay applies to matrices (embeddings and projections) only: not to norm scales, biases, or
-    parameters that opt out with `weight_decay=False` metadata (the short convolutions' per-channel taps)."""
-    return var.ndim >= 2 and var.get_metadata().get("weight_decay", True)
+    """AdamW's weight decay applies to matrices (embeddings and projections) only: not to norm scales, biases,
+    parameters that opt out with `weight_decay=False` metadata (the short convolutions' per-channel taps), or
+    trained buffers (layers/trained_state.py)."""
+    return var.ndim >= 2 and var.get_metadata().get("weight_decay", True) and not isinstance(var, TrainedBuffer)
+
+
+def buffer_paths(abstract_params) -> set[str]:
+    """Paths of the trained buffers (layers/trained_state.py) in the saved state: the optimizer leaves them alone
+    (zero update, no moments) and the step writes the forward pass's new value into them."""
+    flags = param_tree.flatten(param_tree.map_variables(lambda _, var: isinstance(var, TrainedBuffer),
+                                                        abstract_params))
+    return {path for path, is_buffer in flags.items() if is_buffer}
 
 
 def frozen_paths(cfg: Config, abstract_params) -> set[str]:
@@ -107,7 +117,7 @@ def make_optimizer(cfg: Config, abstract_params) -> tuple[optax.GradientTransfor
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                         mask=param_tree.map_variables(decays, abstract_params))
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
-    frozen = frozen_paths(cfg, abstract_params)
+    frozen = frozen_paths(cfg, abstract_params) | buffer_paths(abstract_params)
     if frozen:
         labels = param_tree.map_variables(lambda path, _: "frozen" if path in frozen else "train", abstract_params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
@@ -115,7 +125,23 @@ def make_optimizer(cfg: Config, abstract_params) -> tuple[optax.GradientTransfor
 
 
 def _cast_floating(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    """The floating parameters of `tree` (an nnx.State) in `dtype`; trained buffers keep their float32 (an EMA's
+    small steps would round away in bfloat16)."""
+    def cast(var):
+        x = var[...]
+        if isinstance(var, TrainedBuffer) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return var
+        return var.replace(x.astype(dtype))
+
+    return jax.tree.map(cast, tree, is_leaf=param_tree.is_variable)
+
+
+def _with_buffers(params, buffers: dict):
+    """params with each trained buffer's leaf replaced by buffers[path] (in its dtype)."""
+    if not buffers:
+        return params
+    return param_tree.map_variables(
+        lambda path, var: buffers[path].astype(var.dtype) if path in buffers else var[...], params)
 
 
 def token_loss(logits, labels):
@@ -151,11 +177,13 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         rules = cfg.sharding_rules
         abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
-        self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+        # The saved state: parameters and trained buffers (layers/trained_state.py); the rest (AuxLoss scalars) is
+        # rebuilt at init and closed over by the step.
+        self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, SAVED, ...)
         self.tx, self.schedule = make_optimizer(cfg, abstract_params)
-        frozen = frozen_paths(cfg, abstract_params)
-        # True where a parameter trains, False where it is frozen: a frozen gradient is zeroed so that the logged
-        # grad norm is that of what trains (its update is zero either way).
+        frozen = frozen_paths(cfg, abstract_params) | buffer_paths(abstract_params)
+        # True where a parameter trains, False where it is frozen (or a trained buffer): a frozen gradient is zeroed
+        # so that the logged grad norm is that of what trains (its update is zero either way).
         self._trainable = param_tree.map_variables(lambda path, _: path not in frozen, abstract_params)
         self.compute_dtype = jnp.dtype(cfg.train.compute_dtype)
         # Explicit shardings for every input and output of the compiled functions.
@@ -167,7 +195,7 @@ class Trainer:
 
         def init(seed):
             model = build_model(cfg, nnx.Rngs(seed))
-            _, params, rest = nnx.split(model, nnx.Param, ...)
+            _, params, rest = nnx.split(model, SAVED, ...)
             return params, rest
 
         self._init = jax.jit(init, static_argnums=0, out_shardings=(self.param_sharding, self.replicated))
@@ -214,14 +242,19 @@ class Trainer:
         return nnx.merge(self.graphdef, params, self.rest)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def _forward(self, params, inputs, labels):
-        """(summed cross entropy, correct, label count, {name: auxiliary loss of a layer})."""
+    def _forward(self, params, inputs, labels, *, training: bool = False):
+        """(summed cross entropy, correct, label count, {name: auxiliary loss of a layer}, {path: trained buffer's
+        new value}). `training`: the model in training mode (`model.train()`), where layers update their trained
+        buffers (layers/trained_state.py)."""
         # copy=True: the forward pass writes the layers' AuxLoss variables, which must belong to this trace.
         model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest, copy=True)
+        if training:
+            model.train()
         per_example = self.labels_per_example or labels.shape[1]
         h, y = labeled_hidden(model.hidden(inputs, constrain=self._split_rows), labels, per_example * labels.shape[0])
         logits = self._split_rows(model.logits(self._split_rows(h)))
-        return *token_loss(logits, y), collect_aux_losses(model)
+        buffers = param_tree.flatten(nnx.state(model, TrainedBuffer))
+        return *token_loss(logits, y), collect_aux_losses(model), buffers
 
     def _split_rows(self, x: jax.Array) -> jax.Array:
         """Activations (hidden states [B, T, D], the labelled rows [N, D], their logits [N, V]) split along their first
@@ -234,20 +267,24 @@ class Trainer:
         return self._forward(params, inputs, labels)[:3]
 
     def _loss(self, params, inputs, labels):
-        ce_sum, correct, count, aux = self._forward(params, inputs, labels)
+        ce_sum, correct, count, aux, buffers = self._forward(params, inputs, labels, training=True)
         # The aux losses are means; times the label count, the final division by the count adds β·Σ aux to the
         # mean loss (and gives a count-weighted mean over micro-batches under grad_accum_steps).
         aux = {name: value.astype(jnp.float32) * count for name, value in aux.items()}
         total = ce_sum + self.cfg.train.aux_loss_weight * sum(aux.values(), jnp.float32(0))
-        return total, (ce_sum, correct, count, aux)
+        return total, (ce_sum, correct, count, aux, buffers)
 
     def gradients(self, params, inputs, labels):
         """Mean-over-labels gradients and (mean loss, accuracy, {name: mean aux loss}), accumulated over
         train.grad_accum_steps. The gradients include β times the aux losses; the loss is cross entropy only."""
+        return self._gradients(params, inputs, labels)[:4]
+
+    def _gradients(self, params, inputs, labels):
+        """`gradients`, and {path: trained buffer's new value} (the mean over the micro-batches' forward passes)."""
         accum = self.cfg.train.grad_accum_steps
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         if accum == 1:
-            (_, (ce_sum, correct, count, aux)), grads = grad_fn(params, inputs, labels)
+            (_, (ce_sum, correct, count, aux, buffers)), grads = grad_fn(params, inputs, labels)
         else:
             # Sum (not average) per micro-batch, divide once by the total label count: identical to one big batch.
             def micro(x):
@@ -259,18 +296,22 @@ class Trainer:
                 return (jax.tree.map(jnp.add, acc_grads, grads), jax.tree.map(jnp.add, acc, sums)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            aux0 = {name: jnp.float32(0) for name in jax.eval_shape(self._forward, params, inputs, labels)[3]}
-            init = (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0), aux0))
-            (grads, (ce_sum, correct, count, aux)), _ = jax.lax.scan(body, init, (micro(inputs), micro(labels)))
+            shapes = jax.eval_shape(functools.partial(self._forward, training=True), params, inputs, labels)
+            aux0 = {name: jnp.float32(0) for name in shapes[3]}
+            buffers0 = {path: jnp.zeros(s.shape, s.dtype) for path, s in shapes[4].items()}
+            init = (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0), aux0, buffers0))
+            (grads, (ce_sum, correct, count, aux, buffers)), _ = jax.lax.scan(
+                body, init, (micro(inputs), micro(labels)))
+            buffers = {path: value / accum for path, value in buffers.items()}  # summed by the scan: the mean
         n = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: (g / n).astype(jnp.float32), grads)
-        return grads, ce_sum / n, correct / n, {name: value / n for name, value in aux.items()}
+        return grads, ce_sum / n, correct / n, {name: value / n for name, value in aux.items()}, buffers
 
     def _step(self, params, opt_state, inputs, labels):
-        grads, loss, accuracy, aux = self.gradients(params, inputs, labels)
+        grads, loss, accuracy, aux, buffers = self._gradients(params, inputs, labels)
         grads = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g), grads, self._trainable)
         updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = _with_buffers(optax.apply_updates(params, updates), buffers)
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
                    **{f"aux/{name}": value for name, value in aux.items()}}
         return params, opt_state, metrics
