@@ -259,10 +259,13 @@ def test_bfloat16(name):
     low = bfloat16(name)
     assert [a.dtype for a in jax.tree.leaves(low["decoded_state"])] == \
         [a.dtype for a in jax.tree.leaves(low["init_state"])]
+    # A case that skips "decode" (its decoding is not the parallel pass) compares its decoding with float32's.
+    decodes_parallel = (VARIANTS[name].skip if name in VARIANTS else MIXERS[mixer_of(name)].skip).get("decode") is None
     for path in ("y", "tokens"):
         assert low[path].dtype == jnp.bfloat16, f"{name} {path}: {low[path].dtype}"
         # bfloat16 keeps 8 bits of mantissa: a few roundings of 2^-9 through a handful of matmuls and norms.
-        assert_close(f"{name} bf16 {path}", np.asarray(low[path], np.float32), float32(name)["y"], rtol=5e-2)
+        expected = float32(name)["y" if decodes_parallel or path == "y" else "tokens"]
+        assert_close(f"{name} bf16 {path}", np.asarray(low[path], np.float32), expected, rtol=5e-2)
     for i, g in enumerate(jax.tree.leaves(low["grads"])):
         assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all(), f"{name}: bf16 grad {i}"
 
