@@ -28,30 +28,53 @@ in numpy, at trace time. `pattern` picks them:
   the KV cache's length (`init_state`'s max_len: the prompt plus the new tokens, as MoA sizes its cache) when
   decoding, so a decode into a cache of T slots equals the parallel form over T tokens.
 
-Decoding (prefill / decode_step) equals the parallel form for every pattern, except with `infer_dense`, where it is
-`Attention`'s full causal attention on the same weights (then the parallel form is still the sparse training form).
+Dynamic patterns (DYNAMIC_PATTERNS) choose the key blocks from the content at every call; each is a policy module in
+its own file, built as `self.policy` (its trainable parameters, if any, live under `...mixer.policy...`):
+
+- "mean_topk" (layers/sparse_topk.py): MoBA's training-free gate, mean query of a block against the mean key of each
+  earlier block, top-k (arXiv 2502.13189 §2.2).
+
+The policy protocol (the layer calls nothing else):
+  `Policy(config, *, n_heads, n_kv_heads, head_dim, rngs)`;
+  `policy(q, k, v, *, q_raw, k_raw, positions) -> o [B, T, Hq, Dv]`: the parallel form from position 0; q [B, T, Hq,
+  K], k [B, T, Hkv, K] after RoPE (what attention uses), q_raw / k_raw before it, positions int32 [T];
+  `policy.init_state(batch_size, max_len, cache_dtype) -> dict` and `policy.state_size(seq_len, cache_dtype) -> int`:
+  the policy's own decode state (under the state's "policy" key, next to Attention's KV cache) and its bytes per
+  sequence;
+  `policy.decode(state, q, k_cache, v_cache, *, q_raw, k_raw, q_pos) -> (state, o)`: the new tokens (q, q_raw
+  [B, Tn, Hq, K], k_raw [B, Tn, Hkv, K], at consecutive positions q_pos int32 [Tn]) over the KV cache, which already
+  holds their k and v (slots past q_pos[-1] are not yet written).
+
+Decoding (prefill / decode_step) equals the parallel form for every static pattern, except with `infer_dense`, where
+it is `Attention`'s full causal attention on the same weights (then the parallel form is still the sparse training
+form). A dynamic policy's docstring says how its decoding relates to its parallel form.
 """
 
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float
 
 from effarch.layers import moa_plan, sparse_patterns
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Hidden, HiddenStep, State
-from effarch.layers.rope import ROPE_SCALING_FIELDS
+from effarch.layers.rope import ROPE_SCALING_FIELDS, apply_rope
+from effarch.layers.sparse_topk import MeanTopkPolicy
 from effarch.pallas_kernels import sliding_window as swa_op
 from effarch.pallas_kernels.block_sparse import block_sparse_attention
 
-PATTERNS = ("sink_window", "s2", "longlora", "moa")
+DYNAMIC_PATTERNS = ("mean_topk",)  # the patterns whose blocks a policy module chooses from the content
+PATTERNS = ("sink_window", "s2", "longlora", "moa", *DYNAMIC_PATTERNS)
+POLICIES = {"mean_topk": MeanTopkPolicy}  # dynamic pattern -> its policy class (module docstring's protocol)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseAttentionConfig:
-    pattern: Literal["sink_window", "s2", "longlora", "moa"] = "sink_window"
+    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk"] = "sink_window"
     block_size: int = 64  # q_block = kv_block of the op, tokens
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
     n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
@@ -64,6 +87,13 @@ class SparseAttentionConfig:
     group_size: int = 2048  # G tokens per attention group; even, with block_size dividing G / 2
     # moa: the plan file (JSON, layers/moa_plan.py) with (alpha, beta) per layer and KV head
     plan: str | None = None
+    # dynamic patterns' block selection (mean_topk; layers/sparse_select.py): each query block reads k key blocks,
+    # its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set
+    top_k: int = 3  # MoBA's top-k (its current block included)
+    density: float | None = None  # r in (0, 1]: k = max(1, int((1 - sqrt(1 - r)) nB)) (SeerAttention's nz_ratio)
+    sink_blocks: int = 0  # the first blocks every query block reads
+    # mean_topk: how a GQA group's query heads share one list: "max" (a block any head wants) or "mean" of scores
+    score_reduce: Literal["max", "mean"] = "max"
     infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
@@ -85,6 +115,14 @@ class SparseAttentionConfig:
         for name in ("block_size", "window", "local_blocks", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{p}{name} must be positive, got {getattr(self, name)}")
+        if self.top_k < 1:
+            raise ValueError(f"{p}top_k must be positive, got {self.top_k}")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise ValueError(f"{p}density must be in (0, 1], got {self.density}")
+        if self.sink_blocks < 0:
+            raise ValueError(f"{p}sink_blocks must be >= 0, got {self.sink_blocks}")
+        if self.score_reduce not in ("max", "mean"):
+            raise ValueError(f"{p}score_reduce must be 'max' or 'mean', got {self.score_reduce!r}")
         if self.n_sink < 0:
             raise ValueError(f"{p}n_sink must be >= 0, got {self.n_sink}")
         if self.vert_stride < 2:
@@ -132,6 +170,10 @@ class SparseAttention(Attention):
             raise ValueError(str(e).replace("attention.", "sparse_attention.", 1)
                              .replace("attention:", "sparse_attention:", 1)) from None
         self.sparse = config
+        # A dynamic pattern's policy module (its parameters under `policy`); None for a static pattern.
+        self.policy = (POLICIES[config.pattern](config, n_heads=self.config.n_heads, n_kv_heads=self.config.kv_heads,
+                                                head_dim=self.head_dim, rngs=rngs)
+                       if config.pattern in DYNAMIC_PATTERNS else None)
         self.moa_alpha = self.moa_beta = None  # moa: (α, β) per KV head, plain floats (static, like the config)
         if config.pattern == "moa":
             try:
@@ -150,8 +192,11 @@ class SparseAttention(Attention):
 
     def block_mask(self, n_q_blocks: int, n_kv_blocks: int, seq_len: int | None = None) -> np.ndarray:
         """The pattern's block mask [Hs, nQb, nKb] (numpy) for query / key blocks of block_size tokens at 0, 1, ...;
-        seq_len is moa's N (default n_kv_blocks * block_size)."""
+        seq_len is moa's N (default n_kv_blocks * block_size). Static patterns only."""
         c, att = self.sparse, self.config
+        if self.policy is not None:
+            raise ValueError(f"sparse_attention: pattern {c.pattern} chooses its blocks from the content; "
+                             "it has no static block mask")
         if c.pattern == "moa":
             _, window, sink = self.moa_spans(n_kv_blocks * c.block_size if seq_len is None else seq_len)
             return sparse_patterns.moa_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, window=window,
@@ -189,9 +234,28 @@ class SparseAttention(Attention):
                                    **self._predicates(seq_len))
         return o
 
+    def project_qkv_raw(self, x: Hidden, positions) -> tuple[Float[Array, "B T H K"], Float[Array, "B T Hkv K"],
+                                                             Float[Array, "B T Hkv K"], Float[Array, "B T H K"],
+                                                             Float[Array, "B T Hkv K"]]:
+        """(q, k, v, q_raw, k_raw): `project_qkv`'s q, k, v, and q, k before RoPE (the same arrays without it)."""
+        q_raw = self._heads(self.q_proj(x), self.config.n_heads)
+        k_raw = self._heads(self.k_proj(x), self.config.kv_heads)
+        v = self._heads(self.v_proj(x), self.config.kv_heads)
+        q, k = q_raw, k_raw
+        if self.config.rope:
+            freqs = self.rope_frequencies()
+            q = apply_rope(q_raw, positions, freqs=freqs)
+            k = apply_rope(k_raw, positions, freqs=freqs)
+        return q, k, v, q_raw, k_raw
+
     def __call__(self, x: Hidden) -> Hidden:
         """Parallel (training) form: x [B, T, D] -> [B, T, D]."""
         B, T = x.shape[:2]
+        if self.policy is not None:
+            positions = jnp.arange(T, dtype=jnp.int32)
+            q, k, v, q_raw, k_raw = self.project_qkv_raw(x, positions)
+            o = self.policy(q, k, v, q_raw=q_raw, k_raw=k_raw, positions=positions)
+            return self.o_proj(o.reshape(B, T, -1))
         q, k, v = self.project_qkv(x, jnp.arange(T))
         n_blocks = _ceil_div(T, self.sparse.block_size)
         idx, cnt = sparse_patterns.block_lists(self.block_mask(n_blocks, n_blocks, T))
@@ -201,6 +265,7 @@ class SparseAttention(Attention):
     # --- decoding --------------------------------------------------------------------------------------------------
     # sink_window: a bounded cache, {"sink_k", "sink_v": [B, n_sink, Hkv, K], "ring": SlidingWindowCache of `window`
     # slots}. s2 / longlora / moa / infer_dense: Attention's KV cache {"k", "v": [B, max_len, Hkv, K], "pos"}.
+    # Dynamic patterns: Attention's KV cache plus the policy's own state under "policy".
 
     @property
     def bounded_state(self) -> bool:
@@ -210,6 +275,9 @@ class SparseAttention(Attention):
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
         """Empty decode state: the sink + ring cache for sink_window (max_len unused: it never grows), else
         Attention's KV cache of max_len slots."""
+        if self.policy is not None and not self.sparse.infer_dense:
+            return {**super().init_state(batch_size, max_len, cache_dtype),
+                    "policy": self.policy.init_state(batch_size, max_len, cache_dtype)}
         if not self.bounded_state:
             return super().init_state(batch_size, max_len, cache_dtype)
         c, hkv, K = self.sparse, self.config.kv_heads, self.head_dim
@@ -220,6 +288,8 @@ class SparseAttention(Attention):
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
         """Bytes of decode state per sequence after seq_len tokens: Attention's KV cache, or for sink_window
         2 * min(seq_len, n_sink + window) * Hkv * K * itemsize (constant past n_sink + window tokens)."""
+        if self.policy is not None and not self.sparse.infer_dense:
+            return super().state_size(seq_len, cache_dtype) + self.policy.state_size(seq_len, cache_dtype)
         if not self.bounded_state:
             return super().state_size(seq_len, cache_dtype)
         return super().state_size(min(seq_len, self.sparse.n_sink + self.sparse.window), cache_dtype)
@@ -228,6 +298,8 @@ class SparseAttention(Attention):
         """Runs x [B, T, D] from the state's position; returns (state after it, y [B, T, D])."""
         if self.sparse.infer_dense:
             return super().prefill(state, x)
+        if self.policy is not None:
+            return self._prefill_policy(state, x)
         if self.bounded_state:
             return self._prefill_bounded(state, x)
         return self._prefill_cache(state, x)
@@ -251,6 +323,23 @@ class SparseAttention(Attention):
                                q_pos=positions)
         y = self.o_proj(o.reshape(B, T, -1))
         return state, jnp.where(state["pos"] <= S, y, jnp.full((), jnp.nan, y.dtype))
+
+    def _prefill_policy(self, state: State, x: Hidden) -> tuple[State, Hidden]:
+        """A dynamic pattern over Attention's KV cache: writes the new k, v as `_write` does, then the policy attends
+        (and updates its own state) with the pre-RoPE q, k it may need."""
+        B, T = x.shape[:2]
+        pos, S = state["pos"], state["k"].shape[1]
+        if not isinstance(pos, jax.core.Tracer) and int(pos) + T > S:
+            raise ValueError(f"sparse_attention: KV cache of {S} slots is full (pos={int(pos)}, {T} new tokens)")
+        positions = pos + jnp.arange(T, dtype=jnp.int32)
+        q, k, v, q_raw, k_raw = self.project_qkv_raw(x, positions)
+        cache_k = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
+        policy_state, o = self.policy.decode(state["policy"], q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                                             q_raw=q_raw, k_raw=k_raw, q_pos=positions)
+        y = self.o_proj(o.reshape(B, T, -1))
+        y = jnp.where(pos + T <= S, y, jnp.full((), jnp.nan, y.dtype))  # past the cache end (under jit): poisoned
+        return {"k": cache_k, "v": cache_v, "pos": pos + T, "policy": policy_state}, y
 
     def _bounded_lists(self, n_sink_blocks: int, n_ring_blocks: int, n_chunk_blocks: int):
         """Lists of a chunk's query blocks over the layout [sink | ring | chunk], each part padded to whole blocks:

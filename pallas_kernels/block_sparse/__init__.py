@@ -1,8 +1,11 @@
 """Block-sparse softmax attention: each query block attends to a list of key blocks (per head group, per batch row),
-with causal / window / sink / segment predicates on token positions; `merge_attention` joins two disjoint parts."""
+with causal / window / sink / segment predicates on token positions; `merge_attention` joins two disjoint parts;
+`block_stats_attention` is dense attention that also returns the block max-pooled attention map (stats.py)."""
 
 from effarch.pallas_kernels.block_sparse.api import block_sparse_attention
 from effarch.pallas_kernels.block_sparse.lists import random_causal_lists
 from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, merge_attention, visible_mask
+from effarch.pallas_kernels.block_sparse.stats import block_stats_attention
 
-__all__ = ["block_sparse_attention", "block_sparse_reference", "merge_attention", "random_causal_lists", "visible_mask"]
+__all__ = ["block_sparse_attention", "block_sparse_reference", "block_stats_attention", "merge_attention",
+           "random_causal_lists", "visible_mask"]

@@ -271,7 +271,7 @@ def test_registry_state_growth_follows_the_pattern(cfg, growth):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("pattern=moe", "pattern: expected one of ['sink_window', 's2', 'longlora', 'moa'], got 'moe'"),
+    ("pattern=moe", "pattern: expected one of ['sink_window', 's2', 'longlora', 'moa', 'mean_topk'], got 'moe'"),
     ("pattern=moa", "sparse_attention.plan: pattern moa needs a plan file"),
     ("block_size=0", "block_size must be positive"),
     ("vert_stride=1", "vert_stride must be >= 2"),
