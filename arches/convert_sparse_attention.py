@@ -16,6 +16,10 @@ directories around this):
 A pattern that lists every causal key for the sequence length (e.g. sink_window with window >= T) reproduces the
 attention model's logits (tests/arches/test_convert_sparse_attention.py).
 
+A dynamic pattern's policy may hold state of its own under `.../mixer/policy/...` (parameters, or trained buffers
+such as routing's k-means centroids, layers/trained_state.py): what the source lacks there is freshly initialised
+(nnx.Rngs(0)), and the source's policy state that the new model has no place for is dropped (`_fit_policy_state`).
+
 A model whose layers are already `sparse_attention` (and none `attention`) converts too: the options given replace
 those of `model.sparse_attention`, the others (the pattern included) are kept. This evaluates the same weights with
 another pattern, e.g. a sink_window run without its sinks (`effarch convert RUN OUT --to sparse_attention n_sink=0`).
@@ -30,12 +34,13 @@ import dataclasses
 from pathlib import Path
 
 import jax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers import moa_plan
 from effarch.layers.rope import ROPE_SCALING_FIELDS
 from effarch.layers.sparse_attention import PATTERNS
+from effarch.layers.trained_state import SAVED
 
 
 def sparse_attention_config_from_attention(
@@ -43,6 +48,9 @@ def sparse_attention_config_from_attention(
     window: int | None = None, local_blocks: int | None = None, vert_stride: int | None = None,
     dense_heads: int | None = None, group_size: int | None = None, infer_dense: bool | None = None,
     plan: str | None = None, dense_every: int = 0, implementation: str | None = None,
+    routing_clusters: int | None = None, routing_local_heads: int | None = None, routing_decay: float | None = None,
+    routing_commitment: float | None = None, hyper_lsh_bits: int | None = None, hyper_samples: int | None = None,
+    hyper_min_seq_len: int | None = None, hyper_seed: int | None = None,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
@@ -59,6 +67,7 @@ def sparse_attention_config_from_attention(
         with), when the plan records one.
       dense_every: 0 converts every attention layer; k > 0 keeps layer l dense when (l + 1) % k == 0 (k = 2: the
         S2-Attention hybrid of Phi-3-small, layers 1, 3, 5, ... dense).
+      routing_*, hyper_*: the routing and hyper patterns' fields of the same names.
     """
     if pattern is not None and pattern not in PATTERNS:
         raise ValueError(f"convert to sparse_attention: pattern must be one of {list(PATTERNS)}, got {pattern!r}")
@@ -73,7 +82,9 @@ def sparse_attention_config_from_attention(
                 raise ValueError(f"plan: {e}") from None
     given = dict(pattern=pattern, block_size=block_size, n_sink=n_sink, window=window, local_blocks=local_blocks,
                  vert_stride=vert_stride, dense_heads=dense_heads, group_size=group_size, infer_dense=infer_dense,
-                 plan=plan)
+                 plan=plan, routing_clusters=routing_clusters, routing_local_heads=routing_local_heads,
+                 routing_decay=routing_decay, routing_commitment=routing_commitment, hyper_lsh_bits=hyper_lsh_bits,
+                 hyper_samples=hyper_samples, hyper_min_seq_len=hyper_min_seq_len, hyper_seed=hyper_seed)
     if to_sparse:
         if dense_every:
             raise ValueError(f"convert to sparse_attention: dense_every={dense_every} needs attention layers; "
@@ -114,18 +125,51 @@ def convert_to_sparse_attention(cfg: ModelConfig, params: nnx.State | dict, **op
       **options: see sparse_attention_config_from_attention.
 
     Returns:
-      (config, params): the params in the form they came in, every array the source's. Raises ValueError naming
-      the first path whose shape differs from what the sparse model expects.
+      (config, params): the params in the form they came in, every array the source's but a dynamic pattern's
+      fresh policy state (module docstring). Raises ValueError naming the first path whose shape differs from what
+      the sparse model expects.
     """
     new_cfg = sparse_attention_config_from_attention(cfg, **options)
+    params = _fit_policy_state(new_cfg, params)
     _check_shapes(new_cfg, params, "sparse")
     return new_cfg, jax.tree.map(lambda x: x, params)
+
+
+def _is_policy(path: tuple) -> bool:
+    return "policy" in map(str, path)
+
+
+def _fit_policy_state(new_cfg: ModelConfig, params: nnx.State | dict) -> nnx.State | dict:
+    """params for `new_cfg`'s model: the saved state (parameters and trained buffers) under a `policy` path that the
+    source lacks comes from a fresh initialisation (nnx.Rngs(0)); the source's policy state the new model has no
+    place for is dropped. Nothing else changes (and nothing is initialised when no policy state is missing)."""
+    abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
+    want = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, SAVED)))
+    given = traverse_util.flatten_dict(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
+    missing = sorted((p for p in want if p not in given and _is_policy(p)), key=str)
+    extra = [p for p in given if p not in want and _is_policy(p)]
+    if not missing and not extra:
+        return params
+    names = ["/".join(map(str, p)) for p in missing]
+
+    def fresh_policy_state():  # under jit, only these leaves of the initialisation are computed
+        flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(DecoderLM(new_cfg, rngs=nnx.Rngs(0)), SAVED)))
+        return {name: flat[p] for name, p in zip(names, missing)}
+
+    fresh = jax.jit(fresh_policy_state)()
+    pure = traverse_util.unflatten_dict({**{p: v for p, v in given.items() if p not in extra},
+                                         **{p: fresh[name] for name, p in zip(names, missing)}})
+    if not isinstance(params, nnx.State):
+        return pure
+    state = nnx.state(abstract, SAVED)  # the new model's variable types (a parameter, or a trained buffer)
+    state.replace_by_pure_dict(pure)
+    return state
 
 
 def _check_shapes(new_cfg: ModelConfig, params: nnx.State | dict, target: str) -> None:
     """ValueError naming the first parameter path whose shape differs from what `new_cfg`'s model expects."""
     abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
-    expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    expected = nnx.to_pure_dict(nnx.state(abstract, SAVED))
     given = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     want = dict(jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x: tuple(x.shape), expected))[0])
     got = dict(jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x: tuple(x.shape), given))[0])
@@ -159,5 +203,6 @@ def convert_to_attention(cfg: ModelConfig, params: nnx.State | dict) -> tuple[Mo
     convert_to_sparse_attention. `SparseAttention` is `Attention` with a pattern, so the weights are reused as they
     are; the model's logits become those of full causal attention (LongLoRA's inference)."""
     new_cfg = attention_config_from_sparse_attention(cfg)
+    params = _fit_policy_state(new_cfg, params)  # drops a dynamic pattern's policy state
     _check_shapes(new_cfg, params, "attention")
     return new_cfg, jax.tree.map(lambda x: x, params)

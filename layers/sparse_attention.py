@@ -33,6 +33,11 @@ its own file, built as `self.policy` (its trainable parameters, if any, live und
 
 - "mean_topk" (layers/sparse_topk.py): MoBA's training-free gate, mean query of a block against the mean key of each
   earlier block, top-k (arXiv 2502.13189 §2.2).
+- "routing" (layers/sparse_routing.py): the Routing Transformer's online k-means (arXiv 2003.05997 §4), exactly
+  causal: token t sees the block_size newest tokens of its key's cluster; centroids are a trained buffer updated by
+  EMA in training (layers/trained_state.py); the last `routing_local_heads` KV heads are local window heads.
+- "hyper" (layers/sparse_hyper.py): HyperAttention (arXiv 2310.05869), sortLSH block-diagonal attention plus sampled
+  residual columns, causal by the paper's recursive halving; an approximation that decodes with exact attention.
 
 The policy protocol (the layer calls nothing else):
   `Policy(config, *, n_heads, n_kv_heads, head_dim, rngs)`;
@@ -63,18 +68,21 @@ from effarch.layers import moa_plan, sparse_patterns
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.rope import ROPE_SCALING_FIELDS, apply_rope
+from effarch.layers.sparse_hyper import HyperPolicy
+from effarch.layers.sparse_routing import RoutingPolicy
 from effarch.layers.sparse_topk import MeanTopkPolicy
 from effarch.pallas_kernels import sliding_window as swa_op
 from effarch.pallas_kernels.block_sparse import block_sparse_attention
 
-DYNAMIC_PATTERNS = ("mean_topk",)  # the patterns whose blocks a policy module chooses from the content
+# The patterns whose blocks a policy module chooses from the content, and each one's policy class (module docstring).
+DYNAMIC_PATTERNS = ("mean_topk", "routing", "hyper")
 PATTERNS = ("sink_window", "s2", "longlora", "moa", *DYNAMIC_PATTERNS)
-POLICIES = {"mean_topk": MeanTopkPolicy}  # dynamic pattern -> its policy class (module docstring's protocol)
+POLICIES = {"mean_topk": MeanTopkPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseAttentionConfig:
-    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk"] = "sink_window"
+    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk", "routing", "hyper"] = "sink_window"
     block_size: int = 64  # q_block = kv_block of the op, tokens
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
     n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
@@ -94,6 +102,17 @@ class SparseAttentionConfig:
     sink_blocks: int = 0  # the first blocks every query block reads
     # mean_topk: how a GQA group's query heads share one list: "max" (a block any head wants) or "mean" of scores
     score_reduce: Literal["max", "mean"] = "max"
+    # routing (layers/sparse_routing.py): token t sees the block_size newest tokens of its key's k-means cluster
+    routing_clusters: int = 8  # C centroids per routing KV head (lucidrains: max_seq_len / window)
+    routing_local_heads: int = 0  # the last KV heads attend the causal window of block_size tokens instead
+    routing_decay: float = 0.999  # EMA decay of the centroids (training mode), the paper's and lucidrains'
+    # scales the commitment MSE in its AuxLoss; times train.aux_loss_weight (0.01) it is lucidrains' weight 1e-4
+    routing_commitment: float = 0.01
+    # hyper (layers/sparse_hyper.py): sortLSH blocks of block_size keys (official 256) plus sampled key columns
+    hyper_lsh_bits: int = 7  # sign bits of the LSH (official lsh_num_projs 7)
+    hyper_samples: int = 64  # m uniformly sampled key columns of the residual (official 256; 0: none)
+    hyper_min_seq_len: int = 256  # exact causal attention at n <= this (official 4096, past any CPU-scale length)
+    hyper_seed: int = 0  # seeds the LSH directions and the samples
     infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
@@ -125,6 +144,18 @@ class SparseAttentionConfig:
             raise ValueError(f"{p}score_reduce must be 'max' or 'mean', got {self.score_reduce!r}")
         if self.n_sink < 0:
             raise ValueError(f"{p}n_sink must be >= 0, got {self.n_sink}")
+        if self.routing_clusters < 1:
+            raise ValueError(f"{p}routing_clusters must be positive, got {self.routing_clusters}")
+        if not 0 <= self.routing_decay < 1:
+            raise ValueError(f"{p}routing_decay must be in [0, 1), got {self.routing_decay}")
+        if self.routing_commitment < 0:
+            raise ValueError(f"{p}routing_commitment must be >= 0, got {self.routing_commitment}")
+        if not 1 <= self.hyper_lsh_bits <= 16:
+            raise ValueError(f"{p}hyper_lsh_bits must be in [1, 16], got {self.hyper_lsh_bits}")
+        if self.hyper_samples < 0:
+            raise ValueError(f"{p}hyper_samples must be >= 0, got {self.hyper_samples}")
+        if self.hyper_min_seq_len < 1:
+            raise ValueError(f"{p}hyper_min_seq_len must be positive, got {self.hyper_min_seq_len}")
         if self.vert_stride < 2:
             raise ValueError(f"{p}vert_stride must be >= 2 (1 would read every block: use attention), "
                              f"got {self.vert_stride}")
@@ -132,6 +163,9 @@ class SparseAttentionConfig:
             att = self.attention_config()
         except ValueError as e:
             raise ValueError(str(e).replace("attention.", p, 1)) from None
+        if not 0 <= self.routing_local_heads <= att.kv_heads:
+            raise ValueError(f"{p}routing_local_heads={self.routing_local_heads} must be in [0, kv heads="
+                             f"{att.kv_heads}]")
         if not 0 <= self.dense_heads <= att.kv_heads:
             raise ValueError(f"{p}dense_heads={self.dense_heads} must be in [0, kv heads={att.kv_heads}]")
         if self.pattern == "moa" and not self.plan:

@@ -90,6 +90,12 @@ def _masked_attention(q: Float[Array, "N Tq K"], k: Float[Array, "N S K"], v: Fl
     return o, jnp.where(nonempty, m + jnp.log(safe), -jnp.inf)[..., 0]
 
 
+def _merge(o1, lse1, o2, lse2):
+    """merge_attention on [N, T, Dv] / [N, T] parts (the op's layout has a heads axis: one here)."""
+    o, lse = merge_attention(o1[:, :, None], lse1[:, :, None], o2[:, :, None], lse2[:, :, None])
+    return o[:, :, 0], lse[:, :, 0]
+
+
 class HyperPolicy(nnx.Module):
     """HyperAttention (module docstring) for q [B, T, Hq, K], k [B, T, Hkv, K], v [B, T, Hkv, Dv].
 
@@ -111,7 +117,7 @@ class HyperPolicy(nnx.Module):
     def hash(self, x: Float[Array, "... K"]) -> Int[Array, "..."]:
         """sortLSH bucket (the key the tokens are sorted by): gray[Σ_i [x·r_i > 0] 2^i]."""
         proj = jnp.einsum("...k,kr->...r", x.astype(jnp.float32), self.projection[...])
-        bins = jnp.sum((proj > 0).astype(jnp.int32) << jnp.arange(self.bits, dtype=jnp.int32), axis=-1)
+        bins = (proj > 0).astype(jnp.int32) @ jnp.asarray(1 << np.arange(self.bits), jnp.int32)
         return jnp.asarray(gray_code(self.bits))[bins]
 
     # --- exact parts -----------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ class HyperPolicy(nnx.Module):
             v_sub = jnp.take_along_axis(v_s, sampled[..., None], axis=1)
             other_block = (jnp.arange(nq)[None, :, None] // bq) != (sampled[:, None, :] // bk)  # [N, nq, m]
             o2, lse2 = _masked_attention(q_s, k_sub, v_sub, other_block, K**-0.5)
-            o, lse = merge_attention(o.astype(jnp.float32), lse, o2, lse2 + math.log(nk / m))
+            o, lse = _merge(o.astype(jnp.float32), lse, o2, lse2 + math.log(nk / m))
         inverse = jnp.argsort(q_order, axis=1)
         return (jnp.take_along_axis(o, inverse[..., None], axis=1).astype(q.dtype),
                 jnp.take_along_axis(lse, inverse, axis=1))
@@ -176,7 +182,7 @@ class HyperPolicy(nnx.Module):
         o_top, lse_top = self._causal(q[:, :h], k[:, :h], v[:, :h], pos[:h])
         o_diag, lse_diag = self._causal(q[:, h:], k[:, h:], v[:, h:], pos[h:])
         o_off, lse_off = self._noncausal(q[:, h:], k[:, :h], v[:, :h], pos[h:], pos[:h])
-        o_bot, lse_bot = merge_attention(o_diag, lse_diag, o_off, lse_off)
+        o_bot, lse_bot = _merge(o_diag, lse_diag, o_off, lse_off)
         return jnp.concatenate([o_top, o_bot], axis=1), jnp.concatenate([lse_top, lse_bot], axis=1)
 
     def __call__(self, q: Float[Array, "B T Hq K"], k: Float[Array, "B T Hkv K"], v: Float[Array, "B T Hkv Dv"], *,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
 
 from effarch.layers.aux_loss import zero_aux_loss
 from effarch.layers.trained_state import TrainedBuffer
@@ -89,7 +89,7 @@ class RoutingPolicy(nnx.Module):
         self.n_kv_heads = n_kv_heads
         n_routed = n_kv_heads - self.n_local
         if n_routed < 0:
-            raise ValueError(f"sparse_attention.routing_local_heads={self.n_local} must be <= kv heads={n_kv_heads}")
+            raise ValueError(f"sparse_attention.routing_local_heads={self.n_local} must be <= kv heads {n_kv_heads}")
         mu = jax.random.normal(rngs.params(), (n_routed, self.n_clusters, head_dim), jnp.float32)
         self.centroids = Centroids(_unit(mu))
         self.commitment = zero_aux_loss()
@@ -118,7 +118,7 @@ class RoutingPolicy(nnx.Module):
         if not self.use_running_average:
             self.centroids[...] = jax.lax.stop_gradient(ema_centroids(mu, k_unit, c, self.decay))
 
-    def _fold(self, x: Float[Array, "B T Hkv G D"]) -> Float[Array, "BH T G D"]:
+    def _fold(self, x: Shaped[Array, "B T Hkv G D"]) -> Shaped[Array, "BH T G D"]:
         """[B, T, Hkv, G, D] -> [B·Hkv, T, G, D]: one batch row per KV head (each has its own layout)."""
         B, T, Hkv = x.shape[:3]
         return jnp.moveaxis(x, 2, 1).reshape(B * Hkv, T, *x.shape[3:])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effarch.arches.lm import ModelConfig
+from effarch.layers.trained_state import SAVED
 from effarch.train.checkpoint import Checkpointer
 from effarch.train.config import Config, ConfigError, config_from_dict, to_dict
 from effarch.train.generate import load_run
@@ -100,10 +101,11 @@ def parse_options(to: str, overrides: list[str]) -> dict:
 
 
 def load_run_params(run_dir: str | Path) -> tuple[Config, nnx.State]:
-    """(resolved config, parameters of the newest complete checkpoint) of a training run directory. A LoRA run's
-    adapters come merged into their kernels, and its config without `train.lora` (train/lora.py)."""
+    """(resolved config, parameters of the newest complete checkpoint) of a training run directory, with its trained
+    buffers (layers/trained_state.py: what a checkpoint saves). A LoRA run's adapters come merged into their
+    kernels, and its config without `train.lora` (train/lora.py)."""
     cfg, model = merged(*load_run(run_dir))
-    return cfg, nnx.state(model, nnx.Param)
+    return cfg, nnx.state(model, SAVED)
 
 
 def write_run(cfg: Config, params: nnx.State, run_dir: str | Path, *, info: dict | None = None) -> Path:

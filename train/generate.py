@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from effarch.arches.lm import DecoderLM
+from effarch.layers.trained_state import SAVED
 from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import Config, ConfigError, load_config
 from effarch.train.data.text_stream import document_source
@@ -50,7 +51,7 @@ def restore_run(run_dir: str | Path) -> tuple[Config, DecoderLM, int]:
     if not checkpoint_steps(run_dir):
         raise ConfigError(f"run dir {str(run_dir)!r} has no checkpoint (nothing was saved yet: train it first)")
     model = build_model(cfg, nnx.Rngs(0))  # with train.lora's adapters: they are in the checkpoint
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, SAVED, ...)  # what the checkpoint holds: parameters, trained buffers
     with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
         steps = ckpt.steps()
         try:

@@ -359,6 +359,7 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from effarch.layers.trained_state import SAVED
     from effarch.train import param_tree
     from effarch.train.health import init_health
     from effarch.train.lora import build_model
@@ -374,7 +375,7 @@ def plan(cfg, topology: str | Topology, num_slices: int = 1, *, decode: bool = T
     mixers = list(dict.fromkeys(cfg.model.mixers))
     trainer = Trainer(cfg, devices)
     abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))  # the trainer's model, adapters included
-    _, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    _, abstract_params, abstract_rest = nnx.split(abstract, SAVED, ...)  # as the Trainer splits it
     # The non-parameter state (e.g. MoH's AuxLoss scalars) is closed over by the step, as after init_state; it is
     # tiny, so concrete zeros stand in for it.
     trainer.rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_rest)

@@ -42,6 +42,8 @@ class Variant:
 
 MEAN_QUERY = ("a query block's mean query uses the block's later tokens (layers/sparse_topk.py); decoding equals the "
               "parallel form of each prefix instead")
+HYPER = ("where a query falls among the sortLSH blocks depends on the later queries' hashes (the paper's Algorithm 4), "
+         "and decoding is exact attention (layers/sparse_hyper.py; tests/layers/test_sparse_hyper.py)")
 MOA_PLAN = Path(__file__).parents[1] / "fixtures" / "moa_small_plan.json"
 VARIANTS = {
     # Spans of 7 and 11 tokens at N = T = 20 (the plan's layer 0), 2 sinks, blocks of 4: the prompt pieces end
@@ -54,6 +56,15 @@ VARIANTS = {
     "sparse_attention[mean_topk]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
         pattern="mean_topk", block_size=4, top_k=3, sink_blocks=1, n_heads=4, n_kv_heads=2)}, skip={
         "causal": MEAN_QUERY, "decode": MEAN_QUERY}),
+    # Routing: 3 clusters, windows of 4 (blocks of 4), KV head 1 a local window head; GQA groups of 2. Exactly
+    # causal, and decoding recomputes the clusters from the KV cache (layers/sparse_routing.py).
+    "sparse_attention[routing]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="routing", block_size=4, routing_clusters=3, routing_local_heads=1, n_heads=4, n_kv_heads=2)}),
+    # HyperAttention with min_seq_len 4, so at T = 20 the second half's queries over the first half (10 x 10) are
+    # approximated by sortLSH blocks of 4 plus 4 sampled columns, and so are the halves of halves.
+    "sparse_attention[hyper]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="hyper", block_size=4, hyper_lsh_bits=3, hyper_samples=4, hyper_min_seq_len=4, n_heads=4,
+        n_kv_heads=2)}, skip={"causal": HYPER, "decode": HYPER}),
 }
 NAMES = sorted(MIXERS) + sorted(VARIANTS)
 

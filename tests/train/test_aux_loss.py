@@ -33,7 +33,7 @@ def one_batch(tmp_path_factory):
 
 def test_aux_losses_are_weighted_into_the_gradient_and_logged(one_batch):
     tr, params, opt, batch, (grads, _, _, aux_mean) = one_batch
-    total, (ce_sum, _, count, aux_sums) = jax.jit(tr._loss)(params, *batch)
+    total, (ce_sum, _, count, aux_sums, _) = jax.jit(tr._loss)(params, *batch)
     aux = {name: float(v) / int(count) for name, v in aux_sums.items()}
     assert set(aux) == NAMES and all(v > 0 for v in aux.values())
     # The loss is Σ CE + β · count · Σ aux, i.e. mean CE + β Σ aux after the division by the count.
