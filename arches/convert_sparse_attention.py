@@ -162,7 +162,7 @@ def _fit_policy_state(new_cfg: ModelConfig, params: nnx.State | dict) -> nnx.Sta
     if not isinstance(params, nnx.State):
         return pure
     state = nnx.state(abstract, SAVED)  # the new model's variable types (a parameter, or a trained buffer)
-    state.replace_by_pure_dict(pure)
+    nnx.replace_by_pure_dict(state, pure)
     return state
 
 
