@@ -164,3 +164,31 @@ def test_convert_to_attention_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match=r"differ from its sparse ones in \['n_heads'\]"):
         convert_to_attention(hybrid, nnx.state(nnx.eval_shape(lambda: DecoderLM(hybrid, rngs=nnx.Rngs(0))),
                                                nnx.Param))
+
+
+@pytest.mark.parametrize("pure_dict", [False, True])
+def test_routing_conversion_keeps_every_weight_and_adds_fresh_centroids(pure_dict):
+    """A dynamic pattern's policy state the source lacks (routing's k-means centroids, a trained buffer) is freshly
+    initialised; converting back to attention drops it."""
+    from effarch.layers.trained_state import SAVED
+    from effarch.train import param_tree
+
+    params = nnx.state(DecoderLM(CFG, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params) if pure_dict else params
+    cfg, new_params = convert_to_sparse_attention(CFG, params, pattern="routing", block_size=4, routing_clusters=3,
+                                                  routing_local_heads=1)
+    assert (cfg.sparse_attention.pattern, cfg.sparse_attention.routing_clusters) == ("routing", 3)
+    old, new = param_tree.flatten(params), param_tree.flatten(new_params)
+    assert set(new) - set(old) == {"blocks/0/mixer/policy/centroids"}
+    for path, value in old.items():
+        np.testing.assert_array_equal(np.asarray(new[path]), np.asarray(value))
+    mu = np.asarray(new["blocks/0/mixer/policy/centroids"])
+    assert mu.shape == (1, 3, 6)  # one routed KV head of two, 3 clusters, head_dim 24 / 4
+    np.testing.assert_allclose(np.linalg.norm(mu, axis=-1), 1.0, rtol=1e-5)
+    if not pure_dict:  # the new model's variable types, so that it merges and saves like a trained run
+        model = DecoderLM(cfg, rngs=nnx.Rngs(1))
+        nnx.update(model, new_params)
+        np.testing.assert_array_equal(np.asarray(model.blocks[0].mixer.policy.centroids[...]), mu)
+        assert set(param_tree.flatten(nnx.state(model, SAVED))) == set(new)
+    back_cfg, back = convert_to_attention(cfg, new_params)
+    assert back_cfg.layer_mixers()[0] == "attention" and set(param_tree.flatten(back)) == set(old)
