@@ -17,7 +17,7 @@ from flax import nnx
 
 from effarch.layers import sparse_patterns
 from effarch.layers.attention import Attention
-from effarch.layers.sparse_attention import SparseAttention, SparseAttentionConfig
+from effarch.layers.sparse_attention import PATTERNS, SparseAttention, SparseAttentionConfig
 from tests.conformance import test_mixers as conformance
 from tests.helpers.numerics import assert_close
 
@@ -271,7 +271,7 @@ def test_registry_state_growth_follows_the_pattern(cfg, growth):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("pattern=moe", "pattern: expected one of ['sink_window', 's2', 'longlora', 'moa', 'mean_topk'], got 'moe'"),
+    ("pattern=moe", f"pattern: expected one of {list(PATTERNS)}, got 'moe'"),
     ("pattern=moa", "sparse_attention.plan: pattern moa needs a plan file"),
     ("block_size=0", "block_size must be positive"),
     ("vert_stride=1", "vert_stride must be >= 2"),
