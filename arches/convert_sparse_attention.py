@@ -5,7 +5,10 @@ every weight is reused as is and only the config changes. This is how a trained 
 fine-tuned with a static sparse pattern: StreamingLLM's sinks + window on a model trained dense (arXiv 2309.17453),
 LongLoRA's S²-Attn for long-context fine-tuning (arXiv 2309.12307 §3.2), or an S2-Attention layout (arXiv
 2407.17678), whose hybrid keeps some layers dense (`dense_every`), or MoA's per-head elastic spans from a plan that
-`effarch moa-search` found for this model (arXiv 2406.14909; `plan=PATH`).
+`effarch moa-search` found for this model (arXiv 2406.14909; `plan=PATH`). The dynamic patterns convert too:
+`pattern=mean_topk` (no parameters) and `pattern=seer`, which adds fresh gates next to the kept attention weights
+(SeerAttention trains them on the frozen model: `distill=true`, then `distill=false` with top_k / density /
+gate_threshold evaluates the sparse model on the trained gates).
 
 Usage (the `effarch convert RUN OUT --to sparse_attention pattern=... [key=value ...]` CLI reads and writes run
 directories around this):
@@ -42,7 +45,10 @@ def sparse_attention_config_from_attention(
     cfg: ModelConfig, *, pattern: str | None = None, block_size: int | None = None, n_sink: int | None = None,
     window: int | None = None, local_blocks: int | None = None, vert_stride: int | None = None,
     dense_heads: int | None = None, group_size: int | None = None, infer_dense: bool | None = None,
-    plan: str | None = None, dense_every: int = 0, implementation: str | None = None,
+    plan: str | None = None, dense_every: int = 0, implementation: str | None = None, top_k: int | None = None,
+    density: float | None = None, sink_blocks: int | None = None, score_reduce: str | None = None,
+    gate_dim: int | None = None, distill: bool | None = None, gate_loss_scale: float | None = None,
+    gate_threshold: float | None = None, seed: int = 0,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
@@ -52,8 +58,11 @@ def sparse_attention_config_from_attention(
     Args:
       cfg: the attention model's config; its attention layers must be causal self attention.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
-        implementation: SparseAttentionConfig's fields of the same names (pattern None: "sink_window" for an
-        attention model, the source's own for a sparse one).
+        implementation, top_k, density, sink_blocks, score_reduce, gate_dim, distill, gate_loss_scale,
+        gate_threshold: SparseAttentionConfig's fields of the same names (pattern None: "sink_window" for an
+        attention model, the source's own for a sparse one). A field left None keeps its value, so density and
+        gate_threshold can be set here but not cleared (write the config for that).
+      seed: initialises the parameters a dynamic pattern adds (`convert_to_sparse_attention`); unused here.
       plan: moa's plan file; the config keeps its absolute path, so the converted run finds it from any directory
         (the plan must stay there). Without n_sink, moa takes the plan's own `n_sink` (the sinks it was searched
         with), when the plan records one.
@@ -71,9 +80,11 @@ def sparse_attention_config_from_attention(
                 n_sink = moa_plan.read_plan(plan).get("n_sink")
             except moa_plan.PlanError as e:
                 raise ValueError(f"plan: {e}") from None
+    del seed
     given = dict(pattern=pattern, block_size=block_size, n_sink=n_sink, window=window, local_blocks=local_blocks,
                  vert_stride=vert_stride, dense_heads=dense_heads, group_size=group_size, infer_dense=infer_dense,
-                 plan=plan)
+                 plan=plan, top_k=top_k, density=density, sink_blocks=sink_blocks, score_reduce=score_reduce,
+                 gate_dim=gate_dim, distill=distill, gate_loss_scale=gate_loss_scale, gate_threshold=gate_threshold)
     if to_sparse:
         if dense_every:
             raise ValueError(f"convert to sparse_attention: dense_every={dense_every} needs attention layers; "
@@ -114,12 +125,61 @@ def convert_to_sparse_attention(cfg: ModelConfig, params: nnx.State | dict, **op
       **options: see sparse_attention_config_from_attention.
 
     Returns:
-      (config, params): the params in the form they came in, every array the source's. Raises ValueError naming
-      the first path whose shape differs from what the sparse model expects.
+      (config, params): the params in the form they came in, every array the source's, plus the fresh parameters
+      of a dynamic pattern's policy (a seer gate: `...mixer/policy/...`, initialised as the layer does with
+      nnx.Rngs(options' seed, default 0)); policy parameters the new pattern has no place for (a seer gate converted to
+      another pattern) are dropped. Raises ValueError naming the first path whose shape differs from what the sparse
+      model expects.
     """
     new_cfg = sparse_attention_config_from_attention(cfg, **options)
-    _check_shapes(new_cfg, params, "sparse")
-    return new_cfg, jax.tree.map(lambda x: x, params)
+    given = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
+    expected = _paths(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    have = _paths(given)
+    added = [p for p in expected if p not in have and _is_policy(p)]
+    dropped = [p for p in have if p not in expected and _is_policy(p)]
+    out = {p: v for p, v in have.items() if p not in dropped}
+    if added:
+        seed = options.get("seed", 0)
+
+        def fresh():  # under jit only the policy's initialisers survive: the rest of the model is never built
+            model = DecoderLM(new_cfg, rngs=nnx.Rngs(seed))
+            return nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.PathContains("policy"))))
+
+        new = _paths(jax.jit(fresh)())
+        out.update({p: new[p] for p in added})
+    out = _unflatten(out)
+    _check_shapes(new_cfg, out, "sparse")
+    if isinstance(params, nnx.State):
+        state = nnx.state(abstract, nnx.Param)
+        nnx.replace_by_pure_dict(state, out)
+        return new_cfg, state
+    return new_cfg, out
+
+
+def _paths(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    """{path tuple: leaf} of a nested dict."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_paths(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _is_policy(path: tuple) -> bool:
+    return "policy" in path
 
 
 def _check_shapes(new_cfg: ModelConfig, params: nnx.State | dict, target: str) -> None:
