@@ -5,7 +5,12 @@ every weight is reused as is and only the config changes. This is how a trained 
 fine-tuned with a static sparse pattern: StreamingLLM's sinks + window on a model trained dense (arXiv 2309.17453),
 LongLoRA's S²-Attn for long-context fine-tuning (arXiv 2309.12307 §3.2), or an S2-Attention layout (arXiv
 2407.17678), whose hybrid keeps some layers dense (`dense_every`), or MoA's per-head elastic spans from a plan that
-`effarch moa-search` found for this model (arXiv 2406.14909; `plan=PATH`).
+`effarch moa-search` found for this model (arXiv 2406.14909; `plan=PATH`). The dynamic patterns convert too:
+`pattern=mean_topk` (no parameters) and `pattern=seer`, which adds fresh gates next to the kept attention weights
+(SeerAttention trains them on the frozen model: `distill=true`, then `distill=false` with top_k / density /
+gate_threshold evaluates the sparse model on the trained gates); `pattern=routing` adds fresh k-means centroids (a
+trained buffer, layers/trained_state.py, which training then updates) and `pattern=hyper` nothing (its LSH
+directions are a seeded constant). Converting back to attention drops a policy's state.
 
 Usage (the `effarch convert RUN OUT --to sparse_attention pattern=... [key=value ...]` CLI reads and writes run
 directories around this):
@@ -15,10 +20,6 @@ directories around this):
 
 A pattern that lists every causal key for the sequence length (e.g. sink_window with window >= T) reproduces the
 attention model's logits (tests/arches/test_convert_sparse_attention.py).
-
-A dynamic pattern's policy may hold state of its own under `.../mixer/policy/...` (parameters, or trained buffers
-such as routing's k-means centroids, layers/trained_state.py): what the source lacks there is freshly initialised
-(nnx.Rngs(0)), and the source's policy state that the new model has no place for is dropped (`_fit_policy_state`).
 
 A model whose layers are already `sparse_attention` (and none `attention`) converts too: the options given replace
 those of `model.sparse_attention`, the others (the pattern included) are kept. This evaluates the same weights with
@@ -34,7 +35,7 @@ import dataclasses
 from pathlib import Path
 
 import jax
-from flax import nnx, traverse_util
+from flax import nnx
 
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers import moa_plan
@@ -47,8 +48,11 @@ def sparse_attention_config_from_attention(
     cfg: ModelConfig, *, pattern: str | None = None, block_size: int | None = None, n_sink: int | None = None,
     window: int | None = None, local_blocks: int | None = None, vert_stride: int | None = None,
     dense_heads: int | None = None, group_size: int | None = None, infer_dense: bool | None = None,
-    plan: str | None = None, dense_every: int = 0, implementation: str | None = None,
-    routing_clusters: int | None = None, routing_local_heads: int | None = None, routing_decay: float | None = None,
+    plan: str | None = None, dense_every: int = 0, implementation: str | None = None, top_k: int | None = None,
+    density: float | None = None, sink_blocks: int | None = None, score_reduce: str | None = None,
+    gate_dim: int | None = None, distill: bool | None = None, gate_loss_scale: float | None = None,
+    gate_threshold: float | None = None, seed: int = 0, routing_clusters: int | None = None,
+    routing_local_heads: int | None = None, routing_decay: float | None = None,
     routing_commitment: float | None = None, hyper_lsh_bits: int | None = None, hyper_samples: int | None = None,
     hyper_min_seq_len: int | None = None, hyper_seed: int | None = None,
 ) -> ModelConfig:
@@ -60,14 +64,16 @@ def sparse_attention_config_from_attention(
     Args:
       cfg: the attention model's config; its attention layers must be causal self attention.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
-        implementation: SparseAttentionConfig's fields of the same names (pattern None: "sink_window" for an
-        attention model, the source's own for a sparse one).
+        implementation, top_k, density, sink_blocks, score_reduce, gate_dim, distill, gate_loss_scale,
+        gate_threshold: SparseAttentionConfig's fields of the same names (pattern None: "sink_window" for an
+        attention model, the source's own for a sparse one). A field left None keeps its value, so density and
+        gate_threshold can be set here but not cleared (write the config for that).
+      seed: initialises the parameters a dynamic pattern adds (`convert_to_sparse_attention`); unused here.
       plan: moa's plan file; the config keeps its absolute path, so the converted run finds it from any directory
         (the plan must stay there). Without n_sink, moa takes the plan's own `n_sink` (the sinks it was searched
         with), when the plan records one.
       dense_every: 0 converts every attention layer; k > 0 keeps layer l dense when (l + 1) % k == 0 (k = 2: the
         S2-Attention hybrid of Phi-3-small, layers 1, 3, 5, ... dense).
-      routing_*, hyper_*: the routing and hyper patterns' fields of the same names.
     """
     if pattern is not None and pattern not in PATTERNS:
         raise ValueError(f"convert to sparse_attention: pattern must be one of {list(PATTERNS)}, got {pattern!r}")
@@ -80,9 +86,12 @@ def sparse_attention_config_from_attention(
                 n_sink = moa_plan.read_plan(plan).get("n_sink")
             except moa_plan.PlanError as e:
                 raise ValueError(f"plan: {e}") from None
+    del seed
     given = dict(pattern=pattern, block_size=block_size, n_sink=n_sink, window=window, local_blocks=local_blocks,
                  vert_stride=vert_stride, dense_heads=dense_heads, group_size=group_size, infer_dense=infer_dense,
-                 plan=plan, routing_clusters=routing_clusters, routing_local_heads=routing_local_heads,
+                 plan=plan, top_k=top_k, density=density, sink_blocks=sink_blocks, score_reduce=score_reduce,
+                 gate_dim=gate_dim, distill=distill, gate_loss_scale=gate_loss_scale, gate_threshold=gate_threshold,
+                 routing_clusters=routing_clusters, routing_local_heads=routing_local_heads,
                  routing_decay=routing_decay, routing_commitment=routing_commitment, hyper_lsh_bits=hyper_lsh_bits,
                  hyper_samples=hyper_samples, hyper_min_seq_len=hyper_min_seq_len, hyper_seed=hyper_seed)
     if to_sparse:
@@ -125,45 +134,68 @@ def convert_to_sparse_attention(cfg: ModelConfig, params: nnx.State | dict, **op
       **options: see sparse_attention_config_from_attention.
 
     Returns:
-      (config, params): the params in the form they came in, every array the source's but a dynamic pattern's
-      fresh policy state (module docstring). Raises ValueError naming the first path whose shape differs from what
-      the sparse model expects.
+      (config, params): the params in the form they came in, every array the source's, plus the fresh parameters
+      of a dynamic pattern's policy (a seer gate: `...mixer/policy/...`, initialised as the layer does with
+      nnx.Rngs(options' seed, default 0)) and its fresh trained buffers (routing's centroids,
+      layers/trained_state.py: saved like parameters); policy state the new pattern has no place for (a seer gate
+      converted to another pattern) is dropped. Raises ValueError naming the first path whose shape differs from
+      what the sparse model expects.
     """
     new_cfg = sparse_attention_config_from_attention(cfg, **options)
-    params = _fit_policy_state(new_cfg, params)
-    _check_shapes(new_cfg, params, "sparse")
-    return new_cfg, jax.tree.map(lambda x: x, params)
+    given = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
+    expected = _paths(nnx.to_pure_dict(nnx.state(abstract, SAVED)))
+    have = _paths(given)
+    added = [p for p in expected if p not in have and _is_policy(p)]
+    dropped = [p for p in have if p not in expected and _is_policy(p)]
+    out = {p: v for p, v in have.items() if p not in dropped}
+    if added:
+        seed = options.get("seed", 0)
+
+        def fresh():  # under jit only the policy's initialisers survive: the rest of the model is never built
+            model = DecoderLM(new_cfg, rngs=nnx.Rngs(seed))
+            return nnx.to_pure_dict(nnx.state(model, nnx.All(SAVED, nnx.PathContains("policy"))))
+
+        new = _paths(jax.jit(fresh)())
+        out.update({p: new[p] for p in added})
+    out = _unflatten(out)
+    _check_shapes(new_cfg, out, "sparse")
+    return new_cfg, _like(params, abstract, out)
+
+
+def _like(params: nnx.State | dict, abstract: DecoderLM, out: dict) -> nnx.State | dict:
+    """`out` (a pure dict) in the form `params` came in: an nnx.State with the new model's variable types (a
+    parameter, or a trained buffer), or the pure dict."""
+    if isinstance(params, nnx.State):
+        state = nnx.state(abstract, SAVED)
+        nnx.replace_by_pure_dict(state, out)
+        return state
+    return out
+
+
+def _paths(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    """{path tuple: leaf} of a nested dict."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_paths(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
 
 
 def _is_policy(path: tuple) -> bool:
-    return "policy" in map(str, path)
-
-
-def _fit_policy_state(new_cfg: ModelConfig, params: nnx.State | dict) -> nnx.State | dict:
-    """params for `new_cfg`'s model: the saved state (parameters and trained buffers) under a `policy` path that the
-    source lacks comes from a fresh initialisation (nnx.Rngs(0)); the source's policy state the new model has no
-    place for is dropped. Nothing else changes (and nothing is initialised when no policy state is missing)."""
-    abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
-    want = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, SAVED)))
-    given = traverse_util.flatten_dict(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
-    missing = sorted((p for p in want if p not in given and _is_policy(p)), key=str)
-    extra = [p for p in given if p not in want and _is_policy(p)]
-    if not missing and not extra:
-        return params
-    names = ["/".join(map(str, p)) for p in missing]
-
-    def fresh_policy_state():  # under jit, only these leaves of the initialisation are computed
-        flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(DecoderLM(new_cfg, rngs=nnx.Rngs(0)), SAVED)))
-        return {name: flat[p] for name, p in zip(names, missing)}
-
-    fresh = jax.jit(fresh_policy_state)()
-    pure = traverse_util.unflatten_dict({**{p: v for p, v in given.items() if p not in extra},
-                                         **{p: fresh[name] for name, p in zip(names, missing)}})
-    if not isinstance(params, nnx.State):
-        return pure
-    state = nnx.state(abstract, SAVED)  # the new model's variable types (a parameter, or a trained buffer)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
+    return "policy" in path
 
 
 def _check_shapes(new_cfg: ModelConfig, params: nnx.State | dict, target: str) -> None:
@@ -203,6 +235,9 @@ def convert_to_attention(cfg: ModelConfig, params: nnx.State | dict) -> tuple[Mo
     convert_to_sparse_attention. `SparseAttention` is `Attention` with a pattern, so the weights are reused as they
     are; the model's logits become those of full causal attention (LongLoRA's inference)."""
     new_cfg = attention_config_from_sparse_attention(cfg)
-    params = _fit_policy_state(new_cfg, params)  # drops a dynamic pattern's policy state
+    given = _paths(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
+    if any(_is_policy(p) for p in given):  # a dynamic pattern's policy state has no place in attention: dropped
+        abstract = nnx.eval_shape(lambda: DecoderLM(new_cfg, rngs=nnx.Rngs(0)))
+        params = _like(params, abstract, _unflatten({p: v for p, v in given.items() if not _is_policy(p)}))
     _check_shapes(new_cfg, params, "attention")
     return new_cfg, jax.tree.map(lambda x: x, params)

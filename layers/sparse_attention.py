@@ -33,6 +33,8 @@ its own file, built as `self.policy` (its trainable parameters, if any, live und
 
 - "mean_topk" (layers/sparse_topk.py): MoBA's training-free gate, mean query of a block against the mean key of each
   earlier block, top-k (arXiv 2502.13189 §2.2).
+- "seer" (layers/sparse_seer.py): SeerAttention's learned AttnGate (arXiv 2410.13276 §3), distilled from the block
+  max-pooled attention map of a dense pass (`distill: true`), then selecting by top-k, density or threshold.
 - "routing" (layers/sparse_routing.py): the Routing Transformer's online k-means (arXiv 2003.05997 §4), exactly
   causal: token t sees the block_size newest tokens of its key's cluster; centroids are a trained buffer updated by
   EMA in training (layers/trained_state.py); the last `routing_local_heads` KV heads are local window heads.
@@ -70,19 +72,20 @@ from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.rope import ROPE_SCALING_FIELDS, apply_rope
 from effarch.layers.sparse_hyper import HyperPolicy
 from effarch.layers.sparse_routing import RoutingPolicy
+from effarch.layers.sparse_seer import SeerPolicy
 from effarch.layers.sparse_topk import MeanTopkPolicy
 from effarch.pallas_kernels import sliding_window as swa_op
 from effarch.pallas_kernels.block_sparse import block_sparse_attention
 
 # The patterns whose blocks a policy module chooses from the content, and each one's policy class (module docstring).
-DYNAMIC_PATTERNS = ("mean_topk", "routing", "hyper")
+DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper")
 PATTERNS = ("sink_window", "s2", "longlora", "moa", *DYNAMIC_PATTERNS)
-POLICIES = {"mean_topk": MeanTopkPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy}
+POLICIES = {"mean_topk": MeanTopkPolicy, "seer": SeerPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseAttentionConfig:
-    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk", "routing", "hyper"] = "sink_window"
+    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk", "seer", "routing", "hyper"] = "sink_window"
     block_size: int = 64  # q_block = kv_block of the op, tokens
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
     n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
@@ -95,13 +98,18 @@ class SparseAttentionConfig:
     group_size: int = 2048  # G tokens per attention group; even, with block_size dividing G / 2
     # moa: the plan file (JSON, layers/moa_plan.py) with (alpha, beta) per layer and KV head
     plan: str | None = None
-    # dynamic patterns' block selection (mean_topk; layers/sparse_select.py): each query block reads k key blocks,
+    # dynamic patterns' block selection (mean_topk, seer; layers/sparse_select.py): each query block reads k blocks,
     # its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set
     top_k: int = 3  # MoBA's top-k (its current block included)
     density: float | None = None  # r in (0, 1]: k = max(1, int((1 - sqrt(1 - r)) nB)) (SeerAttention's nz_ratio)
     sink_blocks: int = 0  # the first blocks every query block reads
     # mean_topk: how a GQA group's query heads share one list: "max" (a block any head wants) or "mean" of scores
     score_reduce: Literal["max", "mean"] = "max"
+    # seer (SeerAttention's AttnGate, layers/sparse_seer.py; the official run's values)
+    gate_dim: int | None = None  # dg, the gate's width; None = the head dim (then the gate has no query linear)
+    distill: bool = False  # true: the parallel form is the dense distillation pass (output dense, gate loss stored)
+    gate_loss_scale: float = 10.0  # the stored gate loss is this times the KL (the trainer adds aux_loss_weight x it)
+    gate_threshold: float | None = None  # τ: read the blocks with softmax(gate) > τ instead of top-k / density
     # routing (layers/sparse_routing.py): token t sees the block_size newest tokens of its key's k-means cluster
     routing_clusters: int = 8  # C centroids per routing KV head (lucidrains: max_seq_len / window)
     routing_local_heads: int = 0  # the last KV heads attend the causal window of block_size tokens instead
@@ -142,6 +150,12 @@ class SparseAttentionConfig:
             raise ValueError(f"{p}sink_blocks must be >= 0, got {self.sink_blocks}")
         if self.score_reduce not in ("max", "mean"):
             raise ValueError(f"{p}score_reduce must be 'max' or 'mean', got {self.score_reduce!r}")
+        if self.gate_dim is not None and self.gate_dim < 1:
+            raise ValueError(f"{p}gate_dim must be positive, got {self.gate_dim}")
+        if self.gate_loss_scale < 0:
+            raise ValueError(f"{p}gate_loss_scale must be >= 0, got {self.gate_loss_scale}")
+        if self.gate_threshold is not None and not 0 <= self.gate_threshold < 1:
+            raise ValueError(f"{p}gate_threshold must be in [0, 1), got {self.gate_threshold}")
         if self.n_sink < 0:
             raise ValueError(f"{p}n_sink must be >= 0, got {self.n_sink}")
         if self.routing_clusters < 1:

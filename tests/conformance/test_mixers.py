@@ -56,6 +56,13 @@ VARIANTS = {
     "sparse_attention[mean_topk]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
         pattern="mean_topk", block_size=4, top_k=3, sink_blocks=1, n_heads=4, n_kv_heads=2)}, skip={
         "causal": MEAN_QUERY, "decode": MEAN_QUERY}),
+    # SeerAttention's gate at inference (distill false): gate width 4 != head dim 6, so both gate matrices exist; one
+    # list per query head. Its pooled queries see their block's later tokens, as mean_topk's; the gate has no
+    # gradient through the output (it learns from its AuxLoss: tests/layers/test_sparse_seer.py).
+    "sparse_attention[seer]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="seer", block_size=4, top_k=3, gate_dim=4, n_heads=4, n_kv_heads=2)}, skip={
+        "causal": MEAN_QUERY, "decode": MEAN_QUERY,
+        "grad": "the gate only ranks blocks in this pass; it learns from its distillation loss (an AuxLoss)"}),
     # Routing: 3 clusters, windows of 4 (blocks of 4), KV head 1 a local window head; GQA groups of 2. Exactly
     # causal, and decoding recomputes the clusters from the KV cache (layers/sparse_routing.py).
     "sparse_attention[routing]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
