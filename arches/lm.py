@@ -165,6 +165,31 @@ class DecoderLM(nnx.Module):
             new_state.append(s)
         return tuple(new_state), self.logits(h)
 
+    def set_kv_policy(self, policy) -> None:
+        """Every layer's decode step reads its KV cache through `policy` (a layers.kv_policies.KVPolicy; None: the
+        full cache again); the first `policy.dense_layers` layers keep reading their full cache. Prefill stays dense.
+
+        Set it before init_state. ValueError (one line naming the policy and the mixer) when a layer's mixer cannot
+        read its cache through a policy; no layer is changed then."""
+        if policy is not None:
+            for i, block in enumerate(self.blocks):
+                if not hasattr(block.mixer, "set_kv_policy"):
+                    raise ValueError(f"kv policy {policy.NAME}: mixer {block.mixer_name!r} (layer {i}) has no KV cache "
+                                     "a policy can read; policies apply to attention, GQA, MoH, DiffQKV (one K and V "
+                                     "head count, uncompressed keys) and sparse_attention with a KV cache")
+                check = getattr(block.mixer, "check_kv_policy", None)
+                if check is not None:
+                    check(policy)
+        for i, block in enumerate(self.blocks):
+            if hasattr(block.mixer, "set_kv_policy"):
+                block.mixer.set_kv_policy(None if policy is None or i < policy.dense_layers else policy)
+
+    @property
+    def kv_policy(self):
+        """The KV policy the decode steps use (layers past dense_layers), or None."""
+        policies = [getattr(block.mixer, "kv_policy", None) for block in self.blocks]
+        return next((p for p in policies if p is not None), None)
+
     def state_size(self, seq_len: int) -> int:
         """Bytes of decode state (KV caches, recurrent states, conv buffers) per sequence after seq_len tokens."""
         return sum(block.mixer.state_size(seq_len) for block in self.blocks)
