@@ -1,0 +1,131 @@
+"""Decode-time KV policies: each policy's selection on a hand-computed case, the budget it reads, that its decode step
+gathers only the selected entries of the value cache, and the option parser's one-line errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effarch.layers.kv_policies import POLICIES, PolicyError, QuestPolicy, RetrievalPolicy, WindowPolicy, make_policy
+
+
+def selected_tokens(part, b=0, g=0, length=None):
+    """The sorted token positions one list of a Selection names (blocks expanded, clipped at length)."""
+    ids = np.asarray(part.idx[b, g, : int(part.cnt[b, g])])
+    if part.granularity == "block":
+        ids = np.concatenate([np.arange(i * part.block, (i + 1) * part.block) for i in ids])
+        ids = ids[ids < length] if length is not None else ids
+    return sorted(ids.tolist())
+
+
+def test_window_selection_by_hand():
+    p = WindowPolicy(budget=5, n_sink=2)
+    q, k = jnp.zeros((1, 2, 4)), jnp.zeros((1, 16, 1, 4))
+    (part,), _ = p.select({}, q, k, jnp.int32(9))
+    assert selected_tokens(part) == [0, 1, 6, 7, 8]
+    (part,), _ = p.select({}, q, k, jnp.int32(4))  # shorter than the budget: every token, once
+    assert selected_tokens(part) == [0, 1, 2, 3]
+
+
+def test_quest_selection_by_hand():
+    # One KV head, D = 2, pages of 2, q = (1, -1). Page bounds Σ_d max(q_d kmax_d, q_d kmin_d):
+    #   page 0: keys (1, 0), (0, 0):  kmax (1, 0), kmin (0, 0)   -> max(1, 0) + max(0, 0)  = 1
+    #   page 1: keys (0, -3), (0, 1): kmax (0, 1), kmin (0, -3)  -> max(0, 0) + max(-1, 3) = 3
+    #   page 2: keys (2, 2), (-1, 2): kmax (2, 2), kmin (-1, 2)  -> max(2, -1) + max(-2, -2) = 0
+    #   page 3: token 6 only, the current page: always read.
+    # budget 5: the current page's 1 token + floor(4 / 2) = 2 whole pages, the best by bound: 1 then 0.
+    keys = jnp.array([[1, 0], [0, 0], [0, -3], [0, 1], [2, 2], [-1, 2], [5, 5], [0, 0]], jnp.float32)
+    k = keys.reshape(1, 8, 1, 2)
+    p = QuestPolicy(budget=5, page=2)
+    state = p.update(p.init_state(1, 8, 1, 2), k[:, :7], jnp.int32(0))
+    q = jnp.array([[[1.0, -1.0]]])
+    np.testing.assert_allclose(p.page_bounds(state, q)[0, 0, :3], [1, 3, 0])
+    (part,), _ = p.select(state, q, k, jnp.int32(7))
+    assert part.granularity == "block" and np.asarray(part.idx[0, 0, :3]).tolist() == [3, 1, 0]
+    assert selected_tokens(part, length=7) == [0, 1, 2, 3, 6]
+    assert int(part.tokens(jnp.int32(7))[0, 0]) == 5
+    # A decode step's update (token 7 into page 3) keeps the other pages' bounds.
+    state2 = p.update(state, k[:, 7:8], jnp.int32(7))
+    np.testing.assert_allclose(state2["kmax"][0, :3], state["kmax"][0, :3])
+    np.testing.assert_allclose(state2["kmax"][0, 3, 0], [5, 5])
+    np.testing.assert_allclose(state2["kmin"][0, 3, 0], [0, 0])
+
+
+def test_retrieval_selection_by_hand():
+    # D = 1, q = 1: logits are the keys. Static: sink {0} and recent {7}; candidates 1..6 = (5, -1, 3, 2, 9, 0);
+    # top 2 = positions 5 (9) and 1 (5).
+    keys = jnp.array([0, 5, -1, 3, 2, 9, 0, 7], jnp.float32).reshape(1, 8, 1, 1)
+    p = RetrievalPolicy(budget=4, n_sink=1, n_recent=1)
+    static, retrieved = p.select({}, jnp.ones((1, 1, 1)), keys, jnp.int32(8))[0]
+    assert selected_tokens(static) == [0, 7]
+    assert selected_tokens(retrieved) == [1, 5]
+    # GQA: a group of two query heads votes with the sum of its softmaxes. Head 0 prefers position 5 strongly, head 1
+    # mildly prefers position 1: the vote picks 5 first.
+    q2 = jnp.array([[[1.0], [-0.1]]])
+    _, retrieved = RetrievalPolicy(budget=3, n_sink=1, n_recent=1).select({}, q2, keys, jnp.int32(8))[0]
+    assert selected_tokens(retrieved) == [5]
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_reads_at_most_the_budget(name):
+    B, S, Hq, Hkv, D, budget = 2, 512, 4, 2, 8, 64
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32)
+    p = make_policy(name, [f"budget={budget}"])
+    state = p.update(p.init_state(B, S, Hkv, D), k, jnp.int32(0))
+    unit = getattr(p, "page", 1)  # quest reads whole pages: within a page of the budget
+    for length in (3, 100, S):
+        parts, _ = p.select(state, q, k, jnp.int32(length))
+        read = sum(np.asarray(part.tokens(jnp.int32(length))).max() for part in parts)
+        assert min(budget, length) - unit < read <= min(budget, length)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_decode_step_gathers_only_the_selected_values(name):
+    # The value cache is touched only by the op's gathers, of at most `budget` tokens per list (quest: its list slots,
+    # budget // page + 1 pages, the current page being partial): O(budget), not O(S).
+    B, S, Hq, Hkv, D, budget = 1, 4096, 4, 2, 8, 64
+    p = make_policy(name, [f"budget={budget}"])
+    k = v = jnp.zeros((B, S, Hkv, D))
+    state = p.init_state(B, S, Hkv, D)
+    jaxpr = jax.make_jaxpr(lambda st, q, k, v: p.attend(st, q, k, v, jnp.int32(S))[0])(state, jnp.zeros((B, Hq, D)),
+                                                                                        k, v).jaxpr
+    v_var = jaxpr.invars[-1]
+    reads = [e for e in jaxpr.eqns if any(x is v_var for x in e.invars)]
+    assert reads and all(e.primitive.name == "gather" for e in reads)
+    per_list = [int(np.prod(e.outvars[0].aval.shape)) // (B * D) for e in reads]
+    assert sum(per_list) <= (budget + getattr(p, "page", 0)) * Hq  # quest's lists are per query head
+    assert sum(per_list) < S // 8
+
+
+def test_full_budget_selects_everything():
+    B, S, Hkv, D = 1, 40, 1, 4
+    k = jnp.asarray(np.random.default_rng(1).standard_normal((B, S, Hkv, D)), jnp.float32)
+    q = jnp.ones((B, 2, D))
+    for name, opts in (("window", []), ("quest", ["page=16"]), ("retrieval", [])):
+        p = make_policy(name, ["budget=48", *opts])
+        state = p.update(p.init_state(B, S, Hkv, D), k[:, :37], jnp.int32(0))
+        parts, _ = p.select(state, q, k, jnp.int32(37))
+        got = sorted(t for part in parts for t in selected_tokens(part, g=0, length=37))
+        assert got == list(range(37)), name
+
+
+def test_options_and_errors():
+    p = make_policy("quest", ["budget=128", "page=32", "dense_layers=2"])
+    assert (p.budget, p.page, p.dense_layers) == (128, 32, 2)
+    assert make_policy("retrieval", ["budget=64"]).n_recent == 16  # budget // 4
+    assert "budget=128" in p.describe()
+    with pytest.raises(PolicyError, match="unknown kv policy 'nope'"):
+        make_policy("nope")
+    with pytest.raises(PolicyError, match="kv policy quest: expected option=value"):
+        make_policy("quest", ["size=4"])
+    with pytest.raises(PolicyError, match="kv policy window: budget must be an integer"):
+        make_policy("window", ["budget=lots"])
+    with pytest.raises(PolicyError, match="kv policy quest: page"):
+        make_policy("quest", ["budget=8", "page=16"])
+    with pytest.raises(PolicyError, match="kv policy window: n_sink"):
+        make_policy("window", ["budget=4", "n_sink=4"])
+    with pytest.raises(PolicyError, match="kv policy retrieval"):
+        make_policy("retrieval", ["budget=8", "n_recent=6", "n_sink=2"])
+    hash(p)  # static configuration: a model's graphdef holds it
