@@ -460,3 +460,32 @@ def test_perplexity_lengths_of_a_bytes_stream_and_other_tasks(tmp_path):
     cfg = load_config([ROOT / "configs/mqar/zoology_attention.yaml"])
     with pytest.raises(common.EvalError, match="needs a run trained on data.task text or bytes, not mqar"):
         perplexity.heldout_text(cfg)
+
+
+def test_decoded_outputs_through_a_full_budget_policy_equal_the_full_forward():
+    from effarch.layers.kv_policies import make_policy
+
+    model, x, y = byte_model_and_batch()
+    want_pred, want_ce = common.labelled_outputs(model, x, y, batch_size=2)
+    model.set_kv_policy(make_policy("quest", ["budget=16", "page=4"]))  # 16 >= 13 tokens: everything is read
+    pred, ce = common.labelled_outputs(model, x, y, batch_size=5)  # decoded: prefill to the first label, then steps
+    np.testing.assert_array_equal(pred, want_pred)
+    np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-5)
+    model.set_kv_policy(make_policy("window", ["budget=3", "n_sink=1"]))  # a 3-token window changes the late ones
+    _, small = common.labelled_outputs(model, x, y, batch_size=5)
+    assert np.abs(small - want_ce).max() > 1e-4
+
+
+def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
+    code, out, err = cli(capsys, "eval", str(trained_run), "passkey", "--lengths", "40", "--depths", "0.5",
+                         "--trials", "2", "--batch-size", "2", "--kv-policy", "window", "budget=16")
+    assert code == 0, err
+    result = json.loads((trained_run / "eval" / "passkey.kv-window-budget16.json").read_text())
+    assert result["kv_policy"]["name"] == "window" and result["kv_policy"]["budget"] == 16
+    assert set(result["results"]) == {"kv_window16"} and "| kv_window16 |" in out
+    assert "passkey.kv-window-budget16.json" in out
+    code, _, err = cli(capsys, "eval", str(trained_run), "niah", "--kv-policy", "quest", "budget=8", "page=16")
+    assert code == 2 and "--kv-policy: kv policy quest: page must be in [1, budget=8]" in err
+    assert err.count("\n") == 1
+    code, _, err = cli(capsys, "eval", str(trained_run), "perplexity", "--kv-policy", "lru")
+    assert code == 2 and "unknown kv policy 'lru'" in err
