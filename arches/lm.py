@@ -165,24 +165,26 @@ class DecoderLM(nnx.Module):
             new_state.append(s)
         return tuple(new_state), self.logits(h)
 
-    def set_kv_policy(self, policy) -> None:
-        """Every layer's decode step reads its KV cache through `policy` (a layers.kv_policies.KVPolicy; None: the
-        full cache again); the first `policy.dense_layers` layers keep reading their full cache. Prefill stays dense.
+    def set_kv_policy(self, policy) -> list[int]:
+        """Every attention layer's decode step reads its KV cache through `policy` (a layers.kv_policies.KVPolicy;
+        None: the full cache again), except the first `policy.dense_layers` layers. Layers whose mixer keeps no KV
+        cache a policy can read (convolutions, recurrent states; `set_kv_policy` absent) decode as before, so hybrids
+        work. Prefill stays dense. Set it before init_state. Returns the layers that read through the policy.
 
-        Set it before init_state. ValueError (one line naming the policy and the mixer) when a layer's mixer cannot
-        read its cache through a policy; no layer is changed then."""
+        ValueError (one line naming the policy and the mixer) when an attention layer cannot take the policy (e.g.
+        sparse_attention's bounded sink_window cache) or when no layer can; no layer is changed then."""
+        takers = [i for i, block in enumerate(self.blocks) if hasattr(block.mixer, "set_kv_policy")]
         if policy is not None:
-            for i, block in enumerate(self.blocks):
-                if not hasattr(block.mixer, "set_kv_policy"):
-                    raise ValueError(f"kv policy {policy.NAME}: mixer {block.mixer_name!r} (layer {i}) has no KV cache "
-                                     "a policy can read; policies apply to attention, GQA, MoH, DiffQKV (one K and V "
-                                     "head count, uncompressed keys) and sparse_attention with a KV cache")
-                check = getattr(block.mixer, "check_kv_policy", None)
-                if check is not None:
-                    check(policy)
-        for i, block in enumerate(self.blocks):
-            if hasattr(block.mixer, "set_kv_policy"):
-                block.mixer.set_kv_policy(None if policy is None or i < policy.dense_layers else policy)
+            if not takers:
+                names = sorted({block.mixer_name for block in self.blocks})
+                raise ValueError(f"kv policy {policy.NAME}: no layer of this model keeps a KV cache a policy can read "
+                                 f"(mixers {', '.join(names)}); policies apply to attention, GQA, MoH, DiffQKV (one K "
+                                 "and V head count, uncompressed keys) and sparse_attention with a KV cache")
+            for i in takers:
+                self.blocks[i].mixer.check_kv_policy(policy)
+        for i in takers:
+            self.blocks[i].mixer.set_kv_policy(None if policy is None or i < policy.dense_layers else policy)
+        return [i for i in takers if policy is not None and i >= policy.dense_layers]
 
     @property
     def kv_policy(self):

@@ -7,6 +7,7 @@ gives it to every attention layer of a model.
 | window | sinks + most recent tokens (StreamingLLM) | token | one for all heads |
 | quest | top pages by the per-page key bound, plus the current page (Quest) | page of 16 | per query head |
 | retrieval | exact top-k keys + sinks + recent window, merged by LSE (RetrievalAttention) | token | per KV head |
+| recycled | full step every `stride` steps, then its top tokens + new ones (Recycled Attention) | token | per KV head |
 """
 
 import dataclasses
@@ -14,10 +15,11 @@ import typing
 
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
 from effarch.layers.kv_policies.quest import QuestPolicy
+from effarch.layers.kv_policies.recycled import RecycledPolicy
 from effarch.layers.kv_policies.retrieval import RetrievalPolicy
 from effarch.layers.kv_policies.window import WindowPolicy
 
-POLICIES: dict[str, type[KVPolicy]] = {p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy)}
+POLICIES: dict[str, type[KVPolicy]] = {p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, RecycledPolicy)}
 
 
 def _parse(policy: str, field: dataclasses.Field, text: str):
@@ -50,5 +52,5 @@ def make_policy(name: str, options=()) -> KVPolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["POLICIES", "KVPolicy", "PolicyError", "QuestPolicy", "RetrievalPolicy", "Selection", "WindowPolicy",
-           "make_policy"]
+__all__ = ["POLICIES", "KVPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy", "RetrievalPolicy", "Selection",
+           "WindowPolicy", "make_policy"]

@@ -16,7 +16,8 @@ from effarch.layers.moh import MoHConfig
 from effarch.layers.sparse_attention import SparseAttentionConfig
 
 B, T, V = 2, 16, 32
-FULL = {"window": ["budget=32"], "quest": ["budget=32", "page=4"], "retrieval": ["budget=32"]}
+FULL = {"window": ["budget=32"], "quest": ["budget=32", "page=4"], "retrieval": ["budget=32"],
+        "recycled": ["budget=32", "stride=4"]}
 
 MODELS = {
     "attention_gqa": dict(mixers=("attention",), attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
@@ -87,11 +88,13 @@ def test_small_budget_changes_decoding_and_dense_layers_do_not():
 
 def test_unsupported_mixers_name_the_policy_and_the_mixer():
     policy = make_policy("quest", ["budget=32"])
-    conv = DecoderLM(ModelConfig(vocab_size=V, d_model=16, n_layers=2, mixers=("attention", "sliding_window")),
-                     rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="kv policy quest: mixer 'sliding_window' \\(layer 1\\)"):
-        conv.set_kv_policy(policy)
-    assert conv.kv_policy is None  # nothing was changed
+    swa = DecoderLM(ModelConfig(vocab_size=V, d_model=16, n_layers=2, mixers=("sliding_window",)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kv policy quest: no layer .* \\(mixers sliding_window\\)"):
+        swa.set_kv_policy(policy)
+    # A hybrid: the attention layers take the policy, the others decode as before.
+    hybrid = DecoderLM(ModelConfig(vocab_size=V, d_model=16, n_layers=2, mixers=("sliding_window", "attention")),
+                       rngs=nnx.Rngs(0))
+    assert hybrid.set_kv_policy(policy) == [1] and hybrid.kv_policy is policy
     sink = DecoderLM(ModelConfig(vocab_size=V, d_model=16, n_layers=1, mixers=("sparse_attention",),
                                  sparse_attention=SparseAttentionConfig(block_size=4, window=8)), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="kv policy quest: mixer sparse_attention with pattern sink_window"):

@@ -6,7 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effarch.layers.kv_policies import POLICIES, PolicyError, QuestPolicy, RetrievalPolicy, WindowPolicy, make_policy
+from effarch.layers.kv_policies import (
+    PolicyError,
+    QuestPolicy,
+    RecycledPolicy,
+    RetrievalPolicy,
+    WindowPolicy,
+    make_policy,
+)
+
+# The policies whose every step reads at most the budget (recycled's full steps read the whole cache: its own tests).
+BOUNDED = ["window", "quest", "retrieval"]
 
 
 def selected_tokens(part, b=0, g=0, length=None):
@@ -66,7 +76,7 @@ def test_retrieval_selection_by_hand():
     assert selected_tokens(retrieved) == [5]
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("name", BOUNDED)
 def test_reads_at_most_the_budget(name):
     B, S, Hq, Hkv, D, budget = 2, 512, 4, 2, 8, 64
     rng = np.random.default_rng(0)
@@ -81,7 +91,7 @@ def test_reads_at_most_the_budget(name):
         assert min(budget, length) - unit < read <= min(budget, length)
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("name", BOUNDED)
 def test_decode_step_gathers_only_the_selected_values(name):
     # The value cache is touched only by the op's gathers, of at most `budget` tokens per list (quest: its list slots,
     # budget // page + 1 pages, the current page being partial): O(budget), not O(S).
@@ -97,6 +107,31 @@ def test_decode_step_gathers_only_the_selected_values(name):
     per_list = [int(np.prod(e.outvars[0].aval.shape)) // (B * D) for e in reads]
     assert sum(per_list) <= (budget + getattr(p, "page", 0)) * Hq  # quest's lists are per query head
     assert sum(per_list) < S // 8
+
+
+def test_recycled_by_hand():
+    # D = 1, q = 1, one head: logits are the keys. stride 2, budget 4.
+    keys = jnp.array([0, 3, 1, 2, 0, 0, 0, 0], jnp.float32).reshape(1, 8, 1, 1)
+    v = jnp.arange(8, dtype=jnp.float32).reshape(1, 8, 1, 1)
+    p = RecycledPolicy(budget=4, stride=2)
+    q = jnp.ones((1, 1, 1))
+    state = p.init_state(1, 8, 1, 1)
+    # Length 5: the first decode step is a full step. It ranks positions 0..3 by attention: 1, 3, 2, 0.
+    o, state = p.attend(state, q, keys, v, jnp.int32(5))
+    w = np.exp([0, 3, 1, 2, 0]) / np.exp([0, 3, 1, 2, 0]).sum()
+    np.testing.assert_allclose(o[0, 0, 0], w @ np.arange(5), rtol=1e-5)
+    assert int(state["anchor"]) == 4 and np.asarray(state["ranked"][0, 0, :4]).tolist() == [1, 3, 2, 0]
+    # Length 6: tokens 4, 5 (since the full step) and the best 4 - 2 = 2 ranked positions, 1 and 3.
+    new, ranked = p.select(state, q, keys, jnp.int32(6))[0]
+    assert selected_tokens(new) + selected_tokens(ranked) == [4, 5, 1, 3]
+    o, state2 = p.attend(state, q, keys, v, jnp.int32(6))
+    sel = [1, 3, 4, 5]
+    w = np.exp(np.asarray(keys).ravel()[sel]) / np.exp(np.asarray(keys).ravel()[sel]).sum()
+    np.testing.assert_allclose(o[0, 0, 0], w @ np.asarray(sel, float), rtol=1e-5)
+    assert int(state2["anchor"]) == 4  # not a full step
+    # Length 7: three tokens since the full step > stride: full again, anchored at 6.
+    _, state3 = p.attend(state2, q, keys, v, jnp.int32(7))
+    assert int(state3["anchor"]) == 6
 
 
 def test_full_budget_selects_everything():
@@ -126,6 +161,8 @@ def test_options_and_errors():
         make_policy("quest", ["budget=8", "page=16"])
     with pytest.raises(PolicyError, match="kv policy window: n_sink"):
         make_policy("window", ["budget=4", "n_sink=4"])
+    with pytest.raises(PolicyError, match="kv policy recycled: stride"):
+        make_policy("recycled", ["budget=8", "stride=9"])
     with pytest.raises(PolicyError, match="kv policy retrieval"):
         make_policy("retrieval", ["budget=8", "n_recent=6", "n_sink=2"])
     hash(p)  # static configuration: a model's graphdef holds it

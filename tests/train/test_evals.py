@@ -482,6 +482,7 @@ def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
     assert code == 0, err
     result = json.loads((trained_run / "eval" / "passkey.kv-window-budget16.json").read_text())
     assert result["kv_policy"]["name"] == "window" and result["kv_policy"]["budget"] == 16
+    assert result["kv_policy"]["layers"] == [1]  # Zoology's hybrid: the base_conv layer 0 decodes as before
     assert set(result["results"]) == {"kv_window16"} and "| kv_window16 |" in out
     assert "passkey.kv-window-budget16.json" in out
     code, _, err = cli(capsys, "eval", str(trained_run), "niah", "--kv-policy", "quest", "budget=8", "page=16")

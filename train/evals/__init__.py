@@ -88,17 +88,17 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
 
     module = TASKS.get(task)
     args = parse_options(task, argv)
+    policy = kv_policy_of(args)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"run dir {str(run_dir)!r} does not exist")
     warning = check_task(load_run_config(run_dir).data.task, task, run_dir)
     if warning and log is not None:
         log(f"effarch: warning: {warning}")
-    policy = kv_policy_of(args)
     cfg, model, step = restore_run(run_dir)  # the step restored: an unreadable newest checkpoint is skipped
     if policy is not None:
         try:
-            model.set_kv_policy(policy)
+            policy_layers = model.set_kv_policy(policy)
         except ValueError as e:
             raise EvalError(f"--kv-policy: {e}") from None
     name = result_name(task, policy)
@@ -107,7 +107,8 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
     result = {"task": task, "run_dir": str(run_dir), "checkpoint_step": step,
               "model": model_info(cfg.model), "trained_task": cfg.data.task, **out, "wall_s": t.seconds, "png": None}
     if policy is not None:
-        result["kv_policy"] = {"name": policy.NAME, "describe": policy.describe(), "budget": policy.budget}
+        result["kv_policy"] = {"name": policy.NAME, "describe": policy.describe(), "budget": policy.budget,
+                               "layers": policy_layers}  # the layers that read through it (hybrids: not all)
     result["file"] = f"{name}.json"
     if warning:
         result["warning"] = warning
