@@ -184,7 +184,8 @@ class Attention(nnx.Module):
         state = {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype),
                  "pos": jnp.zeros((), jnp.int32)}
         if self.kv_policy is not None:
-            state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.kv_heads, self.head_dim)
+            state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.kv_heads, self.head_dim,
+                                                        n_heads=self.config.n_heads)
         return state
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:

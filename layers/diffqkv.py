@@ -172,7 +172,8 @@ class DiffQKVAttention(nnx.Module):
             "pos": jnp.zeros((), jnp.int32),
         }
         if self.kv_policy is not None:
-            state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.n_k_heads, self.head_dim)
+            state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.n_k_heads, self.head_dim,
+                                                        n_heads=self.config.n_q_heads)
         return state
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:

@@ -7,6 +7,7 @@ gives it to every attention layer of a model.
 | window | sinks + most recent tokens (StreamingLLM) | token | one for all heads |
 | quest | top pages by the per-page key bound, plus the current page (Quest) | page of 16 | per query head |
 | retrieval | exact top-k keys + sinks + recent window, merged by LSE (RetrievalAttention) | token | per KV head |
+| tokenselect | top tokens by the soft vote of all heads + sinks + recent (TokenSelect) | token | one for all heads |
 | recycled | full step every `stride` steps, then its top tokens + new ones (Recycled Attention) | token | per KV head |
 """
 
@@ -17,9 +18,11 @@ from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
 from effarch.layers.kv_policies.quest import QuestPolicy
 from effarch.layers.kv_policies.recycled import RecycledPolicy
 from effarch.layers.kv_policies.retrieval import RetrievalPolicy
+from effarch.layers.kv_policies.tokenselect import TokenSelectPolicy
 from effarch.layers.kv_policies.window import WindowPolicy
 
-POLICIES: dict[str, type[KVPolicy]] = {p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, RecycledPolicy)}
+POLICIES: dict[str, type[KVPolicy]] = {
+    p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, RecycledPolicy)}
 
 
 def _parse(policy: str, field: dataclasses.Field, text: str):
@@ -53,4 +56,4 @@ def make_policy(name: str, options=()) -> KVPolicy:
 
 
 __all__ = ["POLICIES", "KVPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy", "RetrievalPolicy", "Selection",
-           "WindowPolicy", "make_policy"]
+           "TokenSelectPolicy", "WindowPolicy", "make_policy"]

@@ -5,7 +5,7 @@ its attention layers (`DecoderLM.set_kv_policy`), given at generate / eval time.
 here is a decode-time method); at each decode step the layer writes the new token's k, v into its cache as usual, then
 asks the policy which entries the new query reads:
 
-    state = policy.init_state(batch, max_len, n_kv_heads, head_dim)      # in the layer's decode state, "policy"
+    state = policy.init_state(batch, max_len, n_kv_heads, head_dim, n_heads=Hq)  # the decode state's "policy"
     state = policy.update(state, k_new [B, T, Hkv, K], pos)                # after every cache write (prefill, step)
     parts, state = policy.select(state, q [B, Hq, K], k_cache, length)    # the new query's selection
     o [B, Hq, V] = merge of sparse_decode_attention over each part         # `attend`, shared by all policies
@@ -13,7 +13,8 @@ asks the policy which entries the new query reads:
 `length` is the number of valid cache entries including the current token (an int32 scalar shared by the batch).
 Each part is a `Selection` (idx, cnt, granularity, block) for `sparse_decode_attention`; the parts of one step must be
 disjoint, and their attentions are joined by `merge_attention` (exact for disjoint sets). `budget` is the number of
-KV tokens a step reads per list (sinks and recent window included); `tokens_read` reports what a selection reads.
+KV tokens a step reads per list (sinks and recent window included); `Selection.tokens` counts what a part reads. A
+policy whose steps differ in kind (recycled's periodic full steps) overrides `attend`.
 """
 
 import dataclasses
@@ -75,7 +76,9 @@ class KVPolicy:
         opts = " ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
         return f"{self.NAME} {opts}"
 
-    def init_state(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int) -> PolicyState:
+    def init_state(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, n_heads: int | None = None
+                   ) -> PolicyState:
+        """The policy's own decode state (n_heads: the query heads; None = n_kv_heads)."""
         return {}
 
     def update(self, state: PolicyState, k_new: Float[Array, "B T Hkv K"], pos) -> PolicyState:

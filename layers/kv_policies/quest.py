@@ -33,7 +33,7 @@ class QuestPolicy(KVPolicy):
             raise PolicyError(f"kv policy quest: page must be in [1, budget={self.budget}] (the current page is "
                               f"always read), got page={self.page}")
 
-    def init_state(self, batch, max_len, n_kv_heads, head_dim):
+    def init_state(self, batch, max_len, n_kv_heads, head_dim, n_heads=None):
         n_pages = -(-max_len // self.page)
         shape = (batch, n_pages, n_kv_heads, head_dim)
         return {"kmax": jnp.full(shape, -jnp.inf, jnp.float32), "kmin": jnp.full(shape, jnp.inf, jnp.float32)}

@@ -29,7 +29,7 @@ class RecycledPolicy(KVPolicy):
             raise PolicyError(f"kv policy recycled: stride must be in [1, budget={self.budget}] (the tokens since the "
                               f"last full step are read), got {self.stride}")
 
-    def init_state(self, batch, max_len, n_kv_heads, head_dim):
+    def init_state(self, batch, max_len, n_kv_heads, head_dim, n_heads=None):
         k = min(self.budget, max_len)
         # anchor: position of the last full step's token; far in the past, so that the first decode step is full.
         return {"ranked": jnp.zeros((batch, n_kv_heads, k), jnp.int32),

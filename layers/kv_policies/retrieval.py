@@ -36,22 +36,30 @@ class RetrievalPolicy(KVPolicy):
         return self.budget - self.n_sink - self.n_recent
 
     def select(self, state, q, k_cache, length):
-        B, Hq, K = q.shape
-        S, Hkv = k_cache.shape[1:3]
         length = jnp.asarray(length, jnp.int32)
-        static = sink_recent(B, self.n_sink, self.n_recent, length)
-        # Candidates: positions in [n_sink, length − n_recent), the part the static window leaves out.
-        lo = jnp.minimum(self.n_sink, length)
-        hi = jnp.maximum(length - self.n_recent, lo)
-        pos = jnp.arange(S, dtype=jnp.int32)
-        cand = (pos >= lo) & (pos < hi)
-        s = jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
-                       preferred_element_type=jnp.float32) * K**-0.5
-        s = jnp.where(cand[None, None, None, :], s, -jnp.inf)
-        lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
-        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        vote = jax.nn.logsumexp(s - lse, axis=2)  # log Σ_group softmax: finite on candidates, -inf elsewhere
-        k = min(self.top_k, S)
-        _, top = jax.lax.top_k(vote, k)  # [B, Hkv, k]; the candidates come first
-        cnt = jnp.broadcast_to(jnp.minimum(k, hi - lo), (B, Hkv)).astype(jnp.int32)
-        return [static, Selection(top.astype(jnp.int32), cnt)], state
+        static = sink_recent(q.shape[0], self.n_sink, self.n_recent, length)
+        return [static, voted_top_k(q, k_cache, self.n_sink, self.n_recent, length, self.top_k,
+                                    n_lists=k_cache.shape[2])], state
+
+
+def voted_top_k(q, k_cache, n_sink: int, n_recent: int, length, k: int, *, n_lists: int) -> Selection:
+    """The top-k positions in [n_sink, length − n_recent) (what `sink_recent` leaves out) by the attention of q:
+    n_lists = Hkv votes per GQA group, 1 over all heads. A list's vote for a position is log Σ_h softmax_h, the sum of
+    its query heads' attention probabilities over the candidates (the soft vote); with one head per list, the top-k
+    of q·k. cnt = min(k, candidates), the best first."""
+    B, Hq, K = q.shape
+    S, Hkv = k_cache.shape[1:3]
+    lo = jnp.minimum(n_sink, length)
+    hi = jnp.maximum(length - n_recent, lo)
+    pos = jnp.arange(S, dtype=jnp.int32)
+    cand = (pos >= lo) & (pos < hi)
+    s = jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
+                   preferred_element_type=jnp.float32) * K**-0.5
+    s = jnp.where(cand[None, None, None, :], s, -jnp.inf).reshape(B, n_lists, Hq // n_lists, S)
+    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    vote = jax.nn.logsumexp(s - lse, axis=2)  # finite on candidates, -inf elsewhere
+    k = min(k, S)
+    _, top = jax.lax.top_k(vote, k)  # [B, n_lists, k]; the candidates come first
+    cnt = jnp.broadcast_to(jnp.minimum(k, hi - lo), (B, n_lists)).astype(jnp.int32)
+    return Selection(top.astype(jnp.int32), cnt)

@@ -16,7 +16,7 @@ from effarch.layers.kv_policies import (
 )
 
 # The policies whose every step reads at most the budget (recycled's full steps read the whole cache: its own tests).
-BOUNDED = ["window", "quest", "retrieval"]
+BOUNDED = ["window", "quest", "retrieval", "tokenselect"]
 
 
 def selected_tokens(part, b=0, g=0, length=None):
@@ -107,6 +107,29 @@ def test_decode_step_gathers_only_the_selected_values(name):
     per_list = [int(np.prod(e.outvars[0].aval.shape)) // (B * D) for e in reads]
     assert sum(per_list) <= (budget + getattr(p, "page", 0)) * Hq  # quest's lists are per query head
     assert sum(per_list) < S // 8
+
+
+def test_tokenselect_by_hand():
+    # D = 1, two query heads on one KV head, q = (1, -1): head 0 prefers large keys, head 1 small ones. Sink {0},
+    # recent {7}; candidates 1..6 = (5, -1, 3, 2, 9, -4). Soft vote = softmax(k) + softmax(-k): position 5 (9) for
+    # head 0 and position 6 (-4) for head 1 dominate; a per-KV-head top-1 by q·k of head 0 alone would miss 6.
+    keys = jnp.array([0, 5, -1, 3, 2, 9, -4, 7], jnp.float32).reshape(1, 8, 1, 1)
+    q = jnp.array([[[1.0], [-1.0]]])
+    p = make_policy("tokenselect", ["budget=4", "n_sink=1", "n_recent=1"])
+    static, chosen = p.select({}, q, keys, jnp.int32(8))[0]
+    assert selected_tokens(static) == [0, 7] and chosen.idx.shape[1] == 1  # one list for all heads
+    assert selected_tokens(chosen) == [5, 6]
+    # The selection cache: a similar query (cos >= reuse_cos) reads the previous selection again.
+    p = make_policy("tokenselect", ["budget=3", "n_sink=1", "n_recent=1", "reuse_cos=0.9"])
+    state = p.init_state(1, 8, 1, 1, n_heads=2)
+    (_, first), state = p.select(state, q, keys, jnp.int32(8))
+    assert selected_tokens(first) == [5]
+    flipped = keys.at[0, 6, 0, 0].set(-20.0)  # now position 6 wins the vote of a fresh selection
+    assert selected_tokens(p.select(p.init_state(1, 8, 1, 1, n_heads=2), q, flipped, jnp.int32(8))[0][1]) == [6]
+    (_, again), _ = p.select(state, 1.01 * q, flipped, jnp.int32(8))  # cos = 1: reused
+    assert selected_tokens(again) == [5]
+    (_, fresh), _ = p.select(state, jnp.array([[[-1.0], [-1.0]]]), flipped, jnp.int32(8))  # cos = 0: anew
+    assert selected_tokens(fresh) == [6]
 
 
 def test_recycled_by_hand():
