@@ -100,6 +100,11 @@ class Block(nnx.Module):
         return state, self._channel_mix(x_t + y)
 
 
+def _policy_shares(state) -> bool:
+    """Whether a layer's decode state holds a KV policy state with a "shared" entry."""
+    return isinstance(state, dict) and isinstance(state.get("policy"), dict) and "shared" in state["policy"]
+
+
 class DecoderLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -159,9 +164,14 @@ class DecoderLM(nnx.Module):
 
     def decode_step(self, state: tuple, token_t: Int[Array, " B"]) -> tuple[tuple, Float[Array, "B V"]]:
         h = self.embed(token_t)
-        new_state = []
+        new_state, shared = [], None
         for block, s in zip(self.blocks, state, strict=True):
+            # A KV policy's "shared" entry goes from each layer to the next (layers/kv_policies/base.py: tidal).
+            if shared is not None and _policy_shares(s):
+                s = {**s, "policy": {**s["policy"], "shared": shared}}
             s, h = block.decode_step(s, h)
+            if _policy_shares(s):
+                shared = s["policy"]["shared"]
             new_state.append(s)
         return tuple(new_state), self.logits(h)
 
@@ -183,7 +193,8 @@ class DecoderLM(nnx.Module):
             for i in takers:
                 self.blocks[i].mixer.check_kv_policy(policy)
         for i in takers:
-            self.blocks[i].mixer.set_kv_policy(None if policy is None or i < policy.dense_layers else policy)
+            self.blocks[i].mixer.set_kv_policy(None if policy is None or i < policy.dense_layers
+                                               else policy.for_layer(i))
         return [i for i in takers if policy is not None and i >= policy.dense_layers]
 
     @property

@@ -24,7 +24,8 @@ USAGE = """usage:
       e.g. effarch train configs/mqar/attention.yaml model.d_model=128
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
                    [--kv-policy NAME [OPT=VALUE ...]]
-      # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval)
+      # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval,
+      # tokenselect, tidal, recycled; options e.g. budget=N)
       e.g. effarch generate runs/passkey --prompt "1 2 3" --kv-policy quest budget=256
   effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
       # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
@@ -165,8 +166,8 @@ def generate_cli(argv: list[str]) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
-                   help="decode through a KV policy (window, quest, retrieval) with option=value settings, e.g. "
-                        "--kv-policy quest budget=256 (layers/kv_policies/)")
+                   help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled) with "
+                        "option=value settings, e.g. --kv-policy quest budget=256 (layers/kv_policies/)")
     args = p.parse_args(argv)
     policy = None
     if args.kv_policy:

@@ -8,6 +8,7 @@ gives it to every attention layer of a model.
 | quest | top pages by the per-page key bound, plus the current page (Quest) | page of 16 | per query head |
 | retrieval | exact top-k keys + sinks + recent window, merged by LSE (RetrievalAttention) | token | per KV head |
 | tokenselect | top tokens by the soft vote of all heads + sinks + recent (TokenSelect) | token | one for all heads |
+| tidal | selection layers' top-k tokens, read by the following layers (TidalDecode) | token | per query head |
 | recycled | full step every `stride` steps, then its top tokens + new ones (Recycled Attention) | token | per KV head |
 """
 
@@ -15,14 +16,16 @@ import dataclasses
 import typing
 
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
+from effarch.layers.kv_policies.base import options as policy_options
 from effarch.layers.kv_policies.quest import QuestPolicy
 from effarch.layers.kv_policies.recycled import RecycledPolicy
 from effarch.layers.kv_policies.retrieval import RetrievalPolicy
+from effarch.layers.kv_policies.tidal import TidalPolicy
 from effarch.layers.kv_policies.tokenselect import TokenSelectPolicy
 from effarch.layers.kv_policies.window import WindowPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
-    p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, RecycledPolicy)}
+    p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, TidalPolicy, RecycledPolicy)}
 
 
 def _parse(policy: str, field: dataclasses.Field, text: str):
@@ -44,7 +47,7 @@ def make_policy(name: str, options=()) -> KVPolicy:
     """The policy `name` with `options` ("key=value" strings); PolicyError names an unknown policy or a bad option."""
     if name not in POLICIES:
         raise PolicyError(f"unknown kv policy {name!r}; policies: {', '.join(POLICIES)}")
-    fields = {f.name: f for f in dataclasses.fields(POLICIES[name])}
+    fields = {f.name: f for f in policy_options(POLICIES[name])}
     kwargs = {}
     for opt in options:
         key, sep, value = opt.partition("=")
@@ -56,4 +59,4 @@ def make_policy(name: str, options=()) -> KVPolicy:
 
 
 __all__ = ["POLICIES", "KVPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy", "RetrievalPolicy", "Selection",
-           "TokenSelectPolicy", "WindowPolicy", "make_policy"]
+           "TidalPolicy", "TokenSelectPolicy", "WindowPolicy", "make_policy"]

@@ -10,7 +10,9 @@ asks the policy which entries the new query reads:
     parts, state = policy.select(state, q [B, Hq, K], k_cache, length)    # the new query's selection
     o [B, Hq, V] = merge of sparse_decode_attention over each part         # `attend`, shared by all policies
 
-`length` is the number of valid cache entries including the current token (an int32 scalar shared by the batch).
+`length` is the number of valid cache entries including the current token (an int32 scalar shared by the batch). A
+policy state's "shared" entry is handed from each layer to the next at decode (`DecoderLM.decode_step`), so that a
+selection made in one layer can be read by the following ones (tidal).
 Each part is a `Selection` (idx, cnt, granularity, block) for `sparse_decode_attention`; the parts of one step must be
 disjoint, and their attentions are joined by `merge_attention` (exact for disjoint sets). `budget` is the number of
 KV tokens a step reads per list (sinks and recent window included); `Selection.tokens` counts what a part reads. A
@@ -73,8 +75,12 @@ class KVPolicy:
 
     def describe(self) -> str:
         """'quest budget=64 page=16 ...': the name and every option, as given on the command line."""
-        opts = " ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        opts = " ".join(f"{f.name}={getattr(self, f.name)}" for f in options(self))
         return f"{self.NAME} {opts}"
+
+    def for_layer(self, layer: int) -> "KVPolicy":
+        """The policy as layer `layer` uses it (the same for every layer, except where a policy's layers differ)."""
+        return self
 
     def init_state(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, n_heads: int | None = None
                    ) -> PolicyState:
@@ -100,6 +106,11 @@ class KVPolicy:
                                                  implementation=self.implementation)
             o, lse = (o_p, lse_p) if o is None else merge_attention(o, lse, o_p, lse_p)
         return o, state
+
+
+def options(policy) -> list[dataclasses.Field]:
+    """The policy's command-line options: its dataclass fields, except private ones (a layer index)."""
+    return [f for f in dataclasses.fields(policy) if not f.name.startswith("_")]
 
 
 def sink_recent(batch: int, n_sink: int, n_recent: int, length) -> Selection:

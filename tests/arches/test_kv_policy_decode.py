@@ -17,7 +17,8 @@ from effarch.layers.sparse_attention import SparseAttentionConfig
 
 B, T, V = 2, 16, 32
 FULL = {"window": ["budget=32"], "quest": ["budget=32", "page=4"], "retrieval": ["budget=32"],
-        "recycled": ["budget=32", "stride=4"], "tokenselect": ["budget=32", "reuse_cos=0.5"]}
+        "recycled": ["budget=32", "stride=4"], "tokenselect": ["budget=32", "reuse_cos=0.5"],
+        "tidal": ["budget=32", "select_layer=0"]}
 
 MODELS = {
     "attention_gqa": dict(mixers=("attention",), attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
@@ -84,6 +85,24 @@ def test_small_budget_changes_decoding_and_dense_layers_do_not():
     m.set_kv_policy(make_policy("window", ["budget=6", "dense_layers=2"]))  # every layer dense again
     assert m.kv_policy is None
     np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), full, atol=2e-5, rtol=1e-4)
+
+
+def test_tidal_hands_the_selection_to_the_following_layers():
+    m, toks = model("attention_gqa", n_layers=3), tokens(3)
+    full = m(toks)[:, : T - 1]
+    m.set_kv_policy(make_policy("tidal", ["budget=16", "select_layer=1"]))  # 16 >= 16 tokens: everything
+    np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), full, atol=2e-5, rtol=1e-4)
+    m.set_kv_policy(make_policy("tidal", ["budget=3", "select_layer=1"]))
+
+    @nnx.jit
+    def one_step(m, toks):
+        st, _ = m.prefill(m.init_state(B, T), toks[:, :8])
+        return m.decode_step(st, toks[:, 8])[0]
+
+    shared = [np.asarray(s["policy"]["shared"]) for s in one_step(m, toks)]
+    np.testing.assert_array_equal(shared[2], shared[1])  # layer 2 read (and passed on) layer 1's selection
+    assert not np.array_equal(shared[1], shared[0])
+    assert (shared[1] < 9).all()  # positions of the 9 tokens in the cache
 
 
 def test_unsupported_mixers_name_the_policy_and_the_mixer():

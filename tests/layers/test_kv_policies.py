@@ -132,6 +132,28 @@ def test_tokenselect_by_hand():
     assert selected_tokens(fresh) == [6]
 
 
+def test_tidal_by_hand():
+    # D = 1, two query heads on one KV head, q = (1, -1); select_layer 1 (layer 0 reads everything).
+    keys = jnp.array([0, 5, -1, 3, 2, 9, -4, 7], jnp.float32).reshape(1, 8, 1, 1)
+    v = jnp.arange(8, dtype=jnp.float32).reshape(1, 8, 1, 1)
+    q = jnp.array([[[1.0], [-1.0]]])
+    p = make_policy("tidal", ["budget=2", "select_layer=1"])
+    state = p.init_state(1, 8, 1, 1, n_heads=2)
+    dense = jax.nn.softmax(jnp.array([1.0, -1.0])[:, None] * keys.ravel()[None, :], axis=-1) @ np.arange(8.0)
+    o0, s0 = p.for_layer(0).attend(state, q, keys, v, jnp.int32(8))
+    np.testing.assert_allclose(o0[0, :, 0], dense, rtol=1e-5)
+    assert s0 is state  # a layer before the selection layer records nothing
+    o1, s1 = p.for_layer(1).attend(state, q, keys, v, jnp.int32(8))  # full attention, then top-2 logits per head
+    np.testing.assert_allclose(o1[0, :, 0], dense, rtol=1e-5)
+    assert np.asarray(s1["shared"][0]).tolist() == [[5, 7], [6, 2]]
+    o2, _ = p.for_layer(2).attend(s1, q, keys, v, jnp.int32(8))  # reads the recorded positions only
+    for h, (pos, sign) in enumerate((([5, 7], 1.0), ([6, 2], -1.0))):
+        w = jax.nn.softmax(sign * keys.ravel()[jnp.array(pos)])
+        np.testing.assert_allclose(o2[0, h, 0], w @ np.asarray(pos, float), rtol=1e-5)
+    with pytest.raises(PolicyError, match="tidal: give it to a model"):
+        p.attend(state, q, keys, v, jnp.int32(8))
+
+
 def test_recycled_by_hand():
     # D = 1, q = 1, one head: logits are the keys. stride 2, budget 4.
     keys = jnp.array([0, 3, 1, 2, 0, 0, 0, 0], jnp.float32).reshape(1, 8, 1, 1)
@@ -186,6 +208,10 @@ def test_options_and_errors():
         make_policy("window", ["budget=4", "n_sink=4"])
     with pytest.raises(PolicyError, match="kv policy recycled: stride"):
         make_policy("recycled", ["budget=8", "stride=9"])
+    with pytest.raises(PolicyError, match="kv policy tidal: need 0 <= select_layer < correction_layer"):
+        make_policy("tidal", ["select_layer=3", "correction_layer=2"])
+    with pytest.raises(PolicyError, match="expected option=value"):
+        make_policy("tidal", ["_layer=3"])  # private: set by the model, not an option
     with pytest.raises(PolicyError, match="kv policy retrieval"):
         make_policy("retrieval", ["budget=8", "n_recent=6", "n_sink=2"])
     hash(p)  # static configuration: a model's graphdef holds it

@@ -182,8 +182,8 @@ def add_kv_policy_argument(p: argparse.ArgumentParser) -> None:
     forward; the result goes to RUN_DIR/eval/<task>.<policy tag>.json."""
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
                    help="read each attention layer's KV cache at decode through this policy (window, quest, "
-                        "retrieval) with option=value settings, e.g. --kv-policy quest budget=256; the context is "
-                        "prefilled densely and the labelled tokens are decoded one by one")
+                        "retrieval, tokenselect, tidal, recycled) with option=value settings, e.g. --kv-policy quest "
+                        "budget=256; the context is prefilled densely and the labelled tokens are decoded one by one")
 
 
 def kv_policy_of(args: argparse.Namespace):
@@ -204,10 +204,9 @@ def result_name(task: str, policy=None) -> str:
     so that results under different policies sit side by side."""
     if policy is None:
         return task
-    import dataclasses
+    from effarch.layers.kv_policies.base import options
 
-    changed = [f"{f.name}{getattr(policy, f.name)}" for f in dataclasses.fields(policy)
-               if getattr(policy, f.name) != f.default]
+    changed = [f"{f.name}{getattr(policy, f.name)}" for f in options(policy) if getattr(policy, f.name) != f.default]
     return ".".join([task, "-".join(["kv", policy.NAME, *changed])])
 
 
