@@ -178,7 +178,8 @@ class Attention(nnx.Module):
 
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
         """Empty KV cache: {"k", "v": [B, max_len, Hkv, K] zeros, "pos": int32 scalar 0}, plus "policy" (the KV
-        policy's own state) when one is set."""
+        policy's own state) and "kv_read" (float32: KV tokens per query head the decode steps read) when one is
+        set."""
         self._check_decoder()
         shape = (batch_size, max_len, self.config.kv_heads, self.head_dim)
         state = {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype),
@@ -186,6 +187,7 @@ class Attention(nnx.Module):
         if self.kv_policy is not None:
             state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.kv_heads, self.head_dim,
                                                         n_heads=self.config.n_heads)
+            state["kv_read"] = jnp.zeros((), jnp.float32)  # KV tokens per query head read by the decode steps
         return state
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
@@ -207,6 +209,7 @@ class Attention(nnx.Module):
         new = {"k": cache_k, "v": cache_v, "pos": pos + T}
         if "policy" in state:
             new["policy"] = self.kv_policy.update(state["policy"], k, pos)
+            new["kv_read"] = state["kv_read"]
         return new, q, positions
 
     def _attend_cache(self, state: State, q: Float[Array, "B T H K"], positions) -> Hidden:
@@ -231,7 +234,9 @@ class Attention(nnx.Module):
         """A decode step's cache write and its attention through the KV policy: (state, q_t [B, H, K], o_t [B, H, K]
         per head, before o_proj; NaN past the cache end under jit)."""
         state, q, _ = self._write(state, x_t[:, None])
-        o, state["policy"] = self.kv_policy.attend(state["policy"], q[:, 0], state["k"], state["v"], state["pos"])
+        o, state["policy"], reads = self.kv_policy.attend(state["policy"], q[:, 0], state["k"], state["v"],
+                                                          state["pos"])
+        state["kv_read"] = state["kv_read"] + reads
         return state, q[:, 0], jnp.where(state["pos"] <= state["k"].shape[1], o, jnp.full((), jnp.nan, o.dtype))
 
     def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:

@@ -174,6 +174,7 @@ class DiffQKVAttention(nnx.Module):
         if self.kv_policy is not None:
             state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.n_k_heads, self.head_dim,
                                                         n_heads=self.config.n_q_heads)
+            state["kv_read"] = jnp.zeros((), jnp.float32)  # KV tokens per query head read by the decode steps
         return state
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
@@ -207,9 +208,12 @@ class DiffQKVAttention(nnx.Module):
         new = {"k": cache_k, "v": cache_v, "pos": pos + T}
         if "policy" in state:
             new["policy"] = self.kv_policy.update(state["policy"], k_new, pos)
+            new["kv_read"] = state["kv_read"]
         state = new
         if through_policy:
-            o, state["policy"] = self.kv_policy.attend(state["policy"], q[:, 0], cache_k, cache_v, state["pos"])
+            o, state["policy"], reads = self.kv_policy.attend(state["policy"], q[:, 0], cache_k, cache_v,
+                                                              state["pos"])
+            state["kv_read"] = state["kv_read"] + reads
             y = self._out(o[:, None])
             return state, jnp.where(pos + T <= max_len, y, jnp.full((), jnp.nan, y.dtype))
 

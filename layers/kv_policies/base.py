@@ -8,7 +8,7 @@ asks the policy which entries the new query reads:
     state = policy.init_state(batch, max_len, n_kv_heads, head_dim, n_heads=Hq)  # the decode state's "policy"
     state = policy.update(state, k_new [B, T, Hkv, K], pos)                # after every cache write (prefill, step)
     parts, state = policy.select(state, q [B, Hq, K], k_cache, length)    # the new query's selection
-    o [B, Hq, V] = merge of sparse_decode_attention over each part         # `attend`, shared by all policies
+    o [B, Hq, V], state, reads = policy.attend(state, q, k_cache, v_cache, length)   # parts merged by LSE
 
 `length` is the number of valid cache entries including the current token (an int32 scalar shared by the batch). A
 policy state's "shared" entry is handed from each layer to the next at decode (`DecoderLM.decode_step`), so that a
@@ -95,17 +95,31 @@ class KVPolicy:
         raise NotImplementedError
 
     def attend(self, state: PolicyState, q: Float[Array, "B Hq K"], k_cache: Float[Array, "B S Hkv K"],
-               v_cache: Float[Array, "B S Hkv V"], length) -> tuple[Float[Array, "B Hq V"], PolicyState]:
-        """The new query's attention over its selection: each part through `sparse_decode_attention`, then merged."""
+               v_cache: Float[Array, "B S Hkv V"], length
+               ) -> tuple[Float[Array, "B Hq V"], PolicyState, Float[Array, ""]]:
+        """The new query's attention over its selection: each part through `sparse_decode_attention`, then merged.
+
+        Returns (o, state, reads): reads = the KV tokens one query head attended to in this step (float32, the mean
+        over lists and batch rows), what the eval reports per policy."""
         parts, state = self.select(state, q, k_cache, length)
-        lengths = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (q.shape[0],))
-        o = lse = None
-        for part in parts:
-            o_p, lse_p = sparse_decode_attention(q, k_cache, v_cache, part.idx, part.cnt,
-                                                 granularity=part.granularity, block=part.block, lengths=lengths,
-                                                 implementation=self.implementation)
-            o, lse = (o_p, lse_p) if o is None else merge_attention(o, lse, o_p, lse_p)
-        return o, state
+        o, _ = attend_parts(parts, q, k_cache, v_cache, length, self.implementation)
+        return o, state, reads_of(parts, length)
+
+
+def attend_parts(parts: list[Selection], q, k_cache, v_cache, length, implementation=None):
+    """(o [B, Hq, V], lse [B, Hq]) of q over the union of disjoint selections, merged by LSE."""
+    lengths = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (q.shape[0],))
+    o = lse = None
+    for part in parts:
+        o_p, lse_p = sparse_decode_attention(q, k_cache, v_cache, part.idx, part.cnt, granularity=part.granularity,
+                                             block=part.block, lengths=lengths, implementation=implementation)
+        o, lse = (o_p, lse_p) if o is None else merge_attention(o, lse, o_p, lse_p)
+    return o, lse
+
+
+def reads_of(parts: list[Selection], length) -> Float[Array, ""]:
+    """KV tokens one query head attends to through `parts` (mean over lists and rows), float32."""
+    return sum(jnp.mean(part.tokens(jnp.asarray(length, jnp.int32)).astype(jnp.float32)) for part in parts)
 
 
 def options(policy) -> list[dataclasses.Field]:

@@ -14,8 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
-from effarch.pallas_kernels.block_sparse import merge_attention, sparse_decode_attention
+from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection, attend_parts, reads_of
+from effarch.pallas_kernels.block_sparse import sparse_decode_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +66,11 @@ class RecycledPolicy(KVPolicy):
             p = jnp.sum(jax.nn.softmax(jnp.where(jnp.isfinite(s), s, -1e30), axis=-1), axis=2)
             p = jnp.where((jnp.arange(S) < length - 1)[None, None, :], p, -1.0)  # never ranked above a real one
             _, ranked = jax.lax.top_k(p, state["ranked"].shape[-1])
-            return o, {"ranked": ranked.astype(jnp.int32), "anchor": length - 1}
+            return o, {"ranked": ranked.astype(jnp.int32), "anchor": length - 1}, length.astype(jnp.float32)
 
         def partial(state):
-            o = lse = None
-            for part in self._parts(state, length):
-                o_p, lse_p = sparse_decode_attention(q, k_cache, v_cache, part.idx, part.cnt, lengths=lengths,
-                                                     implementation=self.implementation)
-                o, lse = (o_p, lse_p) if o is None else merge_attention(o, lse, o_p, lse_p)
-            return o, state
+            parts = self._parts(state, length)
+            o, _ = attend_parts(parts, q, k_cache, v_cache, length, self.implementation)
+            return o, state, reads_of(parts, length)
 
         return jax.lax.cond(length - state["anchor"] > self.stride, full, partial, state)

@@ -61,9 +61,9 @@ class TidalPolicy(KVPolicy):
         o, _ = sparse_decode_attention(q, k_cache, v_cache, everything, jnp.full((B, 1), S, jnp.int32),
                                        lengths=jnp.broadcast_to(length, (B,)), implementation=self.implementation)
         if not is_selector:  # a layer before the first selection layer
-            return o, state
+            return o, state, length.astype(jnp.float32)
         s = jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
                        preferred_element_type=jnp.float32).reshape(B, Hq, S)
         s = jnp.where((jnp.arange(S) < length)[None, None, :], s, -jnp.inf)
         _, top = jax.lax.top_k(s, state["shared"].shape[-1])  # the valid positions first
-        return o, {"shared": top.astype(jnp.int32)}
+        return o, {"shared": top.astype(jnp.int32)}, length.astype(jnp.float32)

@@ -89,6 +89,8 @@ def test_reads_at_most_the_budget(name):
         parts, _ = p.select(state, q, k, jnp.int32(length))
         read = sum(np.asarray(part.tokens(jnp.int32(length))).max() for part in parts)
         assert min(budget, length) - unit < read <= min(budget, length)
+        reported = float(p.attend(state, q, k, k, jnp.int32(length))[2])  # what the eval reports
+        assert min(budget, length) - unit < reported <= min(budget, length)
 
 
 @pytest.mark.parametrize("name", BOUNDED)
@@ -140,13 +142,14 @@ def test_tidal_by_hand():
     p = make_policy("tidal", ["budget=2", "select_layer=1"])
     state = p.init_state(1, 8, 1, 1, n_heads=2)
     dense = jax.nn.softmax(jnp.array([1.0, -1.0])[:, None] * keys.ravel()[None, :], axis=-1) @ np.arange(8.0)
-    o0, s0 = p.for_layer(0).attend(state, q, keys, v, jnp.int32(8))
+    o0, s0, read0 = p.for_layer(0).attend(state, q, keys, v, jnp.int32(8))
     np.testing.assert_allclose(o0[0, :, 0], dense, rtol=1e-5)
-    assert s0 is state  # a layer before the selection layer records nothing
-    o1, s1 = p.for_layer(1).attend(state, q, keys, v, jnp.int32(8))  # full attention, then top-2 logits per head
+    assert s0 is state and float(read0) == 8  # a layer before the selection layer records nothing
+    o1, s1, _ = p.for_layer(1).attend(state, q, keys, v, jnp.int32(8))  # full attention, then top-2 per head
     np.testing.assert_allclose(o1[0, :, 0], dense, rtol=1e-5)
     assert np.asarray(s1["shared"][0]).tolist() == [[5, 7], [6, 2]]
-    o2, _ = p.for_layer(2).attend(s1, q, keys, v, jnp.int32(8))  # reads the recorded positions only
+    o2, _, read2 = p.for_layer(2).attend(s1, q, keys, v, jnp.int32(8))  # reads the recorded positions only
+    assert float(read2) == 2
     for h, (pos, sign) in enumerate((([5, 7], 1.0), ([6, 2], -1.0))):
         w = jax.nn.softmax(sign * keys.ravel()[jnp.array(pos)])
         np.testing.assert_allclose(o2[0, h, 0], w @ np.asarray(pos, float), rtol=1e-5)
@@ -162,20 +165,22 @@ def test_recycled_by_hand():
     q = jnp.ones((1, 1, 1))
     state = p.init_state(1, 8, 1, 1)
     # Length 5: the first decode step is a full step. It ranks positions 0..3 by attention: 1, 3, 2, 0.
-    o, state = p.attend(state, q, keys, v, jnp.int32(5))
+    o, state, read = p.attend(state, q, keys, v, jnp.int32(5))
+    assert float(read) == 5
     w = np.exp([0, 3, 1, 2, 0]) / np.exp([0, 3, 1, 2, 0]).sum()
     np.testing.assert_allclose(o[0, 0, 0], w @ np.arange(5), rtol=1e-5)
     assert int(state["anchor"]) == 4 and np.asarray(state["ranked"][0, 0, :4]).tolist() == [1, 3, 2, 0]
     # Length 6: tokens 4, 5 (since the full step) and the best 4 - 2 = 2 ranked positions, 1 and 3.
     new, ranked = p.select(state, q, keys, jnp.int32(6))[0]
     assert selected_tokens(new) + selected_tokens(ranked) == [4, 5, 1, 3]
-    o, state2 = p.attend(state, q, keys, v, jnp.int32(6))
+    o, state2, read = p.attend(state, q, keys, v, jnp.int32(6))
+    assert float(read) == 4
     sel = [1, 3, 4, 5]
     w = np.exp(np.asarray(keys).ravel()[sel]) / np.exp(np.asarray(keys).ravel()[sel]).sum()
     np.testing.assert_allclose(o[0, 0, 0], w @ np.asarray(sel, float), rtol=1e-5)
     assert int(state2["anchor"]) == 4  # not a full step
     # Length 7: three tokens since the full step > stride: full again, anchored at 6.
-    _, state3 = p.attend(state2, q, keys, v, jnp.int32(7))
+    _, state3, _ = p.attend(state2, q, keys, v, jnp.int32(7))
     assert int(state3["anchor"]) == 6
 
 

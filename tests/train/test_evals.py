@@ -472,8 +472,13 @@ def test_decoded_outputs_through_a_full_budget_policy_equal_the_full_forward():
     np.testing.assert_array_equal(pred, want_pred)
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-5)
     model.set_kv_policy(make_policy("window", ["budget=3", "n_sink=1"]))  # a 3-token window changes the late ones
+    common.KV_READS.reset()
     _, small = common.labelled_outputs(model, x, y, batch_size=5)
     assert np.abs(small - want_ce).max() > 1e-4
+    p0, last = np.nonzero(y != -100)[1].min(), np.nonzero(y != -100)[1].max()
+    assert common.KV_READS.steps == last - p0  # one layer, one decode step per position after the first label
+    # The step for position t sees t + 1 tokens and reads min(3, t + 1) of them.
+    assert common.KV_READS.per_step() == pytest.approx(np.mean([min(3, t + 1) for t in range(p0 + 1, last + 1)]))
 
 
 def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
@@ -483,6 +488,9 @@ def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
     result = json.loads((trained_run / "eval" / "passkey.kv-window-budget16.json").read_text())
     assert result["kv_policy"]["name"] == "window" and result["kv_policy"]["budget"] == 16
     assert result["kv_policy"]["layers"] == [1]  # Zoology's hybrid: the base_conv layer 0 decodes as before
+    # The answer's 5 digits: 4 decode steps (the first digit's output comes from the prefill) at length >= 41 > 16.
+    assert result["kv_policy"]["tokens_read_per_step"] == 16
+    assert result["kv_policy"]["kv_bytes_read_per_step"] == 16 * 2 * 32 * 4  # K and V of d_model 32, float32
     assert set(result["results"]) == {"kv_window16"} and "| kv_window16 |" in out
     assert "passkey.kv-window-budget16.json" in out
     code, _, err = cli(capsys, "eval", str(trained_run), "niah", "--kv-policy", "quest", "budget=8", "page=16")

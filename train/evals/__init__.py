@@ -14,7 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from effarch.train.evals import mqar, niah, passkey, perplexity
-from effarch.train.evals.common import EvalError, Timer, eval_dir, kv_policy_of, model_info, result_name, write_result
+from effarch.train.evals.common import (
+    KV_READS,
+    EvalError,
+    Timer,
+    eval_dir,
+    kv_policy_of,
+    model_info,
+    result_name,
+    write_result,
+)
 from effarch.train.evals.plots import PlotsUnavailable
 
 TASKS = {m.NAME: m for m in (perplexity, mqar, passkey, niah)}
@@ -102,13 +111,24 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
         except ValueError as e:
             raise EvalError(f"--kv-policy: {e}") from None
     name = result_name(task, policy)
+    KV_READS.reset()
     with Timer() as t:
         out = module.run(cfg, model, args, log=log)
     result = {"task": task, "run_dir": str(run_dir), "checkpoint_step": step,
               "model": model_info(cfg.model), "trained_task": cfg.data.task, **out, "wall_s": t.seconds, "png": None}
     if policy is not None:
-        result["kv_policy"] = {"name": policy.NAME, "describe": policy.describe(), "budget": policy.budget,
-                               "layers": policy_layers}  # the layers that read through it (hybrids: not all)
+        per_step = KV_READS.per_step()
+        # Bytes of KV cache per token of the policy layers (K and V of every KV head, the cache dtype).
+        per_token = sum(int(model.blocks[i].mixer.state_size(1)) for i in policy_layers)
+        result["kv_policy"] = {
+            "name": policy.NAME, "describe": policy.describe(), "budget": policy.budget,
+            "layers": policy_layers,  # the layers that read through it (hybrids, dense_layers: not all)
+            # measured: KV tokens a query head attended to per decode step and policy layer (recycled's and
+            # tidal's full steps / layers included)
+            "tokens_read_per_step": per_step,
+            # those tokens' K and V bytes over the policy layers, per decoded token (per-query-head lists, quest
+            # and tidal, may load up to Hq / Hkv times more for a GQA group's union)
+            "kv_bytes_read_per_step": None if per_step is None else per_step * per_token}
     result["file"] = f"{name}.json"
     if warning:
         result["warning"] = warning

@@ -81,6 +81,27 @@ def labelled_outputs(
     return np.concatenate(preds), np.concatenate(ces)
 
 
+class KVReads:
+    """Running totals of what decode steps read through a KV policy: `decoded_outputs` adds to `KV_READS`, `run_eval`
+    resets it before a task and reports it after (the eval runs in one process, one task at a time).
+
+    tokens: Σ over decode steps and policy layers of the KV tokens one query head attended to (the layers' "kv_read");
+    steps: decode steps × policy layers."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.steps = 0.0, 0
+
+    def per_step(self) -> float | None:
+        """Mean KV tokens a query head read per decode step and policy layer (None: nothing was decoded)."""
+        return self.tokens / self.steps if self.steps else None
+
+
+KV_READS = KVReads()
+
+
 def decoded_outputs(
     model: DecoderLM, inputs: Int[np.ndarray, "N T"], labels: Int[np.ndarray, "N T"], batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -104,10 +125,12 @@ def decoded_outputs(
             dec_state, logits = m.decode_step(dec_state, tok)
             return dec_state, logits
 
-        _, rest = jax.lax.scan(step, dec_state, x[:, p0 + 1 :].T)  # [T - p0 - 1, B, V]
+        dec_state, rest = jax.lax.scan(step, dec_state, x[:, p0 + 1 :].T)  # [T - p0 - 1, B, V]
         logits = jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)  # positions p0..T-1
         targets = jnp.maximum(y[:, p0:], 0)
-        return jnp.argmax(logits, -1), optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        reads = [s["kv_read"] for s in dec_state if isinstance(s, dict) and "kv_read" in s]
+        return (jnp.argmax(logits, -1), optax.softmax_cross_entropy_with_integer_labels(logits, targets),
+                sum(reads, jnp.zeros((), jnp.float32)), len(reads))
 
     preds, ces = [], []
     for start in range(0, n, batch_size):
@@ -120,7 +143,10 @@ def decoded_outputs(
             continue
         p0, last = int(cols.min()), int(cols.max())
         # The inputs past the last labelled position are never needed: cut them (fewer decode steps).
-        p, c = run(state, jnp.asarray(x[:, : last + 1], jnp.int32), jnp.asarray(y[:, : last + 1], jnp.int32), p0)
+        p, c, reads, n_layers = run(state, jnp.asarray(x[:, : last + 1], jnp.int32),
+                                    jnp.asarray(y[:, : last + 1], jnp.int32), p0)
+        KV_READS.tokens += float(reads)
+        KV_READS.steps += (last - p0) * int(n_layers)
         preds.append(np.asarray(p)[rows, cols - p0])
         ces.append(np.asarray(c)[rows, cols - p0])
     if not preds:
