@@ -100,6 +100,11 @@ class Block(nnx.Module):
         return state, self._channel_mix(x_t + y)
 
 
+def _policy_shares(state) -> bool:
+    """Whether a layer's decode state holds a KV policy state with a "shared" entry."""
+    return isinstance(state, dict) and isinstance(state.get("policy"), dict) and "shared" in state["policy"]
+
+
 class DecoderLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -159,11 +164,44 @@ class DecoderLM(nnx.Module):
 
     def decode_step(self, state: tuple, token_t: Int[Array, " B"]) -> tuple[tuple, Float[Array, "B V"]]:
         h = self.embed(token_t)
-        new_state = []
+        new_state, shared = [], None
         for block, s in zip(self.blocks, state, strict=True):
+            # A KV policy's "shared" entry goes from each layer to the next (layers/kv_policies/base.py: tidal).
+            if shared is not None and _policy_shares(s):
+                s = {**s, "policy": {**s["policy"], "shared": shared}}
             s, h = block.decode_step(s, h)
+            if _policy_shares(s):
+                shared = s["policy"]["shared"]
             new_state.append(s)
         return tuple(new_state), self.logits(h)
+
+    def set_kv_policy(self, policy) -> list[int]:
+        """Every attention layer's decode step reads its KV cache through `policy` (a layers.kv_policies.KVPolicy;
+        None: the full cache again), except the first `policy.dense_layers` layers. Layers whose mixer keeps no KV
+        cache a policy can read (convolutions, recurrent states; `set_kv_policy` absent) decode as before, so hybrids
+        work. Prefill stays dense. Set it before init_state. Returns the layers that read through the policy.
+
+        ValueError (one line naming the policy and the mixer) when an attention layer cannot take the policy (e.g.
+        sparse_attention's bounded sink_window cache) or when no layer can; no layer is changed then."""
+        takers = [i for i, block in enumerate(self.blocks) if hasattr(block.mixer, "set_kv_policy")]
+        if policy is not None:
+            if not takers:
+                names = sorted({block.mixer_name for block in self.blocks})
+                raise ValueError(f"kv policy {policy.NAME}: no layer of this model keeps a KV cache a policy can read "
+                                 f"(mixers {', '.join(names)}); policies apply to attention, GQA, MoH, DiffQKV (one K "
+                                 "and V head count, uncompressed keys) and sparse_attention with a KV cache")
+            for i in takers:
+                self.blocks[i].mixer.check_kv_policy(policy)
+        for i in takers:
+            self.blocks[i].mixer.set_kv_policy(None if policy is None or i < policy.dense_layers
+                                               else policy.for_layer(i))
+        return [i for i in takers if policy is not None and i >= policy.dense_layers]
+
+    @property
+    def kv_policy(self):
+        """The KV policy the decode steps use (layers past dense_layers), or None."""
+        policies = [getattr(block.mixer, "kv_policy", None) for block in self.blocks]
+        return next((p for p in policies if p is not None), None)
 
     def state_size(self, seq_len: int) -> int:
         """Bytes of decode state (KV caches, recurrent states, conv buffers) per sequence after seq_len tokens."""

@@ -12,7 +12,9 @@ Choices:
 - `rope_scaling="llama3"` applies Llama 3.1's frequency scaling, so Hugging Face Llama checkpoints import exactly
   (arches/hf_llama.py);
 - decoding keeps a KV cache of `max_len` slots with one position counter shared by the batch, and attends to the
-  slots <= pos through a boolean mask, so every step has the same shapes and one jit trace serves all steps.
+  slots <= pos through a boolean mask, so every step has the same shapes and one jit trace serves all steps;
+- a decode-time KV policy (layers/kv_policies/, set with `set_kv_policy`; configuration, not parameters) makes each
+  decode step read only the cache entries the policy selects; prefill stays dense.
 """
 
 import dataclasses
@@ -108,6 +110,7 @@ class Attention(nnx.Module):
         self.k_proj = linear(kv_in, n_kv * head_dim, ("embed", "kv_heads"), rngs)
         self.v_proj = linear(kv_in, n_kv * head_dim, ("embed", "kv_heads"), rngs)
         self.o_proj = linear(n_heads * head_dim, d_model, ("heads", "embed"), rngs)
+        self.kv_policy = None  # a layers.kv_policies.KVPolicy (static: a frozen dataclass), set by set_kv_policy
 
     def _heads(self, y, n: int):
         return y.reshape(*y.shape[:-1], n, self.head_dim)
@@ -160,11 +163,32 @@ class Attention(nnx.Module):
         if not self.config.causal or self.context_dim is not None:
             raise ValueError("attention: decoding needs a causal self-attention layer")
 
+    def check_kv_policy(self, policy) -> None:
+        """ValueError (naming the policy and this mixer) when this layer cannot decode through `policy`."""
+        if not self.config.causal or self.context_dim is not None:
+            raise ValueError(f"kv policy {policy.NAME}: {type(self).__name__} decodes only as causal self attention")
+
+    def set_kv_policy(self, policy) -> None:
+        """Reads the KV cache at decode through `policy` (a layers.kv_policies.KVPolicy), or densely when None.
+
+        Set it before init_state: the policy may keep a state of its own in the decode state (under "policy")."""
+        if policy is not None:
+            self.check_kv_policy(policy)
+        self.kv_policy = policy
+
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
-        """Empty KV cache: {"k", "v": [B, max_len, Hkv, K] zeros, "pos": int32 scalar 0}."""
+        """Empty KV cache: {"k", "v": [B, max_len, Hkv, K] zeros, "pos": int32 scalar 0}, plus "policy" (the KV
+        policy's own state) and "kv_read" (float32: KV tokens per query head the decode steps read) when one is
+        set."""
         self._check_decoder()
         shape = (batch_size, max_len, self.config.kv_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype), "pos": jnp.zeros((), jnp.int32)}
+        state = {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype),
+                 "pos": jnp.zeros((), jnp.int32)}
+        if self.kv_policy is not None:
+            state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.kv_heads, self.head_dim,
+                                                        n_heads=self.config.n_heads)
+            state["kv_read"] = jnp.zeros((), jnp.float32)  # KV tokens per query head read by the decode steps
+        return state
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
         """Bytes of KV cache per sequence after seq_len tokens: 2 * seq_len * Hkv * K * itemsize."""
@@ -182,7 +206,11 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(x, positions)
         cache_k = jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), (0, pos, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
-        return {"k": cache_k, "v": cache_v, "pos": pos + T}, q, positions
+        new = {"k": cache_k, "v": cache_v, "pos": pos + T}
+        if "policy" in state:
+            new["policy"] = self.kv_policy.update(state["policy"], k, pos)
+            new["kv_read"] = state["kv_read"]
+        return new, q, positions
 
     def _attend_cache(self, state: State, q: Float[Array, "B T H K"], positions) -> Hidden:
         B, T = q.shape[:2]
@@ -202,10 +230,23 @@ class Attention(nnx.Module):
         state, q, positions = self._write(state, x)
         return state, self._attend_cache(state, q, positions)
 
+    def policy_step(self, state: State, x_t: HiddenStep) -> tuple[State, Float[Array, "B H K"], Float[Array, "B H K"]]:
+        """A decode step's cache write and its attention through the KV policy: (state, q_t [B, H, K], o_t [B, H, K]
+        per head, before o_proj; NaN past the cache end under jit)."""
+        state, q, _ = self._write(state, x_t[:, None])
+        o, state["policy"], reads = self.kv_policy.attend(state["policy"], q[:, 0], state["k"], state["v"],
+                                                          state["pos"])
+        state["kv_read"] = state["kv_read"] + reads
+        return state, q[:, 0], jnp.where(state["pos"] <= state["k"].shape[1], o, jnp.full((), jnp.nan, o.dtype))
+
     def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
-        """One token x_t [B, D] at position state["pos"]; returns (state, y_t [B, D]).
+        """One token x_t [B, D] at position state["pos"]; returns (state, y_t [B, D]). With a KV policy the step
+        reads only the cache entries the policy selects.
 
         Past the cache end: ValueError eagerly, NaN outputs under jit.
         """
+        if self.kv_policy is not None:
+            state, _, o = self.policy_step(state, x_t)
+            return state, self.o_proj(o.reshape(o.shape[0], -1))
         state, y = self.prefill(state, x_t[:, None])
         return state, y[:, 0]

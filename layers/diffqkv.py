@@ -107,6 +107,7 @@ class DiffQKVAttention(nnx.Module):
         )
         self.v_proj = linear(d_model, n_v * self.v_head_dim, ("embed", "kv_heads"), rngs)
         self.o_proj = linear(n_q * self.v_head_dim, d_model, ("heads", "embed"), rngs)
+        self.kv_policy = None  # a layers.kv_policies.KVPolicy (static), set by set_kv_policy
 
     def aug_q_hidden(self, d_model: int) -> int:
         return self.config.aug_q_hidden if self.config.aug_q_hidden is not None else (3 * d_model) // 2
@@ -146,13 +147,35 @@ class DiffQKVAttention(nnx.Module):
 
     # Decoding (Mixer protocol): a cache of max_len slots, one position counter shared by the batch.
 
+    def check_kv_policy(self, policy) -> None:
+        """ValueError naming the policy and what stops it: a KV policy reads one cache entry per (token, KV head), so
+        it needs n_k_heads == n_v_heads, uncompressed keys and no selective V."""
+        c = self.config
+        if c.n_k_heads != c.n_v_heads or self.k_up is not None or c.select_v_top_n is not None:
+            raise ValueError(f"kv policy {policy.NAME}: mixer diffqkv needs n_k_heads == n_v_heads, no k_cache_dim "
+                             f"compression and no select_v_top_n (this one has {c.n_k_heads} K / {c.n_v_heads} V "
+                             f"heads, k_cache_dim {self.k_cache_dim} of {self.head_dim}, select_v_top_n "
+                             f"{c.select_v_top_n})")
+
+    def set_kv_policy(self, policy) -> None:
+        """Reads the cache at decode through `policy` (None: densely); set it before init_state."""
+        if policy is not None:
+            self.check_kv_policy(policy)
+        self.kv_policy = policy
+
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
-        """Empty cache: {"k": [B, max_len, Hk, Kc], "v": [B, max_len, Hv, V] zeros, "pos": int32 scalar 0}."""
-        return {
+        """Empty cache: {"k": [B, max_len, Hk, Kc], "v": [B, max_len, Hv, V] zeros, "pos": int32 scalar 0}, plus
+        "policy" (the KV policy's state) when one is set."""
+        state = {
             "k": jnp.zeros((batch_size, max_len, self.config.n_k_heads, self.k_cache_dim), cache_dtype),
             "v": jnp.zeros((batch_size, max_len, self.config.n_v_heads, self.v_head_dim), cache_dtype),
             "pos": jnp.zeros((), jnp.int32),
         }
+        if self.kv_policy is not None:
+            state["policy"] = self.kv_policy.init_state(batch_size, max_len, self.config.n_k_heads, self.head_dim,
+                                                        n_heads=self.config.n_q_heads)
+            state["kv_read"] = jnp.zeros((), jnp.float32)  # KV tokens per query head read by the decode steps
+        return state
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
         """Bytes of cache per sequence after seq_len tokens: seq_len * (Hk * Kc + Hv * V) * itemsize."""
@@ -165,6 +188,10 @@ class DiffQKVAttention(nnx.Module):
         With pos = 0 and no selective V, y equals __call__(x). Past the cache end: ValueError eagerly, NaN outputs
         under jit (dynamic_update_slice would otherwise clamp the write onto the last slots).
         """
+        return self._run(state, x, through_policy=False)
+
+    def _run(self, state: State, x: Hidden, *, through_policy: bool) -> tuple[State, Hidden]:
+        """prefill, or (through_policy, one token) a decode step whose query reads the KV policy's selection."""
         pos = state["pos"]
         T, max_len = x.shape[1], state["k"].shape[1]
         if not isinstance(pos, jax.core.Tracer) and int(pos) + T > max_len:
@@ -178,7 +205,17 @@ class DiffQKVAttention(nnx.Module):
             k_new = apply_rope(k_new, positions, freqs=self._freqs())
         cache_k = jax.lax.dynamic_update_slice(state["k"], k_new.astype(state["k"].dtype), (0, pos, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(state["v"], self._values(x).astype(state["v"].dtype), (0, pos, 0, 0))
-        state = {"k": cache_k, "v": cache_v, "pos": pos + T}
+        new = {"k": cache_k, "v": cache_v, "pos": pos + T}
+        if "policy" in state:
+            new["policy"] = self.kv_policy.update(state["policy"], k_new, pos)
+            new["kv_read"] = state["kv_read"]
+        state = new
+        if through_policy:
+            o, state["policy"], reads = self.kv_policy.attend(state["policy"], q[:, 0], cache_k, cache_v,
+                                                              state["pos"])
+            state["kv_read"] = state["kv_read"] + reads
+            y = self._out(o[:, None])
+            return state, jnp.where(pos + T <= max_len, y, jnp.full((), jnp.nan, y.dtype))
 
         k = cache_k.astype(q.dtype)
         if self.k_up is not None:
@@ -194,6 +231,7 @@ class DiffQKVAttention(nnx.Module):
         return state, jnp.where(pos + T <= max_len, y, jnp.full((), jnp.nan, y.dtype))
 
     def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
-        """One token x_t [B, D] at position state["pos"]; returns (state, y_t [B, D])."""
-        state, y = self.prefill(state, x_t[:, None])
+        """One token x_t [B, D] at position state["pos"]; returns (state, y_t [B, D]). With a KV policy the step
+        reads only the cache entries the policy selects."""
+        state, y = self._run(state, x_t[:, None], through_policy=self.kv_policy is not None)
         return state, y[:, 0]

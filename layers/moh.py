@@ -40,7 +40,7 @@ from jaxtyping import Array, Float, Int
 
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.aux_loss import zero_aux_loss
-from effarch.layers.axes import Hidden, State
+from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.linear import linear
 from effarch.layers.lora import kernel_of
 from effarch.layers.rope import ROPE_SCALING_FIELDS
@@ -202,6 +202,18 @@ class MoHAttention(Attention):
         routing = self.route(x, q)
         self.load_balance[...] = routing.aux
         return self._mixture(q, k, v, routing)
+
+    def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
+        """One token x_t [B, D]; returns (state, y_t [B, D]). With a KV policy (set_kv_policy) every head attends
+        over the entries the policy selects, and the routed heads' outputs are mixed as in the cached path."""
+        if self.kv_policy is None:
+            return super().decode_step(state, x_t)
+        state, q, o_BHV = self.policy_step(state, x_t)
+        routing = self.route(x_t[:, None], q[:, None])
+        heads_BA, gates_BA = routing.heads[:, 0], routing.gates[:, 0].astype(o_BHV.dtype)
+        o_BAV = jnp.take_along_axis(o_BHV, heads_BA[..., None], axis=1)
+        w_BAVD = self._w_o().astype(o_BHV.dtype)[heads_BA]
+        return state, jnp.einsum("BA,BAV,BAVD->BD", gates_BA, o_BAV, w_BAVD)
 
     def prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:
         """Runs x [B, T, D] from position state["pos"] against the KV cache; with pos = 0 equals __call__(x).

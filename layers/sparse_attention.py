@@ -352,8 +352,19 @@ class SparseAttention(Attention):
             return self._prefill_bounded(state, x)
         return self._prefill_cache(state, x)
 
+    def check_kv_policy(self, policy) -> None:
+        """A KV policy reads a KV cache: sink_window's bounded sink + ring cache (without infer_dense) has none."""
+        super().check_kv_policy(policy)
+        if self.bounded_state:
+            raise ValueError(f"kv policy {policy.NAME}: mixer sparse_attention with pattern sink_window keeps a "
+                             "bounded sink + window cache, not a KV cache a policy can read (set "
+                             "sparse_attention.infer_dense, or use another pattern)")
+
     def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
-        """One token x_t [B, D]; returns (state, y_t [B, D])."""
+        """One token x_t [B, D]; returns (state, y_t [B, D]). With a KV policy (set_kv_policy) the step reads the
+        cache entries the policy selects instead of the pattern's (prefill keeps the pattern)."""
+        if self.kv_policy is not None:
+            return super().decode_step(state, x_t)
         state, y = self.prefill(state, x_t[:, None])
         return state, y[:, 0]
 

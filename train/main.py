@@ -23,6 +23,10 @@ USAGE = """usage:
   effarch train CONFIG.yaml [MORE.yaml ...] [key=value ...]
       e.g. effarch train configs/mqar/attention.yaml model.d_model=128
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
+                   [--kv-policy NAME [OPT=VALUE ...]]
+      # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval,
+      # tokenselect, tidal, recycled; options e.g. budget=N)
+      e.g. effarch generate runs/passkey --prompt "1 2 3" --kv-policy quest budget=256
   effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
       # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
       e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
@@ -35,6 +39,7 @@ USAGE = """usage:
   effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]
   effarch eval RUN_DIR {perplexity,mqar,passkey,niah} [options]     # results in RUN_DIR/eval/; --help per task
       e.g. effarch eval runs/mqar_based mqar --segments 256x16 1024x256
+      passkey, niah, perplexity take --kv-policy NAME [OPT=VALUE ...] (result: <task>.kv-<name>-<options>.json)
   effarch sweep SWEEP.yaml [--jobs N] [--sweep-dir DIR] [--only NAME ...] [--dry-run | --collect]
       # train a grid in parallel, evaluate each run, pick the best; skips finished runs, resumes interrupted ones
   effarch report DIR                                 # markdown table of the eval results under a run or sweep dir
@@ -160,7 +165,18 @@ def generate_cli(argv: list[str]) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
+                   help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled) with "
+                        "option=value settings, e.g. --kv-policy quest budget=256 (layers/kv_policies/)")
     args = p.parse_args(argv)
+    policy = None
+    if args.kv_policy:
+        from effarch.layers.kv_policies import PolicyError, make_policy
+
+        try:
+            policy = make_policy(args.kv_policy[0], args.kv_policy[1:])
+        except PolicyError as e:
+            _fail(f"--kv-policy: {e}")
     if (args.prompt is None) == (args.text is None):
         _fail("generate needs exactly one of --prompt (token ids) or --text (bytes)")
     if args.max_new_tokens < 1:
@@ -213,10 +229,17 @@ def generate_cli(argv: list[str]) -> None:
                     args.max_new_tokens)
     except ValueError as e:
         _fail(f"--max-new-tokens: {e}")
+    if policy is not None:
+        try:  # on the abstract model first: a mixer that takes no policy fails before the checkpoint is read
+            nnx.eval_shape(lambda: DecoderLM(run_cfg.model, rngs=nnx.Rngs(0))).set_kv_policy(policy)
+        except ValueError as e:
+            _fail(f"--kv-policy: {e}")
     try:
         _, model = load_run(args.run_dir)
     except ConfigError as e:
         _fail(str(e))
+    if policy is not None:
+        model.set_kv_policy(policy)
     out = generate(model, np.array([ids]), args.max_new_tokens, temperature=args.temperature, seed=args.seed)[0]
     if args.text is not None and tokenizer is not None:
         print(tokenizer.decode(out))
@@ -310,7 +333,8 @@ def eval_cli(argv: list[str]) -> None:
     except ConfigError as e:
         _fail(str(e))
     print(table(result))
-    saved = f"{run_dir}/eval/{task}.json" + (f" and {result['png']}" if result.get("png") else "")
+    saved = f"{run_dir}/eval/{result.get('file', task + '.json')}" + (f" and {result['png']}" if result.get("png")
+                                                                        else "")
     print(f"effarch: {task} of {run_dir} (checkpoint step {result['checkpoint_step']}) in {result['wall_s']:.1f}s: "
           f"{saved}")
 

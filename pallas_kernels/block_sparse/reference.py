@@ -159,9 +159,11 @@ def block_sparse_reference(
 
 
 def merge_attention(
-    o1: Float[Array, "B T H Dv"], lse1: Float[Array, "B T H"], o2: Float[Array, "B T H Dv"], lse2: Float[Array, "B T H"]
-) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
+    o1: Float[Array, "*L Dv"], lse1: Float[Array, "*L"], o2: Float[Array, "*L Dv"], lse2: Float[Array, "*L"]
+) -> tuple[Float[Array, "*L Dv"], Float[Array, "*L"]]:
     """Attention of the same queries over the union of two *disjoint* key sets, from each set's (o, lse).
+
+    Any leading shape L: [B, T, H] rows of `block_sparse_attention`, [B, H] of `sparse_decode_attention`.
 
     lse = log(e^lse1 + e^lse2), o = e^(lse1 − lse) o1 + e^(lse2 − lse) o2. Exact for disjoint sets only (overlapping
     sets count the shared keys twice). Rows empty in both give o = 0, lse = −inf, with finite gradients; adding

@@ -460,3 +460,41 @@ def test_perplexity_lengths_of_a_bytes_stream_and_other_tasks(tmp_path):
     cfg = load_config([ROOT / "configs/mqar/zoology_attention.yaml"])
     with pytest.raises(common.EvalError, match="needs a run trained on data.task text or bytes, not mqar"):
         perplexity.heldout_text(cfg)
+
+
+def test_decoded_outputs_through_a_full_budget_policy_equal_the_full_forward():
+    from effarch.layers.kv_policies import make_policy
+
+    model, x, y = byte_model_and_batch()
+    want_pred, want_ce = common.labelled_outputs(model, x, y, batch_size=2)
+    model.set_kv_policy(make_policy("quest", ["budget=16", "page=4"]))  # 16 >= 13 tokens: everything is read
+    pred, ce = common.labelled_outputs(model, x, y, batch_size=5)  # decoded: prefill to the first label, then steps
+    np.testing.assert_array_equal(pred, want_pred)
+    np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-5)
+    model.set_kv_policy(make_policy("window", ["budget=3", "n_sink=1"]))  # a 3-token window changes the late ones
+    common.KV_READS.reset()
+    _, small = common.labelled_outputs(model, x, y, batch_size=5)
+    assert np.abs(small - want_ce).max() > 1e-4
+    p0, last = np.nonzero(y != -100)[1].min(), np.nonzero(y != -100)[1].max()
+    assert common.KV_READS.steps == last - p0  # one layer, one decode step per position after the first label
+    # The step for position t sees t + 1 tokens and reads min(3, t + 1) of them.
+    assert common.KV_READS.per_step() == pytest.approx(np.mean([min(3, t + 1) for t in range(p0 + 1, last + 1)]))
+
+
+def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
+    code, out, err = cli(capsys, "eval", str(trained_run), "passkey", "--lengths", "40", "--depths", "0.5",
+                         "--trials", "2", "--batch-size", "2", "--kv-policy", "window", "budget=16")
+    assert code == 0, err
+    result = json.loads((trained_run / "eval" / "passkey.kv-window-budget16.json").read_text())
+    assert result["kv_policy"]["name"] == "window" and result["kv_policy"]["budget"] == 16
+    assert result["kv_policy"]["layers"] == [1]  # Zoology's hybrid: the base_conv layer 0 decodes as before
+    # The answer's 5 digits: 4 decode steps (the first digit's output comes from the prefill) at length >= 41 > 16.
+    assert result["kv_policy"]["tokens_read_per_step"] == 16
+    assert result["kv_policy"]["kv_bytes_read_per_step"] == 16 * 2 * 32 * 4  # K and V of d_model 32, float32
+    assert set(result["results"]) == {"kv_window16"} and "| kv_window16 |" in out
+    assert "passkey.kv-window-budget16.json" in out
+    code, _, err = cli(capsys, "eval", str(trained_run), "niah", "--kv-policy", "quest", "budget=8", "page=16")
+    assert code == 2 and "--kv-policy: kv policy quest: page must be in [1, budget=8]" in err
+    assert err.count("\n") == 1
+    code, _, err = cli(capsys, "eval", str(trained_run), "perplexity", "--kv-policy", "lru")
+    assert code == 2 and "unknown kv policy 'lru'" in err

@@ -178,6 +178,10 @@ def test_generate_cli_and_greedy_matches_forward(tmp_path, capsys):
     assert code == 0, err
     toks = [int(t) for t in out.split()]
     assert len(toks) == 6 and all(0 <= t < 256 for t in toks)
+    # A KV policy whose budget covers the 10 tokens generates the same tokens.
+    code, out_policy, err = gen(str(run_dir), "--prompt", "5 9 130 7", "--max-new-tokens", "6", "--kv-policy",
+                                "quest", "budget=16", "page=4")
+    assert code == 0 and out_policy == out, err
     sampled = [gen(str(run_dir), "--prompt", "5 9", "--temperature", "1.0", "--seed", "3") for _ in range(2)]
     assert sampled[0][0] == 0 and sampled[0][1] == sampled[1][1]  # seeded sampling is reproducible
     code, _, err = gen(str(run_dir), "--prompt", "5 999")

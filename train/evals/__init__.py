@@ -2,8 +2,10 @@
 
 Tasks (one module each): `perplexity` (held-out loss, perplexity, bits per token / byte), `mqar` (accuracy per test
 segment, Zoology's protocol), `passkey` and `niah` (exact match by context length and depth, with a heatmap PNG).
-Results go to RUN_DIR/eval/<task>.json (+ <task>.png); `effarch report DIR` tabulates them and `effarch sweep`
-(train/evals/sweep.py and its parts sweep_*.py) runs them after training every config of a grid.
+Results go to RUN_DIR/eval/<task>.json (+ <task>.png; with `--kv-policy NAME [OPT=VALUE ...]` on passkey, niah and
+perplexity, to <task>.kv-<name>-<options>.json: the labelled tokens decoded through a KV policy,
+layers/kv_policies/); `effarch report DIR` tabulates them and `effarch sweep` (train/evals/sweep.py and its parts
+sweep_*.py) runs them after training every config of a grid.
 """
 
 import argparse
@@ -12,7 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from effarch.train.evals import mqar, niah, passkey, perplexity
-from effarch.train.evals.common import EvalError, Timer, eval_dir, model_info, write_result
+from effarch.train.evals.common import (
+    KV_READS,
+    EvalError,
+    Timer,
+    eval_dir,
+    kv_policy_of,
+    model_info,
+    result_name,
+    write_result,
+)
 from effarch.train.evals.plots import PlotsUnavailable
 
 TASKS = {m.NAME: m for m in (perplexity, mqar, passkey, niah)}
@@ -86,6 +97,7 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
 
     module = TASKS.get(task)
     args = parse_options(task, argv)
+    policy = kv_policy_of(args)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"run dir {str(run_dir)!r} does not exist")
@@ -93,15 +105,36 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
     if warning and log is not None:
         log(f"effarch: warning: {warning}")
     cfg, model, step = restore_run(run_dir)  # the step restored: an unreadable newest checkpoint is skipped
+    if policy is not None:
+        try:
+            policy_layers = model.set_kv_policy(policy)
+        except ValueError as e:
+            raise EvalError(f"--kv-policy: {e}") from None
+    name = result_name(task, policy)
+    KV_READS.reset()
     with Timer() as t:
         out = module.run(cfg, model, args, log=log)
     result = {"task": task, "run_dir": str(run_dir), "checkpoint_step": step,
               "model": model_info(cfg.model), "trained_task": cfg.data.task, **out, "wall_s": t.seconds, "png": None}
+    if policy is not None:
+        per_step = KV_READS.per_step()
+        # Bytes of KV cache per token of the policy layers (K and V of every KV head, the cache dtype).
+        per_token = sum(int(model.blocks[i].mixer.state_size(1)) for i in policy_layers)
+        result["kv_policy"] = {
+            "name": policy.NAME, "describe": policy.describe(), "budget": policy.budget,
+            "layers": policy_layers,  # the layers that read through it (hybrids, dense_layers: not all)
+            # measured: KV tokens a query head attended to per decode step and policy layer (recycled's and
+            # tidal's full steps / layers included)
+            "tokens_read_per_step": per_step,
+            # those tokens' K and V bytes over the policy layers, per decoded token (per-query-head lists, quest
+            # and tidal, may load up to Hq / Hkv times more for a GQA group's union)
+            "kv_bytes_read_per_step": None if per_step is None else per_step * per_token}
+    result["file"] = f"{name}.json"
     if warning:
         result["warning"] = warning
-    write_result(run_dir, task, result)  # before the optional plot, so a missing matplotlib loses no measurement
+    write_result(run_dir, name, result)  # before the optional plot, so a missing matplotlib loses no measurement
     if hasattr(module, "plot") and getattr(module, "draws", lambda r: True)(result):
-        png = eval_dir(run_dir) / f"{task}.png"
+        png = eval_dir(run_dir) / f"{name}.png"
         try:
             module.plot(result, str(png))
             result["png"] = png.name
@@ -109,7 +142,7 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
             result["png_skipped"] = str(e)
             if log is not None:
                 log(f"effarch: {e}")
-        write_result(run_dir, task, result)
+        write_result(run_dir, name, result)
     return result
 
 

@@ -7,6 +7,7 @@ A task's result is one JSON object written to RUN_DIR/eval/<task>.json:
 """
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -50,6 +51,8 @@ def labelled_outputs(
     """
     if inputs.shape != labels.shape or inputs.ndim != 2:
         raise ValueError(f"inputs and labels must both be [N, T], got {inputs.shape} and {labels.shape}")
+    if model.kv_policy is not None:
+        return decoded_outputs(model, inputs, labels, batch_size)
     n, _ = inputs.shape
     batch_size = min(batch_size, n)
     width = int((labels != IGNORE_LABEL).sum(1).max()) * batch_size  # labelled positions per batch, at most
@@ -75,6 +78,79 @@ def labelled_outputs(
                    jnp.asarray(targets, jnp.int32))
         preds.append(np.asarray(p)[:k])
         ces.append(np.asarray(c)[:k])
+    return np.concatenate(preds), np.concatenate(ces)
+
+
+class KVReads:
+    """Running totals of what decode steps read through a KV policy: `decoded_outputs` adds to `KV_READS`, `run_eval`
+    resets it before a task and reports it after (the eval runs in one process, one task at a time).
+
+    tokens: Σ over decode steps and policy layers of the KV tokens one query head attended to (the layers' "kv_read");
+    steps: decode steps × policy layers."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.steps = 0.0, 0
+
+    def per_step(self) -> float | None:
+        """Mean KV tokens a query head read per decode step and policy layer (None: nothing was decoded)."""
+        return self.tokens / self.steps if self.steps else None
+
+
+KV_READS = KVReads()
+
+
+def decoded_outputs(
+    model: DecoderLM, inputs: Int[np.ndarray, "N T"], labels: Int[np.ndarray, "N T"], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`labelled_outputs` through the model's decode path, which reads each layer's KV cache through its KV policy
+    (`DecoderLM.set_kv_policy`): the tokens up to the first labelled position p0 of a batch are prefilled (dense),
+    then every later token up to the last labelled one is one decode step, teacher-forced (the true token is fed).
+    Position p0's output comes from the prefill, so it is read densely; every other labelled position is decoded.
+    Same order and padding as labelled_outputs."""
+    n, _ = inputs.shape
+    batch_size = min(batch_size, n)
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=(3,))
+    def run(state, x, y, p0):
+        m = nnx.merge(graphdef, state)
+        B, T = x.shape
+        dec_state, logits = m.prefill(m.init_state(B, T), x[:, : p0 + 1])
+        first = logits[:, -1]
+
+        def step(dec_state, tok):
+            dec_state, logits = m.decode_step(dec_state, tok)
+            return dec_state, logits
+
+        dec_state, rest = jax.lax.scan(step, dec_state, x[:, p0 + 1 :].T)  # [T - p0 - 1, B, V]
+        logits = jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)  # positions p0..T-1
+        targets = jnp.maximum(y[:, p0:], 0)
+        reads = [s["kv_read"] for s in dec_state if isinstance(s, dict) and "kv_read" in s]
+        return (jnp.argmax(logits, -1), optax.softmax_cross_entropy_with_integer_labels(logits, targets),
+                sum(reads, jnp.zeros((), jnp.float32)), len(reads))
+
+    preds, ces = [], []
+    for start in range(0, n, batch_size):
+        x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
+        pad = batch_size - len(x)
+        x = np.pad(x, ((0, pad), (0, 0)))
+        y = np.pad(y, ((0, pad), (0, 0)), constant_values=IGNORE_LABEL)
+        rows, cols = np.nonzero(y != IGNORE_LABEL)
+        if not len(rows):
+            continue
+        p0, last = int(cols.min()), int(cols.max())
+        # The inputs past the last labelled position are never needed: cut them (fewer decode steps).
+        p, c, reads, n_layers = run(state, jnp.asarray(x[:, : last + 1], jnp.int32),
+                                    jnp.asarray(y[:, : last + 1], jnp.int32), p0)
+        KV_READS.tokens += float(reads)
+        KV_READS.steps += (last - p0) * int(n_layers)
+        preds.append(np.asarray(p)[rows, cols - p0])
+        ces.append(np.asarray(c)[rows, cols - p0])
+    if not preds:
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
     return np.concatenate(preds), np.concatenate(ces)
 
 
@@ -105,6 +181,7 @@ def eval_dir(run_dir: str | Path) -> Path:
 
 
 def write_result(run_dir: str | Path, task: str, result: dict) -> Path:
+    """Writes RUN_DIR/eval/<task>.json; `task` may carry a policy tag (`result_name`)."""
     out = eval_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{task}.json"
@@ -124,6 +201,39 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = round(time.perf_counter() - self.start, 2)
+
+
+def add_kv_policy_argument(p: argparse.ArgumentParser) -> None:
+    """`--kv-policy NAME [OPT=VALUE ...]`: decode through a KV policy (layers/kv_policies/) instead of the parallel
+    forward; the result goes to RUN_DIR/eval/<task>.<policy tag>.json."""
+    p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
+                   help="read each attention layer's KV cache at decode through this policy (window, quest, "
+                        "retrieval, tokenselect, tidal, recycled) with option=value settings, e.g. --kv-policy quest "
+                        "budget=256; the context is prefilled densely and the labelled tokens are decoded one by one")
+
+
+def kv_policy_of(args: argparse.Namespace):
+    """The KVPolicy that args.kv_policy names, or None; EvalError for an unknown policy or a bad option."""
+    spec = getattr(args, "kv_policy", None)
+    if not spec:
+        return None
+    from effarch.layers.kv_policies import PolicyError, make_policy
+
+    try:
+        return make_policy(spec[0], spec[1:])
+    except PolicyError as e:
+        raise EvalError(f"--kv-policy: {e}") from None
+
+
+def result_name(task: str, policy=None) -> str:
+    """The result file's stem: the task, plus the policy's name and non-default options ("passkey.kv-quest-budget64")
+    so that results under different policies sit side by side."""
+    if policy is None:
+        return task
+    from effarch.layers.kv_policies.base import options
+
+    changed = [f"{f.name}{getattr(policy, f.name)}" for f in options(policy) if getattr(policy, f.name) != f.default]
+    return ".".join([task, "-".join(["kv", policy.NAME, *changed])])
 
 
 def positive_int(text: str) -> int:

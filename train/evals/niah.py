@@ -2,7 +2,8 @@
 
 For each length and depth, `trials` needles are hidden at that depth (`niah.niah_batch(rng, n, seq_len,
 depths=...)`); a trial is correct when every labelled answer digit is the argmax with the true prefix fed in, which
-equals greedy decoding of the value. The per-digit accuracy (chance 0.1) is reported too.
+equals greedy decoding of the value. The per-digit accuracy (chance 0.1) is reported too. With `--kv-policy` the
+answer is decoded through a KV policy (passkey.py's "kv_" path).
 """
 
 import argparse
@@ -14,8 +15,16 @@ from effarch.train.config import Config
 from effarch.train.data import niah
 from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.evals import plots
-from effarch.train.evals.common import EvalError, check_vocab, exact_match, labelled_outputs, positive_int, unit_float
-from effarch.train.evals.passkey import DEPTHS, default_lengths, depth_table
+from effarch.train.evals.common import (
+    EvalError,
+    add_kv_policy_argument,
+    check_vocab,
+    exact_match,
+    labelled_outputs,
+    positive_int,
+    unit_float,
+)
+from effarch.train.evals.passkey import DEPTHS, default_lengths, depth_table, path_name
 
 NAME = "niah"
 
@@ -27,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=positive_int, default=20, help="needles per (length, depth)")
     p.add_argument("--batch-size", type=positive_int, default=25, help="rows per forward pass")
     p.add_argument("--seed", type=int, default=0)
+    add_kv_policy_argument(p)
 
 
 def evaluate(model: DecoderLM, lengths, depths, *, trials: int, seed: int, batch_size: int, log=None) -> dict:
@@ -52,7 +62,7 @@ def evaluate(model: DecoderLM, lengths, depths, *, trials: int, seed: int, batch
     summary = {"accuracy": float(np.mean([r["accuracy"] for r in results.values()])),
                **{f"T{t}": r["accuracy"] for t, r in results.items()},
                "digit_accuracy": float(np.mean([r["digit_accuracy"] for r in results.values()]))}
-    return {"summary": summary, "results": {"full": results}, "chance_digit_accuracy": 0.1}
+    return {"summary": summary, "results": {path_name(model): results}, "chance_digit_accuracy": 0.1}
 
 
 def run(cfg: Config, model: DecoderLM, args: argparse.Namespace, log=None) -> dict:

@@ -6,6 +6,8 @@ decoding returns the key. Chance is 10^-5 per trial (0.1 per digit, also reporte
 
 Paths:
 - "full": the parallel forward over the whole input, every token at its true position.
+- "kv_{policy}{budget}" (`--kv-policy NAME [OPT=VALUE ...]`): the context prefilled densely, then the answer tokens
+  decoded one by one, each attention layer reading its KV cache through the policy (layers/kv_policies/).
 - "topk{k}" (landmark models only, `--topk`): block-memory inference (arches/landmark_memory.py), chunks of
   `--chunk` tokens, completed blocks cached, top-k blocks per token and head, the paper's positional remapping.
 
@@ -26,7 +28,15 @@ from effarch.train.config import Config
 from effarch.train.data import passkey
 from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.evals import plots
-from effarch.train.evals.common import EvalError, check_vocab, exact_match, labelled_outputs, positive_int, unit_float
+from effarch.train.evals.common import (
+    EvalError,
+    add_kv_policy_argument,
+    check_vocab,
+    exact_match,
+    labelled_outputs,
+    positive_int,
+    unit_float,
+)
 
 NAME = "passkey"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -43,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-full", action="store_true", help="skip the full forward path")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
     p.add_argument("--seed", type=int, default=0)
+    add_kv_policy_argument(p)
 
 
 def landmark_block_len(model: DecoderLM) -> int:
@@ -72,9 +83,16 @@ def with_topk(model: DecoderLM, k: int) -> DecoderLM:
     return model
 
 
+def path_name(model: DecoderLM) -> str:
+    """The labelled-outputs path's name: "full" (parallel forward), or "kv_<policy><budget>" when the model decodes
+    through a KV policy (common.decoded_outputs)."""
+    policy = model.kv_policy
+    return "full" if policy is None else f"kv_{policy.NAME}{policy.budget}"
+
+
 def predictions(model: DecoderLM, path: str, x: np.ndarray, y: np.ndarray, batch_size: int, chunk: int) -> np.ndarray:
     """Argmax at the labelled positions (np.nonzero order) for one path."""
-    if path == "full":
+    if not path.startswith("topk"):
         return labelled_outputs(model, x, y, batch_size)[0]
     logits = np.concatenate([memory_logits(with_topk(model, int(path[4:])), x[i : i + batch_size], chunk)
                              for i in range(0, len(x), batch_size)])
@@ -90,7 +108,10 @@ def evaluate(model: DecoderLM, lengths, depths, *, trials: int, seed: int, batch
     L = landmark_block_len(model)
     if topk and not L:
         raise EvalError("task passkey: --topk needs a model with landmark layers")
-    paths = (["full"] if full else []) + [f"topk{k}" for k in topk]
+    if topk and model.kv_policy is not None:
+        raise EvalError("task passkey: --topk (landmark block memory) and --kv-policy are two inference paths; "
+                        "give one")
+    paths = ([path_name(model)] if full else []) + [f"topk{k}" for k in topk]
     if not paths:
         raise EvalError("task passkey: nothing to evaluate (--no-full without --topk)")
     rng = np.random.default_rng(seed)

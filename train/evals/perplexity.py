@@ -14,6 +14,10 @@ byte stream (the trainer's validation windows joined back) in windows of L + 1 b
 dropped. For `text` every held-out target is a label in exactly one window at every L, so all lengths score the same
 tokens. Per L: loss, perplexity, bits per token / byte, the number of windows, and the loss by position in the
 window (buckets of `--bucket` tokens, default data.seq_len), where extrapolation past the training length shows.
+
+`--kv-policy NAME [OPT=VALUE ...]`: every labelled token after a window's first one is predicted by a decode step
+that reads each attention layer's KV cache through the policy (common.decoded_outputs; one step per token, so slower
+than the parallel forward).
 """
 
 import argparse
@@ -28,7 +32,7 @@ from effarch.train.data import Segment, build_data, mqar
 from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.data.packing import PackedWindows
 from effarch.train.evals import plots
-from effarch.train.evals.common import LN2, EvalError, labelled_outputs, positive_int
+from effarch.train.evals.common import LN2, EvalError, add_kv_policy_argument, labelled_outputs, positive_int
 
 NAME = "perplexity"
 
@@ -43,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text / bytes runs: windows of exactly these lengths (tokens) cut from the held-out text")
     p.add_argument("--bucket", type=positive_int, default=None,
                    help="with --lengths: tokens per position bucket of the loss by position (default data.seq_len)")
+    add_kv_policy_argument(p)
 
 
 def heldout_segments(cfg: Config) -> list[Segment]:

@@ -31,6 +31,8 @@ def results_under(directory: Path) -> dict[str, list[tuple[str, dict]]]:
         if not isinstance(result, dict) or "task" not in result or "summary" not in result:
             continue
         run = path.parent.parent.relative_to(directory).as_posix()
+        if isinstance(result.get("kv_policy"), dict):  # one row per policy: `effarch eval ... --kv-policy`
+            run += f" [kv {result['kv_policy'].get('describe', '')}]"
         out.setdefault(result["task"], []).append((run, result))
     return out
 

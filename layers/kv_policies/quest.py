@@ -1,0 +1,70 @@
+"""`quest`: query-aware page selection from per-page key bounds (Quest, arXiv 2406.10774, §3; mit-han-lab/Quest
+`evaluation/quest_attention.py`).
+
+The cache is split into pages of `page` tokens aligned at position 0. For each page p the policy keeps the
+element-wise max and min of its (rotated) keys, updated as tokens are written. At a decode step, query head h scores
+page p by the upper bound of q·k over the page,
+
+    bound(h, p) = Σ_d max(q_d · kmax[p, d], q_d · kmin[p, d]),
+
+and reads the top pages by bound, one list per query head (Hs = Hq, as Quest; a GQA group loads the union). The
+current page (the one holding the new token, often partial) is always read: Quest scores it like the others, but
+reading it outright keeps the budget exact: the current page's r tokens plus floor((budget − r) / page) whole pages,
+at most `budget` tokens (Quest's own floor of 3 pages can exceed small budgets). A budget that covers the context
+reads every page, i.e. the full cache. Quest keeps layers 0 and 1 dense (`dense_layers=2` here; the default is 0).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestPolicy(KVPolicy):
+    NAME = "quest"
+    page: int = 16  # Quest's --chunk_size
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.page < 1 or self.budget < self.page:
+            raise PolicyError(f"kv policy quest: page must be in [1, budget={self.budget}] (the current page is "
+                              f"always read), got page={self.page}")
+
+    def init_state(self, batch, max_len, n_kv_heads, head_dim, n_heads=None):
+        n_pages = -(-max_len // self.page)
+        shape = (batch, n_pages, n_kv_heads, head_dim)
+        return {"kmax": jnp.full(shape, -jnp.inf, jnp.float32), "kmin": jnp.full(shape, jnp.inf, jnp.float32)}
+
+    def update(self, state, k_new, pos):
+        pages = (pos + jnp.arange(k_new.shape[1], dtype=jnp.int32)) // self.page
+        k32 = k_new.astype(jnp.float32)
+        return {"kmax": state["kmax"].at[:, pages].max(k32), "kmin": state["kmin"].at[:, pages].min(k32)}
+
+    def page_bounds(self, state, q):
+        """bound [B, Hq, nP] of every page for every query head (pages never written hold ±inf: mask them)."""
+        B, Hq, K = q.shape
+        Hkv = state["kmax"].shape[2]
+        q_BHGK = q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, 1, K)
+        kmax = jnp.transpose(state["kmax"], (0, 2, 1, 3))[:, :, None]  # [B, Hkv, 1, nP, K]
+        kmin = jnp.transpose(state["kmin"], (0, 2, 1, 3))[:, :, None]
+        bound = jnp.sum(jnp.maximum(q_BHGK * kmax, q_BHGK * kmin), axis=-1)
+        return bound.reshape(B, Hq, -1)
+
+    def select(self, state, q, k_cache, length):
+        B, Hq, _ = q.shape
+        n_pages = state["kmax"].shape[1]
+        length = jnp.asarray(length, jnp.int32)
+        last = (length - 1) // self.page  # the current page, always read
+        r = length - last * self.page  # its tokens, 1..page
+        bound = self.page_bounds(state, q)
+        complete = jnp.arange(n_pages)[None, None, :] < last
+        bound = jnp.where(complete, bound, -jnp.inf)
+        k = min(self.budget // self.page, n_pages)
+        _, top = jax.lax.top_k(bound, k)  # [B, Hq, k], best first
+        m = jnp.minimum(last, (self.budget - r) // self.page)  # whole pages that fit beside the current one
+        idx = jnp.concatenate([jnp.broadcast_to(last, (B, Hq, 1)), top.astype(jnp.int32)], axis=-1)
+        cnt = jnp.broadcast_to(1 + jnp.minimum(m, k), (B, Hq)).astype(jnp.int32)
+        return [Selection(idx, cnt, "block", self.page)], state

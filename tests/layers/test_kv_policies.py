@@ -1,0 +1,222 @@
+"""Decode-time KV policies: each policy's selection on a hand-computed case, the budget it reads, that its decode step
+gathers only the selected entries of the value cache, and the option parser's one-line errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effarch.layers.kv_policies import (
+    PolicyError,
+    QuestPolicy,
+    RecycledPolicy,
+    RetrievalPolicy,
+    WindowPolicy,
+    make_policy,
+)
+
+# The policies whose every step reads at most the budget (recycled's full steps read the whole cache: its own tests).
+BOUNDED = ["window", "quest", "retrieval", "tokenselect"]
+
+
+def selected_tokens(part, b=0, g=0, length=None):
+    """The sorted token positions one list of a Selection names (blocks expanded, clipped at length)."""
+    ids = np.asarray(part.idx[b, g, : int(part.cnt[b, g])])
+    if part.granularity == "block":
+        ids = np.concatenate([np.arange(i * part.block, (i + 1) * part.block) for i in ids])
+        ids = ids[ids < length] if length is not None else ids
+    return sorted(ids.tolist())
+
+
+def test_window_selection_by_hand():
+    p = WindowPolicy(budget=5, n_sink=2)
+    q, k = jnp.zeros((1, 2, 4)), jnp.zeros((1, 16, 1, 4))
+    (part,), _ = p.select({}, q, k, jnp.int32(9))
+    assert selected_tokens(part) == [0, 1, 6, 7, 8]
+    (part,), _ = p.select({}, q, k, jnp.int32(4))  # shorter than the budget: every token, once
+    assert selected_tokens(part) == [0, 1, 2, 3]
+
+
+def test_quest_selection_by_hand():
+    # One KV head, D = 2, pages of 2, q = (1, -1). Page bounds Σ_d max(q_d kmax_d, q_d kmin_d):
+    #   page 0: keys (1, 0), (0, 0):  kmax (1, 0), kmin (0, 0)   -> max(1, 0) + max(0, 0)  = 1
+    #   page 1: keys (0, -3), (0, 1): kmax (0, 1), kmin (0, -3)  -> max(0, 0) + max(-1, 3) = 3
+    #   page 2: keys (2, 2), (-1, 2): kmax (2, 2), kmin (-1, 2)  -> max(2, -1) + max(-2, -2) = 0
+    #   page 3: token 6 only, the current page: always read.
+    # budget 5: the current page's 1 token + floor(4 / 2) = 2 whole pages, the best by bound: 1 then 0.
+    keys = jnp.array([[1, 0], [0, 0], [0, -3], [0, 1], [2, 2], [-1, 2], [5, 5], [0, 0]], jnp.float32)
+    k = keys.reshape(1, 8, 1, 2)
+    p = QuestPolicy(budget=5, page=2)
+    state = p.update(p.init_state(1, 8, 1, 2), k[:, :7], jnp.int32(0))
+    q = jnp.array([[[1.0, -1.0]]])
+    np.testing.assert_allclose(p.page_bounds(state, q)[0, 0, :3], [1, 3, 0])
+    (part,), _ = p.select(state, q, k, jnp.int32(7))
+    assert part.granularity == "block" and np.asarray(part.idx[0, 0, :3]).tolist() == [3, 1, 0]
+    assert selected_tokens(part, length=7) == [0, 1, 2, 3, 6]
+    assert int(part.tokens(jnp.int32(7))[0, 0]) == 5
+    # A decode step's update (token 7 into page 3) keeps the other pages' bounds.
+    state2 = p.update(state, k[:, 7:8], jnp.int32(7))
+    np.testing.assert_allclose(state2["kmax"][0, :3], state["kmax"][0, :3])
+    np.testing.assert_allclose(state2["kmax"][0, 3, 0], [5, 5])
+    np.testing.assert_allclose(state2["kmin"][0, 3, 0], [0, 0])
+
+
+def test_retrieval_selection_by_hand():
+    # D = 1, q = 1: logits are the keys. Static: sink {0} and recent {7}; candidates 1..6 = (5, -1, 3, 2, 9, 0);
+    # top 2 = positions 5 (9) and 1 (5).
+    keys = jnp.array([0, 5, -1, 3, 2, 9, 0, 7], jnp.float32).reshape(1, 8, 1, 1)
+    p = RetrievalPolicy(budget=4, n_sink=1, n_recent=1)
+    static, retrieved = p.select({}, jnp.ones((1, 1, 1)), keys, jnp.int32(8))[0]
+    assert selected_tokens(static) == [0, 7]
+    assert selected_tokens(retrieved) == [1, 5]
+    # GQA: a group of two query heads votes with the sum of its softmaxes. Head 0 prefers position 5 strongly, head 1
+    # mildly prefers position 1: the vote picks 5 first.
+    q2 = jnp.array([[[1.0], [-0.1]]])
+    _, retrieved = RetrievalPolicy(budget=3, n_sink=1, n_recent=1).select({}, q2, keys, jnp.int32(8))[0]
+    assert selected_tokens(retrieved) == [5]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_reads_at_most_the_budget(name):
+    B, S, Hq, Hkv, D, budget = 2, 512, 4, 2, 8, 64
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32)
+    p = make_policy(name, [f"budget={budget}"])
+    state = p.update(p.init_state(B, S, Hkv, D), k, jnp.int32(0))
+    unit = getattr(p, "page", 1)  # quest reads whole pages: within a page of the budget
+    for length in (3, 100, S):
+        parts, _ = p.select(state, q, k, jnp.int32(length))
+        read = sum(np.asarray(part.tokens(jnp.int32(length))).max() for part in parts)
+        assert min(budget, length) - unit < read <= min(budget, length)
+        reported = float(p.attend(state, q, k, k, jnp.int32(length))[2])  # what the eval reports
+        assert min(budget, length) - unit < reported <= min(budget, length)
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_decode_step_gathers_only_the_selected_values(name):
+    # The value cache is touched only by the op's gathers, of at most `budget` tokens per list (quest: its list slots,
+    # budget // page + 1 pages, the current page being partial): O(budget), not O(S).
+    B, S, Hq, Hkv, D, budget = 1, 4096, 4, 2, 8, 64
+    p = make_policy(name, [f"budget={budget}"])
+    k = v = jnp.zeros((B, S, Hkv, D))
+    state = p.init_state(B, S, Hkv, D)
+    jaxpr = jax.make_jaxpr(lambda st, q, k, v: p.attend(st, q, k, v, jnp.int32(S))[0])(state, jnp.zeros((B, Hq, D)),
+                                                                                        k, v).jaxpr
+    v_var = jaxpr.invars[-1]
+    reads = [e for e in jaxpr.eqns if any(x is v_var for x in e.invars)]
+    assert reads and all(e.primitive.name == "gather" for e in reads)
+    per_list = [int(np.prod(e.outvars[0].aval.shape)) // (B * D) for e in reads]
+    assert sum(per_list) <= (budget + getattr(p, "page", 0)) * Hq  # quest's lists are per query head
+    assert sum(per_list) < S // 8
+
+
+def test_tokenselect_by_hand():
+    # D = 1, two query heads on one KV head, q = (1, -1): head 0 prefers large keys, head 1 small ones. Sink {0},
+    # recent {7}; candidates 1..6 = (5, -1, 3, 2, 9, -4). Soft vote = softmax(k) + softmax(-k): position 5 (9) for
+    # head 0 and position 6 (-4) for head 1 dominate; a per-KV-head top-1 by q·k of head 0 alone would miss 6.
+    keys = jnp.array([0, 5, -1, 3, 2, 9, -4, 7], jnp.float32).reshape(1, 8, 1, 1)
+    q = jnp.array([[[1.0], [-1.0]]])
+    p = make_policy("tokenselect", ["budget=4", "n_sink=1", "n_recent=1"])
+    static, chosen = p.select({}, q, keys, jnp.int32(8))[0]
+    assert selected_tokens(static) == [0, 7] and chosen.idx.shape[1] == 1  # one list for all heads
+    assert selected_tokens(chosen) == [5, 6]
+    # The selection cache: a similar query (cos >= reuse_cos) reads the previous selection again.
+    p = make_policy("tokenselect", ["budget=3", "n_sink=1", "n_recent=1", "reuse_cos=0.9"])
+    state = p.init_state(1, 8, 1, 1, n_heads=2)
+    (_, first), state = p.select(state, q, keys, jnp.int32(8))
+    assert selected_tokens(first) == [5]
+    flipped = keys.at[0, 6, 0, 0].set(-20.0)  # now position 6 wins the vote of a fresh selection
+    assert selected_tokens(p.select(p.init_state(1, 8, 1, 1, n_heads=2), q, flipped, jnp.int32(8))[0][1]) == [6]
+    (_, again), _ = p.select(state, 1.01 * q, flipped, jnp.int32(8))  # cos = 1: reused
+    assert selected_tokens(again) == [5]
+    (_, fresh), _ = p.select(state, jnp.array([[[-1.0], [-1.0]]]), flipped, jnp.int32(8))  # cos = 0: anew
+    assert selected_tokens(fresh) == [6]
+
+
+def test_tidal_by_hand():
+    # D = 1, two query heads on one KV head, q = (1, -1); select_layer 1 (layer 0 reads everything).
+    keys = jnp.array([0, 5, -1, 3, 2, 9, -4, 7], jnp.float32).reshape(1, 8, 1, 1)
+    v = jnp.arange(8, dtype=jnp.float32).reshape(1, 8, 1, 1)
+    q = jnp.array([[[1.0], [-1.0]]])
+    p = make_policy("tidal", ["budget=2", "select_layer=1"])
+    state = p.init_state(1, 8, 1, 1, n_heads=2)
+    dense = jax.nn.softmax(jnp.array([1.0, -1.0])[:, None] * keys.ravel()[None, :], axis=-1) @ np.arange(8.0)
+    o0, s0, read0 = p.for_layer(0).attend(state, q, keys, v, jnp.int32(8))
+    np.testing.assert_allclose(o0[0, :, 0], dense, rtol=1e-5)
+    assert s0 is state and float(read0) == 8  # a layer before the selection layer records nothing
+    o1, s1, _ = p.for_layer(1).attend(state, q, keys, v, jnp.int32(8))  # full attention, then top-2 per head
+    np.testing.assert_allclose(o1[0, :, 0], dense, rtol=1e-5)
+    assert np.asarray(s1["shared"][0]).tolist() == [[5, 7], [6, 2]]
+    o2, _, read2 = p.for_layer(2).attend(s1, q, keys, v, jnp.int32(8))  # reads the recorded positions only
+    assert float(read2) == 2
+    for h, (pos, sign) in enumerate((([5, 7], 1.0), ([6, 2], -1.0))):
+        w = jax.nn.softmax(sign * keys.ravel()[jnp.array(pos)])
+        np.testing.assert_allclose(o2[0, h, 0], w @ np.asarray(pos, float), rtol=1e-5)
+    with pytest.raises(PolicyError, match="tidal: give it to a model"):
+        p.attend(state, q, keys, v, jnp.int32(8))
+
+
+def test_recycled_by_hand():
+    # D = 1, q = 1, one head: logits are the keys. stride 2, budget 4.
+    keys = jnp.array([0, 3, 1, 2, 0, 0, 0, 0], jnp.float32).reshape(1, 8, 1, 1)
+    v = jnp.arange(8, dtype=jnp.float32).reshape(1, 8, 1, 1)
+    p = RecycledPolicy(budget=4, stride=2)
+    q = jnp.ones((1, 1, 1))
+    state = p.init_state(1, 8, 1, 1)
+    # Length 5: the first decode step is a full step. It ranks positions 0..3 by attention: 1, 3, 2, 0.
+    o, state, read = p.attend(state, q, keys, v, jnp.int32(5))
+    assert float(read) == 5
+    w = np.exp([0, 3, 1, 2, 0]) / np.exp([0, 3, 1, 2, 0]).sum()
+    np.testing.assert_allclose(o[0, 0, 0], w @ np.arange(5), rtol=1e-5)
+    assert int(state["anchor"]) == 4 and np.asarray(state["ranked"][0, 0, :4]).tolist() == [1, 3, 2, 0]
+    # Length 6: tokens 4, 5 (since the full step) and the best 4 - 2 = 2 ranked positions, 1 and 3.
+    new, ranked = p.select(state, q, keys, jnp.int32(6))[0]
+    assert selected_tokens(new) + selected_tokens(ranked) == [4, 5, 1, 3]
+    o, state2, read = p.attend(state, q, keys, v, jnp.int32(6))
+    assert float(read) == 4
+    sel = [1, 3, 4, 5]
+    w = np.exp(np.asarray(keys).ravel()[sel]) / np.exp(np.asarray(keys).ravel()[sel]).sum()
+    np.testing.assert_allclose(o[0, 0, 0], w @ np.asarray(sel, float), rtol=1e-5)
+    assert int(state2["anchor"]) == 4  # not a full step
+    # Length 7: three tokens since the full step > stride: full again, anchored at 6.
+    _, state3, _ = p.attend(state2, q, keys, v, jnp.int32(7))
+    assert int(state3["anchor"]) == 6
+
+
+def test_full_budget_selects_everything():
+    B, S, Hkv, D = 1, 40, 1, 4
+    k = jnp.asarray(np.random.default_rng(1).standard_normal((B, S, Hkv, D)), jnp.float32)
+    q = jnp.ones((B, 2, D))
+    for name, opts in (("window", []), ("quest", ["page=16"]), ("retrieval", [])):
+        p = make_policy(name, ["budget=48", *opts])
+        state = p.update(p.init_state(B, S, Hkv, D), k[:, :37], jnp.int32(0))
+        parts, _ = p.select(state, q, k, jnp.int32(37))
+        got = sorted(t for part in parts for t in selected_tokens(part, g=0, length=37))
+        assert got == list(range(37)), name
+
+
+def test_options_and_errors():
+    p = make_policy("quest", ["budget=128", "page=32", "dense_layers=2"])
+    assert (p.budget, p.page, p.dense_layers) == (128, 32, 2)
+    assert make_policy("retrieval", ["budget=64"]).n_recent == 16  # budget // 4
+    assert "budget=128" in p.describe()
+    with pytest.raises(PolicyError, match="unknown kv policy 'nope'"):
+        make_policy("nope")
+    with pytest.raises(PolicyError, match="kv policy quest: expected option=value"):
+        make_policy("quest", ["size=4"])
+    with pytest.raises(PolicyError, match="kv policy window: budget must be an integer"):
+        make_policy("window", ["budget=lots"])
+    with pytest.raises(PolicyError, match="kv policy quest: page"):
+        make_policy("quest", ["budget=8", "page=16"])
+    with pytest.raises(PolicyError, match="kv policy window: n_sink"):
+        make_policy("window", ["budget=4", "n_sink=4"])
+    with pytest.raises(PolicyError, match="kv policy recycled: stride"):
+        make_policy("recycled", ["budget=8", "stride=9"])
+    with pytest.raises(PolicyError, match="kv policy tidal: need 0 <= select_layer < correction_layer"):
+        make_policy("tidal", ["select_layer=3", "correction_layer=2"])
+    with pytest.raises(PolicyError, match="expected option=value"):
+        make_policy("tidal", ["_layer=3"])  # private: set by the model, not an option
+    with pytest.raises(PolicyError, match="kv policy retrieval"):
+        make_policy("retrieval", ["budget=8", "n_recent=6", "n_sink=2"])
+    hash(p)  # static configuration: a model's graphdef holds it
