@@ -137,19 +137,34 @@ class SeerPolicy(nnx.Module):
                  positions: Int[Array, " T"]) -> Float[Array, "B T Hq Dv"]:
         """Parallel form from position 0: the distillation pass (`distill`) or the gate's sparse attention."""
         del positions
-        bs, nb = self.block, -(-q.shape[1] // self.block)
-        # The gate reads the projections without sending its loss back into them: it learns, the model does not.
-        q_raw, k_raw = jax.lax.stop_gradient(q_raw), jax.lax.stop_gradient(k_raw)
-        scores = self.scores(sparse_select.block_pool(q_raw, bs), jnp.arange(nb), self.pool_keys(k_raw, bs))
+        bs = self.block
+        scores = self.block_scores(q_raw, k_raw)
         if self.distill:
             impl = self.implementation if self.implementation in STATS_IMPLEMENTATIONS else None
             o, block_scores = block_stats_attention(q, k, v, q_block=bs, kv_block=bs, causal=True,
                                                     implementation=impl)
             self.distill_loss[...] = self.loss_scale * distillation_loss(scores, block_scores)
             return o
-        idx, cnt = self._lists(scores, jnp.arange(nb), nb, nb)
+        idx, cnt = self.select(q_raw, k_raw, scores)
         return block_sparse_attention(q, k, v, idx, cnt, q_block=bs, kv_block=bs, causal=True,
                                       implementation=self.implementation)
+
+    def block_scores(self, q_raw: Float[Array, "B T Hq K"], k_raw: Float[Array, "B T Hkv K"]) -> Float[
+            Array, "B Hq nB nB"]:
+        """The gate's S over the call's blocks (parallel form)."""
+        nb = -(-q_raw.shape[1] // self.block)
+        # The gate reads the projections without sending its loss back into them: it learns, the model does not.
+        q_raw, k_raw = jax.lax.stop_gradient(q_raw), jax.lax.stop_gradient(k_raw)
+        return self.scores(sparse_select.block_pool(q_raw, self.block), jnp.arange(nb),
+                           self.pool_keys(k_raw, self.block))
+
+    def select(self, q_raw: Float[Array, "B T Hq K"], k_raw: Float[Array, "B T Hkv K"],
+               scores: Float[Array, "B Hq nB nB"] | None = None) -> tuple[Int[Array, "B Hq nB Kmax"],
+                                                                          Int[Array, "B Hq nB"]]:
+        """The inference pass's lists, one per query head and query block (scores: `block_scores`, if at hand)."""
+        nb = -(-q_raw.shape[1] // self.block)
+        scores = self.block_scores(q_raw, k_raw) if scores is None else scores
+        return self._lists(scores, jnp.arange(nb), nb, nb)
 
     # --- decoding over the layer's KV cache ----------------------------------------------------------------------
 

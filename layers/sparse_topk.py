@@ -48,14 +48,19 @@ class MeanTopkPolicy(nnx.Module):
                  positions: Int[Array, " T"]) -> Float[Array, "B T Hq Dv"]:
         """Parallel form from position 0 (q_raw, k_raw, positions unused)."""
         del q_raw, k_raw, positions
+        idx, cnt = self.select(q, k)
+        return block_sparse_attention(q, k, v, idx, cnt, q_block=self.block, kv_block=self.block, causal=True,
+                                      implementation=self.implementation)
+
+    def select(self, q: Float[Array, "B T Hq K"], k: Float[Array, "B T Hkv K"]) -> tuple[
+            Int[Array, "B Hkv nB Kmax"], Int[Array, "B Hkv nB"]]:
+        """The parallel form's lists: one per KV head and query block."""
         bs, nb = self.block, -(-q.shape[1] // self.block)
         scores = sparse_select.group_scores(sparse_select.block_pool(q, bs), sparse_select.block_pool(k, bs),
                                             self.reduce)
         table, kmax = self._k(nb)
-        idx, cnt = sparse_select.topk_lists(scores, jnp.arange(nb), int(table[nb]), kmax=kmax,
-                                            sink_blocks=self.sink_blocks)
-        return block_sparse_attention(q, k, v, idx, cnt, q_block=bs, kv_block=bs, causal=True,
-                                      implementation=self.implementation)
+        return sparse_select.topk_lists(scores, jnp.arange(nb), int(table[nb]), kmax=kmax,
+                                        sink_blocks=self.sink_blocks)
 
     # --- decoding over the layer's KV cache ----------------------------------------------------------------------
 

@@ -36,7 +36,10 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "passkey/attention_moa.yaml",  # passkey/landmark trains the task, mqar/zoology_attention attention
              # LongLoRA's fine-tunes: lm/attention_512 trains attention on text, lm/sparse_attention_small the mixer,
              # tests/train/test_lora.py the adapters
-             "lm/longlora_finetune.yaml", "lm/longlora_s2.yaml"}
+             "lm/longlora_finetune.yaml", "lm/longlora_s2.yaml",
+             # seer's distillation overlay: tests/layers/test_sparse_seer.py trains the gate on its loss,
+             # lm/sparse_attention_small the mixer
+             "lm/seer_distill.yaml"}
 
 
 def _id(path: Path) -> str:

@@ -7,8 +7,10 @@ bfloat16. The tests read their results (cached per mixer), so a mixer costs two 
 it only with `-m slow`. The 8-device mesh step is in test_mesh.py; docs/adding_a_mixer.md lists the checks.
 
 `VARIANTS` adds cases beyond the registry's small configs: a registered mixer at another config that takes another
-code path (sparse_attention's moa pattern: per-head windows from a plan file, decoded over the KV cache), checked
-exactly like the registered ones.
+code path (sparse_attention's moa pattern: per-head windows from a plan file, decoded over the KV cache; its dynamic
+patterns mean_topk and seer), checked exactly like the registered ones; a variant's `skip` skips a check with its
+reason, as a registration's does (a case that skips "decode" has its bfloat16 decoding compared with its float32
+decoding).
 """
 
 import dataclasses

@@ -164,16 +164,18 @@ def test_inference_pass_is_attention_over_the_gate_selection(cfg):
     assert not vis.reshape(B, cfg.n_heads, -1).all(-1).any()  # sparse: some pair is not read
 
 
-def test_decoding_equals_the_parallel_form_of_each_prefix():
+@pytest.mark.parametrize("cfg", [SEER, pytest.param(dataclasses.replace(SEER_SQUARE, gate_threshold=0.1),
+                                                     marks=pytest.mark.slow)], ids=["top_k", "threshold"])
+def test_decoding_equals_the_parallel_form_of_each_prefix(cfg):
     """As mean_topk's: a call ending at e gives the parallel form over x[:e + 1]; pieces and steps leave one state."""
-    layer = SparseAttention(D, SEER, rngs=nnx.Rngs(0))
+    layer = SparseAttention(D, cfg, rngs=nnx.Rngs(0))
     T, pieces = 20, (0, 7, 20)  # the first piece ends inside a block
     x = make_x(T)
     ys, state, tok_state, tokens = run_pieces(layer, x, pieces)
     parallel = jax.jit(layer)
     for lo, hi, y in zip(pieces[:-1], pieces[1:], ys):
         assert_close(f"piece [{lo}, {hi})", y, parallel(x[:, :hi])[:, lo:hi], 1e-5)
-    ends = np.arange(SEER.block_size - 1, T, SEER.block_size)
+    ends = np.arange(cfg.block_size - 1, T, cfg.block_size)
     assert_close("block ends, token by token", tokens[:, ends], parallel(x)[:, ends], 1e-5)
     for i, (u, w) in enumerate(zip(jax.tree.leaves(state), jax.tree.leaves(tok_state))):
         assert_close(f"state leaf {i}", u, w, 1e-5)
