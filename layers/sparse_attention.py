@@ -353,8 +353,14 @@ class SparseAttention(Attention):
         return self._prefill_cache(state, x)
 
     def check_kv_policy(self, policy) -> None:
-        """A KV policy reads a KV cache: sink_window's bounded sink + ring cache (without infer_dense) has none."""
+        """A KV policy reads a KV cache: sink_window's bounded sink + ring cache (without infer_dense) has none, and a
+        dynamic pattern's policy already chooses what decoding reads."""
         super().check_kv_policy(policy)
+        if self.policy is not None and not self.sparse.infer_dense:
+            # Both would keep their decode state under "policy", and the pattern already chooses what decoding reads.
+            raise ValueError(f"kv policy {policy.NAME}: mixer sparse_attention with pattern {self.sparse.pattern} "
+                             "chooses its keys from the content when decoding; a KV policy applies to the static "
+                             "patterns (or set sparse_attention.infer_dense)")
         if self.bounded_state:
             raise ValueError(f"kv policy {policy.NAME}: mixer sparse_attention with pattern sink_window keeps a "
                              "bounded sink + window cache, not a KV cache a policy can read (set "

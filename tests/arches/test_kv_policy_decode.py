@@ -118,6 +118,11 @@ def test_unsupported_mixers_name_the_policy_and_the_mixer():
                                  sparse_attention=SparseAttentionConfig(block_size=4, window=8)), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="kv policy quest: mixer sparse_attention with pattern sink_window"):
         sink.set_kv_policy(policy)
+    topk = DecoderLM(ModelConfig(vocab_size=V, d_model=16, n_layers=1, mixers=("sparse_attention",),
+                                 sparse_attention=SparseAttentionConfig(pattern="mean_topk", block_size=4)),
+                     rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kv policy quest: mixer sparse_attention with pattern mean_topk chooses"):
+        topk.set_kv_policy(policy)
     small = DecoderLM(ModelConfig(vocab_size=V, d_model=16, n_layers=1, mixers=("diffqkv",),
                                   diffqkv=DiffQKVConfig(n_q_heads=4, n_k_heads=1, n_v_heads=2, aug_q_hidden=8)),
                       rngs=nnx.Rngs(0))
