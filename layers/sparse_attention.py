@@ -10,8 +10,10 @@ in numpy, at trace time. `pattern` picks them:
   causal window t - window < j <= t (the op's window / n_sink predicates; the lists hold the sink blocks and the
   blocks the window reaches). Decoding keeps a bounded cache: the n_sink sink keys plus a ring buffer of `window`
   slots (slot p % window, the convention of pallas_kernels/sliding_window/cache.py), so memory and time per token do
-  not grow with the context. RoPE is applied at true positions (the parallel form's); StreamingLLM's re-indexing of
-  cached positions (its pos-shift) is not done.
+  not grow with the context. RoPE is applied at true positions, except with `sink_positions: cache`: then a query
+  scores the sink keys from its position within the cache, min(t, n_sink + window - 1), as StreamingLLM numbers
+  its cache (§3.2), so past the training length the query-to-sink distance stays one seen in training (the window
+  keys' distances are the true ones either way); the window part and the sink part are merged by their LSE.
 - "s2" (S2-Attention, Lin et al., arXiv 2407.17678 §3; dkernel's local-stride pattern): each KV head reads the
   `local_blocks` newest blocks plus the blocks J with (J + h·s) mod vert_stride = 0, a different residue per head,
   so the heads together cover the context; the last `dense_heads` KV heads read every causal block. The paper's
@@ -75,7 +77,7 @@ from effarch.layers.sparse_routing import RoutingPolicy
 from effarch.layers.sparse_seer import SeerPolicy
 from effarch.layers.sparse_topk import MeanTopkPolicy
 from effarch.pallas_kernels import sliding_window as swa_op
-from effarch.pallas_kernels.block_sparse import block_sparse_attention
+from effarch.pallas_kernels.block_sparse import block_sparse_attention, merge_attention
 
 # The patterns whose blocks a policy module chooses from the content, and each one's policy class (module docstring).
 DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper")
@@ -90,6 +92,10 @@ class SparseAttentionConfig:
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
     n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
     window: int = 1024  # keys in the causal window, t - window < j <= t
+    # sink_window: where a query stands when it scores the sink keys. "text": at its own position t in the text (as
+    # for every other key). "cache": at its position within StreamingLLM's cache of n_sink + window keys,
+    # min(t, n_sink + window - 1) (arXiv 2309.17453 §3.2), so the query-to-sink distance never exceeds the cache.
+    sink_positions: Literal["text", "cache"] = "text"
     # s2 (Phi-3-small: blocks of 64, 16 local blocks, vertical stride 8)
     local_blocks: int = 16  # newest blocks every head reads, the diagonal block included
     vert_stride: int = 8  # V: a sparse head reads one earlier block in V
@@ -158,6 +164,10 @@ class SparseAttentionConfig:
             raise ValueError(f"{p}gate_threshold must be in [0, 1), got {self.gate_threshold}")
         if self.n_sink < 0:
             raise ValueError(f"{p}n_sink must be >= 0, got {self.n_sink}")
+        if self.sink_positions not in ("text", "cache"):
+            raise ValueError(f"{p}sink_positions must be 'text' or 'cache', got {self.sink_positions!r}")
+        if self.sink_positions == "cache" and self.pattern != "sink_window":
+            raise ValueError(f"{p}sink_positions='cache' applies to pattern sink_window, not {self.pattern}")
         if self.routing_clusters < 1:
             raise ValueError(f"{p}routing_clusters must be positive, got {self.routing_clusters}")
         if not 0 <= self.routing_decay < 1:
@@ -272,15 +282,56 @@ class SparseAttention(Attention):
         return {}
 
     def _attend_lists(self, q, k, v, idx, cnt, *, q_block: int, seq_len: int | None = None, q_pos=None,
-                      kv_pos=None):
-        """The op with per-group lists idx [Hs, nQb, Kmax], cnt [Hs, nQb] shared by the batch; seq_len: moa's N."""
+                      kv_pos=None, window_only: bool = False):
+        """The op with per-group lists idx [Hs, nQb, Kmax], cnt [Hs, nQb] shared by the batch; seq_len: moa's N.
+        window_only (sink_window): the window predicate without the sinks, returning (o, lse) for the sink part to
+        be merged in (`_sink_part`)."""
         B = q.shape[0]
         idx = jnp.broadcast_to(jnp.asarray(idx, jnp.int32)[None], (B, *np.shape(idx)))
         cnt = jnp.broadcast_to(jnp.asarray(cnt, jnp.int32)[None], (B, *np.shape(cnt)))
-        o = block_sparse_attention(q, k, v, idx, cnt, q_block=q_block, kv_block=self.sparse.block_size, causal=True,
-                                   q_pos=q_pos, kv_pos=kv_pos, implementation=self.sparse.implementation,
-                                   **self._predicates(seq_len))
-        return o
+        predicates = self._predicates(seq_len)
+        if window_only:
+            predicates["n_sink"] = 0
+        return block_sparse_attention(q, k, v, idx, cnt, q_block=q_block, kv_block=self.sparse.block_size,
+                                      causal=True, q_pos=q_pos, kv_pos=kv_pos, return_lse=window_only,
+                                      implementation=self.sparse.implementation, **predicates)
+
+    # --- sink_window with StreamingLLM's cache positions (sink_positions="cache") ------------------------------------
+
+    @property
+    def cache_sinks(self) -> bool:
+        """Whether sink keys are scored from the query's cache position (sink_window, sink_positions="cache")."""
+        c = self.sparse
+        return c.pattern == "sink_window" and c.sink_positions == "cache" and c.n_sink > 0
+
+    def _sink_part(self, q_raw: Float[Array, "B T H K"], positions, sink_k: Float[Array, "B S Hkv K"],
+                   sink_v: Float[Array, "B S Hkv Dv"], sink_valid) -> tuple[Float[Array, "B T H Dv"],
+                                                                             Float[Array, "B T H"]]:
+        """(o, lse) of queries at `positions` [T] over the sink keys j < S = n_sink that lie outside their window
+        (j <= t - window; the window part reads the others), sink_valid bool [S]. StreamingLLM (§3.2) numbers the
+        cache [sinks | window] 0, 1, ...: the query stands at min(t, n_sink + window - 1) and sink j at j, so the
+        query is rotated at that position; the sink keys keep their rotation at their true positions 0..S-1. Rows
+        with no such sink give o = 0, lse = -inf (merge_attention takes them), with finite gradients."""
+        c = self.sparse
+        q = q_raw
+        if self.config.rope:
+            q = apply_rope(q_raw, jnp.minimum(positions, c.n_sink + c.window - 1), freqs=self.rope_frequencies())
+        B, T, H, K = q.shape
+        hkv = sink_k.shape[2]
+        qg = q.reshape(B, T, hkv, H // hkv, K).astype(jnp.float32)
+        scores = jnp.einsum("bthgk,bjhk->bthgj", qg, sink_k.astype(jnp.float32)) * K ** -0.5
+        j = jnp.arange(sink_k.shape[1])
+        visible = (sink_valid[None, :] & (j[None, :] <= positions[:, None] - c.window))[None, :, None, None, :]
+        m = jax.lax.stop_gradient(jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        # exp of the masked entries is exp(0) (finite), then zeroed: no inf * 0 in the gradient.
+        e = jnp.where(visible, jnp.exp(jnp.where(visible, scores, m[..., None]) - m[..., None]), 0.0)
+        total = e.sum(-1)
+        nonempty = total > 0
+        total_safe = jnp.where(nonempty, total, 1.0)
+        o = jnp.einsum("bthgj,bjhd->bthgd", e / total_safe[..., None], sink_v.astype(jnp.float32))
+        lse = jnp.where(nonempty, m + jnp.log(total_safe), -jnp.inf)
+        return o.reshape(B, T, H, -1).astype(q_raw.dtype), lse.reshape(B, T, H)
 
     def project_qkv_raw(self, x: Hidden, positions) -> tuple[Float[Array, "B T H K"], Float[Array, "B T Hkv K"],
                                                              Float[Array, "B T Hkv K"], Float[Array, "B T H K"],
@@ -304,8 +355,18 @@ class SparseAttention(Attention):
             q, k, v, q_raw, k_raw = self.project_qkv_raw(x, positions)
             o = self.policy(q, k, v, q_raw=q_raw, k_raw=k_raw, positions=positions)
             return self.o_proj(o.reshape(B, T, -1))
-        q, k, v = self.project_qkv(x, jnp.arange(T))
         n_blocks = _ceil_div(T, self.sparse.block_size)
+        if self.cache_sinks:  # the window (true positions) and the sinks outside it (cache positions), merged
+            c, positions = self.sparse, jnp.arange(T, dtype=jnp.int32)
+            q, k, v, q_raw, _ = self.project_qkv_raw(x, positions)
+            idx, cnt = sparse_patterns.block_lists(sparse_patterns.sink_window_blocks(
+                n_blocks, n_blocks, block=c.block_size, n_sink=0, window=c.window))
+            o, lse = self._attend_lists(q, k, v, idx, cnt, q_block=c.block_size, window_only=True)
+            n = min(c.n_sink, T)
+            o_sink, lse_sink = self._sink_part(q_raw, positions, k[:, :n], v[:, :n], jnp.ones((n,), bool))
+            o, _ = merge_attention(o, lse, o_sink, lse_sink)
+            return self.o_proj(o.reshape(B, T, -1))
+        q, k, v = self.project_qkv(x, jnp.arange(T))
         idx, cnt = sparse_patterns.block_lists(self.block_mask(n_blocks, n_blocks, T))
         o = self._attend_lists(q, k, v, idx, cnt, q_block=self.sparse.block_size, seq_len=T)
         return self.o_proj(o.reshape(B, T, -1))
@@ -431,7 +492,7 @@ class SparseAttention(Attention):
         ring: swa_op.SlidingWindowCache = state["ring"]
         pos, W = ring.pos, c.window
         positions = pos + jnp.arange(T, dtype=jnp.int32)
-        q, k, v = self.project_qkv(x, positions)
+        q, k, v, q_raw, _ = self.project_qkv_raw(x, positions)
 
         def padded(a, n):  # [B, L, ...] -> [B, n, ...]
             return jnp.pad(a, ((0, 0), (0, n - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
@@ -450,9 +511,11 @@ class SparseAttention(Attention):
         values = jnp.concatenate([padded(state["sink_v"].astype(q.dtype), s1), padded(ring.v.astype(q.dtype), s2),
                                   padded(v, s3)], axis=1)
         idx, cnt = self._bounded_lists(n_sink_blocks, n_ring_blocks, n_chunk_blocks)
-        o = self._attend_lists(padded(q, s3), keys, values, idx, cnt, q_block=bs,
-                               q_pos=pos + jnp.arange(s3, dtype=jnp.int32), kv_pos=kv_pos)[:, :T]
-        y = self.o_proj(o.reshape(B, T, -1))
+        out = self._attend_lists(padded(q, s3), keys, values, idx, cnt, q_block=bs,
+                                 q_pos=pos + jnp.arange(s3, dtype=jnp.int32), kv_pos=kv_pos,
+                                 window_only=self.cache_sinks)
+        if not self.cache_sinks:
+            o = out[:, :T]
 
         # Writes: sink s <- new token s - pos; ring slot r <- the newest new position p with p % W = r, if any.
         def take(a, i):  # a [B, T, ...] at token indices i [n] (clipped; the unused ones are masked by the caller)
@@ -470,4 +533,9 @@ class SparseAttention(Attention):
             "ring": swa_op.SlidingWindowCache(put(ring.k, k, newest - pos, ring_write),
                                               put(ring.v, v, newest - pos, ring_write), pos + T),
         }
+        if self.cache_sinks:  # the sinks outside the window, from the sink cache this chunk has completed
+            o_sink, lse_sink = self._sink_part(q_raw, positions, new_state["sink_k"].astype(q.dtype),
+                                               new_state["sink_v"].astype(q.dtype), sink_pos < pos + T)
+            o, _ = merge_attention(out[0][:, :T], out[1][:, :T], o_sink, lse_sink)
+        y = self.o_proj(o.reshape(B, T, -1))
         return new_state, y

@@ -7,7 +7,8 @@ bfloat16. The tests read their results (cached per mixer), so a mixer costs two 
 it only with `-m slow`. The 8-device mesh step is in test_mesh.py; docs/adding_a_mixer.md lists the checks.
 
 `VARIANTS` adds cases beyond the registry's small configs: a registered mixer at another config that takes another
-code path (sparse_attention's moa pattern: per-head windows from a plan file, decoded over the KV cache; its dynamic
+code path (sparse_attention's moa pattern: per-head windows from a plan file, decoded over the KV cache; sink_window
+at StreamingLLM's cache positions; its dynamic
 patterns mean_topk and seer), checked exactly like the registered ones; a variant's `skip` skips a check with its
 reason, as a registration's does (a case that skips "decode" has its bfloat16 decoding compared with its float32
 decoding).
@@ -52,6 +53,10 @@ VARIANTS = {
     # inside blocks and windows; decoding runs over Attention's KV cache (linear).
     "sparse_attention[moa]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
         pattern="moa", plan=str(MOA_PLAN), block_size=4, n_sink=2, n_heads=4, n_kv_heads=2)}),
+    # StreamingLLM's cache positions: 2 sinks + a window of 6 in blocks of 4, so from t = 8 on the queries score the
+    # sinks from position 7 (their window from t); GQA groups of 2. Decoding keeps the sink + ring cache (bounded).
+    "sparse_attention[sink_cache]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="sink_window", sink_positions="cache", block_size=4, n_sink=2, window=6, n_heads=4, n_kv_heads=2)}),
     # A dynamic pattern: blocks of 4 (5 at T = 20), top 3 of them per query block with one sink block, so rows from
     # block 3 on choose by content; GQA groups of 2 share a list. Its block-mean queries see the later tokens of
     # their block: tests/layers/test_sparse_topk.py checks decoding against the parallel form of each prefix.
@@ -69,10 +74,10 @@ VARIANTS = {
     # causal, and decoding recomputes the clusters from the KV cache (layers/sparse_routing.py).
     "sparse_attention[routing]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
         pattern="routing", block_size=4, routing_clusters=3, routing_local_heads=1, n_heads=4, n_kv_heads=2)}),
-    # HyperAttention with min_seq_len 4, so at T = 20 the second half's queries over the first half (10 x 10) are
-    # approximated by sortLSH blocks of 4 plus 4 sampled columns, and so are the halves of halves.
+    # HyperAttention with min_seq_len 8, so at T = 20 the second half's queries over the first half (10 x 10) are
+    # approximated by sortLSH blocks of 4 plus 4 sampled columns, and so are the halves' (5 x 5); 5 tokens are exact.
     "sparse_attention[hyper]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
-        pattern="hyper", block_size=4, hyper_lsh_bits=3, hyper_samples=4, hyper_min_seq_len=4, n_heads=4,
+        pattern="hyper", block_size=4, hyper_lsh_bits=3, hyper_samples=4, hyper_min_seq_len=8, n_heads=4,
         n_kv_heads=2)}, skip={"causal": HYPER, "decode": HYPER}),
 }
 NAMES = sorted(MIXERS) + sorted(VARIANTS)

@@ -93,6 +93,37 @@ def test_parallel_form_is_attention_over_the_papers_token_set(cfg):
     assert_close(cfg.pattern, y, expected, 1e-5)
 
 
+def test_cache_position_sinks_are_streamingllm_scoring_written_out():
+    """sink_positions="cache": query t sees its window at true positions and the sinks outside the window from its
+    position in StreamingLLM's cache, min(t, n_sink + window - 1) (§3.2); written out per (query, key) here. Below
+    that position the layer is the true-position one."""
+    from effarch.layers.rope import apply_rope
+
+    cfg = dataclasses.replace(SINK, sink_positions="cache", n_heads=4, n_kv_heads=2)
+    layer = SparseAttention(D, cfg, rngs=nnx.Rngs(0))
+    x = make_x()
+    t_cache = cfg.n_sink + cfg.window - 1
+    _, k, v, q_raw, _ = layer.project_qkv_raw(x, jnp.arange(T))
+    freqs = layer.rope_frequencies()
+    rep = q_raw.shape[2] // k.shape[2]
+    k, v = np.asarray(jnp.repeat(k, rep, axis=2)), np.asarray(jnp.repeat(v, rep, axis=2))
+    o = np.zeros(q_raw.shape[:3] + (v.shape[-1],), np.float32)
+    for t in range(T):
+        q_true = np.asarray(apply_rope(q_raw[:, t:t + 1], jnp.array([t]), freqs=freqs))[:, 0]
+        q_cache = np.asarray(apply_rope(q_raw[:, t:t + 1], jnp.array([min(t, t_cache)]), freqs=freqs))[:, 0]
+        keys = [j for j in range(t + 1) if j > t - cfg.window or j < cfg.n_sink]
+        s = np.stack([np.einsum("bhk,bhk->bh", q_true if j > t - cfg.window else q_cache, k[:, j]) for j in keys], -1)
+        p = np.exp(s / np.sqrt(q_raw.shape[-1]) - (s / np.sqrt(q_raw.shape[-1])).max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o[:, t] = np.einsum("bhj,bjhd->bhd", p, v[:, keys])
+    expected = layer.o_proj(jnp.asarray(o).reshape(B, T, -1))
+    y, y_true = jax.jit(lambda x: (layer(x), SparseAttention(D, dataclasses.replace(cfg, sink_positions="text"),
+                                                                 rngs=nnx.Rngs(0))(x)))(x)
+    assert_close("cache-position sinks", y, expected, 1e-5)
+    np.testing.assert_allclose(y[:, :t_cache + 1], y_true[:, :t_cache + 1], atol=1e-6)
+    assert not np.allclose(y[:, t_cache + 1:], y_true[:, t_cache + 1:], atol=1e-4)
+
+
 def write_plan(path, alphas, betas, **extra):
     """A plan file with one layer of (alpha, beta) per KV head."""
     path.write_text(json.dumps({"layers": [{"alpha": list(alphas), "beta": list(betas)}], **extra}))
@@ -276,13 +307,15 @@ def test_registry_state_growth_follows_the_pattern(cfg, growth):
     ("block_size=0", "block_size must be positive"),
     ("vert_stride=1", "vert_stride must be >= 2"),
     ("n_sink=-1", "n_sink must be >= 0"),
+    ("sink_positions=both", "sink_positions: expected one of ['text', 'cache'], got 'both'"),
+    ("pattern=s2 sink_positions=cache", "sink_positions='cache' applies to pattern sink_window, not s2"),
     ("n_kv_heads=3", "n_kv_heads=3 must divide n_heads=4"),
 ])
 def test_bad_config_fails_in_one_line(override, message):
     from effarch.train.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as e:
-        load_config([], [f"model.sparse_attention.{override}"])
+        load_config([], [f"model.sparse_attention.{o}" for o in override.split()])
     assert message in str(e.value) and "\n" not in str(e.value) and "sparse_attention" in str(e.value)
 
 
