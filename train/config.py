@@ -69,6 +69,10 @@ class TextData:
     train_split: str = "train"  # TFDS split names (local corpora have "train" and "validation")
     eval_split: str = "validation"
     max_eval_bytes: int = 262_144  # read at most this much text of eval_split (max_bytes bounds train_split)
+    # every window (training, evaluation, `effarch eval perplexity --lengths`) starts with a beginning-of-sequence
+    # token, the content shifted by one (train/data/packing.py); its id is one past the tokenizer's (bytes: 257), so
+    # model.vocab_size needs one id more
+    bos: bool = False
 
     def __post_init__(self):
         if self.max_bytes < 1 or self.max_eval_bytes < 1:
@@ -151,6 +155,8 @@ class DataConfig:
                              f"{self.landmark.block_len + 1} (windows start on a block boundary)")
         if self.text.source.startswith("tfds:") and self.task != "text":
             raise ValueError(f"text.source={self.text.source!r} (a TFDS dataset) needs task: text, not {self.task}")
+        if self.text.bos and self.task != "text":
+            raise ValueError(f"text.bos is for task: text (packed windows of documents), not {self.task}")
         if self.task == "text" and self.landmark.block_len:
             raise ValueError("landmark.block_len is for tasks bytes and passkey; task: text does not insert landmarks")
 

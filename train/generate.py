@@ -17,7 +17,7 @@ from effarch.arches.lm import DecoderLM
 from effarch.layers.trained_state import SAVED
 from effarch.train.checkpoint import Checkpointer, CheckpointMismatch
 from effarch.train.config import Config, ConfigError, load_config
-from effarch.train.data.text_stream import document_source
+from effarch.train.data.text_stream import bos_id, document_source
 from effarch.train.data.tokenizers import text_tokenizer
 from effarch.train.lora import build_model
 from effarch.train.run_dir import checkpoint_steps
@@ -139,7 +139,8 @@ def sample_text(run_dir: str | Path, *, prompt_bytes: int = 96, max_new_tokens: 
     """(prompt, sampled continuation) of a `data.task: text` run. The prompt is the start of the first held-out
     document (data.text.eval_split), cut at its last newline within `prompt_bytes`; the continuation stops at the
     document separator. Sampled (not greedy: a small model's greedy output collapses into repeated whitespace), with
-    a fixed seed, so a run's sample is reproducible."""
+    a fixed seed, so a run's sample is reproducible. A run trained with `data.text.bos` gets its BOS token first, as
+    every training window had."""
     cfg, model = load_run(run_dir)
     if cfg.data.task != "text":
         raise ConfigError(f"run dir {str(run_dir)!r}: sample_text needs data.task: text, not {cfg.data.task}")
@@ -147,6 +148,9 @@ def sample_text(run_dir: str | Path, *, prompt_bytes: int = 96, max_new_tokens: 
     docs, _ = document_source(cfg.data, cfg.data.text.eval_split)
     head = docs[0][:prompt_bytes]
     prompt = head[: head.rfind(b"\n") + 1] or head
-    out = generate(model, tokenizer.encode(prompt)[None], max_new_tokens, temperature=temperature, seed=seed)[0]
+    ids = tokenizer.encode(prompt)
+    if cfg.data.text.bos:
+        ids = np.concatenate([[bos_id(cfg.data.text, tokenizer)], ids]).astype(np.int32)
+    out = generate(model, ids[None], max_new_tokens, temperature=temperature, seed=seed)[0]
     ends = np.flatnonzero(out == tokenizer.sep_id)
     return prompt.decode("utf-8", errors="replace"), tokenizer.decode(out[: ends[0] if len(ends) else len(out)])

@@ -214,6 +214,10 @@ def generate_cli(argv: list[str]) -> None:
         _fail(str(e))
     if args.text is not None and tokenizer is not None:
         ids = [int(t) for t in tokenizer.encode(args.text.encode("utf-8"))]
+        if run_cfg.data.text.bos:  # every training window started with it (train/data/packing.py)
+            from effarch.train.data.text_stream import bos_id
+
+            ids = [bos_id(run_cfg.data.text, tokenizer), *ids]
     elif args.text is not None:
         ids = list(args.text.encode("utf-8"))
     else:

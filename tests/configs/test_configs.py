@@ -29,6 +29,8 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "mqar/diffqkv.yaml", "mqar/moh.yaml", "mqar/lightning.yaml",
              "lm/landmark_small.yaml",  # passkey/landmark trains the mixer, quickstart the text task
              "lm/sink_window_small.yaml",  # lm/sparse_attention_small trains the mixer, quickstart the text task
+             # the same with data.text.bos, whose windows tests/train/test_text_data.py and test_evals.py check
+             "lm/sink_window_bos.yaml",
              "mqar/attention.yaml",  # mqar/zoology_attention trains attention on MQAR
              # BaseConv + attention / sparse_attention (s2) on MQAR (256, 16): zoology_attention and
              # lm/sparse_attention_small train those mixers

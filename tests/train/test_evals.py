@@ -436,6 +436,58 @@ def test_perplexity_by_length_on_a_text_run(tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_perplexity_lengths_of_a_bos_run_start_every_window_with_bos(tmp_path):
+    """data.text.bos: the windows cut at every length start with BOS, as the trainer's evaluation windows do (at
+    L = seq_len they are those windows), and score the same labels as without BOS."""
+    import dataclasses
+
+    from effarch.train.config import Config, DataConfig, TextData
+    from effarch.train.data.labels import IGNORE_LABEL
+
+    corpus = tmp_path / "corpus"
+    for name, text in TEXT_DOCS.items():
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / name).write_text(text)
+    text = TextData(source=str(corpus), val_fraction=0.2, bos=True)
+    cfg = Config(model=ModelConfig(vocab_size=258, d_model=8, n_layers=1),
+                 data=DataConfig(task="text", seq_len=8, data_dir=str(tmp_path / "tfds"), text=text))
+    held = perplexity.heldout_text(cfg)
+    plain = perplexity.heldout_text(dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, text=dataclasses.replace(text, bos=False))))
+    assert held.bos_id == 257 and plain.bos_id is None and held.bytes_per_label == plain.bytes_per_label
+    (seg,) = perplexity.heldout_segments(cfg)
+    np.testing.assert_array_equal(held.windows(8)[0], seg.inputs)
+    np.testing.assert_array_equal(held.windows(8)[1], seg.labels)
+    for length in (8, 32, 64):
+        x, y = held.windows(length)
+        assert (x[:, 0] == 257).all() and (x[:, 1:] != 257).all()
+        assert (y != IGNORE_LABEL).sum() == (plain.windows(length)[1] != IGNORE_LABEL).sum()
+        np.testing.assert_array_equal(x[:, 1:][y[:, :-1] != IGNORE_LABEL], y[:, :-1][y[:, :-1] != IGNORE_LABEL])
+
+
+
+# Writes and restores a run's checkpoint (9 s on 2 loaded cores): the slow suite.
+@pytest.mark.slow
+def test_generate_text_of_a_bos_run_starts_with_bos(tmp_path, monkeypatch, capsys):
+    """`effarch generate RUN --text` of a data.text.bos run feeds BOS first, as every training window had it."""
+    from effarch.train.config import Config, DataConfig, TextData
+    from effarch.train.convert import write_run
+    from effarch.train.main import main
+
+    cfg = Config(model=ModelConfig(vocab_size=258, d_model=8, n_layers=1),
+                 data=DataConfig(task="text", seq_len=8, text=TextData(bos=True)))
+    run_dir = write_run(cfg, nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param), tmp_path / "run")
+    prompts = []
+
+    def fake_generate(model, prompt, max_new_tokens, **kwargs):
+        prompts.append(np.asarray(prompt).tolist())
+        return np.zeros((1, max_new_tokens), np.int32) + 97
+
+    monkeypatch.setattr("effarch.train.generate.generate", fake_generate)
+    main(["generate", str(run_dir), "--text", "ab", "--max-new-tokens", "2"])
+    assert prompts == [[[257, 97, 98]]] and capsys.readouterr().out.strip() == "aa"
+
+
 def test_perplexity_lengths_of_a_bytes_stream_and_other_tasks(tmp_path):
     """bytes: windows of L + 1 bytes at a stride of L, the remainder dropped, from the trainer's held-out bytes (at
     L = seq_len its very windows); a token task has no text to cut."""

@@ -91,6 +91,31 @@ def test_packing_separators_masks_and_pads():
     assert windows.labelled_bytes(np.array([1] * 9 + [0])) == (6, 3)  # the separators stand for no bytes
 
 
+def test_bos_starts_every_window_and_keeps_the_labels():
+    """data.text.bos: window i is the window of the stream with a separator before it, input 0 replaced by BOS; the
+    labelled stream positions are those without BOS (a document's first token masked, even at a window start)."""
+    sep, bos = 9, 10
+    stream = concatenate([np.array([1, 2, 3]), np.array([4, 5]), np.array([6])], sep)  # 1 2 3 9 4 5 9 6 9
+    x, y = PackedWindows(stream, seq_len=4, sep_id=sep, bos_id=bos).all()
+    np.testing.assert_array_equal(x, [[bos, 1, 2, 3], [bos, 4, 5, 9], [bos, 9, 9, 9]])
+    np.testing.assert_array_equal(y, [[IGNORE_LABEL, 2, 3, 9], [IGNORE_LABEL, 5, 9, IGNORE_LABEL],
+                                      [9, IGNORE_LABEL, IGNORE_LABEL, IGNORE_LABEL]])
+    # Window 1 starts at document 2's first token (4): masked as without BOS; window 2 starts mid-document (9 after
+    # 6): its label is kept, predicted from BOS alone.
+    rng = np.random.default_rng(0)
+    tokens = concatenate([rng.integers(0, 9, n) for n in (50, 1, 7, 90, 3)], sep)
+    for L in (2, 5, 8, 64, 200):
+        x, y = PackedWindows(tokens, L, sep, bos).all()
+        ref_x, ref_y = PackedWindows(np.concatenate([[sep], tokens]).astype(np.int32), L, sep).all()
+        assert (x[:, 0] == bos).all() and (x[:, 1:] != bos).all()
+        np.testing.assert_array_equal(x[:, 1:], ref_x[:, 1:])  # the content, shifted right by one
+        np.testing.assert_array_equal(y, ref_y)
+        plain_y = PackedWindows(tokens, L, sep).all()[1]
+        np.testing.assert_array_equal(np.sort(y[y != IGNORE_LABEL]), np.sort(plain_y[plain_y != IGNORE_LABEL]))
+    assert PackedWindows(tokens, 8, sep, bos).labelled_bytes(np.ones(11, np.int64)) == (
+        (PackedWindows(tokens, 8, sep, bos).all()[1] != IGNORE_LABEL).sum(), ) * 2
+
+
 def test_no_label_crosses_a_document_boundary(corpus, tmp_path):
     text = TextData(source=str(corpus), val_fraction=0.2)
     cfg = DataConfig(task="text", data_dir=str(tmp_path), seq_len=13, text=text)
@@ -142,6 +167,8 @@ def test_two_processes_load_the_global_batch():
     (["data.text.tokenizer=word"], "data.text.tokenizer: expected one of"),
     (["data.text.tokenizer=hf"], "data.text: tokenizer=hf needs tokenizer_model"),
     (["data.text.separator_token=</s>"], "data.text: separator_token is for tokenizer=hf, not bytes"),
+    (["data.text.bos=maybe"], "data.text.bos"),
+    (["data.task=bytes", "data.text.bos=true"], "text.bos is for task: text"),
 ])
 def test_config_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -153,6 +180,8 @@ def test_build_errors_name_the_key(corpus, tmp_path):
     base = dict(task="text", data_dir=str(tmp_path), seq_len=8, text=text)
     with pytest.raises(ValueError, match="vocab_size=256 is smaller than the 257 ids of data.text.tokenizer=bytes"):
         build_data(DataConfig(**base), vocab_size=256, batch_size=2)
+    with pytest.raises(ValueError, match=r"vocab_size=257 is smaller than the 258 ids .* BOS id 257 \(data.text.bos"):
+        build_data(DataConfig(**{**base, "text": dataclasses.replace(text, bos=True)}), vocab_size=257, batch_size=2)
     with pytest.raises(ValueError, match="fewer than train.batch_size=4096"):
         build_data(DataConfig(**base), vocab_size=257, batch_size=4096)
     with pytest.raises(ValueError, match="data.text.source='tfds:no_such_dataset': cannot read split 'train'"):
@@ -209,6 +238,13 @@ def test_corpus_windows_read_only_the_documents_they_overlap(seq_len, max_bytes)
         assert docs.reads == overlapping  # each overlapping document read once, nothing else
     with pytest.raises(IndexError):
         windows[len(windows)]
+    # With BOS: the same windows as the packed stream's with BOS (train/data/packing.py), the same labels.
+    with_bos = CorpusWindows(docs, ends, tok, seq_len, max_bytes, bos_id=257)
+    packed = PackedWindows(packed.tokens, seq_len, 256, bos_id=257)
+    assert len(with_bos) == len(packed)
+    for i in range(len(with_bos)):
+        for a, b in zip(with_bos[i], packed[i]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_train_windows_come_from_the_cached_offsets(corpus, tmp_path, monkeypatch):

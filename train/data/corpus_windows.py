@@ -5,8 +5,9 @@ Instead one pass over the documents records where each document's tokens end in 
 (`document_ends`); the array is cached under the data directory, next to the TFDS datasets
 (`<data_dir>/effarch_offsets/<corpus>-<key>.npy`, keyed by the corpus fingerprint, split, tokenizer and
 `data.text.max_bytes`), and memory-mapped, so later runs skip the pass. Window i covers stream positions
-[i·L, i·L + L + 1): a binary search in the ends finds the documents it overlaps, which are read by index from the
-array_record file (the split's Grain MapDataset) and tokenized, and the window is cut from them.
+[i·L, i·L + L + 1) (with `data.text.bos`, one position earlier: train/data/packing.py): a binary search in the
+ends finds the documents it overlaps, which are read by index from the array_record file (the split's Grain
+MapDataset) and tokenized, and the window is cut from them.
 
 The windows are exactly those of `PackedWindows(concatenate(documents))` (same count, same tokens, same masks), so
 the shuffled batches of a step, and resuming at a step, are what they were when the stream was held in memory.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effarch.train.data.packing import n_windows, window
+from effarch.train.data.packing import n_windows, span, window
 
 OFFSETS_DIR = "effarch_offsets"
 _FORMAT = 1  # bump when the meaning of the cached ends changes
@@ -84,17 +85,19 @@ class CorpusWindows:
       tokenizer: what encodes a document (the one the ends were counted with).
       seq_len: L, tokens per window.
       max_bytes: each document is cut at this many bytes, as when the ends were counted.
+      bos_id: the token every window starts with (train/data/packing.py), None: none. The stream and its cached
+        ends are the same with or without it; only the cut into windows differs.
     """
 
-    def __init__(self, docs, ends: np.ndarray, tokenizer, seq_len: int, max_bytes: int):
+    def __init__(self, docs, ends: np.ndarray, tokenizer, seq_len: int, max_bytes: int, bos_id: int | None = None):
         self.docs, self.ends, self.tokenizer = docs, ends, tokenizer
-        self.seq_len, self.sep_id, self.max_bytes = seq_len, tokenizer.sep_id, max_bytes
+        self.seq_len, self.sep_id, self.max_bytes, self.bos_id = seq_len, tokenizer.sep_id, max_bytes, bos_id
         self.n_tokens = int(ends[-1]) if len(ends) else 0
         if self.n_tokens < 2:
             raise ValueError(f"the packed stream has {self.n_tokens} tokens: too few for one window")
 
     def __len__(self) -> int:
-        return n_windows(self.n_tokens, self.seq_len)
+        return n_windows(self.n_tokens, self.seq_len, self.bos_id is not None)
 
     def document(self, j: int) -> np.ndarray:
         """Document j's tokens followed by the separator, [ends[j] - ends[j - 1]] int32."""
@@ -109,16 +112,16 @@ class CorpusWindows:
         """(inputs [L] int32, labels [L] int32) of window i, reading only the documents it overlaps."""
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} of {len(self)}")
-        start = i * self.seq_len
-        stop = min(start + self.seq_len + 1, self.n_tokens)
+        start, stop = span(i, self.seq_len, self.n_tokens, self.bos_id is not None)
+        parts = [np.array([self.sep_id], np.int32)] if start < 0 else []  # BOS: the separator before the stream
+        start = max(start, 0)
         j = int(np.searchsorted(self.ends, start, side="right"))  # the first document ending after `start`
         doc_start = int(self.ends[j - 1]) if j else 0
-        parts = []
         while doc_start < stop:
             parts.append(self.document(j)[max(start - doc_start, 0) : stop - doc_start])
             doc_start = int(self.ends[j])
             j += 1
-        return window(np.concatenate(parts), self.seq_len, self.sep_id)
+        return window(np.concatenate(parts), self.seq_len, self.sep_id, self.bos_id)
 
     @property
     def tokens(self) -> np.ndarray:

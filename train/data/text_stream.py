@@ -6,11 +6,11 @@
   random-access `ArrayRecordDataSource` wrapped in `grain.MapDataset` (no TensorFlow).
 - `data.text.train_split` / `data.text.eval_split` name the splits; at most `data.text.max_bytes` /
   `data.text.max_eval_bytes` of text are read from each (whole documents in stored order, each cut at the limit).
-- Windows are packed by train/data/packing.py (separator, cross-document labels masked, pads -100). The train
-  split is never held in memory: its windows are read from the array_record files by index
-  (train/data/corpus_windows.py; document offsets computed once and cached under the data directory), so memory
-  does not grow with the corpus or `data.text.max_bytes`. The eval split (`data.text.max_eval_bytes`) is packed in
-  memory.
+- Windows are packed by train/data/packing.py (separator, cross-document labels masked, pads -100; with
+  `data.text.bos`, each window starts with a BOS token, id `bos_id`). The train split is never held in memory: its
+  windows are read from the array_record files by index (train/data/corpus_windows.py; document offsets computed
+  once and cached under the data directory), so memory does not grow with the corpus or `data.text.max_bytes`. The
+  eval split (`data.text.max_eval_bytes`) is packed in memory.
 - The order: epoch e (every window once) is Grain's index shuffle with seed (derived(data.seed) + e). Global batch
   `step` holds the windows at positions [step·B, (step + 1)·B) of that endless sequence, so it is a pure function of
   (data config, corpus, step): a resumed run, a prefetching thread and every process see the same batches, and a
@@ -86,6 +86,18 @@ def read_documents(docs: grain.MapDataset, max_bytes: int) -> list[bytes]:
     return out
 
 
+def bos_id(text_cfg, tokenizer: Tokenizer) -> int | None:
+    """The id every window starts with (`data.text.bos`): one past the tokenizer's ids (bytes: 257), a token that
+    appears nowhere else, so the model cannot confuse it with the separator, which also occurs mid-window (Llama's
+    <s> and </s> are two tokens too). None without `data.text.bos`."""
+    return tokenizer.vocab_size if text_cfg.bos else None
+
+
+def ids_needed(text_cfg, tokenizer: Tokenizer) -> int:
+    """The ids the model must hold: the tokenizer's, and BOS."""
+    return tokenizer.vocab_size + bool(text_cfg.bos)
+
+
 def pack_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> tuple[PackedWindows, str]:
     """The split's packed windows, in memory (the eval split)."""
     docs, fingerprint = document_source(data_cfg, split)
@@ -93,7 +105,7 @@ def pack_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> tu
     tokens = concatenate([tokenizer.encode(t) for t in texts], tokenizer.sep_id)
     if len(tokens) < 2:
         raise ValueError(f"data.text.source {data_cfg.text.source!r}: split {split!r} holds no text")
-    return PackedWindows(tokens, data_cfg.seq_len, tokenizer.sep_id), fingerprint
+    return PackedWindows(tokens, data_cfg.seq_len, tokenizer.sep_id, bos_id(data_cfg.text, tokenizer)), fingerprint
 
 
 def corpus_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> tuple[CorpusWindows, str]:
@@ -106,7 +118,8 @@ def corpus_split(data_cfg, tokenizer: Tokenizer, split: str, max_bytes: int) -> 
     ends = cached_document_ends(path, docs, tokenizer, max_bytes)
     if (int(ends[-1]) if len(ends) else 0) < 2:
         raise ValueError(f"data.text.source {data_cfg.text.source!r}: split {split!r} holds no text")
-    return CorpusWindows(docs, ends, tokenizer, data_cfg.seq_len, max_bytes), fingerprint
+    windows = CorpusWindows(docs, ends, tokenizer, data_cfg.seq_len, max_bytes, bos_id(data_cfg.text, tokenizer))
+    return windows, fingerprint
 
 
 class TextStream:
@@ -139,9 +152,11 @@ class TextStream:
 def build_text_data(data_cfg, vocab_size: int, batch_size: int):
     """(TextStream over the train split, (inputs, labels, bytes per label) of the eval split)."""
     tokenizer = text_tokenizer(data_cfg.text)
-    if vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the {tokenizer.vocab_size} ids of "
-                         f"data.text.tokenizer={data_cfg.text.tokenizer} (separator id {tokenizer.sep_id} included)")
+    if vocab_size < ids_needed(data_cfg.text, tokenizer):
+        bos = f" and BOS id {bos_id(data_cfg.text, tokenizer)} (data.text.bos)" if data_cfg.text.bos else ""
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the {ids_needed(data_cfg.text, tokenizer)} "
+                         f"ids of data.text.tokenizer={data_cfg.text.tokenizer} (separator id {tokenizer.sep_id}"
+                         f"{bos} included)")
     train, fingerprint = corpus_split(data_cfg, tokenizer, data_cfg.text.train_split, data_cfg.text.max_bytes)
     val, _ = pack_split(data_cfg, tokenizer, data_cfg.text.eval_split, data_cfg.text.max_eval_bytes)
     n_labels, n_bytes = val.labelled_bytes(tokenizer.token_bytes())

@@ -9,7 +9,8 @@ targets); for the `text` task, bits per token / the UTF-8 bytes per label of the
 `--lengths L1 L2 ...` (text and bytes runs): the held-out token stream is cut again into windows of exactly L tokens
 for each L, independent of `data.seq_len`, and the model runs its parallel form at each L (length extrapolation).
 The windows are made as the run's pipeline makes them: for `text`, the eval split's documents packed with the
-separator (train/data/packing.py: cross-document labels masked, the last window padded); for `bytes`, the held-out
+separator (train/data/packing.py: cross-document labels masked, the last window padded; a run trained with
+`data.text.bos` gets BOS at position 0 of every window of every L, as in training); for `bytes`, the held-out
 byte stream (the trainer's validation windows joined back) in windows of L + 1 bytes at a stride of L, the remainder
 dropped. For `text` every held-out target is a label in exactly one window at every L, so all lengths score the same
 tokens. Per L: loss, perplexity, bits per token / byte, the number of windows, and the loss by position in the
@@ -102,16 +103,18 @@ class HeldoutText:
       tokens: [N] int32, the stream (text: documents each followed by the separator; bytes: the bytes).
       sep_id: the separator of a packed `text` stream, None for `bytes` (no documents).
       bytes_per_label: UTF-8 bytes per label (text), 1.0 for bytes.
+      bos_id: the token a `text` run's windows start with (`data.text.bos`), None: none.
     """
 
     tokens: np.ndarray
     sep_id: int | None
     bytes_per_label: float
+    bos_id: int | None = None
 
     def windows(self, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, labels) [n, length] int32, as the run's pipeline makes windows of `length` (module docstring)."""
         if self.sep_id is not None:
-            return PackedWindows(self.tokens, length, self.sep_id).all()
+            return PackedWindows(self.tokens, length, self.sep_id, self.bos_id).all()
         n = (len(self.tokens) - 1) // length
         w = self.tokens[np.arange(n)[:, None] * length + np.arange(length + 1)[None]]
         return w[:, :-1], w[:, 1:]
@@ -127,7 +130,7 @@ def heldout_text(cfg: Config) -> HeldoutText:
         tokenizer = text_tokenizer(d.text)
         val, _ = pack_split(d, tokenizer, d.text.eval_split, d.text.max_eval_bytes)  # as build_text_data
         n_labels, n_bytes = val.labelled_bytes(tokenizer.token_bytes())
-        return HeldoutText(val.tokens, val.sep_id, n_bytes / max(n_labels, 1))
+        return HeldoutText(val.tokens, val.sep_id, n_bytes / max(n_labels, 1), val.bos_id)
     if d.task == "bytes":
         if d.landmark.block_len:
             raise EvalError("perplexity --lengths: runs trained with landmark tokens (data.landmark.block_len) are "
