@@ -13,8 +13,10 @@ per byte of a sink_window model with its sink keys at true positions or at Strea
   true positions, reproducing `effarch eval`; checked by tests/benchmarks/test_attention_sinks.py) or `cache`:
   StreamingLLM's positions within its cache (arXiv 2309.17453 §3.2), where query t sees sink key j at distance
   min(t, n_sink + window - 1) - j (a cache of n_sink + window slots), never farther than in training; the window
-  keys keep their true distances, which are the same in both. effarch's `sparse_attention` layer does not re-index
-  (layers/sparse_attention.py); this script measures what re-indexing would give, on the same weights.
+  keys keep their true distances, which are the same in both. The layer computes the same with
+  `sparse_attention.sink_positions: cache` (layers/sparse_attention.py; `effarch convert RUN OUT --to sparse_attention
+  sink_positions=cache` gives a run `effarch eval` scores so: equal to `cache` here to 4 decimals); this script
+  computes both densely from one run, without a conversion.
 
 Run:      .venv/bin/python benchmarks/attention_sinks.py --run-dir RUN --lengths 256 512 1024 2048
               --sink-positions true cache [--mass 256 --query-from 128] [--max-examples N] [--out FILE]

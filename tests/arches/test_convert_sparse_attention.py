@@ -84,6 +84,8 @@ def test_a_sparse_model_converts_to_another_pattern_on_the_same_weights():
         convert_to_sparse_attention(cfg, params, dense_every=2)
     with pytest.raises(ValueError, match="n_sink must be >= 0, got -1"):
         convert_to_sparse_attention(cfg, params, n_sink=-1)
+    cfg3, _ = convert_to_sparse_attention(cfg, params, sink_positions="cache")  # StreamingLLM's sink scoring
+    assert cfg3.sparse_attention == dataclasses.replace(cfg.sparse_attention, sink_positions="cache")
 
 
 def test_dynamic_patterns_keep_the_weights_and_seer_adds_fresh_gates():
