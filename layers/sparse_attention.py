@@ -78,6 +78,7 @@ from effarch.layers.sparse_seer import SeerPolicy
 from effarch.layers.sparse_topk import MeanTopkPolicy
 from effarch.pallas_kernels import sliding_window as swa_op
 from effarch.pallas_kernels.block_sparse import block_sparse_attention, merge_attention
+from effarch.pallas_kernels.block_sparse.reference import masked_softmax
 
 # The patterns whose blocks a policy module chooses from the content, and each one's policy class (module docstring).
 DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper")
@@ -322,15 +323,8 @@ class SparseAttention(Attention):
         scores = jnp.einsum("bthgk,bjhk->bthgj", qg, sink_k.astype(jnp.float32)) * K ** -0.5
         j = jnp.arange(sink_k.shape[1])
         visible = (sink_valid[None, :] & (j[None, :] <= positions[:, None] - c.window))[None, :, None, None, :]
-        m = jax.lax.stop_gradient(jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        # exp of the masked entries is exp(0) (finite), then zeroed: no inf * 0 in the gradient.
-        e = jnp.where(visible, jnp.exp(jnp.where(visible, scores, m[..., None]) - m[..., None]), 0.0)
-        total = e.sum(-1)
-        nonempty = total > 0
-        total_safe = jnp.where(nonempty, total, 1.0)
-        o = jnp.einsum("bthgj,bjhd->bthgd", e / total_safe[..., None], sink_v.astype(jnp.float32))
-        lse = jnp.where(nonempty, m + jnp.log(total_safe), -jnp.inf)
+        p, lse = masked_softmax(scores, visible)
+        o = jnp.einsum("bthgj,bjhd->bthgd", p, sink_v.astype(jnp.float32))
         return o.reshape(B, T, H, -1).astype(q_raw.dtype), lse.reshape(B, T, H)
 
     def project_qkv_raw(self, x: Hidden, positions) -> tuple[Float[Array, "B T H K"], Float[Array, "B T Hkv K"],

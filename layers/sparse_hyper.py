@@ -53,6 +53,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from effarch.pallas_kernels.block_sparse import block_sparse_attention, merge_attention
+from effarch.pallas_kernels.block_sparse.reference import masked_softmax
 
 
 class LSHProjection(nnx.Variable):
@@ -79,15 +80,8 @@ def _masked_attention(q: Float[Array, "N Tq K"], k: Float[Array, "N S K"], v: Fl
     """Dense softmax attention over the keys where mask [N, Tq, S] holds, float32, with its lse (−inf and o = 0 on
     empty rows, finite gradients: the double-where rule of the op's reference)."""
     s = jnp.einsum("ntk,nsk->nts", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    nonempty = denom > 0
-    safe = jnp.where(nonempty, denom, 1.0)
-    o = jnp.einsum("nts,nsv->ntv", p / safe, v.astype(jnp.float32))
-    return o, jnp.where(nonempty, m + jnp.log(safe), -jnp.inf)[..., 0]
+    p, lse = masked_softmax(s, mask)
+    return jnp.einsum("nts,nsv->ntv", p, v.astype(jnp.float32)), lse
 
 
 def _merge(o1, lse1, o2, lse2):

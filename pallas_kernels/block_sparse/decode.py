@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, group_of_heads
+from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, group_of_heads, masked_softmax
 from effarch.pallas_kernels.dispatch import dispatch
 
 OP = "sparse_decode_attention"
@@ -141,14 +141,7 @@ def sparse_decode_xla(q, k_cache, v_cache, idx, cnt, *, granularity="token", blo
         s = jnp.einsum("BHGD,BHND->BHGN", q_BHGD, k_BHgND[:, :, 0], preferred_element_type=jnp.float32)
     else:
         s = jnp.einsum("BHGD,BHGND->BHGN", q_BHGD, k_BHgND, preferred_element_type=jnp.float32)
-    s = jnp.where(vis, s * scale, -jnp.inf)
-    # The double-where softmax (reference.py): an empty row's max is 0 and its sum 1, so no NaN reaches a gradient.
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    nonempty = denom > 0
-    p = p / jnp.where(nonempty, denom, 1.0)
+    p, lse = masked_softmax(s * scale, vis)  # an empty selection: p = 0, lse = -inf, finite gradients
     v32 = v_BHgNV.astype(jnp.float32)
     if Gs == 1:
         o = jnp.einsum("BHGN,BHNV->BHGV", p, v32[:, :, 0])
@@ -157,7 +150,6 @@ def sparse_decode_xla(q, k_cache, v_cache, idx, cnt, *, granularity="token", blo
     o = o.reshape(B, Hq, -1).astype(q.dtype)
     if not return_lse:
         return o
-    lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, denom, 1.0)), -jnp.inf)
     return o, lse.reshape(B, Hq)
 
 

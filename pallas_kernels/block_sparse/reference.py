@@ -106,6 +106,21 @@ def visible_mask(
     return vis_BGTS[:, groups]
 
 
+def masked_softmax(s: Float[Array, "*R S"], mask) -> tuple[Float[Array, "*R S"], Float[Array, " *R"]]:
+    """Softmax of float32 logits s over the last axis where `mask` (broadcast to s) holds: (p, lse). Masked logits
+    become -inf, so exp gives exactly 0 with a zero gradient; an empty row's max is replaced by 0 and its sum by 1
+    before dividing or taking the log (the double-where rule), so it gives p = 0, lse = -inf and no NaN reaches the
+    gradient."""
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    nonempty = denom > 0
+    safe = jnp.where(nonempty, denom, 1.0)
+    return p / safe, jnp.where(nonempty, m + jnp.log(safe), -jnp.inf)[..., 0]
+
+
 def block_sparse_reference(
     q: Float[Array, "B Tq Hq D"],
     k: Float[Array, "B Tk Hkv D"],
@@ -140,21 +155,12 @@ def block_sparse_reference(
     s_BHGTS = jnp.einsum("BTHGD,BSHD->BHGTS", q_BTHGD, k, preferred_element_type=jnp.float32) * scale
     s_BHTS = s_BHGTS.reshape(B, Hq, Tq, Tk)
 
-    # Masked logits are -inf, so exp gives exactly 0 with a zero gradient; an empty row's max is replaced by 0 and
-    # its sum by 1 before dividing or taking the log (the double-where rule), so no NaN reaches the gradient.
-    s_BHTS = jnp.where(mask_BHTS, s_BHTS, -jnp.inf)
-    m = jnp.max(s_BHTS, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p_BHTS = jnp.exp(s_BHTS - m)
-    denom = jnp.sum(p_BHTS, axis=-1, keepdims=True)
-    nonempty = denom > 0
-    l_safe = jnp.where(nonempty, denom, 1.0)
-    o_BHTV = jnp.einsum("BHTS,BSHV->BHTV", p_BHTS / l_safe,
+    p_BHTS, lse_BHT = masked_softmax(s_BHTS, mask_BHTS)
+    o_BHTV = jnp.einsum("BHTS,BSHV->BHTV", p_BHTS,
                         jnp.repeat(v.astype(jnp.float32), G, axis=2).reshape(B, Tk, Hq, -1))
     o = jnp.transpose(o_BHTV, (0, 2, 1, 3)).astype(q.dtype)
     if not return_lse:
         return o
-    lse_BHT = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)[..., 0]
     return o, jnp.transpose(lse_BHT, (0, 2, 1))
 
 

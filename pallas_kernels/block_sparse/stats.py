@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from effarch.pallas_kernels.block_sparse.reference import masked_softmax
 from effarch.pallas_kernels.block_sparse.xla import STEP_SCORE_BYTES, block_sparse_xla
 from effarch.pallas_kernels.dispatch import dispatch
 
@@ -58,20 +59,13 @@ def block_stats_reference(q, k, v, *, q_block: int, kv_block: int, causal: bool 
     visible = jnp.ones((Tq, Tk), bool)
     if causal:
         visible = jnp.arange(Tk)[None, :] <= jnp.arange(Tq)[:, None]
-    s = jnp.where(visible, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    nonempty = denom > 0
-    p = p / jnp.where(nonempty, denom, 1.0)
+    p, lse = masked_softmax(s, visible)  # lse [B, Hkv, G, Tq]
     o = jnp.einsum("BHGTS,BSHV->BTHGV", p, v.astype(jnp.float32)).reshape(B, Tq, Hq, -1).astype(q.dtype)
     nqb, nkb = -(-Tq // q_block), -(-Tk // kv_block)
     tiles = jnp.pad(jax.lax.stop_gradient(p), ((0, 0),) * 3 + ((0, nqb * q_block - Tq), (0, nkb * kv_block - Tk)))
     scores = tiles.reshape(B, Hkv, G, nqb, q_block, nkb, kv_block).max(axis=(4, 6)).reshape(B, Hq, nqb, nkb)
     if not return_lse:
         return o, scores
-    lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, denom, 1.0)), -jnp.inf)[..., 0]  # [B, Hkv, G, Tq]
     return o, scores, jnp.moveaxis(lse.reshape(B, Hq, Tq), 1, 2)
 
 
