@@ -21,6 +21,7 @@ Implementations:
   and softmax; autodiff backward (the gathers' scatter-add).
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from effarch.pallas_kernels.block_sparse.decode_pallas import sparse_decode_pallas
 from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, group_of_heads, masked_softmax
 from effarch.pallas_kernels.dispatch import dispatch
 
@@ -154,6 +156,10 @@ def sparse_decode_xla(q, k_cache, v_cache, idx, cnt, *, granularity="token", blo
 
 
 IMPLEMENTATIONS = {"reference": sparse_decode_reference, "xla": sparse_decode_xla}
+# The kernels: opt-in (never in DEFAULT_ORDER) until scripts/gpu_check.sh or a TPU run has shown them correct and
+# faster than the gather there.
+IMPLEMENTATIONS["pallas_gpu"] = functools.partial(sparse_decode_pallas, "pallas_gpu")
+IMPLEMENTATIONS["pallas_tpu"] = functools.partial(sparse_decode_pallas, "pallas_tpu")
 
 
 def sparse_decode_attention(
