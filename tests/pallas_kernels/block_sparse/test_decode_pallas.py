@@ -42,10 +42,10 @@ def case(seed, granularity, hs, *, B=3, S=37, Hq=4, Hkv=2, D=5, Dv=3, K=5, block
     n = -(-S // (block or 1))
     idx, cnt = random_selection(rng, B, {"one": 1, "kv": Hkv, "q": Hq}[hs], n, K=min(K, n))
     lengths = np.array([1, 9, S][-B:], np.int32)
-    if B > 1:  # row B - 2 (length 9) lists the entry holding token 9 in every list: the length must cut it
+    if B > 2:  # row 1 (length 9) lists the entry holding token 9 in every list: the length must cut it
         for g in range(idx.shape[1]):
-            if 9 // (block or 1) not in idx[-2, g, : cnt[-2, g]]:
-                idx[-2, g, 0], cnt[-2, g] = 9 // (block or 1), max(cnt[-2, g], 1)
+            if 9 // (block or 1) not in idx[1, g, : cnt[1, g]]:
+                idx[1, g, 0], cnt[1, g] = 9 // (block or 1), max(cnt[1, g], 1)
     return q, k, v, idx, cnt, dict(granularity=granularity, block=block, lengths=lengths, scale=0.7)
 
 
