@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from effarch.pallas_kernels.block_sparse import decode, sparse_decode_attention
 from effarch.pallas_kernels.block_sparse.decode_pallas import sparse_decode_pallas
 from effarch.pallas_kernels.interpret import ENV_VAR
-from tests.helpers.lowering import count_kernels, lower_text
+from tests.helpers.lowering import ABSTRACT_DEVICES, count_kernels, lower_text
 from tests.helpers.numerics import rel_err
 from tests.pallas_kernels.block_sparse.test_decode import make, random_selection
 
@@ -158,6 +160,30 @@ def lowered(name, platform, granularity, hs, dtype, *, S=8192, Hq=8, Hkv=2, D=12
 ])
 def test_lowers(name, platform, granularity, hs, dtype):
     assert count_kernels(lowered(name, platform, granularity, hs, dtype), platform) == 1
+
+
+@pytest.mark.slow
+def test_sharded_call_lowers_for_a_tpu_mesh():
+    # Sharded caches and traced lists under a 4-device TPU mesh (batch over data, heads over tensor), no shard_map of
+    # the caller's: shard_kernel splits batch and heads with the per-KV-head lists, or XLA could not partition it.
+    m = AbstractMesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                     abstract_device=ABSTRACT_DEVICES["tpu"])
+    B, S, Hq, Hkv, D, K = 4, 1024, 8, 2, 128, 64
+
+    def spec(shape, dtype, *partition):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(m, P(*partition)))
+
+    batch = ("data", "fsdp")
+    args = (spec((B, Hq, D), jnp.bfloat16, batch, "tensor"), spec((B, S, Hkv, D), jnp.bfloat16, batch, None, "tensor"),
+            spec((B, S, Hkv, D), jnp.bfloat16, batch, None, "tensor"), spec((B, Hkv, K), jnp.int32, batch, "tensor"),
+            spec((B, Hkv), jnp.int32, batch, "tensor"), spec((B,), jnp.int32, batch))
+
+    def attend(q, k, v, idx, cnt, lengths):
+        return sparse_decode_pallas("pallas_tpu", q, k, v, idx, cnt, lengths=lengths, interpret=False)
+
+    text = lower_text(attend, *args, platform="tpu", mesh=m)
+    assert count_kernels(text, "tpu") == 1
+    assert "shard_map" in text or "sdy.manual_computation" in text
 
 
 @pytest.mark.gpu
