@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from effarch.pallas_kernels.block_sparse import decode, sparse_decode_attention
 from effarch.pallas_kernels.block_sparse.decode_pallas import sparse_decode_pallas
-from effarch.pallas_kernels.interpret import ENV_VAR
+from effarch.pallas_kernels.interpret import ENV_VAR, tpu_interpret_params
 from tests.helpers.lowering import ABSTRACT_DEVICES, count_kernels, lower_text
 from tests.helpers.numerics import rel_err
 from tests.pallas_kernels.block_sparse.test_decode import make, random_selection
@@ -121,6 +121,19 @@ def test_bf16_error_within_twice_reference(interpret_env, name, granularity):
     assert got.dtype == jnp.bfloat16
     err, ref_err = rel_err(got, truth), rel_err(ref, truth)
     assert 0 < ref_err and err <= 2 * ref_err, f"bf16 kernel error {err:.2e} vs the reference's {ref_err:.2e}"
+
+
+@pytest.mark.slow  # the TPU interpreter costs milliseconds per grid step and per DMA
+@pytest.mark.parametrize("granularity,hs", [("token", "q"), ("block", "kv")])
+def test_tpu_interpreter_dmas_no_races_nan_poisoned_memory(granularity, hs):
+    # The TPU interpreter models the DMAs and their semaphores (the HLO interpreter does not) and poisons scratch and
+    # outputs with NaN: a buffer read before its copy lands, a running max, sum or accumulator read before its init,
+    # or an output left unwritten would show up as NaN. A bf16 cache of 4 KV heads: copies of aligned head pairs.
+    q, k, v, idx, cnt, kw = case(10, granularity, hs, B=3, S=40, Hq=8, Hkv=4, D=16, Dv=16, K=20)
+    q, k, v = (x.astype(jnp.bfloat16).astype(jnp.float32) for x in (q, k, v))  # bf16-exact values
+    attend = direct("pallas_tpu", chunk=16, interpret=tpu_interpret_params())
+    check(lambda q, k, v, *a, **kw: attend(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), *a, **kw),
+          q, k, v, idx, cnt, kw)
 
 
 def test_kernels_are_opt_in_everywhere(monkeypatch):
