@@ -10,9 +10,10 @@ The caches stay in HBM as [B, S, Hkv, D] (`memory_space=pl.ANY`): a BlockSpec ca
 block whose start is not a multiple of its size, so each step copies its rows into VMEM itself
 (`pltpu.make_async_copy`): a listed block is one DMA of `chunk` contiguous rows from the clamped start
 (decode_layout.py), `chunk` listed tokens are `chunk` one-row DMAs (ids clamped into [0, S)). Steps past the list's
-count copy and compute nothing (`pl.when`). The copies of a step start together and are waited for before its
-compute; overlapping them with the previous step's compute (double buffering, as jax's paged attention does) is
-future work. For token lists the ids also come to VMEM as a [1, chunk] block of the list, for the visibility mask.
+count copy and compute nothing (`pl.when`). Double buffering, as jax's paged attention does: two VMEM slots and
+two DMA semaphores per cache; step c starts the copies of step c + 1 into the other slot before it waits for its
+own, so the next step's rows are in flight during this step's compute (step 0 starts its own). For token lists
+the ids also come to VMEM as a [1, chunk] block of the list, for the visibility mask.
 
 Mosaic's block rule (last two block dims multiples of (8, 128) or the full dims): q and o are [R, D] blocks with
 R a multiple of 16 (bf16 packs 16 rows per sublane tile) and D whole; chunk is a multiple of 16 rows.
@@ -63,32 +64,40 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, ids_ref, k_hbm, v_hbm, o_ref, lse_
     n = jnp.clip(cnt_ref[row], 0, t.kmax)
     length = jnp.minimum(len_ref[b], t.s)
     offsets = jax.lax.broadcasted_iota(jnp.int32, (1, t.chunk), 1)
-    pack = k_buf.shape[1] if k_buf.ndim == 3 else 1
+    pack = k_buf.shape[2] if k_buf.ndim == 4 else 1
     # The aligned head group holding h (pl.multiple_of: Mosaic checks the alignment of a DMA's start).
     heads = pl.ds(pl.multiple_of(h - jax.lax.rem(h, pack), pack), pack) if pack > 1 else h
     if t.granularity == "block":
         first = idx_ref[row * t.kmax + c] * t.block
-        start = jnp.clip(first, 0, t.s - t.chunk)
-        pos = start + offsets
+        pos = jnp.clip(first, 0, t.s - t.chunk) + offsets
         ok = (pos >= first) & (pos < first + t.block) & (pos < length)
-        copies = [pltpu.make_async_copy(k_hbm.at[b, pl.ds(start, t.chunk), heads], k_buf, sem.at[0]),
-                  pltpu.make_async_copy(v_hbm.at[b, pl.ds(start, t.chunk), heads], v_buf, sem.at[1])]
     else:
-        ids = ids_ref[...]
-        ok = (c * t.chunk + offsets < n) & (ids >= 0) & (ids < length)
-        copies = []
+        ok = (c * t.chunk + offsets < n) & (ids_ref[...] >= 0) & (ids_ref[...] < length)
+    steps = t.steps_of(n)
+    slot = jax.lax.rem(c, 2)
+
+    def copies(step, into):
+        """The DMAs of loop step `step` (< steps) into buffer slot `into`: K and V rows of the head group."""
+        if t.granularity == "block":
+            start = jnp.clip(idx_ref[row * t.kmax + step] * t.block, 0, t.s - t.chunk)
+            return [pltpu.make_async_copy(k_hbm.at[b, pl.ds(start, t.chunk), heads], k_buf.at[into], sem.at[into, 0]),
+                    pltpu.make_async_copy(v_hbm.at[b, pl.ds(start, t.chunk), heads], v_buf.at[into], sem.at[into, 1])]
+        out = []
         for i in range(t.chunk):
-            j = jnp.clip(idx_ref[row * t.kmax + c * t.chunk + i], 0, t.s - 1)
-            copies += [pltpu.make_async_copy(k_hbm.at[b, pl.ds(j, 1), heads], k_buf.at[pl.ds(i, 1)], sem.at[0]),
-                       pltpu.make_async_copy(v_hbm.at[b, pl.ds(j, 1), heads], v_buf.at[pl.ds(i, 1)], sem.at[1])]
+            j = jnp.clip(idx_ref[row * t.kmax + step * t.chunk + i], 0, t.s - 1)
+            out += [pltpu.make_async_copy(k_hbm.at[b, pl.ds(j, 1), heads], k_buf.at[into, pl.ds(i, 1)],
+                                          sem.at[into, 0]),
+                    pltpu.make_async_copy(v_hbm.at[b, pl.ds(j, 1), heads], v_buf.at[into, pl.ds(i, 1)],
+                                          sem.at[into, 1])]
+        return out
 
     def head_of(buf):
-        """[chunk, X] rows of head h from a buffer of the aligned head group."""
+        """[chunk, X] rows of head h from this step's buffer of the aligned head group."""
         if pack == 1:
-            return buf[...]
-        rows = buf[:, 0, :]
+            return buf[slot]
+        rows = buf[slot, :, 0, :]
         for i in range(1, pack):
-            rows = jnp.where(jax.lax.rem(h, pack) == i, buf[:, i, :], rows)
+            rows = jnp.where(jax.lax.rem(h, pack) == i, buf[slot, :, i, :], rows)
         return rows
 
     @pl.when(c == 0)
@@ -97,11 +106,19 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, ids_ref, k_hbm, v_hbm, o_ref, lse_
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(c < t.steps_of(n))
+    @pl.when((c == 0) & (steps > 0))
     def _():
-        for copy in copies:
+        for copy in copies(0, 0):
             copy.start()
-        for copy in copies:
+
+    @pl.when(c + 1 < steps)
+    def _():  # double buffering: the next step's rows are in flight during this step's wait and compute
+        for copy in copies(c + 1, 1 - slot):
+            copy.start()
+
+    @pl.when(c < steps)
+    def _():
+        for copy in copies(c, slot):
             copy.wait()
         q = q_ref[...]
         v = head_of(v_buf)
@@ -125,7 +142,7 @@ def decode(t: DecodeTiling, q, k_cache, v_cache, idx, cnt, lengths, *, interpret
     B, Hp, R, D = q.shape
     Dv = v_cache.shape[-1]
     pack = heads_per_copy(k_cache.shape[2], k_cache.dtype)
-    buf = (t.chunk, pack) if pack > 1 else (t.chunk,)
+    buf = (2, t.chunk, pack) if pack > 1 else (2, t.chunk)  # two slots: this step's rows and the next's
     ids = idx.reshape(-1, t.n_steps, 1, t.chunk) if t.granularity == "token" else jnp.zeros((1, 1, 1, 1), jnp.int32)
 
     def ids_index(b, p, c, *_):
@@ -145,7 +162,7 @@ def decode(t: DecodeTiling, q, k_cache, v_cache, idx, cnt, lengths, *, interpret
                        pl.BlockSpec((None, None, R, 1), lambda b, p, c, *_: (b, p, 0, 0))],
             scratch_shapes=[pltpu.VMEM((R, 1), jnp.float32), pltpu.VMEM((R, 1), jnp.float32),
                             pltpu.VMEM((R, Dv), jnp.float32), pltpu.VMEM((*buf, D), k_cache.dtype),
-                            pltpu.VMEM((*buf, Dv), v_cache.dtype), pltpu.SemaphoreType.DMA((2,))],
+                            pltpu.VMEM((*buf, Dv), v_cache.dtype), pltpu.SemaphoreType.DMA((2, 2))],
         ),
         out_shape=[out_struct((B, Hp, R, Dv), jnp.float32, q), out_struct((B, Hp, R, 1), jnp.float32, q)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
