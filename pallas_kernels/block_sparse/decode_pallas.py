@@ -110,7 +110,8 @@ def sparse_decode_pallas(name: str, q, k_cache, v_cache, idx, cnt, *, granularit
     interpret = resolve_interpret(OP, name, _PLATFORMS[name], interpret)
     B, S = k_cache.shape[:2]
     Hs = idx.shape[1]
-    lengths = jnp.full((B,), S, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    # Clipped to S: a cache shorter than one chunk is padded (_run), and its padded rows must stay invisible.
+    lengths = jnp.full((B,), S, jnp.int32) if lengths is None else jnp.minimum(jnp.asarray(lengths, jnp.int32), S)
     static = dict(granularity=granularity, block=1 if granularity == "token" else int(block), chunk=chunk,
                   scale=scale, splits=splits)
     g = HEADS if Hs > 1 else None  # one list for all heads is not split with them

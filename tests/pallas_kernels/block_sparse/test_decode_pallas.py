@@ -100,6 +100,17 @@ def test_several_steps_short_cache_and_mqa(interpret_env, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", KERNELS)
+def test_no_list_slots_and_lengths_past_a_short_cache(interpret_env, name):
+    # K = 0 (no slot at all): every row sees nothing. A 10-token cache (padded to one 16-row chunk inside) with
+    # lengths past it: the padded rows after the partial last block (tokens 8, 9) stay invisible.
+    q, k, v, idx, cnt, kw = case(11, "block", "kv", B=2, S=10, K=3)
+    o, lse = direct(name, chunk=16)(q, k, v, idx[..., :0], cnt * 0, **kw)
+    assert not np.any(np.asarray(o)) and np.isneginf(np.asarray(lse)).all()
+    check(direct(name, chunk=16), q, k, v, idx, cnt, {**kw, "lengths": np.array([9, 30], np.int32)})
+
+
+@pytest.mark.slow
 def test_gpu_splits_merge_like_one_program(interpret_env):
     # The split-k partials merged by lse (decode_pallas.merge_splits) equal one program walking the whole list.
     q, k, v, idx, cnt, kw = case(5, "token", "q", S=80, K=48)
