@@ -7,8 +7,9 @@
 # Order: what decides whether the Lightning and BASED kernels may become a platform's default first (their compiled
 # correctness tests, then benchmarks/kernels.py one length at a time: speed and max_rel_err_vs_xla), then the same for
 # the block-sparse kernel (its compiled tests, then benchmarks/block_sparse_gpu.py: correct against the oracle at 4k
-# and fwd+bwd speed against dense cuDNN at 32k, 10% density), the rest after (the other @pytest.mark.gpu tests, the
-# op and layer tests, the other benchmarks). A step runs under `timeout` with
+# and fwd+bwd speed against dense cuDNN at 32k, 10% density), then the decode kernel (benchmarks/sparse_decode_gpu.py:
+# correct against the oracle, decode-step speed against the XLA gather at 8k and 32k), the rest after (the other
+# @pytest.mark.gpu tests, the op and layer tests, the other benchmarks). A step runs under `timeout` with
 # at most its own limit and never past the budget; a step with under 15 s left is recorded as skipped. The kernels
 # flip to default only when summary.json's kernels_passed is true and kernels_T*.json agree with XLA: record the
 # run in KERNEL_EVIDENCE (pallas_kernels/lightning/api.py, pallas_kernels/based/api.py).
@@ -70,6 +71,10 @@ step block_sparse_tests 60 "${pytest[@]}" -m gpu --junitxml="$OUT/block_sparse_t
   tests/pallas_kernels/block_sparse
 step block_sparse_T32768 90 python3 benchmarks/block_sparse_gpu.py --length 32768 --density 0.1 \
   --out "$OUT/block_sparse_T32768.json"
+# The decode kernel (its compiled tests ran in block_sparse_tests): correct against the oracle (4k, bf16), and its
+# decode step's time against the XLA gather at 8k and 32k context, 1024 tokens read per list (tokens and blocks).
+step sparse_decode_gpu 90 python3 benchmarks/sparse_decode_gpu.py --lengths 8192 32768 \
+  --out "$OUT/sparse_decode_gpu.json"
 # 4. The rest: the other GPU tests, the op and layer tests compiled for GPU, the other benchmarks.
 step gpu_tests 90 "${pytest[@]}" -m gpu --junitxml="$OUT/gpu_tests.xml" tests \
   --ignore=tests/pallas_kernels/lightning --ignore=tests/pallas_kernels/based --ignore=tests/pallas_kernels/block_sparse

@@ -19,8 +19,15 @@ Implementations:
 - "xla": gathers only the listed entries, K and V each [B, Hkv, Gs, K·(block or 1), D] (Gs = Hq / Hkv when
   Hs = Hq, else 1), straight from the [B, S, Hkv, D] cache: O(K) of the cache is read, never O(S); float32 scores
   and softmax; autodiff backward (the gathers' scatter-add).
+- "pallas_gpu" / "pallas_tpu": the Triton and Mosaic kernels (decode_pallas_gpu.py, decode_pallas_tpu.py, wired in
+  decode_pallas.py): flash-decoding's online softmax over the selected blocks, or over the selected tokens gathered
+  in chunks, reading O(K) of the cache in its own layout; the GPU kernel splits a list over several programs and
+  merges them by lse. Forward only. Opt-in (never in DEFAULT_ORDER) until scripts/gpu_check.sh (or a TPU run) has
+  shown them correct and faster than the gather on the device; on CPU they run in interpret mode
+  (`EFFARCH_PALLAS_INTERPRET=1`).
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from effarch.pallas_kernels.block_sparse.decode_pallas import sparse_decode_pallas
 from effarch.pallas_kernels.block_sparse.reference import block_sparse_reference, group_of_heads, masked_softmax
 from effarch.pallas_kernels.dispatch import dispatch
 
@@ -154,6 +162,10 @@ def sparse_decode_xla(q, k_cache, v_cache, idx, cnt, *, granularity="token", blo
 
 
 IMPLEMENTATIONS = {"reference": sparse_decode_reference, "xla": sparse_decode_xla}
+# The kernels: opt-in (never in DEFAULT_ORDER) until scripts/gpu_check.sh or a TPU run has shown them correct and
+# faster than the gather there.
+IMPLEMENTATIONS["pallas_gpu"] = functools.partial(sparse_decode_pallas, "pallas_gpu")
+IMPLEMENTATIONS["pallas_tpu"] = functools.partial(sparse_decode_pallas, "pallas_tpu")
 
 
 def sparse_decode_attention(
@@ -181,7 +193,8 @@ def sparse_decode_attention(
       lengths: int32 [B] valid cache lengths (entries at or past them are never visible); None = S.
       return_lse: also return the float32 log-sum-exp [B, Hq] (-inf where nothing is visible), for
         `merge_attention`.
-      implementation: "reference", "xla", a sequence tried in order, or None (the platform default: "xla").
+      implementation: "reference", "xla", "pallas_gpu", "pallas_tpu", a sequence tried in order, or None (the
+        platform default: "xla").
       scale: logit scale, default 1 / sqrt(D).
 
     Returns:

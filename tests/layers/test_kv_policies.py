@@ -220,3 +220,25 @@ def test_options_and_errors():
     with pytest.raises(PolicyError, match="kv policy retrieval"):
         make_policy("retrieval", ["budget=8", "n_recent=6", "n_sink=2"])
     hash(p)  # static configuration: a model's graphdef holds it
+
+
+@pytest.mark.slow  # interprets the kernels (~30 s on a busy host)
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+def test_policies_run_on_the_decode_kernels(monkeypatch, implementation):
+    # `implementation=` reaches sparse_decode_attention: quest's block lists and retrieval's token lists merged with
+    # its recent window give the xla path's output through the opt-in kernels (interpreted here).
+    monkeypatch.setenv("EFFARCH_PALLAS_INTERPRET", "1")
+    B, S, Hq, Hkv, D = 2, 96, 4, 2, 16
+    rng = np.random.default_rng(2)
+    k, v = (jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32)
+    for name, opts in (("quest", ["page=8"]), ("retrieval", [])):
+        outs = []
+        for impl in ("xla", implementation):
+            p = make_policy(name, ["budget=32", f"implementation={impl}", *opts])
+            state = p.update(p.init_state(B, S, Hkv, D), k, jnp.int32(0))
+            outs.append(jax.jit(lambda st, q, k, v, p=p: p.attend(st, q, k, v, jnp.int32(70))[0])(state, q, k, v))
+        np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-4, err_msg=name)
+    monkeypatch.delenv("EFFARCH_PALLAS_INTERPRET")  # the kernel really ran: compiled, it refuses on this CPU host
+    with pytest.raises(NotImplementedError, match=implementation):
+        p.attend(state, q, k, v, jnp.int32(70))

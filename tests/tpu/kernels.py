@@ -7,6 +7,7 @@ target platform, each entry becomes the op's public call with `implementation="p
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from effarch.pallas_kernels.attention.splash import attention_splash
 from effarch.pallas_kernels.based.pallas_vjp import based_pallas_impl
 from effarch.pallas_kernels.block_sparse import random_causal_lists
+from effarch.pallas_kernels.block_sparse.decode_pallas import sparse_decode_pallas
 from effarch.pallas_kernels.block_sparse.pallas_vjp import block_sparse_pallas
 from effarch.pallas_kernels.lightning import api as lightning_api
 from effarch.pallas_kernels.sliding_window.splash import sliding_window_splash
@@ -34,17 +36,22 @@ class Shape:
 # Realistic per-chip shapes: Lightning (TransNormerLLM) heads of 128; BASED's feature dim 16 with value heads of 64
 # (arXiv 2402.18668 §3); sliding-window and causal attention with GQA (8 query heads on 2 KV heads) of head dim 128,
 # window 512; block-sparse attention with the same GQA heads, one list per KV head, 128-token blocks, 10% of the
-# blocks listed.
+# blocks listed; the decode op (one query step against a cache of T tokens, the GQA heads above, one list per KV
+# head) reading DECODE_BUDGET tokens, listed one by one or as blocks of DECODE_BLOCK (forward only).
 SHAPES = {
     "lightning": Shape(b=2, h=8, h_kv=8, k=128, v=128),
     "based": Shape(b=2, h=8, h_kv=8, k=16, v=64),
     "splash": Shape(b=2, h=8, h_kv=2, k=128, v=128),
     "attention": Shape(b=2, h=8, h_kv=2, k=128, v=128),
     "block_sparse": Shape(b=2, h=8, h_kv=2, k=128, v=128),
+    "sparse_decode_token": Shape(b=2, h=8, h_kv=2, k=128, v=128),
+    "sparse_decode_block": Shape(b=2, h=8, h_kv=2, k=128, v=128),
 }
 WINDOW = 512
 SPARSE_BLOCK = 128
 SPARSE_DENSITY = 0.1
+DECODE_BUDGET = 1024
+DECODE_BLOCK = 64
 
 
 def _lightning(q, k, v):
@@ -74,9 +81,22 @@ def _block_sparse(q, k, v):
                                kv_block=SPARSE_BLOCK, interpret=False)
 
 
+def _sparse_decode(granularity: str, q, k, v):
+    """The last query step against the whole cache, DECODE_BUDGET tokens listed per KV head, spread over it (the
+    kernel's grid and SMEM are sized by the list length, not by which entries it names)."""
+    unit = 1 if granularity == "token" else DECODE_BLOCK
+    n = min(DECODE_BUDGET // unit, k.shape[1] // unit)
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * (k.shape[1] // unit // n), (q.shape[0], k.shape[2], n))
+    cnt = jnp.full((q.shape[0], k.shape[2]), n, jnp.int32)
+    return sparse_decode_pallas("pallas_tpu", q[:, -1], k, v, idx, cnt, granularity=granularity,
+                                block=None if granularity == "token" else DECODE_BLOCK, interpret=False)
+
+
 # kernel -> f(q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V]) running its pallas_tpu implementation.
 OPS = {"lightning": _lightning, "based": _based, "splash": _splash, "attention": _attention,
-       "block_sparse": _block_sparse}
+       "block_sparse": _block_sparse, "sparse_decode_token": functools.partial(_sparse_decode, "token"),
+       "sparse_decode_block": functools.partial(_sparse_decode, "block")}
+FORWARD_ONLY = ("sparse_decode_token", "sparse_decode_block")  # decode: no backward kernel
 CHIPS = ("v5e", "v5p", "v6e")
 LENGTHS = (2048, 32768)
 DTYPES = ("bfloat16", "float32")
