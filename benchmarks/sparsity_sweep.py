@@ -11,6 +11,14 @@ that spans reach the lowest densities); `routing` fits its k-means centroids by
 `--routing-batches` training-mode passes of the frozen model over training batches (the EMA update the trainer
 would make, with decay `--routing-decay`; no parameter changes).
 
+Quality (the y axis): passkey exact match through the decode path (the prompt prefilled up to the answer, then one
+teacher-forced decode step per answer digit), which is causal for every pattern; the parallel form's number is kept
+beside it. The parallel form of mean_topk, seer and hip picks a query block's key blocks from all of the block's
+queries, so a query's selection also depends on the block's later tokens (for passkey, the answer digits fed in
+after it): SeerAttention's prefill rule, which leaks. HyperAttention decodes exactly, so its number is its parallel
+form. Perplexity is the parallel form over the whole held-out split; for mean_topk, seer and hip, both paths are
+also measured over the first `--decode-windows` windows, which sizes that leak.
+
 Density (the x axis) is the fraction of the causal (query, key) token pairs a query reads, averaged over heads and
 queries of a window of T = data.seq_len tokens, counted from each pattern's rule:
 - mean_topk, seer, hip: every query block reads min(k, i + 1) key blocks (its diagonal block included, SeerAttention's
@@ -51,6 +59,7 @@ from effarch.train.convert import load_run_params
 from effarch.train.evals import parse_options
 from effarch.train.evals import passkey as passkey_eval
 from effarch.train.evals import perplexity as perplexity_eval
+from effarch.train.evals.common import decoded_outputs, exact_match, labelled_outputs
 from effarch.train.moa_search import SearchError, search
 
 PATTERNS = ("dense", "sink_window", "moa", "mean_topk", "seer", "hip", "routing", "hyper")
@@ -112,19 +121,42 @@ def converted(cfg, params, **options):
     return new_cfg, new_params
 
 
-def evaluate(cfg, model, args) -> dict:
-    """{"quality": the plotted number, ...} of the run's task."""
+# Patterns whose parallel form picks a query block's keys from all of the block's queries (pooled), so a query's
+# selection also depends on the block's later tokens: their decode path (causal) is the honest number.
+POOLED = ("mean_topk", "seer", "hip")
+
+
+def evaluate(cfg, model, args, pattern: str) -> dict:
+    """{"quality": the plotted number, ...}: passkey exact match through the decode path (prefill up to the answer,
+    then teacher-forced decode steps: causal for every pattern; hyper's parallel form, its approximation, since it
+    decodes exactly), with the other path's next to it; perplexity of
+    the parallel form over the whole held-out split, and for the POOLED patterns also both paths over its first
+    `--decode-windows` windows (the parallel form's leak through the block-pooled selection)."""
+    from effarch.train.data import passkey as passkey_data
+
     if cfg.data.task == "passkey":
-        opts = parse_options("passkey", ["--lengths", str(cfg.data.seq_len), "--trials", str(args.trials)])
-        out = passkey_eval.run(cfg, model, opts)
-        acc = out["summary"]["accuracy"]
-        n = args.trials * len(opts.depths)
-        return {"quality": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "trials": n,
-                "by_depth": next(iter(out["results"].values()))[str(cfg.data.seq_len)]["by_depth"]}
+        T = cfg.data.seq_len
+        depths = np.repeat(np.asarray(passkey_eval.DEPTHS), args.trials)
+        x, y, _ = passkey_data.passkey_batch(np.random.default_rng(args.seed), len(depths), T, 0, depths=depths)
+        out = {}
+        for path, fn in (("decode", decoded_outputs), ("parallel", labelled_outputs)):
+            hit = exact_match(fn(model, x, y, 16)[0], y)
+            out[path] = {"accuracy": float(hit.mean()),
+                         "by_depth": {str(d): float(hit[depths == d].mean()) for d in passkey_eval.DEPTHS}}
+        # hyper decodes with exact attention (layers/sparse_hyper.py): its approximation is the parallel form
+        acc = out["parallel" if pattern == "hyper" else "decode"]["accuracy"]
+        return {"quality": acc, "stderr": math.sqrt(acc * (1 - acc) / len(depths)), "trials": len(depths), **out}
     argv = [] if args.max_examples is None else ["--max-examples", str(args.max_examples)]
-    out = perplexity_eval.run(cfg, model, parse_options("perplexity", argv))
-    return {"quality": out["summary"]["perplexity"], "loss": out["summary"]["loss"],
-            "tokens": out["summary"]["tokens"]}
+    full = perplexity_eval.run(cfg, model, parse_options("perplexity", argv))
+    out = {"quality": full["summary"]["perplexity"], "loss": full["summary"]["loss"],
+           "tokens": full["summary"]["tokens"]}
+    if pattern in POOLED and args.decode_windows:
+        seg = perplexity_eval.heldout_segments(cfg)[0]
+        x, y = seg.inputs[: args.decode_windows], seg.labels[: args.decode_windows]
+        out["subset"] = {"windows": len(x),
+                         **{path: float(np.exp(fn(model, x, y, 16)[1].mean()))
+                            for path, fn in (("decode", decoded_outputs), ("parallel", labelled_outputs))}}
+    return out
 
 
 def calibrate_routing(cfg, model: DecoderLM, batches: int):
@@ -187,6 +219,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--moa-batches", type=int, default=8)
     parser.add_argument("--max-examples", type=int, default=None, help="perplexity: held-out rows evaluated")
     parser.add_argument("--trials", type=int, default=100, help="passkey: keys per depth")
+    parser.add_argument("--seed", type=int, default=0, help="passkey: the keys' seed")
+    parser.add_argument("--decode-windows", type=int, default=16,
+                        help="perplexity: held-out windows also decoded token by token for mean_topk / seer / hip")
     parser.add_argument("--resume", action="store_true",
                         help="keep the points of an earlier (interrupted) DIR/sparsity_sweep.json and measure the rest")
     args = parser.parse_args(argv)
@@ -204,7 +239,10 @@ def main(argv=None) -> dict:
     earlier = out_dir / "sparsity_sweep.json"
     if args.resume and earlier.exists():
         rows = json.loads(earlier.read_text())["points"]
-    done = {(r["pattern"], json.dumps(r["options"], sort_keys=True)) for r in rows}
+    # a POOLED pattern's perplexity point counts as measured once its decode check is there too
+    done = {(r["pattern"], json.dumps(r["options"], sort_keys=True)) for r in rows
+            if not (task != "passkey" and r["pattern"] in POOLED and args.decode_windows and "subset" not in r)}
+    rows = [r for r in rows if (r["pattern"], json.dumps(r["options"], sort_keys=True)) in done]
 
     def measured(pattern, opts) -> bool:
         return (pattern, json.dumps({k: v for k, v in opts.items() if k[0] != "_"}, sort_keys=True)) in done
@@ -228,7 +266,7 @@ def main(argv=None) -> dict:
 
     if "dense" in args.patterns and not measured("dense", {}):
         t = time.perf_counter()
-        record("dense", {}, 1.0, evaluate(cfg, model_from(cfg, params), args), time.perf_counter() - t)
+        record("dense", {}, 1.0, evaluate(cfg, model_from(cfg, params), args, "dense"), time.perf_counter() - t)
     for pattern, opts, density in points(args, cfg, T):
         if measured(pattern, opts) or (pattern == "moa" and any(r["pattern"] == "moa" and abs(
                 r.get("target", -1) - opts["_target"]) < 1e-9 for r in rows)):
@@ -263,7 +301,7 @@ def main(argv=None) -> dict:
             model = model_from(new_cfg, new_params)
             if pattern == "routing":
                 calibrate_routing(new_cfg, model, args.routing_batches)
-        record(pattern, opts, density, evaluate(new_cfg, model, args), time.perf_counter() - t)
+        record(pattern, opts, density, evaluate(new_cfg, model, args, pattern), time.perf_counter() - t)
 
         save(partial=True)
 
