@@ -8,10 +8,9 @@ it only with `-m slow`. The 8-device mesh step is in test_mesh.py; docs/adding_a
 
 `VARIANTS` adds cases beyond the registry's small configs: a registered mixer at another config that takes another
 code path (sparse_attention's moa pattern: per-head windows from a plan file, decoded over the KV cache; sink_window
-at StreamingLLM's cache positions; its dynamic
-patterns mean_topk and seer), checked exactly like the registered ones; a variant's `skip` skips a check with its
-reason, as a registration's does (a case that skips "decode" has its bfloat16 decoding compared with its float32
-decoding).
+at StreamingLLM's cache positions; its dynamic patterns mean_topk, seer, routing, hyper and hip), checked exactly like
+the registered ones; a variant's `skip` skips a check with its reason, as a registration's does (a case that skips
+"decode" has its bfloat16 decoding compared with its float32 decoding).
 """
 
 import dataclasses
@@ -47,6 +46,8 @@ MEAN_QUERY = ("a query block's mean query uses the block's later tokens (layers/
               "parallel form of each prefix instead")
 HYPER = ("where a query falls among the sortLSH blocks depends on the later queries' hashes (the paper's Algorithm 4), "
          "and decoding is exact attention (layers/sparse_hyper.py; tests/layers/test_sparse_hyper.py)")
+HIP = ("a half-branch's score is a max over every query of its block, the later ones too (layers/sparse_hip.py); "
+       "decoding equals the parallel form of each prefix instead (tests/layers/test_sparse_hip.py)")
 MOA_PLAN = Path(__file__).parents[1] / "fixtures" / "moa_small_plan.json"
 VARIANTS = {
     # Spans of 7 and 11 tokens at N = T = 20 (the plan's layer 0), 2 sinks, blocks of 4: the prompt pieces end
@@ -79,6 +80,11 @@ VARIANTS = {
     "sparse_attention[hyper]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
         pattern="hyper", block_size=4, hyper_lsh_bits=3, hyper_samples=4, hyper_min_seq_len=8, n_heads=4,
         n_kv_heads=2)}, skip={"causal": HYPER, "decode": HYPER}),
+    # HiP's hierarchical search: blocks of 2 (10 at T = 20), top 4 per query block with one sink block, so rows from
+    # block 4 on search 2 branches over up to 8 candidate blocks (3 halvings); GQA groups of 2 share a list.
+    "sparse_attention[hip]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="hip", block_size=2, top_k=4, sink_blocks=1, n_heads=4, n_kv_heads=2)}, skip={
+        "causal": HIP, "decode": HIP}),
 }
 NAMES = sorted(MIXERS) + sorted(VARIANTS)
 
