@@ -4,12 +4,15 @@ attention", evidence "Speed").
 
 Per policy, at one length, forward only (inference), float32: `select` = the policy's parallel-form selection
 (mean_topk: block means of the post-RoPE q and k, GQA-reduced scores, top-k lists per KV head; seer: the AttnGate on
-the pre-RoPE q and k, top-k lists per query head), `op` = `block_sparse_attention(implementation="xla")` on those
-lists, `total` = the policy's whole parallel pass. Each is jitted on its own and timed as the median of `--reps`
-calls after one warmup (benchmarks/_common.py `compile_and_time`); inputs are random (the selection's cost does not
-depend on them). Both policies read k = SeerAttention's nz_ratio rule at `--density`.
+the pre-RoPE q and k, top-k lists per query head; hip: HiP's hierarchical search, ceil(log2 nB) halvings that score
+2(k - 1) representative keys against each block's queries, lists per KV head), `op` =
+`block_sparse_attention(implementation="xla")` on those lists, `total` = the policy's whole parallel pass. Each is
+jitted on its own and timed as the median of `--reps` calls after one warmup (benchmarks/_common.py
+`compile_and_time`); inputs are random (the selection's cost does not depend on them). Every policy reads k =
+SeerAttention's nz_ratio rule at `--density`.
 
-Run:   .venv/bin/python benchmarks/sparse_selection.py [--seq-len 8192] [--density 0.1] [--out FILE.json]
+Run:   .venv/bin/python benchmarks/sparse_selection.py [--seq-len 8192] [--density 0.1] [--patterns mean_topk seer hip]
+       [--out FILE.json]
 """
 
 import argparse
@@ -22,6 +25,8 @@ from flax import nnx
 
 from effarch.layers.sparse_attention import POLICIES, SparseAttentionConfig
 from effarch.pallas_kernels.block_sparse import block_sparse_attention
+
+PATTERNS = ("mean_topk", "seer", "hip")  # the policies with a `select(q, k)` giving lists on the block grid
 
 
 def measure(pattern: str, args, q, k, v) -> dict:
@@ -63,13 +68,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS,
+                        help="the policies to measure (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     shape_q = (args.batch, args.seq_len, args.heads, args.head_dim)
     shape_kv = (args.batch, args.seq_len, args.kv_heads, args.head_dim)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (shape_q, shape_kv, shape_kv))
-    results = {pattern: measure(pattern, args, q, k, v) for pattern in ("mean_topk", "seer")}
+    results = {pattern: measure(pattern, args, q, k, v) for pattern in args.patterns}
     return emit({"config": {**vars(args), **platform_info()}, "results": results}, args.out)
 
 

@@ -137,6 +137,9 @@ class SparseAttentionConfig:
     # hip (layers/sparse_hip.py): HiP's hierarchical search keeps top_k (or density's k) blocks per query block;
     # the key that stands for a half-branch: its "center" token (the paper's, arXiv 2406.09827 §3) or its "first"
     hip_representative: Literal["center", "first"] = "center"
+    # b_q: the queries that share one list (a divisor of block_size; None = block_size). 1: a list per token, exactly
+    # causal (a shared list is chosen with the row's later queries too: layers/sparse_hip.py)
+    hip_query_block: int | None = None
     infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
@@ -192,6 +195,9 @@ class SparseAttentionConfig:
             raise ValueError(f"{p}hyper_min_seq_len must be positive, got {self.hyper_min_seq_len}")
         if self.hip_representative not in ("center", "first"):
             raise ValueError(f"{p}hip_representative must be 'center' or 'first', got {self.hip_representative!r}")
+        if self.hip_query_block is not None and (self.hip_query_block < 1 or self.block_size % self.hip_query_block):
+            raise ValueError(f"{p}hip_query_block={self.hip_query_block} must be a positive divisor of "
+                             f"block_size={self.block_size}")
         if self.vert_stride < 2:
             raise ValueError(f"{p}vert_stride must be >= 2 (1 would read every block: use attention), "
                              f"got {self.vert_stride}")

@@ -5,35 +5,40 @@ official code was not read.
 HiP estimates the top-k keys of a query by a tree search that relies on "attention locality" (neighbouring keys
 score alike, §3): the causal context is cut into k branches; every iteration halves each branch, scores each half by
 one representative key, and keeps the k best halves, so after log2(T / k) iterations k small pieces remain. Here the
-pieces are key blocks of `block_size` tokens and the search runs per query block I and KV head:
+pieces are key blocks of `block_size` tokens, and the search runs per KV head and query row: `hip_query_block` (b_q,
+a divisor of block_size, default block_size) consecutive queries that share one list, as the paper's query blocks
+share a mask. For a row inside key block I:
 
 - the candidates are the earlier blocks [s, I), s = min(`sink_blocks`, I); block I (the diagonal) and the sink blocks
-  before it are always read, and the row reads k blocks in all (`top_k`, or SeerAttention's rule from `density`,
-  layers/sparse_select.py), so the search keeps m = min(k - 1 - s, I - s) of the candidates (all of them when k
-  covers the row: then the row is dense causal attention);
+  before it are always read, and the row reads k blocks in all (`top_k`, or SeerAttention's rule from `density` over
+  the nB key blocks, layers/sparse_select.py), so the search keeps m = min(k - 1 - s, I - s) of the candidates (all
+  of them when k covers the row: then the row is dense causal attention);
 - the initial branches are the candidate range cut into m contiguous runs of near-equal length (branch j holds
   blocks s + floor(j·n / m) ... s + floor((j + 1)·n / m) - 1, n = I - s);
 - an iteration halves every branch of two or more blocks [a, b) into [a, a + ceil((b - a) / 2)) and the rest (a
-  one-block branch stays whole), scores every half by its representative key and keeps the m best halves;
-  ceil(log2(nB)) iterations leave m one-block branches, the selected blocks;
+  one-block branch stays whole), scores every half by its representative key and keeps the m best halves (ties: the
+  earlier half); ceil(log2(nB)) iterations leave m one-block branches, the selected blocks;
 - the representative key of the half covering tokens [a·bs, b·bs) is its centre token floor((a + b)·bs / 2), the
   paper's choice (§3: the middle of a chunk stands for the chunk, by attention locality); `hip_representative:
   first` takes the half's first token a·bs instead;
-- a half's score is the largest q·k_rep over the query block's queries and the query heads of the KV head's GQA group
-  (post-RoPE q and k, what attention uses): the block's queries share one mask (the paper's query blocks), and the
-  group shares one list, as mean_topk's "max" reduction (a choice: the paper masks per head).
+- a half's score is the largest q·k_rep over the row's queries and the query heads of the KV head's GQA group
+  (post-RoPE q and k, what attention uses), so the row shares one list and so does the group, as mean_topk's "max"
+  reduction (a choice: the paper masks per head).
 
-Cost: ceil(log2 nB) iterations of 2m representative keys against bs queries per row: O(T·m·log T·K) per head and no
+Cost: ceil(log2 nB) iterations of 2m representative keys against b_q queries per row: O(T·m·log T·K) per head and no
 [T, T] (nor [nB, nB]) buffer. No parameters.
 
-Decoding, and why it differs from the parallel form. A half's score is a max over every query of block I, the later
-ones too, so the selection is not causal at token level (changing token t can change the lists of the earlier
-tokens of its block), as with mean_topk. Decoding uses the queries seen so far: the decode state keeps the queries
-of the newest block ([B, block_size, Hq, K]), and a call whose last token is at position e runs the search for each
-block it touches with that block's queries at positions <= e, and with k for the e + 1 tokens known. So the output
-at position p of a call ending at e equals the parallel form over the prefix x[:e + 1] at p: one prefill of the whole
-prompt gives the parallel form exactly, token-by-token decoding gives at every p the parallel form of x[:p + 1], and
-the tokens that end a block agree with the whole sequence's parallel form (tests/layers/test_sparse_hip.py).
+Causality, and how decoding relates to the parallel form. With b_q > 1 a half's score is a max over every query of
+the row, the later ones too, so the selection is not causal at token level: a token's list is chosen with the
+queries of the next tokens of its row, which in a language model carry the very tokens it predicts (a frozen byte LM
+at blocks of 16 scores a lower perplexity than dense attention this way: docs/layers.md). With b_q = 1 every token
+has its own list and the layer is exactly causal. Decoding uses the queries seen so far: the decode state keeps the
+queries of the newest row ([B, b_q, Hq, K]), and a call whose last token is at position e runs the search for each
+row it touches with that row's queries at positions <= e, and with k for the e + 1 tokens known. So the output at
+position p of a call ending at e equals the parallel form over the prefix x[:e + 1] at p: one prefill of the whole
+prompt gives the parallel form exactly, token-by-token decoding gives at every p the parallel form of x[:p + 1], the
+tokens that end a row agree with the whole sequence's parallel form, and with b_q = 1 every token does
+(tests/layers/test_sparse_hip.py).
 """
 
 import jax
@@ -51,6 +56,7 @@ class HipPolicy(nnx.Module):
     def __init__(self, config, *, n_heads: int, n_kv_heads: int, head_dim: int, rngs: nnx.Rngs):
         del rngs  # no parameters
         self.block = config.block_size
+        self.q_block = config.hip_query_block or config.block_size  # b_q: the queries that share one list
         self.top_k, self.density, self.sink_blocks = config.top_k, config.density, config.sink_blocks
         self.representative = config.hip_representative
         self.implementation = config.implementation
@@ -68,31 +74,33 @@ class HipPolicy(nnx.Module):
         """Parallel form from position 0 (q_raw, k_raw, positions unused)."""
         del q_raw, k_raw, positions
         idx, cnt = self.select(q, k)
-        return block_sparse_attention(q, k, v, idx, cnt, q_block=self.block, kv_block=self.block, causal=True,
+        return block_sparse_attention(q, k, v, idx, cnt, q_block=self.q_block, kv_block=self.block, causal=True,
                                       implementation=self.implementation)
 
     def select(self, q: Float[Array, "B T Hq K"], k: Float[Array, "B T Hkv K"]) -> tuple[
-            Int[Array, "B Hkv nB Kmax"], Int[Array, "B Hkv nB"]]:
-        """The parallel form's lists: one per KV head and query block."""
+            Int[Array, "B Hkv nR Kmax"], Int[Array, "B Hkv nR"]]:
+        """The parallel form's lists: one per KV head and query row of hip_query_block tokens (nR = ceil(T / b_q))."""
         B, T, Hq, K = q.shape
-        bs, nb = self.block, -(-T // self.block)
-        rows = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, nb * bs - T), (0, 0), (0, 0))).reshape(B, nb, bs, Hq, K)
-        valid = (jnp.arange(nb * bs) < T).reshape(nb, bs)
+        bq, nb = self.q_block, -(-T // self.block)
+        nr = -(-T // bq)
+        rows = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, nr * bq - T), (0, 0), (0, 0))).reshape(B, nr, bq, Hq, K)
+        valid = (jnp.arange(nr * bq) < T).reshape(nr, bq)
         table, kmax, n_branches = self._k(nb)
-        return self.search(rows, valid, jnp.arange(nb), k, int(table[nb]), kmax=kmax, n_branches=n_branches)
+        return self.search(rows, valid, jnp.arange(nr) * bq // self.block, k, int(table[nb]), kmax=kmax,
+                           n_branches=n_branches)
 
-    def search(self, q_rows: Float[Array, "B R bs Hq K"], q_valid: Bool[Array, "R bs"], row_block: Int[Array, " R"],
+    def search(self, q_rows: Float[Array, "B R bq Hq K"], q_valid: Bool[Array, "R bq"], row_block: Int[Array, " R"],
                k: Float[Array, "B S Hkv K"], k_sel, *, kmax: int, n_branches: int) -> tuple[
                    Int[Array, "B Hkv R W"], Int[Array, "B Hkv R"]]:
-        """The hierarchical search (module docstring) for query rows: row r is query block row_block[r] with the
-        queries q_rows[:, r] where q_valid[r] (the others are ignored); keys k in blocks of block_size (the
+        """The hierarchical search (module docstring) for query rows: row r lies in key block row_block[r] and has
+        the queries q_rows[:, r] where q_valid[r] (the others are ignored); keys k in blocks of block_size (the
         candidates J < row_block[r] must be whole blocks of k). k_sel: blocks per row (int, or traced when
         decoding); n_branches: static bound on the branches m; the list width W is min(kmax, nB of k).
 
         Returns (idx, cnt): the diagonal first, then the sink blocks, then the found blocks (best scored in the
         last iteration first); entries past cnt are padding."""
-        B, R, bs, Hq, K = q_rows.shape
-        S, Hkv = k.shape[1], k.shape[2]
+        B, R, bq, Hq, K = q_rows.shape
+        bs, S, Hkv = self.block, k.shape[1], k.shape[2]
         nb = -(-S // bs)
         diag = jnp.minimum(jnp.asarray(row_block, jnp.int32), nb - 1)  # I; rows past the cache end: clipped, unused
         s = jnp.minimum(self.sink_blocks, diag)  # the candidates are [s, I)
@@ -106,7 +114,7 @@ class HipPolicy(nnx.Module):
         hi = jnp.where(active, s[:, None] + (j[None, :] + 1) * n[:, None] // mm, 0)
         lo, hi = (jnp.broadcast_to(a[None, None], (B, Hkv, R, kb)) for a in (lo, hi))
 
-        qg = q_rows.astype(jnp.float32).reshape(B, R, bs, Hkv, Hq // Hkv, K)
+        qg = q_rows.astype(jnp.float32).reshape(B, R, bq, Hkv, Hq // Hkv, K)
         kt = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, S, K]
         neg = jnp.full((), -jnp.inf, jnp.float32)
 
@@ -145,14 +153,14 @@ class HipPolicy(nnx.Module):
     # --- decoding over the layer's KV cache ----------------------------------------------------------------------
 
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> dict:
-        """{"q_block": [B, block_size, Hq, K] float32}: the queries of the newest block seen (slot = position % bs)."""
-        del max_len, cache_dtype  # one block's queries, kept in float32 as the parallel form scores them
-        return {"q_block": jnp.zeros((batch_size, self.block, self.n_heads, self.head_dim), jnp.float32)}
+        """{"q_row": [B, b_q, Hq, K] float32}: the queries of the newest query row seen (slot = position % b_q)."""
+        del max_len, cache_dtype  # one row's queries, kept in float32 as the parallel form scores them
+        return {"q_row": jnp.zeros((batch_size, self.q_block, self.n_heads, self.head_dim), jnp.float32)}
 
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
-        """Bytes per sequence of `init_state`: block_size · Hq · K · 4, whatever the length."""
+        """Bytes per sequence of `init_state`: hip_query_block · Hq · K · 4, whatever the length."""
         del seq_len, cache_dtype
-        return self.block * self.n_heads * self.head_dim * 4
+        return self.q_block * self.n_heads * self.head_dim * 4
 
     def decode(self, state: dict, q: Float[Array, "B Tn Hq K"], k_cache: Float[Array, "B S Hkv K"],
                v_cache: Float[Array, "B S Hkv Dv"], *, q_raw: Float[Array, "B Tn Hq K"],
@@ -162,23 +170,23 @@ class HipPolicy(nnx.Module):
         docstring for how this relates to the parallel form."""
         del q_raw, k_raw
         B, Tn = q.shape[:2]
-        bs, S = self.block, k_cache.shape[1]
+        bs, bq, S = self.block, self.q_block, k_cache.shape[1]
         nb = -(-S // bs)
         first, last = q_pos[0], q_pos[-1]
-        R = (Tn + bs - 2) // bs + 1  # the most blocks Tn consecutive tokens touch
-        row_block = first // bs + jnp.arange(R, dtype=jnp.int32)
-        P = row_block[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]  # [R, bs] the rows' positions
+        R = (Tn + bq - 2) // bq + 1  # the most query rows Tn consecutive tokens touch
+        row = first // bq + jnp.arange(R, dtype=jnp.int32)
+        P = row[:, None] * bq + jnp.arange(bq, dtype=jnp.int32)[None, :]  # [R, bq] the rows' positions
         new = jnp.take(q.astype(jnp.float32), jnp.clip(P - first, 0, Tn - 1).reshape(-1), axis=1)
-        new = new.reshape(B, R, bs, *q.shape[2:])
-        # Positions before the call belong to its first block: their queries are the state's (same slot).
-        old = jnp.broadcast_to(state["q_block"][:, None], new.shape)
+        new = new.reshape(B, R, bq, *q.shape[2:])
+        # Positions before the call belong to its first row: their queries are the state's (same slot).
+        old = jnp.broadcast_to(state["q_row"][:, None], new.shape)
         valid = P <= last
         q_rows = jnp.where((P < first)[None, :, :, None, None], old, jnp.where(valid[None, :, :, None, None], new, 0))
         table, kmax, n_branches = self._k(nb)
         k_now = jnp.asarray(table)[jnp.minimum(last // bs + 1, nb)]
-        idx, cnt = self.search(q_rows, valid, row_block, k_cache, k_now, kmax=kmax, n_branches=n_branches)
-        row = q_pos // bs - first // bs  # each token's row
-        o = block_sparse_attention(q, k_cache, v_cache, idx[:, :, row], cnt[:, :, row], q_block=1, kv_block=bs,
-                                   causal=True, q_pos=q_pos, implementation=self.implementation)
-        newest = jax.lax.dynamic_index_in_dim(q_rows, last // bs - first // bs, axis=1, keepdims=False)
-        return {"q_block": newest}, o
+        idx, cnt = self.search(q_rows, valid, row * bq // bs, k_cache, k_now, kmax=kmax, n_branches=n_branches)
+        tok_row = q_pos // bq - first // bq  # each token's row
+        o = block_sparse_attention(q, k_cache, v_cache, idx[:, :, tok_row], cnt[:, :, tok_row], q_block=1,
+                                   kv_block=bs, causal=True, q_pos=q_pos, implementation=self.implementation)
+        newest = jax.lax.dynamic_index_in_dim(q_rows, last // bq - first // bq, axis=1, keepdims=False)
+        return {"q_row": newest}, o

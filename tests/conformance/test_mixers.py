@@ -46,8 +46,6 @@ MEAN_QUERY = ("a query block's mean query uses the block's later tokens (layers/
               "parallel form of each prefix instead")
 HYPER = ("where a query falls among the sortLSH blocks depends on the later queries' hashes (the paper's Algorithm 4), "
          "and decoding is exact attention (layers/sparse_hyper.py; tests/layers/test_sparse_hyper.py)")
-HIP = ("a half-branch's score is a max over every query of its block, the later ones too (layers/sparse_hip.py); "
-       "decoding equals the parallel form of each prefix instead (tests/layers/test_sparse_hip.py)")
 MOA_PLAN = Path(__file__).parents[1] / "fixtures" / "moa_small_plan.json"
 VARIANTS = {
     # Spans of 7 and 11 tokens at N = T = 20 (the plan's layer 0), 2 sinks, blocks of 4: the prompt pieces end
@@ -80,11 +78,13 @@ VARIANTS = {
     "sparse_attention[hyper]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
         pattern="hyper", block_size=4, hyper_lsh_bits=3, hyper_samples=4, hyper_min_seq_len=8, n_heads=4,
         n_kv_heads=2)}, skip={"causal": HYPER, "decode": HYPER}),
-    # HiP's hierarchical search: blocks of 2 (10 at T = 20), top 4 per query block with one sink block, so rows from
-    # block 4 on search 2 branches over up to 8 candidate blocks (3 halvings); GQA groups of 2 share a list.
+    # HiP's hierarchical search: key blocks of 2 (10 at T = 20), top 4 with one sink block, so the rows of blocks 4
+    # on search 2 branches over up to 8 candidate blocks (3 halvings); GQA groups of 2 share a list. A list per token
+    # (hip_query_block 1) makes it exactly causal and its decoding exact; lists shared by a block's queries (the
+    # default) choose with the block's later queries: tests/layers/test_sparse_hip.py checks decoding against the
+    # parallel form of each prefix there.
     "sparse_attention[hip]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
-        pattern="hip", block_size=2, top_k=4, sink_blocks=1, n_heads=4, n_kv_heads=2)}, skip={
-        "causal": HIP, "decode": HIP}),
+        pattern="hip", block_size=2, hip_query_block=1, top_k=4, sink_blocks=1, n_heads=4, n_kv_heads=2)}),
 }
 NAMES = sorted(MIXERS) + sorted(VARIANTS)
 

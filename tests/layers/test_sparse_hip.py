@@ -22,7 +22,8 @@ from tests.layers.test_sparse_attention import dense_masked
 from tests.layers.test_sparse_topk import run_pieces
 
 B, D = 2, 24
-HIP = conformance.VARIANTS["sparse_attention[hip]"].configs["sparse_attention"]  # blocks of 2, top 4, 1 sink
+HIP = dataclasses.replace(  # blocks of 2, top 4, 1 sink, lists shared by a block's queries (the default)
+    conformance.VARIANTS["sparse_attention[hip]"].configs["sparse_attention"], hip_query_block=None)
 
 
 def make_x(t, seed=0):
@@ -35,18 +36,21 @@ def policy(cfg) -> HipPolicy:
 
 
 def brute_force_blocks(cfg, q, k) -> list:
-    """chosen[b][g][I] = set of key blocks, the rule read literally: per KV head g and query block I, the candidates
-    [s, I) cut into m branches, each halved (a one-block branch kept whole) and scored by the max over the block's
-    queries and g's query heads of q · k[representative], the m best kept, until every branch is one block."""
+    """chosen[b][g][r] = set of key blocks, the rule read literally: per KV head g and query row r (in key block I),
+    the candidates [s, I) cut into m branches, each halved (a one-block branch kept whole) and scored by the max over
+    the row's queries and g's query heads of q · k[representative], the m best kept, until every branch is one
+    block."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     T, Hq, Hkv, bs = q.shape[1], q.shape[2], k.shape[2], cfg.block_size
+    bq = cfg.hip_query_block or bs
     nb = -(-T // bs)
     n_keep = cfg.top_k if cfg.density is None else sparse_select.density_k(nb, cfg.density)
     chosen = [[[] for _ in range(Hkv)] for _ in range(q.shape[0])]
     for b in range(q.shape[0]):
         for g in range(Hkv):
             heads = range(g * (Hq // Hkv), (g + 1) * (Hq // Hkv))
-            for i in range(nb):
+            for r in range(-(-T // bq)):
+                i = r * bq // bs  # the row's key block
                 s = min(cfg.sink_blocks, i)
                 n = i - s
                 m = min(max(n_keep - 1 - s, 0), n)
@@ -54,7 +58,7 @@ def brute_force_blocks(cfg, q, k) -> list:
 
                 def score(lo, hi):
                     rep = (lo + hi) * bs // 2 if cfg.hip_representative == "center" else lo * bs
-                    return max(q[b, t, h] @ k[b, rep, g] for t in range(i * bs, min((i + 1) * bs, T)) for h in heads)
+                    return max(q[b, t, h] @ k[b, rep, g] for t in range(r * bq, min((r + 1) * bq, T)) for h in heads)
 
                 while any(hi - lo > 1 for lo, hi in branches):
                     halves = []
@@ -69,12 +73,13 @@ def brute_force_blocks(cfg, q, k) -> list:
 def visible_from(chosen, cfg, T, n_heads) -> np.ndarray:
     """[B, Hq, T, T] token visibility of block sets (causal inside)."""
     bs, Hkv = cfg.block_size, len(chosen[0])
+    bq = cfg.hip_query_block or bs
     vis = np.zeros((len(chosen), n_heads, T, T), bool)
     for b, g in np.ndindex(len(chosen), Hkv):
         heads = list(range(g * (n_heads // Hkv), (g + 1) * (n_heads // Hkv)))
-        for i, blocks in enumerate(chosen[b][g]):
+        for r, blocks in enumerate(chosen[b][g]):
             for j in blocks:
-                vis[b, heads, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs] = True
+                vis[b, heads, r * bq:(r + 1) * bq, j * bs:(j + 1) * bs] = True
     return vis & np.tril(np.ones((T, T), bool))
 
 
@@ -110,11 +115,12 @@ def test_hand_checkable_search():
 
 @pytest.mark.parametrize("cfg, t", [
     (HIP, 21),
+    pytest.param(dataclasses.replace(HIP, block_size=4, hip_query_block=2, top_k=3), 22, marks=pytest.mark.slow),
     pytest.param(dataclasses.replace(HIP, density=0.5, sink_blocks=0, block_size=3, hip_representative="first"), 31,
                  marks=pytest.mark.slow),
     pytest.param(dataclasses.replace(HIP, top_k=3, sink_blocks=2, block_size=1, n_kv_heads=1), 19,
                  marks=pytest.mark.slow),
-], ids=["top_k_sink_gqa", "density_first", "token_blocks_mqa"])
+], ids=["top_k_sink_gqa", "query_rows_of_2", "density_first", "token_blocks_mqa"])
 def test_parallel_form_is_attention_over_the_brute_force_selection(cfg, t):
     layer = SparseAttention(D, cfg, rngs=nnx.Rngs(0))
     x = make_x(t)
@@ -181,6 +187,24 @@ def test_decoding_equals_the_parallel_form_of_each_prefix():
 
 
 @pytest.mark.slow
+def test_a_list_per_token_is_causal_and_decodes_exactly():
+    """hip_query_block = 1: every token chooses with its own query only, so changing token t leaves the outputs before
+    t as they were, and decoding (pieces, token by token) equals the whole sequence's parallel form everywhere (the
+    conformance suite's sparse_attention[hip] checks the same, fast)."""
+    cfg = dataclasses.replace(HIP, block_size=3, hip_query_block=1)
+    layer = SparseAttention(D, cfg, rngs=nnx.Rngs(0))
+    T, t0 = 20, 11
+    x = make_x(T)
+    x_changed = x.at[:, t0].set(make_x(T, seed=9)[:, t0])
+    ys, _, _, tokens = run_pieces(layer, x, (0, 7, T))
+    y, y_changed = jnp.split(jax.jit(layer)(jnp.concatenate([x, x_changed])), 2)
+    assert_close("outputs before the changed token", y_changed[:, :t0], y[:, :t0], 1e-6)
+    assert float(jnp.max(jnp.abs(y_changed[:, t0:] - y[:, t0:]))) > 1e-3
+    assert_close("prefill pieces", jnp.concatenate(ys, axis=1), y, 1e-5)
+    assert_close("token by token", tokens, y, 1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [HIP, dataclasses.replace(HIP, density=0.4, block_size=3, sink_blocks=0,
                                                           hip_representative="first")], ids=["top_k", "density"])
 def test_token_by_token_decoding_is_the_parallel_form_of_every_prefix(cfg):
@@ -219,6 +243,8 @@ def test_selection_has_no_quadratic_buffer():
     ("hip_representative=last", "hip_representative: expected one of ['center', 'first']"),
     ("top_k=0", "sparse_attention.top_k must be positive"),
     ("density=0", "sparse_attention.density must be in (0, 1]"),
+    ("hip_query_block=3", "sparse_attention.hip_query_block=3 must be a positive divisor of block_size=64"),
+    ("hip_query_block=0", "sparse_attention.hip_query_block=0 must be a positive divisor"),
 ])
 def test_bad_fields_fail_in_one_line(override, message):
     from effarch.train.config import ConfigError, load_config
