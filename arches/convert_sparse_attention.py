@@ -56,7 +56,7 @@ def sparse_attention_config_from_attention(
     routing_local_heads: int | None = None, routing_decay: float | None = None,
     routing_commitment: float | None = None, hyper_lsh_bits: int | None = None, hyper_samples: int | None = None,
     hyper_min_seq_len: int | None = None, hyper_seed: int | None = None, sink_positions: str | None = None,
-    hip_representative: str | None = None,
+    hip_representative: str | None = None, hip_query_block: int | None = None,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
@@ -67,7 +67,7 @@ def sparse_attention_config_from_attention(
       cfg: the attention model's config; its attention layers must be causal self attention.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
         implementation, top_k, density, sink_blocks, score_reduce, gate_dim, distill, gate_loss_scale,
-        gate_threshold, sink_positions, routing_*, hyper_*, hip_representative: SparseAttentionConfig's fields of
+        gate_threshold, sink_positions, routing_*, hyper_*, hip_*: SparseAttentionConfig's fields of
         the same names (pattern None: "sink_window" for an attention model, the source's own for a sparse one). A
         field left None keeps its value, so density and gate_threshold can be set here but not cleared (write the
         config for that).
@@ -97,7 +97,8 @@ def sparse_attention_config_from_attention(
                  routing_clusters=routing_clusters, routing_local_heads=routing_local_heads,
                  routing_decay=routing_decay, routing_commitment=routing_commitment, hyper_lsh_bits=hyper_lsh_bits,
                  hyper_samples=hyper_samples, hyper_min_seq_len=hyper_min_seq_len, hyper_seed=hyper_seed,
-                 sink_positions=sink_positions, hip_representative=hip_representative)
+                 sink_positions=sink_positions, hip_representative=hip_representative,
+                 hip_query_block=hip_query_block)
     if to_sparse:
         if dense_every:
             raise ValueError(f"convert to sparse_attention: dense_every={dense_every} needs attention layers; "

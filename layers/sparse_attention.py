@@ -43,8 +43,8 @@ its own file, built as `self.policy` (its trainable parameters, if any, live und
 - "hyper" (layers/sparse_hyper.py): HyperAttention (arXiv 2310.05869), sortLSH block-diagonal attention plus sampled
   residual columns, causal by the paper's recursive halving; an approximation that decodes with exact attention.
 - "hip" (layers/sparse_hip.py): HiP attention's training-free hierarchical top-k pruning (arXiv 2406.09827 §3): the
-  earlier blocks cut into k branches, each halved and scored by its centre key against the block's queries, the k
-  best halves kept, until one block each; O(T log T) selection.
+  earlier blocks cut into branches, each halved and scored by its centre key against a row of `hip_query_block`
+  queries, the best halves kept, until one block each; O(T log T) selection. Rows of one query are exactly causal.
 
 The policy protocol (the layer calls nothing else):
   `Policy(config, *, n_heads, n_kv_heads, head_dim, rngs)`;

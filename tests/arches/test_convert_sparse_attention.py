@@ -129,8 +129,8 @@ def test_hip_keeps_the_weights():
     old, new = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(p))[0]) for p in (params, new_params))
     assert new.keys() == old.keys() and all(new[k] is old[k] for k in old)  # the very leaves given
     assert parse_options("sparse_attention", ["pattern=hip", "block_size=16", "density=0.25",
-                                              "hip_representative=center"]) == \
-        dict(pattern="hip", block_size=16, density=0.25, hip_representative="center")
+                                              "hip_representative=center", "hip_query_block=1"]) == \
+        dict(pattern="hip", block_size=16, density=0.25, hip_representative="center", hip_query_block=1)
 
 
 @pytest.mark.slow
