@@ -30,9 +30,9 @@ Cost: ceil(log2 nB) iterations of 2m representative keys against b_q queries per
 
 Causality, and how decoding relates to the parallel form. With b_q > 1 a half's score is a max over every query of
 the row, the later ones too, so the selection is not causal at token level: a token's list is chosen with the
-queries of the next tokens of its row, which in a language model carry the very tokens it predicts (a frozen byte LM
-at blocks of 16 scores a lower perplexity than dense attention this way: docs/layers.md). With b_q = 1 every token
-has its own list and the layer is exactly causal. Decoding uses the queries seen so far: the decode state keeps the
+queries of the next tokens of its row, which in a language model carry the very tokens it predicts (on the byte LM
+of docs/layers.md, rows of 16 score a perplexity 0.5% lower than rows of one). With b_q = 1 every token has its own
+list and the layer is exactly causal. Decoding uses the queries seen so far: the decode state keeps the
 queries of the newest row ([B, b_q, Hq, K]), and a call whose last token is at position e runs the search for each
 row it touches with that row's queries at positions <= e, and with k for the e + 1 tokens known. So the output at
 position p of a call ending at e equals the parallel form over the prefix x[:e + 1] at p: one prefill of the whole
