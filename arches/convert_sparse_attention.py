@@ -9,8 +9,9 @@ LongLoRA's S²-Attn for long-context fine-tuning (arXiv 2309.12307 §3.2), or an
 `pattern=mean_topk` (no parameters) and `pattern=seer`, which adds fresh gates next to the kept attention weights
 (SeerAttention trains them on the frozen model: `distill=true`, then `distill=false` with top_k / density /
 gate_threshold evaluates the sparse model on the trained gates); `pattern=routing` adds fresh k-means centroids (a
-trained buffer, layers/trained_state.py, which training then updates) and `pattern=hyper` nothing (its LSH
-directions are a seeded constant). Converting back to attention drops a policy's state.
+trained buffer, layers/trained_state.py, which training then updates), `pattern=hyper` nothing (its LSH
+directions are a seeded constant) and `pattern=hip` nothing (HiP's search is training-free). Converting back to
+attention drops a policy's state.
 
 Usage (the `effarch convert RUN OUT --to sparse_attention pattern=... [key=value ...]` CLI reads and writes run
 directories around this):
@@ -55,6 +56,7 @@ def sparse_attention_config_from_attention(
     routing_local_heads: int | None = None, routing_decay: float | None = None,
     routing_commitment: float | None = None, hyper_lsh_bits: int | None = None, hyper_samples: int | None = None,
     hyper_min_seq_len: int | None = None, hyper_seed: int | None = None, sink_positions: str | None = None,
+    hip_representative: str | None = None, hip_query_block: int | None = None,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
@@ -65,9 +67,10 @@ def sparse_attention_config_from_attention(
       cfg: the attention model's config; its attention layers must be causal self attention.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
         implementation, top_k, density, sink_blocks, score_reduce, gate_dim, distill, gate_loss_scale,
-        gate_threshold, sink_positions: SparseAttentionConfig's fields of the same names (pattern None:
-        "sink_window" for an attention model, the source's own for a sparse one). A field left None keeps its
-        value, so density and gate_threshold can be set here but not cleared (write the config for that).
+        gate_threshold, sink_positions, routing_*, hyper_*, hip_*: SparseAttentionConfig's fields of
+        the same names (pattern None: "sink_window" for an attention model, the source's own for a sparse one). A
+        field left None keeps its value, so density and gate_threshold can be set here but not cleared (write the
+        config for that).
       seed: initialises the parameters a dynamic pattern adds (`convert_to_sparse_attention`); unused here.
       plan: moa's plan file; the config keeps its absolute path, so the converted run finds it from any directory
         (the plan must stay there). Without n_sink, moa takes the plan's own `n_sink` (the sinks it was searched
@@ -94,7 +97,8 @@ def sparse_attention_config_from_attention(
                  routing_clusters=routing_clusters, routing_local_heads=routing_local_heads,
                  routing_decay=routing_decay, routing_commitment=routing_commitment, hyper_lsh_bits=hyper_lsh_bits,
                  hyper_samples=hyper_samples, hyper_min_seq_len=hyper_min_seq_len, hyper_seed=hyper_seed,
-                 sink_positions=sink_positions)
+                 sink_positions=sink_positions, hip_representative=hip_representative,
+                 hip_query_block=hip_query_block)
     if to_sparse:
         if dense_every:
             raise ValueError(f"convert to sparse_attention: dense_every={dense_every} needs attention layers; "

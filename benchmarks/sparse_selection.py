@@ -4,10 +4,11 @@ evidence "Speed").
 
 Per policy, at one length, forward only (inference), float32. `total` = the policy's whole parallel pass; `select`
 and `op`:
-- mean_topk, seer: `select` = the parallel-form selection (mean_topk: block means of the post-RoPE q and k, GQA-reduced
-  scores, top-k lists per KV head; seer: the AttnGate on the pre-RoPE q and k, top-k lists per query head), `op` =
-  `block_sparse_attention(implementation="xla")` on those lists. Both read k = SeerAttention's nz_ratio rule at
-  `--density`.
+- mean_topk, seer, hip: `select` = the parallel-form selection (mean_topk: block means of the post-RoPE q and k,
+  GQA-reduced scores, top-k lists per KV head; seer: the AttnGate on the pre-RoPE q and k, top-k lists per query
+  head; hip: HiP's hierarchical search, ceil(log2 nB) halvings that score 2(k - 1) representative keys against each
+  block's queries, lists per KV head), `op` = `block_sparse_attention(implementation="xla")` on those lists. Each
+  reads k = SeerAttention's nz_ratio rule at `--density`.
 - routing: `select` = the cluster of every key (nearest centroid), the (cluster, position) sort, the ranks, and the
   gathers into and out of the sorted layout; `op` = the op on the sorted layout (lists {I, I - 1}, window and
   segment predicates). `--routing-clusters` centroids, the block is the routing window.
@@ -19,7 +20,9 @@ and `op`:
 calls after one warmup (benchmarks/_common.py `compile_and_time`); inputs are random (the selection's cost does not
 depend on them).
 
-Run:   .venv/bin/python benchmarks/sparse_selection.py [--seq-len 8192] [--density 0.1] [--out FILE.json]
+Run:   .venv/bin/python benchmarks/sparse_selection.py [--seq-len 8192] [--density 0.1]
+       [--patterns mean_topk seer hip routing hyper]
+       [--out FILE.json]
 """
 
 import argparse
@@ -33,6 +36,8 @@ from flax import nnx
 from effarch.layers.sparse_attention import POLICIES, SparseAttentionConfig
 from effarch.layers.sparse_routing import cluster_ranks
 from effarch.pallas_kernels.block_sparse import block_sparse_attention
+
+PATTERNS = ("mean_topk", "seer", "hip", "routing", "hyper")
 
 
 def measure(pattern: str, args, q, k, v) -> dict:
@@ -154,15 +159,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--routing-clusters", type=int, default=16)
     parser.add_argument("--hyper-samples", type=int, default=64)
     parser.add_argument("--hyper-min-len", type=int, default=256)
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS,
+                        help="the policies to measure (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     shape_q = (args.batch, args.seq_len, args.heads, args.head_dim)
     shape_kv = (args.batch, args.seq_len, args.kv_heads, args.head_dim)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (shape_q, shape_kv, shape_kv))
-    results = {pattern: measure(pattern, args, q, k, v) for pattern in ("mean_topk", "seer")}
-    results["routing"] = measure_routing(args, q, k, v)
-    results["hyper"] = measure_hyper(args, q, k, v)
+    special = {"routing": measure_routing, "hyper": measure_hyper}
+    results = {pattern: special[pattern](args, q, k, v) if pattern in special else measure(pattern, args, q, k, v)
+               for pattern in args.patterns}
     return emit({"config": {**vars(args), **platform_info()}, "results": results}, args.out)
 
 

@@ -42,6 +42,9 @@ its own file, built as `self.policy` (its trainable parameters, if any, live und
   EMA in training (layers/trained_state.py); the last `routing_local_heads` KV heads are local window heads.
 - "hyper" (layers/sparse_hyper.py): HyperAttention (arXiv 2310.05869), sortLSH block-diagonal attention plus sampled
   residual columns, causal by the paper's recursive halving; an approximation that decodes with exact attention.
+- "hip" (layers/sparse_hip.py): HiP attention's training-free hierarchical top-k pruning (arXiv 2406.09827 §3): the
+  earlier blocks cut into branches, each halved and scored by its centre key against a row of `hip_query_block`
+  queries, the best halves kept, until one block each; O(T log T) selection. Rows of one query are exactly causal.
 
 The policy protocol (the layer calls nothing else):
   `Policy(config, *, n_heads, n_kv_heads, head_dim, rngs)`;
@@ -72,6 +75,7 @@ from effarch.layers import moa_plan, sparse_patterns
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.rope import ROPE_SCALING_FIELDS, apply_rope
+from effarch.layers.sparse_hip import HipPolicy
 from effarch.layers.sparse_hyper import HyperPolicy
 from effarch.layers.sparse_routing import RoutingPolicy
 from effarch.layers.sparse_seer import SeerPolicy
@@ -81,14 +85,16 @@ from effarch.pallas_kernels.block_sparse import block_sparse_attention, merge_at
 from effarch.pallas_kernels.block_sparse.reference import masked_softmax
 
 # The patterns whose blocks a policy module chooses from the content, and each one's policy class (module docstring).
-DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper")
+DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper", "hip")
 PATTERNS = ("sink_window", "s2", "longlora", "moa", *DYNAMIC_PATTERNS)
-POLICIES = {"mean_topk": MeanTopkPolicy, "seer": SeerPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy}
+POLICIES = {"mean_topk": MeanTopkPolicy, "seer": SeerPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy,
+            "hip": HipPolicy}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseAttentionConfig:
-    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk", "seer", "routing", "hyper"] = "sink_window"
+    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk", "seer", "routing", "hyper",
+                     "hip"] = "sink_window"
     block_size: int = 64  # q_block = kv_block of the op, tokens
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
     n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
@@ -105,8 +111,8 @@ class SparseAttentionConfig:
     group_size: int = 2048  # G tokens per attention group; even, with block_size dividing G / 2
     # moa: the plan file (JSON, layers/moa_plan.py) with (alpha, beta) per layer and KV head
     plan: str | None = None
-    # dynamic patterns' block selection (mean_topk, seer; layers/sparse_select.py): each query block reads k blocks,
-    # its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set
+    # dynamic patterns' block selection (mean_topk, seer, hip; layers/sparse_select.py): each query block reads k
+    # blocks, its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set
     top_k: int = 3  # MoBA's top-k (its current block included)
     density: float | None = None  # r in (0, 1]: k = max(1, int((1 - sqrt(1 - r)) nB)) (SeerAttention's nz_ratio)
     sink_blocks: int = 0  # the first blocks every query block reads
@@ -128,6 +134,12 @@ class SparseAttentionConfig:
     hyper_samples: int = 64  # m uniformly sampled key columns of the residual (official 256; 0: none)
     hyper_min_seq_len: int = 256  # exact causal attention at n <= this (official 4096, past any CPU-scale length)
     hyper_seed: int = 0  # seeds the LSH directions and the samples
+    # hip (layers/sparse_hip.py): HiP's hierarchical search keeps top_k (or density's k) blocks per query block;
+    # the key that stands for a half-branch: its "center" token (the paper's, arXiv 2406.09827 §3) or its "first"
+    hip_representative: Literal["center", "first"] = "center"
+    # b_q: the queries that share one list (a divisor of block_size; None = block_size). 1: a list per token, exactly
+    # causal (a shared list is chosen with the row's later queries too: layers/sparse_hip.py)
+    hip_query_block: int | None = None
     infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
@@ -181,6 +193,11 @@ class SparseAttentionConfig:
             raise ValueError(f"{p}hyper_samples must be >= 0, got {self.hyper_samples}")
         if self.hyper_min_seq_len < 1:
             raise ValueError(f"{p}hyper_min_seq_len must be positive, got {self.hyper_min_seq_len}")
+        if self.hip_representative not in ("center", "first"):
+            raise ValueError(f"{p}hip_representative must be 'center' or 'first', got {self.hip_representative!r}")
+        if self.hip_query_block is not None and (self.hip_query_block < 1 or self.block_size % self.hip_query_block):
+            raise ValueError(f"{p}hip_query_block={self.hip_query_block} must be a positive divisor of "
+                             f"block_size={self.block_size}")
         if self.vert_stride < 2:
             raise ValueError(f"{p}vert_stride must be >= 2 (1 would read every block: use attention), "
                              f"got {self.vert_stride}")

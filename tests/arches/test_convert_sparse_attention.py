@@ -1,7 +1,8 @@
 """Attention checkpoint -> sparse_attention: the same weights; a pattern that lists every causal key gives the same
 logits; a sparse model converts to other pattern options; the S2 hybrid keeps every dense_every-th layer dense;
 `effarch convert` options are checked in one line. sparse_attention -> attention (LongLoRA's dense inference): the
-same weights, the logits of infer_dense decoding, and the round trip gives back the attention config."""
+same weights, the logits of infer_dense decoding, and the round trip gives back the attention config. The dynamic
+patterns keep every weight (seer adds gates, hip nothing)."""
 
 import dataclasses
 
@@ -115,6 +116,31 @@ def test_dynamic_patterns_keep_the_weights_and_seer_adds_fresh_gates():
     back = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(back_params))[0])
     assert back.keys() == old.keys() and all(np.array_equal(back[k], old[k]) for k in old)
     assert back_cfg.sparse_attention.pattern == "sink_window"
+
+
+def test_hip_keeps_the_weights():
+    """pattern=hip adds nothing (training-free); the CLI's options parse."""
+    from effarch.train.convert import parse_options
+
+    params = nnx.state(nnx.eval_shape(lambda: DecoderLM(CFG, rngs=nnx.Rngs(0))), nnx.Param)  # no compute needed
+    cfg, new_params = convert_to_sparse_attention(CFG, params, pattern="hip", block_size=4, top_k=3,
+                                                  hip_representative="first")
+    assert (cfg.sparse_attention.pattern, cfg.sparse_attention.hip_representative) == ("hip", "first")
+    old, new = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(p))[0]) for p in (params, new_params))
+    assert new.keys() == old.keys() and all(new[k] is old[k] for k in old)  # the very leaves given
+    assert parse_options("sparse_attention", ["pattern=hip", "block_size=16", "density=0.25",
+                                              "hip_representative=center", "hip_query_block=1"]) == \
+        dict(pattern="hip", block_size=16, density=0.25, hip_representative="center", hip_query_block=1)
+
+
+@pytest.mark.slow
+def test_hip_covering_every_block_keeps_the_logits():
+    """With top_k covering the 3 blocks of T = 12 every row is dense causal attention: the attention model's logits."""
+    baseline = DecoderLM(CFG, rngs=nnx.Rngs(0))
+    params = nnx.state(baseline, nnx.Param)
+    cfg, new_params = convert_to_sparse_attention(CFG, params, pattern="hip", block_size=4, top_k=3)
+    run = nnx.jit(lambda m, x: m(x))
+    assert_close("hip, every block", run(load(cfg, new_params), tokens()), run(baseline, tokens()), 1e-5)
 
 
 def test_bad_conversions_fail_in_one_line():
