@@ -41,7 +41,9 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "lm/longlora_finetune.yaml", "lm/longlora_s2.yaml",
              # seer's distillation overlay: tests/layers/test_sparse_seer.py trains the gate on its loss,
              # lm/sparse_attention_small the mixer
-             "lm/seer_distill.yaml"}
+             "lm/seer_distill.yaml", "passkey/seer_distill.yaml",
+             # routing from scratch on MQAR: tests/train/test_trained_buffers.py trains the mixer and its centroids
+             "mqar/routing.yaml"}
 
 
 def _id(path: Path) -> str:
