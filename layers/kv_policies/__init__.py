@@ -6,7 +6,7 @@ gives it to every attention layer of a model.
 |---|---|---|---|
 | window | sinks + most recent tokens (StreamingLLM) | token | one for all heads |
 | quest | top pages by the per-page key bound, plus the current page (Quest) | page of 16 | per query head |
-| retrieval | exact top-k keys + sinks + recent window, merged by LSE (RetrievalAttention) | token | per KV head |
+| retrieval | top-k keys (exact or IVF lists) + sinks + recent window (RetrievalAttention) | token | per KV head |
 | tokenselect | top tokens by the soft vote of all heads + sinks + recent (TokenSelect) | token | one for all heads |
 | tidal | selection layers' top-k tokens, read by the following layers (TidalDecode) | token | per query head |
 | recycled | full step every `stride` steps, then its top tokens + new ones (Recycled Attention) | token | per KV head |

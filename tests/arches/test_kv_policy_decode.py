@@ -59,6 +59,14 @@ def test_full_budget_equals_full_cache_gqa(name):
     np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), want, atol=2e-5, rtol=1e-4)
 
 
+def test_ivf_retrieval_full_budget_equals_full_cache():
+    # The index is built at the prefill, but a budget that covers the context reads every token.
+    m, toks = model("attention_gqa"), tokens()
+    want = m(toks)[:, : T - 1]
+    m.set_kv_policy(make_policy("retrieval", ["budget=32", "index=ivf", "nlist=4", "nprobe=1"]))
+    np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", [pytest.param("moh", marks=pytest.mark.slow),
                                   pytest.param("diffqkv", marks=pytest.mark.slow), "sparse_attention"])
 def test_full_budget_equals_full_cache_other_mixers(kind):
