@@ -18,7 +18,8 @@ from effarch.layers.sparse_attention import SparseAttentionConfig
 B, T, V = 2, 16, 32
 FULL = {"window": ["budget=32"], "quest": ["budget=32", "page=4"], "retrieval": ["budget=32"],
         "recycled": ["budget=32", "stride=4"], "tokenselect": ["budget=32", "reuse_cos=0.5"],
-        "tidal": ["budget=32", "select_layer=0"]}
+        "tidal": ["budget=32", "select_layer=0"], "longheads": ["budget=32", "chunk=4", "train_len=32"],
+        "act": []}  # act: no heads calibrated
 
 MODELS = {
     "attention_gqa": dict(mixers=("attention",), attention=AttentionConfig(n_heads=4, n_kv_heads=2)),

@@ -1,6 +1,8 @@
 """Decode-time KV policies: each policy's selection on a hand-computed case, the budget it reads, that its decode step
 gathers only the selected entries of the value cache, and the option parser's one-line errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,3 +276,129 @@ def test_options_and_errors():
     with pytest.raises(PolicyError, match="kv policy retrieval: need 1 <= nprobe <= nlist"):
         make_policy("retrieval", ["index=ivf", "nlist=4", "nprobe=5"])
     hash(p)  # static configuration: a model's graphdef holds it
+
+
+def test_longheads_chunk_key_by_hand():
+    # One chunk of 2 tokens, one head, D = 2. Non-causal attention inside the chunk: q_i·k_j / √2 with q = k rows.
+    from effarch.layers.kv_policies.longheads import chunk_keys
+
+    q = np.array([[1.0, 0.0], [0.0, 2.0]])
+    k = np.array([[1.0, 1.0], [0.0, -1.0]])
+    v = np.array([[2.0, 0.0], [0.0, 4.0]])
+    s = q @ k.T / np.sqrt(2)
+    o = np.exp(s) / np.exp(s).sum(1, keepdims=True) @ v
+    c = o.mean(0)
+    p = np.exp(c @ k.T / np.sqrt(2))
+    want = (p / p.sum()) @ k
+    got = chunk_keys(*(jnp.asarray(x, jnp.float32).reshape(1, 2, 1, 2) for x in (q, k, v)), 2)
+    np.testing.assert_allclose(got[0, 0, 0], want, rtol=1e-5)
+
+
+def test_longheads_chunk_keys_same_from_prefill_or_steps():
+    # Chunk keys use chunk-local positions: writing 21 tokens at once or 7 then one by one gives the same keys.
+    from effarch.layers.rope import apply_rope, rope_frequencies
+
+    B, S, Hq, Hkv, D, w = 1, 24, 2, 1, 4, 4
+    rng = np.random.default_rng(5)
+    freqs = rope_frequencies(D)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, S, h, D)), jnp.float32) for h in (Hq, Hkv, Hkv))
+    q, k = apply_rope(q, jnp.arange(S), freqs=freqs), apply_rope(k, jnp.arange(S), freqs=freqs)
+    p = make_policy("longheads", ["budget=16", f"chunk={w}"]).bind_rope(tuple(np.asarray(freqs).tolist()))
+    observe = jax.jit(p.observe)
+    at_once = observe(p.init_state(B, S, Hkv, D, n_heads=Hq), q[:, :21], k[:, :21], v[:, :21], jnp.int32(0))
+    steps = observe(p.init_state(B, S, Hkv, D, n_heads=Hq), q[:, :7], k[:, :7], v[:, :7], jnp.int32(0))
+    for t in range(7, 21):
+        steps = observe(steps, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], jnp.int32(t))
+    np.testing.assert_allclose(steps["keys"][:, :5], at_once["keys"][:, :5], atol=1e-5)  # chunks 0..4 complete
+    assert float(jnp.abs(at_once["keys"][:, 5:]).max()) == 0  # chunk 5 (tokens 20, 21..) is not
+    np.testing.assert_allclose(steps["buf_k"][:, :1], at_once["buf_k"][:, :1], atol=1e-6)  # token 20: the buffer
+    # Shifting the whole sequence keeps the chunk keys (chunk-local RoPE): chunk 1 of tokens 4..7 at 8..11.
+    def moved(x):
+        x4 = apply_rope(apply_rope(x, -jnp.arange(S), freqs=freqs), jnp.arange(S) + 4, freqs=freqs)
+        return jnp.pad(x4, ((0, 0), (4, 0), (0, 0), (0, 0)))[:, :12]
+
+    shifted = observe(p.init_state(B, S + 4, Hkv, D, n_heads=Hq), moved(q), moved(k),
+                      jnp.pad(v, ((0, 0), (4, 0), (0, 0), (0, 0)))[:, :12], jnp.int32(0))
+    np.testing.assert_allclose(shifted["keys"][:, 2], at_once["keys"][:, 1], atol=1e-5)
+
+
+def test_longheads_selection_and_positions_by_hand():
+    # chunk 2, budget 8: 4 chunks (first, previous, current + 1 by score). One head, D = 2, length 11: chunks 0..4
+    # complete, chunk 5 holds token 10. Chunk keys: chunk 2 scores best with the unrotated query (1, 0).
+    from effarch.layers.rope import apply_rope, rope_frequencies
+
+    B, S, D, length = 1, 12, 2, 11
+    freqs = rope_frequencies(D)
+    p = make_policy("longheads", ["budget=8", "chunk=2", "train_len=8"]).bind_rope(tuple(np.asarray(freqs).tolist()))
+    state = p.init_state(B, S, 1, D)
+    state["keys"] = state["keys"].at[0, :5, 0].set(jnp.array([[0, 0], [1, 0], [5, 0], [2, 0], [-9, 0]], jnp.float32))
+    q_raw = jnp.array([[[1.0, 0.0]]])
+    q = apply_rope(q_raw[:, None], jnp.array([length - 1]), freqs=freqs)[:, 0]  # the query arrives rotated at 10
+    (part,), _ = p.select(state, q, jnp.zeros((B, S, 1, D)), jnp.int32(length))
+    assert selected_tokens(part, length=length) == [0, 1, 4, 5, 8, 9, 10]  # chunks 0, 2, 4 and 5
+    # Attention: chunks laid out at 0, 2, 4, 6 (token 10 at 6), the query at 6; keys rotated afresh there.
+    rng = np.random.default_rng(0)
+    k0 = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    o, _, reads = p.attend(state, q, apply_rope(k0, jnp.arange(S), freqs=freqs), v, jnp.int32(length))
+    read, new_pos = [0, 1, 4, 5, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6]
+    keys = apply_rope(k0[:, jnp.array(read)], jnp.array(new_pos), freqs=freqs)[0, :, 0]
+    q6 = apply_rope(q_raw[:, None], jnp.array([6]), freqs=freqs)[0, 0, 0]
+    wts = jax.nn.softmax(keys @ q6 / np.sqrt(D))
+    np.testing.assert_allclose(o[0, 0], wts @ v[0, jnp.array(read), 0], atol=1e-5)
+    assert float(reads) == 7
+    with pytest.raises(PolicyError, match="longheads: give it to a model"):
+        make_policy("longheads", ["budget=8", "chunk=2"]).attend(state, q, k0, v, jnp.int32(length))
+    with pytest.raises(PolicyError, match="longheads: need 1 <= chunk <= min"):
+        make_policy("longheads", ["budget=64", "chunk=32", "train_len=16"])
+
+
+def test_act_calibrates_only_the_chosen_heads_by_hand():
+    # Two query heads on one KV head; layer 0 calibrates head 1 only. Prefill 5 tokens, then the step at length 6.
+    rng = np.random.default_rng(4)
+    B, S, Hq, D = 1, 6, 2, 4
+    q = jnp.asarray(rng.standard_normal((B, S, Hq, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    k = k.at[0, 2, 0].set(3 * q[0, 3:, 1].mean(0))  # token 2: a hidden sink for head 1's later rows
+    v = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    beta, tau = 0.4, 0.2
+    p = make_policy("act", ["heads=0:1", f"beta={beta}", f"tau={tau}"]).for_layer(0)
+    state = p.observe(p.init_state(B, S, 1, D, n_heads=Hq), q[:, :5], k[:, :5], v[:, :5], jnp.int32(0))
+    o, state2, reads = p.attend(state, q[:, 5], k, v, jnp.int32(6))
+    assert float(reads) == 6
+    logits = np.einsum("thd,sd->hts", np.asarray(q[0]), np.asarray(k[0, :, 0])) / np.sqrt(D)
+    P = np.where(np.tril(np.ones((S, S), bool))[None], np.exp(logits), 0.0)
+    P /= P.sum(-1, keepdims=True)  # [h, row, col]: rows 0..5, the last is the decode row
+    np.testing.assert_allclose(o[0, 0], P[0, 5] @ np.asarray(v[0, :, 0]), rtol=1e-5, atol=1e-6)  # head 0: untouched
+    colmean = P[1].sum(0) / (S - np.arange(S))  # rows j..5 see column j
+    in_s = colmean > tau
+    in_s[np.argmax(in_s)] = False  # the first member (the initial sink) stays
+    assert in_s.any() and not in_s[0]
+    m = P[1, 5][in_s].sum()
+    row = np.where(in_s, beta * P[1, 5], P[1, 5] * (1 - beta * m) / (1 - m))
+    np.testing.assert_allclose(row.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(o[0, 1], row @ np.asarray(v[0, :, 0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state2["colsum"][0, 1], P[1].sum(0), rtol=1e-5)
+    # Another layer, or beta = 1, or no heads: the full cache's attention.
+    for other in (p.for_layer(1), make_policy("act", ["heads=0:1", "beta=1"]).for_layer(0),
+                  make_policy("act").for_layer(0)):
+        o2, _, _ = other.attend(other.observe(other.init_state(B, S, 1, D, n_heads=Hq), q[:, :5], k[:, :5], v[:, :5],
+                                              jnp.int32(0)), q[:, 5], k, v, jnp.int32(6))
+        np.testing.assert_allclose(o2[0], np.einsum("hs,sd->hd", P[:, 5], np.asarray(v[0, :, 0])), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_act_options_and_calibration_file(tmp_path):
+    path = tmp_path / "act.json"
+    path.write_text(json.dumps({"heads": [[1, 3], [0, 2]], "beta": 0.5, "tau": 0.15}))
+    p = make_policy("act", [f"calibration={path}"])
+    assert p._heads == ((0, 2), (1, 3)) and (p.beta, p.tau) == (0.5, 0.15)
+    assert p.for_layer(1).layer_heads() == (3,)
+    with pytest.raises(PolicyError, match="kv policy act: heads must be LAYER:HEAD"):
+        make_policy("act", ["heads=1-2"])
+    with pytest.raises(PolicyError, match="kv policy act: beta must be in"):
+        make_policy("act", ["beta=2"])
+    with pytest.raises(PolicyError, match="kv policy act: calibration .* is not an act-search JSON"):
+        make_policy("act", [f"calibration={tmp_path / 'missing.json'}"])
+    with pytest.raises(PolicyError, match="layer 0 has 2 query heads, not head 5"):
+        make_policy("act", ["heads=0:5"]).for_layer(0).init_state(1, 4, 1, 2, n_heads=2)
