@@ -78,8 +78,9 @@ def test_retrieval_selection_by_hand():
     assert selected_tokens(retrieved) == [5]
 
 
-def ivf_and_exact(B, S, Hkv, D, nprobe, nlist=32, seed=0, Hq=None):
-    """(exact's retrieved part, ivf's retrieved part, ivf's reported reads) on random keys at length S."""
+def ivf_and_exact(B, S, Hkv, D, nprobe, nlist=32, seed=0, Hq=None, reads=False):
+    """(exact's retrieved part, ivf's retrieved part, ivf's reported reads (with reads=True), ivf's state) on random
+    keys at length S."""
     rng = np.random.default_rng(seed)
     k = jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32)
     q = jnp.asarray(2 * rng.standard_normal((B, Hq or Hkv, D)), jnp.float32)
@@ -89,20 +90,23 @@ def ivf_and_exact(B, S, Hkv, D, nprobe, nlist=32, seed=0, Hq=None):
     (_, exact), _ = make_policy("retrieval", opts).select({}, q, k, jnp.int32(S))
     (static, approx), _ = ivf.select(state, q, k, jnp.int32(S))
     assert selected_tokens(static) == [0, 1, 2, 3, *range(S - 12, S)]
-    return exact, approx, float(ivf.attend(state, q, k, k, jnp.int32(S))[2]), state
+    return exact, approx, float(ivf.attend(state, q, k, k, jnp.int32(S))[2]) if reads else None, state
 
 
 def test_ivf_probing_every_list_is_exact_top_k():
-    exact, approx, _, _ = ivf_and_exact(2, 256, 2, 8, nprobe=8, nlist=8, Hq=4)  # GQA: the group's vote, both ways
+    exact, approx, reads, _ = ivf_and_exact(2, 128, 2, 8, nprobe=8, nlist=8, Hq=4, reads=True)  # GQA: the vote
     for b in range(2):
         for h in range(2):
             assert selected_tokens(approx, b, h) == selected_tokens(exact, b, h)
+    # Reads: 64 attended + (8 centroids + every candidate, 128 - 4 sinks - 12 recent, scanned) / 2 key-only reads.
+    assert reads == 64 + 0.5 * (8 + 112)
 
 
+@pytest.mark.slow  # ~5 s of CPU: the fast case is test_ivf_probing_every_list_is_exact_top_k
 def test_ivf_recall_at_small_nprobe_and_honest_reads():
     # 512 random keys in 16 dims, 32 lists: scanning 8 lists (a quarter of the keys) finds far more of the exact top
     # 48 than a quarter of them (measured: 0.69 mean recall; 1 list: 0.09, 32 lists: 1.0).
-    exact, approx, reads, state = ivf_and_exact(2, 512, 2, 16, nprobe=8)
+    exact, approx, reads, state = ivf_and_exact(2, 512, 2, 16, nprobe=8, reads=True)
     recall = [len(set(selected_tokens(approx, b, h)) & set(selected_tokens(exact, b, h))) / int(exact.cnt[b, h])
               for b in range(2) for h in range(2)]
     assert np.mean(recall) > 0.5, recall
