@@ -552,13 +552,18 @@ def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
     assert code == 2 and "unknown kv policy 'lru'" in err
 
 
-def test_sweep_collects_kv_policy_results(toy_sweep):
+def test_sweep_collects_kv_policy_results(toy_sweep, tmp_path):
     from effarch.train.evals.sweep_results import eval_result_name
 
     # A sweep eval with --kv-policy reads the file that eval writes.
     argv = ["--lengths", "512", "--kv-policy", "quest", "budget=64", "page=8", "--trials", "2"]
     assert eval_result_name("passkey", argv) == "passkey.kv-quest-budget64-page8"
     assert eval_result_name("passkey", ["--trials", "2"]) == "passkey"
+    # A path option (act's calibration file) becomes one file name, not directories.
+    cal = tmp_path / "act.json"
+    cal.write_text(json.dumps({"heads": [[1, 0]], "beta": 0.4, "tau": 0.1}))
+    name = eval_result_name("niah", ["--kv-policy", "act", f"calibration={cal}"])
+    assert name == "niah.kv-act-calibration" + str(cal).strip("/").replace("/", "_") and "/" not in name
     # A KV-policy result written after the sweep (as `effarch eval RUN_DIR perplexity --kv-policy ...` writes it)
     # joins table.md's KV-policy table on --collect, beside the run's full-cache perplexity.
     run, sweep_dir = toy_sweep["trained"], toy_sweep["dir"]
@@ -571,20 +576,20 @@ def test_sweep_collects_kv_policy_results(toy_sweep):
     try:
         assert main_code(["sweep", str(toy_sweep["path"]), "--sweep-dir", str(sweep_dir), "--collect"]) == 0
         summary = json.loads((sweep_dir / "sweep.json").read_text())
-        (kv,) = next(r for r in summary["runs"] if r["name"] == "attention-lr=0.01")["kv"]
+        run_row = next(r for r in summary["runs"] if r["name"] == "attention-lr=0.01")
+        (kv,) = [kv for kv in run_row["kv"] if kv["task"] == "perplexity"]  # passkey's: an earlier test's
         assert kv["policy"] == "window budget=16 n_sink=4" and kv["budget"] == 16
         table = (sweep_dir / "table.md").read_text()
-        assert "## KV policies" in table
-        head = next(line for line in table.splitlines() if line.startswith("| run | task | policy | budget |"))
+        section = table.split("## KV policies: perplexity")[1].split("## ")[0]
+        head = next(line for line in section.splitlines() if line.startswith("| run | policy | budget |"))
         assert head.endswith("| KV tokens read / token | KV bytes read / token |")
-        assert (f"| attention-lr=0.01 | perplexity | full cache | — | {full['summary']['loss']:.4f} | "
-                in table)
-        assert "| attention-lr=0.01 | perplexity | window budget=16 n_sink=4 | 16 | 3.2500 | 25.8000 |" in table
-        assert table.rstrip().endswith("| 15.5 | 3,968 |")
+        assert f"| attention-lr=0.01 | full cache | — | {full['summary']['loss']:.4f} | " in section
+        assert "| attention-lr=0.01 | window budget=16 n_sink=4 | 16 | 3.2500 | 25.8000 |" in section
+        assert section.rstrip().endswith("| 15.5 | 3,968 |")
     finally:
         kv_file.unlink()
         main_code(["sweep", str(toy_sweep["path"]), "--sweep-dir", str(sweep_dir), "--collect"])
-    assert "## KV policies" not in (sweep_dir / "table.md").read_text()
+    assert "## KV policies: perplexity" not in (sweep_dir / "table.md").read_text()
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 and the files SWEEP_DIR/sweep.json, table.md and, with an `mqar` eval and matplotlib, mqar_accuracy_vs_state.png
 (Zoology's figure: accuracy against decode-state bytes). `effarch report` prints `best_table` of a sweep.json.
 Results under a KV policy (`effarch eval RUN_DIR TASK --kv-policy ...`, in the sweep's evals or run by hand after it:
-RUN_DIR/eval/<task>.kv-<policy>-<options>.json) are collected too, into table.md's KV-policy table: one row per run,
-task and policy, with the policy's budget, the task's summary, and the KV tokens and bytes read per decoded token.
+RUN_DIR/eval/<task>.kv-<policy>-<options>.json) are collected too, into table.md's KV-policy tables, one per task: a
+row per run and policy with the policy's budget, the task's summary, and the KV tokens and bytes read per decoded
+token, after the run's full-cache result of the task.
 A rerun that would report as unfinished a run the existing sweep.json has finished (its settings changed, or it
 failed) keeps those files and writes sweep.attempt.json, table.attempt.md (and the PNG) beside them.
 """
@@ -82,29 +83,30 @@ def kv_results(run_dir: Path) -> list[dict]:
     return out
 
 
-def kv_table(summary: dict) -> str | None:
-    """Markdown: one row per run, task and KV policy, beside the run's full-cache result of that task (the ceiling);
-    None when no run has a KV-policy result."""
-    rows = []
+def kv_tables(summary: dict) -> dict[str, str]:
+    """{task: markdown}: one row per run and KV policy of the task, after the run's full-cache result of that task
+    (the ceiling, when the sweep evaluated it); no entry for a task without KV-policy results."""
+    by_task: dict[str, list[tuple]] = {}
     for r in summary["runs"]:
-        tasks = sorted({kv["task"] for kv in r.get("kv", [])})
-        for task in tasks:
+        for task in sorted({kv["task"] for kv in r.get("kv", [])}):
+            rows = by_task.setdefault(task, [])
             if task in r["evals"]:
-                rows.append((r["name"], task, "full cache", None, r["evals"][task], None, None))
-            rows += [(r["name"], task, kv["policy"], kv["budget"], kv["summary"], kv["tokens_read_per_step"],
+                rows.append((r["name"], "full cache", None, r["evals"][task], None, None))
+            rows += [(r["name"], kv["policy"], kv["budget"], kv["summary"], kv["tokens_read_per_step"],
                       kv["kv_bytes_read_per_step"]) for kv in r["kv"] if kv["task"] == task]
-    if not rows:
-        return None
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row[4] if k not in keys]
-    head = ["run", "task", "policy", "budget", *keys, "KV tokens read / token", "KV bytes read / token"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name, task, policy, budget, res, tokens, nbytes in rows:
-        cells = [name, task, policy, "—" if budget is None else str(budget), *(_num(res.get(k)) for k in keys),
-                 "—" if tokens is None else f"{tokens:.1f}", "—" if nbytes is None else f"{nbytes:,.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    tables = {}
+    for task, rows in by_task.items():
+        keys: list[str] = []
+        for row in rows:
+            keys += [k for k in row[3] if k not in keys]
+        head = ["run", "policy", "budget", *keys, "KV tokens read / token", "KV bytes read / token"]
+        lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for name, policy, budget, res, tokens, nbytes in rows:
+            cells = [name, policy, "—" if budget is None else str(budget), *(_num(res.get(k)) for k in keys),
+                     "—" if tokens is None else f"{tokens:.1f}", "—" if nbytes is None else f"{nbytes:,.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        tables[task] = "\n".join(lines)
+    return tables
 
 
 def _num(v) -> str:
@@ -197,9 +199,8 @@ def finish(sweep: Sweep, specs: list[dict], status: dict[str, str] | None = None
             log(f"sweep: {e}")
     text = (f"# sweep {sweep.path.name}: best of {', '.join(sweep.over) or 'each run'} by {sweep.metric} "
             f"({sweep.mode})\n\n{best_table(summary)}\n\n## every run\n\n{runs_table(summary)}\n")
-    kv = kv_table(summary)
-    if kv is not None:
-        text += f"\n## KV policies (effarch eval --kv-policy)\n\n{kv}\n"
+    for task, table in kv_tables(summary).items():
+        text += f"\n## KV policies: {task} (effarch eval --kv-policy)\n\n{table}\n"
     (sweep.sweep_dir / files["table"]).write_text(text)
     (sweep.sweep_dir / files["json"]).write_text(json.dumps(summary, indent=2) + "\n")
     if lost:
