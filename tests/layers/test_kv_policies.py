@@ -148,14 +148,16 @@ def test_reads_at_most_the_budget(name):
         assert min(budget, length) - unit < reported <= min(budget, length)
 
 
-@pytest.mark.parametrize("name", BOUNDED)
+@pytest.mark.parametrize("name", [*BOUNDED, "longheads"])
 def test_decode_step_gathers_only_the_selected_values(name):
     # The value cache is touched only by the op's gathers, of at most `budget` tokens per list (quest: its list slots,
     # budget // page + 1 pages, the current page being partial): O(budget), not O(S).
+    from effarch.layers.rope import rope_frequencies
+
     B, S, Hq, Hkv, D, budget = 1, 4096, 4, 2, 8, 64
-    p = make_policy(name, [f"budget={budget}"])
+    p = make_policy(name, [f"budget={budget}"]).bind_rope(tuple(np.asarray(rope_frequencies(D)).tolist()))
     k = v = jnp.zeros((B, S, Hkv, D))
-    state = p.init_state(B, S, Hkv, D)
+    state = p.init_state(B, S, Hkv, D, n_heads=Hq)
     jaxpr = jax.make_jaxpr(lambda st, q, k, v: p.attend(st, q, k, v, jnp.int32(S))[0])(state, jnp.zeros((B, Hq, D)),
                                                                                         k, v).jaxpr
     v_var = jaxpr.invars[-1]
