@@ -22,6 +22,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -174,6 +175,8 @@ class Attention(nnx.Module):
         Set it before init_state: the policy may keep a state of its own in the decode state (under "policy")."""
         if policy is not None:
             self.check_kv_policy(policy)
+            rope = tuple(float(f) for f in np.asarray(self.rope_frequencies())) if self.config.rope else ()
+            policy = policy.bind_rope(rope)
         self.kv_policy = policy
 
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
@@ -208,7 +211,7 @@ class Attention(nnx.Module):
         cache_v = jax.lax.dynamic_update_slice(state["v"], v.astype(state["v"].dtype), (0, pos, 0, 0))
         new = {"k": cache_k, "v": cache_v, "pos": pos + T}
         if "policy" in state:
-            new["policy"] = self.kv_policy.update(state["policy"], k, pos)
+            new["policy"] = self.kv_policy.observe(state["policy"], q, k, v, pos)
             new["kv_read"] = state["kv_read"]
         return new, q, positions
 

@@ -22,6 +22,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -161,6 +162,8 @@ class DiffQKVAttention(nnx.Module):
         """Reads the cache at decode through `policy` (None: densely); set it before init_state."""
         if policy is not None:
             self.check_kv_policy(policy)
+            rope = tuple(float(f) for f in np.asarray(self._freqs())) if self.config.rope else ()
+            policy = policy.bind_rope(rope)
         self.kv_policy = policy
 
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
@@ -204,10 +207,11 @@ class DiffQKVAttention(nnx.Module):
         if self.k_up is None and self.config.rope:
             k_new = apply_rope(k_new, positions, freqs=self._freqs())
         cache_k = jax.lax.dynamic_update_slice(state["k"], k_new.astype(state["k"].dtype), (0, pos, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(state["v"], self._values(x).astype(state["v"].dtype), (0, pos, 0, 0))
+        v_new = self._values(x)
+        cache_v = jax.lax.dynamic_update_slice(state["v"], v_new.astype(state["v"].dtype), (0, pos, 0, 0))
         new = {"k": cache_k, "v": cache_v, "pos": pos + T}
         if "policy" in state:
-            new["policy"] = self.kv_policy.update(state["policy"], k_new, pos)
+            new["policy"] = self.kv_policy.observe(state["policy"], q, k_new, v_new, pos)
             new["kv_read"] = state["kv_read"]
         state = new
         if through_policy:

@@ -25,7 +25,7 @@ USAGE = """usage:
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
                    [--kv-policy NAME [OPT=VALUE ...]]
       # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval,
-      # tokenselect, tidal, recycled; options e.g. budget=N)
+      # tokenselect, tidal, recycled, longheads, act; options e.g. budget=N)
       e.g. effarch generate runs/passkey --prompt "1 2 3" --kv-policy quest budget=256
   effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
       # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
@@ -35,6 +35,9 @@ USAGE = """usage:
       # MoA: profile a trained attention run, pick alpha + beta*N spans per layer and KV head under a density budget
       e.g. effarch moa-search runs/base --density 0.25 --out plan.json; then
            effarch convert runs/base runs/base_moa --to sparse_attention pattern=moa plan=plan.json
+  effarch act-search RUN_DIR --out act.json [--calibration-batches N] [--beta B] [--tau T] [--min-gain NATS]
+      # ACT: the heads whose attention calibration lowers the loss on the run's own data; then
+      # effarch eval RUN_DIR perplexity --kv-policy act calibration=act.json
   effarch import-hf HF_CHECKPOINT_DIR RUN_DIR     # a local Llama checkpoint -> an effarch run dir at step 0
   effarch export-hf RUN_DIR HF_CHECKPOINT_DIR [--dtype float32|bfloat16] [--max-shard-mb N]
   effarch eval RUN_DIR {perplexity,mqar,passkey,niah} [options]     # results in RUN_DIR/eval/; --help per task
@@ -166,8 +169,9 @@ def generate_cli(argv: list[str]) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
-                   help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled) with "
-                        "option=value settings, e.g. --kv-policy quest budget=256 (layers/kv_policies/)")
+                   help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled, "
+                        "longheads, act) with option=value settings, e.g. --kv-policy quest budget=256 "
+                        "(layers/kv_policies/)")
     args = p.parse_args(argv)
     policy = None
     if args.kv_policy:
@@ -285,6 +289,20 @@ def moa_search_cli(argv: list[str]) -> None:
     print(f"effarch: moa plan for {plan['source_run']} (checkpoint step {plan['checkpoint_step']}): density "
           f"{densities} (budget {plan['density']}), {len(rules)} distinct rule(s) (alpha, beta): "
           f"{sorted(rules)}: {result.plan_path}")
+
+
+def act_search_cli(argv: list[str]) -> None:
+    from effarch.train.act_search import main as act_search
+    from effarch.train.config import ConfigError
+
+    try:
+        result = act_search(argv)
+    except ConfigError as e:
+        _fail(str(e))
+    heads = ", ".join(f"{a}:{b}" for a, b in result["heads"]) or "none"
+    print(f"effarch: act calibration for {result['source_run']} (checkpoint step {result['checkpoint_step']}): "
+          f"heads {heads} (beta {result['beta']}, tau {result['tau']}; full-cache loss "
+          f"{result['baseline']['loss']:.4f})")
 
 
 def import_hf_cli(argv: list[str]) -> None:
@@ -416,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     commands = {"train": train_cli, "generate": generate_cli, "convert": convert_cli, "import-hf": import_hf_cli,
                 "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli,
-                "plan": plan_cli, "moa-search": moa_search_cli}
+                "plan": plan_cli, "moa-search": moa_search_cli, "act-search": act_search_cli}
     if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
     try:

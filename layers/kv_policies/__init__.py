@@ -6,17 +6,22 @@ gives it to every attention layer of a model.
 |---|---|---|---|
 | window | sinks + most recent tokens (StreamingLLM) | token | one for all heads |
 | quest | top pages by the per-page key bound, plus the current page (Quest) | page of 16 | per query head |
-| retrieval | exact top-k keys + sinks + recent window, merged by LSE (RetrievalAttention) | token | per KV head |
+| retrieval | top-k keys (exact or IVF lists) + sinks + recent window (RetrievalAttention) | token | per KV head |
 | tokenselect | top tokens by the soft vote of all heads + sinks + recent (TokenSelect) | token | one for all heads |
 | tidal | selection layers' top-k tokens, read by the following layers (TidalDecode) | token | per query head |
 | recycled | full step every `stride` steps, then its top tokens + new ones (Recycled Attention) | token | per KV head |
+| longheads | first, previous, current and top chunks by chunk key, re-positioned (LongHeads) | chunk | per query head |
+| act | full cache; hidden sinks' attention scaled by beta on calibrated heads (ACT) | token | per query head |
+| (landmark) | not a policy: the landmark mixer's top-k block memory (arches/landmark_memory.py) | block | per head |
 """
 
 import dataclasses
 import typing
 
+from effarch.layers.kv_policies.act import ACTPolicy
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
 from effarch.layers.kv_policies.base import options as policy_options
+from effarch.layers.kv_policies.longheads import LongHeadsPolicy
 from effarch.layers.kv_policies.quest import QuestPolicy
 from effarch.layers.kv_policies.recycled import RecycledPolicy
 from effarch.layers.kv_policies.retrieval import RetrievalPolicy
@@ -25,7 +30,8 @@ from effarch.layers.kv_policies.tokenselect import TokenSelectPolicy
 from effarch.layers.kv_policies.window import WindowPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
-    p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, TidalPolicy, RecycledPolicy)}
+    p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, TidalPolicy, RecycledPolicy,
+                        LongHeadsPolicy, ACTPolicy)}
 
 
 def _parse(policy: str, field: dataclasses.Field, text: str):
@@ -58,5 +64,5 @@ def make_policy(name: str, options=()) -> KVPolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["POLICIES", "KVPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy", "RetrievalPolicy", "Selection",
-           "TidalPolicy", "TokenSelectPolicy", "WindowPolicy", "make_policy"]
+__all__ = ["ACTPolicy", "POLICIES", "KVPolicy", "LongHeadsPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy",
+           "RetrievalPolicy", "Selection", "TidalPolicy", "TokenSelectPolicy", "WindowPolicy", "make_policy"]

@@ -6,13 +6,16 @@ here is a decode-time method); at each decode step the layer writes the new toke
 asks the policy which entries the new query reads:
 
     state = policy.init_state(batch, max_len, n_kv_heads, head_dim, n_heads=Hq)  # the decode state's "policy"
-    state = policy.update(state, k_new [B, T, Hkv, K], pos)                # after every cache write (prefill, step)
+    state = policy.observe(state, q_new, k_new [B, T, Hkv, K], v_new, pos)  # after every cache write (prefill,
+                                                                           # step); default: update(state, k_new, pos)
     parts, state = policy.select(state, q [B, Hq, K], k_cache, length)    # the new query's selection
     o [B, Hq, V], state, reads = policy.attend(state, q, k_cache, v_cache, length)   # parts merged by LSE
 
 `length` is the number of valid cache entries including the current token (an int32 scalar shared by the batch). A
 policy state's "shared" entry is handed from each layer to the next at decode (`DecoderLM.decode_step`), so that a
-selection made in one layer can be read by the following ones (tidal).
+selection made in one layer can be read by the following ones (tidal). A layer hands the policy its RoPE frequencies
+with `bind_rope` (at `set_kv_policy`) for policies that re-position the keys they read (longheads); the cache holds
+keys rotated at their true positions, and queries arrive rotated at theirs.
 Each part is a `Selection` (idx, cnt, granularity, block) for `sparse_decode_attention`; the parts of one step must be
 disjoint, and their attentions are joined by `merge_attention` (exact for disjoint sets). `budget` is the number of
 KV tokens a step reads per list (sinks and recent window included); `Selection.tokens` counts what a part reads. A
@@ -89,6 +92,16 @@ class KVPolicy:
 
     def update(self, state: PolicyState, k_new: Float[Array, "B T Hkv K"], pos) -> PolicyState:
         return state
+
+    def observe(self, state: PolicyState, q_new: Float[Array, "B T Hq K"], k_new: Float[Array, "B T Hkv K"],
+                v_new: Float[Array, "B T Hkv V"], pos) -> PolicyState:
+        """After a cache write of T tokens at positions pos..pos+T-1 (q, k rotated there): what the layer calls.
+        Policies that need only the keys override `update`."""
+        return self.update(state, k_new, pos)
+
+    def bind_rope(self, freqs: tuple[float, ...]) -> "KVPolicy":
+        """The policy as a layer with these RoPE inverse frequencies uses it (() = no RoPE); most ignore them."""
+        return self
 
     def select(self, state: PolicyState, q: Float[Array, "B Hq K"], k_cache: Float[Array, "B S Hkv K"],
                length) -> tuple[list[Selection], PolicyState]:

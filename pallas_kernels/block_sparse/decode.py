@@ -8,6 +8,12 @@ For batch row b and query head h in list group g (g = 0, h // (Hq / Hkv) or h fo
     visible   = {j ∈ sel(b, g) : 0 ≤ j < min(S, len)}
     o = Σ_{j visible} softmax_j(scale · q·k_j) v_j,   lse = log Σ_{j visible} exp(scale · q·k_j)
 
+With `key_shift` (int32 [B, Hs, K]) and `rope_freqs` ([D/2]), every key read through list entry c is re-rotated by
+key_shift[b, g, c] positions before scoring: the cache holds keys rotated at their true positions p (RoPE,
+arXiv 2104.09864, pairs (x_i, x_{i+D/2}) as layers/rope.py), and a rotation composes, R(p + δ) = R(δ)·R(p), so the
+key is scored as if it sat at p + δ (LongHeads' re-assigned positions, arXiv 2402.10685 §3.2). The caller rotates the
+query to its own new position. Values are not rotated.
+
 An empty visible set gives o = 0 and lse = −inf (with finite gradients), so a part that reads nothing joins others
 through `merge_attention` unchanged. Listed ids are unique; concrete lists are checked (one-line ValueError), traced
 ids outside [0, n) are ignored. The decode-time KV policies (layers/kv_policies/) write the lists; the op is
@@ -15,7 +21,7 @@ policy-free.
 
 Implementations:
 - "reference": `block_sparse_reference` with one query row (the dense boolean mask over all S cache entries): the
-  oracle.
+  oracle. With `key_shift`, each query head gets its own copy of the cache rotated by its list's shifts.
 - "xla": gathers only the listed entries, K and V each [B, Hkv, Gs, K·(block or 1), D] (Gs = Hq / Hkv when
   Hs = Hq, else 1), straight from the [B, S, Hkv, D] cache: O(K) of the cache is read, never O(S); float32 scores
   and softmax; autodiff backward (the gathers' scatter-add).
@@ -97,8 +103,12 @@ def _lengths(lengths, B: int, S: int) -> Int[Array, " B"]:
 
 
 def sparse_decode_reference(q, k_cache, v_cache, idx, cnt, *, granularity="token", block=None, lengths=None,
-                            scale=None, return_lse=True):
+                            scale=None, return_lse=True, key_shift=None, rope_freqs=None):
     """The dense oracle: block_sparse_reference with one query row, key block = the unit, padding past lengths."""
+    if key_shift is not None:
+        return _reference_shifted(q, k_cache, v_cache, idx, cnt, granularity=granularity, block=block,
+                                  lengths=lengths, scale=scale, return_lse=return_lse, key_shift=key_shift,
+                                  rope_freqs=rope_freqs)
     B, S = k_cache.shape[:2]
     unit = _unit(granularity, block)
     kv_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
@@ -108,6 +118,32 @@ def sparse_decode_reference(q, k_cache, v_cache, idx, cnt, *, granularity="token
     if not return_lse:
         return out[:, 0]
     return out[0][:, 0], out[1][:, 0]
+
+
+def rotate_by(x: Float[Array, "... D"], delta: Int[Array, "..."], freqs: Float[Array, " D2"]) -> Array:
+    """x rotated by `delta` positions with RoPE frequencies `freqs` (pairs (x_i, x_{i+D/2})), in float32."""
+    angles = delta.astype(jnp.float32)[..., None] * jnp.asarray(freqs, jnp.float32).reshape((1,) * delta.ndim + (-1,))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _reference_shifted(q, k_cache, v_cache, idx, cnt, *, granularity, block, lengths, scale, return_lse, key_shift,
+                       rope_freqs):
+    """The oracle with re-rotated keys: one list and one rotated copy of the cache per query head (MHA form)."""
+    B, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1:3]
+    Hs = idx.shape[1]
+    g_of_h = jnp.arange(Hq) * Hs // Hq  # the list query head h reads (Hs = 1, Hkv or Hq)
+    pos, vis = gathered_positions(idx, cnt, granularity=granularity, block=block, S=S, lengths=lengths)
+    shift = jnp.repeat(jnp.asarray(key_shift, jnp.int32), _unit(granularity, block), axis=-1)  # [B, Hs, N]
+    b_i, g_i = jnp.arange(B)[:, None, None], jnp.arange(Hs)[None, :, None]
+    shift_pos = jnp.zeros((B, Hs, S), jnp.int32).at[b_i, g_i, jnp.where(vis, pos, S)].set(shift, mode="drop")
+    k_BHSD = jnp.swapaxes(k_cache, 1, 2)[:, jnp.arange(Hq) // (Hq // Hkv)]  # [B, Hq, S, D]
+    k_full = jnp.swapaxes(rotate_by(k_BHSD, shift_pos[:, g_of_h], rope_freqs), 1, 2).astype(k_cache.dtype)
+    v_full = v_cache[:, :, jnp.arange(Hq) // (Hq // Hkv)]
+    return sparse_decode_reference(q, k_full, v_full, idx[:, g_of_h], cnt[:, g_of_h], granularity=granularity,
+                                   block=block, lengths=lengths, scale=scale, return_lse=return_lse)
 
 
 def gathered_positions(idx, cnt, *, granularity: str, block, S: int, lengths) -> tuple[Array, Array]:
@@ -125,7 +161,7 @@ def gathered_positions(idx, cnt, *, granularity: str, block, S: int, lengths) ->
 
 
 def sparse_decode_xla(q, k_cache, v_cache, idx, cnt, *, granularity="token", block=None, lengths=None, scale=None,
-                      return_lse=True):
+                      return_lse=True, key_shift=None, rope_freqs=None):
     """Gathers the listed entries of K and V (module docstring) and attends over them in float32."""
     B, Hq, D = q.shape
     S, Hkv = k_cache.shape[1:3]
@@ -143,6 +179,10 @@ def sparse_decode_xla(q, k_cache, v_cache, idx, cnt, *, granularity="token", blo
     h_i = jnp.arange(Hkv)[None, :, None, None]
     k_BHgND = k_cache[b_i, pos, h_i].astype(q.dtype)  # one gather: only the listed rows are read
     v_BHgNV = v_cache[b_i, pos, h_i]
+    if key_shift is not None:  # the gathered keys only: O(K) rotations
+        shift = jnp.repeat(jnp.asarray(key_shift, jnp.int32), _unit(granularity, block), axis=-1)
+        shift = jnp.broadcast_to(shift.reshape(B, -1, Gs, N), (B, Hkv, Gs, N))
+        k_BHgND = rotate_by(k_BHgND, shift, rope_freqs).astype(q.dtype)
 
     q_BHGD = q.reshape(B, Hkv, G, D)
     if Gs == 1:
@@ -181,6 +221,8 @@ def sparse_decode_attention(
     return_lse: bool = True,
     implementation: str | Sequence[str] | None = None,
     scale: float | None = None,
+    key_shift: Int[Array | np.ndarray, "B Hs K"] | None = None,
+    rope_freqs: Float[Array | np.ndarray, " D2"] | None = None,
 ):
     """Attention of one query step over the selected cache entries only (module docstring).
 
@@ -196,12 +238,22 @@ def sparse_decode_attention(
       implementation: "reference", "xla", "pallas_gpu", "pallas_tpu", a sequence tried in order, or None (the
         platform default: "xla").
       scale: logit scale, default 1 / sqrt(D).
+      key_shift: int32 [B, Hs, K] or None: the keys read through list entry c are re-rotated by key_shift[b, g, c]
+        positions (module docstring); needs `rope_freqs` [D/2], the RoPE inverse frequencies of the cached keys.
 
     Returns:
       o [B, Hq, Dv] in q's dtype (0 where nothing is visible), and lse [B, Hq] when return_lse.
     """
     check_inputs(q, k_cache, v_cache, idx, cnt, granularity=granularity, block=block, lengths=lengths)
+    if key_shift is not None:
+        if np.shape(key_shift) != tuple(idx.shape):
+            raise ValueError(f"{OP}: key_shift must be [B, Hs, K] = {tuple(idx.shape)}, got {np.shape(key_shift)}")
+        if rope_freqs is None or np.shape(rope_freqs) != (q.shape[-1] // 2,) or q.shape[-1] % 2:
+            raise ValueError(f"{OP}: key_shift needs rope_freqs [D/2 = {q.shape[-1] // 2}] (an even D), got "
+                             f"{None if rope_freqs is None else np.shape(rope_freqs)}")
+        key_shift = jnp.asarray(key_shift, jnp.int32)
     idx, cnt = jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32)
     lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
     return dispatch(OP, IMPLEMENTATIONS, implementation, q, k_cache, v_cache, idx, cnt, granularity=granularity,
-                    block=block, lengths=lengths, scale=scale, return_lse=return_lse, default_order=DEFAULT_ORDER)
+                    block=block, lengths=lengths, scale=scale, return_lse=return_lse, key_shift=key_shift,
+                    rope_freqs=rope_freqs, default_order=DEFAULT_ORDER)

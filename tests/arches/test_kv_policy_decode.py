@@ -18,7 +18,8 @@ from effarch.layers.sparse_attention import SparseAttentionConfig
 B, T, V = 2, 16, 32
 FULL = {"window": ["budget=32"], "quest": ["budget=32", "page=4"], "retrieval": ["budget=32"],
         "recycled": ["budget=32", "stride=4"], "tokenselect": ["budget=32", "reuse_cos=0.5"],
-        "tidal": ["budget=32", "select_layer=0"]}
+        "tidal": ["budget=32", "select_layer=0"], "longheads": ["budget=32", "chunk=4", "train_len=32"],
+        "act": []}  # act: no heads calibrated
 
 MODELS = {
     "attention_gqa": dict(mixers=("attention",), attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
@@ -56,6 +57,14 @@ def test_full_budget_equals_full_cache_gqa(name):
     m, toks = model("attention_gqa"), tokens()
     want = m(toks)[:, : T - 1]
     m.set_kv_policy(make_policy(name, FULL[name]))
+    np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), want, atol=2e-5, rtol=1e-4)
+
+
+def test_ivf_retrieval_full_budget_equals_full_cache():
+    # The index is built at the prefill, but a budget that covers the context reads every token.
+    m, toks = model("attention_gqa"), tokens()
+    want = m(toks)[:, : T - 1]
+    m.set_kv_policy(make_policy("retrieval", ["budget=32", "index=ivf", "nlist=4", "nprobe=1"]))
     np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), want, atol=2e-5, rtol=1e-4)
 
 

@@ -1,6 +1,8 @@
 """Decode-time KV policies: each policy's selection on a hand-computed case, the budget it reads, that its decode step
 gathers only the selected entries of the value cache, and the option parser's one-line errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,59 @@ def test_retrieval_selection_by_hand():
     assert selected_tokens(retrieved) == [5]
 
 
+def ivf_and_exact(B, S, Hkv, D, nprobe, nlist=32, seed=0, Hq=None, reads=False):
+    """(exact's retrieved part, ivf's retrieved part, ivf's reported reads (with reads=True), ivf's state) on random
+    keys at length S."""
+    rng = np.random.default_rng(seed)
+    k = jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32)
+    q = jnp.asarray(2 * rng.standard_normal((B, Hq or Hkv, D)), jnp.float32)
+    opts = ["budget=64", "n_sink=4", "n_recent=12"]
+    ivf = make_policy("retrieval", [*opts, "index=ivf", f"nlist={nlist}", f"nprobe={nprobe}"])
+    state = ivf.update(ivf.init_state(B, S, Hkv, D), k, jnp.int32(0))
+    (_, exact), _ = make_policy("retrieval", opts).select({}, q, k, jnp.int32(S))
+    (static, approx), _ = ivf.select(state, q, k, jnp.int32(S))
+    assert selected_tokens(static) == [0, 1, 2, 3, *range(S - 12, S)]
+    return exact, approx, float(ivf.attend(state, q, k, k, jnp.int32(S))[2]) if reads else None, state
+
+
+def test_ivf_probing_every_list_is_exact_top_k():
+    exact, approx, reads, _ = ivf_and_exact(2, 128, 2, 8, nprobe=8, nlist=8, Hq=4, reads=True)  # GQA: the vote
+    for b in range(2):
+        for h in range(2):
+            assert selected_tokens(approx, b, h) == selected_tokens(exact, b, h)
+    # Reads: 64 attended + (8 centroids + every candidate, 128 - 4 sinks - 12 recent, scanned) / 2 key-only reads.
+    assert reads == 64 + 0.5 * (8 + 112)
+
+
+@pytest.mark.slow  # ~5 s of CPU: the fast case is test_ivf_probing_every_list_is_exact_top_k
+def test_ivf_recall_at_small_nprobe_and_honest_reads():
+    # 512 random keys in 16 dims, 32 lists: scanning 8 lists (a quarter of the keys) finds far more of the exact top
+    # 48 than a quarter of them (measured: 0.69 mean recall; 1 list: 0.09, 32 lists: 1.0).
+    exact, approx, reads, state = ivf_and_exact(2, 512, 2, 16, nprobe=8, reads=True)
+    recall = [len(set(selected_tokens(approx, b, h)) & set(selected_tokens(exact, b, h))) / int(exact.cnt[b, h])
+              for b in range(2) for h in range(2)]
+    assert np.mean(recall) > 0.5, recall
+    # Reads: 64 attended tokens + (32 centroids + the members of the 8 probed lists among the candidates) / 2.
+    assign = np.asarray(state["assign"])
+    assert assign.min() >= 0 and assign.max() < 32
+    assert 64 + 0.5 * 32 < reads < 64 + 0.5 * (32 + 512)
+    assert float(jnp.asarray(approx.cnt).min()) == 48
+
+
+def test_ivf_keys_written_at_decode_join_their_nearest_list():
+    B, S, Hkv, D = 1, 64, 1, 4
+    rng = np.random.default_rng(2)
+    k = jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32)
+    p = make_policy("retrieval", ["budget=16", "n_sink=1", "n_recent=4", "index=ivf", "nlist=4", "nprobe=1"])
+    state = p.update(p.init_state(B, S, Hkv, D), k[:, :48], jnp.int32(0))
+    centroids = state["centroids"]
+    state = p.update(state, k[:, 48:49], jnp.int32(48))  # a decode step: the index stays, the key joins a list
+    np.testing.assert_array_equal(state["centroids"], centroids)
+    d = np.sum((np.asarray(centroids)[0, 0] - np.asarray(k)[0, 48, 0]) ** 2, axis=-1)
+    assert int(state["assign"][0, 0, 48]) == int(np.argmin(d))
+    assert int(state["assign"][0, 0, 49]) == -1  # not written yet
+
+
 @pytest.mark.parametrize("name", BOUNDED)
 def test_reads_at_most_the_budget(name):
     B, S, Hq, Hkv, D, budget = 2, 512, 4, 2, 8, 64
@@ -93,14 +148,16 @@ def test_reads_at_most_the_budget(name):
         assert min(budget, length) - unit < reported <= min(budget, length)
 
 
-@pytest.mark.parametrize("name", BOUNDED)
+@pytest.mark.parametrize("name", [*BOUNDED, "longheads"])
 def test_decode_step_gathers_only_the_selected_values(name):
     # The value cache is touched only by the op's gathers, of at most `budget` tokens per list (quest: its list slots,
     # budget // page + 1 pages, the current page being partial): O(budget), not O(S).
+    from effarch.layers.rope import rope_frequencies
+
     B, S, Hq, Hkv, D, budget = 1, 4096, 4, 2, 8, 64
-    p = make_policy(name, [f"budget={budget}"])
+    p = make_policy(name, [f"budget={budget}"]).bind_rope(tuple(np.asarray(rope_frequencies(D)).tolist()))
     k = v = jnp.zeros((B, S, Hkv, D))
-    state = p.init_state(B, S, Hkv, D)
+    state = p.init_state(B, S, Hkv, D, n_heads=Hq)
     jaxpr = jax.make_jaxpr(lambda st, q, k, v: p.attend(st, q, k, v, jnp.int32(S))[0])(state, jnp.zeros((B, Hq, D)),
                                                                                         k, v).jaxpr
     v_var = jaxpr.invars[-1]
@@ -188,7 +245,8 @@ def test_full_budget_selects_everything():
     B, S, Hkv, D = 1, 40, 1, 4
     k = jnp.asarray(np.random.default_rng(1).standard_normal((B, S, Hkv, D)), jnp.float32)
     q = jnp.ones((B, 2, D))
-    for name, opts in (("window", []), ("quest", ["page=16"]), ("retrieval", [])):
+    for name, opts in (("window", []), ("quest", ["page=16"]), ("retrieval", []),
+                       ("retrieval", ["index=ivf", "nlist=4", "nprobe=1"])):
         p = make_policy(name, ["budget=48", *opts])
         state = p.update(p.init_state(B, S, Hkv, D), k[:, :37], jnp.int32(0))
         parts, _ = p.select(state, q, k, jnp.int32(37))
@@ -219,6 +277,10 @@ def test_options_and_errors():
         make_policy("tidal", ["_layer=3"])  # private: set by the model, not an option
     with pytest.raises(PolicyError, match="kv policy retrieval"):
         make_policy("retrieval", ["budget=8", "n_recent=6", "n_sink=2"])
+    with pytest.raises(PolicyError, match="kv policy retrieval: index must be exact or ivf"):
+        make_policy("retrieval", ["index=hnsw"])
+    with pytest.raises(PolicyError, match="kv policy retrieval: need 1 <= nprobe <= nlist"):
+        make_policy("retrieval", ["index=ivf", "nlist=4", "nprobe=5"])
     hash(p)  # static configuration: a model's graphdef holds it
 
 
@@ -242,3 +304,129 @@ def test_policies_run_on_the_decode_kernels(monkeypatch, implementation):
     monkeypatch.delenv("EFFARCH_PALLAS_INTERPRET")  # the kernel really ran: compiled, it refuses on this CPU host
     with pytest.raises(NotImplementedError, match=implementation):
         p.attend(state, q, k, v, jnp.int32(70))
+
+
+def test_longheads_chunk_key_by_hand():
+    # One chunk of 2 tokens, one head, D = 2. Non-causal attention inside the chunk: q_i·k_j / √2 with q = k rows.
+    from effarch.layers.kv_policies.longheads import chunk_keys
+
+    q = np.array([[1.0, 0.0], [0.0, 2.0]])
+    k = np.array([[1.0, 1.0], [0.0, -1.0]])
+    v = np.array([[2.0, 0.0], [0.0, 4.0]])
+    s = q @ k.T / np.sqrt(2)
+    o = np.exp(s) / np.exp(s).sum(1, keepdims=True) @ v
+    c = o.mean(0)
+    p = np.exp(c @ k.T / np.sqrt(2))
+    want = (p / p.sum()) @ k
+    got = chunk_keys(*(jnp.asarray(x, jnp.float32).reshape(1, 2, 1, 2) for x in (q, k, v)), 2)
+    np.testing.assert_allclose(got[0, 0, 0], want, rtol=1e-5)
+
+
+def test_longheads_chunk_keys_same_from_prefill_or_steps():
+    # Chunk keys use chunk-local positions: writing 21 tokens at once or 7 then one by one gives the same keys.
+    from effarch.layers.rope import apply_rope, rope_frequencies
+
+    B, S, Hq, Hkv, D, w = 1, 24, 2, 1, 4, 4
+    rng = np.random.default_rng(5)
+    freqs = rope_frequencies(D)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, S, h, D)), jnp.float32) for h in (Hq, Hkv, Hkv))
+    q, k = apply_rope(q, jnp.arange(S), freqs=freqs), apply_rope(k, jnp.arange(S), freqs=freqs)
+    p = make_policy("longheads", ["budget=16", f"chunk={w}"]).bind_rope(tuple(np.asarray(freqs).tolist()))
+    observe = jax.jit(p.observe)
+    at_once = observe(p.init_state(B, S, Hkv, D, n_heads=Hq), q[:, :21], k[:, :21], v[:, :21], jnp.int32(0))
+    steps = observe(p.init_state(B, S, Hkv, D, n_heads=Hq), q[:, :7], k[:, :7], v[:, :7], jnp.int32(0))
+    for t in range(7, 21):
+        steps = observe(steps, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], jnp.int32(t))
+    np.testing.assert_allclose(steps["keys"][:, :5], at_once["keys"][:, :5], atol=1e-5)  # chunks 0..4 complete
+    assert float(jnp.abs(at_once["keys"][:, 5:]).max()) == 0  # chunk 5 (tokens 20, 21..) is not
+    np.testing.assert_allclose(steps["buf_k"][:, :1], at_once["buf_k"][:, :1], atol=1e-6)  # token 20: the buffer
+    # Shifting the whole sequence keeps the chunk keys (chunk-local RoPE): chunk 1 of tokens 4..7 at 8..11.
+    def moved(x):
+        x4 = apply_rope(apply_rope(x, -jnp.arange(S), freqs=freqs), jnp.arange(S) + 4, freqs=freqs)
+        return jnp.pad(x4, ((0, 0), (4, 0), (0, 0), (0, 0)))[:, :12]
+
+    shifted = observe(p.init_state(B, S + 4, Hkv, D, n_heads=Hq), moved(q), moved(k),
+                      jnp.pad(v, ((0, 0), (4, 0), (0, 0), (0, 0)))[:, :12], jnp.int32(0))
+    np.testing.assert_allclose(shifted["keys"][:, 2], at_once["keys"][:, 1], atol=1e-5)
+
+
+def test_longheads_selection_and_positions_by_hand():
+    # chunk 2, budget 8: 4 chunks (first, previous, current + 1 by score). One head, D = 2, length 11: chunks 0..4
+    # complete, chunk 5 holds token 10. Chunk keys: chunk 2 scores best with the unrotated query (1, 0).
+    from effarch.layers.rope import apply_rope, rope_frequencies
+
+    B, S, D, length = 1, 12, 2, 11
+    freqs = rope_frequencies(D)
+    p = make_policy("longheads", ["budget=8", "chunk=2", "train_len=8"]).bind_rope(tuple(np.asarray(freqs).tolist()))
+    state = p.init_state(B, S, 1, D)
+    state["keys"] = state["keys"].at[0, :5, 0].set(jnp.array([[0, 0], [1, 0], [5, 0], [2, 0], [-9, 0]], jnp.float32))
+    q_raw = jnp.array([[[1.0, 0.0]]])
+    q = apply_rope(q_raw[:, None], jnp.array([length - 1]), freqs=freqs)[:, 0]  # the query arrives rotated at 10
+    (part,), _ = p.select(state, q, jnp.zeros((B, S, 1, D)), jnp.int32(length))
+    assert selected_tokens(part, length=length) == [0, 1, 4, 5, 8, 9, 10]  # chunks 0, 2, 4 and 5
+    # Attention: chunks laid out at 0, 2, 4, 6 (token 10 at 6), the query at 6; keys rotated afresh there.
+    rng = np.random.default_rng(0)
+    k0 = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    o, _, reads = p.attend(state, q, apply_rope(k0, jnp.arange(S), freqs=freqs), v, jnp.int32(length))
+    read, new_pos = [0, 1, 4, 5, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6]
+    keys = apply_rope(k0[:, jnp.array(read)], jnp.array(new_pos), freqs=freqs)[0, :, 0]
+    q6 = apply_rope(q_raw[:, None], jnp.array([6]), freqs=freqs)[0, 0, 0]
+    wts = jax.nn.softmax(keys @ q6 / np.sqrt(D))
+    np.testing.assert_allclose(o[0, 0], wts @ v[0, jnp.array(read), 0], atol=1e-5)
+    assert float(reads) == 7
+    with pytest.raises(PolicyError, match="longheads: give it to a model"):
+        make_policy("longheads", ["budget=8", "chunk=2"]).attend(state, q, k0, v, jnp.int32(length))
+    with pytest.raises(PolicyError, match="longheads: need 1 <= chunk <= min"):
+        make_policy("longheads", ["budget=64", "chunk=32", "train_len=16"])
+
+
+def test_act_calibrates_only_the_chosen_heads_by_hand():
+    # Two query heads on one KV head; layer 0 calibrates head 1 only. Prefill 5 tokens, then the step at length 6.
+    rng = np.random.default_rng(4)
+    B, S, Hq, D = 1, 6, 2, 4
+    q = jnp.asarray(rng.standard_normal((B, S, Hq, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    k = k.at[0, 2, 0].set(3 * q[0, 3:, 1].mean(0))  # token 2: a hidden sink for head 1's later rows
+    v = jnp.asarray(rng.standard_normal((B, S, 1, D)), jnp.float32)
+    beta, tau = 0.4, 0.2
+    p = make_policy("act", ["heads=0:1", f"beta={beta}", f"tau={tau}"]).for_layer(0)
+    state = p.observe(p.init_state(B, S, 1, D, n_heads=Hq), q[:, :5], k[:, :5], v[:, :5], jnp.int32(0))
+    o, state2, reads = p.attend(state, q[:, 5], k, v, jnp.int32(6))
+    assert float(reads) == 6
+    logits = np.einsum("thd,sd->hts", np.asarray(q[0]), np.asarray(k[0, :, 0])) / np.sqrt(D)
+    P = np.where(np.tril(np.ones((S, S), bool))[None], np.exp(logits), 0.0)
+    P /= P.sum(-1, keepdims=True)  # [h, row, col]: rows 0..5, the last is the decode row
+    np.testing.assert_allclose(o[0, 0], P[0, 5] @ np.asarray(v[0, :, 0]), rtol=1e-5, atol=1e-6)  # head 0: untouched
+    colmean = P[1].sum(0) / (S - np.arange(S))  # rows j..5 see column j
+    in_s = colmean > tau
+    in_s[np.argmax(in_s)] = False  # the first member (the initial sink) stays
+    assert in_s.any() and not in_s[0]
+    m = P[1, 5][in_s].sum()
+    row = np.where(in_s, beta * P[1, 5], P[1, 5] * (1 - beta * m) / (1 - m))
+    np.testing.assert_allclose(row.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(o[0, 1], row @ np.asarray(v[0, :, 0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state2["colsum"][0, 1], P[1].sum(0), rtol=1e-5)
+    # Another layer, or beta = 1, or no heads: the full cache's attention.
+    for other in (p.for_layer(1), make_policy("act", ["heads=0:1", "beta=1"]).for_layer(0),
+                  make_policy("act").for_layer(0)):
+        o2, _, _ = other.attend(other.observe(other.init_state(B, S, 1, D, n_heads=Hq), q[:, :5], k[:, :5], v[:, :5],
+                                              jnp.int32(0)), q[:, 5], k, v, jnp.int32(6))
+        np.testing.assert_allclose(o2[0], np.einsum("hs,sd->hd", P[:, 5], np.asarray(v[0, :, 0])), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_act_options_and_calibration_file(tmp_path):
+    path = tmp_path / "act.json"
+    path.write_text(json.dumps({"heads": [[1, 3], [0, 2]], "beta": 0.5, "tau": 0.15}))
+    p = make_policy("act", [f"calibration={path}"])
+    assert p._heads == ((0, 2), (1, 3)) and (p.beta, p.tau) == (0.5, 0.15)
+    assert p.for_layer(1).layer_heads() == (3,)
+    with pytest.raises(PolicyError, match="kv policy act: heads must be LAYER:HEAD"):
+        make_policy("act", ["heads=1-2"])
+    with pytest.raises(PolicyError, match="kv policy act: beta must be in"):
+        make_policy("act", ["beta=2"])
+    with pytest.raises(PolicyError, match="kv policy act: calibration .* is not an act-search JSON"):
+        make_policy("act", [f"calibration={tmp_path / 'missing.json'}"])
+    with pytest.raises(PolicyError, match="layer 0 has 2 query heads, not head 5"):
+        make_policy("act", ["heads=0:5"]).for_layer(0).init_state(1, 4, 1, 2, n_heads=2)

@@ -550,3 +550,63 @@ def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
     assert err.count("\n") == 1
     code, _, err = cli(capsys, "eval", str(trained_run), "perplexity", "--kv-policy", "lru")
     assert code == 2 and "unknown kv policy 'lru'" in err
+
+
+def test_sweep_collects_kv_policy_results(toy_sweep, tmp_path):
+    from effarch.train.evals.sweep_results import eval_result_name
+
+    # A sweep eval with --kv-policy reads the file that eval writes.
+    argv = ["--lengths", "512", "--kv-policy", "quest", "budget=64", "page=8", "--trials", "2"]
+    assert eval_result_name("passkey", argv) == "passkey.kv-quest-budget64-page8"
+    assert eval_result_name("passkey", ["--trials", "2"]) == "passkey"
+    # A path option (act's calibration file) becomes one file name, not directories.
+    cal = tmp_path / "act.json"
+    cal.write_text(json.dumps({"heads": [[1, 0]], "beta": 0.4, "tau": 0.1}))
+    name = eval_result_name("niah", ["--kv-policy", "act", f"calibration={cal}"])
+    assert name == "niah.kv-act-calibration" + str(cal).strip("/").replace("/", "_") and "/" not in name
+    # A KV-policy result written after the sweep (as `effarch eval RUN_DIR perplexity --kv-policy ...` writes it)
+    # joins table.md's KV-policy table on --collect, beside the run's full-cache perplexity.
+    run, sweep_dir = toy_sweep["trained"], toy_sweep["dir"]
+    kv_file = run / "eval" / "perplexity.kv-window-budget16.json"
+    full = json.loads((run / "eval" / "perplexity.json").read_text())
+    kv_file.write_text(json.dumps({
+        "task": "perplexity", "summary": {"loss": 3.25, "perplexity": 25.8},
+        "kv_policy": {"name": "window", "describe": "window budget=16 n_sink=4", "budget": 16, "layers": [1],
+                      "tokens_read_per_step": 15.5, "kv_bytes_read_per_step": 3968.0}}))
+    try:
+        assert main_code(["sweep", str(toy_sweep["path"]), "--sweep-dir", str(sweep_dir), "--collect"]) == 0
+        summary = json.loads((sweep_dir / "sweep.json").read_text())
+        run_row = next(r for r in summary["runs"] if r["name"] == "attention-lr=0.01")
+        (kv,) = [kv for kv in run_row["kv"] if kv["task"] == "perplexity"]  # passkey's: an earlier test's
+        assert kv["policy"] == "window budget=16 n_sink=4" and kv["budget"] == 16
+        table = (sweep_dir / "table.md").read_text()
+        section = table.split("## KV policies: perplexity")[1].split("## ")[0]
+        head = next(line for line in section.splitlines() if line.startswith("| run | policy | budget |"))
+        assert head.endswith("| KV tokens read / token | KV bytes read / token |")
+        assert f"| attention-lr=0.01 | full cache | — | {full['summary']['loss']:.4f} | " in section
+        assert "| attention-lr=0.01 | window budget=16 n_sink=4 | 16 | 3.2500 | 25.8000 |" in section
+        assert section.rstrip().endswith("| 15.5 | 3,968 |")
+    finally:
+        kv_file.unlink()
+        main_code(["sweep", str(toy_sweep["path"]), "--sweep-dir", str(sweep_dir), "--collect"])
+    assert "## KV policies: perplexity" not in (sweep_dir / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_act_search_writes_the_calibration_that_act_reads(trained_run, tmp_path, capsys):
+    from effarch.layers.kv_policies import make_policy
+
+    out = tmp_path / "act.json"
+    code, stdout, err = cli(capsys, "act-search", str(trained_run), "--out", str(out), "--calibration-batches", "1",
+                            "--batch-size", "8", "--tau", "0.05")
+    assert code == 0, err
+    cal = json.loads(out.read_text())
+    assert "effarch: act calibration for" in stdout and cal["beta"] == 0.4 and cal["tau"] == 0.05
+    base = cal["baseline"]["loss"]
+    assert set(cal["per_head"]) == {"1:0"} or all(k.startswith("1:") for k in cal["per_head"])  # layer 0: base_conv
+    assert [f"{a}:{b}" for a, b in cal["heads"]] == [k for k, v in cal["per_head"].items() if v["loss"] < base]
+    assert any(v["loss"] != base for v in cal["per_head"].values())  # the calibration changes what a head reads
+    policy = make_policy("act", [f"calibration={out}"])
+    assert [list(h) for h in policy._heads] == cal["heads"]
+    code, _, err = cli(capsys, "act-search", str(trained_run), "--out", str(out), "--beta", "3")
+    assert code == 2 and "act-search: beta must be in [0, 1], got 3.0" in err and err.count("\n") == 1

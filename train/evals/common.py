@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -208,8 +209,9 @@ def add_kv_policy_argument(p: argparse.ArgumentParser) -> None:
     forward; the result goes to RUN_DIR/eval/<task>.<policy tag>.json."""
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
                    help="read each attention layer's KV cache at decode through this policy (window, quest, "
-                        "retrieval, tokenselect, tidal, recycled) with option=value settings, e.g. --kv-policy quest "
-                        "budget=256; the context is prefilled densely and the labelled tokens are decoded one by one")
+                        "retrieval, tokenselect, tidal, recycled, longheads, act) with option=value settings, e.g. "
+                        "--kv-policy quest budget=256; the context is prefilled densely and the labelled tokens are "
+                        "decoded one by one")
 
 
 def kv_policy_of(args: argparse.Namespace):
@@ -232,8 +234,14 @@ def result_name(task: str, policy=None) -> str:
         return task
     from effarch.layers.kv_policies.base import options
 
-    changed = [f"{f.name}{getattr(policy, f.name)}" for f in options(policy) if getattr(policy, f.name) != f.default]
+    changed = [f"{f.name}{_tag(getattr(policy, f.name))}" for f in options(policy)
+               if getattr(policy, f.name) != f.default]
     return ".".join([task, "-".join(["kv", policy.NAME, *changed])])
+
+
+def _tag(value) -> str:
+    """An option value as part of a file name: a path's separators (act's calibration=/a/b.json) become "_"."""
+    return re.sub(r"[^A-Za-z0-9_.,:+=-]", "_", str(value).strip("/"))
 
 
 def positive_int(text: str) -> int:

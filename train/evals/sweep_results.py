@@ -1,6 +1,10 @@
 """The results of a sweep: one row per run (grid values, eval summaries, training record), the best row per group,
 and the files SWEEP_DIR/sweep.json, table.md and, with an `mqar` eval and matplotlib, mqar_accuracy_vs_state.png
 (Zoology's figure: accuracy against decode-state bytes). `effarch report` prints `best_table` of a sweep.json.
+Results under a KV policy (`effarch eval RUN_DIR TASK --kv-policy ...`, in the sweep's evals or run by hand after it:
+RUN_DIR/eval/<task>.kv-<policy>-<options>.json) are collected too, into table.md's KV-policy tables, one per task: a
+row per run and policy with the policy's budget, the task's summary, and the KV tokens and bytes read per decoded
+token, after the run's full-cache result of the task.
 A rerun that would report as unfinished a run the existing sweep.json has finished (its settings changed, or it
 failed) keeps those files and writes sweep.attempt.json, table.attempt.md (and the PNG) beside them.
 """
@@ -9,7 +13,7 @@ import json
 from pathlib import Path
 
 from effarch.train.evals import plots
-from effarch.train.evals.common import read_result
+from effarch.train.evals.common import eval_dir, read_result, result_name
 from effarch.train.evals.sweep_runner import TRAINED, is_finished, read_json
 from effarch.train.evals.sweep_spec import Sweep, fmt_value
 
@@ -26,13 +30,14 @@ def collect(sweep: Sweep, specs: list[dict], status: dict[str, str] | None = Non
                "finished": is_finished(spec),
                "status": (status or {}).get(spec["name"]), "step": trained.get("step"),
                "stopped_by": trained.get("stopped_by"), "train_wall_s": trained.get("train_wall_s"), "evals": {}}
-        for task in spec["evals"]:
-            res = read_result(run_dir, task)
+        for task, argv in spec["evals"].items():
+            res = read_result(run_dir, eval_result_name(task, argv))
             if res is not None:
                 row["evals"][task] = res["summary"]
                 row.setdefault("model", res["model"])
                 if task == "mqar":
                     row["mqar_segments"] = res["results"]
+        row["kv"] = kv_results(run_dir)
         row["metric"] = metric_of(row, sweep.metric)
         rows.append(row)
     best = {}
@@ -45,6 +50,67 @@ def collect(sweep: Sweep, specs: list[dict], status: dict[str, str] | None = Non
             best[group] = row
     return {"sweep_file": str(sweep.path), "sweep_dir": str(sweep.sweep_dir), "metric": sweep.metric,
             "mode": sweep.mode, "over": list(sweep.over), "runs": rows, "best": list(best.values())}
+
+
+def eval_result_name(task: str, argv: list[str]) -> str:
+    """The result file's stem that `effarch eval RUN_DIR task *argv` writes: the task, or with --kv-policy NAME
+    [OPT=VALUE ...] the task and the policy's tag ("passkey.kv-quest-budget64")."""
+    if "--kv-policy" not in argv:
+        return task
+    from effarch.layers.kv_policies import PolicyError, make_policy
+
+    start = argv.index("--kv-policy") + 1
+    end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+    try:
+        return result_name(task, make_policy(argv[start], argv[start + 1 : end]))
+    except (PolicyError, IndexError):
+        return task  # the eval itself reports the bad policy
+
+
+def kv_results(run_dir: Path) -> list[dict]:
+    """Every KV-policy result of a run (RUN_DIR/eval/<task>.kv-*.json), by file name: task, file, policy, budget,
+    summary, tokens and bytes read per decoded token (None where nothing was decoded)."""
+    out = []
+    for path in sorted(eval_dir(run_dir).glob("*.kv-*.json")):
+        res = read_json(path)
+        if not isinstance(res, dict) or not isinstance(res.get("kv_policy"), dict) or "summary" not in res:
+            continue
+        kv = res["kv_policy"]
+        out.append({"task": res.get("task"), "file": path.name, "policy": kv.get("describe") or kv.get("name"),
+                    "budget": kv.get("budget"), "summary": res["summary"],
+                    "tokens_read_per_step": kv.get("tokens_read_per_step"),
+                    "kv_bytes_read_per_step": kv.get("kv_bytes_read_per_step")})
+    return out
+
+
+def kv_tables(summary: dict) -> dict[str, str]:
+    """{task: markdown}: one row per run and KV policy of the task, after the run's full-cache result of that task
+    (the ceiling, when the sweep evaluated it); no entry for a task without KV-policy results."""
+    by_task: dict[str, list[tuple]] = {}
+    for r in summary["runs"]:
+        for task in sorted({kv["task"] for kv in r.get("kv", [])}):
+            rows = by_task.setdefault(task, [])
+            if task in r["evals"]:
+                rows.append((r["name"], "full cache", None, r["evals"][task], None, None))
+            rows += [(r["name"], kv["policy"], kv["budget"], kv["summary"], kv["tokens_read_per_step"],
+                      kv["kv_bytes_read_per_step"]) for kv in r["kv"] if kv["task"] == task]
+    tables = {}
+    for task, rows in by_task.items():
+        keys: list[str] = []
+        for row in rows:
+            keys += [k for k in row[3] if k not in keys]
+        head = ["run", "policy", "budget", *keys, "KV tokens read / token", "KV bytes read / token"]
+        lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for name, policy, budget, res, tokens, nbytes in rows:
+            cells = [name, policy, "—" if budget is None else str(budget), *(_num(res.get(k)) for k in keys),
+                     "—" if tokens is None else f"{tokens:.1f}", "—" if nbytes is None else f"{nbytes:,.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        tables[task] = "\n".join(lines)
+    return tables
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v))
 
 
 def metric_of(row: dict, metric: str | None) -> float | None:
@@ -133,6 +199,8 @@ def finish(sweep: Sweep, specs: list[dict], status: dict[str, str] | None = None
             log(f"sweep: {e}")
     text = (f"# sweep {sweep.path.name}: best of {', '.join(sweep.over) or 'each run'} by {sweep.metric} "
             f"({sweep.mode})\n\n{best_table(summary)}\n\n## every run\n\n{runs_table(summary)}\n")
+    for task, table in kv_tables(summary).items():
+        text += f"\n## KV policies: {task} (effarch eval --kv-policy)\n\n{table}\n"
     (sweep.sweep_dir / files["table"]).write_text(text)
     (sweep.sweep_dir / files["json"]).write_text(json.dumps(summary, indent=2) + "\n")
     if lost:

@@ -71,6 +71,55 @@ def test_matches_brute_force(granularity, hs, implementation):
     np.testing.assert_allclose(lse, lse_bf, atol=ATOL, rtol=RTOL)
 
 
+# Two fast cases by default (per-query-head token lists, per-group blocks); every case and the oracle in the slow suite.
+FAST_KEY_SHIFT = (("token", "q", "xla"), ("block", "kv", "xla"))
+KEY_SHIFT_CASES = [pytest.param(g, hs, impl, marks=() if (g, hs, impl) in FAST_KEY_SHIFT else pytest.mark.slow)
+                   for g, hs in CASES for impl in ("reference", "xla")]
+
+
+@pytest.mark.parametrize("granularity,hs,implementation", KEY_SHIFT_CASES)
+def test_key_shift_equals_rope_recomputed_at_the_new_positions(granularity, hs, implementation):
+    # The cache holds keys rotated at their true positions; key_shift re-rotates the keys a list entry reads by its
+    # shift. Expected: RoPE applied afresh to the pre-RoPE keys at position + shift (layers/rope.py).
+    from effarch.layers.rope import apply_rope, rope_frequencies
+
+    rng = np.random.default_rng(3)
+    B, S, Hq, Hkv, D = 2, 13, 4, 2, 6
+    q, k0, v = make(rng, B, S, Hq, Hkv, D=D)
+    freqs = rope_frequencies(D)
+    k_cache = apply_rope(k0, jnp.arange(S), freqs=freqs)
+    block = 4 if granularity == "block" else None
+    unit = block or 1
+    Hs = {"one": 1, "kv": Hkv, "q": Hq}[hs]
+    idx, cnt = random_selection(rng, B, Hs, -(-S // unit), K=3)
+    shift = rng.integers(-40, 40, size=idx.shape).astype(np.int32)
+    lengths = np.array([S, 9], np.int32)
+    o, lse = sparse_decode_attention(q, k_cache, v, idx, cnt, granularity=granularity, block=block, lengths=lengths,
+                                     key_shift=shift, rope_freqs=freqs, implementation=implementation)
+    reads = {}  # (b, h) -> [(position, kv head, new position)]
+    for b, h in itertools.product(range(B), range(Hq)):
+        g = 0 if Hs == 1 else (h // (Hq // Hkv) if Hs == Hkv else h)
+        reads[b, h] = [(j, h // (Hq // Hkv), j + shift[b, g, c]) for c in range(cnt[b, g])
+                       for j in range(idx[b, g, c] * unit, idx[b, g, c] * unit + unit) if j < lengths[b]]
+    flat = [(b, *r) for (b, _), rs in reads.items() for r in rs]
+    k0_np = np.asarray(k0)
+    fresh = np.asarray(apply_rope(jnp.asarray(np.stack([k0_np[b, j, g] for b, j, g, _ in flat]))[None, :, None],
+                                  jnp.asarray([p for *_, p in flat]), freqs=freqs))[0, :, 0]
+    at = 0
+    for (b, h), rs in reads.items():
+        if not rs:
+            assert float(lse[b, h]) == -np.inf
+            continue
+        s = fresh[at : at + len(rs)].astype(np.float64) @ np.asarray(q[b, h], np.float64) * D**-0.5
+        w = np.exp(s - s.max())
+        np.testing.assert_allclose(lse[b, h], np.log(w.sum()) + s.max(), atol=ATOL, rtol=RTOL)
+        vals = np.stack([np.asarray(v[b, j, g]) for j, g, _ in rs])
+        np.testing.assert_allclose(o[b, h], (w / w.sum()) @ vals, atol=ATOL, rtol=RTOL)
+        at += len(rs)
+    with pytest.raises(ValueError, match="key_shift needs rope_freqs"):
+        sparse_decode_attention(q, k_cache, v, idx, cnt, granularity=granularity, block=block, key_shift=shift)
+
+
 def test_hand_computation_token_and_block():
     # One head, D = 1, keys 0..5 = [0, 1, 2, 3, 4, 5], values = 10 * key, q = 1, scale 1.
     k = jnp.arange(6, dtype=jnp.float32).reshape(1, 6, 1, 1)
