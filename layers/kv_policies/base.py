@@ -82,6 +82,14 @@ class KVPolicy:
         """The policy as layer `layer` uses it (the same for every layer, except where a policy's layers differ)."""
         return self
 
+    def check_model(self, n_layers: int) -> None:
+        """PolicyError when the policy cannot serve a model of n_layers layers (razor's heads file: another model).
+        `DecoderLM.set_kv_policy` asks before it changes any layer."""
+
+    def check_heads(self, n_heads: int, n_kv_heads: int, head_dim: int, v_head_dim: int) -> None:
+        """PolicyError when the policy (as `for_layer` gave it) cannot read this layer's cache; each attention
+        mixer's `check_kv_policy` asks with its query and KV head counts and its key and value head dims."""
+
     def init_state(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, n_heads: int | None = None
                    ) -> PolicyState:
         """The policy's own decode state (n_heads: the query heads; None = n_kv_heads)."""

@@ -208,8 +208,9 @@ def add_kv_policy_argument(p: argparse.ArgumentParser) -> None:
     forward; the result goes to RUN_DIR/eval/<task>.<policy tag>.json."""
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
                    help="read each attention layer's KV cache at decode through this policy (window, quest, "
-                        "retrieval, tokenselect, tidal, recycled) with option=value settings, e.g. --kv-policy quest "
-                        "budget=256; the context is prefilled densely and the labelled tokens are decoded one by one")
+                        "retrieval, tokenselect, tidal, recycled, razor) with option=value settings, e.g. --kv-policy "
+                        "quest budget=256; the context is prefilled densely and the labelled tokens are decoded one by "
+                        "one")
 
 
 def kv_policy_of(args: argparse.Namespace):
@@ -232,7 +233,9 @@ def result_name(task: str, policy=None) -> str:
         return task
     from effarch.layers.kv_policies.base import options
 
-    changed = [f"{f.name}{getattr(policy, f.name)}" for f in options(policy) if getattr(policy, f.name) != f.default]
+    # A path option (razor's heads file) is named by its file's stem: a file name holds no "/".
+    changed = [f"{f.name}{Path(v).stem if isinstance(v, str) and '/' in v else v}" for f in options(policy)
+               if (v := getattr(policy, f.name)) != f.default]
     return ".".join([task, "-".join(["kv", policy.NAME, *changed])])
 
 
