@@ -34,7 +34,7 @@ from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection, at
 from effarch.pallas_kernels.block_sparse import merge_attention
 
 
-def retrieval_heads(scores: list, top: float) -> set[tuple[int, int]]:
+def retrieval_heads(scores: list, top: float | int) -> set[tuple[int, int]]:
     """The (layer, query head) pairs of the `top` highest scores (a fraction of all scored heads when top < 1,
     rounded, else a count); ties go to the lower layer, then head. `scores[l]` is layer l's list or None."""
     ranked = sorted(((-s, layer, h) for layer, row in enumerate(scores) if row is not None
