@@ -47,7 +47,7 @@ from effarch.train.evals.common import check_vocab, positive_int, unit_float
 from effarch.train.evals.passkey import DEPTHS
 from effarch.train.evals.plots import PlotsUnavailable, _pyplot
 
-USAGE = """usage: effarch heads RUN_DIR [--task passkey|niah] [--lengths N ...] [--depths D ...] [--trials N]
+USAGE = """effarch heads RUN_DIR [--task passkey|niah] [--lengths N ...] [--depths D ...] [--trials N]
                      [--mask-top P] [--mask-seeds N] [--mask-mode uniform|zero] [--batch-size B] [--seed S]
                      [--out DIR]"""
 TASKS = ("passkey", "niah")

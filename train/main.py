@@ -326,11 +326,8 @@ def export_hf_cli(argv: list[str]) -> None:
 
 
 def heads_cli(argv: list[str]) -> None:
-    if argv[:1] in (["-h"], ["--help"]) or not argv:
-        from effarch.train.heads import USAGE as HEADS_USAGE
-
-        print(HEADS_USAGE)
-        sys.exit(0 if argv else 2)
+    if not argv:
+        _fail("heads needs RUN_DIR; options: effarch heads --help")
     from effarch.train.config import ConfigError
     from effarch.train.heads import run_heads, table
 
