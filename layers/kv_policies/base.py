@@ -12,7 +12,9 @@ asks the policy which entries the new query reads:
 
 `length` is the number of valid cache entries including the current token (an int32 scalar shared by the batch). A
 policy state's "shared" entry is handed from each layer to the next at decode (`DecoderLM.decode_step`), so that a
-selection made in one layer can be read by the following ones (tidal).
+selection made in one layer can be read by the following ones (tidal). Before it changes any layer,
+`DecoderLM.set_kv_policy` asks `policy.check_model(n_layers)` and, through each attention mixer's `check_kv_policy`,
+`policy.for_layer(i).check_heads(...)`: a policy configured for one model (razor's heads file) refuses another.
 Each part is a `Selection` (idx, cnt, granularity, block) for `sparse_decode_attention`; the parts of one step must be
 disjoint, and their attentions are joined by `merge_attention` (exact for disjoint sets). `budget` is the number of
 KV tokens a step reads per list (sinks and recent window included); `Selection.tokens` counts what a part reads. A

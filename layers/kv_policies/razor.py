@@ -146,7 +146,8 @@ class RazorPolicy(KVPolicy):
         G = Hq // Hkv
         length = jnp.asarray(length, jnp.int32)
         full = self.full_kv_heads(Hq, Hkv)
-        state = self.absorb(state, k_cache, v_cache, length)
+        if not full.all():  # a layer of retrieval heads only keeps no compensation state
+            state = self.absorb(state, k_cache, v_cache, length)
         # Window part (every head): sinks + recent. Full heads also read the middle [lo, hi) (a disjoint part).
         window = sink_recent(B, self.n_sink, self.n_recent, length)
         lo = jnp.minimum(self.n_sink, length)

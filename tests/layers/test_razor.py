@@ -46,12 +46,13 @@ def test_compensation_token_by_hand(tmp_path):
     p = RazorPolicy(budget=5, n_sink=1, heads=heads_file(tmp_path, [[0.0]]), top=0.0).for_layer(0)
     assert p.n_recent == 3
     state = p.init_state(1, S, 1, D)
+    attend = jax.jit(p.attend)  # one compile for both steps (the length is traced)
     # Length 10 (the first decode step after a 9-token prefill): D = {1..6}, six tokens folded at once.
-    o, state, reads = p.attend(state, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(10))
+    o, state, reads = attend(state, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(10))
     np.testing.assert_allclose(o[0, 0], hand_razor(q[0, 0], k[0, :, 0], v[0, :, 0], 10, 1, 3), rtol=1e-5)
     assert int(state["done"]) == 7 and float(reads) == 5  # 1 sink + 3 recent + the compensation token
     # Length 11: token 7 leaves the window and joins D (the one-token fold).
-    o, state, _ = p.attend(state, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(11))
+    o, state, _ = attend(state, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(11))
     np.testing.assert_allclose(o[0, 0], hand_razor(q[0, 0], k[0, :, 0], v[0, :, 0], 11, 1, 3), rtol=1e-5)
     np.testing.assert_allclose(state["sum_k"][0, 0], k[0, 1:8, 0].sum(0), rtol=1e-5)
 
@@ -65,7 +66,8 @@ def test_equal_evicted_tokens_give_full_attention(tmp_path):
     k[0, 2:8], v[0, 2:8] = k[0, 2], v[0, 2]
     q = rng.standard_normal((1, 1, D)).astype(np.float32)
     p = RazorPolicy(budget=7, n_sink=2, heads=heads_file(tmp_path, [[0.0]]), top=0.0).for_layer(0)
-    o, _, _ = p.attend(p.init_state(1, S, 1, D), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(L))
+    o, _, _ = jax.jit(p.attend)(p.init_state(1, S, 1, D), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                jnp.int32(L))
     s = k[0, :L, 0] @ q[0, 0] / np.sqrt(D)
     want = jax.nn.softmax(s) @ v[0, :L, 0]
     np.testing.assert_allclose(o[0, 0], want, rtol=1e-5)
