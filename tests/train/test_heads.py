@@ -14,7 +14,7 @@ from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.attention import AttentionConfig
 from effarch.layers.kv_policies import ProbePolicy, make_policy
 from effarch.train import heads
-from effarch.train.data import passkey
+from effarch.train.data import niah, passkey
 from tests.helpers.cli import cli, one_error_line
 from tests.helpers.runs import ROOT
 
@@ -35,12 +35,16 @@ def test_copy_head_scores_one_and_uniform_head_zero():
     np.testing.assert_allclose(heads.retrieval_hits(maps.argmax(-1), gen, tokens, span), [1, 0, 0, 2 / 3])
 
 
-def test_needle_span_recall_and_ranking():
+def test_needle_spans_recall_and_ranking():
     x, y, _ = passkey.passkey_batch(np.random.default_rng(0), 1, 48, depths=np.array([0.5]))
     (trial,) = heads.trials_of(x, y)
     s, e = trial["span"]
     assert x[0, s - 1] == passkey.PK_OPEN and x[0, e] == passkey.PK_CLOSE and e - s == passkey.KEY_LEN
     assert trial["prompt"][-1] == passkey.PK_OPEN and len(trial["prompt"]) == 48 - passkey.KEY_LEN
+    x, y = niah.niah_batch(np.random.default_rng(0), 1, 60, depths=np.array([0.3]))
+    (trial,) = heads.trials_of(x, y)
+    s, e = trial["span"]
+    assert x[0, s - 1] == niah.VAL and x[0, s - 4] == niah.KEY and e - s == niah.VALUE_LEN
     assert heads.rouge1_recall([1, 2, 2], [2, 2, 3]) == pytest.approx(2 / 3)
     ranking = heads.head_ranking([[0.1, 0.5], None, [0.5, 0.0]])
     assert [(r["layer"], r["head"]) for r in ranking] == [(0, 1), (2, 0), (0, 0), (2, 1)]
