@@ -135,3 +135,10 @@ def test_heads_file_errors(tmp_path):
     with pytest.raises(ValueError, match="has 3 heads for layer 1, whose attention has 4 query heads"):
         m.set_kv_policy(make_policy("razor", [f"heads={heads_file(tmp_path, [[0.0] * 4, [0.0] * 3])}"]))
     assert m.kv_policy is None  # nothing changed
+
+
+def test_result_file_names_the_heads_file_by_its_stem(tmp_path):
+    from effarch.train.evals.common import result_name
+
+    p = make_policy("razor", [f"heads={heads_file(tmp_path, [[0.0]], 'run_heads.json')}", "top=2", "budget=64"])
+    assert result_name("passkey", p) == "passkey.kv-razor-budget64-headsrun_heads-top2.0"
