@@ -60,16 +60,16 @@ def test_probe_top_and_masks_by_hand():
     s = np.einsum("bhd,bshd->bhs", np.asarray(q), kk) / np.sqrt(D)
     full = np.einsum("bhs,bshd->bhd", np.asarray(jax.nn.softmax(s, -1)), vv)
     p = ProbePolicy().for_layer(0)
-    o, state, reads = p.attend(p.init_state(B, S, Hkv, D, n_heads=Hq), q, k, v, jnp.int32(length))
+    o, state, reads = jax.jit(p.attend)(p.init_state(B, S, Hkv, D, n_heads=Hq), q, k, v, jnp.int32(length))
     np.testing.assert_allclose(o, full, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(state["top"], s.argmax(-1))
     assert float(reads) == length
     masked = ProbePolicy(masked=((0, 1), (1, 2)), mask_mode="uniform").for_layer(0)  # (1, 2): another layer
-    o, _, _ = masked.attend(masked.init_state(B, S, Hkv, D, n_heads=Hq), q, k, v, jnp.int32(length))
+    o, _, _ = jax.jit(masked.attend)(masked.init_state(B, S, Hkv, D, n_heads=Hq), q, k, v, jnp.int32(length))
     np.testing.assert_allclose(o[:, 1], vv[:, :, 1].mean(1), rtol=1e-5)  # uniform over the 7 visible keys
     np.testing.assert_allclose(o[:, [0, 2, 3]], full[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
     zero = ProbePolicy(masked=((0, 3),), mask_mode="zero").for_layer(0)
-    o, _, _ = zero.attend(zero.init_state(B, S, Hkv, D, n_heads=Hq), q, k, v, jnp.int32(length))
+    o, _, _ = jax.jit(zero.attend)(zero.init_state(B, S, Hkv, D, n_heads=Hq), q, k, v, jnp.int32(length))
     assert float(jnp.abs(o[:, 3]).max()) == 0.0
 
 
