@@ -190,8 +190,9 @@ class DecoderLM(nnx.Module):
                 raise ValueError(f"kv policy {policy.NAME}: no layer of this model keeps a KV cache a policy can read "
                                  f"(mixers {', '.join(names)}); policies apply to attention, GQA, MoH, DiffQKV (one K "
                                  "and V head count, uncompressed keys) and sparse_attention with a KV cache")
+            policy.check_model(len(self.blocks))
             for i in takers:
-                self.blocks[i].mixer.check_kv_policy(policy)
+                self.blocks[i].mixer.check_kv_policy(policy.for_layer(i))
         for i in takers:
             self.blocks[i].mixer.set_kv_policy(None if policy is None or i < policy.dense_layers
                                                else policy.for_layer(i))

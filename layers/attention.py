@@ -168,6 +168,7 @@ class Attention(nnx.Module):
         """ValueError (naming the policy and this mixer) when this layer cannot decode through `policy`."""
         if not self.config.causal or self.context_dim is not None:
             raise ValueError(f"kv policy {policy.NAME}: {type(self).__name__} decodes only as causal self attention")
+        policy.check_heads(self.config.n_heads, self.config.kv_heads, self.head_dim, self.head_dim)
 
     def set_kv_policy(self, policy) -> None:
         """Reads the KV cache at decode through `policy` (a layers.kv_policies.KVPolicy), or densely when None.

@@ -157,6 +157,7 @@ class DiffQKVAttention(nnx.Module):
                              f"compression and no select_v_top_n (this one has {c.n_k_heads} K / {c.n_v_heads} V "
                              f"heads, k_cache_dim {self.k_cache_dim} of {self.head_dim}, select_v_top_n "
                              f"{c.select_v_top_n})")
+        policy.check_heads(c.n_q_heads, c.n_k_heads, self.head_dim, self.v_head_dim)
 
     def set_kv_policy(self, policy) -> None:
         """Reads the cache at decode through `policy` (None: densely); set it before init_state."""

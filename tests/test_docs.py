@@ -42,7 +42,7 @@ FENCE_RE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 SPAN_RE = re.compile(r"`([^`\n]+)`")
 FLAG_RE = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 COMMAND_RE = re.compile(r"\beffarch (train|generate|convert|import-hf|export-hf|eval|sweep|report|plan|"
-                        r"moa-search)\b")
+                        r"moa-search|heads)\b")
 BENCH_RE = re.compile(r"benchmarks/(\w+)\.py")
 
 
@@ -129,7 +129,7 @@ def _cli_flags() -> dict[str, set[str]]:
 
     init = argparse.ArgumentParser.__init__
     flags = {"train": set(), "report": set(), "eval": {"--help"}}
-    for command in ("generate", "convert", "import-hf", "export-hf", "sweep", "plan", "moa-search"):
+    for command in ("generate", "convert", "import-hf", "export-hf", "sweep", "plan", "moa-search", "heads"):
         built = []
 
         def record(self, *args, **kwargs):

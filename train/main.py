@@ -3,7 +3,8 @@
 `effarch export-hf RUN_DIR PATH` (Hugging Face Llama checkpoints, train/hf.py), and the evaluation suite
 (train/evals/): `effarch eval RUN_DIR TASK [options]`, `effarch sweep SWEEP.yaml`, `effarch report DIR`, and
 `effarch plan CONFIG... --topology NAME` (compile the training step for a TPU slice from this host, train/plan.py),
-and `effarch moa-search RUN_DIR --density D --out plan.json` (MoA's per-head span plan, train/moa_search.py).
+and `effarch moa-search RUN_DIR --density D --out plan.json` (MoA's per-head span plan, train/moa_search.py), and
+`effarch heads RUN_DIR` (each attention head's retrieval score and the masking test, train/heads.py).
 
 Bad input (an unknown config key, a wrong type, an out-of-range value, a missing file or checkpoint, a path that
 cannot be read or written) exits with status 2 and one line naming what was wrong, without a traceback; Ctrl-C
@@ -25,7 +26,8 @@ USAGE = """usage:
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
                    [--kv-policy NAME [OPT=VALUE ...]]
       # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval,
-      # tokenselect, tidal, recycled, longheads, act; options e.g. budget=N)
+      # tokenselect, tidal, recycled, longheads, act, razor; options e.g. budget=N; razor heads=HEADS.json
+      # from effarch heads)
       e.g. effarch generate runs/passkey --prompt "1 2 3" --kv-policy quest budget=256
   effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
       # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
@@ -43,6 +45,9 @@ USAGE = """usage:
   effarch eval RUN_DIR {perplexity,mqar,passkey,niah} [options]     # results in RUN_DIR/eval/; --help per task
       e.g. effarch eval runs/mqar_based mqar --segments 256x16 1024x256
       passkey, niah, perplexity take --kv-policy NAME [OPT=VALUE ...] (result: <task>.kv-<name>-<options>.json)
+  effarch heads RUN_DIR [--task passkey|niah] [--lengths N ...] [--trials N] [--mask-top P] [--out DIR]
+      # each attention head's retrieval score (Retrieval Head paper) as a table, JSON and heatmap (RUN_DIR/heads/);
+      # --mask-top P: accuracy with the top P% heads masked vs as many random heads; razor's heads=JSON reads it
   effarch sweep SWEEP.yaml [--jobs N] [--sweep-dir DIR] [--only NAME ...] [--dry-run | --collect]
       # train a grid in parallel, evaluate each run, pick the best; skips finished runs, resumes interrupted ones
   effarch report DIR                                 # markdown table of the eval results under a run or sweep dir
@@ -170,7 +175,7 @@ def generate_cli(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
                    help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled, "
-                        "longheads, act) with option=value settings, e.g. --kv-policy quest budget=256 "
+                        "longheads, act, razor) with option=value settings, e.g. --kv-policy quest budget=256 "
                         "(layers/kv_policies/)")
     args = p.parse_args(argv)
     policy = None
@@ -339,6 +344,22 @@ def export_hf_cli(argv: list[str]) -> None:
     print(f"effarch: exported {args.run_dir} -> {out}")
 
 
+def heads_cli(argv: list[str]) -> None:
+    if not argv:
+        _fail("heads needs RUN_DIR; options: effarch heads --help")
+    from effarch.train.config import ConfigError
+    from effarch.train.heads import run_heads, table
+
+    try:
+        result = run_heads(argv)
+    except ConfigError as e:
+        _fail(str(e))
+    print(table(result))
+    png = f" and {result['png']}" if result.get("png") else ""
+    print(f"effarch: heads of {result['run_dir']} (checkpoint step {result['checkpoint_step']}, task {result['task']}) "
+          f"in {result['wall_s']:.1f}s: {result['file']}{png}")
+
+
 def eval_cli(argv: list[str]) -> None:
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
@@ -434,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     commands = {"train": train_cli, "generate": generate_cli, "convert": convert_cli, "import-hf": import_hf_cli,
                 "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli,
-                "plan": plan_cli, "moa-search": moa_search_cli, "act-search": act_search_cli}
+                "plan": plan_cli, "moa-search": moa_search_cli, "act-search": act_search_cli, "heads": heads_cli}
     if cmd not in commands:
         _fail(f"unknown command {cmd!r}\n" + USAGE)
     try:

@@ -12,7 +12,11 @@ gives it to every attention layer of a model.
 | recycled | full step every `stride` steps, then its top tokens + new ones (Recycled Attention) | token | per KV head |
 | longheads | first, previous, current and top chunks by chunk key, re-positioned (LongHeads) | chunk | per query head |
 | act | full cache; hidden sinks' attention scaled by beta on calibrated heads (ACT) | token | per query head |
+| razor | retrieval heads: all; others: sinks + recent + a compensation token (RazorAttention) | token | per KV head |
 | (landmark) | not a policy: the landmark mixer's top-k block memory (arches/landmark_memory.py) | block | per head |
+
+`probe.py` (ProbePolicy, not in the registry) is the diagnostic of `effarch heads`: full-cache decode that reports each
+head's most-attended position and can mask chosen heads.
 """
 
 import dataclasses
@@ -22,7 +26,9 @@ from effarch.layers.kv_policies.act import ACTPolicy
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
 from effarch.layers.kv_policies.base import options as policy_options
 from effarch.layers.kv_policies.longheads import LongHeadsPolicy
+from effarch.layers.kv_policies.probe import ProbePolicy
 from effarch.layers.kv_policies.quest import QuestPolicy
+from effarch.layers.kv_policies.razor import RazorPolicy
 from effarch.layers.kv_policies.recycled import RecycledPolicy
 from effarch.layers.kv_policies.retrieval import RetrievalPolicy
 from effarch.layers.kv_policies.tidal import TidalPolicy
@@ -31,7 +37,7 @@ from effarch.layers.kv_policies.window import WindowPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
     p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, TidalPolicy, RecycledPolicy,
-                        LongHeadsPolicy, ACTPolicy)}
+                        LongHeadsPolicy, ACTPolicy, RazorPolicy)}
 
 
 def _parse(policy: str, field: dataclasses.Field, text: str):
@@ -64,5 +70,6 @@ def make_policy(name: str, options=()) -> KVPolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["ACTPolicy", "POLICIES", "KVPolicy", "LongHeadsPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy",
+__all__ = ["ACTPolicy", "POLICIES", "KVPolicy", "LongHeadsPolicy", "PolicyError", "ProbePolicy", "QuestPolicy",
+           "RazorPolicy", "RecycledPolicy",
            "RetrievalPolicy", "Selection", "TidalPolicy", "TokenSelectPolicy", "WindowPolicy", "make_policy"]

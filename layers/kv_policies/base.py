@@ -15,7 +15,9 @@ asks the policy which entries the new query reads:
 policy state's "shared" entry is handed from each layer to the next at decode (`DecoderLM.decode_step`), so that a
 selection made in one layer can be read by the following ones (tidal). A layer hands the policy its RoPE frequencies
 with `bind_rope` (at `set_kv_policy`) for policies that re-position the keys they read (longheads); the cache holds
-keys rotated at their true positions, and queries arrive rotated at theirs.
+keys rotated at their true positions, and queries arrive rotated at theirs. Before it changes any layer,
+`DecoderLM.set_kv_policy` asks `policy.check_model(n_layers)` and, through each attention mixer's `check_kv_policy`,
+`policy.for_layer(i).check_heads(...)`: a policy configured for one model (razor's heads file) refuses another.
 Each part is a `Selection` (idx, cnt, granularity, block) for `sparse_decode_attention`; the parts of one step must be
 disjoint, and their attentions are joined by `merge_attention` (exact for disjoint sets). `budget` is the number of
 KV tokens a step reads per list (sinks and recent window included); `Selection.tokens` counts what a part reads. A
@@ -84,6 +86,14 @@ class KVPolicy:
     def for_layer(self, layer: int) -> "KVPolicy":
         """The policy as layer `layer` uses it (the same for every layer, except where a policy's layers differ)."""
         return self
+
+    def check_model(self, n_layers: int) -> None:
+        """PolicyError when the policy cannot serve a model of n_layers layers (razor's heads file: another model).
+        `DecoderLM.set_kv_policy` asks before it changes any layer."""
+
+    def check_heads(self, n_heads: int, n_kv_heads: int, head_dim: int, v_head_dim: int) -> None:
+        """PolicyError when the policy (as `for_layer` gave it) cannot read this layer's cache; each attention
+        mixer's `check_kv_policy` asks with its query and KV head counts and its key and value head dims."""
 
     def init_state(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, n_heads: int | None = None
                    ) -> PolicyState:

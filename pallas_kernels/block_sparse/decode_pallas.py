@@ -98,15 +98,19 @@ def _run(name, interpret, static, q, k_cache, v_cache, idx, cnt, lengths):
 
 
 def sparse_decode_pallas(name: str, q, k_cache, v_cache, idx, cnt, *, granularity="token", block=None, lengths=None,
-                         scale=None, return_lse=True, chunk: int | None = None, splits: int | None = None,
-                         interpret: Interpret | None = None):
-    """`sparse_decode_attention` (decode.py, same arguments, inputs already checked) on kernel `name`.
+                         scale=None, return_lse=True, key_shift=None, rope_freqs=None, chunk: int | None = None,
+                         splits: int | None = None, interpret: Interpret | None = None):
+    """`sparse_decode_attention` (decode.py, same arguments, inputs already checked) on kernel `name`. key_shift
+    (longheads' re-positioned keys) is not in the kernels: NotImplementedError.
 
     chunk: list slots per step for granularity "token" (default 32; rounded to the backend's tile); splits (GPU):
     programs per list (default: enough to fill the GPU, at most 32). interpret: None follows EFFARCH_PALLAS_INTERPRET
     and otherwise needs the kernel's platform (NotImplementedError before any work, so dispatch can fall back); True
     or InterpretParams interpret; False compiles without a platform check (cross-lowering from a CPU host).
     """
+    if key_shift is not None:  # before any work, so that dispatch can fall back to the xla path
+        raise NotImplementedError(f"{OP}: {name} does not re-rotate keys (key_shift); use implementation='xla'")
+    del rope_freqs
     interpret = resolve_interpret(OP, name, _PLATFORMS[name], interpret)
     B, S = k_cache.shape[:2]
     Hs = idx.shape[1]

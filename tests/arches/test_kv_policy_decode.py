@@ -2,6 +2,8 @@
 full-cache model for every policy and every mixer that takes one; a small budget changes it; unsupported mixers get
 one line naming the policy and the mixer."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,8 @@ B, T, V = 2, 16, 32
 FULL = {"window": ["budget=32"], "quest": ["budget=32", "page=4"], "retrieval": ["budget=32"],
         "recycled": ["budget=32", "stride=4"], "tokenselect": ["budget=32", "reuse_cos=0.5"],
         "tidal": ["budget=32", "select_layer=0"], "longheads": ["budget=32", "chunk=4", "train_len=32"],
-        "act": []}  # act: no heads calibrated
+        "act": [],  # act: no heads calibrated
+        "razor": ["budget=32", "top=1"]}
 
 MODELS = {
     "attention_gqa": dict(mixers=("attention",), attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
@@ -53,10 +56,14 @@ def decoded_logits(m: DecoderLM, toks, n_prompt: int):
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_full_budget_equals_full_cache_gqa(name):
+def test_full_budget_equals_full_cache_gqa(name, tmp_path):
     m, toks = model("attention_gqa"), tokens()
     want = m(toks)[:, : T - 1]
-    m.set_kv_policy(make_policy(name, FULL[name]))
+    options = FULL[name]
+    if name == "razor":  # its retrieval heads: a heads file (effarch heads) for this 1-layer, 4-head model
+        (tmp_path / "heads.json").write_text(json.dumps({"scores": [[0.9, 0.0, 0.0, 0.0]]}))
+        options = [*options, f"heads={tmp_path / 'heads.json'}"]
+    m.set_kv_policy(make_policy(name, options))
     np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), want, atol=2e-5, rtol=1e-4)
 
 

@@ -157,6 +157,20 @@ def test_kernels_are_opt_in_everywhere(monkeypatch):
     for name, platform in zip(KERNELS, ("gpu", "tpu")):
         with pytest.raises(NotImplementedError, match=platform):
             sparse_decode_attention(q, k, v, idx, cnt, implementation=name, **kw)
+    # longheads' key re-rotation is the xla path's only: a kernel refuses it, and a sequence falls back to xla
+    monkeypatch.setenv(ENV_VAR, "1")
+    q, k, v, idx, cnt, kw = case(7, "token", "kv", D=4)
+    shift = jnp.zeros(idx.shape, jnp.int32)
+    freqs = jnp.ones((q.shape[-1] // 2,), jnp.float32)
+    for name in KERNELS:
+        with pytest.raises(NotImplementedError, match="key_shift"):
+            sparse_decode_attention(q, k, v, idx, cnt, implementation=name, key_shift=shift, rope_freqs=freqs, **kw)
+        with pytest.warns(UserWarning, match="unavailable"):
+            got = sparse_decode_attention(q, k, v, idx, cnt, implementation=(name, "xla"), key_shift=shift,
+                                          rope_freqs=freqs, **kw)
+        want = sparse_decode_attention(q, k, v, idx, cnt, implementation="xla", key_shift=shift, rope_freqs=freqs,
+                                       **kw)
+        np.testing.assert_allclose(got[0], want[0])
 
 
 def lowered(name, platform, granularity, hs, dtype, *, S=8192, Hq=8, Hkv=2, D=128):
