@@ -10,6 +10,7 @@ gives it to every attention layer of a model.
 | tokenselect | top tokens by the soft vote of all heads + sinks + recent (TokenSelect) | token | one for all heads |
 | tidal | selection layers' top-k tokens, read by the following layers (TidalDecode) | token | per query head |
 | recycled | full step every `stride` steps, then its top tokens + new ones (Recycled Attention) | token | per KV head |
+| duo | trained gates: top `full` KV heads read all, the others sinks + recent (DuoAttention) | token | per KV head |
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ import typing
 
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
 from effarch.layers.kv_policies.base import options as policy_options
+from effarch.layers.kv_policies.duo import DuoPolicy
 from effarch.layers.kv_policies.quest import QuestPolicy
 from effarch.layers.kv_policies.recycled import RecycledPolicy
 from effarch.layers.kv_policies.retrieval import RetrievalPolicy
@@ -25,7 +27,8 @@ from effarch.layers.kv_policies.tokenselect import TokenSelectPolicy
 from effarch.layers.kv_policies.window import WindowPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
-    p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, TidalPolicy, RecycledPolicy)}
+    p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, TidalPolicy, RecycledPolicy,
+                        DuoPolicy)}
 
 
 def _parse(policy: str, field: dataclasses.Field, text: str):
@@ -58,5 +61,5 @@ def make_policy(name: str, options=()) -> KVPolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["POLICIES", "KVPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy", "RetrievalPolicy", "Selection",
-           "TidalPolicy", "TokenSelectPolicy", "WindowPolicy", "make_policy"]
+__all__ = ["POLICIES", "DuoPolicy", "KVPolicy", "PolicyError", "QuestPolicy", "RecycledPolicy", "RetrievalPolicy",
+           "Selection", "TidalPolicy", "TokenSelectPolicy", "WindowPolicy", "make_policy"]
