@@ -160,8 +160,8 @@ class Attention(nnx.Module):
         full = dot_product_attention(q, k, v, causal=False, mask=visible_BTS, implementation=cfg.implementation)
         stream = dot_product_attention(q, k, v, causal=False, mask=visible_BTS & recent,
                                        implementation=cfg.implementation)
-        alpha_H = jnp.repeat(self.duo_gate[...], cfg.n_heads // cfg.kv_heads).astype(full.dtype)[:, None]
-        o_BTHK = alpha_H * full + (1 - alpha_H) * stream
+        alpha = jnp.repeat(self.duo_gate[...], cfg.n_heads // cfg.kv_heads).astype(full.dtype)[None, None, :, None]
+        o_BTHK = alpha * full + (1 - alpha) * stream
         return self.o_proj(o_BTHK.reshape(*o_BTHK.shape[:2], -1))
 
     def project_qkv(self, x: Hidden, positions) -> tuple[Float[Array, "B T H K"], Float[Array, "B T Hkv K"],

@@ -25,7 +25,7 @@ USAGE = """usage:
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
                    [--kv-policy NAME [OPT=VALUE ...]]
       # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval,
-      # tokenselect, tidal, recycled; options e.g. budget=N)
+      # tokenselect, tidal, recycled, duo; options e.g. budget=N)
       e.g. effarch generate runs/passkey --prompt "1 2 3" --kv-policy quest budget=256
   effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
       # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
@@ -166,7 +166,7 @@ def generate_cli(argv: list[str]) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
-                   help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled) with "
+                   help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled, duo) with "
                         "option=value settings, e.g. --kv-policy quest budget=256 (layers/kv_policies/)")
     args = p.parse_args(argv)
     policy = None

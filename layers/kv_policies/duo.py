@@ -69,7 +69,7 @@ class DuoPolicy(KVPolicy):
         if not n_sink < budget:
             raise PolicyError(f"kv policy duo: n_sink={n_sink} must be below budget={budget}")
         sized = dataclasses.replace(self, budget=budget, n_sink=n_sink)
-        values = [m.duo_gate[...] for _, m in takers]
+        values = [jax.tree.leaves(m.duo_gate)[0] for _, m in takers]  # an abstract model's are ShapeDtypeStructs
         if any(isinstance(v, jax.ShapeDtypeStruct) for v in values):
             return sized
         gates = [np.asarray(v, np.float64) for v in values]
