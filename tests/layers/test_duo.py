@@ -58,8 +58,7 @@ def test_gates_at_one_equal_full_attention():
     layer, x = Attention(D, gated(), rngs=nnx.Rngs(0)), x_of()
     np.testing.assert_array_equal(np.asarray(layer.duo_gate[...]), 1.0)  # the official initial_value
     want = masked_attention(layer, x, causal_TS())
-    np.testing.assert_allclose(layer(x), want, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(decoded(layer, x, 5), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(layer(x), want, atol=1e-5, rtol=1e-5)  # decoding at gates 1: tests/conformance/
     # ... and to the layer without gates, same weights
     plain = Attention(D, AttentionConfig(n_heads=4, n_kv_heads=2), rngs=nnx.Rngs(0))
     np.testing.assert_allclose(layer(x), plain(x), atol=1e-6, rtol=1e-6)
@@ -131,9 +130,8 @@ def test_heads_chosen_by_threshold_or_fraction(opts, want):
 
 
 def test_selection_and_reads_by_hand():
-    m = model(GATES)
-    m.set_kv_policy(make_policy("duo", ["budget=5", "n_sink=1"]))
-    p1 = m.blocks[1].mixer.kv_policy  # layer 1: KV head 1 full, head 0 streaming
+    # Layer 1 of GATES at full=0.5: KV head 1 full, head 0 streaming (sink {0} + the last 4 tokens).
+    p1 = DuoPolicy(budget=5, n_sink=1, _full_heads=((True, False), (False, True)), _layer=1)
     k = jnp.zeros((1, 12, 2, 4))
     (part,), _ = p1.select({}, jnp.zeros((1, 4, 4)), k, jnp.int32(10))
     assert selected_tokens(part, g=0) == [0, 6, 7, 8, 9]
@@ -152,6 +150,7 @@ def decoded_logits(m: DecoderLM, toks, n_prompt: int):
     return jnp.concatenate([first, rest.swapaxes(0, 1)], axis=1)
 
 
+@pytest.mark.slow  # fast representative: tests/arches/test_kv_policy_decode.py (duo full=1 == the full cache)
 def test_full_fraction_one_is_the_full_cache_and_zero_is_the_window():
     toks = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T)), jnp.int32)
     m = model(GATES)
