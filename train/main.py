@@ -27,8 +27,9 @@ USAGE = """usage:
       # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval,
       # tokenselect, tidal, recycled, duo; options e.g. budget=N)
       e.g. effarch generate runs/passkey --prompt "1 2 3" --kv-policy quest budget=256
-  effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
-      # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
+  effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged,duo_hard} [option=value ...]
+      # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense; duo_hard: DuoAttention
+      # gates set to 1 (full heads: full=P or threshold=T, as --kv-policy duo) or 0 (streaming heads)
       e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
            effarch train CONFIG.yaml train.init_from=runs/base_moh
   effarch moa-search RUN_DIR --density D --out plan.json [--calibration-batches N] [--lengths N ...] [--block B]

@@ -27,6 +27,19 @@ import numpy as np
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection, sink_recent
 
 
+def full_heads_of(gates: list[np.ndarray], *, full: float = -1.0, threshold: float = -1.0) -> list[np.ndarray]:
+    """Which KV heads read the full cache: one bool array per layer, shaped like its gates [Hkv]. `threshold` τ != -1:
+    gate >= τ; else the round(full·N) highest of all N gates (full -1: 0.5), ties to the earlier layer and head."""
+    flat = np.concatenate([np.asarray(g, np.float64).reshape(-1) for g in gates])
+    if threshold != -1:
+        chosen = flat >= threshold
+    else:
+        chosen = np.zeros(flat.size, bool)
+        chosen[np.argsort(-flat, kind="stable")[:int(round((0.5 if full == -1 else full) * flat.size))]] = True
+    bounds = np.cumsum([0, *(np.size(g) for g in gates)])
+    return [chosen[a:b].reshape(np.shape(g)) for a, b, g in zip(bounds[:-1], bounds[1:], gates, strict=True)]
+
+
 @dataclasses.dataclass(frozen=True)
 class DuoPolicy(KVPolicy):
     NAME = "duo"
@@ -72,18 +85,10 @@ class DuoPolicy(KVPolicy):
         values = [jax.tree.leaves(m.duo_gate)[0] for _, m in takers]  # an abstract model's are ShapeDtypeStructs
         if any(isinstance(v, jax.ShapeDtypeStruct) for v in values):
             return sized
-        gates = [np.asarray(v, np.float64) for v in values]
-        flat = np.concatenate(gates)
-        if self.threshold != -1:
-            chosen = flat >= self.threshold
-        else:
-            n_full = int(round((0.5 if self.full == -1 else self.full) * flat.size))
-            chosen = np.zeros(flat.size, bool)
-            chosen[np.argsort(-flat, kind="stable")[:n_full]] = True
-        full_heads, start = [() for _ in mixers], 0
-        for (i, _), g in zip(takers, gates, strict=True):
-            full_heads[i] = tuple(bool(c) for c in chosen[start:start + g.size])
-            start += g.size
+        chosen = full_heads_of([np.asarray(v) for v in values], full=self.full, threshold=self.threshold)
+        full_heads = [() for _ in mixers]
+        for (i, _), c in zip(takers, chosen, strict=True):
+            full_heads[i] = tuple(bool(f) for f in c)
         return dataclasses.replace(sized, _full_heads=tuple(full_heads))
 
     def for_layer(self, layer: int) -> "DuoPolicy":
