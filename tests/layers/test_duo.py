@@ -13,6 +13,7 @@ from flax import nnx
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.kv_policies import DuoPolicy, PolicyError, make_policy
+from effarch.layers.kv_policies.base import reads_of
 from effarch.pallas_kernels.attention import dot_product_attention
 from tests.layers.test_kv_policies import selected_tokens
 
@@ -73,6 +74,7 @@ def test_gates_at_zero_equal_streaming_attention():
     assert float(jnp.max(jnp.abs(want - masked_attention(layer, x, causal_TS())))) > 1e-3  # the windows matter
 
 
+@pytest.mark.slow  # the default suite: gates 1 and 0 above, decoding at gates 1 in tests/conformance/
 def test_mix_is_per_kv_head_on_outputs():
     # Gate (a, b) on KV heads 0, 1 (query heads 0-1, 2-3): each query head's output is its KV head's
     # α·full + (1 − α)·streaming, before o_proj; prefill in pieces and decoding give the same function.
@@ -136,7 +138,7 @@ def test_selection_and_reads_by_hand():
     (part,), _ = p1.select({}, jnp.zeros((1, 4, 4)), k, jnp.int32(10))
     assert selected_tokens(part, g=0) == [0, 6, 7, 8, 9]
     assert selected_tokens(part, g=1) == list(range(10))
-    assert float(p1.attend({}, jnp.zeros((1, 4, 4)), k, k, jnp.int32(10))[2]) == (5 + 10) / 2  # mean per head
+    assert float(reads_of([part], jnp.int32(10))) == (5 + 10) / 2  # what attend reports: the mean per KV head
     no_full = dataclasses.replace(p1, _full_heads=((False, False),) * 2)
     (part,), _ = no_full.select({}, jnp.zeros((1, 4, 4)), k, jnp.int32(10))
     assert part.idx.shape == (1, 1, 5)  # one shared list of the budget: O(budget) gathers

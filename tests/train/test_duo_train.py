@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from effarch.layers.trained_state import SAVED
 from effarch.train import param_tree
 from effarch.train.checks import check_config
 from effarch.train.config import ConfigError, load_config
 from effarch.train.data import build_data
+from effarch.train.lora import build_model
 from effarch.train.train import Trainer, _clamped
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +28,12 @@ LAMBDA = 0.05
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
+    """(trainer, its initial parameters (eager: no compile), one batch)."""
     cfg = load_config(CONFIGS, [f"train.run_dir={tmp_path_factory.mktemp('duo')}", *SMALL])
     tr = Trainer(cfg)
     stream, _ = build_data(cfg.data, cfg.model.vocab_size, cfg.train.batch_size)
-    params, opt, _ = tr.init_state(0)
-    return tr, params, opt, tr.global_batch(*stream.batch(0))
+    _, params, tr.rest = nnx.split(build_model(cfg, nnx.Rngs(0)), SAVED, ...)  # as Trainer.init_state, eagerly
+    return tr, params, tr.global_batch(*stream.batch(0))
 
 
 def with_gates(params, gates):
@@ -41,27 +45,32 @@ GATES = ("blocks/0/mixer/duo_gate", "blocks/1/mixer/duo_gate")
 
 
 def test_loss_is_distillation_plus_l1(trainer):
-    tr, params, _, batch = trainer
-    loss = jax.jit(tr._loss)
+    tr, params, batch = trainer
+    loss_and_grad = jax.jit(jax.value_and_grad(tr._loss, has_aux=True))  # one compile for both gate settings
     # Every gate at 1 (the init): the model is the full-attention model, the distillation term is 0, and the gradient
     # of the mean loss on each of the 4 gates is the L1 term's alone, λ / 4.
-    total, (_, _, count, aux, _) = loss(params, *batch)
+    (total, (_, _, count, aux, _)), grads = loss_and_grad(params, *batch)
+    n = int(count)
     assert float(aux["duo_distill"]) == 0.0
-    np.testing.assert_allclose(float(aux["duo_l1"]) / int(count), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(float(total) / int(count), LAMBDA, rtol=1e-6)
-    grads = param_tree.flatten(jax.jit(tr.gradients)(params, *batch)[0])
+    np.testing.assert_allclose(float(aux["duo_l1"]) / n, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(total) / n, LAMBDA, rtol=1e-6)
+    grads = param_tree.flatten(grads)
     for path in GATES:
-        np.testing.assert_allclose(grads[path], LAMBDA / 4, rtol=1e-5)
-    # Gates below 1: the mixed model moves away from the full one; the L1 term is the mean gate.
+        np.testing.assert_allclose(np.asarray(grads[path]) / n, LAMBDA / 4, rtol=1e-5)
+    # Gates below 1: the mixed model moves away from the full one; the L1 term is the mean gate, and the gates'
+    # gradient now has the distillation's part too.
     half = with_gates(params, {GATES[0]: [0.5, 0.0], GATES[1]: [1.0, 0.25]})
-    total, (_, _, count, aux, _) = loss(half, *batch)
+    (total, (_, _, count, aux, _)), grads = loss_and_grad(half, *batch)
     assert float(aux["duo_distill"]) > 0
     np.testing.assert_allclose(float(aux["duo_l1"]) / int(count), 1.75 / 4, rtol=1e-6)
     np.testing.assert_allclose(float(total), float(aux["duo_distill"]) + LAMBDA * float(aux["duo_l1"]), rtol=1e-6)
+    assert not np.allclose(np.asarray(param_tree.flatten(grads)[GATES[0]]) / int(count), LAMBDA / 4)
 
 
+@pytest.mark.slow  # the default suite trains a duo step: tests/configs/test_configs.py (passkey/duo_gates.yaml)
 def test_a_frozen_step_moves_only_the_gates_and_keeps_them_in_bounds(trainer):
-    tr, params, opt, batch = trainer
+    tr, params, batch = trainer
+    opt = tr.init_optimizer(params)
     before = {k: np.asarray(v) for k, v in param_tree.flatten(params).items()}
     new, _, metrics = tr.train_step(params, opt, *batch)
     after = {k: np.asarray(v) for k, v in param_tree.flatten(new).items()}
