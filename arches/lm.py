@@ -179,11 +179,14 @@ class DecoderLM(nnx.Module):
         """Every attention layer's decode step reads its KV cache through `policy` (a layers.kv_policies.KVPolicy;
         None: the full cache again), except the first `policy.dense_layers` layers. Layers whose mixer keeps no KV
         cache a policy can read (convolutions, recurrent states; `set_kv_policy` absent) decode as before, so hybrids
-        work. Prefill stays dense. Set it before init_state. Returns the layers that read through the policy.
+        work. Prefill stays dense. Set it before init_state. Returns the layers that read through the policy. A policy
+        that depends on the model's parameters (duo's gates) is resolved from them here (`KVPolicy.for_mixers`).
 
         ValueError (one line naming the policy and the mixer) when an attention layer cannot take the policy (e.g.
         sparse_attention's bounded sink_window cache) or when no layer can; no layer is changed then."""
         takers = [i for i, block in enumerate(self.blocks) if hasattr(block.mixer, "set_kv_policy")]
+        if policy is not None and takers:
+            policy = policy.for_mixers([block.mixer for block in self.blocks])  # duo: the gates choose its heads
         if policy is not None:
             if not takers:
                 names = sorted({block.mixer_name for block in self.blocks})

@@ -14,7 +14,14 @@ Choices:
 - decoding keeps a KV cache of `max_len` slots with one position counter shared by the batch, and attends to the
   slots <= pos through a boolean mask, so every step has the same shapes and one jit trace serves all steps;
 - a decode-time KV policy (layers/kv_policies/, set with `set_kv_policy`; configuration, not parameters) makes each
-  decode step read only the cache entries the policy selects; prefill stays dense.
+  decode step read only the cache entries the policy selects; prefill stays dense;
+- `duo_gates` adds DuoAttention's trainable gate per KV head (Xiao et al., arXiv 2410.10819 §3;
+  mit-han-lab/duo-attention `duo_attn/patch/llama.py`): each head's output is α·full + (1 − α)·streaming, the
+  streaming attention reading the first `duo_sink` tokens and the last `duo_window` (token-level, the official SDPA
+  variant's mask). Every path mixes (parallel, prefill, decode), so the gated model is one function; under a KV
+  policy the gates are ignored and prefill is dense, the policy deciding what decode reads (`--kv-policy duo` makes
+  the gates hard: layers/kv_policies/duo.py). The streaming half is the masked dense op, not a sparse kernel: the
+  gated model is a training construct that computes the full attention anyway.
 """
 
 import dataclasses
@@ -48,6 +55,12 @@ class AttentionConfig:
     rope_original_max_len: int = 8192  # original_max_position_embeddings
     causal: bool = True  # token t sees tokens <= t; must be False for cross attention
     implementation: str | None = None  # dot_product_attention backend; None = platform default
+    # DuoAttention (module docstring): a gate per KV head, init 1, mixing full and streaming attention; the
+    # streaming part reads the first duo_sink tokens and the last duo_window ones (the current one included). The
+    # defaults are the paper's training sizes (128 + 256, official scripts/train.sh).
+    duo_gates: bool = False
+    duo_sink: int = 128
+    duo_window: int = 256
 
     def __post_init__(self):
         if self.n_heads < 1:
@@ -67,6 +80,11 @@ class AttentionConfig:
                              f"below rope_high_freq_factor ({self.rope_high_freq_factor})")
         if self.rope_original_max_len < 1:
             raise ValueError(f"attention.rope_original_max_len must be positive, got {self.rope_original_max_len}")
+        if self.duo_sink < 0 or self.duo_window < 1:
+            raise ValueError(f"attention.duo_sink must be >= 0 and duo_window >= 1, got {self.duo_sink} and "
+                             f"{self.duo_window}")
+        if self.duo_gates and not self.causal:
+            raise ValueError("attention.duo_gates needs causal self attention (causal: true)")
 
     @property
     def kv_heads(self) -> int:
@@ -111,6 +129,12 @@ class Attention(nnx.Module):
         self.k_proj = linear(kv_in, n_kv * head_dim, ("embed", "kv_heads"), rngs)
         self.v_proj = linear(kv_in, n_kv * head_dim, ("embed", "kv_heads"), rngs)
         self.o_proj = linear(n_heads * head_dim, d_model, ("heads", "embed"), rngs)
+        if config.duo_gates:
+            if context_dim is not None:
+                raise ValueError("attention.duo_gates needs self attention, not a cross-attention layer")
+            # α per KV head, init 1 (every head full, as the official initial_value); `bounds` makes the trainer
+            # clamp it to [0, 1] after every update (train/train.py), as the official loop does before every step.
+            self.duo_gate = nnx.Param(jnp.ones((n_kv,), jnp.float32), logical_axes=(None,), bounds=(0.0, 1.0))
         self.kv_policy = None  # a layers.kv_policies.KVPolicy (static: a frozen dataclass), set by set_kv_policy
 
     def _heads(self, y, n: int):
@@ -118,6 +142,27 @@ class Attention(nnx.Module):
 
     def _attend(self, q, k, v, *, causal: bool, mask=None) -> Float[Array, "B T D"]:
         o_BTHK = dot_product_attention(q, k, v, causal=causal, mask=mask, implementation=self.config.implementation)
+        return self.o_proj(o_BTHK.reshape(*o_BTHK.shape[:2], -1))
+
+    @property
+    def duo(self) -> bool:
+        """The DuoAttention mix is on: gates exist and no KV policy replaces them."""
+        return self.config.duo_gates and self.kv_policy is None
+
+    def _duo_attend(self, q: Float[Array, "B T H K"], k: Float[Array, "B S Hkv K"], v: Float[Array, "B S Hkv K"],
+                    q_pos, visible_BTS) -> Float[Array, "B T D"]:
+        """α·full + (1 − α)·streaming per head (α of its KV head), before o_proj. `visible_BTS`: the keys the full
+        attention sees; the streaming attention sees those at positions < duo_sink or > q_pos − duo_window (key
+        index = position: the parallel form and the cache both hold position j at index j)."""
+        cfg = self.config
+        S = k.shape[1]
+        j = jnp.arange(S)[None, None, :]
+        recent = (j < cfg.duo_sink) | (j > jnp.reshape(q_pos, (1, -1, 1)) - cfg.duo_window)
+        full = dot_product_attention(q, k, v, causal=False, mask=visible_BTS, implementation=cfg.implementation)
+        stream = dot_product_attention(q, k, v, causal=False, mask=visible_BTS & recent,
+                                       implementation=cfg.implementation)
+        alpha = jnp.repeat(self.duo_gate[...], cfg.n_heads // cfg.kv_heads).astype(full.dtype)[None, None, :, None]
+        o_BTHK = alpha * full + (1 - alpha) * stream
         return self.o_proj(o_BTHK.reshape(*o_BTHK.shape[:2], -1))
 
     def project_qkv(self, x: Hidden, positions) -> tuple[Float[Array, "B T H K"], Float[Array, "B T Hkv K"],
@@ -149,7 +194,11 @@ class Attention(nnx.Module):
         if context is None:
             if self.context_dim is not None:
                 raise ValueError("attention: this layer was built for cross attention; pass a context")
-            q, k, v = self.project_qkv(x, jnp.arange(x.shape[1]))
+            T = x.shape[1]
+            q, k, v = self.project_qkv(x, jnp.arange(T))
+            if self.config.duo_gates:  # causal (checked at build)
+                causal_BTS = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool))[None], (x.shape[0], T, T))
+                return self._duo_attend(q, k, v, jnp.arange(T), causal_BTS)
             return self._attend(q, k, v, causal=self.config.causal)
         if self.config.causal:
             raise ValueError("attention: cross attention needs causal=False")
@@ -222,7 +271,10 @@ class Attention(nnx.Module):
         # Query at absolute position p sees cache slots <= p; slots past pos hold zeros and stay hidden.
         mask_BTS = jnp.broadcast_to((jnp.arange(max_len)[None, :] <= positions[:, None])[None], (B, T, max_len))
         k, v = state["k"].astype(q.dtype), state["v"].astype(q.dtype)
-        y = self._attend(q, k, v, causal=False, mask=mask_BTS)
+        if self.duo:
+            y = self._duo_attend(q, k, v, positions, mask_BTS)
+        else:
+            y = self._attend(q, k, v, causal=False, mask=mask_BTS)
         return jnp.where(state["pos"] <= max_len, y, jnp.full((), jnp.nan, y.dtype))
 
     def prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:

@@ -90,7 +90,15 @@ def check_runtime(cfg: Config, devices=None, *, processes: int | None = None) ->
         raise ConfigError(f"train.eval_batch_size={tc.eval_batch_size} must divide over the {procs} processes")
 
 
+def check_objective(cfg: Config) -> None:
+    """train.objective duo trains DuoAttention gates: the model must have them."""
+    if cfg.train.objective == "duo" and not (cfg.model.attention.duo_gates and "attention" in cfg.model.mixers):
+        raise ConfigError("train.objective duo trains DuoAttention gates: it needs model.attention.duo_gates true and "
+                          f"an attention mixer (model.mixers is {list(cfg.model.mixers)})")
+
+
 def check_config(cfg: Config, devices=None) -> None:
+    check_objective(cfg)
     check_model(cfg, devices)
     check_lora(cfg)
     check_runtime(cfg, devices)

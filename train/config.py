@@ -314,6 +314,14 @@ class TrainConfig:
     # except those lora.train_also matches (docs/checkpoints.md, "LoRA")
     lora: LoRAConfig | None = None
     aux_loss_weight: float = 0.01  # β: weight of the layers' auxiliary losses (MoH load balance; layers/aux_loss.py)
+    # What the step minimises. "lm": cross entropy on the labels (+ β·aux). "duo": DuoAttention's gate training
+    # (arXiv 2410.10819 §3; official duo_attn/train.py): at the labelled positions, the mean over d of the squared
+    # difference between the final-norm hidden states of the model and of the same model with every gate at 1 (full
+    # attention, no gradient), plus duo_l1·mean|α| over all gates. Needs model.attention.duo_gates; freeze the rest
+    # (configs/passkey/duo_gates.yaml). The logged loss stays the model's cross entropy; aux/duo_distill and
+    # aux/duo_l1 are the two terms.
+    objective: Literal["lm", "duo"] = "lm"
+    duo_l1: float = 0.05  # λ of objective duo (the official reg_weight)
     sample_tokens: int = 96  # data.task text: tokens `effarch train` samples (temperature 0.7) for its summary; 0: none
 
     def __post_init__(self):
@@ -328,6 +336,10 @@ class TrainConfig:
                              f"{self.grad_accum_steps}")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
+        if self.objective not in ("lm", "duo"):
+            raise ValueError(f"objective must be 'lm' or 'duo', got {self.objective!r}")
+        if self.duo_l1 < 0:
+            raise ValueError(f"duo_l1 must be >= 0, got {self.duo_l1}")
         if self.aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.stop_at_accuracy is not None and not 0 < self.stop_at_accuracy <= 1:

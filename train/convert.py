@@ -38,6 +38,7 @@ CONVERSIONS = {
     "sparse_attention": "effarch.arches.convert_sparse_attention:convert_to_sparse_attention",
     "attention": "effarch.arches.convert_sparse_attention:convert_to_attention",  # sparse_attention back to dense
     "merged": "effarch.train.lora:merged_conversion",  # the same model, a LoRA run's adapters merged
+    "duo_hard": "effarch.arches.convert_duo:harden_duo_gates",  # DuoAttention's gates set to 0 / 1 as deployed
 }
 # Where a conversion passes its options on (**options), the function whose keyword arguments they are.
 OPTIONS_OF = {"moh": "effarch.arches.convert_moh:moh_config_from_attention",

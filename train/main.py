@@ -26,11 +26,12 @@ USAGE = """usage:
   effarch generate RUN_DIR [--prompt "1 2 3" | --text "abc"] [--max-new-tokens N] [--temperature T] [--seed S]
                    [--kv-policy NAME [OPT=VALUE ...]]
       # --kv-policy: decode reading each attention layer's KV cache through a policy (window, quest, retrieval,
-      # tokenselect, tidal, recycled, longheads, act, razor; options e.g. budget=N; razor heads=HEADS.json
+      # tokenselect, tidal, recycled, longheads, act, razor, duo; options e.g. budget=N; razor heads=HEADS.json
       # from effarch heads)
       e.g. effarch generate runs/passkey --prompt "1 2 3" --kv-policy quest budget=256
-  effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged} [option=value ...]
-      # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense
+  effarch convert RUN_DIR OUT_DIR --to {moh,diffqkv,sparse_attention,attention,merged,duo_hard} [option=value ...]
+      # merged: a LoRA run's adapters folded; attention: sparse_attention back to dense; duo_hard: DuoAttention
+      # gates set to 1 (full heads: full=P or threshold=T, as --kv-policy duo) or 0 (streaming heads)
       e.g. effarch convert runs/base runs/base_moh --to moh; then fine-tune it with
            effarch train CONFIG.yaml train.init_from=runs/base_moh
   effarch moa-search RUN_DIR --density D --out plan.json [--calibration-batches N] [--lengths N ...] [--block B]
@@ -175,7 +176,7 @@ def generate_cli(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
                    help="decode through a KV policy (window, quest, retrieval, tokenselect, tidal, recycled, "
-                        "longheads, act, razor) with option=value settings, e.g. --kv-policy quest budget=256 "
+                        "longheads, act, razor, duo) with option=value settings, e.g. --kv-policy quest budget=256 "
                         "(layers/kv_policies/)")
     args = p.parse_args(argv)
     policy = None

@@ -144,6 +144,22 @@ def _with_buffers(params, buffers: dict):
         lambda path, var: buffers[path].astype(var.dtype) if path in buffers else var[...], params)
 
 
+def _clamped(params):
+    """params with every parameter whose metadata has `bounds=(lo, hi)` clipped into them (DuoAttention's gates stay
+    in [0, 1], as the official loop clamps them before every step)."""
+    def clamp(path, var):
+        bounds = var.get_metadata().get("bounds")
+        return var[...] if bounds is None else jnp.clip(var[...], *bounds)
+
+    return param_tree.map_variables(clamp, params)
+
+
+def _gates_open(params):
+    """params with every DuoAttention gate at 1: the full-attention model the gates are distilled against."""
+    return param_tree.map_variables(
+        lambda path, var: jnp.ones_like(var[...]) if path.endswith("duo_gate") else var[...], params)
+
+
 def token_loss(logits, labels):
     """Summed cross entropy, correct count and count over positions with a label (labels == -100 are skipped)."""
     mask = labels != IGNORE_LABEL
@@ -242,10 +258,11 @@ class Trainer:
         return nnx.merge(self.graphdef, params, self.rest)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def _forward(self, params, inputs, labels, *, training: bool = False):
+    def _forward(self, params, inputs, labels, *, training: bool = False, normed: bool = False):
         """(summed cross entropy, correct, label count, {name: auxiliary loss of a layer}, {path: trained buffer's
         new value}). `training`: the model in training mode (`model.train()`), where layers update their trained
-        buffers (layers/trained_state.py)."""
+        buffers (layers/trained_state.py). `normed`: also the final-norm hidden states of the labelled rows [N, D]
+        and their labels [N] (objective duo)."""
         # copy=True: the forward pass writes the layers' AuxLoss variables, which must belong to this trace.
         model = nnx.merge(self.graphdef, _cast_floating(params, self.compute_dtype), self.rest, copy=True)
         if training:
@@ -254,7 +271,8 @@ class Trainer:
         h, y = labeled_hidden(model.hidden(inputs, constrain=self._split_rows), labels, per_example * labels.shape[0])
         logits = self._split_rows(model.logits(self._split_rows(h)))
         buffers = param_tree.flatten(nnx.state(model, TrainedBuffer))
-        return *token_loss(logits, y), collect_aux_losses(model), buffers
+        out = (*token_loss(logits, y), collect_aux_losses(model), buffers)
+        return (*out, model.norm(h).astype(jnp.float32), y) if normed else out
 
     def _split_rows(self, x: jax.Array) -> jax.Array:
         """Activations (hidden states [B, T, D], the labelled rows [N, D], their logits [N, V]) split along their first
@@ -266,7 +284,24 @@ class Trainer:
     def _forward_loss(self, params, inputs, labels):
         return self._forward(params, inputs, labels)[:3]
 
+    def _duo_loss(self, params, inputs, labels):
+        """objective duo (TrainConfig.objective): Σ over labelled rows of mean_d (h_full − h)² on the final-norm hidden
+        states, plus λ·mean|α|·count, so that the division by the label count gives the official loss. h_full: the
+        same parameters with every gate at 1, without gradient. The official code instead mixes each layer's
+        streaming output with the full-attention copy's output of the same layer (the teacher's hidden states, not
+        the gated model's); with one attention layer the two agree, and at α = 1 both are the full model."""
+        ce_sum, correct, count, aux, buffers, h, y = self._forward(params, inputs, labels, training=True, normed=True)
+        h_full = jax.lax.stop_gradient(self._forward(_gates_open(params), inputs, labels, normed=True)[5])
+        distill = jnp.sum(jnp.mean((h_full - h) ** 2, axis=-1) * (y != IGNORE_LABEL))
+        gates = [gate for path, gate in param_tree.flatten(params).items() if path.endswith("duo_gate")]
+        l1 = jnp.mean(jnp.abs(jnp.concatenate(gates))).astype(jnp.float32) * count
+        total = distill + self.cfg.train.duo_l1 * l1
+        aux = {name: value.astype(jnp.float32) * count for name, value in aux.items()}  # logged only, as _loss's
+        return total, (ce_sum, correct, count, {**aux, "duo_distill": distill, "duo_l1": l1}, buffers)
+
     def _loss(self, params, inputs, labels):
+        if self.cfg.train.objective == "duo":
+            return self._duo_loss(params, inputs, labels)
         ce_sum, correct, count, aux, buffers = self._forward(params, inputs, labels, training=True)
         # The aux losses are means; times the label count, the final division by the count adds β·Σ aux to the
         # mean loss (and gives a count-weighted mean over micro-batches under grad_accum_steps).
@@ -296,7 +331,7 @@ class Trainer:
                 return (jax.tree.map(jnp.add, acc_grads, grads), jax.tree.map(jnp.add, acc, sums)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            shapes = jax.eval_shape(functools.partial(self._forward, training=True), params, inputs, labels)
+            shapes = jax.eval_shape(self._loss, params, inputs, labels)[1]
             aux0 = {name: jnp.float32(0) for name in shapes[3]}
             buffers0 = {path: jnp.zeros(s.shape, s.dtype) for path, s in shapes[4].items()}
             init = (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0), aux0, buffers0))
@@ -311,7 +346,7 @@ class Trainer:
         grads, loss, accuracy, aux, buffers = self._gradients(params, inputs, labels)
         grads = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g), grads, self._trainable)
         updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = _with_buffers(optax.apply_updates(params, updates), buffers)
+        params = _clamped(_with_buffers(optax.apply_updates(params, updates), buffers))
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
                    **{f"aux/{name}": value for name, value in aux.items()}}
         return params, opt_state, metrics

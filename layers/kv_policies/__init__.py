@@ -13,6 +13,7 @@ gives it to every attention layer of a model.
 | longheads | first, previous, current and top chunks by chunk key, re-positioned (LongHeads) | chunk | per query head |
 | act | full cache; hidden sinks' attention scaled by beta on calibrated heads (ACT) | token | per query head |
 | razor | retrieval heads: all; others: sinks + recent + a compensation token (RazorAttention) | token | per KV head |
+| duo | trained gates: top `full` KV heads read all, the others sinks + recent (DuoAttention) | token | per KV head |
 | (landmark) | not a policy: the landmark mixer's top-k block memory (arches/landmark_memory.py) | block | per head |
 
 `probe.py` (ProbePolicy, not in the registry) is the diagnostic of `effarch heads`: full-cache decode that reports each
@@ -25,6 +26,7 @@ import typing
 from effarch.layers.kv_policies.act import ACTPolicy
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
 from effarch.layers.kv_policies.base import options as policy_options
+from effarch.layers.kv_policies.duo import DuoPolicy
 from effarch.layers.kv_policies.longheads import LongHeadsPolicy
 from effarch.layers.kv_policies.probe import ProbePolicy
 from effarch.layers.kv_policies.quest import QuestPolicy
@@ -37,7 +39,7 @@ from effarch.layers.kv_policies.window import WindowPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
     p.NAME: p for p in (WindowPolicy, QuestPolicy, RetrievalPolicy, TokenSelectPolicy, TidalPolicy, RecycledPolicy,
-                        LongHeadsPolicy, ACTPolicy, RazorPolicy)}
+                        LongHeadsPolicy, ACTPolicy, RazorPolicy, DuoPolicy)}
 
 
 def _parse(policy: str, field: dataclasses.Field, text: str):
@@ -70,6 +72,6 @@ def make_policy(name: str, options=()) -> KVPolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["ACTPolicy", "POLICIES", "KVPolicy", "LongHeadsPolicy", "PolicyError", "ProbePolicy", "QuestPolicy",
-           "RazorPolicy", "RecycledPolicy",
-           "RetrievalPolicy", "Selection", "TidalPolicy", "TokenSelectPolicy", "WindowPolicy", "make_policy"]
+__all__ = ["ACTPolicy", "POLICIES", "DuoPolicy", "KVPolicy", "LongHeadsPolicy", "PolicyError", "ProbePolicy",
+           "QuestPolicy", "RazorPolicy", "RecycledPolicy", "RetrievalPolicy", "Selection", "TidalPolicy",
+           "TokenSelectPolicy", "WindowPolicy", "make_policy"]

@@ -5,6 +5,7 @@ its attention layers (`DecoderLM.set_kv_policy`), given at generate / eval time.
 here is a decode-time method); at each decode step the layer writes the new token's k, v into its cache as usual, then
 asks the policy which entries the new query reads:
 
+    policy = policy.for_mixers(mixers).for_layer(i)                       # what layer i holds (duo: its gates)
     state = policy.init_state(batch, max_len, n_kv_heads, head_dim, n_heads=Hq)  # the decode state's "policy"
     state = policy.observe(state, q_new, k_new [B, T, Hkv, K], v_new, pos)  # after every cache write (prefill,
                                                                            # step); default: update(state, k_new, pos)
@@ -82,6 +83,11 @@ class KVPolicy:
         """'quest budget=64 page=16 ...': the name and every option, as given on the command line."""
         opts = " ".join(f"{f.name}={getattr(self, f.name)}" for f in options(self))
         return f"{self.NAME} {opts}"
+
+    def for_mixers(self, mixers) -> "KVPolicy":
+        """The policy as a model with these layers' mixers (in order) uses it: where a policy depends on the model's
+        parameters (duo reads its gates), resolved once when the model takes it (`DecoderLM.set_kv_policy`)."""
+        return self
 
     def for_layer(self, layer: int) -> "KVPolicy":
         """The policy as layer `layer` uses it (the same for every layer, except where a policy's layers differ)."""

@@ -22,10 +22,13 @@ FULL = {"window": ["budget=32"], "quest": ["budget=32", "page=4"], "retrieval": 
         "recycled": ["budget=32", "stride=4"], "tokenselect": ["budget=32", "reuse_cos=0.5"],
         "tidal": ["budget=32", "select_layer=0"], "longheads": ["budget=32", "chunk=4", "train_len=32"],
         "act": [],  # act: no heads calibrated
-        "razor": ["budget=32", "top=1"]}
+        "razor": ["budget=32", "top=1"], "duo": ["full=1"]}
 
 MODELS = {
     "attention_gqa": dict(mixers=("attention",), attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
+    # duo reads the gates of a model trained with them (tests/layers/test_duo.py: gates other than their init 1)
+    "attention_gqa_duo": dict(mixers=("attention",), attention=AttentionConfig(n_heads=4, n_kv_heads=2, duo_gates=True,
+                                                                               duo_sink=2, duo_window=4)),
     "moh": dict(mixers=("moh",), moh=MoHConfig(n_heads=4, n_shared=1, top_k=2)),
     "diffqkv": dict(mixers=("diffqkv",), diffqkv=DiffQKVConfig(n_q_heads=4, n_k_heads=2, n_v_heads=2, aug_q_hidden=8)),
     "sparse_attention": dict(mixers=("sparse_attention",), sparse_attention=SparseAttentionConfig(
@@ -57,7 +60,7 @@ def decoded_logits(m: DecoderLM, toks, n_prompt: int):
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_full_budget_equals_full_cache_gqa(name, tmp_path):
-    m, toks = model("attention_gqa"), tokens()
+    m, toks = model("attention_gqa_duo" if name == "duo" else "attention_gqa"), tokens()
     want = m(toks)[:, : T - 1]
     options = FULL[name]
     if name == "razor":  # its retrieval heads: a heads file (effarch heads) for this 1-layer, 4-head model

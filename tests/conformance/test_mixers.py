@@ -7,10 +7,10 @@ bfloat16. The tests read their results (cached per mixer), so a mixer costs two 
 it only with `-m slow`. The 8-device mesh step is in test_mesh.py; docs/adding_a_mixer.md lists the checks.
 
 `VARIANTS` adds cases beyond the registry's small configs: a registered mixer at another config that takes another
-code path (sparse_attention's moa pattern: per-head windows from a plan file, decoded over the KV cache; sink_window
-at StreamingLLM's cache positions; its dynamic patterns mean_topk, seer, routing, hyper and hip), checked exactly like
-the registered ones; a variant's `skip` skips a check with its reason, as a registration's does (a case that skips
-"decode" has its bfloat16 decoding compared with its float32 decoding).
+code path (attention with DuoAttention's gates; sparse_attention's moa pattern: per-head windows from a plan file,
+decoded over the KV cache; sink_window at StreamingLLM's cache positions; its dynamic patterns mean_topk, seer,
+routing, hyper and hip), checked exactly like the registered ones; a variant's `skip` skips a check with its reason, as
+a registration's does (a case that skips "decode" has its bfloat16 decoding compared with its float32 decoding).
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ from flax import nnx
 
 from effarch.arches.lm import ModelConfig
 from effarch.arches.registry import CONFIGS, MIXERS, build_mixer, state_growth
+from effarch.layers.attention import AttentionConfig
 from effarch.layers.axes import Mixer
 from effarch.layers.sparse_attention import SparseAttentionConfig
 from tests.helpers.numerics import assert_close, rel_err
@@ -48,6 +49,11 @@ HYPER = ("where a query falls among the sortLSH blocks depends on the later quer
          "and decoding is exact attention (layers/sparse_hyper.py; tests/layers/test_sparse_hyper.py)")
 MOA_PLAN = Path(__file__).parents[1] / "fixtures" / "moa_small_plan.json"
 VARIANTS = {
+    # DuoAttention's gates (layers/attention.py duo_gates): every pass mixes full and streaming attention (2 sinks + a
+    # window of 6: from t = 8 on the streaming half drops keys), prefill and decoding over the KV cache's masks; GQA
+    # groups of 2. The gates start at 1 (tests/layers/test_duo.py checks other gates).
+    "attention[duo]": Variant("attention", {"attention": AttentionConfig(n_heads=4, n_kv_heads=2, duo_gates=True,
+                                                                         duo_sink=2, duo_window=6)}),
     # Spans of 7 and 11 tokens at N = T = 20 (the plan's layer 0), 2 sinks, blocks of 4: the prompt pieces end
     # inside blocks and windows; decoding runs over Attention's KV cache (linear).
     "sparse_attention[moa]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(

@@ -27,3 +27,6 @@ def test_generate_cli_bad_policy_is_one_line(tmp_path, capsys):
     code, _, err = cli(capsys, "generate", str(tmp_path), "--prompt", "1 2", "--kv-policy", "quest", "budget=x")
     assert code == 2 and "--kv-policy: kv policy quest: budget must be an integer, got 'x'" in err
     assert err.count("\n") == 1
+    code, _, err = cli(capsys, "generate", str(tmp_path), "--prompt", "1 2", "--kv-policy", "duo", "threshold=2")
+    assert code == 2 and "--kv-policy: kv policy duo: threshold must be in [0, 1] (gates are), got 2.0" in err
+    assert err.count("\n") == 1

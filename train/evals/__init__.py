@@ -120,8 +120,9 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
         per_step = KV_READS.per_step()
         # Bytes of KV cache per token of the policy layers (K and V of every KV head, the cache dtype).
         per_token = sum(int(model.blocks[i].mixer.state_size(1)) for i in policy_layers)
+        held = model.kv_policy or policy  # as the model resolved it (duo: its sizes and the heads its gates chose)
         result["kv_policy"] = {
-            "name": policy.NAME, "describe": policy.describe(), "budget": policy.budget,
+            "name": policy.NAME, "describe": held.describe(), "budget": held.budget,
             "layers": policy_layers,  # the layers that read through it (hybrids, dense_layers: not all)
             # measured: KV tokens a query head attended to per decode step and policy layer (recycled's and
             # tidal's full steps / layers included)

@@ -209,9 +209,9 @@ def add_kv_policy_argument(p: argparse.ArgumentParser) -> None:
     forward; the result goes to RUN_DIR/eval/<task>.<policy tag>.json."""
     p.add_argument("--kv-policy", nargs="+", metavar="NAME [OPT=VALUE]", default=None,
                    help="read each attention layer's KV cache at decode through this policy (window, quest, "
-                        "retrieval, tokenselect, tidal, recycled, longheads, act, razor) with option=value settings, "
-                        "e.g. --kv-policy quest budget=256; the context is prefilled densely and the labelled tokens "
-                        "are decoded one by one")
+                        "retrieval, tokenselect, tidal, recycled, longheads, act, razor, duo) with option=value "
+                        "settings, e.g. --kv-policy quest budget=256; the context is prefilled densely and the "
+                        "labelled tokens are decoded one by one")
 
 
 def kv_policy_of(args: argparse.Namespace):
