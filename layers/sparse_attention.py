@@ -72,6 +72,7 @@ from effarch.layers import moa_plan, sparse_patterns
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.rope import ROPE_SCALING_FIELDS, apply_rope
+from effarch.layers.sparse_biformer import BiFormerPolicy
 from effarch.layers.sparse_hyper import HyperPolicy
 from effarch.layers.sparse_routing import RoutingPolicy
 from effarch.layers.sparse_seer import SeerPolicy
@@ -81,14 +82,18 @@ from effarch.pallas_kernels.block_sparse import block_sparse_attention, merge_at
 from effarch.pallas_kernels.block_sparse.reference import masked_softmax
 
 # The patterns whose blocks a policy module chooses from the content, and each one's policy class (module docstring).
-DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper")
-PATTERNS = ("sink_window", "s2", "longlora", "moa", *DYNAMIC_PATTERNS)
-POLICIES = {"mean_topk": MeanTopkPolicy, "seer": SeerPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy}
+DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper", "biformer")
+PATTERNS = ("sink_window", "s2", "longlora", "moa", "bidir_window", *DYNAMIC_PATTERNS)
+POLICIES = {"mean_topk": MeanTopkPolicy, "seer": SeerPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy,
+            "biformer": BiFormerPolicy}
+# The non-causal patterns: every query reads keys on both sides; the layer neither decodes nor prefills them.
+NONCAUSAL_PATTERNS = ("bidir_window", "biformer")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseAttentionConfig:
-    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk", "seer", "routing", "hyper"] = "sink_window"
+    pattern: Literal["sink_window", "s2", "longlora", "moa", "bidir_window", "mean_topk", "seer", "routing", "hyper",
+                     "biformer"] = "sink_window"
     block_size: int = 64  # q_block = kv_block of the op, tokens
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
     n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
@@ -106,7 +111,8 @@ class SparseAttentionConfig:
     # moa: the plan file (JSON, layers/moa_plan.py) with (alpha, beta) per layer and KV head
     plan: str | None = None
     # dynamic patterns' block selection (mean_topk, seer; layers/sparse_select.py): each query block reads k blocks,
-    # its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set
+    # its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set.
+    # biformer: the regions each query region routes to; bidir_window: the blocks of its window (both: exactly top_k)
     top_k: int = 3  # MoBA's top-k (its current block included)
     density: float | None = None  # r in (0, 1]: k = max(1, int((1 - sqrt(1 - r)) nB)) (SeerAttention's nz_ratio)
     sink_blocks: int = 0  # the first blocks every query block reads
@@ -128,7 +134,9 @@ class SparseAttentionConfig:
     hyper_samples: int = 64  # m uniformly sampled key columns of the residual (official 256; 0: none)
     hyper_min_seq_len: int = 256  # exact causal attention at n <= this (official 4096, past any CPU-scale length)
     hyper_seed: int = 0  # seeds the LSH directions and the samples
-    infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
+    # biformer (layers/sparse_biformer.py; regions = blocks of block_size tokens, top_k regions per query region)
+    biformer_lce: int = 0  # LCE: kernel of the depthwise conv on V added to the output (odd; official 5; 0: none)
+    infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any causal pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
     n_kv_heads: int | None = None
@@ -181,6 +189,16 @@ class SparseAttentionConfig:
             raise ValueError(f"{p}hyper_samples must be >= 0, got {self.hyper_samples}")
         if self.hyper_min_seq_len < 1:
             raise ValueError(f"{p}hyper_min_seq_len must be positive, got {self.hyper_min_seq_len}")
+        if self.biformer_lce < 0 or (self.biformer_lce and self.biformer_lce % 2 == 0):
+            raise ValueError(f"{p}biformer_lce must be 0 (no LCE) or an odd kernel size, got {self.biformer_lce}")
+        if self.biformer_lce and self.pattern != "biformer":
+            raise ValueError(f"{p}biformer_lce applies to pattern biformer, not {self.pattern}")
+        if self.pattern in NONCAUSAL_PATTERNS:
+            if self.density is not None or self.sink_blocks:
+                raise ValueError(f"{p}pattern {self.pattern} reads exactly top_k blocks; density and sink_blocks "
+                                 "apply to mean_topk and seer")
+            if self.infer_dense:
+                raise ValueError(f"{p}infer_dense: pattern {self.pattern} is non-causal and cannot decode")
         if self.vert_stride < 2:
             raise ValueError(f"{p}vert_stride must be >= 2 (1 would read every block: use attention), "
                              f"got {self.vert_stride}")
@@ -263,6 +281,8 @@ class SparseAttention(Attention):
         if c.pattern == "sink_window":
             return sparse_patterns.sink_window_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, n_sink=c.n_sink,
                                                       window=c.window)
+        if c.pattern == "bidir_window":
+            return sparse_patterns.bidir_window_blocks(n_q_blocks, n_kv_blocks, k=c.top_k)
         if c.pattern == "s2":
             return sparse_patterns.s2_blocks(n_q_blocks, n_kv_blocks, n_kv_heads=att.kv_heads, n_q_heads=att.n_heads,
                                              local_blocks=c.local_blocks, vert_stride=c.vert_stride,
@@ -294,7 +314,7 @@ class SparseAttention(Attention):
         if window_only:
             predicates["n_sink"] = 0
         return block_sparse_attention(q, k, v, idx, cnt, q_block=q_block, kv_block=self.sparse.block_size,
-                                      causal=True, q_pos=q_pos, kv_pos=kv_pos, return_lse=window_only,
+                                      causal=self.causal, q_pos=q_pos, kv_pos=kv_pos, return_lse=window_only,
                                       implementation=self.sparse.implementation, **predicates)
 
     # --- sink_window with StreamingLLM's cache positions (sink_positions="cache") ------------------------------------
@@ -371,6 +391,17 @@ class SparseAttention(Attention):
     # Dynamic patterns: Attention's KV cache plus the policy's own state under "policy".
 
     @property
+    def causal(self) -> bool:
+        """Whether token t's output depends only on tokens <= t: False for the non-causal patterns (biformer,
+        bidir_window), which read both sides and have no decoding (tests/conformance/ skips its decode checks)."""
+        return self.sparse.pattern not in NONCAUSAL_PATTERNS
+
+    def _no_decoding(self, what: str) -> None:
+        if not self.causal:
+            raise ValueError(f"sparse_attention: pattern {self.sparse.pattern} is non-causal; a non-causal mixer "
+                             f"cannot decode ({what})")
+
+    @property
     def bounded_state(self) -> bool:
         """Whether the decode state stops growing (sink_window's sink + ring cache) or is a KV cache of max_len."""
         return self.sparse.pattern == "sink_window" and not self.sparse.infer_dense
@@ -378,6 +409,7 @@ class SparseAttention(Attention):
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
         """Empty decode state: the sink + ring cache for sink_window (max_len unused: it never grows), else
         Attention's KV cache of max_len slots."""
+        self._no_decoding("init_state")
         if self.policy is not None and not self.sparse.infer_dense:
             return {**super().init_state(batch_size, max_len, cache_dtype),
                     "policy": self.policy.init_state(batch_size, max_len, cache_dtype)}
@@ -391,6 +423,7 @@ class SparseAttention(Attention):
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
         """Bytes of decode state per sequence after seq_len tokens: Attention's KV cache, or for sink_window
         2 * min(seq_len, n_sink + window) * Hkv * K * itemsize (constant past n_sink + window tokens)."""
+        self._no_decoding("state_size")
         if self.policy is not None and not self.sparse.infer_dense:
             return super().state_size(seq_len, cache_dtype) + self.policy.state_size(seq_len, cache_dtype)
         if not self.bounded_state:
@@ -399,6 +432,7 @@ class SparseAttention(Attention):
 
     def prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:
         """Runs x [B, T, D] from the state's position; returns (state after it, y [B, T, D])."""
+        self._no_decoding("prefill")
         if self.sparse.infer_dense:
             return super().prefill(state, x)
         if self.policy is not None:
@@ -409,7 +443,8 @@ class SparseAttention(Attention):
 
     def check_kv_policy(self, policy) -> None:
         """A KV policy reads a KV cache: sink_window's bounded sink + ring cache (without infer_dense) has none, and a
-        dynamic pattern's policy already chooses what decoding reads."""
+        dynamic pattern's policy already chooses what decoding reads; a non-causal pattern does not decode."""
+        self._no_decoding(f"kv policy {policy.NAME}")
         super().check_kv_policy(policy)
         if self.policy is not None and not self.sparse.infer_dense:
             # Both would keep their decode state under "policy", and the pattern already chooses what decoding reads.
@@ -424,6 +459,7 @@ class SparseAttention(Attention):
     def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
         """One token x_t [B, D]; returns (state, y_t [B, D]). With a KV policy (set_kv_policy) the step reads the
         cache entries the policy selects instead of the pattern's (prefill keeps the pattern)."""
+        self._no_decoding("decode_step")
         if self.kv_policy is not None:
             return super().decode_step(state, x_t)
         state, y = self.prefill(state, x_t[:, None])
