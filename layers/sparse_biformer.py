@@ -56,8 +56,9 @@ class BiFormerPolicy(nnx.Module):
             # the kernel size of a depthwise filter.
             bound = self.lce ** -0.5
             self.lce_kernel = nnx.Param(jax.random.uniform(rngs.params(), (self.lce, channels), jnp.float32,
-                                                           -bound, bound))
-            self.lce_bias = nnx.Param(jax.random.uniform(rngs.params(), (channels,), jnp.float32, -bound, bound))
+                                                           -bound, bound), logical_axes=(None, "kv_heads"))
+            self.lce_bias = nnx.Param(jax.random.uniform(rngs.params(), (channels,), jnp.float32, -bound, bound),
+                                      logical_axes=("kv_heads",))
 
     def route(self, q_raw: Float[Array, "B T Hq K"], k_raw: Float[Array, "B T Hkv K"]) -> tuple[
             Int[Array, "B 1 nB Kmax"], Int[Array, "B 1 nB"]]:
@@ -80,8 +81,8 @@ class BiFormerPolicy(nnx.Module):
         B, T, hkv, dv = v.shape
         w = self.lce
         x = jnp.pad(v.reshape(B, T, hkv * dv), ((0, 0), ((w - 1) // 2, w // 2), (0, 0)))
-        kernel = self.lce_kernel.value.astype(v.dtype)
-        out = sum(x[:, i:i + T] * kernel[i] for i in range(w)) + self.lce_bias.value.astype(v.dtype)
+        kernel, bias = self.lce_kernel[...].astype(v.dtype), self.lce_bias[...].astype(v.dtype)
+        out = sum(x[:, i:i + T] * kernel[i][None, None] for i in range(w)) + bias[None, None]
         return jnp.repeat(out.reshape(B, T, hkv, dv), self.n_heads // hkv, axis=2)
 
     def __call__(self, q: Float[Array, "B T Hq K"], k: Float[Array, "B T Hkv K"], v: Float[Array, "B T Hkv Dv"], *,
