@@ -41,7 +41,10 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "lm/longlora_finetune.yaml", "lm/longlora_s2.yaml",
              # seer's distillation overlay: tests/layers/test_sparse_seer.py trains the gate on its loss,
              # lm/sparse_attention_small the mixer
-             "lm/seer_distill.yaml"}
+             "lm/seer_distill.yaml",
+             # bidirectional MQAR: mqar_bidir/biformer trains the task (and the biformer pattern); the dense ceiling and
+             # the equal-cost window train the same task, attention and sparse_attention
+             "mqar_bidir/attention.yaml", "mqar_bidir/bidir_window.yaml"}
 
 
 def _id(path: Path) -> str:
@@ -73,6 +76,8 @@ def test_config_trains_one_step(path, tmp_path):
         overrides += ["data.seq_len=64", "data.passkey.examples=64"]
     if base.data.task == "niah":
         overrides += ["data.seq_len=64", "data.niah.examples=64"]
+    if base.data.task == "mqar_bidir":
+        overrides += ["data.seq_len=32", "data.mqar_bidir.examples=64", "data.mqar_bidir.test_examples=32"]
     if "titans_mac" in base.model.mixers:
         # MAC's step compiles nested scans per layer: one pass over the mixer list proves the config (4 layers took
         # 44 s on 2 cores).
