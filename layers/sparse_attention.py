@@ -1,5 +1,5 @@
 """Block-sparse softmax attention with static per-head patterns: sink + window, S2-Attention, LongLoRA's S²-Attn,
-MoA's elastic spans.
+MoA's elastic spans, a non-causal block window; and with content-selected (dynamic) patterns.
 
 The projections, RoPE, GQA grouping and the dense KV cache are those of `layers/attention.py` (this layer subclasses
 `Attention`, so a trained `attention` layer's weights fit it as they are: `arches/convert_sparse_attention.py`); the
@@ -42,6 +42,15 @@ its own file, built as `self.policy` (its trainable parameters, if any, live und
   EMA in training (layers/trained_state.py); the last `routing_local_heads` KV heads are local window heads.
 - "hyper" (layers/sparse_hyper.py): HyperAttention (arXiv 2310.05869), sortLSH block-diagonal attention plus sampled
   residual columns, causal by the paper's recursive halving; an approximation that decodes with exact attention.
+- "biformer" (layers/sparse_biformer.py): BiFormer's bi-level routing attention (arXiv 2303.08810 §3.2), non-causal:
+  each query region (block) attends to the `top_k` regions whose mean key best matches its mean query, plus the
+  optional LCE (a depthwise convolution on V, `biformer_lce`).
+
+Non-causal patterns (NONCAUSAL_PATTERNS: "biformer" and the static "bidir_window", the `top_k` blocks centred on the
+query block, biformer's window of equal cost: `sparse_patterns.bidir_window_blocks`) let every query read keys on
+both sides: the op runs with causal=False, the layer's `causal` property is False, and init_state / prefill /
+decode_step / state_size raise a one-line error (a non-causal mixer cannot decode). They train on non-causal tasks
+(`data.task: mqar_bidir`, train/data/mqar_bidir.py).
 
 The policy protocol (the layer calls nothing else):
   `Policy(config, *, n_heads, n_kv_heads, head_dim, rngs)`;
@@ -54,9 +63,9 @@ The policy protocol (the layer calls nothing else):
   [B, Tn, Hq, K], k_raw [B, Tn, Hkv, K], at consecutive positions q_pos int32 [Tn]) over the KV cache, which already
   holds their k and v (slots past q_pos[-1] are not yet written).
 
-Decoding (prefill / decode_step) equals the parallel form for every static pattern, except with `infer_dense`, where
-it is `Attention`'s full causal attention on the same weights (then the parallel form is still the sparse training
-form). A dynamic policy's docstring says how its decoding relates to its parallel form.
+Decoding (prefill / decode_step) equals the parallel form for every causal static pattern, except with `infer_dense`,
+where it is `Attention`'s full causal attention on the same weights (then the parallel form is still the sparse
+training form). A dynamic policy's docstring says how its decoding relates to its parallel form.
 """
 
 import dataclasses
@@ -231,7 +240,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class SparseAttention(Attention):
-    """Causal self-attention mixer (layers/axes.py Mixer) over a static block-sparse pattern.
+    """Self-attention mixer (layers/axes.py Mixer) over a block-sparse pattern: causal, or non-causal without decoding
+    for NONCAUSAL_PATTERNS.
 
     Attributes:
       q_proj, k_proj, v_proj, o_proj: as Attention (same shapes and paths).
