@@ -17,6 +17,8 @@ Choices of this 1-D adaptation:
 - The descriptors average the queries and keys before RoPE (q_raw, k_raw): the routing compares content, not the
   RoPE phases of each region (the paper has no RoPE; its positions come from the convolutions). The token
   attention uses the RoPE'd q, k, as `attention` does, with the head-dim scale.
+- With GQA the query descriptor is averaged over each KV head's query group before the full-width product, so the
+  affinity is proportional to the sum over query heads h of q_r[h] · k_r[kv(h)] (the keys repeated per group).
 - Every query region reads exactly min(top_k, nB) regions: the cost per query is top_k · block_size keys whatever
   the content, equal to `bidir_window`'s (its static counterpart in layers/sparse_attention.py) at the same top_k.
 - LCE: a 'same'-padded depthwise 1-D convolution over the tokens of each value channel (zero padding at both
