@@ -43,8 +43,9 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              # lm/sparse_attention_small the mixer
              "lm/seer_distill.yaml",
              # bidirectional MQAR: mqar_bidir/biformer trains the task (and the biformer pattern); the dense ceiling and
-             # the equal-cost window train the same task, attention and sparse_attention
-             "mqar_bidir/attention.yaml", "mqar_bidir/bidir_window.yaml"}
+             # the equal-cost window train the same task, attention and sparse_attention; biformer_nolce is biformer
+             # without its LCE
+             "mqar_bidir/attention.yaml", "mqar_bidir/bidir_window.yaml", "mqar_bidir/biformer_nolce.yaml"}
 
 
 def _id(path: Path) -> str:
