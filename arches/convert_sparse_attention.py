@@ -58,7 +58,7 @@ def sparse_attention_config_from_attention(
     routing_local_heads: int | None = None, routing_decay: float | None = None,
     routing_commitment: float | None = None, hyper_lsh_bits: int | None = None, hyper_samples: int | None = None,
     hyper_min_seq_len: int | None = None, hyper_seed: int | None = None, sink_positions: str | None = None,
-    biformer_lce: int | None = None,
+    biformer_lce: int | None = None, biformer_routing: str | None = None,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
@@ -70,9 +70,10 @@ def sparse_attention_config_from_attention(
         non-causal for a non-causal one.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
         implementation, top_k, density, sink_blocks, score_reduce, gate_dim, distill, gate_loss_scale,
-        gate_threshold, sink_positions, biformer_lce: SparseAttentionConfig's fields of the same names (pattern None:
-        "sink_window" for an attention model, the source's own for a sparse one). A field left None keeps its
-        value, so density and gate_threshold can be set here but not cleared (write the config for that).
+        gate_threshold, sink_positions, biformer_lce, biformer_routing: SparseAttentionConfig's fields of the same
+        names (pattern None: "sink_window" for an attention model, the source's own for a sparse one). A field left
+        None keeps its value, so density and gate_threshold can be set here but not cleared (write the config for
+        that).
       seed: initialises the parameters a dynamic pattern adds (`convert_to_sparse_attention`); unused here.
       plan: moa's plan file; the config keeps its absolute path, so the converted run finds it from any directory
         (the plan must stay there). Without n_sink, moa takes the plan's own `n_sink` (the sinks it was searched
@@ -99,7 +100,7 @@ def sparse_attention_config_from_attention(
                  routing_clusters=routing_clusters, routing_local_heads=routing_local_heads,
                  routing_decay=routing_decay, routing_commitment=routing_commitment, hyper_lsh_bits=hyper_lsh_bits,
                  hyper_samples=hyper_samples, hyper_min_seq_len=hyper_min_seq_len, hyper_seed=hyper_seed,
-                 sink_positions=sink_positions, biformer_lce=biformer_lce)
+                 sink_positions=sink_positions, biformer_lce=biformer_lce, biformer_routing=biformer_routing)
     if to_sparse:
         if dense_every:
             raise ValueError(f"convert to sparse_attention: dense_every={dense_every} needs attention layers; "

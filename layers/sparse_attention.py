@@ -145,6 +145,8 @@ class SparseAttentionConfig:
     hyper_seed: int = 0  # seeds the LSH directions and the samples
     # biformer (layers/sparse_biformer.py; regions = blocks of block_size tokens, top_k regions per query region)
     biformer_lce: int = 0  # LCE: kernel of the depthwise conv on V added to the output (odd; official 5; 0: none)
+    # "content": the paper's routing; "window": the top_k regions centred on the query region (the equal-cost control)
+    biformer_routing: Literal["content", "window"] = "content"
     infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any causal pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
@@ -202,6 +204,10 @@ class SparseAttentionConfig:
             raise ValueError(f"{p}biformer_lce must be 0 (no LCE) or an odd kernel size, got {self.biformer_lce}")
         if self.biformer_lce and self.pattern != "biformer":
             raise ValueError(f"{p}biformer_lce applies to pattern biformer, not {self.pattern}")
+        if self.biformer_routing not in ("content", "window"):
+            raise ValueError(f"{p}biformer_routing must be 'content' or 'window', got {self.biformer_routing!r}")
+        if self.biformer_routing != "content" and self.pattern != "biformer":
+            raise ValueError(f"{p}biformer_routing applies to pattern biformer, not {self.pattern}")
         if self.pattern in NONCAUSAL_PATTERNS:
             if self.density is not None or self.sink_blocks:
                 raise ValueError(f"{p}pattern {self.pattern} reads exactly top_k blocks; density and sink_blocks "

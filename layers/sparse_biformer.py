@@ -21,6 +21,10 @@ Choices of this 1-D adaptation:
   affinity is proportional to the sum over query heads h of q_r[h] · k_r[kv(h)] (the keys repeated per group).
 - Every query region reads exactly min(top_k, nB) regions: the cost per query is top_k · block_size keys whatever
   the content, equal to `bidir_window`'s (its static counterpart in layers/sparse_attention.py) at the same top_k.
+- `biformer_routing: window` replaces step 2 by position: each query region reads the top_k regions centred on it
+  (`sparse_patterns.bidir_window_blocks`, as the `bidir_window` pattern), everything else (LCE included) the same:
+  the control of equal cost that isolates what the content routing adds. With top_k >= nB both are dense non-causal
+  attention (+ LCE).
 - LCE: a 'same'-padded depthwise 1-D convolution over the tokens of each value channel (zero padding at both
   ends), added to each query head's output from its KV head's values (GQA).
 
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from effarch.layers import sparse_select
+from effarch.layers import sparse_patterns, sparse_select
 from effarch.pallas_kernels.block_sparse import block_sparse_attention
 
 
@@ -49,6 +53,7 @@ class BiFormerPolicy(nnx.Module):
     def __init__(self, config, *, n_heads: int, n_kv_heads: int, head_dim: int, rngs: nnx.Rngs):
         self.block = config.block_size
         self.top_k = config.top_k
+        self.routing = config.biformer_routing
         self.implementation = config.implementation
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.lce = config.biformer_lce
@@ -64,8 +69,14 @@ class BiFormerPolicy(nnx.Module):
 
     def route(self, q_raw: Float[Array, "B T Hq K"], k_raw: Float[Array, "B T Hkv K"]) -> tuple[
             Int[Array, "B 1 nB Kmax"], Int[Array, "B 1 nB"]]:
-        """Steps 1-2: the k regions each query region reads, best first; one list for all heads (Hs = 1)."""
+        """Steps 1-2: the k regions each query region reads, best first; one list for all heads (Hs = 1). With
+        biformer_routing "window": the k regions centred on the query region, whatever the content."""
         B, T = q_raw.shape[:2]
+        if self.routing == "window":
+            nb = -(-T // self.block)
+            idx, cnt = sparse_patterns.block_lists(sparse_patterns.bidir_window_blocks(nb, nb, k=self.top_k))
+            return (jnp.broadcast_to(jnp.asarray(idx)[None], (B, *idx.shape)),
+                    jnp.broadcast_to(jnp.asarray(cnt)[None], (B, *cnt.shape)))
         q_r = sparse_select.block_pool(q_raw, self.block).reshape(B, -1, self.n_heads * self.head_dim)
         k_r = sparse_select.block_pool(k_raw, self.block).reshape(B, -1, self.n_kv_heads * self.head_dim)
         if self.n_kv_heads != self.n_heads:  # GQA: each KV head's key descriptor meets its query group's queries

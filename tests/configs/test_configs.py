@@ -43,9 +43,10 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              # lm/sparse_attention_small the mixer
              "lm/seer_distill.yaml",
              # bidirectional MQAR: mqar_bidir/biformer trains the task (and the biformer pattern); the dense ceiling and
-             # the equal-cost window train the same task, attention and sparse_attention; biformer_nolce is biformer
-             # without its LCE
-             "mqar_bidir/attention.yaml", "mqar_bidir/bidir_window.yaml", "mqar_bidir/biformer_nolce.yaml"}
+             # the equal-cost window train the same task, attention and sparse_attention; the other three are biformer
+             # without its LCE, with window routing and with every region
+             "mqar_bidir/attention.yaml", "mqar_bidir/bidir_window.yaml", "mqar_bidir/biformer_nolce.yaml",
+             "mqar_bidir/biformer_window.yaml", "mqar_bidir/biformer_dense.yaml"}
 
 
 def _id(path: Path) -> str:

@@ -108,6 +108,20 @@ def test_top_k_covering_every_region_is_non_causal_attention(pattern):
         assert_close(f"{pattern} d{name}", gp[name]["kernel"][...], gp_ref[name]["kernel"][...], 1e-5)
 
 
+def test_window_routing_is_bidir_window_plus_the_same_lce():
+    """biformer_routing "window" reads the bidir_window blocks whatever the content: without LCE it is the bidir_window
+    pattern on the same weights; with LCE it adds the same convolution as the content-routed layer."""
+    window = SparseAttention(D, dataclasses.replace(BIFORMER, biformer_routing="window"), rngs=nnx.Rngs(0))
+    static = SparseAttention(D, dataclasses.replace(BIFORMER, pattern="bidir_window"), rngs=nnx.Rngs(0))
+    x = make_x(21)
+    assert_close("window routing", jax.jit(lambda x: window(x))(x), jax.jit(lambda x: static(x))(x), 1e-6)
+    _, _, _, q_raw, k_raw = window.project_qkv_raw(x, jnp.arange(21))
+    idx, cnt = window.policy.route(q_raw, k_raw)
+    expected_idx, expected_cnt = sparse_patterns.block_lists(sparse_patterns.bidir_window_blocks(6, 6, k=3))
+    np.testing.assert_array_equal(np.asarray(idx)[1], expected_idx)
+    np.testing.assert_array_equal(np.asarray(cnt)[0], expected_cnt)
+
+
 def test_region_permutation_equivariance():
     """Without RoPE and LCE, the routing and the attention see regions only through their content: permuting the
     regions of x permutes the output's regions the same way (the spec's non-causal check for BRA)."""
@@ -156,6 +170,7 @@ def test_bidir_window_reads_exactly_k_blocks_centred_on_the_query_block():
     (dict(pattern="bidir_window", sink_blocks=1), "pattern bidir_window reads exactly top_k blocks"),
     (dict(infer_dense=True), "infer_dense: pattern biformer is non-causal"),
     (dict(top_k=0), "top_k must be positive"),
+    (dict(pattern="bidir_window", biformer_routing="window"), "biformer_routing applies to pattern biformer"),
 ])
 def test_bad_fields_fail_in_one_line(fields, message):
     with pytest.raises(ValueError) as e:
