@@ -11,7 +11,9 @@ LongLoRA's S²-Attn for long-context fine-tuning (arXiv 2309.12307 §3.2), or an
 gate_threshold evaluates the sparse model on the trained gates); `pattern=routing` adds fresh k-means centroids (a
 trained buffer, layers/trained_state.py, which training then updates), `pattern=hyper` nothing (its LSH
 directions are a seeded constant) and `pattern=hip` nothing (HiP's search is training-free). Converting back to
-attention drops a policy's state.
+attention drops a policy's state. The non-causal patterns (`biformer`, which adds a fresh LCE convolution when
+`biformer_lce` is set, and `bidir_window`) convert from a non-causal attention run (`model.attention.causal: false`)
+and back to one; a causal run and a non-causal pattern (or the reverse) is a one-line error.
 
 Usage (the `effarch convert RUN OUT --to sparse_attention pattern=... [key=value ...]` CLI reads and writes run
 directories around this):
@@ -41,7 +43,7 @@ from flax import nnx
 from effarch.arches.lm import DecoderLM, ModelConfig
 from effarch.layers import moa_plan
 from effarch.layers.rope import ROPE_SCALING_FIELDS
-from effarch.layers.sparse_attention import PATTERNS
+from effarch.layers.sparse_attention import NONCAUSAL_PATTERNS, PATTERNS
 from effarch.layers.trained_state import SAVED
 
 
@@ -57,6 +59,7 @@ def sparse_attention_config_from_attention(
     routing_commitment: float | None = None, hyper_lsh_bits: int | None = None, hyper_samples: int | None = None,
     hyper_min_seq_len: int | None = None, hyper_seed: int | None = None, sink_positions: str | None = None,
     hip_representative: str | None = None, hip_query_block: int | None = None,
+    biformer_lce: int | None = None, biformer_routing: str | None = None,
 ) -> ModelConfig:
     """The sparse ModelConfig: "attention" layers become "sparse_attention" with the attention layer's heads and
     RoPE; the pattern options not given keep the values of `cfg.sparse_attention` (the SparseAttentionConfig
@@ -64,13 +67,14 @@ def sparse_attention_config_from_attention(
     its layers and gets the options given (pattern and implementation included: those not given are kept).
 
     Args:
-      cfg: the attention model's config; its attention layers must be causal self attention.
+      cfg: the attention model's config; its attention layers must be self attention, causal for a causal pattern and
+        non-causal for a non-causal one.
       pattern, block_size, n_sink, window, local_blocks, vert_stride, dense_heads, group_size, infer_dense,
         implementation, top_k, density, sink_blocks, score_reduce, gate_dim, distill, gate_loss_scale,
-        gate_threshold, sink_positions, routing_*, hyper_*, hip_*: SparseAttentionConfig's fields of
-        the same names (pattern None: "sink_window" for an attention model, the source's own for a sparse one). A
-        field left None keeps its value, so density and gate_threshold can be set here but not cleared (write the
-        config for that).
+        gate_threshold, sink_positions, routing_*, hyper_*, hip_*, biformer_lce, biformer_routing:
+        SparseAttentionConfig's fields of the same names (pattern None: "sink_window" for an attention model, the
+        source's own for a sparse one). A field left None keeps its value, so density and gate_threshold can be set
+        here but not cleared (write the config for that).
       seed: initialises the parameters a dynamic pattern adds (`convert_to_sparse_attention`); unused here.
       plan: moa's plan file; the config keeps its absolute path, so the converted run finds it from any directory
         (the plan must stay there). Without n_sink, moa takes the plan's own `n_sink` (the sinks it was searched
@@ -98,21 +102,27 @@ def sparse_attention_config_from_attention(
                  routing_decay=routing_decay, routing_commitment=routing_commitment, hyper_lsh_bits=hyper_lsh_bits,
                  hyper_samples=hyper_samples, hyper_min_seq_len=hyper_min_seq_len, hyper_seed=hyper_seed,
                  sink_positions=sink_positions, hip_representative=hip_representative,
-                 hip_query_block=hip_query_block)
+                 hip_query_block=hip_query_block, biformer_lce=biformer_lce, biformer_routing=biformer_routing)
     if to_sparse:
         if dense_every:
             raise ValueError(f"convert to sparse_attention: dense_every={dense_every} needs attention layers; "
                              f"model.mixers {list(cfg.mixers)} has none")
         given["implementation"] = implementation
         sparse = dataclasses.replace(cfg.sparse_attention, **{k: v for k, v in given.items() if v is not None})
+        old = cfg.sparse_attention.pattern
+        if _causal(sparse.pattern) != _causal(old):
+            raise ValueError(f"convert to sparse_attention: pattern {sparse.pattern} is {_kind(sparse.pattern)} but "
+                             f"the run's pattern {old} is {_kind(old)}; weights trained one way do not read the other")
         return dataclasses.replace(cfg, sparse_attention=sparse)
     if "attention" not in cfg.mixers:
         raise ValueError(f"convert to sparse_attention: model.mixers {list(cfg.mixers)} has no 'attention' layer "
                          "(nor a 'sparse_attention' layer to change)")
     given["pattern"] = pattern or "sink_window"
     att = cfg.attention
-    if not att.causal:
-        raise ValueError("convert to sparse_attention: model.attention.causal must be True (a causal decoder)")
+    if att.causal != _causal(given["pattern"]):  # a causal decoder to a causal pattern, a non-causal model to another
+        raise ValueError(f"convert to sparse_attention: pattern {given['pattern']} is {_kind(given['pattern'])} but "
+                         f"model.attention.causal is {str(att.causal).lower()}; non-causal patterns "
+                         f"{list(NONCAUSAL_PATTERNS)} take a non-causal attention run, the others a causal one")
     if dense_every < 0:
         raise ValueError(f"convert to sparse_attention: dense_every must be >= 0, got {dense_every}")
     sparse = dataclasses.replace(
@@ -127,6 +137,14 @@ def sparse_attention_config_from_attention(
     if "sparse_attention" not in mixers:
         raise ValueError(f"convert to sparse_attention: dense_every={dense_every} keeps every attention layer dense")
     return dataclasses.replace(cfg, mixers=mixers, sparse_attention=sparse)
+
+
+def _causal(pattern: str) -> bool:
+    return pattern not in NONCAUSAL_PATTERNS
+
+
+def _kind(pattern: str) -> str:
+    return "causal" if _causal(pattern) else "non-causal"
 
 
 def convert_to_sparse_attention(cfg: ModelConfig, params: nnx.State | dict, **options) -> tuple[ModelConfig,
@@ -224,10 +242,11 @@ def attention_config_from_sparse_attention(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(f"convert to attention: model.mixers {list(cfg.mixers)} has no 'sparse_attention' layer")
     sp = cfg.sparse_attention
     fields = ("n_heads", "n_kv_heads", "head_dim", "rope", "rope_theta", *ROPE_SCALING_FIELDS)
-    att = dataclasses.replace(cfg.attention, causal=True, **{f: getattr(sp, f) for f in fields})
+    causal = _causal(sp.pattern)  # a non-causal pattern becomes non-causal attention
+    att = dataclasses.replace(cfg.attention, causal=causal, **{f: getattr(sp, f) for f in fields})
     if "attention" in cfg.mixers:
         differ = [f for f in fields if getattr(cfg.attention, f) != getattr(sp, f)]
-        if differ or not cfg.attention.causal:
+        if differ or cfg.attention.causal != causal:
             raise ValueError(f"convert to attention: the model's dense attention layers differ from its sparse ones "
                              f"in {differ or ['causal']}; one model.attention cannot hold both")
         att = cfg.attention
@@ -238,7 +257,8 @@ def attention_config_from_sparse_attention(cfg: ModelConfig) -> ModelConfig:
 def convert_to_attention(cfg: ModelConfig, params: nnx.State | dict) -> tuple[ModelConfig, nnx.State | dict]:
     """(attention model config, parameters) from a sparse_attention model's: the inverse of
     convert_to_sparse_attention. `SparseAttention` is `Attention` with a pattern, so the weights are reused as they
-    are; the model's logits become those of full causal attention (LongLoRA's inference)."""
+    are; the model's logits become those of full causal attention (LongLoRA's inference), or of full non-causal
+    attention for a non-causal pattern (biformer, bidir_window)."""
     new_cfg = attention_config_from_sparse_attention(cfg)
     given = _paths(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
     if any(_is_policy(p) for p in given):  # a dynamic pattern's policy state has no place in attention: dropped

@@ -209,6 +209,11 @@ class Attention(nnx.Module):
 
     # Decoding (Mixer protocol). Only causal self attention decodes token by token.
 
+    @property
+    def causal(self) -> bool:
+        """Whether token t's output depends only on tokens <= t (causal self attention), the layers that decode."""
+        return self.config.causal and self.context_dim is None
+
     def _check_decoder(self):
         if not self.config.causal or self.context_dim is not None:
             raise ValueError("attention: decoding needs a causal self-attention layer")

@@ -1,5 +1,5 @@
 """Block-sparse softmax attention with static per-head patterns: sink + window, S2-Attention, LongLoRA's S²-Attn,
-MoA's elastic spans.
+MoA's elastic spans, a non-causal block window; and with content-selected (dynamic) patterns.
 
 The projections, RoPE, GQA grouping and the dense KV cache are those of `layers/attention.py` (this layer subclasses
 `Attention`, so a trained `attention` layer's weights fit it as they are: `arches/convert_sparse_attention.py`); the
@@ -45,6 +45,15 @@ its own file, built as `self.policy` (its trainable parameters, if any, live und
 - "hip" (layers/sparse_hip.py): HiP attention's training-free hierarchical top-k pruning (arXiv 2406.09827 §3): the
   earlier blocks cut into branches, each halved and scored by its centre key against a row of `hip_query_block`
   queries, the best halves kept, until one block each; O(T log T) selection. Rows of one query are exactly causal.
+- "biformer" (layers/sparse_biformer.py): BiFormer's bi-level routing attention (arXiv 2303.08810 §3.2), non-causal:
+  each query region (block) attends to the `top_k` regions whose mean key best matches its mean query, plus the
+  optional LCE (a depthwise convolution on V, `biformer_lce`).
+
+Non-causal patterns (NONCAUSAL_PATTERNS: "biformer" and the static "bidir_window", the `top_k` blocks centred on the
+query block, biformer's window of equal cost: `sparse_patterns.bidir_window_blocks`) let every query read keys on
+both sides: the op runs with causal=False, the layer's `causal` property is False, and init_state / prefill /
+decode_step / state_size raise a one-line error (a non-causal mixer cannot decode). They train on non-causal tasks
+(`data.task: mqar_bidir`, train/data/mqar_bidir.py).
 
 The policy protocol (the layer calls nothing else):
   `Policy(config, *, n_heads, n_kv_heads, head_dim, rngs)`;
@@ -57,9 +66,9 @@ The policy protocol (the layer calls nothing else):
   [B, Tn, Hq, K], k_raw [B, Tn, Hkv, K], at consecutive positions q_pos int32 [Tn]) over the KV cache, which already
   holds their k and v (slots past q_pos[-1] are not yet written).
 
-Decoding (prefill / decode_step) equals the parallel form for every static pattern, except with `infer_dense`, where
-it is `Attention`'s full causal attention on the same weights (then the parallel form is still the sparse training
-form). A dynamic policy's docstring says how its decoding relates to its parallel form.
+Decoding (prefill / decode_step) equals the parallel form for every causal static pattern, except with `infer_dense`,
+where it is `Attention`'s full causal attention on the same weights (then the parallel form is still the sparse
+training form). A dynamic policy's docstring says how its decoding relates to its parallel form.
 """
 
 import dataclasses
@@ -75,6 +84,7 @@ from effarch.layers import moa_plan, sparse_patterns
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.axes import Hidden, HiddenStep, State
 from effarch.layers.rope import ROPE_SCALING_FIELDS, apply_rope
+from effarch.layers.sparse_biformer import BiFormerPolicy
 from effarch.layers.sparse_hip import HipPolicy
 from effarch.layers.sparse_hyper import HyperPolicy
 from effarch.layers.sparse_routing import RoutingPolicy
@@ -85,16 +95,18 @@ from effarch.pallas_kernels.block_sparse import block_sparse_attention, merge_at
 from effarch.pallas_kernels.block_sparse.reference import masked_softmax
 
 # The patterns whose blocks a policy module chooses from the content, and each one's policy class (module docstring).
-DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper", "hip")
-PATTERNS = ("sink_window", "s2", "longlora", "moa", *DYNAMIC_PATTERNS)
+DYNAMIC_PATTERNS = ("mean_topk", "seer", "routing", "hyper", "hip", "biformer")
+PATTERNS = ("sink_window", "s2", "longlora", "moa", "bidir_window", *DYNAMIC_PATTERNS)
 POLICIES = {"mean_topk": MeanTopkPolicy, "seer": SeerPolicy, "routing": RoutingPolicy, "hyper": HyperPolicy,
-            "hip": HipPolicy}
+            "hip": HipPolicy, "biformer": BiFormerPolicy}
+# The non-causal patterns: every query reads keys on both sides; the layer neither decodes nor prefills them.
+NONCAUSAL_PATTERNS = ("bidir_window", "biformer")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseAttentionConfig:
-    pattern: Literal["sink_window", "s2", "longlora", "moa", "mean_topk", "seer", "routing", "hyper",
-                     "hip"] = "sink_window"
+    pattern: Literal["sink_window", "s2", "longlora", "moa", "bidir_window", "mean_topk", "seer", "routing", "hyper",
+                     "hip", "biformer"] = "sink_window"
     block_size: int = 64  # q_block = kv_block of the op, tokens
     # sink_window (StreamingLLM's start_size 4; its recent_size is window - 1: the query's own key is in the window)
     n_sink: int = 4  # attention-sink tokens at the start of the sequence (sink_window; moa: per head at most S_h - 1)
@@ -112,7 +124,8 @@ class SparseAttentionConfig:
     # moa: the plan file (JSON, layers/moa_plan.py) with (alpha, beta) per layer and KV head
     plan: str | None = None
     # dynamic patterns' block selection (mean_topk, seer, hip; layers/sparse_select.py): each query block reads k
-    # blocks, its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set
+    # blocks, its own (diagonal) block and the sink blocks included; k = top_k, or from density when it is set.
+    # biformer: the regions each query region routes to; bidir_window: the blocks of its window (both: exactly top_k)
     top_k: int = 3  # MoBA's top-k (its current block included)
     density: float | None = None  # r in (0, 1]: k = max(1, int((1 - sqrt(1 - r)) nB)) (SeerAttention's nz_ratio)
     sink_blocks: int = 0  # the first blocks every query block reads
@@ -140,7 +153,11 @@ class SparseAttentionConfig:
     # b_q: the queries that share one list (a divisor of block_size; None = block_size). 1: a list per token, exactly
     # causal (a shared list is chosen with the row's later queries too: layers/sparse_hip.py)
     hip_query_block: int | None = None
-    infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any pattern
+    # biformer (layers/sparse_biformer.py; regions = blocks of block_size tokens, top_k regions per query region)
+    biformer_lce: int = 0  # LCE: kernel of the depthwise conv on V added to the output (odd; official 5; 0: none)
+    # "content": the paper's routing; "window": the top_k regions centred on the query region (the equal-cost control)
+    biformer_routing: Literal["content", "window"] = "content"
+    infer_dense: bool = False  # decode with full causal attention (LongLoRA's inference), any causal pattern
     # the attention layer's fields (AttentionConfig), so that a trained attention run's weights fit
     n_heads: int = 4
     n_kv_heads: int | None = None
@@ -198,6 +215,20 @@ class SparseAttentionConfig:
         if self.hip_query_block is not None and (self.hip_query_block < 1 or self.block_size % self.hip_query_block):
             raise ValueError(f"{p}hip_query_block={self.hip_query_block} must be a positive divisor of "
                              f"block_size={self.block_size}")
+        if self.biformer_lce < 0 or (self.biformer_lce and self.biformer_lce % 2 == 0):
+            raise ValueError(f"{p}biformer_lce must be 0 (no LCE) or an odd kernel size, got {self.biformer_lce}")
+        if self.biformer_lce and self.pattern != "biformer":
+            raise ValueError(f"{p}biformer_lce applies to pattern biformer, not {self.pattern}")
+        if self.biformer_routing not in ("content", "window"):
+            raise ValueError(f"{p}biformer_routing must be 'content' or 'window', got {self.biformer_routing!r}")
+        if self.biformer_routing != "content" and self.pattern != "biformer":
+            raise ValueError(f"{p}biformer_routing applies to pattern biformer, not {self.pattern}")
+        if self.pattern in NONCAUSAL_PATTERNS:
+            if self.density is not None or self.sink_blocks:
+                raise ValueError(f"{p}pattern {self.pattern} reads exactly top_k blocks; density and sink_blocks "
+                                 "apply to mean_topk and seer")
+            if self.infer_dense:
+                raise ValueError(f"{p}infer_dense: pattern {self.pattern} is non-causal and cannot decode")
         if self.vert_stride < 2:
             raise ValueError(f"{p}vert_stride must be >= 2 (1 would read every block: use attention), "
                              f"got {self.vert_stride}")
@@ -230,7 +261,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class SparseAttention(Attention):
-    """Causal self-attention mixer (layers/axes.py Mixer) over a static block-sparse pattern.
+    """Self-attention mixer (layers/axes.py Mixer) over a block-sparse pattern: causal, or non-causal without decoding
+    for NONCAUSAL_PATTERNS.
 
     Attributes:
       q_proj, k_proj, v_proj, o_proj: as Attention (same shapes and paths).
@@ -280,6 +312,8 @@ class SparseAttention(Attention):
         if c.pattern == "sink_window":
             return sparse_patterns.sink_window_blocks(n_q_blocks, n_kv_blocks, block=c.block_size, n_sink=c.n_sink,
                                                       window=c.window)
+        if c.pattern == "bidir_window":
+            return sparse_patterns.bidir_window_blocks(n_q_blocks, n_kv_blocks, k=c.top_k)
         if c.pattern == "s2":
             return sparse_patterns.s2_blocks(n_q_blocks, n_kv_blocks, n_kv_heads=att.kv_heads, n_q_heads=att.n_heads,
                                              local_blocks=c.local_blocks, vert_stride=c.vert_stride,
@@ -311,7 +345,7 @@ class SparseAttention(Attention):
         if window_only:
             predicates["n_sink"] = 0
         return block_sparse_attention(q, k, v, idx, cnt, q_block=q_block, kv_block=self.sparse.block_size,
-                                      causal=True, q_pos=q_pos, kv_pos=kv_pos, return_lse=window_only,
+                                      causal=self.causal, q_pos=q_pos, kv_pos=kv_pos, return_lse=window_only,
                                       implementation=self.sparse.implementation, **predicates)
 
     # --- sink_window with StreamingLLM's cache positions (sink_positions="cache") ------------------------------------
@@ -388,6 +422,17 @@ class SparseAttention(Attention):
     # Dynamic patterns: Attention's KV cache plus the policy's own state under "policy".
 
     @property
+    def causal(self) -> bool:
+        """Whether token t's output depends only on tokens <= t: False for the non-causal patterns (biformer,
+        bidir_window), which read both sides and have no decoding (tests/conformance/ skips its decode checks)."""
+        return self.sparse.pattern not in NONCAUSAL_PATTERNS
+
+    def _no_decoding(self, what: str) -> None:
+        if not self.causal:
+            raise ValueError(f"sparse_attention: pattern {self.sparse.pattern} is non-causal; a non-causal mixer "
+                             f"cannot decode ({what})")
+
+    @property
     def bounded_state(self) -> bool:
         """Whether the decode state stops growing (sink_window's sink + ring cache) or is a KV cache of max_len."""
         return self.sparse.pattern == "sink_window" and not self.sparse.infer_dense
@@ -395,6 +440,7 @@ class SparseAttention(Attention):
     def init_state(self, batch_size: int, max_len: int, cache_dtype=jnp.float32) -> State:
         """Empty decode state: the sink + ring cache for sink_window (max_len unused: it never grows), else
         Attention's KV cache of max_len slots."""
+        self._no_decoding("init_state")
         if self.policy is not None and not self.sparse.infer_dense:
             return {**super().init_state(batch_size, max_len, cache_dtype),
                     "policy": self.policy.init_state(batch_size, max_len, cache_dtype)}
@@ -408,6 +454,7 @@ class SparseAttention(Attention):
     def state_size(self, seq_len: int, cache_dtype=jnp.float32) -> int:
         """Bytes of decode state per sequence after seq_len tokens: Attention's KV cache, or for sink_window
         2 * min(seq_len, n_sink + window) * Hkv * K * itemsize (constant past n_sink + window tokens)."""
+        self._no_decoding("state_size")
         if self.policy is not None and not self.sparse.infer_dense:
             return super().state_size(seq_len, cache_dtype) + self.policy.state_size(seq_len, cache_dtype)
         if not self.bounded_state:
@@ -416,6 +463,7 @@ class SparseAttention(Attention):
 
     def prefill(self, state: State, x: Hidden) -> tuple[State, Hidden]:
         """Runs x [B, T, D] from the state's position; returns (state after it, y [B, T, D])."""
+        self._no_decoding("prefill")
         if self.sparse.infer_dense:
             return super().prefill(state, x)
         if self.policy is not None:
@@ -426,7 +474,8 @@ class SparseAttention(Attention):
 
     def check_kv_policy(self, policy) -> None:
         """A KV policy reads a KV cache: sink_window's bounded sink + ring cache (without infer_dense) has none, and a
-        dynamic pattern's policy already chooses what decoding reads."""
+        dynamic pattern's policy already chooses what decoding reads; a non-causal pattern does not decode."""
+        self._no_decoding(f"kv policy {policy.NAME}")
         super().check_kv_policy(policy)
         if self.policy is not None and not self.sparse.infer_dense:
             # Both would keep their decode state under "policy", and the pattern already chooses what decoding reads.
@@ -441,6 +490,7 @@ class SparseAttention(Attention):
     def decode_step(self, state: State, x_t: HiddenStep) -> tuple[State, HiddenStep]:
         """One token x_t [B, D]; returns (state, y_t [B, D]). With a KV policy (set_kv_policy) the step reads the
         cache entries the policy selects instead of the pattern's (prefill keeps the pattern)."""
+        self._no_decoding("decode_step")
         if self.kv_policy is not None:
             return super().decode_step(state, x_t)
         state, y = self.prefill(state, x_t[:, None])

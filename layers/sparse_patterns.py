@@ -20,6 +20,9 @@ Patterns (the layer's docstring says which paper each follows):
   KV head h of a layer sees a causal span of S_h(N) = α_h + β_h·N tokens for a sequence of N tokens, its first
   tokens being sinks. `moa_spans` turns (α, β, N) into the per-head window and sink counts of the op's predicates,
   so the span is token-exact.
+- `bidir_window_blocks`: a non-causal window of whole blocks, the k blocks centred on the query block (shifted
+  inward at the ends, so every row reads exactly min(k, nKb)): the equal-cost static counterpart of BiFormer's
+  routing (layers/sparse_biformer.py), which reads k routed blocks per query block.
 
 MoA's span is token-granular here. MoA's profiling layout is block-granular (thu-nics/MoA
 `MoA/universal/elastic_block_sparse.py`: a band of int(α / 64 + β·nB) blocks of 64 plus one global block), but its
@@ -113,3 +116,13 @@ def moa_blocks(n_q_blocks: int, n_kv_blocks: int, *, block: int, window, n_sink)
     head's window and sinks: what query blocks must visit for the op's per-group window / sink predicates."""
     return np.concatenate([sink_window_blocks(n_q_blocks, n_kv_blocks, block=block, n_sink=int(s), window=int(w))
                            for w, s in zip(np.asarray(window), np.asarray(n_sink), strict=True)])
+
+
+def bidir_window_blocks(n_q_blocks: int, n_kv_blocks: int, *, k: int) -> np.ndarray:
+    """[1, nQb, nKb], non-causal: query block I reads the m = min(k, nKb) blocks J in [s, s + m) with
+    s = clip(I - (m - 1) // 2, 0, nKb - m): its own block, (m - 1) // 2 before it and the rest after it, the window
+    moved inward where it would pass an end (same-length self-attention: nQb = nKb)."""
+    qi, kj = _grid(n_q_blocks, n_kv_blocks)
+    m = min(k, n_kv_blocks)
+    start = np.clip(qi - (m - 1) // 2, 0, n_kv_blocks - m)
+    return ((kj >= start) & (kj < start + m))[None]

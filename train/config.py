@@ -17,9 +17,9 @@ import yaml
 from effarch.arches.lm import ModelConfig
 from effarch.train.yaml_config import ConfigError, build, load_merged, load_yaml, parse_override, to_dict
 
-__all__ = ["Config", "ConfigError", "DataConfig", "LandmarkData", "LoRAConfig", "MeshConfig", "MqarData", "NiahData",
-           "OptimConfig", "PasskeyData", "TextData", "TrainConfig", "config_from_dict", "dump_config", "load_config",
-           "load_yaml", "parse_override", "to_dict", "upgrade_data_keys"]
+__all__ = ["Config", "ConfigError", "DataConfig", "LandmarkData", "LoRAConfig", "MeshConfig", "MqarBidirData",
+           "MqarData", "NiahData", "OptimConfig", "PasskeyData", "TextData", "TrainConfig", "config_from_dict",
+           "dump_config", "load_config", "load_yaml", "parse_override", "to_dict", "upgrade_data_keys"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +44,21 @@ class MqarData:
                     raise ValueError(f"{name}: each entry is (seq_len, num_kv_pairs, num_examples) > 0, got {seg}")
         if not 0 < self.power_a <= 1:
             raise ValueError(f"power_a must be in (0, 1], got {self.power_a}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MqarBidirData:
+    """Task "mqar_bidir": MQAR read non-causally, the answers masked (train/data/mqar_bidir.py); windows of
+    data.seq_len tokens."""
+
+    num_kv_pairs: int = 8  # D key-value pairs and D queries per sequence (4 D <= data.seq_len)
+    examples: int = 20_000  # training examples (evaluation: test_examples more from seed + 1000)
+    test_examples: int = 1_000
+
+    def __post_init__(self):
+        for name in ("num_kv_pairs", "examples", "test_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,14 +149,16 @@ class DataConfig:
     # "mqar": Zoology's associative recall (data.mqar); "bytes": next-byte LM on data.text.source (vocab >= 256),
     # windows of the concatenated files; "text": language modelling on the documents of data.text.source,
     # tokenized, packed with a separator between documents (train/data/text_stream.py); "passkey" / "niah": the
-    # token-level retrieval tasks (data.passkey / data.niah), windows of seq_len
-    task: Literal["mqar", "bytes", "passkey", "niah", "text"] = "mqar"
+    # token-level retrieval tasks (data.passkey / data.niah), windows of seq_len; "mqar_bidir": MQAR read
+    # non-causally with the answers masked (data.mqar_bidir), for non-causal mixers, windows of seq_len
+    task: Literal["mqar", "bytes", "passkey", "niah", "text", "mqar_bidir"] = "mqar"
     seed: int = 0  # train data uses seed, test data seed + 1000 (disjoint streams)
     seq_len: int = 256  # tokens per training window (every task but mqar, whose segments carry their own)
     # Where prepared TFDS datasets live (local corpora are built there once): "" = $EFFARCH_DATA_DIR, else
     # ~/.cache/effarch/tfds. Tasks "bytes" and "text".
     data_dir: str = ""
     mqar: MqarData = MqarData()
+    mqar_bidir: MqarBidirData = MqarBidirData()
     text: TextData = TextData()
     landmark: LandmarkData = LandmarkData()
     passkey: PasskeyData = PasskeyData()
@@ -157,6 +174,11 @@ class DataConfig:
             raise ValueError(f"text.source={self.text.source!r} (a TFDS dataset) needs task: text, not {self.task}")
         if self.text.bos and self.task != "text":
             raise ValueError(f"text.bos is for task: text (packed windows of documents), not {self.task}")
+        if self.task == "mqar_bidir" and 4 * self.mqar_bidir.num_kv_pairs > self.seq_len:
+            raise ValueError(f"mqar_bidir.num_kv_pairs={self.mqar_bidir.num_kv_pairs} needs seq_len >= 4 x it "
+                             f"(D pairs and D queries of two tokens), got seq_len={self.seq_len}")
+        if self.task == "mqar_bidir" and self.seq_len % 2:
+            raise ValueError(f"seq_len={self.seq_len} must be even for task mqar_bidir (two-token slots)")
         if self.task == "text" and self.landmark.block_len:
             raise ValueError("landmark.block_len is for tasks bytes and passkey; task: text does not insert landmarks")
 

@@ -255,3 +255,32 @@ def test_routing_conversion_keeps_every_weight_and_adds_fresh_centroids(pure_dic
         assert set(param_tree.flatten(nnx.state(model, SAVED))) == set(new)
     back_cfg, back = convert_to_attention(cfg, new_params)
     assert back_cfg.layer_mixers()[0] == "attention" and set(param_tree.flatten(back)) == set(old)
+
+
+def test_a_non_causal_run_converts_to_biformer_and_back():
+    """A non-causal attention run -> biformer routing every region (T = 12: 3 regions of 4, top_k 3): the same logits;
+    biformer_lce adds a fresh LCE convolution under the policy; the way back is non-causal attention. Causal runs and
+    non-causal patterns (or the reverse) do not mix."""
+    cfg = dataclasses.replace(CFG, mixers=("attention",),
+                              attention=dataclasses.replace(CFG.attention, causal=False))
+    baseline = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    params = nnx.state(baseline, nnx.Param)
+    sparse_cfg, sparse_params = convert_to_sparse_attention(cfg, params, pattern="biformer", block_size=4, top_k=3)
+    x = tokens()
+    run = nnx.jit(lambda m, x: m(x))
+    expected = run(baseline, x)
+    assert_close("biformer logits", run(load(sparse_cfg, sparse_params), x), expected, 1e-5)
+    lce_cfg, lce_params = convert_to_sparse_attention(cfg, params, pattern="biformer", block_size=4, top_k=3,
+                                                      biformer_lce=3)
+    policy = nnx.to_pure_dict(lce_params)["blocks"][0]["mixer"]["policy"]
+    assert set(policy) == {"lce_kernel", "lce_bias"} and policy["lce_kernel"].shape == (3, 2 * (D // 4))
+    back_cfg, back_params = convert_to_attention(lce_cfg, lce_params)
+    assert back_cfg.attention == cfg.attention and not back_cfg.attention.causal
+    assert_close("back", run(load(back_cfg, back_params), x), expected, 1e-5)
+    with pytest.raises(ValueError, match=r"^convert to sparse_attention: pattern biformer is non-causal but "
+                                         r"model.attention.causal is true; non-causal patterns \['bidir_window', "):
+        convert_to_sparse_attention(CFG, nnx.state(DecoderLM(CFG, rngs=nnx.Rngs(0)), nnx.Param), pattern="biformer")
+    with pytest.raises(ValueError, match="pattern sink_window is causal but model.attention.causal is false"):
+        convert_to_sparse_attention(cfg, params, pattern="sink_window")
+    with pytest.raises(ValueError, match="pattern mean_topk is causal but the run's pattern biformer is non-causal"):
+        convert_to_sparse_attention(sparse_cfg, sparse_params, pattern="mean_topk")

@@ -43,7 +43,12 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              # lm/sparse_attention_small the mixer
              "lm/seer_distill.yaml", "passkey/seer_distill.yaml",
              # routing from scratch on MQAR: tests/train/test_trained_buffers.py trains the mixer and its centroids
-             "mqar/routing.yaml"}
+             "mqar/routing.yaml",
+             # bidirectional MQAR: mqar_bidir/biformer trains the task (and the biformer pattern); the dense ceiling and
+             # the equal-cost window train the same task, attention and sparse_attention; the other three are biformer
+             # without its LCE, with window routing and with every region
+             "mqar_bidir/attention.yaml", "mqar_bidir/bidir_window.yaml", "mqar_bidir/biformer_nolce.yaml",
+             "mqar_bidir/biformer_window.yaml", "mqar_bidir/biformer_dense.yaml"}
 
 
 def _id(path: Path) -> str:
@@ -75,6 +80,8 @@ def test_config_trains_one_step(path, tmp_path):
         overrides += ["data.seq_len=64", "data.passkey.examples=64"]
     if base.data.task == "niah":
         overrides += ["data.seq_len=64", "data.niah.examples=64"]
+    if base.data.task == "mqar_bidir":
+        overrides += ["data.seq_len=32", "data.mqar_bidir.examples=64", "data.mqar_bidir.test_examples=32"]
     if "titans_mac" in base.model.mixers:
         # MAC's step compiles nested scans per layer: one pass over the mixer list proves the config (4 layers took
         # 44 s on 2 cores).

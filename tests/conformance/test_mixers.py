@@ -11,6 +11,10 @@ code path (attention with DuoAttention's gates; sparse_attention's moa pattern: 
 decoded over the KV cache; sink_window at StreamingLLM's cache positions; its dynamic patterns mean_topk, seer,
 routing, hyper and hip), checked exactly like the registered ones; a variant's `skip` skips a check with its reason, as
 a registration's does (a case that skips "decode" has its bfloat16 decoding compared with its float32 decoding).
+
+A non-causal mixer (its `causal` property False: sparse_attention's biformer and bidir_window patterns) cannot decode:
+the checks of DECODING_CHECKS skip it, its programs run only the parallel pass and the gradients, and
+`test_noncausal_reads_both_ways_and_refuses_to_decode` checks what it does instead.
 """
 
 import dataclasses
@@ -91,8 +95,17 @@ VARIANTS = {
     # parallel form of each prefix there.
     "sparse_attention[hip]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
         pattern="hip", block_size=2, hip_query_block=1, top_k=4, sink_blocks=1, n_heads=4, n_kv_heads=2)}),
+    # BiFormer's routing: blocks of 4 (5 regions at T = 20, the last one partial), each region routed to 3, with
+    # LCE of kernel 3 on V; GQA groups of 2. Non-causal: no decoding (layers/sparse_biformer.py).
+    "sparse_attention[biformer]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="biformer", block_size=4, top_k=3, biformer_lce=3, n_heads=4, n_kv_heads=2)}),
+    # Its equal-cost static window: the 3 blocks centred on the query block, non-causal.
+    "sparse_attention[bidir_window]": Variant("sparse_attention", {"sparse_attention": SparseAttentionConfig(
+        pattern="bidir_window", block_size=4, top_k=3, n_heads=4, n_kv_heads=2)}),
 }
 NAMES = sorted(MIXERS) + sorted(VARIANTS)
+# What a non-causal mixer (the `causal` property of layers/attention.py and layers/sparse_attention.py) skips.
+DECODING_CHECKS = ("causal", "decode", "state_size")
 
 
 def mixer_of(name: str) -> str:
@@ -116,7 +129,14 @@ def build_case(name: str, **kw) -> nnx.Module:
     return build_mixer(mixer_of(name), small_config(**configs_of(name), **kw), 0, nnx.Rngs(0))
 
 
+def is_causal(name: str) -> bool:
+    """The mixer's own declaration: its `causal` property (mixers without one are causal decoders)."""
+    return getattr(case(name).mixer, "causal", True)
+
+
 def skip_unless(name: str, check: str):
+    if check in DECODING_CHECKS and not is_causal(name):
+        pytest.skip(f"{name} is non-causal (its `causal` property is False): it has no decoding to check")
     reason = VARIANTS[name].skip.get(check) if name in VARIANTS else None
     reason = reason or MIXERS[mixer_of(name)].skip.get(check)
     if reason is not None:
@@ -131,10 +151,10 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-def _parallel_and_decoded(graphdef, params, rest, x, x_changed, cotangent, *, grad: bool):
+def _parallel_and_decoded(graphdef, params, rest, x, x_changed, cotangent, *, grad: bool, decode: bool = True):
     """The parallel pass on x and x_changed (one call on both batches: two calls could compile to differently rounded
     programs), the parameters' gradient of <y, cotangent> (where `grad`), and x decoded token by token from the empty
-    state (lax.scan: the carry must keep its structure and dtypes)."""
+    state (lax.scan: the carry must keep its structure and dtypes; where `decode`)."""
     def parallel(params):
         return nnx.merge(graphdef, params, rest, copy=True)(jnp.concatenate([x, x_changed]))
 
@@ -144,6 +164,8 @@ def _parallel_and_decoded(graphdef, params, rest, x, x_changed, cotangent, *, gr
     else:
         y_both, grads = parallel(params), None
     y, y_changed = jnp.split(y_both, 2)
+    if not decode:
+        return dict(y=y, y_changed=y_changed, grads=grads)
     mixer = nnx.merge(graphdef, params, rest, copy=True)
     init = mixer.init_state(B, T)
     decoded_state, y_tokens = jax.lax.scan(mixer.decode_step, init, x.swapaxes(0, 1))
@@ -183,10 +205,13 @@ def float32(name: str) -> dict:
     c = case(name)
     graphdef, params, rest = c.split
     grad = "grad" not in MIXERS[mixer_of(name)].slow
+    decode = is_causal(name)
 
     @jax.jit
     def run(params, x, x_changed, cotangent):
-        out = _parallel_and_decoded(graphdef, params, rest, x, x_changed, cotangent, grad=grad)
+        out = _parallel_and_decoded(graphdef, params, rest, x, x_changed, cotangent, grad=grad, decode=decode)
+        if not decode:
+            return out
         pieces, pieces_state = _pieces(nnx.merge(graphdef, params, rest, copy=True), x)
         return dict(**out, pieces=pieces, pieces_state=pieces_state)
 
@@ -198,7 +223,7 @@ def bfloat16(name: str) -> dict:
     """Parameters and inputs in bfloat16 (the train step's compute dtype): the parallel pass, its gradients and the
     token-by-token decoding."""
     graphdef, params, rest = case(name).split
-    run = jax.jit(functools.partial(_parallel_and_decoded, graphdef, grad=True))
+    run = jax.jit(functools.partial(_parallel_and_decoded, graphdef, grad=True, decode=is_causal(name)))
     return run(_cast(params, jnp.bfloat16), rest, *(a.astype(jnp.bfloat16) for a in case(name).inputs))
 
 
@@ -206,7 +231,7 @@ def gradients(name: str) -> list:
     grads = float32(name)["grads"]
     if grads is None:  # slow for this mixer: its own compile
         graphdef, params, rest = case(name).split
-        grads = jax.jit(functools.partial(_parallel_and_decoded, graphdef, grad=True))(
+        grads = jax.jit(functools.partial(_parallel_and_decoded, graphdef, grad=True, decode=is_causal(name)))(
             params, rest, *case(name).inputs)["grads"]
     return jax.tree.leaves(grads)
 
@@ -230,6 +255,22 @@ def test_causal(name):
     y, y_changed = np.asarray(float32(name)["y"]), np.asarray(float32(name)["y_changed"])
     np.testing.assert_array_equal(y_changed[:, :T0], y[:, :T0], err_msg=f"{name}: a later token changed the past")
     assert rel_err(y_changed[:, T0], y[:, T0]) > 1e-4, f"{name}: token {T0} does not reach its own output"
+
+
+@pytest.mark.parametrize("name", names_for("causal"))
+def test_noncausal_reads_both_ways_and_refuses_to_decode(name):
+    """A non-causal mixer: changing token T0 changes an output before T0 (it reads the future) and T0's own; its
+    init_state, prefill and decode_step fail with one line naming why."""
+    if is_causal(name):
+        pytest.skip(f"{name} is causal (test_causal checks it)")
+    y, y_changed = np.asarray(float32(name)["y"]), np.asarray(float32(name)["y_changed"])
+    assert rel_err(y_changed[:, :T0], y[:, :T0]) > 1e-4, f"{name}: no earlier output reads token {T0}"
+    assert rel_err(y_changed[:, T0], y[:, T0]) > 1e-4, f"{name}: token {T0} does not reach its own output"
+    mixer, x = case(name).mixer, case(name).inputs[0]
+    for call in (lambda: mixer.init_state(B, T), lambda: mixer.prefill({}, x), lambda: mixer.decode_step({}, x[:, 0])):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert "non-causal" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", names_for("decode"))
@@ -296,11 +337,13 @@ def test_bfloat16(name):
     to float32, and the gradients are bfloat16 and finite."""
     skip_unless(name, "bf16")
     low = bfloat16(name)
-    assert [a.dtype for a in jax.tree.leaves(low["decoded_state"])] == \
-        [a.dtype for a in jax.tree.leaves(low["init_state"])]
+    paths = ("y", "tokens") if is_causal(name) else ("y",)  # a non-causal mixer: the parallel pass only
+    if is_causal(name):
+        assert [a.dtype for a in jax.tree.leaves(low["decoded_state"])] == \
+            [a.dtype for a in jax.tree.leaves(low["init_state"])]
     # A case that skips "decode" (its decoding is not the parallel pass) compares its decoding with float32's.
     decodes_parallel = (VARIANTS[name].skip if name in VARIANTS else MIXERS[mixer_of(name)].skip).get("decode") is None
-    for path in ("y", "tokens"):
+    for path in paths:
         assert low[path].dtype == jnp.bfloat16, f"{name} {path}: {low[path].dtype}"
         # bfloat16 keeps 8 bits of mantissa: a few roundings of 2^-9 through a handful of matmuls and norms.
         expected = float32(name)["y" if decodes_parallel or path == "y" else "tokens"]

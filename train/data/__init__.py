@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from effarch.train.data import mqar, niah, passkey, text
+from effarch.train.data import mqar, mqar_bidir, niah, passkey, text
 from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.data.text_stream import TextStream, build_text_data
 
@@ -101,6 +101,17 @@ def build_data(data_cfg, vocab_size: int, batch_size: int) -> tuple[TrainStream 
                               n_queries=data_cfg.niah.queries, depth_grid=data_cfg.niah.depths)
         vx, vy = niah.niah_batch(np.random.default_rng(data_cfg.seed + 1000), 256, data_cfg.seq_len)
         return TrainStream(x, y, batch_size, seed=data_cfg.seed), [Segment(f"niah_{data_cfg.seq_len}", vx, vy)]
+    if data_cfg.task == "mqar_bidir":
+        c = data_cfg.mqar_bidir
+        if vocab_size <= 2 * c.num_kv_pairs + 1:
+            raise ValueError(f"model.vocab_size={vocab_size}: the mqar_bidir task needs more than 2 x "
+                             f"num_kv_pairs + 1 = {2 * c.num_kv_pairs + 1} ids (MASK, keys, values)")
+        x, y = mqar_bidir.bidirectional_mqar(vocab_size, data_cfg.seq_len, c.num_kv_pairs, c.examples,
+                                             seed=data_cfg.seed)
+        vx, vy = mqar_bidir.bidirectional_mqar(vocab_size, data_cfg.seq_len, c.num_kv_pairs, c.test_examples,
+                                               seed=data_cfg.seed + 1000)
+        return TrainStream(x, y, batch_size, seed=data_cfg.seed), [
+            Segment(f"mqar_bidir_N{data_cfg.seq_len}_D{c.num_kv_pairs}", vx, vy)]
     train_segs, test_segs = mqar_segments(data_cfg)
     options = dict(power_a=data_cfg.mqar.power_a, random_non_queries=data_cfg.mqar.random_non_queries)
     max_len = max(n for n, _, _ in train_segs)
