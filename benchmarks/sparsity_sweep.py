@@ -27,8 +27,9 @@ queries of a window of T = data.seq_len tokens, counted from each pattern's rule
   is the nearest to the top-k level's.
 - moa: query t of KV head h reads min(t + 1, S_h(T)) keys (layers/sparse_patterns.py moa_spans), from the searched
   plan; the search's budget is D = 1 − sqrt(1 − d), the KV fraction whose causal-pair density is d.
-- routing: query t reads at most min(t + 1, block) keys (the newest `block` of its cluster): an upper bound, reached
-  when its cluster holds that many earlier keys.
+- routing: query t reads at most min(t + 1, block) keys (the newest `block` of its cluster, or the causal window of
+  `block` on the `--routing-local-heads` local heads): an upper bound, reached when its cluster holds that many earlier
+  keys.
 - hyper: its recursive causal split (layers/sparse_hyper.py) counted exactly: a half of n ≤ hyper_min_seq_len tokens
   reads its causal triangle; the off-diagonal quarter of a larger level reads, per query, its sortLSH block of keys
   plus the sampled columns (exact and dense while the half is below hyper_min_seq_len).
@@ -191,7 +192,8 @@ def points(args, cfg, T: int) -> list[tuple[str, dict, float]]:
     if "routing" in args.patterns:
         for b in args.routing_blocks:
             out.append(("routing", {"pattern": "routing", "block_size": b, "routing_clusters": max(2, T // b),
-                                    "routing_decay": args.routing_decay},
+                                    "routing_decay": args.routing_decay,
+                                    "routing_local_heads": args.routing_local_heads},
                         span_density(T, b)))
     if "hyper" in args.patterns:
         for b in args.hyper_blocks:
@@ -212,6 +214,8 @@ def main(argv=None) -> dict:
                         help="top-k levels (blocks per query block); the other patterns match their densities")
     parser.add_argument("--routing-blocks", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--routing-batches", type=int, default=32)
+    parser.add_argument("--routing-local-heads", type=int, default=0,
+                        help="the last KV heads attend a causal window of the block instead (the paper's mix, §4.1)")
     parser.add_argument("--routing-decay", type=float, default=0.8)
     parser.add_argument("--hyper-blocks", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--hyper-samples", type=int, default=16)
@@ -232,7 +236,9 @@ def main(argv=None) -> dict:
     load0 = os.getloadavg()
 
     cfg, params = load_run_params(args.base)
-    seer_params = load_run_params(args.seer)[1] if args.seer else None
+    seer_cfg, seer_params = load_run_params(args.seer) if args.seer else (None, None)
+    if args.seer and (b := seer_cfg.model.sparse_attention.block_size) != args.block:
+        raise SystemExit(f"--seer {args.seer}: its gates score blocks of {b} tokens; run the sweep with --block {b}")
     T = cfg.data.seq_len
     task = cfg.data.task
     rows, skipped = [], []
@@ -275,7 +281,6 @@ def main(argv=None) -> dict:
         opts = dict(opts)
         src = seer_params if pattern == "seer" else params
         if pattern == "seer":  # the distilled run is already sparse_attention: its gates at the same paths
-            seer_cfg = load_run_params(args.seer)[0]
             new_cfg = dataclasses.replace(seer_cfg, model=dataclasses.replace(
                 seer_cfg.model, sparse_attention=dataclasses.replace(
                     seer_cfg.model.sparse_attention, distill=False, top_k=opts["top_k"], density=None)))
@@ -319,16 +324,26 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by = {}
-    for row in result["points"]:
-        by.setdefault(row["pattern"], []).append(row)
+    for row in result["points"]:  # routing with local heads is its own line (the paper's mix, §4.1)
+        local = row["options"].get("routing_local_heads")
+        by.setdefault(row["pattern"] + (f" + {local} local heads" if local else ""), []).append(row)
+    perplexity = result["quality"] == "perplexity"
+    dense = [r["quality"] for r in result["points"] if r["pattern"] == "dense"]
+    top = 1.3 * dense[0] if perplexity and dense else None  # far worse lines are named, not drawn to scale
     for pattern, rows in by.items():
         rows = sorted(rows, key=lambda r: r["density"])
         x = [r["density"] for r in rows]
         y = [r["quality"] for r in rows]
-        if pattern == "dense":
+        if pattern == "dense":  # a line across: the ceiling
             ax.axhline(y[0], color="black", linestyle="--", linewidth=1, label="dense")
             continue
-        ax.plot(x, y, marker="o", label=pattern + (" (≤)" if pattern == "routing" else ""))
+        label = pattern + (" (≤)" if pattern.startswith("routing") else "")
+        if top is not None and min(y) > top:
+            label += f": {min(y):.1f}-{max(y):.1f}, above the axis"
+            y = [top] * len(y)
+        ax.plot(x, y, marker="o", label=label)
+    if top is not None:
+        ax.set_ylim(top=top * 1.01)
     ax.set_xlabel("density (fraction of causal query-key pairs read)")
     ax.set_ylabel("passkey exact match" if result["quality"] == "accuracy" else "validation perplexity")
     ax.set_title(f"{result['task']} T={result['seq_len']}, blocks of {result['block']}: one frozen dense model")

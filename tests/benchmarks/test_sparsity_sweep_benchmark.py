@@ -65,8 +65,8 @@ def test_sweep_on_a_tiny_passkey_model(tmp_path):
                                     "seer_distill.yaml", configs / "overlays" / "tiny.yaml"],
                                    [f"train.run_dir={seer}", f"train.init_from={base}", *common]))
     out = tmp_path / "sweep"
-    result = sweep.main(["--base", str(base), "--seer", str(seer), "--out", str(out), "--levels", "2",
-                         "--routing-blocks", "16", "--routing-batches", "2", "--hyper-blocks", "16",
+    result = sweep.main(["--base", str(base), "--seer", str(seer), "--out", str(out), "--levels", "2", "--block", "8",
+                         "--routing-blocks", "8", "--routing-batches", "2", "--hyper-blocks", "8",
                          "--hyper-min-len", "16", "--moa-batches", "1", "--trials", "2",
                          "--patterns", "dense", "sink_window", "moa", "mean_topk", "seer", "routing", "hyper"])
     assert json.loads((out / "sparsity_sweep.json").read_text()) == json.loads(json.dumps(result))
@@ -74,5 +74,6 @@ def test_sweep_on_a_tiny_passkey_model(tmp_path):
     by = {r["pattern"]: r for r in result["points"]}
     assert set(by) == {"dense", "sink_window", "moa", "mean_topk", "seer", "routing", "hyper"}
     assert by["dense"]["density"] == 1.0
-    assert by["mean_topk"]["density"] == by["seer"]["density"] == sweep.topk_density(64, 16, 2)
+    assert by["mean_topk"]["density"] == by["seer"]["density"] == sweep.topk_density(64, 8, 2)
+    assert {"decode", "parallel"} <= set(by["seer"])
     assert all(0 <= r["quality"] <= 1 and 0 < r["density"] <= 1 for r in result["points"])
