@@ -67,6 +67,7 @@ def test_scaling_main_writes_report_with_expected_keys(tmp_path, capsys):
     assert targets["based_decode_state_bytes_flat"]["pass"] is True
 
 
+@pytest.mark.slow  # a benchmark smoke test of several seconds: the slow suite (the default suite's 10-minute budget)
 def test_scaling_quadratic_paths_over_memory_cap_are_skipped_not_run():
     bench = load_benchmark("scaling")
     report = bench.run([48], decode_lengths=[16], heads=3, feature_dim=5, value_dim=6, chunk_size=16, reps=1,

@@ -5,10 +5,12 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from tests.helpers.benchmarks import load_benchmark
 
 
+@pytest.mark.slow  # a benchmark smoke test of several seconds: the slow suite (the default suite's 10-minute budget)
 def test_report_png_and_memory_cap(tmp_path):
     bench = load_benchmark("block_sparse_cpu")
     out = tmp_path / "r.json"
@@ -21,6 +23,7 @@ def test_report_png_and_memory_cap(tmp_path):
     assert set(report["speedup"]["256"]) == {"dense_xla", "dense_xla_chunked", "time"}
 
 
+@pytest.mark.slow  # a benchmark smoke test of several seconds: the slow suite (the default suite's 10-minute budget)
 def test_dense_chunked_is_dense_causal_attention():
     """The chunked dense baseline computes the same thing as one dense call, values and gradients."""
     bench = load_benchmark("block_sparse_cpu")

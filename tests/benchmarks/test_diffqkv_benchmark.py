@@ -8,6 +8,7 @@ import pytest
 from tests.helpers.benchmarks import load_benchmark
 
 
+@pytest.mark.slow  # a benchmark smoke test of several seconds: the slow suite (the default suite's 10-minute budget)
 def test_main_writes_report_with_exact_cache_bytes(tmp_path, capsys):
     bench = load_benchmark("diffqkv")
     out = tmp_path / "report.json"

@@ -32,6 +32,7 @@ def test_memory_cost_report(tmp_path):
     assert report["ratios"]["memory"]["60"] == 1.0
 
 
+@pytest.mark.slow  # a benchmark smoke test of several seconds: the slow suite (the default suite's 10-minute budget)
 def test_passkey_report_retrieval_of_everything_matches_full(tmp_path):
     bench = load_benchmark("passkey_landmark")
     # Untrained model; k = 8 covers every block and remap is off, so "topk8" must score exactly like "full".

@@ -11,6 +11,7 @@ TINY = ["--contexts", "40", "--seq-len", "48", "--d-model", "32", "--head-dim", 
         "--warmup", "1", "--steps", "1"]
 
 
+@pytest.mark.slow  # a benchmark smoke test of several seconds: the slow suite (the default suite's 10-minute budget)
 def test_sparse_flops_fall_and_decode_record():
     # The pieces main() is made of, at tiny sizes (the full sweep is the slow test below).
     bench = load_benchmark("moh")

@@ -48,7 +48,10 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              # the equal-cost window train the same task, attention and sparse_attention; the other three are biformer
              # without its LCE, with window routing and with every region
              "mqar_bidir/attention.yaml", "mqar_bidir/bidir_window.yaml", "mqar_bidir/biformer_nolce.yaml",
-             "mqar_bidir/biformer_window.yaml", "mqar_bidir/biformer_dense.yaml"}
+             "mqar_bidir/biformer_window.yaml", "mqar_bidir/biformer_dense.yaml",
+             # mqar_bidir/biformer too: tests/layers/test_sparse_biformer.py trains the pattern, test_mqar_bidir.py
+             # the task; DuoAttention's gate overlay: tests/train/test_duo_train.py trains the objective
+             "mqar_bidir/biformer.yaml", "passkey/duo_gates.yaml"}
 
 
 def _id(path: Path) -> str:

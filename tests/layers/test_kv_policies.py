@@ -93,6 +93,7 @@ def ivf_and_exact(B, S, Hkv, D, nprobe, nlist=32, seed=0, Hq=None, reads=False):
     return exact, approx, float(ivf.attend(state, q, k, k, jnp.int32(S))[2]) if reads else None, state
 
 
+@pytest.mark.slow  # ~4-5 s: the slow suite (the default suite's 10-minute budget)
 def test_ivf_probing_every_list_is_exact_top_k():
     exact, approx, reads, _ = ivf_and_exact(2, 128, 2, 8, nprobe=8, nlist=8, Hq=4, reads=True)  # GQA: the vote
     for b in range(2):
@@ -322,6 +323,7 @@ def test_longheads_chunk_key_by_hand():
     np.testing.assert_allclose(got[0, 0, 0], want, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~4-5 s: the slow suite (the default suite's 10-minute budget)
 def test_longheads_chunk_keys_same_from_prefill_or_steps():
     # Chunk keys use chunk-local positions: writing 21 tokens at once or 7 then one by one gives the same keys.
     from effarch.layers.rope import apply_rope, rope_frequencies

@@ -67,6 +67,7 @@ def test_topology_hosts_and_processes():
 
 
 @needs_libtpu
+@pytest.mark.slow  # the plan CLI end to end (~9 s); test_plan's other tests plan in-process
 def test_tiny_plan_on_v5e_through_the_cli(capsys):
     code, out, err = cli(capsys, "plan", QUICKSTART, *TINY, "--topology", "v5e:2x2", "--json")
     assert code == 0, err
