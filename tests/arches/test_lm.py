@@ -4,6 +4,7 @@ own protocol (decoding == parallel, causality, state sizes, ...) is checked in t
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from effarch.arches.lm import DecoderLM, ModelConfig
@@ -59,6 +60,7 @@ def test_srms_norm_and_sglu_block():
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
 
 
+@pytest.mark.slow  # ~7 s: the slow suite (the default suite's 10-minute budget)
 def test_remat_gives_same_gradients():
     a, b = make(["attention", "base_conv"]), make(["attention", "base_conv"], remat=True)
     x = tokens()

@@ -51,7 +51,9 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              "mqar_bidir/biformer_window.yaml", "mqar_bidir/biformer_dense.yaml",
              # mqar_bidir/biformer too: tests/layers/test_sparse_biformer.py trains the pattern, test_mqar_bidir.py
              # the task; DuoAttention's gate overlay: tests/train/test_duo_train.py trains the objective
-             "mqar_bidir/biformer.yaml", "passkey/duo_gates.yaml"}
+             "mqar_bidir/biformer.yaml", "passkey/duo_gates.yaml",
+             # MQAR's Titans MAC (conformance trains MAC's gradients) and NIAH's sliding window (quickstart's)
+             "mqar/titans_mac.yaml", "niah/sliding_window.yaml"}
 
 
 def _id(path: Path) -> str:

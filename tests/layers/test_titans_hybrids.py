@@ -100,6 +100,7 @@ def test_mac_grouped_segment_scan_equals_the_plain_scan_with_gradients(monkeypat
         assert_close("grad", a, b, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~10 s: the slow suite (the default suite's 10-minute budget)
 def test_mac_sliding_window_crosses_segments_and_decodes_like_the_parallel_pass():
     # titans_attention.sliding: query t sees the h and x of t - L < j <= t. Inside the first segment that is the
     # segment attention itself (same parameters, same outputs); later it reaches back across the segment start.

@@ -2,9 +2,11 @@
 slice: `effarch train`'s checked step built by `Trainer` over the slice's devices (tests/tpu/steps.py), compiled by
 XLA's TPU compiler through libtpu from this CPU host (tests/tpu/harness.py). Compiled, not run.
 
-Default suite: v5p (2x2x1), the cheapest config of each mixer cut to one layer per mixer (`DEFAULT_CONFIGS`; a
-step costs 3-20 s of compiler time). Slow suite (`-m slow`): every config on every chip, and every config once per
-`pallas_tpu` option its mixers have, on every chip, with the kernels counted in the compiled step.
+Slow suite only (`-m slow`; together about a minute of compiler time, past the default suite's budget, whose TPU
+guard is the kernels' compile tests in test_kernels_compile.py): v5p (2x2x1) with the cheapest config of each mixer
+cut to one layer per mixer (`DEFAULT_CONFIGS`; a step costs 3-20 s of compiler time), every config on every chip,
+and every config once per `pallas_tpu` option its mixers have, on every chip, with the kernels counted in the
+compiled step.
 """
 
 import glob
@@ -52,7 +54,7 @@ def _params():
         name = config.removeprefix("configs/").removesuffix(".yaml")
         if default:
             yield pytest.param(step_job(config, SLICES[DEFAULT_CHIP], DEFAULT_CONFIGS[config]),
-                               id=f"{name}-{DEFAULT_CHIP}-one-layer-per-mixer")
+                               id=f"{name}-{DEFAULT_CHIP}-one-layer-per-mixer", marks=[pytest.mark.slow])
         for chip in SLICES:
             yield pytest.param(step_job(config, SLICES[chip]), id=f"{name}-{chip}", marks=[pytest.mark.slow])
             for key, override in PALLAS_TPU.items():

@@ -225,6 +225,7 @@ def test_round_trip_through_transformers(tmp_path, capsys):
     jax.tree.map(np.testing.assert_array_equal, first, params_from_hf(tensors, cfg))
 
 
+@pytest.mark.slow  # ~5 s: the slow suite (the default suite's 10-minute budget)
 def test_fine_tune_an_imported_checkpoint_with_init_from(imported, tmp_path):
     """`effarch train ... train.init_from=RUN_DIR` starts from the imported weights: every parameter loaded bitwise."""
     from effarch.train.config import load_config

@@ -68,6 +68,7 @@ def test_xla_matches_reference_values_and_gradients(chunk_size, batch_size):
     assert float(jnp.max(jnp.abs(g_ref[5]))) > 0  # momentum is exercised (not the C = 1 trivial path only)
 
 
+@pytest.mark.slow  # ~9 s: the slow suite (the default suite's 10-minute budget)
 def test_clamped_chunk_gradients_match_and_bound_the_update():
     # max_grad_norm c: xla == reference (values and gradients) with a c small enough to clamp every chunk; one chunk
     # from a fresh state moves S by exactly clamp(g_0), whose norm is below c.
