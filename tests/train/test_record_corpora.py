@@ -123,7 +123,7 @@ def test_text_task_trains_on_the_records(tmp_path):
     ("x.jsonl.gz", b'{"text": "plain, not gzip"}\n', r"x.jsonl.gz is not a gzip file \(BadGzipFile"),
     ("x.jsonl.zst", b'{"text": "plain, not zstd"}\n', r"x.jsonl.zst is not a zstd file \(ZstdError"),
     ("x.parquet", b"text,n\nhello,1\n", r"x.parquet is not a Parquet file \("),
-    ("x.jsonl", gzip.compress(b'{"text": "gzip named .jsonl"}\n'), r"x.jsonl line 1 is not JSON"),
+    ("x.jsonl", gzip.compress(b'{"text": "gzip named .jsonl"}\n', mtime=0), r"x.jsonl line 1 is not JSON"),
 ])
 def test_a_file_that_is_not_what_its_suffix_says(tmp_path, name, content, match):
     (tmp_path / "corpus").mkdir()
