@@ -48,7 +48,7 @@ class ACTPolicy(KVPolicy):
     NAME = "act"
     heads: str = ""  # LAYER:HEAD,... (query heads) to calibrate
     calibration: str = ""  # a JSON from `effarch act-search`: its heads, beta and tau
-    beta: float = 0.4  # the scale of the hidden sinks' attention (ACT scripts/calibration.sh)
+    beta: float = 0.4  # the scale of the hidden sinks' attention (the value of the official ACT calibration script)
     tau: float = 0.1  # column-mean threshold of a sink
     _heads: tuple = ()  # parsed (layer, head) pairs, not an option
     _layer: int = -1  # set per layer by for_layer, not an option
