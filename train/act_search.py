@@ -1,6 +1,6 @@
 """ACT's head search (Yu et al., arXiv 2406.15765, §4.2; the official GATECH-EIC/ACT calibration script):
-`effarch act-search RUN_DIR --out act.json` finds the (layer, query head) pairs whose attention calibration helps, and writes the JSON
-that `--kv-policy act calibration=act.json` reads (layers/kv_policies/act.py).
+`effarch act-search RUN_DIR --out act.json` finds the (layer, query head) pairs whose attention calibration helps,
+and writes the JSON that `--kv-policy act calibration=act.json` reads (layers/kv_policies/act.py).
 
 ACT applies the calibration to one head at a time on a calibration set and keeps the heads that improve accuracy.
 Here the calibration set is `--calibration-batches` batches of the run's own training data, read through the decode
