@@ -146,6 +146,25 @@ def attend_parts(parts: list[Selection], q, k_cache, v_cache, length, implementa
     return o, lse
 
 
+def full_cache(q, k_cache, v_cache, length, implementation=None) -> Float[Array, "B Hq V"]:
+    """q over every valid entry of the cache (one list of every slot, cut at `length`): a policy's full step."""
+    B, S = q.shape[0], k_cache.shape[1]
+    everything = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, 1, S))
+    o, _ = sparse_decode_attention(q, k_cache, v_cache, everything, jnp.full((B, 1), S, jnp.int32),
+                                   lengths=jnp.broadcast_to(jnp.asarray(length, jnp.int32), (B,)),
+                                   implementation=implementation)
+    return o
+
+
+def head_scores(q: Float[Array, "B Hq K"], k_cache: Float[Array, "B S Hkv K"]) -> Float[Array, "B Hq S"]:
+    """q·k of every query head against every cache slot (unscaled, float32; a GQA group reads its KV head). Slots at
+    or past the length are not masked: the caller does."""
+    B, Hq, K = q.shape
+    S, Hkv = k_cache.shape[1:3]
+    return jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
+                      preferred_element_type=jnp.float32).reshape(B, Hq, S)
+
+
 def reads_of(parts: list[Selection], length) -> Float[Array, ""]:
     """KV tokens one query head attends to through `parts` (mean over lists and rows), float32."""
     return sum(jnp.mean(part.tokens(jnp.asarray(length, jnp.int32)).astype(jnp.float32)) for part in parts)

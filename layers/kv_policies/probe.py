@@ -20,8 +20,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from effarch.layers.kv_policies.base import KVPolicy, PolicyError
-from effarch.pallas_kernels.block_sparse import sparse_decode_attention
+from effarch.layers.kv_policies.base import KVPolicy, PolicyError, full_cache, head_scores
 
 MASK_MODES = ("uniform", "zero")
 
@@ -50,11 +49,8 @@ class ProbePolicy(KVPolicy):
         B, Hq, K = q.shape
         S, Hkv = k_cache.shape[1:3]
         length = jnp.asarray(length, jnp.int32)
-        everything = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, 1, S))
-        o, _ = sparse_decode_attention(q, k_cache, v_cache, everything, jnp.full((B, 1), S, jnp.int32),
-                                       lengths=jnp.broadcast_to(length, (B,)), implementation=self.implementation)
-        s = jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
-                       preferred_element_type=jnp.float32).reshape(B, Hq, S)
+        o = full_cache(q, k_cache, v_cache, length, self.implementation)
+        s = head_scores(q, k_cache)
         valid = jnp.arange(S) < length
         top = jnp.argmax(jnp.where(valid[None, None, :], s, -jnp.inf), axis=-1).astype(jnp.int32)
         heads = [h for layer, h in self.masked if layer == self._layer]

@@ -14,8 +14,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection, attend_parts, reads_of
-from effarch.pallas_kernels.block_sparse import sparse_decode_attention
+from effarch.layers.kv_policies.base import (
+    KVPolicy,
+    PolicyError,
+    Selection,
+    attend_parts,
+    full_cache,
+    head_scores,
+    reads_of,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +60,11 @@ class RecycledPolicy(KVPolicy):
         B, Hq, K = q.shape
         S, Hkv = k_cache.shape[1:3]
         length = jnp.asarray(length, jnp.int32)
-        lengths = jnp.broadcast_to(length, (B,))
 
         def full(state):
-            everything = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, 1, S))
-            o, _ = sparse_decode_attention(q, k_cache, v_cache, everything, jnp.full((B, 1), S, jnp.int32),
-                                           lengths=lengths, implementation=self.implementation)
+            o = full_cache(q, k_cache, v_cache, length, self.implementation)
             # Rank the positions before the current token by this step's attention, summed over each group.
-            s = jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
-                           preferred_element_type=jnp.float32) * K**-0.5
+            s = head_scores(q, k_cache).reshape(B, Hkv, Hq // Hkv, S) * K**-0.5
             s = jnp.where((jnp.arange(S) < length - 1)[None, None, None, :], s, -jnp.inf)
             p = jnp.sum(jax.nn.softmax(jnp.where(jnp.isfinite(s), s, -1e30), axis=-1), axis=2)
             p = jnp.where((jnp.arange(S) < length - 1)[None, None, :], p, -1.0)  # never ranked above a real one

@@ -27,7 +27,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection, attend_parts, reads_of, sink_recent
+from effarch.layers.kv_policies.base import (
+    KVPolicy,
+    PolicyError,
+    Selection,
+    attend_parts,
+    head_scores,
+    reads_of,
+    sink_recent,
+)
 
 KMEANS_ITERS = 10  # Lloyd iterations at prefill
 INDEXES = ("exact", "ivf")
@@ -152,8 +160,7 @@ def voted_top_k(q, k_cache, n_sink: int, n_recent: int, length, k: int, *, n_lis
     hi = jnp.maximum(length - n_recent, lo)
     pos = jnp.arange(S, dtype=jnp.int32)
     cand = (pos >= lo) & (pos < hi)
-    s = jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
-                   preferred_element_type=jnp.float32) * K**-0.5
+    s = head_scores(q, k_cache).reshape(B, Hkv, Hq // Hkv, S) * K**-0.5
     s = jnp.where(cand[None, None, None, :], s, -jnp.inf).reshape(B, n_lists, Hq // n_lists, S)
     if allowed is not None:
         s = jnp.where(allowed[:, :, None, :], s, -jnp.inf)

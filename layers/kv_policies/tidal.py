@@ -17,8 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection
-from effarch.pallas_kernels.block_sparse import sparse_decode_attention
+from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection, full_cache, head_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +56,10 @@ class TidalPolicy(KVPolicy):
         B, Hq, K = q.shape
         S, Hkv = k_cache.shape[1:3]
         length = jnp.asarray(length, jnp.int32)
-        everything = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, 1, S))
-        o, _ = sparse_decode_attention(q, k_cache, v_cache, everything, jnp.full((B, 1), S, jnp.int32),
-                                       lengths=jnp.broadcast_to(length, (B,)), implementation=self.implementation)
+        o = full_cache(q, k_cache, v_cache, length, self.implementation)
         if not is_selector:  # a layer before the first selection layer
             return o, state, length.astype(jnp.float32)
-        s = jnp.einsum("BHGK,BSHK->BHGS", q.reshape(B, Hkv, Hq // Hkv, K), k_cache.astype(q.dtype),
-                       preferred_element_type=jnp.float32).reshape(B, Hq, S)
+        s = head_scores(q, k_cache)
         s = jnp.where((jnp.arange(S) < length)[None, None, :], s, -jnp.inf)
         _, top = jax.lax.top_k(s, state["shared"].shape[-1])  # the valid positions first
         return o, {"shared": top.astype(jnp.int32)}, length.astype(jnp.float32)
