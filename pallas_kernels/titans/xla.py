@@ -74,11 +74,12 @@ def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool, max_gra
     g = clamp_norm(jax.grad(chunk_loss)(w_chunks), max_grad_norm)  # [nc, B, H, I, O] per matrix
     w_starts, w_end, s_end = _recurrence(w, s, g, jnp.moveaxis(eta, 2, 0), jnp.moveaxis(alpha, 2, 0))
     # Group m of the queries shifted right by one holds tokens mC-1 .. mC+C-2, all answered by W_m: groups
-    # 0 .. nc-1 by the weights each chunk starts from, group nc (the block's last token only) by W_nc.
-    q_shift = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, 0), (1, C - 1), (0, 0))).reshape(B, H, nc + 1, C, D), 2, 0)
-    y = jnp.concatenate([memory_apply(w_starts, q_shift[:nc], residual),
-                         memory_apply(w_end, q_shift[nc], residual)[None]], axis=0)
-    y = jnp.moveaxis(y, 0, 2).reshape(B, H, (nc + 1) * C, D)[:, :, 1 : L + 1]
+    # 0 .. nc-1 by the weights each chunk starts from; the block's last token alone by W_nc (one row, not a padded
+    # group of C: with one chunk per block that group would double the retrieval's work).
+    q_shift = chunks(jnp.pad(q[:, :, : L - 1], ((0, 0), (0, 0), (1, 0), (0, 0))))
+    y = memory_apply(w_starts, q_shift, residual)  # [nc, B, H, C, D]
+    y = jnp.moveaxis(y, 0, 2).reshape(B, H, L, D)[:, :, 1:]
+    y = jnp.concatenate([y, memory_apply(w_end, q[:, :, L - 1 :], residual)], axis=2)
     return (w_end, s_end, w_end if refresh else wref), y
 
 
