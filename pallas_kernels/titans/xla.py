@@ -3,9 +3,10 @@
 Tokens are processed in blocks of whole chunks inside which the gradient point Wref is constant (a block is
 `batch_size` tokens when it is set; otherwise `block_chunks` chunks, Wref being params throughout). Per block:
 
-1. Chunk gradients at Wref, all at once: g_j = d/dW_j sum_{t in chunk j} theta_t l_t(W_j), with Wref broadcast to
-   one copy W_j per chunk, so autodiff gives every chunk's sum of per-token gradients as einsums over the chunk's
-   tokens (the paper's vmap(grad) followed by the sum, without a [tokens, D, F] intermediate).
+1. Chunk gradients at Wref, all at once: g_j = sum_{t in chunk j} theta_t grad l_t(Wref), by explicit
+   backpropagation through the memory MLP (`_chunk_grads`): the forward and the errors run over the block's tokens
+   against the one Wref, and only the weight gradients are summed per chunk, as einsums over the chunk's tokens (the
+   paper's vmap(grad) followed by the sum, without a [tokens, D, F] intermediate).
 2. Momentum and decay by a sequential `lax.scan` over the block's chunks (`_recurrence`): S_j = eta_j S_{j-1} - g_j,
    then W_{j+1} = (1 - alpha_j) W_j + S_j, from the carried S and W. No cumulative products are divided (they
    underflow). Not an associative scan: its backward aborts XLA's TPU compiler (README.md).
@@ -29,6 +30,7 @@ from effarch.pallas_kernels.titans.reference import (
     Params,
     clamp_norm,
     init_state,
+    layer_names,
     memory_apply,
     neural_memory_reference,
 )
@@ -56,6 +58,43 @@ def _recurrence(w, s, g, eta, alpha):
     return w_starts, w, s
 
 
+def _gelu_grad(z):
+    """d gelu(z) / dz for the exact (erf) GELU: Phi(z) + z phi(z)."""
+    return 0.5 * (1.0 + jax.lax.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * jnp.exp(-0.5 * z * z)
+
+
+def _chunk_grads(wref: Params, k, v, lr, C: int, residual: bool) -> Params:
+    """g_j = sum_{t in chunk j} theta_t grad l_t(Wref) for every chunk of a block, by explicit backpropagation.
+
+    k, v [B, H, L, D], lr [B, H, L]; returns [nc, B, H, I, O] per matrix. The memory's forward and the errors'
+    backward run over all L tokens at once against the one Wref of the block (one [L, I] x [I, O] product per layer
+    and head); only the weight gradients are summed per chunk. `jax.grad` of the chunks' summed losses with Wref
+    broadcast to one copy per chunk (the same numbers) turns every product into nc small ones against nc copies,
+    forward and, in the outer backward, again (README.md, "The parallel form").
+    """
+    names = layer_names(wref)
+    B, H, L, D = k.shape
+    nc = L // C
+    ins, pre = [], []  # each layer's input and pre-activation, [B, H, L, *]
+    h = k
+    for i, name in enumerate(names):
+        ins.append(h)
+        z = jnp.einsum("bhti,bhio->bhto", h, wref[name])
+        pre.append(z)
+        h = jax.nn.gelu(z, approximate=False) if i + 1 < len(names) else z
+    pred = h + k if residual else h
+    # d/d pred of sum_t theta_t mean_features (pred_t - v_t)^2 (token_losses)
+    delta = (2.0 / D) * lr[..., None] * (pred - v)
+    grads = {}
+    for i in reversed(range(len(names))):
+        x = ins[i]
+        grads[names[i]] = jnp.einsum("bhnci,bhnco->nbhio", x.reshape(B, H, nc, C, x.shape[-1]),
+                                     delta.reshape(B, H, nc, C, delta.shape[-1]))
+        if i:
+            delta = jnp.einsum("bhto,bhio->bhti", delta, wref[names[i]]) * _gelu_grad(pre[i - 1])
+    return grads
+
+
 def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool, max_grad_norm: float | None):
     """One block of nc whole chunks: (W, S, Wref) -> new carry and the block's outputs [B, H, nc*C, D]."""
     w, s, wref = carry
@@ -67,11 +106,7 @@ def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool, max_gra
     def chunks(x):  # [B, H, L, ...] -> [nc, B, H, C, ...]: the chunk axis leads (scanned, then batched over)
         return jnp.moveaxis(x.reshape(B, H, nc, C, *x.shape[3:]), 2, 0)
 
-    def chunk_loss(w_chunks):
-        return jnp.sum(chunks(lr) * _token_losses(w_chunks, chunks(k), chunks(v), residual))
-
-    w_chunks = jax.tree.map(lambda x: jnp.broadcast_to(x, (nc, *x.shape)), wref)
-    g = clamp_norm(jax.grad(chunk_loss)(w_chunks), max_grad_norm)  # [nc, B, H, I, O] per matrix
+    g = clamp_norm(_chunk_grads(wref, k, v, lr, C, residual), max_grad_norm)  # [nc, B, H, I, O] per matrix
     w_starts, w_end, s_end = _recurrence(w, s, g, jnp.moveaxis(eta, 2, 0), jnp.moveaxis(alpha, 2, 0))
     # Group m of the queries shifted right by one holds tokens mC-1 .. mC+C-2, all answered by W_m: groups
     # 0 .. nc-1 by the weights each chunk starts from; the block's last token alone by W_nc (one row, not a padded
