@@ -38,6 +38,8 @@ useful work). With pairs(T) = T(T+1)/2, per batch row:
     lightning (N = T / C chunks)   H N [(K + V) C(C+1) + 4 C K V]: the same with K-dim keys, no feature map
     titans                         14 D F H T: per token, the chunk gradient at Wref (forward k w1, h w2: 4DF;
                                    backward dW2, dh, dW1: 6DF) and the retrieval M_W(q) (4DF); independent of C
+Target (issue #24): BASED and Titans fwd+bwd at 4k at >= 50% of the big matmul's throughput ("targets"; "loaded"
+instead of pass/fail on a loaded machine).
 The machine's throughput, measured in the same run: a jitted 2048 x 2048 x 2048 float32 matmul and 4096 batched
 64 x 64 x 64 matmuls, best of `--reps`. Each op's time is the median (and min) of its timed calls after one warmup,
 `--reps` calls or as many as fit in `--case-seconds`; "gflops" is useful FLOPs over the median, "fraction_of_matmul"
@@ -294,6 +296,23 @@ def matmul_throughput(reps: int) -> dict:
     return out
 
 
+TARGET_OPS = ("based", "titans_c16", "titans_c64")  # issue #24: >= 50% of the matmul throughput at 4k fwd+bwd
+TARGET_LENGTH, TARGET_FRACTION = 4096, 0.5
+
+
+def targets(results: dict[str, dict[str, dict]]) -> dict:
+    """Per op of TARGET_OPS measured at TARGET_LENGTH fwd+bwd: its fraction of the big matmul against
+    TARGET_FRACTION ("pass" becomes "loaded" on a loaded machine: `LoadGate.stamp`)."""
+    out = {}
+    for op in TARGET_OPS:
+        r = results.get(op, {}).get(str(TARGET_LENGTH), {}).get("fwd_bwd", {})
+        if "fraction_of_matmul" in r:
+            out[f"{op}_fwd_bwd_{TARGET_LENGTH}_fraction_of_matmul"] = {
+                "fraction": r["fraction_of_matmul"], "min": TARGET_FRACTION,
+                "pass": r["fraction_of_matmul"] >= TARGET_FRACTION}
+    return out
+
+
 def efficiency_lengths(results: dict[str, dict[str, dict]], lengths: Sequence[int]) -> dict:
     """Per op, the smallest T from which its fwd+bwd median beats softmax_xla's at every longer T where both ran
     (None when no such T, or when softmax_xla ran at none of them)."""
@@ -411,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = {"benchmark": "roofline_cpu", "config": {"ops": a.ops, "lengths": lengths, "modes": modes,
               "batch": a.batch, "reps": a.reps, "case_seconds": a.case_seconds, "max_gib": a.max_gib,
               "density": a.density, "dtype": "float32", **platform_info()}, **report}
+    report["targets"] = targets(report["results"])
     if a.sweep and "fwd_bwd" in modes:
         report["efficiency_length_vs_softmax_xla"] = efficiency_lengths(report["results"], lengths)
     emit(gate.stamp(report), out)

@@ -38,6 +38,15 @@ def test_one_case_fwd_bwd():
     assert "not run" in capped["skipped"] and "median_s" not in capped
 
 
+def test_targets_from_the_fractions():
+    bench = load_benchmark("roofline_cpu")
+    results = {"based": {"4096": {"fwd_bwd": {"fraction_of_matmul": 0.6}}},
+               "titans_c16": {"4096": {"fwd_bwd": {"fraction_of_matmul": 0.2}}}, "titans_c64": {"1024": {}}}
+    assert bench.targets(results) == {
+        "based_fwd_bwd_4096_fraction_of_matmul": {"fraction": 0.6, "min": 0.5, "pass": True},
+        "titans_c16_fwd_bwd_4096_fraction_of_matmul": {"fraction": 0.2, "min": 0.5, "pass": False}}
+
+
 def test_efficiency_length_is_where_it_stays_faster():
     bench = load_benchmark("roofline_cpu")
 
