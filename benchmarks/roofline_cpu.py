@@ -40,10 +40,11 @@ useful work). With pairs(T) = T(T+1)/2, per batch row:
                                    backward dW2, dh, dW1: 6DF) and the retrieval M_W(q) (4DF); independent of C
 Target (issue #24): BASED and Titans fwd+bwd at 4k at >= 50% of the big matmul's throughput ("targets"; "loaded"
 instead of pass/fail on a loaded machine).
-The machine's throughput, measured in the same run: a jitted 2048 x 2048 x 2048 float32 matmul and 4096 batched
-64 x 64 x 64 matmuls, best of `--reps`. Each op's time is the median (and min) of its timed calls after one warmup,
-`--reps` calls or as many as fit in `--case-seconds`; "gflops" is useful FLOPs over the median, "fraction_of_matmul"
-the op's best call against the big matmul's best (like for like). A case whose compiled temporaries exceed
+The machine's throughput, measured in the same run, before and after the ops: a jitted 2048 x 2048 x 2048 float32
+matmul and 4096 batched 64 x 64 x 64 matmuls, best of `--reps`; "machine" holds the faster of the two measurements.
+Each op's time is the median (and min) of its timed calls after one warmup, `--reps` calls or as many as fit in
+`--case-seconds`; "gflops" is useful FLOPs over the median, "fraction_of_matmul" the op's best call against the big
+matmul's best (like for like). A case whose compiled temporaries exceed
 `--max-gib` (10) is compiled, not run ("skipped", with its memory): at T = 16k the [H, T, T] scores of softmax_xla,
 attention and moh need 8 GiB forward and 20 GiB forward + backward, more than a 24 GiB host shared with others.
 
@@ -360,10 +361,12 @@ def plot(results: dict, lengths: Sequence[int], path: str) -> None:
 
 def run(ops: Sequence[str], lengths: Sequence[int], modes: Sequence[str], *, batch: int, reps: int,
         case_seconds: float, max_gib: float, density: float, log: Callable[[str], None] | None = None) -> dict:
-    machine = matmul_throughput(reps)
-    peak = machine["matmul_2048"]["gflops_best"]
+    """Every (op, T, mode), between two measurements of the matmuls; the fractions are against the faster one (a
+    load spike at one end of the run does not inflate them)."""
+    before = matmul_throughput(reps)
     if log:
-        log("matmul: " + ", ".join(f"{n} {r['gflops_best']:.1f} GFLOP/s" for n, r in machine.items()))
+        log("matmul: " + ", ".join(f"{n} {r['gflops_best']:.1f} GFLOP/s" for n, r in before.items()))
+    peak = before["matmul_2048"]["gflops_best"]  # provisional, for the log lines
     results: dict[str, dict[str, dict]] = {}
     for op in ops:
         results[op] = {}
@@ -380,7 +383,17 @@ def run(ops: Sequence[str], lengths: Sequence[int], modes: Sequence[str], *, bat
                         f"{r['median_s']:.4f} s  {r['gflops']:.1f} GFLOP/s  {100 * r['fraction_of_matmul']:.1f}% "
                         "of matmul"))
             results[op][str(t)] = per_mode
-    return {"machine": machine, "results": results}
+    after = matmul_throughput(reps)
+    machine = {n: max(before[n], after[n], key=lambda r: r["gflops_best"]) for n in before}
+    peak = machine["matmul_2048"]["gflops_best"]
+    for per_t in results.values():
+        for per_mode in per_t.values():
+            for r in per_mode.values():
+                if "gflops_best" in r:
+                    r["fraction_of_matmul"] = r["gflops_best"] / peak
+    if log:
+        log("matmul after: " + ", ".join(f"{n} {r['gflops_best']:.1f} GFLOP/s" for n, r in after.items()))
+    return {"machine": machine, "machine_before_and_after": {"before": before, "after": after}, "results": results}
 
 
 def table(report: dict) -> str:
