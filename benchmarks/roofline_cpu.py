@@ -342,11 +342,13 @@ def plot(results: dict, lengths: Sequence[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for op, per_t in results.items():
+    colors = plt.get_cmap("tab20").colors  # more ops than the default cycle's 10 colours
+    for i, (op, per_t) in enumerate(results.items()):
         pts = [(t, per_t[str(t)]["fwd_bwd"]["median_s"]) for t in lengths
                if "median_s" in per_t.get(str(t), {}).get("fwd_bwd", {})]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=op, linewidth=2.5 if op == BASELINE else 1.2)
+            ax.plot(*zip(*pts), marker="o", label=op, color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+                    linewidth=2.5 if op == BASELINE else 1.2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("T (tokens)")
