@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import PipeWorker, emit, loss_and_grads
+from _common import LoadGate, PipeWorker, emit, loss_and_grads
 
 from effarch.pallas_kernels.based import based_linear_attention
 
@@ -223,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--fla-chunk-size", type=int, default=256, help="naive_chunk_based's chunk_size (its default)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
+    gate = LoadGate()
     report = run(
         a.lengths,
         batch=a.batch,
@@ -236,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fla_threads=a.fla_threads,
         fla_chunk_size=a.fla_chunk_size,
     )
-    return emit(report, a.out)
+    return emit(gate.stamp(report), a.out)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import OtherLoad, emit, loss_and_grads, memory_stats, platform_info
+from _common import LoadGate, OtherLoad, emit, loss_and_grads, memory_stats, platform_info
 
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.block_sparse import block_sparse_attention, random_causal_lists
@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--out", help="also write the JSON report here (and the PNG beside it unless --png)")
     p.add_argument("--png", help="write the time-vs-T plot here (needs matplotlib, the plots extra)")
     args = p.parse_args(argv)
+    gate = LoadGate()
     if not 0 < args.density <= 1:
         p.error(f"--density must lie in (0, 1], got {args.density}")
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
@@ -269,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if png:
         plot(report, png)
         report["png"] = png
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit, loss_and_grads, time_calls
+from _common import LoadGate, emit, loss_and_grads, time_calls
 
 from effarch.pallas_kernels.block_sparse import api, block_sparse_reference, random_causal_lists
 
@@ -128,12 +128,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes (T 64, blocks of 16, D 16), 1 rep")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    gate = LoadGate()
     if args.dry_run:
         args.length = args.check_length = 64
         args.block, args.head_dim, args.heads, args.kv_heads, args.reps, args.density = 16, 16, 2, 1, 1, 0.5
     report = {"device": str(jax.devices()[0].device_kind), "kernel": args.kernel, "check": check(args),
               "speed": speed(args), "target_speedup_vs_cudnn": TARGET_VS_CUDNN}
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import emit
+from _common import LoadGate, emit
 
 
 def _latencies(fn, steps: int) -> list[float]:
@@ -119,7 +119,7 @@ def write_record_corpus(root: Path, n_bytes: int, shard_bytes: int, fmt: str = "
 
 def records(args) -> dict:
     """--records-mb: the builder's records per second on a generated sharded corpus, prepared in a fresh process."""
-    load_before = os.getloadavg()
+    gate = LoadGate()
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         corpus, data_dir = Path(work) / "corpus", Path(work) / "tfds"
         t0 = time.perf_counter()
@@ -138,10 +138,8 @@ def records(args) -> dict:
         "records_per_s": corpus_stats["records"] / prepared["prepare_s"],
         "text_mb_per_s": corpus_stats["text_bytes"] / 1e6 / prepared["prepare_s"],
         "file_mb_per_s": corpus_stats["file_bytes"] / 1e6 / prepared["prepare_s"],
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
     }
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 def _reset_peak() -> None:
@@ -232,7 +230,7 @@ def _plot(report: dict, path: str) -> None:
 
 def scale(args) -> dict:
     """--scale-mb: one corpus per size, prepared in a fresh process and measured in another."""
-    rows, load_before = [], os.getloadavg()
+    rows, gate = [], LoadGate()
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         for mb in args.scale_mb:
             corpus, data_dir = Path(work) / f"corpus_{mb}", Path(work) / f"tfds_{mb}"
@@ -259,12 +257,10 @@ def scale(args) -> dict:
         "prepare_rss_peak_growth_mib": rows[-1]["prepare_rss_peak_mib"] - rows[0]["prepare_rss_peak_mib"],
         "step_need_batches_per_s": need,
         "min_batches_per_s_over_need": min(r["batches_per_s"] for r in rows) / need,
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
     }
     if args.png:
         _plot(report, args.png)
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 def _files(directory) -> dict[str, tuple[int, int]]:
@@ -306,6 +302,7 @@ def main(argv=None) -> dict:
     from effarch.train.data import TrainStream, build_data, local_text
     from effarch.train.data.labels import IGNORE_LABEL
 
+    gate = LoadGate()
     with tempfile.TemporaryDirectory() as data_dir:
         cfg = DataConfig(task="text", data_dir=data_dir, seq_len=args.seq_len,
                          text=TextData(source=args.source, max_bytes=args.max_bytes))
@@ -345,7 +342,7 @@ def main(argv=None) -> dict:
         "batch_shapes": [list(a[0].shape), list(b[0].shape)],
         "labels_masked_fraction": float(np.mean(y == IGNORE_LABEL)),  # separators and pads, over all train windows
     }
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

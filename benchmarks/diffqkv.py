@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from _common import emit, platform_info, sweep
+from _common import LoadGate, emit, platform_info, sweep
 from flax import nnx
 
 from effarch.layers.attention import Attention, AttentionConfig
@@ -201,11 +201,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
+    gate = LoadGate()
     contexts = args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)
     reps = args.reps if args.reps is not None else (3 if args.quick else 20)
     report = run(contexts, paths=args.paths, d_model=args.d_model, n_q=args.n_q_heads, n_v=args.n_v_heads,
                  head_dim=args.head_dim, warmup=args.warmup, reps=reps, log=lambda line: print(line, file=sys.stderr))
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit, loss_and_grads, time_calls
+from _common import LoadGate, emit, loss_and_grads, time_calls
 
 from effarch.pallas_kernels.based import based_linear_attention
 from effarch.pallas_kernels.lightning import lightning_attention, tnl_decay
@@ -264,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "set EFFARCH_PALLAS_INTERPRET=1 off GPU so the kernels run interpreted")
     p.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
+    gate = LoadGate()
     if args.dry_run:
         args.lengths = args.lengths or [64, 128]
         args.batch, args.heads, args.chunk, args.reps, args.warmup = 1, 2, 32, 1, 1
@@ -283,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         reps=args.reps,
         log=lambda line: print(line, file=sys.stderr),
     )
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import OtherLoad, emit, platform_info, time_decode_steps
+from _common import LoadGate, OtherLoad, emit, platform_info, time_decode_steps
 from flax import nnx
 
 from effarch.layers.attention import Attention, AttentionConfig
@@ -85,6 +85,7 @@ def main(argv=None) -> dict:
     p.add_argument("--flat", type=float, default=1.2, help="the longest/shortest median ratio that counts as flat")
     p.add_argument("--out", default=None, help="JSON path (a PNG is written beside it)")
     args = p.parse_args(argv)
+    gate = LoadGate()
     load_before = os.getloadavg()[0]
     with OtherLoad() as other:
         results = {policy: {str(c): measure(policy, c, args) for c in args.contexts} for policy in args.policies}
@@ -100,7 +101,7 @@ def main(argv=None) -> dict:
         print(f"{policy:12s} µs/token {line}  ratio {summary[policy]['ratio_longest_to_shortest']:.2f}")
     if args.out:
         plot(results, args.contexts, os.path.splitext(args.out)[0] + ".png")
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from _common import emit
+from _common import LoadGate, emit
 from flax import nnx
 
 from effarch.layers.landmark import LandmarkAttention, LandmarkConfig
@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    gate = LoadGate()
     cfg = LandmarkConfig(n_heads=args.heads, block_len=args.block_len, mem_topk=args.topk)
     layer = LandmarkAttention(args.d_model, cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
             "memory_time_flat": max(mem_times) / min(mem_times) - 1 <= FLAT_TOLERANCE,
         },
     }
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import emit
+from _common import LoadGate, emit
 
 ZOOLOGY_SECONDS = 124.0  # Zoology's PyTorch loop, same task, 2-core CPU
 
@@ -53,6 +53,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
+    gate = LoadGate()
     runs = [run_once(args.config, args.overrides) for _ in range(args.repeats)]
     times = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
     median = statistics.median(times) if len(times) == len(runs) else None
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
         "ratio_vs_zoology": median / ZOOLOGY_SECONDS if median else None,
         "target": {"at_most_s": ZOOLOGY_SECONDS / 2, "met": bool(median and median <= ZOOLOGY_SECONDS / 2)},
     }
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

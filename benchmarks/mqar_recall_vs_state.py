@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from _common import emit
+from _common import LoadGate, emit
 from flax import nnx
 
 from effarch.arches.lm import DecoderLM
@@ -191,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--out", help="also write the JSON report here")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run, key=value")
     args = p.parse_args(argv)
+    gate = LoadGate()
     report = run(
         args.mixers,
         args.d_models,
@@ -206,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides=args.overrides,
         log=lambda line: print(line, file=sys.stderr),
     )
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

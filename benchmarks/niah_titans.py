@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 
-from _common import depth_heatmap, emit
+from _common import LoadGate, depth_heatmap, emit
 
 from effarch.arches.lm import DecoderLM
 from effarch.train.evals.niah import evaluate as evaluate_niah
@@ -49,6 +49,7 @@ def main(argv=None, models: dict[str, DecoderLM] | None = None) -> dict:
     ap.add_argument("--out")
     ap.add_argument("--png")
     args = ap.parse_args(argv)
+    gate = LoadGate()
     runs = {}
     for item in args.run:
         name, sep, run_dir = item.partition("=")
@@ -69,7 +70,7 @@ def main(argv=None, models: dict[str, DecoderLM] | None = None) -> dict:
                    "seed": args.seed, "chance_digit_accuracy": 0.1, "wall_s": round(time.perf_counter() - start, 1)},
         "results": results,
     }
-    emit(report, args.out)  # before the optional plot, so a missing matplotlib loses no measurement
+    emit(gate.stamp(report), args.out)  # before the optional plot, so a missing matplotlib loses no measurement
     if args.png:
         heatmap(report, args.png)
     return report

@@ -50,6 +50,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import LoadGate
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "lm" / "quickstart.yaml"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "plan_scale.json"
@@ -135,6 +137,7 @@ def plan_cell(mechanism: str, size: str, seq_len: int, slice_name: str, timeout:
     record = {"mechanism": mechanism, "size": size, "seq_len": seq_len, "slice": slice_name, "topology": topology,
               "overrides": overrides, "commit": _commit(), "wall_s": round(time.perf_counter() - t0, 1),
               "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+              "loaded": max(load_before, os.getloadavg()[0]) > LoadGate.LIMIT,
               "date": datetime.date.today().isoformat()}
     if "report" not in out:
         return {**record, "error": out["error"], "code": out["code"]}

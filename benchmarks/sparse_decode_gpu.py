@@ -24,7 +24,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit, time_calls
+from _common import LoadGate, emit, time_calls
 
 from effarch.pallas_kernels.block_sparse import sparse_decode_attention
 
@@ -122,12 +122,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes (S 64, budget 32, blocks of 16), 1 rep")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    gate = LoadGate()
     if args.dry_run:
         args.lengths, args.check_length, args.budget, args.block = [64], 64, 32, 16
         args.batch, args.heads, args.kv_heads, args.head_dim, args.warmup, args.reps = 1, 4, 2, 16, 0, 1
     report = {"device": str(jax.devices()[0].device_kind), "kernel": args.kernel, "budget": args.budget,
               "check": check(args), "speed": speed(args)}
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import compile_and_time, emit, platform_info
+from _common import LoadGate, compile_and_time, emit, platform_info
 from flax import nnx
 
 from effarch.layers.sparse_attention import POLICIES, SparseAttentionConfig
@@ -163,6 +163,7 @@ def main(argv=None) -> dict:
                         help="the policies to measure (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    gate = LoadGate()
     rng = np.random.default_rng(0)
     shape_q = (args.batch, args.seq_len, args.heads, args.head_dim)
     shape_kv = (args.batch, args.seq_len, args.kv_heads, args.head_dim)
@@ -170,7 +171,7 @@ def main(argv=None) -> dict:
     special = {"routing": measure_routing, "hyper": measure_hyper}
     results = {pattern: special[pattern](args, q, k, v) if pattern in special else measure(pattern, args, q, k, v)
                for pattern in args.patterns}
-    return emit({"config": {**vars(args), **platform_info()}, "results": results}, args.out)
+    return emit(gate.stamp({"config": {**vars(args), **platform_info()}, "results": results}), args.out)
 
 
 if __name__ == "__main__":

@@ -43,12 +43,11 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import platform_info
+from _common import LoadGate, platform_info
 from flax import nnx
 
 from effarch.arches.convert_sparse_attention import convert_to_sparse_attention
@@ -233,7 +232,7 @@ def main(argv=None) -> dict:
         args.patterns = [p for p in args.patterns if p != "seer"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()
+    gate = LoadGate()
 
     cfg, params = load_run_params(args.base)
     seer_cfg, seer_params = load_run_params(args.seer) if args.seer else (None, None)
@@ -256,8 +255,8 @@ def main(argv=None) -> dict:
     def save(partial: bool) -> dict:  # after every point, so an interrupted sweep keeps what it measured
         result = {"benchmark": "sparsity_sweep", "base": str(args.base), "seer": args.seer, "task": task,
                   "seq_len": T, "block": args.block, "quality": "accuracy" if task == "passkey" else "perplexity",
-                  "points": rows, "skipped": skipped, "partial": partial, "load_avg_before": load0,
-                  "load_avg_after": os.getloadavg(), "platform": platform_info()}
+                  "points": rows, "skipped": skipped, "partial": partial, "platform": platform_info()}
+        gate.stamp(result)  # the load average before and after; "loaded" above LoadGate.LIMIT
         (out_dir / "sparsity_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 

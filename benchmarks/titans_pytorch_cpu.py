@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import PipeWorker, emit
+from _common import LoadGate, PipeWorker, emit
 from flax import nnx
 
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
@@ -168,9 +168,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="torch thread counts, one worker each; the ratio uses the fastest")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
+    gate = LoadGate()
     report = run(a.lengths, d_model=a.d_model, heads=a.heads, chunk=a.chunk, batch_size=a.batch_size, reps=a.reps,
                  warmup=a.warmup, torch_python=a.torch_python, torch_threads=a.torch_threads)
-    return emit(report, a.out)
+    return emit(gate.stamp(report), a.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from _common import emit, platform_info
+from _common import LoadGate, emit, platform_info
 from flax import nnx
 
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
@@ -120,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the first case only, 3 reps (smoke test)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    gate = LoadGate()
     cases, reps = (CASES[:1], 3) if args.quick else (CASES, args.reps)
     load_before = os.getloadavg()
     results = [measure(c, reps) for c in cases]
@@ -129,7 +130,7 @@ def main(argv=None):
                                                           "heads": 4, "expansion": 4, "dtype": "float32"},
               "load_average_before": load_before, "load_average_after": load_after, "results": results,
               "worst_ratio": worst, "target": {"ratio_at_most": TOLERANCE, "met": worst <= TOLERANCE}}
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from _common import emit
+from _common import LoadGate, emit
 
 from effarch.train.config import load_config
 from effarch.train.data import build_data
@@ -127,6 +127,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides for every model, key=value")
     args = p.parse_args(argv)
+    gate = LoadGate()
     steps = args.steps if len(args.steps) == len(args.models) else args.steps[:1] * len(args.models)
     if len(args.steps) not in (1, len(args.models)) or min(steps) < 1 or args.repeats < 1 or args.log_every < 1:
         p.error("--steps: one positive count, or one per model; --repeats and --log-every >= 1")
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
                    for name, n in zip(args.models, steps)},
     }
     report["load_avg_1m_after"] = os.getloadavg()[0]  # the machine is shared: read the ratios, not single times
-    return emit(report, args.out)
+    return emit(gate.stamp(report), args.out)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,14 @@ def generate(
         raise ValueError(f"prompt must be [batch, length >= 1], got shape {prompt.shape}")
     batch, plen = prompt.shape
     check_reach(model, batch, plen, max_new_tokens)
+    run, state = generate_fn(model, batch, plen, max_new_tokens, temperature=temperature)
+    return np.asarray(run(state, prompt, jax.random.key(seed)))
+
+
+def generate_fn(model: DecoderLM, batch: int, plen: int, max_new_tokens: int, *, temperature: float = 0.0):
+    """(run, state): the jitted program `generate` calls, run(state, prompt [batch, plen], key) -> tokens [batch,
+    max_new_tokens] (prefill, then a scan of decode steps), and the model's state to pass it. Compiled once per
+    shape, so a benchmark (benchmarks/decode_cpu.py) times the calls `generate` makes without the compile."""
     graphdef, state = nnx.split(model)
 
     def pick(logits, key):
@@ -131,7 +139,7 @@ def generate(
         _, rest = jax.lax.scan(body, (dec_state, first), keys[1:])  # [max_new_tokens - 1, B]
         return jnp.concatenate([first[:, None], rest.T], axis=1)
 
-    return np.asarray(run(state, prompt, jax.random.key(seed)))
+    return run, state
 
 
 def sample_text(run_dir: str | Path, *, prompt_bytes: int = 96, max_new_tokens: int = 96, temperature: float = 0.7,

@@ -20,7 +20,7 @@ def test_scaling_main_writes_report_with_expected_keys(tmp_path, capsys):
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
-    assert set(report) == {"config", "train", "skipped", "decode", "targets"}
+    assert set(report) == {"config", "train", "skipped", "decode", "targets", "load"}
     assert report["config"]["lengths"] == [48, 96] and report["config"]["decode_lengths"] == [16, 40]
     assert set(report["train"]) == {"based_xla", "based_reference", "softmax_xla"}
     for path, per_t in report["train"].items():
@@ -92,7 +92,7 @@ def test_mqar_recall_vs_state_main_writes_report_with_expected_keys(tmp_path, ca
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
-    assert set(report) == {"benchmark", "config", "results"}
+    assert set(report) == {"benchmark", "config", "results", "load"}
     assert report["config"]["lrs"]["based"] == 1e-3
     rows = {row["mixer"]: row for row in report["results"]}
     assert set(rows) == {"based", "attention"}

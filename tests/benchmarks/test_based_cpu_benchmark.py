@@ -44,7 +44,7 @@ def test_based_cpu_ours_only_writes_report(tmp_path, capsys):
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
-    assert set(report) == {"config", "results"}
+    assert set(report) == {"config", "results", "load"}
     assert report["config"]["lengths"] == [48] and report["config"]["chunk_size"] == 16
     assert set(report["results"]) == {"48"} and set(report["results"]["48"]) == {"xla"}
     _check_xla(report["results"]["48"])

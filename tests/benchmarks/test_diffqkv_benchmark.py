@@ -18,7 +18,7 @@ def test_main_writes_report_with_exact_cache_bytes(tmp_path, capsys):
     report = bench.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
-    assert set(report) == {"config", "cache_bytes_bf16", "decode", "decode_time_ratio_vs_gqa"}
+    assert set(report) == {"config", "cache_bytes_bf16", "decode", "decode_time_ratio_vs_gqa", "load"}
 
     cache = report["cache_bytes_bf16"]
     # bf16, d_h = 64: GQA 2 * 16 heads * 64 * 2 bytes; Sigma (4 + 16) heads; with K cached at dim 32, 4 * 32 + 16 * 64.

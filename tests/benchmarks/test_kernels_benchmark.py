@@ -32,7 +32,7 @@ def test_dry_run_report(tmp_path, monkeypatch, capsys):
     report = bench.main(["--dry-run", "--lengths", "64", "--modes", "fwd_bwd", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
-    assert set(report) == {"config", "records", "speedups", "targets"}
+    assert set(report) == {"config", "records", "speedups", "targets", "load"}
     assert report["config"]["lengths"] == [64] and report["config"]["dtype"] == "bfloat16"
 
     by_key = {(r["op"], r["path"], r["mode"]): r for r in report["records"]}

@@ -20,7 +20,7 @@ def test_memory_cost_report(tmp_path):
     report = bench.main(["--contexts", "60", "120", "--d-model", "16", "--heads", "2", "--block-len", "4",
                          "--tokens", "2", "--reps", "1", "--warmup", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert set(report) == {"config", "results", "ratios", "targets"}
+    assert set(report) == {"config", "results", "ratios", "targets", "load"}
     mem, exact = report["results"]["memory"], report["results"]["exact"]
     assert set(mem) == set(exact) == {"60", "120"}
     # Blocks of 5: 12 and 24 cached blocks; the attention part is bounded, landmark scoring and the KV cache grow.

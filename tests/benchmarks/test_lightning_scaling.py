@@ -17,7 +17,7 @@ def test_main_writes_report_with_expected_keys(tmp_path, capsys):
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
-    assert set(report) == {"config", "results", "ratios", "skipped", "targets"}
+    assert set(report) == {"config", "results", "ratios", "skipped", "targets", "load"}
     assert report["config"]["lengths"] == [128, 256]
     assert report["config"]["budget_tokens"] == 512
     assert set(report["results"]) == {"lightning_xla", "softmax_xla"}

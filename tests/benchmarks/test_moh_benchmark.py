@@ -32,7 +32,7 @@ def test_main_both_paths(tmp_path):
     out = tmp_path / "report.json"
     report = bench.main([*TINY, "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert set(report) == {"config", "results", "ratios", "targets"}
+    assert set(report) == {"config", "results", "ratios", "targets", "load"}
     for path in ("dense", "sparse"):
         per_share = report["results"][path]
         assert set(per_share) == {"100", "75", "50"}
