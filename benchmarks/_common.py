@@ -137,8 +137,27 @@ def _busy_s() -> float | None:
 
 
 def _own_s() -> float:
+    """CPU seconds of this process, its finished children and its live children (a PipeWorker's Python, whose time
+    os.times() counts only once it exits)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system + t.children_user + t.children_system + _live_children_s()
+
+
+def _live_children_s() -> float:
+    me, total = str(os.getpid()), 0.0
+    try:
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # ppid; then utime, stime at fields 11, 12 (after the name)
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 class OtherLoad:
@@ -170,25 +189,36 @@ class OtherLoad:
 
 class LoadGate:
     """The 1-minute load average before and after a benchmark, and the rule that a loaded machine gives no target
-    verdict: `loaded` when either reading is above LIMIT. Numbers measured while loaded are still reported, marked
-    "loaded" (`stamp`), and a target's pass/fail becomes "loaded" (`verdict`), never "pass".
+    verdict. Numbers measured while loaded are still reported, marked "loaded" (`stamp`), and a target's pass/fail
+    becomes "loaded" (`verdict`), never "pass".
 
-    Made before the first timed call; `stamp(report)` reads the load again at the end. The load average counts this
-    process's own threads too, so a 2-thread benchmark on a quiet 2-core machine reads up to ~2 near its end: a run
-    that ends above the limit is rerun after the machine settles (or read with `OtherLoad`, which excludes itself).
+    `loaded`: the reading before is above LIMIT, or the reading after is and other processes were busy during the
+    run. The load average counts this benchmark's own threads (and its peer workers') too, so a 2-thread benchmark
+    on a quiet 2-core machine ends near 2 whatever else runs; an `OtherLoad` measured over the whole run (CPU time of
+    everything but this process and its children, in cores) tells whether that "after" is someone else's: it is
+    when the others used `OtherLoad.QUIET_BELOW` cores or more, or when /proc/stat cannot say.
+
+    Made before the first timed call; `stamp(report)` reads the load again at the end.
     """
 
     LIMIT = 1.5
     TARGET_KEYS = ("pass", "meets_target", "verdict")  # the keys under which benchmarks here report a target's result
 
-    def __init__(self, loadavg: Callable[[], tuple[float, float, float]] = os.getloadavg):
+    def __init__(self, loadavg: Callable[[], tuple[float, float, float]] = os.getloadavg,
+                 other: "OtherLoad | None" = None):
         self._loadavg = loadavg
         self.before = float(loadavg()[0])
         self.after: float | None = None
+        self._other = (other if other is not None else OtherLoad()).__enter__()
+        self.other_cores: float | None = None
 
     @property
     def loaded(self) -> bool:
-        return max(self.before, self.after if self.after is not None else self.before) > self.LIMIT
+        if self.before > self.LIMIT:
+            return True
+        if self.after is None or self.after <= self.LIMIT:
+            return False
+        return self.other_cores is None or self.other_cores >= OtherLoad.QUIET_BELOW
 
     def verdict(self, passed):
         """A target's result as reported: "loaded" on a loaded machine, else `passed` unchanged."""
@@ -196,7 +226,7 @@ class LoadGate:
 
     def record(self) -> dict:
         return {"load_1m_before": self.before, "load_1m_after": self.after, "limit": self.LIMIT,
-                "loaded": self.loaded}
+                "other_processes_cores": self.other_cores, "loaded": self.loaded}
 
     def stamp(self, report: dict) -> dict:
         """Reads the load after, adds report["load"] and, when loaded, replaces every target result in the report
@@ -204,11 +234,15 @@ class LoadGate:
         marked "load_free": True (a FLOP count or a compiled-memory bound, which load cannot change); a line on
         stderr says so. Returns the report."""
         self.after = float(self._loadavg()[0])
+        self._other.__exit__(None, None, None)
+        self.other_cores = self._other.cores
         report["load"] = self.record()
         if self.loaded:
             _replace_verdicts(report, self.TARGET_KEYS)
-            print(f"LOADED: load average {self.before:.2f} before, {self.after:.2f} after (> {self.LIMIT}): the "
-                  "numbers only show the benchmark works; no target verdict", file=sys.stderr)
+            others = "?" if self.other_cores is None else f"{self.other_cores:.2f}"
+            print(f"LOADED: load average {self.before:.2f} before, {self.after:.2f} after (> {self.LIMIT}), other "
+                  f"processes {others} cores: the numbers only show the benchmark works; no target verdict",
+                  file=sys.stderr)
         return report
 
 
