@@ -50,7 +50,7 @@ attention and moh need 8 GiB forward and 20 GiB forward + backward, more than a 
 
 `--sweep`: fwd+bwd only, T = 256 .. 16384 (x2; `--lengths` overrides), then per op its efficiency length: the
 smallest swept T from which it is faster than softmax_xla at every longer swept T where both ran (None when
-never), and a log-log PNG of time against T beside the JSON (the `plots` extra).
+never), and a log-log PNG of time against T beside the JSON (matplotlib, a default dependency).
 
 Load: `_common.LoadGate` records the 1-minute load average before and after; above 1.5 the report is marked
 "loaded" (the numbers only show that the benchmark works).
