@@ -6,7 +6,8 @@ that OUT's every pass, the prompt's included, computes the deployed model: retri
 streaming heads `duo_sink` + `duo_window` (DuoAttention, arXiv 2410.10819 §3; its chunked prefill applies the
 streaming heads to a long prompt too, there with the current 4096-token chunk read whole). `effarch eval OUT passkey`
 then measures that function through the parallel path; `--kv-policy duo` instead keeps the prefill dense and applies
-the choice at decode only. The KV cache is not shrunk: this evaluates the function, not the memory.
+the choice at decode only (eval's default `--kv-prefill context`: the question and the answer). The KV cache is not
+shrunk: this evaluates the function, not the memory.
 """
 
 import jax.numpy as jnp

@@ -8,16 +8,23 @@ tokens is prefilled (chunks of `--chunk`, dense, building the policy's own state
 state is donated and fed back, so XLA updates the cache in place, as a serving loop would). Reported per (policy, C):
 the median and minimum microseconds per token, and per policy the ratio of its median at the longest context to the
 shortest ("flat" when at most `--flat` = 1.2). Every policy reads `--budget` KV tokens per query head and step; the
-full cache reads C. Weights and inputs are random: this measures speed only. Quietness: `_common.OtherLoad` (the CPU
-other processes used during the run, in cores) and the load average before and after.
+full cache reads C. `retrieval_ivf` is `retrieval index=ivf`; `duo` is the layer with DuoAttention gates set by hand
+so that half its KV heads read the full cache (the others `--budget` sink + recent tokens); `razor` reads a made-up
+heads file in which one query head (of KV head 0) is the retrieval head, so again half the KV heads read the full
+cache. duo and razor (and act) read the whole cache on some heads by design: they are not expected to be flat, their
+ratio is reported all the same. Weights and inputs are random: this measures speed only. Quietness:
+`_common.OtherLoad` (the CPU other processes used during the run, in cores) and the load average before and after.
 
 Run:      .venv/bin/python benchmarks/kv_policy_decode.py [--contexts 2048 8192 32768] [--budget 256]
-              [--policies full window quest retrieval tokenselect] [--steps 30] [--out FILE]
+              [--policies full window quest retrieval retrieval_ivf tokenselect longheads duo razor] [--steps 30]
+              [--out FILE]
 """
 
 import argparse
+import json
 import os
 import statistics
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +35,43 @@ from flax import nnx
 from effarch.layers.attention import Attention, AttentionConfig
 from effarch.layers.kv_policies import make_policy
 
+POLICIES = ("full", "window", "quest", "retrieval", "retrieval_ivf", "tokenselect", "longheads", "duo", "razor")
+
+
+def half_full_heads(args) -> np.ndarray:
+    """[Hkv] 1.0 for the first half of the KV heads (duo's full heads), 0.0 for the rest."""
+    return (np.arange(args.kv_heads) < max(1, args.kv_heads // 2)).astype(np.float32)
+
+
+def with_policy(policy: str, args) -> Attention:
+    """The benchmark's layer, reading its cache through `policy` ("full": none)."""
+    duo = policy == "duo"
+    layer = Attention(args.d_model, AttentionConfig(n_heads=args.heads, n_kv_heads=args.kv_heads, duo_gates=duo),
+                      rngs=nnx.Rngs(0))
+    budget = f"budget={args.budget}"
+    if policy == "full":
+        return layer
+    if duo:
+        layer.duo_gate[...] = jnp.asarray(half_full_heads(args))
+        chosen = make_policy("duo", [budget, "n_sink=4", "full=0.5"]).for_mixers([layer]).for_layer(0)
+    elif policy == "razor":
+        # One query head of KV head 0 scores highest: KV head 0 reads its full cache, the others sinks + window.
+        scores = [[1.0 if h == 0 else 0.0 for h in range(args.heads)]]
+        path = os.path.join(tempfile.mkdtemp(prefix="kv_policy_decode_"), "heads.json")
+        with open(path, "w") as f:
+            json.dump({"scores": scores}, f)
+        chosen = make_policy("razor", [budget, f"heads={path}", "top=1"]).for_layer(0)
+    elif policy == "retrieval_ivf":
+        chosen = make_policy("retrieval", [budget, "index=ivf"])
+    else:
+        chosen = make_policy(policy, [budget])
+    layer.set_kv_policy(chosen)
+    return layer
+
 
 def measure(policy: str, context: int, args) -> dict:
     """Median / min microseconds per decode step after a prefill of `context` random tokens."""
-    layer = Attention(args.d_model, AttentionConfig(n_heads=args.heads, n_kv_heads=args.kv_heads),
-                      rngs=nnx.Rngs(0))
-    if policy != "full":
-        layer.set_kv_policy(make_policy(policy, [f"budget={args.budget}"]))
+    layer = with_policy(policy, args)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((args.batch, context, args.d_model)), jnp.float32)
     graphdef, params = nnx.split(layer)
 
@@ -73,7 +110,7 @@ def plot(results: dict, contexts: list[int], path: str) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
-    p.add_argument("--policies", nargs="+", default=["full", "window", "quest", "retrieval", "tokenselect"])
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--budget", type=int, default=256, help="KV tokens read per query head and step")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--d-model", type=int, default=256)

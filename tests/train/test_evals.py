@@ -533,6 +533,34 @@ def test_decoded_outputs_through_a_full_budget_policy_equal_the_full_forward():
     assert common.KV_READS.per_step() == pytest.approx(np.mean([min(3, t + 1) for t in range(p0 + 1, last + 1)]))
 
 
+def test_decoded_outputs_with_a_context_prefill_decode_the_question_through_the_policy():
+    from effarch.layers.kv_policies import make_policy
+
+    model, x, y = byte_model_and_batch()
+    y[:, :8] = -100  # the labels of the last 5 positions: the first 8 tokens stand for the context and question
+    want_pred, want_ce = common.labelled_outputs(model, x, y, batch_size=2)
+    rows, cols = np.nonzero(y != -100)
+    p0, last = cols.min(), cols.max()
+    q = np.full(len(x), 2)  # 2 tokens prefilled, the "question" (positions 2..p0) decoded
+    model.set_kv_policy(make_policy("quest", ["budget=16", "page=4"]))  # everything is read: the full cache
+    common.KV_READS.reset()
+    pred, ce = common.labelled_outputs(model, x, y, batch_size=5, prefill=q)
+    np.testing.assert_array_equal(pred, want_pred)
+    np.testing.assert_allclose(ce, want_ce, rtol=1e-5, atol=1e-5)
+    assert common.KV_READS.steps == last + 1 - 2  # one layer, one step per token from position 2 on
+    # A 3-token window: by default p0's output comes from the dense prefill (equal to the full forward); with the
+    # context prefill the tokens before p0 were decoded through the window too, so p0's output changes.
+    model.set_kv_policy(make_policy("window", ["budget=3", "n_sink=1"]))
+    at_p0 = cols == p0
+    _, ce_prompt = common.labelled_outputs(model, x, y, batch_size=5)
+    np.testing.assert_allclose(ce_prompt[at_p0], want_ce[at_p0], rtol=1e-5, atol=1e-5)
+    _, ce_context = common.labelled_outputs(model, x, y, batch_size=5, prefill=q)
+    assert np.abs(ce_context[at_p0] - want_ce[at_p0]).max() > 1e-4
+    with pytest.raises(ValueError, match="prefill must be"):
+        common.labelled_outputs(model, x, y, batch_size=5, prefill=np.zeros(len(x), int))
+    np.testing.assert_array_equal(common.question_starts(np.array([[1, 7, 2, 7, 3], [7, 0, 0, 0, 0]]), 7), [3, 0])
+
+
 def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
     code, out, err = cli(capsys, "eval", str(trained_run), "passkey", "--lengths", "40", "--depths", "0.5",
                          "--trials", "2", "--batch-size", "2", "--kv-policy", "window", "budget=16")
@@ -540,11 +568,19 @@ def test_eval_kv_policy_writes_its_own_result(trained_run, capsys):
     result = json.loads((trained_run / "eval" / "passkey.kv-window-budget16.json").read_text())
     assert result["kv_policy"]["name"] == "window" and result["kv_policy"]["budget"] == 16
     assert result["kv_policy"]["layers"] == [1]  # Zoology's hybrid: the base_conv layer 0 decodes as before
-    # The answer's 5 digits: 4 decode steps (the first digit's output comes from the prefill) at length >= 41 > 16.
-    assert result["kv_policy"]["tokens_read_per_step"] == 16
+    # --kv-prefill context (the default): the question [Q] [PK] and the first 4 answer digits are 6 decode steps,
+    # each after >= 34 > 16 tokens.
+    assert result["kv_policy"]["tokens_read_per_step"] == 16 and result["kv_policy"]["prefill"] == "context"
+    assert result["options"]["kv_prefill"] == "context"
     assert result["kv_policy"]["kv_bytes_read_per_step"] == 16 * 2 * 32 * 4  # K and V of d_model 32, float32
     assert set(result["results"]) == {"kv_window16"} and "| kv_window16 |" in out
     assert "passkey.kv-window-budget16.json" in out
+    code, out, err = cli(capsys, "eval", str(trained_run), "passkey", "--lengths", "40", "--depths", "0.5",
+                         "--trials", "2", "--batch-size", "2", "--kv-policy", "window", "budget=16",
+                         "--kv-prefill", "prompt")  # the old protocol, in a file of its own
+    assert code == 0, err
+    result = json.loads((trained_run / "eval" / "passkey.kv-window-budget16-prefillprompt.json").read_text())
+    assert result["kv_policy"]["prefill"] == "prompt"
     code, _, err = cli(capsys, "eval", str(trained_run), "niah", "--kv-policy", "quest", "budget=8", "page=16")
     assert code == 2 and "--kv-policy: kv policy quest: page must be in [1, budget=8]" in err
     assert err.count("\n") == 1
@@ -559,6 +595,9 @@ def test_sweep_collects_kv_policy_results(toy_sweep, tmp_path):
     argv = ["--lengths", "512", "--kv-policy", "quest", "budget=64", "page=8", "--trials", "2"]
     assert eval_result_name("passkey", argv) == "passkey.kv-quest-budget64-page8"
     assert eval_result_name("passkey", ["--trials", "2"]) == "passkey"
+    prompt = ["--kv-policy", "window", "--kv-prefill", "prompt"]
+    assert eval_result_name("niah", prompt) == "niah.kv-window-prefillprompt"
+    assert eval_result_name("niah", ["--kv-prefill", "context", "--kv-policy", "window"]) == "niah.kv-window"
     # A path option (act's calibration file) becomes one file name, not directories.
     cal = tmp_path / "act.json"
     cal.write_text(json.dumps({"heads": [[1, 0]], "beta": 0.4, "tau": 0.1}))

@@ -110,7 +110,7 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
             policy_layers = model.set_kv_policy(policy)
         except ValueError as e:
             raise EvalError(f"--kv-policy: {e}") from None
-    name = result_name(task, policy)
+    name = result_name(task, policy, getattr(args, "kv_prefill", None))
     KV_READS.reset()
     with Timer() as t:
         out = module.run(cfg, model, args, log=log)
@@ -123,6 +123,9 @@ def run_eval(run_dir: str | Path, task: str, argv: Sequence[str] = (), *,
         held = model.kv_policy or policy  # as the model resolved it (duo: its sizes and the heads its gates chose)
         result["kv_policy"] = {
             "name": policy.NAME, "describe": held.describe(), "budget": held.budget,
+            # what was prefilled densely: "context" (before the question), "prompt" (up to the answer), or None
+            # (a task without a question: up to the first labelled token)
+            "prefill": getattr(args, "kv_prefill", None),
             "layers": policy_layers,  # the layers that read through it (hybrids, dense_layers: not all)
             # measured: KV tokens a query head attended to per decode step and policy layer (recycled's and
             # tidal's full steps / layers included)

@@ -6,8 +6,9 @@ decoding returns the key. Chance is 10^-5 per trial (0.1 per digit, also reporte
 
 Paths:
 - "full": the parallel forward over the whole input, every token at its true position.
-- "kv_{policy}{budget}" (`--kv-policy NAME [OPT=VALUE ...]`): the context prefilled densely, then the answer tokens
-  decoded one by one, each attention layer reading its KV cache through the policy (layers/kv_policies/).
+- "kv_{policy}{budget}" (`--kv-policy NAME [OPT=VALUE ...]`): the context before the question prefilled densely,
+  then the question and the answer tokens decoded one by one, each attention layer reading its KV cache through the
+  policy (layers/kv_policies/); `--kv-prefill prompt` prefills the question too (only the answer decoded).
 - "topk{k}" (landmark models only, `--topk`): block-memory inference (arches/landmark_memory.py), chunks of
   `--chunk` tokens, completed blocks cached, top-k blocks per token and head, the paper's positional remapping.
 
@@ -29,12 +30,14 @@ from effarch.train.data import passkey
 from effarch.train.data.labels import IGNORE_LABEL
 from effarch.train.evals import plots
 from effarch.train.evals.common import (
+    KV_PREFILL,
     EvalError,
     add_kv_policy_argument,
     check_vocab,
     exact_match,
     labelled_outputs,
     positive_int,
+    question_starts,
     unit_float,
 )
 
@@ -53,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-full", action="store_true", help="skip the full forward path")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass")
     p.add_argument("--seed", type=int, default=0)
-    add_kv_policy_argument(p)
+    add_kv_policy_argument(p, question=True)
 
 
 def landmark_block_len(model: DecoderLM) -> int:
@@ -90,10 +93,21 @@ def path_name(model: DecoderLM) -> str:
     return "full" if policy is None else f"kv_{policy.NAME}{policy.budget}"
 
 
-def predictions(model: DecoderLM, path: str, x: np.ndarray, y: np.ndarray, batch_size: int, chunk: int) -> np.ndarray:
+def kv_prefill_of(model: DecoderLM, x: np.ndarray, kv_prefill: str, query_token: int) -> np.ndarray | None:
+    """The tokens to prefill per row for `decoded_outputs`: the context before the last `query_token` (the question)
+    with kv_prefill "context", None (up to the first answer token) with "prompt" or without a KV policy."""
+    if kv_prefill not in KV_PREFILL:
+        raise EvalError(f"--kv-prefill must be one of {', '.join(KV_PREFILL)}, got {kv_prefill!r}")
+    if model.kv_policy is None or kv_prefill == "prompt":
+        return None
+    return question_starts(x, query_token)
+
+
+def predictions(model: DecoderLM, path: str, x: np.ndarray, y: np.ndarray, batch_size: int, chunk: int,
+                kv_prefill: str = KV_PREFILL[0]) -> np.ndarray:
     """Argmax at the labelled positions (np.nonzero order) for one path."""
     if not path.startswith("topk"):
-        return labelled_outputs(model, x, y, batch_size)[0]
+        return labelled_outputs(model, x, y, batch_size, kv_prefill_of(model, x, kv_prefill, passkey.QUERY))[0]
     logits = np.concatenate([memory_logits(with_topk(model, int(path[4:])), x[i : i + batch_size], chunk)
                              for i in range(0, len(x), batch_size)])
     rows, cols = np.nonzero(y != IGNORE_LABEL)
@@ -101,7 +115,7 @@ def predictions(model: DecoderLM, path: str, x: np.ndarray, y: np.ndarray, batch
 
 
 def evaluate(model: DecoderLM, lengths, depths, *, trials: int, seed: int, batch_size: int, topk=(),
-             full: bool = True, chunk: int = 128, log=None) -> dict:
+             full: bool = True, chunk: int = 128, kv_prefill: str = KV_PREFILL[0], log=None) -> dict:
     """{"summary": {"accuracy", "T{len}": accuracy, ...} of the first path, "results": {path: {str(len): {"accuracy",
     "digit_accuracy", "by_depth": {str(depth): accuracy}}}}}."""
     check_vocab(model.cfg, passkey.VOCAB_SIZE, NAME)
@@ -123,7 +137,7 @@ def evaluate(model: DecoderLM, lengths, depths, *, trials: int, seed: int, batch
         except ValueError as e:
             raise EvalError(f"task passkey: length {T}: {e}") from None
         for path in paths:
-            pred = predictions(model, path, x, y, batch_size, chunk)
+            pred = predictions(model, path, x, y, batch_size, chunk, kv_prefill)
             hit = exact_match(pred, y)
             results[path][str(T)] = {
                 "accuracy": float(hit.mean()),
@@ -145,9 +159,11 @@ def default_lengths(cfg: Config) -> list[int]:
 def run(cfg: Config, model: DecoderLM, args: argparse.Namespace, log=None) -> dict:
     lengths = args.lengths or default_lengths(cfg)
     out = evaluate(model, lengths, args.depths, trials=args.trials, seed=args.seed, batch_size=args.batch_size,
-                   topk=args.topk, full=not args.no_full, chunk=args.chunk, log=log)
+                   topk=args.topk, full=not args.no_full, chunk=args.chunk, kv_prefill=args.kv_prefill, log=log)
     out["options"] = {"lengths": lengths, "depths": args.depths, "trials": args.trials, "topk": args.topk,
                       "chunk": args.chunk, "seed": args.seed, "batch_size": args.batch_size}
+    if model.kv_policy is not None:
+        out["options"]["kv_prefill"] = args.kv_prefill
     return out
 
 

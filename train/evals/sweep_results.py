@@ -54,7 +54,8 @@ def collect(sweep: Sweep, specs: list[dict], status: dict[str, str] | None = Non
 
 def eval_result_name(task: str, argv: list[str]) -> str:
     """The result file's stem that `effarch eval RUN_DIR task *argv` writes: the task, or with --kv-policy NAME
-    [OPT=VALUE ...] the task and the policy's tag ("passkey.kv-quest-budget64")."""
+    [OPT=VALUE ...] the task and the policy's tag ("passkey.kv-quest-budget64"; "-prefillprompt" added by
+    `--kv-prefill prompt`)."""
     if "--kv-policy" not in argv:
         return task
     from effarch.layers.kv_policies import PolicyError, make_policy
@@ -62,7 +63,8 @@ def eval_result_name(task: str, argv: list[str]) -> str:
     start = argv.index("--kv-policy") + 1
     end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
     try:
-        return result_name(task, make_policy(argv[start], argv[start + 1 : end]))
+        prefill = argv[argv.index("--kv-prefill") + 1] if "--kv-prefill" in argv[:-1] else None
+        return result_name(task, make_policy(argv[start], argv[start + 1 : end]), prefill)
     except (PolicyError, IndexError):
         return task  # the eval itself reports the bad policy
 
