@@ -146,11 +146,12 @@ register("base_conv", BaseConv, configs=("conv",), state="bounded")
 register("zoology_base_conv", ZoologyBaseConv, configs=("conv",), state="bounded")
 register("based", BasedLinearAttention, configs=("based",), state="bounded")
 register("sliding_window", SlidingWindowAttention, configs=("sliding_window",), state="bounded")
-# The memory's inner gradient step makes the outer gradient a second-order program. Its gradients run in the default
-# suite (in the mixer's one compile: ~10 s more per Titans mixer on 2 CPU cores); the bfloat16 program (a second
-# compile, ~7 s) and the 8-device step with the slow tests.
+# The memory's inner gradient step makes the outer gradient a second-order program. The LMM's gradients run in the
+# default suite (in the mixer's one compile: ~10 s more on 2 CPU cores), the hybrids' (the same memory, checked
+# there) with the slow tests; the bfloat16 program (a second compile, ~7 s) and the 8-device step with the slow tests.
 TITANS_SLOW = {"bf16": "a second compile of the memory's second-order program",
                "mesh": "two second-order compiles of the train step"}
+TITANS_HYBRID_SLOW = {**TITANS_SLOW, "grad": "the memory's second-order gradients, checked on titans_lmm by default"}
 register("titans_lmm", NeuralMemory, configs=("titans",), state="bounded", slow=TITANS_SLOW)
 # The decay rate depends on the layer's depth (TNL's schedule), hence layer_idx / n_layers.
 register("lightning", configs=("lightning",), state="bounded",
@@ -160,9 +161,12 @@ register("diffqkv", DiffQKVAttention, configs=("diffqkv",), state="linear")
 register("moh", MoHAttention, configs=("moh",), state="linear")
 register("landmark", LandmarkAttention, configs=("landmark",), state="linear")
 # Titans' hybrids: the memory from cfg.titans, the attention from cfg.titans_attention.
-register("titans_mac", MemoryAsContext, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
-register("titans_mag", MemoryAsGate, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
-register("titans_mal", MemoryAsLayer, configs=("titans", "titans_attention"), state="bounded", slow=TITANS_SLOW)
+register("titans_mac", MemoryAsContext, configs=("titans", "titans_attention"), state="bounded",
+         slow=TITANS_HYBRID_SLOW)
+register("titans_mag", MemoryAsGate, configs=("titans", "titans_attention"), state="bounded",
+         slow=TITANS_HYBRID_SLOW)
+register("titans_mal", MemoryAsLayer, configs=("titans", "titans_attention"), state="bounded",
+         slow=TITANS_HYBRID_SLOW)
 # Bounded for sink_window (sinks + a ring buffer, its small config); with pattern s2, longlora or moa, or infer_dense,
 # the decode state is Attention's KV cache, which grows linearly.
 # A moa plan has one entry per layer: the layer's index picks its (alpha, beta), and the plan's length is checked.

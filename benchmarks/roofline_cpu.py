@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import LoadGate, emit, memory_stats, platform_info
+from _common import LoadGate, emit, memory_stats, platform_info, time_calls
 
 from effarch.pallas_kernels.attention import dot_product_attention
 from effarch.pallas_kernels.based import based_linear_attention
@@ -253,12 +253,7 @@ def time_compiled(compiled, args, *, reps: int, case_seconds: float) -> list[flo
     jax.block_until_ready(compiled(*args))
     first = time.perf_counter() - start
     n = max(2, min(reps, int(min(case_seconds / max(first, 1e-6), reps))))
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return times
+    return time_calls(compiled, args, warmup=0, reps=n)
 
 
 def measure_case(case: Case, mode: str, *, reps: int, case_seconds: float, max_temp_bytes: int) -> dict:

@@ -34,6 +34,8 @@ def _names(slow: bool) -> list[str]:
     return [n for n in sorted(MIXERS) if "mesh" not in MIXERS[n].skip and ("mesh" in MIXERS[n].slow) == slow]
 
 
+# ~50 s on 2 CPU cores: slow; the default suite's sharding guard is tests/train/test_train.py's 2-device step.
+@pytest.mark.slow
 def test_train_step_on_8_devices_equals_one_device():
     check(_names(slow=False))
 

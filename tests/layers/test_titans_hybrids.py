@@ -36,7 +36,7 @@ def inputs(t, seed=0, b=1):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((b, t, D)), jnp.float32)
 
 
-@pytest.mark.parametrize("cls", [MemoryAsContext, MemoryAsGate, MemoryAsLayer])
+@pytest.mark.parametrize("cls", [pytest.param(MemoryAsContext, marks=pytest.mark.slow), MemoryAsGate, MemoryAsLayer])
 def test_persistent_tokens_reach_the_first_query(cls):
     layer = cls(D, MEMORY, ATTENTION, rngs=nnx.Rngs(0))
     assert isinstance(layer, Mixer)
