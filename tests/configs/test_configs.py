@@ -32,6 +32,7 @@ SLOW_STEP = {"lm/titans_mac_small.yaml", "niah/titans_mac.yaml", "niah/titans_ma
              # the same with data.text.bos, whose windows tests/train/test_text_data.py and test_evals.py check
              "lm/sink_window_bos.yaml",
              "mqar/attention.yaml",  # mqar/zoology_attention trains attention on MQAR
+             "niah/attention.yaml",  # niah/sliding_window trains the task, mqar/zoology_attention attention
              # BaseConv + attention / sparse_attention (s2) on MQAR (256, 16): zoology_attention and
              # lm/sparse_attention_small train those mixers
              "mqar/attention_256.yaml", "mqar/s2_hybrid.yaml", "mqar/s2.yaml",
