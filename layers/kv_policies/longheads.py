@@ -52,7 +52,8 @@ class LongHeadsPolicy(KVPolicy):
     def init_state(self, batch, max_len, n_kv_heads, head_dim, n_heads=None):
         n_heads = n_kv_heads if n_heads is None else n_heads
         w = self.chunk
-        return {"keys": jnp.zeros((batch, -(-max_len // w), n_heads, head_dim), jnp.float32),  # chunk keys k_c
+        # chunk keys k_c, head-major: a decode step scores each head's row of them with one matrix-vector product
+        return {"keys": jnp.zeros((batch, n_heads, -(-max_len // w), head_dim), jnp.float32),
                 # the current (partial) chunk's q, k, v as written (rotated at their true positions)
                 "buf_q": jnp.zeros((batch, w, n_heads, head_dim), jnp.float32),
                 "buf_k": jnp.zeros((batch, w, n_kv_heads, head_dim), jnp.float32),
@@ -86,8 +87,8 @@ class LongHeadsPolicy(KVPolicy):
         keys = chunk_keys(self._rotate(q, back[None, :, None]), self._rotate(k, back[None, :, None]), v, w)
         n_c = m // w
         complete = (jnp.arange(n_c) + 1) * w <= r0 + T
-        target = jnp.where(complete, pos // w + jnp.arange(n_c), state["keys"].shape[1])  # incomplete: dropped
-        new_keys = state["keys"].at[:, target].set(keys, mode="drop")
+        target = jnp.where(complete, pos // w + jnp.arange(n_c), state["keys"].shape[2])  # incomplete: dropped
+        new_keys = state["keys"].at[:, :, target].set(jnp.swapaxes(keys, 1, 2), mode="drop")
         last = (r0 + T) // w  # the chunk that is now partial (or empty)
 
         def rest(x):
@@ -105,9 +106,9 @@ class LongHeadsPolicy(KVPolicy):
         w, n = self.chunk, self.n_chunks
         length = jnp.asarray(length, jnp.int32)
         last = (length - 1) // w  # the current chunk: always read, laid out last
-        n_all = state["keys"].shape[1]
+        n_all = state["keys"].shape[2]
         q_raw = self._rotate(q, -(length - 1))  # the unrotated query scores the chunks
-        score = jnp.einsum("BHK,BCHK->BHC", q_raw, state["keys"])
+        score = jnp.einsum("BHK,BHCK->BHC", q_raw, state["keys"])
         j = jnp.arange(n_all)
         forced = (j == 0) | (j == last - 1)  # the first and the previous chunk
         score = jnp.where(forced[None, None, :], jnp.inf, score)

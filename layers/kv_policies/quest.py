@@ -5,7 +5,11 @@ The cache is split into pages of `page` tokens aligned at position 0. For each p
 element-wise max and min of its (rotated) keys, updated as tokens are written. At a decode step, query head h scores
 page p by the upper bound of q·k over the page,
 
-    bound(h, p) = Σ_d max(q_d · kmax[p, d], q_d · kmin[p, d]),
+    bound(h, p) = Σ_d max(q_d · kmax[p, d], q_d · kmin[p, d]) = q⁺ · kmax[p] + q⁻ · kmin[p],
+
+(q⁺ = max(q, 0), q⁻ = min(q, 0): kmax >= kmin, so the sign of q_d picks the term), computed as two matrix-vector
+products over head-major bounds [B, Hkv, pages, K]: the per-step work is two passes over 2 / page of the keys' bytes,
+with no transpose or elementwise [pages, K] temporary (what keeps the step flat in the context length),
 
 and reads the top pages by bound, one list per query head (Hs = Hq, as Quest; a GQA group loads the union). The
 current page (the one holding the new token, often partial) is always read: Quest scores it like the others, but
@@ -35,27 +39,34 @@ class QuestPolicy(KVPolicy):
 
     def init_state(self, batch, max_len, n_kv_heads, head_dim, n_heads=None):
         n_pages = -(-max_len // self.page)
-        shape = (batch, n_pages, n_kv_heads, head_dim)
+        shape = (batch, n_kv_heads, n_pages, head_dim)  # head-major: a decode step reads each head's bounds in a row
         return {"kmax": jnp.full(shape, -jnp.inf, jnp.float32), "kmin": jnp.full(shape, jnp.inf, jnp.float32)}
 
     def update(self, state, k_new, pos):
+        k32 = jnp.swapaxes(k_new.astype(jnp.float32), 1, 2)  # [B, Hkv, T, K]
+        if k_new.shape[1] == 1:  # a decode step: one page's row, read and written in place
+            at = (0, 0, jnp.asarray(pos, jnp.int32) // self.page, 0)
+            size = (*k32.shape[:2], 1, k32.shape[-1])
+            new = {n: jax.lax.dynamic_update_slice(state[n], f(jax.lax.dynamic_slice(state[n], at, size), k32), at)
+                   for n, f in (("kmax", jnp.maximum), ("kmin", jnp.minimum))}
+            # Without the barrier XLA's CPU compiler fuses the write into both the bounds' matmuls and the state it
+            # returns, and copies every page's bounds (four times) to do it: O(context) per step.
+            return jax.lax.optimization_barrier(new)
         pages = (pos + jnp.arange(k_new.shape[1], dtype=jnp.int32)) // self.page
-        k32 = k_new.astype(jnp.float32)
-        return {"kmax": state["kmax"].at[:, pages].max(k32), "kmin": state["kmin"].at[:, pages].min(k32)}
+        return {"kmax": state["kmax"].at[:, :, pages].max(k32), "kmin": state["kmin"].at[:, :, pages].min(k32)}
 
     def page_bounds(self, state, q):
         """bound [B, Hq, nP] of every page for every query head (pages never written hold ±inf: mask them)."""
         B, Hq, K = q.shape
-        Hkv = state["kmax"].shape[2]
-        q_BHGK = q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, 1, K)
-        kmax = jnp.transpose(state["kmax"], (0, 2, 1, 3))[:, :, None]  # [B, Hkv, 1, nP, K]
-        kmin = jnp.transpose(state["kmin"], (0, 2, 1, 3))[:, :, None]
-        bound = jnp.sum(jnp.maximum(q_BHGK * kmax, q_BHGK * kmin), axis=-1)
-        return bound.reshape(B, Hq, -1)
+        Hkv = state["kmax"].shape[1]
+        q_BHGK = q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, K)
+        hi = jnp.einsum("BHGK,BHPK->BHGP", jnp.maximum(q_BHGK, 0.0), state["kmax"], precision="highest")
+        lo = jnp.einsum("BHGK,BHPK->BHGP", jnp.minimum(q_BHGK, 0.0), state["kmin"], precision="highest")
+        return (hi + lo).reshape(B, Hq, -1)
 
     def select(self, state, q, k_cache, length):
         B, Hq, _ = q.shape
-        n_pages = state["kmax"].shape[1]
+        n_pages = state["kmax"].shape[2]
         length = jnp.asarray(length, jnp.int32)
         last = (length - 1) // self.page  # the current page, always read
         r = length - last * self.page  # its tokens, 1..page

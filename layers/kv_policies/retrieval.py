@@ -5,17 +5,18 @@ search over the other keys, the two attentions combined by their log-sum-exp).
 Two indexes (`index=`):
 - "exact": the oracle of the paper's approximate index. The retrieved tokens are the top `budget − n_sink −
   n_recent` keys by attention among those outside the static part. The search scores every key (what an index exists
-  to avoid, and not counted in the reads); the attention then reads only the budget.
+  to avoid, and not counted in the reads); the attention then reads only the budget. Its step time grows with the
+  context, as the scoring of every key does.
 - "ivf": the scalable variant, an inverted-file index per KV head standing in for the paper's attention-aware ANNS
-  index (§3.2). At prefill (the first cache write of more than one token) the written keys are clustered by k-means
-  (Lloyd, L2, `KMEANS_ITERS` iterations from evenly spaced keys) into `nlist` centroids per KV head and batch row; every
-  key belongs to the list of its nearest centroid, and a key written later (at decode) joins the list of its nearest
-  centroid (it is read through the recent window until it leaves it, then through its list: the candidates exclude the
-  window). A step scores the centroids with the query (a GQA group votes as below), scans the `nprobe` best lists and
-  retrieves their top keys. The reads count the index honestly, in KV-token units where a key alone is half a token
-  (K and V rows have the same width): attended tokens + (nlist centroids + the scanned list members) / 2. The XLA
-  path computes the scan as a mask over the cache (same result, not O(scanned) compute): the reads are what an IVF
-  index would touch. With nprobe = nlist the selection is exact's.
+  index (§3.2; layers/kv_policies/ivf.py): k-means centroids fitted on the first cache write (the prefill), every key
+  stored in a fixed-capacity list (its nearest list with room), keys written at decode added the same way (a key is
+  read through the recent window until it leaves it, then through its list: the candidates exclude the window). A
+  step scores the centroids with the query (a GQA group votes as below), gathers the members of the `nprobe` best
+  lists and retrieves their top keys. `nlist=0` (the default) gives one list per `list_size` cache slots, so the
+  lists keep their size and a step's search stays the same size as the context grows (kv_policy_decode.py measures
+  it); `nlist=N` fixes the count. Lists hold `slack` times their mean size. The reads count the index honestly, in
+  KV-token units where a key alone is half a token (K and V rows have the same width): attended tokens + (centroids
+  + the scanned list members among the candidates) / 2. With nprobe = nlist the selection is exact's.
 
 One selection per KV head (Hs = Hkv): a GQA group's query heads vote with their attention probabilities (the sum of
 each head's softmax over the candidates), so with one query head per KV head it is exactly the top-k of q·k. A budget
@@ -27,6 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from effarch.layers.kv_policies import ivf
 from effarch.layers.kv_policies.base import (
     KVPolicy,
     PolicyError,
@@ -37,7 +39,6 @@ from effarch.layers.kv_policies.base import (
     sink_recent,
 )
 
-KMEANS_ITERS = 10  # Lloyd iterations at prefill
 INDEXES = ("exact", "ivf")
 
 
@@ -47,8 +48,10 @@ class RetrievalPolicy(KVPolicy):
     n_sink: int = 4
     n_recent: int = -1  # -1: budget // 4
     index: str = "exact"  # "exact" top-k, or "ivf" (k-means lists, nprobe of them scanned)
-    nlist: int = 16  # ivf: lists (centroids) per KV head
+    nlist: int = 0  # ivf: lists (centroids) per KV head; 0 = one per list_size cache slots
     nprobe: int = 4  # ivf: lists scanned per step
+    list_size: int = 64  # ivf with nlist=0: cache slots per list
+    slack: float = 2.0  # ivf: a list holds slack times the mean list size
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,32 +62,28 @@ class RetrievalPolicy(KVPolicy):
                               f"and leave tokens to retrieve within budget={self.budget}")
         if self.index not in INDEXES:
             raise PolicyError(f"kv policy retrieval: index must be exact or ivf, got {self.index!r}")
-        if not 1 <= self.nprobe <= self.nlist:
-            raise PolicyError(f"kv policy retrieval: need 1 <= nprobe <= nlist, got nprobe={self.nprobe}, "
-                              f"nlist={self.nlist}")
+        if self.nlist < 0 or self.nprobe < 1 or (self.nlist and self.nprobe > self.nlist):
+            raise PolicyError(f"kv policy retrieval: need nlist >= 0 (0: one per list_size slots) and 1 <= nprobe "
+                              f"<= nlist, got nprobe={self.nprobe}, nlist={self.nlist}")
+        if self.list_size < 1 or self.slack < 1:
+            raise PolicyError(f"kv policy retrieval: need list_size >= 1 and slack >= 1 (every key must fit a list), "
+                              f"got list_size={self.list_size}, slack={self.slack}")
 
     @property
     def top_k(self) -> int:
         return self.budget - self.n_sink - self.n_recent
 
+    def n_lists(self, max_len: int) -> int:
+        return self.nlist or max(1, -(-max_len // self.list_size))
+
     def init_state(self, batch, max_len, n_kv_heads, head_dim, n_heads=None):
         if self.index == "exact":
             return {}
-        return {"centroids": jnp.zeros((batch, n_kv_heads, self.nlist, head_dim), jnp.float32),
-                "assign": jnp.full((batch, n_kv_heads, max_len), -1, jnp.int32)}
+        n = self.n_lists(max_len)
+        return ivf.init_index(batch, n_kv_heads, max_len, head_dim, n, ivf.capacity(max_len, n, self.slack))
 
     def update(self, state, k_new, pos):
-        if self.index == "exact":
-            return state
-        k_BHTK = jnp.swapaxes(k_new.astype(jnp.float32), 1, 2)
-        if k_new.shape[1] > 1:  # prefill: build the index from these keys when they start the cache
-            centroids = jax.lax.cond(jnp.asarray(pos) == 0, lambda: kmeans(k_BHTK, self.nlist),
-                                     lambda: state["centroids"])
-        else:
-            centroids = state["centroids"]
-        lists = nearest(k_BHTK, centroids)
-        return {"centroids": centroids,
-                "assign": jax.lax.dynamic_update_slice(state["assign"], lists, (0, 0, jnp.asarray(pos, jnp.int32)))}
+        return state if self.index == "exact" else ivf.add_keys(state, k_new, pos)
 
     def _select(self, state, q, k_cache, length):
         """(parts, index reads): the index reads are ivf's key-only reads in KV tokens (module docstring), 0 for exact
@@ -98,16 +97,25 @@ class RetrievalPolicy(KVPolicy):
                                         n_lists=Hkv)], jnp.zeros((), jnp.float32)
         lo = jnp.minimum(self.n_sink, length)
         hi = jnp.maximum(length - self.n_recent, lo)
-        covers = hi - lo <= self.top_k  # the budget holds every candidate: no search
-        s = jnp.einsum("BHGK,BHCK->BHGC", q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, K), state["centroids"])
-        _, probe = jax.lax.top_k(group_vote(s * K**-0.5), self.nprobe)  # [B, Hkv, nprobe]
-        probed = jnp.any(state["assign"][..., None] == probe[:, :, None, :], axis=-1)  # [B, Hkv, S]
-        pos = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-        cand = (pos >= lo) & (pos < hi)
-        scanned = jnp.mean(jnp.sum(probed & cand[None, None, :], axis=-1).astype(jnp.float32))  # mean over lists
-        index_reads = jnp.where(covers, 0.0, 0.5 * (self.nlist + scanned))  # a key alone: half a KV token
-        return [static, voted_top_k(q, k_cache, self.n_sink, self.n_recent, length, self.top_k, n_lists=Hkv,
-                                    allowed=probed | covers)], index_reads
+        q_BHGK = q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, K)
+        s = jnp.einsum("BHGK,BHCK->BHGC", q_BHGK, state["centroids"])
+        members = ivf.probe(state, group_vote(s * K**-0.5), self.nprobe)  # [B, Hkv, M]: positions, −1 empty
+        valid = (members >= lo) & (members < hi)  # candidates only (the window and sinks are the static part)
+        keys = k_cache[jnp.arange(B)[:, None, None], jnp.maximum(members, 0), jnp.arange(Hkv)[None, :, None]]
+        s = jnp.einsum("BHGK,BHMK->BHGM", q_BHGK, keys.astype(jnp.float32)) * K**-0.5
+        vote = group_vote(jnp.where(valid[:, :, None, :], s, -jnp.inf))  # [B, Hkv, M]
+        k = self.top_k
+        _, top = jax.lax.top_k(vote, min(k, members.shape[-1]))  # the valid ones first
+        found = jnp.take_along_axis(members, top, axis=-1)
+        found = jnp.pad(found, ((0, 0), (0, 0), (0, k - found.shape[-1])))
+        n_valid = jnp.sum(valid, axis=-1)
+        # A budget that holds every candidate reads them all, without the index.
+        covers = hi - lo <= k
+        idx = jnp.where(covers, lo + jnp.arange(k, dtype=jnp.int32), found)
+        cnt = jnp.where(covers, hi - lo, jnp.minimum(k, n_valid))
+        scanned = jnp.mean(n_valid.astype(jnp.float32))  # mean over lists
+        index_reads = jnp.where(covers, 0.0, 0.5 * (state["centroids"].shape[2] + scanned))  # a key alone: half
+        return [static, Selection(idx.astype(jnp.int32), cnt.astype(jnp.int32))], index_reads
 
     def select(self, state, q, k_cache, length):
         return self._select(state, q, k_cache, length)[0], state
@@ -116,27 +124,6 @@ class RetrievalPolicy(KVPolicy):
         parts, index_reads = self._select(state, q, k_cache, length)
         o, _ = attend_parts(parts, q, k_cache, v_cache, length, self.implementation)
         return o, state, reads_of(parts, length) + index_reads
-
-
-def kmeans(x: jax.Array, n: int, iters: int = KMEANS_ITERS) -> jax.Array:
-    """Centroids [B, H, n, K] of the points x [B, H, T, K] by Lloyd's k-means (L2), started from n evenly spaced
-    points; an empty cluster keeps its centroid."""
-    T = x.shape[2]
-    c = x[:, :, jnp.linspace(0, T - 1, n).round().astype(jnp.int32)]
-
-    def step(c, _):
-        onehot = jax.nn.one_hot(nearest(x, c), n, dtype=x.dtype)  # [B, H, T, n]
-        sums = jnp.einsum("BHTC,BHTK->BHCK", onehot, x)
-        counts = jnp.sum(onehot, axis=2)[..., None]
-        return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), c), None
-
-    return jax.lax.scan(step, c, None, length=iters)[0]
-
-
-def nearest(x: jax.Array, c: jax.Array) -> jax.Array:
-    """The nearest centroid (L2) of every point: x [B, H, T, K], c [B, H, n, K] -> int32 [B, H, T]."""
-    d = jnp.sum(c * c, axis=-1)[:, :, None, :] - 2 * jnp.einsum("BHTK,BHCK->BHTC", x, c)
-    return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
 
 def group_vote(s: jax.Array) -> jax.Array:

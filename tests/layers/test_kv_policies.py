@@ -58,9 +58,9 @@ def test_quest_selection_by_hand():
     assert int(part.tokens(jnp.int32(7))[0, 0]) == 5
     # A decode step's update (token 7 into page 3) keeps the other pages' bounds.
     state2 = p.update(state, k[:, 7:8], jnp.int32(7))
-    np.testing.assert_allclose(state2["kmax"][0, :3], state["kmax"][0, :3])
-    np.testing.assert_allclose(state2["kmax"][0, 3, 0], [5, 5])
-    np.testing.assert_allclose(state2["kmin"][0, 3, 0], [0, 0])
+    np.testing.assert_allclose(state2["kmax"][0, :, :3], state["kmax"][0, :, :3])  # [B, Hkv, pages, K]
+    np.testing.assert_allclose(state2["kmax"][0, 0, 3], [5, 5])
+    np.testing.assert_allclose(state2["kmin"][0, 0, 3], [0, 0])
 
 
 def test_retrieval_selection_by_hand():
@@ -130,6 +130,38 @@ def test_ivf_keys_written_at_decode_join_their_nearest_list():
     d = np.sum((np.asarray(centroids)[0, 0] - np.asarray(k)[0, 48, 0]) ** 2, axis=-1)
     assert int(state["assign"][0, 0, 48]) == int(np.argmin(d))
     assert int(state["assign"][0, 0, 49]) == -1  # not written yet
+
+
+def test_ivf_lists_are_balanced_and_hold_every_key_once():
+    from effarch.layers.kv_policies import ivf
+
+    # By hand: 1-D points, two lists with room 2 each: three points want list 0 (at 0); the farthest of them (0.9)
+    # goes to list 1 (at 5), its next nearest, with the point already nearest to list 1.
+    x = jnp.array([0.1, 0.9, -0.2, 4.0])[:, None]
+    d = (x - jnp.array([0.0, 5.0])[None, :]) ** 2
+    assert np.asarray(ivf.place(d, jnp.array([2, 2]))).tolist() == [0, 1, 0, 1]
+    # A cache written by a prefill (clustered keys: most want one list) and then token by token: every position sits
+    # in exactly one list, no list past its capacity, `assign` says which; nlist=0 gives ceil(max_len / list_size).
+    B, S, Hkv, D = 2, 96, 2, 4
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
+    k[:, 8:72] = 3.0  # 64 equal keys: the lists they want cannot hold them all
+    p = make_policy("retrieval", ["budget=32", "index=ivf", "list_size=16", "slack=1.5", "nprobe=2"])
+    state = p.init_state(B, S, Hkv, D)
+    assert state["lists"].shape == (B, Hkv, 6, 24)  # 96 / 16 lists of 1.5 * 16 slots
+    state = jax.jit(p.update)(state, jnp.asarray(k[:, :80]), jnp.int32(0))
+    assert int(state["fill"].max()) == 24  # full lists: the overflow went to the next nearest
+    step = jax.jit(p.update)
+    for t in range(80, S):
+        state = step(state, jnp.asarray(k[:, t : t + 1]), jnp.int32(t))
+    lists, fill, assign = (np.asarray(state[n]) for n in ("lists", "fill", "assign"))
+    for b in range(B):
+        for h in range(Hkv):
+            held = lists[b, h][lists[b, h] >= 0]
+            assert sorted(held.tolist()) == list(range(S))
+            assert (fill[b, h] == (lists[b, h] >= 0).sum(-1)).all() and fill[b, h].max() <= 24
+            for c in range(6):
+                assert set(np.flatnonzero(assign[b, h] == c)) == set(lists[b, h, c][lists[b, h, c] >= 0])
 
 
 @pytest.mark.parametrize("name", BOUNDED)
@@ -280,7 +312,7 @@ def test_options_and_errors():
         make_policy("retrieval", ["budget=8", "n_recent=6", "n_sink=2"])
     with pytest.raises(PolicyError, match="kv policy retrieval: index must be exact or ivf"):
         make_policy("retrieval", ["index=hnsw"])
-    with pytest.raises(PolicyError, match="kv policy retrieval: need 1 <= nprobe <= nlist"):
+    with pytest.raises(PolicyError, match="kv policy retrieval: need nlist >= 0 .* and 1 <= nprobe <= nlist"):
         make_policy("retrieval", ["index=ivf", "nlist=4", "nprobe=5"])
     hash(p)  # static configuration: a model's graphdef holds it
 
@@ -339,8 +371,8 @@ def test_longheads_chunk_keys_same_from_prefill_or_steps():
     steps = observe(p.init_state(B, S, Hkv, D, n_heads=Hq), q[:, :7], k[:, :7], v[:, :7], jnp.int32(0))
     for t in range(7, 21):
         steps = observe(steps, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], jnp.int32(t))
-    np.testing.assert_allclose(steps["keys"][:, :5], at_once["keys"][:, :5], atol=1e-5)  # chunks 0..4 complete
-    assert float(jnp.abs(at_once["keys"][:, 5:]).max()) == 0  # chunk 5 (tokens 20, 21..) is not
+    np.testing.assert_allclose(steps["keys"][:, :, :5], at_once["keys"][:, :, :5], atol=1e-5)  # chunks 0..4 complete
+    assert float(jnp.abs(at_once["keys"][:, :, 5:]).max()) == 0  # chunk 5 (tokens 20, 21..) is not
     np.testing.assert_allclose(steps["buf_k"][:, :1], at_once["buf_k"][:, :1], atol=1e-6)  # token 20: the buffer
     # Shifting the whole sequence keeps the chunk keys (chunk-local RoPE): chunk 1 of tokens 4..7 at 8..11.
     def moved(x):
@@ -349,7 +381,7 @@ def test_longheads_chunk_keys_same_from_prefill_or_steps():
 
     shifted = observe(p.init_state(B, S + 4, Hkv, D, n_heads=Hq), moved(q), moved(k),
                       jnp.pad(v, ((0, 0), (4, 0), (0, 0), (0, 0)))[:, :12], jnp.int32(0))
-    np.testing.assert_allclose(shifted["keys"][:, 2], at_once["keys"][:, 1], atol=1e-5)
+    np.testing.assert_allclose(shifted["keys"][:, :, 2], at_once["keys"][:, :, 1], atol=1e-5)
 
 
 def test_longheads_selection_and_positions_by_hand():
@@ -361,7 +393,7 @@ def test_longheads_selection_and_positions_by_hand():
     freqs = rope_frequencies(D)
     p = make_policy("longheads", ["budget=8", "chunk=2", "train_len=8"]).bind_rope(tuple(np.asarray(freqs).tolist()))
     state = p.init_state(B, S, 1, D)
-    state["keys"] = state["keys"].at[0, :5, 0].set(jnp.array([[0, 0], [1, 0], [5, 0], [2, 0], [-9, 0]], jnp.float32))
+    state["keys"] = state["keys"].at[0, 0, :5].set(jnp.array([[0, 0], [1, 0], [5, 0], [2, 0], [-9, 0]], jnp.float32))
     q_raw = jnp.array([[[1.0, 0.0]]])
     q = apply_rope(q_raw[:, None], jnp.array([length - 1]), freqs=freqs)[:, 0]  # the query arrives rotated at 10
     (part,), _ = p.select(state, q, jnp.zeros((B, S, 1, D)), jnp.int32(length))
