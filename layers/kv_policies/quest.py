@@ -5,13 +5,12 @@ The cache is split into pages of `page` tokens aligned at position 0. For each p
 element-wise max and min of its (rotated) keys, updated as tokens are written. At a decode step, query head h scores
 page p by the upper bound of q·k over the page,
 
-    bound(h, p) = Σ_d max(q_d · kmax[p, d], q_d · kmin[p, d]) = q⁺ · kmax[p] + q⁻ · kmin[p],
+    bound(h, p) = Σ_d max(q_d · kmax[p, d], q_d · kmin[p, d]) = [q⁺, −q⁻] · [kmax[p], −kmin[p]]
 
-(q⁺ = max(q, 0), q⁻ = min(q, 0): kmax >= kmin, so the sign of q_d picks the term), computed as two matrix-vector
-products over head-major bounds [B, Hkv, pages, K]: the per-step work is two passes over 2 / page of the keys' bytes,
-with no transpose or elementwise [pages, K] temporary (what keeps the step flat in the context length),
-
-and reads the top pages by bound, one list per query head (Hs = Hq, as Quest; a GQA group loads the union). The
+(q⁺ = max(q, 0), q⁻ = min(q, 0): kmax >= kmin, so the sign of q_d picks the term). The state keeps the stacked
+bounds [kmax; −kmin] (both running maxima) channel-major, [B, Hkv, 2K, pages], so a decode step scores every page of a
+KV head with one [G, 2K] x [2K, pages] matrix product, a single pass over 2 / page of the keys' bytes without a
+transpose (per-step work that grows with the context, but at an eighth of the key bytes for pages of 16), and reads the top pages by bound, one list per query head (Hs = Hq, as Quest; a GQA group loads the union). The
 current page (the one holding the new token, often partial) is always read: Quest scores it like the others, but
 reading it outright keeps the budget exact: the current page's r tokens plus floor((budget − r) / page) whole pages,
 at most `budget` tokens (Quest's own floor of 3 pages can exceed small budgets). A budget that covers the context
@@ -39,34 +38,38 @@ class QuestPolicy(KVPolicy):
 
     def init_state(self, batch, max_len, n_kv_heads, head_dim, n_heads=None):
         n_pages = -(-max_len // self.page)
-        shape = (batch, n_kv_heads, n_pages, head_dim)  # head-major: a decode step reads each head's bounds in a row
-        return {"kmax": jnp.full(shape, -jnp.inf, jnp.float32), "kmin": jnp.full(shape, jnp.inf, jnp.float32)}
+        return {"bounds": jnp.full((batch, n_kv_heads, 2 * head_dim, n_pages), -jnp.inf, jnp.float32)}
 
     def update(self, state, k_new, pos):
-        k32 = jnp.swapaxes(k_new.astype(jnp.float32), 1, 2)  # [B, Hkv, T, K]
-        if k_new.shape[1] == 1:  # a decode step: one page's row, read and written in place
-            at = (0, 0, jnp.asarray(pos, jnp.int32) // self.page, 0)
-            size = (*k32.shape[:2], 1, k32.shape[-1])
-            new = {n: jax.lax.dynamic_update_slice(state[n], f(jax.lax.dynamic_slice(state[n], at, size), k32), at)
-                   for n, f in (("kmax", jnp.maximum), ("kmin", jnp.minimum))}
-            # Without the barrier XLA's CPU compiler fuses the write into both the bounds' matmuls and the state it
-            # returns, and copies every page's bounds (four times) to do it: O(context) per step.
-            return jax.lax.optimization_barrier(new)
+        k32 = k_new.astype(jnp.float32)
+        both = jnp.transpose(jnp.concatenate([k32, -k32], axis=-1), (0, 2, 3, 1))  # [B, Hkv, 2K, T]
+        if k_new.shape[1] == 1:  # a decode step: one page's column, read and written in place
+            at = (0, 0, 0, jnp.asarray(pos, jnp.int32) // self.page)
+            column = jnp.maximum(jax.lax.dynamic_slice(state["bounds"], at, both.shape), both)
+            # Without the barrier XLA's CPU compiler fuses the write into both the bounds' product and the state it
+            # returns, and copies every page's bounds to do it: O(context) per step.
+            return jax.lax.optimization_barrier({"bounds": jax.lax.dynamic_update_slice(state["bounds"], column, at)})
         pages = (pos + jnp.arange(k_new.shape[1], dtype=jnp.int32)) // self.page
-        return {"kmax": state["kmax"].at[:, :, pages].max(k32), "kmin": state["kmin"].at[:, :, pages].min(k32)}
+        return {"bounds": state["bounds"].at[..., pages].max(both)}
+
+    @staticmethod
+    def kmax_kmin(state):
+        """(kmax, kmin) [B, Hkv, K, pages] of the state (unwritten pages: −inf, +inf)."""
+        K = state["bounds"].shape[2] // 2
+        return state["bounds"][:, :, :K], -state["bounds"][:, :, K:]
 
     def page_bounds(self, state, q):
-        """bound [B, Hq, nP] of every page for every query head (pages never written hold ±inf: mask them)."""
+        """bound [B, Hq, nP] of every page for every query head (pages never written: NaN or ±inf, mask them)."""
         B, Hq, K = q.shape
-        Hkv = state["kmax"].shape[1]
+        Hkv = state["bounds"].shape[1]
         q_BHGK = q.astype(jnp.float32).reshape(B, Hkv, Hq // Hkv, K)
-        hi = jnp.einsum("BHGK,BHPK->BHGP", jnp.maximum(q_BHGK, 0.0), state["kmax"], precision="highest")
-        lo = jnp.einsum("BHGK,BHPK->BHGP", jnp.minimum(q_BHGK, 0.0), state["kmin"], precision="highest")
-        return (hi + lo).reshape(B, Hq, -1)
+        q_signed = jnp.concatenate([jnp.maximum(q_BHGK, 0.0), -jnp.minimum(q_BHGK, 0.0)], axis=-1)
+        bound = jnp.einsum("BHGK,BHKP->BHGP", q_signed, state["bounds"], precision="highest")
+        return bound.reshape(B, Hq, -1)
 
     def select(self, state, q, k_cache, length):
         B, Hq, _ = q.shape
-        n_pages = state["kmax"].shape[2]
+        n_pages = state["bounds"].shape[3]
         length = jnp.asarray(length, jnp.int32)
         last = (length - 1) // self.page  # the current page, always read
         r = length - last * self.page  # its tokens, 1..page

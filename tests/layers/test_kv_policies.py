@@ -58,9 +58,13 @@ def test_quest_selection_by_hand():
     assert int(part.tokens(jnp.int32(7))[0, 0]) == 5
     # A decode step's update (token 7 into page 3) keeps the other pages' bounds.
     state2 = p.update(state, k[:, 7:8], jnp.int32(7))
-    np.testing.assert_allclose(state2["kmax"][0, :, :3], state["kmax"][0, :, :3])  # [B, Hkv, pages, K]
-    np.testing.assert_allclose(state2["kmax"][0, 0, 3], [5, 5])
-    np.testing.assert_allclose(state2["kmin"][0, 0, 3], [0, 0])
+    (kmax, kmin), (kmax2, kmin2) = p.kmax_kmin(state), p.kmax_kmin(state2)  # [B, Hkv, K, pages]
+    np.testing.assert_allclose(kmax2[..., :3], kmax[..., :3])
+    np.testing.assert_allclose(kmin2[..., :3], kmin[..., :3])
+    np.testing.assert_allclose(kmax[0, 0, :, :3].T, [[1, 0], [0, 1], [2, 2]])
+    np.testing.assert_allclose(kmin[0, 0, :, :3].T, [[0, 0], [0, -3], [-1, 2]])
+    np.testing.assert_allclose(kmax2[0, 0, :, 3], [5, 5])
+    np.testing.assert_allclose(kmin2[0, 0, :, 3], [0, 0])
 
 
 def test_retrieval_selection_by_hand():
