@@ -70,11 +70,15 @@ def test_full_budget_equals_full_cache_gqa(name, tmp_path):
     np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), want, atol=2e-5, rtol=1e-4)
 
 
-def test_ivf_retrieval_full_budget_equals_full_cache():
+@pytest.mark.parametrize("name,options", [
     # The index is built at the prefill, but a budget that covers the context reads every token.
+    ("retrieval", ["budget=32", "index=ivf", "nlist=4", "nprobe=1"]),
+    # A reused page choice lacks the pages completed since it was made, but a budget that holds them all reads them.
+    ("quest", ["budget=32", "page=4", "every=3"])])
+def test_approximate_and_reused_selections_at_full_budget_equal_full_cache(name, options):
     m, toks = model("attention_gqa"), tokens()
     want = m(toks)[:, : T - 1]
-    m.set_kv_policy(make_policy("retrieval", ["budget=32", "index=ivf", "nlist=4", "nprobe=1"]))
+    m.set_kv_policy(make_policy(name, options))
     np.testing.assert_allclose(decoded_logits(m, toks, n_prompt=5), want, atol=2e-5, rtol=1e-4)
 
 

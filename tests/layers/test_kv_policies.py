@@ -67,6 +67,30 @@ def test_quest_selection_by_hand():
     np.testing.assert_allclose(kmin2[0, 0, :, 3], [0, 0])
 
 
+def test_quest_every_n_steps_reuses_its_choice():
+    # The by-hand case above (pages 1 then 0 best for q = (1, -1)) with every=3: the choice is made at decode steps
+    # 0, 3, 6, ...; in between it is read again even when the bounds would now choose otherwise.
+    keys = jnp.array([[1, 0], [0, 0], [0, -3], [0, 1], [2, 2], [-1, 2], [5, 5], [0, 0]], jnp.float32)
+    k = keys.reshape(1, 8, 1, 2)
+    p = QuestPolicy(budget=5, page=2, every=3)
+    state = p.update(p.init_state(1, 8, 1, 2), k[:, :7], jnp.int32(0))
+    q = jnp.array([[[1.0, -1.0]]])
+    chosen = []
+    for step in range(4):
+        if step == 1:  # page 2 now bounds highest: kmax = kmin = (0, -9) gives max(0, 0) + max(9, 9) = 9 > 3
+            state = {**state, "bounds": state["bounds"].at[0, 0, :, 2].set(jnp.array([0.0, -9.0, 0.0, 9.0]))}
+        (part,), state = p.select(state, q, k, jnp.int32(7))
+        chosen.append(np.asarray(part.idx[0, 0, : int(part.cnt[0, 0])]).tolist())
+    assert chosen == [[3, 1, 0], [3, 1, 0], [3, 1, 0], [3, 2, 1]]
+    # A budget that holds every complete page reads them all, reused choice or not (the pages completed since too).
+    p = QuestPolicy(budget=8, page=2, every=4)
+    state = p.update(p.init_state(1, 8, 1, 2), k[:, :3], jnp.int32(0))
+    (part,), state = p.select(state, q, k, jnp.int32(3))  # step 0 chooses among page 0 alone
+    state = p.update(state, k[:, 3:6], jnp.int32(3))
+    (part,), _ = p.select(state, q, k, jnp.int32(6))  # a reused step: pages 0, 1 complete, 2 current
+    assert selected_tokens(part, length=6) == [0, 1, 2, 3, 4, 5]
+
+
 def test_retrieval_selection_by_hand():
     # D = 1, q = 1: logits are the keys. Static: sink {0} and recent {7}; candidates 1..6 = (5, -1, 3, 2, 9, 0);
     # top 2 = positions 5 (9) and 1 (5).
@@ -318,6 +342,8 @@ def test_options_and_errors():
         make_policy("retrieval", ["index=hnsw"])
     with pytest.raises(PolicyError, match="kv policy retrieval: need nlist >= 0 .* and 1 <= nprobe <= nlist"):
         make_policy("retrieval", ["index=ivf", "nlist=4", "nprobe=5"])
+    with pytest.raises(PolicyError, match="kv policy quest: every must be >= 1"):
+        make_policy("quest", ["every=0"])
     hash(p)  # static configuration: a model's graphdef holds it
 
 
