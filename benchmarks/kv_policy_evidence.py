@@ -1,5 +1,5 @@
 """Issue #23's evidence: each KV policy's accuracy (passkey, S-NIAH) or perplexity (a byte LM) against the KV bytes it
-reads per decoded token, on models trained here with full attention at 512 tokens and evaluated at 2k-8k.
+reads per decoded token, on models trained here with full attention at 512-1k tokens and evaluated at 1k-8k.
 
 Cells (task, length, policy, budget). Accuracy cells call the eval tasks' own code (train/evals/passkey.py and
 niah.py `evaluate`) with `kv_prefill="context"`: the haystack is prefilled densely, then the question and the
@@ -166,10 +166,13 @@ def plot(report: dict, path: str) -> None:
     if not panels:
         return
     tasks = [t for t in TASKS if any(p[0] == t for p in panels)]
-    lengths = sorted({p[1] for p in panels})
-    fig, axes = plt.subplots(len(tasks), len(lengths), figsize=(4.2 * len(lengths), 3.4 * len(tasks)), squeeze=False)
+    rows = [[length for t, length in panels if t == task] for task in tasks]  # each task's own lengths
+    width = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(tasks), width, figsize=(4.2 * width, 3.4 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
-        for j, length in enumerate(lengths):
+        for j in range(len(rows[i]), width):
+            axes[i][j].set_visible(False)
+        for j, length in enumerate(rows[i]):
             ax = axes[i][j]
             metric = "perplexity" if task == "lm" else "accuracy"
             cells = {k: r for k, r in report["cells"].items() if k.startswith(f"{task}|{length}|")}
@@ -182,13 +185,15 @@ def plot(report: dict, path: str) -> None:
             if full is not None:
                 ax.axhline(full[metric], color="k", ls="--", lw=1, label="full cache")
                 ax.plot([full["kv_bytes_per_token"]], [full[metric]], "k*")
+            if metric == "accuracy":
+                ax.set_ylim(-0.03, 1.03)
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the decade labels only
             ax.set_title(f"{ {'lm': 'byte LM'}.get(task, task)} at {length}", fontsize=9)
             ax.set_xlabel("KV bytes read per decoded token", fontsize=8)
             ax.set_ylabel(metric, fontsize=8)
             ax.tick_params(labelsize=7)
-    axes[0][-1].legend(fontsize=6, loc="best")
+    axes[0][len(rows[0]) - 1].legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
