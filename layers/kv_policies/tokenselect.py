@@ -9,8 +9,8 @@ proportions of the budget.
 
 The selection cache (§3.3): when the new query is similar to the one that last selected (cosine of the heads'
 concatenated queries >= `reuse_cos`), the previous selection is read again. It is off by default (`reuse_cos=0`), as in
-the release. The XLA path still scores every step (the saving is the kernel's), so reuse changes what is read, not
-the compute here.
+the release. A step on which every batch row reuses its selection skips the vote (`lax.cond`), the scoring of every
+cached key that makes a TokenSelect step grow with the context; a row that selects afresh makes the whole batch vote.
 
 Deviations: the official code disables the model's RoPE and rotates the gathered keys at compact positions (sinks,
 selected, recent packed in order); effarch's cache holds keys rotated at their true positions, so the selected
@@ -20,6 +20,7 @@ head scores its own GQA KV head with the model's scale.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from effarch.layers.kv_policies.base import KVPolicy, PolicyError, Selection, sink_recent
@@ -64,17 +65,23 @@ class TokenSelectPolicy(KVPolicy):
         B = q.shape[0]
         length = jnp.asarray(length, jnp.int32)
         static = sink_recent(B, self.n_sink, self.n_recent, length)
-        fresh = voted_top_k(q, k_cache, self.n_sink, self.n_recent, length, self.top_k, n_lists=1)
+
+        def vote():
+            fresh = voted_top_k(q, k_cache, self.n_sink, self.n_recent, length, self.top_k, n_lists=1)
+            return fresh.idx, fresh.cnt
+
         if self.reuse_cos <= 0:
-            return [static, fresh], state
+            return [static, Selection(*vote())], state
         q_flat = q.reshape(B, -1).astype(jnp.float32)
         prev = state["q"]
         cos = jnp.sum(q_flat * prev, -1) / (jnp.linalg.norm(q_flat, axis=-1) * jnp.linalg.norm(prev, axis=-1) + 1e-12)
         # A reused selection lies before the window of the step that made it, so it stays disjoint from the static
         # part as the window moves on.
         reuse = (cos >= self.reuse_cos) & (jnp.sum(state["cnt"], -1) > 0)
-        idx = jnp.where(reuse[:, None, None], state["idx"], fresh.idx)
-        cnt = jnp.where(reuse[:, None], state["cnt"], fresh.cnt)
+        # The vote scores every cached key: skipped when every row reuses its choice (the cache's saving, §3.3).
+        fresh_idx, fresh_cnt = jax.lax.cond(jnp.all(reuse), lambda: (state["idx"], state["cnt"]), vote)
+        idx = jnp.where(reuse[:, None, None], state["idx"], fresh_idx)
+        cnt = jnp.where(reuse[:, None], state["cnt"], fresh_cnt)
         # The cache's query is the one that last selected (not every step's), as in §3.3.
         new_q = jnp.where(reuse[:, None], prev, q_flat)
         return [static, Selection(idx, cnt)], {"q": new_q, "idx": idx, "cnt": cnt}

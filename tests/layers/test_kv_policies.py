@@ -250,6 +250,12 @@ def test_tokenselect_by_hand():
     assert selected_tokens(again) == [5]
     (_, fresh), _ = p.select(state, jnp.array([[[-1.0], [-1.0]]]), flipped, jnp.int32(8))  # cos = 0: anew
     assert selected_tokens(fresh) == [6]
+    # Two rows, one similar and one not: the batch votes (the vote is skipped only when every row reuses), and each
+    # row keeps or replaces its own choice.
+    both = jax.tree.map(lambda x: jnp.concatenate([x, x]) if x.ndim else x, state)
+    q2 = jnp.concatenate([1.01 * q, jnp.array([[[-1.0], [-1.0]]])])
+    (_, mixed), _ = p.select(both, q2, jnp.concatenate([flipped, flipped]), jnp.int32(8))
+    assert selected_tokens(mixed, b=0) == [5] and selected_tokens(mixed, b=1) == [6]
 
 
 def test_tidal_by_hand():
