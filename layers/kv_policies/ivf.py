@@ -12,8 +12,8 @@ When several keys of one write want the same list, the ones nearest its centroid
 A search scores the C centroids, then reads the members of the `nprobe` best lists: O(C · K + nprobe · cap · K) per
 step, independent of the context when C grows with it (`retrieval`'s `list_size`) and cap stays fixed.
 
-State: {"centroids" [B, H, C, K] f32, "lists" [B, H, C, cap] int32, "fill" [B, H, C] int32 (slots used),
-"assign" [B, H, S] int32 (each position's list, −1 before it is written)}.
+State: {"centroids" [B, H, C, K] f32, "lists" [B, H, C, cap] int32, "fill" [B, H, C] int32 (slots used)}; which
+list holds a position is read from "lists" (no per-position array: the state stays O(C · cap)).
 """
 
 import math
@@ -30,11 +30,10 @@ def capacity(max_len: int, n_lists: int, slack: float) -> int:
     return max(1, math.ceil(slack * max_len / n_lists))
 
 
-def init_index(batch: int, heads: int, max_len: int, head_dim: int, n_lists: int, cap: int) -> dict:
+def init_index(batch: int, heads: int, head_dim: int, n_lists: int, cap: int) -> dict:
     return {"centroids": jnp.zeros((batch, heads, n_lists, head_dim), jnp.float32),
             "lists": jnp.full((batch, heads, n_lists, cap), -1, jnp.int32),
-            "fill": jnp.zeros((batch, heads, n_lists), jnp.int32),
-            "assign": jnp.full((batch, heads, max_len), -1, jnp.int32)}
+            "fill": jnp.zeros((batch, heads, n_lists), jnp.int32)}
 
 
 def kmeans(x: Float[Array, "B H T K"], n: int, iters: int = KMEANS_ITERS) -> Float[Array, "B H n K"]:
@@ -107,8 +106,7 @@ def add_keys(index: dict, k_new: Float[Array, "B T H K"], pos) -> dict:
     where_to = jnp.where(a >= 0, slot, cap)  # out of range: dropped (only when the lists are full)
     lists = index["lists"].at[b_ix, h_ix, jnp.maximum(a, 0), where_to].set(
         jnp.broadcast_to(pos + jnp.arange(T, dtype=jnp.int32), (B, H, T)), mode="drop")
-    return {"centroids": centroids, "lists": lists, "fill": index["fill"] + jnp.sum(counts, axis=2),
-            "assign": jax.lax.dynamic_update_slice(index["assign"], a, (0, 0, pos))}
+    return {"centroids": centroids, "lists": lists, "fill": index["fill"] + jnp.sum(counts, axis=2)}
 
 
 def probe(index: dict, scores: Float[Array, "B H C"], nprobe: int) -> Int[Array, "B H M"]:

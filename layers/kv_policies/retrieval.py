@@ -80,7 +80,7 @@ class RetrievalPolicy(KVPolicy):
         if self.index == "exact":
             return {}
         n = self.n_lists(max_len)
-        return ivf.init_index(batch, n_kv_heads, max_len, head_dim, n, ivf.capacity(max_len, n, self.slack))
+        return ivf.init_index(batch, n_kv_heads, head_dim, n, ivf.capacity(max_len, n, self.slack))
 
     def update(self, state, k_new, pos):
         return state if self.index == "exact" else ivf.add_keys(state, k_new, pos)
