@@ -13,10 +13,11 @@ Tokens are processed in blocks of whole chunks inside which the gradient point W
 3. Retrieval y_t = M_{W[floor((t+1)/C)]}(q_t): the block's queries shifted right by one token and cut into groups of
    C, so group m (tokens mC-1 .. mC+C-2) is answered by the block's m-th weights [W_0 .. W_nc].
 
-A `lax.scan` runs over the blocks with (W, S, Wref) as carry, and each block is rematerialised in the backward pass
-(`jax.checkpoint`): the per-chunk weight copies [B, H, nc, D, F] exist for one block at a time, never for the whole
-sequence. A state that starts inside a chunk (`MemoryState.pos`, a Python int here) is first completed token by token
-with the oracle's scan; the open chunk after the last full one is stored as its gradient sum.
+A `lax.scan` runs over the blocks with (W, S) as carry (Wref too where it refreshes, a scan constant where it does
+not), and each block is rematerialised in the backward pass (`jax.checkpoint`): the per-chunk weight copies
+[B, H, nc, D, F] exist for one block at a time, never for the whole sequence. A state that starts inside a chunk
+(`MemoryState.pos`, a Python int here) is first completed token by token with the oracle's scan; the open chunk after
+the last full one is stored as its gradient sum.
 """
 
 import functools
@@ -124,8 +125,21 @@ def _run_blocks(carry, k, v, q, lr, eta, alpha, *, block_tokens: int, chunk_size
     B, H, L, D = k.shape
     n_blocks, rem = divmod(L, block_tokens)
     nc = block_tokens // chunk_size
-    body = jax.checkpoint(functools.partial(_block, chunk_size=chunk_size, refresh=refresh, residual=residual,
-                                            max_grad_norm=max_grad_norm))
+    block = jax.checkpoint(functools.partial(_block, chunk_size=chunk_size, refresh=refresh, residual=residual,
+                                             max_grad_norm=max_grad_norm))
+    if refresh:
+        body = block
+    else:
+        # Wref stays fixed over these blocks: a scan constant, not a carry, so the scan does not save a copy of it
+        # per block for the backward pass (with batch_size None that was 1/3 of the saved weights, zero-filled and
+        # copied every call).
+        wref = carry[2]
+
+        def body(wsc, xs):
+            (w, s, _), y = block((*wsc, wref), xs)
+            return (w, s), y
+
+        carry = carry[:2]
     ys = []
     if n_blocks:
         def split(x, per):
@@ -140,7 +154,7 @@ def _run_blocks(carry, k, v, q, lr, eta, alpha, *, block_tokens: int, chunk_size
         carry, y = body(carry, (k[:, :, start:], v[:, :, start:], q[:, :, start:], lr[:, :, start:],
                                 eta[:, :, c0:], alpha[:, :, c0:]))
         ys.append(y)
-    return carry, ys
+    return (carry if refresh else (*carry, wref)), ys
 
 
 def neural_memory_chunked(
