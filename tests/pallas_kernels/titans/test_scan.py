@@ -13,6 +13,7 @@ from effarch.pallas_kernels.titans import (
     neural_memory_scan,
     neural_memory_step,
     reference,
+    xla,
 )
 from tests.helpers.numerics import assert_close
 
@@ -200,6 +201,30 @@ def test_retrieve_reads_the_state_without_updating_it():
     assert_close("retrieve", got, y_next, rtol=1e-5)
     fresh = neural_memory_retrieve(neural_memory_init_state(params, B).w, q[:, 8:])
     assert float(jnp.max(jnp.abs(fresh - got))) > 1e-3
+
+
+@pytest.mark.parametrize("depth, residual", [(2, False), (3, True)])
+def test_fixed_gradient_point_over_scanned_blocks_and_a_remainder(depth, residual):
+    """batch_size None (Wref a scan constant): blocks of two chunks, so four scanned blocks, a shorter remainder of one
+    chunk and an open chunk; values and gradients equal the oracle's."""
+    params, k, v, q, lr, momentum, decay = inputs(8, depth=depth, gates_for=T // 2)
+    cot = jnp.asarray(np.random.default_rng(9).standard_normal((B, T, H, D)), jnp.float32)
+
+    def loss(f):
+        return jax.value_and_grad(lambda *a: jnp.sum(f(*a) * cot), argnums=tuple(range(7)))(
+            params, k, v, q, lr, momentum, decay)
+
+    def blocked(*a):
+        return xla.neural_memory_chunked(*a, chunk_size=2, residual=residual, block_chunks=2)[0]
+
+    def oracle(*a):
+        return neural_memory_scan(*a, chunk_size=2, residual=residual, implementation="reference")
+
+    (l_xla, g_xla), (l_ref, g_ref) = loss(jax.jit(blocked)), loss(oracle)
+    assert_close("loss", l_xla, l_ref, rtol=1e-5)
+    for name, a, b in zip(("params", "keys", "values", "queries", "lr", "momentum", "decay"), g_xla, g_ref):
+        for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            assert_close(f"d{name}", leaf_a, leaf_b, rtol=1e-5)
 
 
 @pytest.mark.parametrize("depth, residual", [(1, False), (3, True)])
