@@ -32,7 +32,6 @@ from effarch.pallas_kernels.titans.reference import (
     clamp_norm,
     init_state,
     layer_names,
-    memory_apply,
     neural_memory_reference,
 )
 from effarch.pallas_kernels.titans.reference import token_losses as _token_losses
@@ -59,9 +58,53 @@ def _recurrence(w, s, g, eta, alpha):
     return w_starts, w, s
 
 
+# The exact (erf) GELU and its derivative with hand-written JVPs, so that each derivative costs one erf and one exp
+# per element. Autodiff of the formulas instead differentiates erf's polynomial and the exponentials piece by piece:
+# the pullback of the chunk gradients' GELU derivative (gelu'' below) was the costliest elementwise pass of the
+# Titans fwd+bwd on CPU. Same functions: values to rounding (tests/pallas_kernels/titans: xla == the oracle).
+_SQRT_HALF, _INV_SQRT_2PI = 0.7071067811865476, 0.3989422804014327
+
+
+def _cdf_pdf(z):
+    return 0.5 * (1.0 + jax.lax.erf(z * _SQRT_HALF)), _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
+
+
+@jax.custom_jvp
+def _gelu(z):
+    """gelu(z) = z Phi(z), the exact GELU (jax.nn.gelu(approximate=False))."""
+    return z * _cdf_pdf(z)[0]
+
+
+@_gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (z,), (dz,) = primals, tangents
+    cdf, pdf = _cdf_pdf(z)
+    return z * cdf, (cdf + z * pdf) * dz
+
+
+@jax.custom_jvp
 def _gelu_grad(z):
-    """d gelu(z) / dz for the exact (erf) GELU: Phi(z) + z phi(z)."""
-    return 0.5 * (1.0 + jax.lax.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * jnp.exp(-0.5 * z * z)
+    """d gelu(z) / dz = Phi(z) + z phi(z)."""
+    cdf, pdf = _cdf_pdf(z)
+    return cdf + z * pdf
+
+
+@_gelu_grad.defjvp
+def _gelu_grad_jvp(primals, tangents):
+    (z,), (dz,) = primals, tangents
+    cdf, pdf = _cdf_pdf(z)
+    return cdf + z * pdf, pdf * (2.0 - z * z) * dz  # gelu''(z) = phi(z) (2 - z^2)
+
+
+def _apply(params: Params, x, residual: bool):
+    """`memory_apply` (M_W(x), reference.py) with the GELU above."""
+    names = layer_names(params)
+    h = x
+    for i, name in enumerate(names):
+        h = jnp.einsum("...si,...io->...so", h, params[name])
+        if i + 1 < len(names):
+            h = _gelu(h)
+    return h + x if residual else h
 
 
 def _chunk_grads(wref: Params, k, v, lr, C: int, residual: bool) -> Params:
@@ -82,7 +125,7 @@ def _chunk_grads(wref: Params, k, v, lr, C: int, residual: bool) -> Params:
         ins.append(h)
         z = jnp.einsum("bhti,bhio->bhto", h, wref[name])
         pre.append(z)
-        h = jax.nn.gelu(z, approximate=False) if i + 1 < len(names) else z
+        h = _gelu(z) if i + 1 < len(names) else z
     pred = h + k if residual else h
     # d/d pred of sum_t theta_t mean_features (pred_t - v_t)^2 (token_losses)
     delta = (2.0 / D) * lr[..., None] * (pred - v)
@@ -113,9 +156,9 @@ def _block(carry, xs, *, chunk_size: int, refresh: bool, residual: bool, max_gra
     # 0 .. nc-1 by the weights each chunk starts from; the block's last token alone by W_nc (one row, not a padded
     # group of C: with one chunk per block that group would double the retrieval's work).
     q_shift = chunks(jnp.pad(q[:, :, : L - 1], ((0, 0), (0, 0), (1, 0), (0, 0))))
-    y = memory_apply(w_starts, q_shift, residual)  # [nc, B, H, C, D]
+    y = _apply(w_starts, q_shift, residual)  # [nc, B, H, C, D]
     y = jnp.moveaxis(y, 0, 2).reshape(B, H, L, D)[:, :, 1:]
-    y = jnp.concatenate([y, memory_apply(w_end, q[:, :, L - 1 :], residual)], axis=2)
+    y = jnp.concatenate([y, _apply(w_end, q[:, :, L - 1 :], residual)], axis=2)
     return (w_end, s_end, w_end if refresh else wref), y
 
 
@@ -242,7 +285,7 @@ def neural_memory_chunked(
 
         g = jax.grad(tail_loss)(wref)
         grad = jax.tree.map(jnp.add, grad, g)
-        ys.append(memory_apply(w, q[:, :, a:], residual))
+        ys.append(_apply(w, q[:, :, a:], residual))
         pos += tail
     y = jnp.concatenate(ys, axis=2) if len(ys) > 1 else ys[0]
     return jnp.moveaxis(y, 1, 2).astype(out_dtype), MemoryState(w, s, wref, grad, pos)
