@@ -18,6 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effarch.train.host_malloc import env_for_subprocess, retain_freed_memory
+
+# Every benchmark process keeps freed host memory (train/host_malloc.py: XLA's CPU runtime would otherwise page-fault
+# each call's temporaries back in), as `effarch` does; peers run with and without it (`peer_allocators`). Runs at
+# import, before JAX starts its threads; recorded in each report's "load" entry as "host_malloc" (None: not applied).
+HOST_MALLOC = retain_freed_memory()
+
 
 def sweep(
     paths: Sequence[str],
@@ -229,14 +236,14 @@ class LoadGate:
                 "other_processes_cores": self.other_cores, "loaded": self.loaded}
 
     def stamp(self, report: dict) -> dict:
-        """Reads the load after, adds report["load"] and, when loaded, replaces every target result in the report
-        (a TARGET_KEYS entry at any depth, or a boolean directly under a "targets" key) by "loaded", except in a dict
-        marked "load_free": True (a FLOP count or a compiled-memory bound, which load cannot change); a line on
-        stderr says so. Returns the report."""
+        """Reads the load after, adds report["load"] (with the host_malloc settings) and, when loaded, replaces every
+        target result in the report (a TARGET_KEYS entry at any depth, or a boolean directly under a "targets" key) by
+        "loaded", except in a dict marked "load_free": True (a FLOP count or a compiled-memory bound, which load
+        cannot change); a line on stderr says so. Returns the report."""
         self.after = float(self._loadavg()[0])
         self._other.__exit__(None, None, None)
         self.other_cores = self._other.cores
-        report["load"] = self.record()
+        report["load"] = {**self.record(), "host_malloc": HOST_MALLOC}
         if self.loaded:
             _replace_verdicts(report, self.TARGET_KEYS)
             others = "?" if self.other_cores is None else f"{self.other_cores:.2f}"
@@ -279,14 +286,28 @@ def depth_heatmap(report: dict, path: str, depth_label: str = "depth") -> None:
     draw(report["results"], report["config"]["lengths"], report["config"]["depths"], path, depth_label=depth_label)
 
 
+def peer_allocators(choice: str = "both") -> dict[str, dict[str, str]]:
+    """{worker-name suffix: environment} for a peer's worker processes: glibc's default allocator ("default"), the
+    host_malloc settings this process runs with ("host"), or one worker of each ("both"), so a ratio against the
+    faster of them never credits us with an allocator setting the peer was denied."""
+    options = {"": {}}
+    if HOST_MALLOC:
+        options["_host_malloc"] = env_for_subprocess(HOST_MALLOC)
+    if choice == "default":
+        return {"": {}}
+    if choice == "host":
+        return {k: v for k, v in options.items() if v} or options
+    return options
+
+
 class PipeWorker:
     """A script run by another Python (e.g. a venv with torch), driven one JSON line at a time over a pipe: its
     first stdout line is an info dict (`.info`), then it answers each command line with one JSON line."""
 
-    def __init__(self, python: str, script: str, *args, name: str = "worker"):
+    def __init__(self, python: str, script: str, *args, name: str = "worker", env: dict[str, str] | None = None):
         self.name = name
         self.proc = subprocess.Popen([python, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.info = self._read()
 
     def _read(self) -> dict:

@@ -14,9 +14,10 @@ neither triton nor a GPU). Both get the same numpy inputs (fla's transposed to h
 each one's relative error against our quadratic oracle (`implementation="reference"`), so a layout or scaling
 mismatch shows up as an error, not as a speed.
 
-fla runs in one worker per torch thread count in `--fla-threads` (default 1 and 2): on a shared machine torch's
-2-thread OpenMP loops slow down many-fold when other jobs hold the cores, so the ratio is taken against whichever
-setting is faster at each T. The paths are interleaved call by call (ours, fla 1 thread, fla 2 threads, ours, ...)
+fla runs in one worker per torch thread count in `--fla-threads` (default 1 and 2) and allocator setting in
+`--fla-malloc` (glibc's default, and the host_malloc settings this process runs with, train/host_malloc.py): on a
+shared machine torch's 2-thread OpenMP loops slow down many-fold when other jobs hold the cores, so the ratio is taken
+against whichever worker is faster at each T. The paths are interleaved call by call (ours, fla 1 thread, fla 2 threads, ours, ...)
 for `--reps` rounds after `--warmup` rounds, so a load spike from other jobs hits all of them alike; the report holds
 every time, medians, minima, the load average before and after, and fastest fla / ours per T.
 
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import LoadGate, PipeWorker, emit, loss_and_grads
+from _common import LoadGate, PipeWorker, emit, loss_and_grads, peer_allocators
 
 from effarch.pallas_kernels.based import based_linear_attention
 
@@ -121,6 +122,7 @@ def run(
     fla_python: str | None = None,
     fla_threads: Sequence[int] = (1, 2),
     fla_chunk_size: int = 256,
+    fla_malloc: str = "both",
 ) -> dict:
     """Times both paths at each T, interleaved; see the module docstring. chunk_size None: the op's default."""
     if fla_python and any(t % fla_chunk_size for t in lengths):
@@ -129,8 +131,8 @@ def run(
     kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
     ours = jax.jit(loss_and_grads(lambda q, k, v: based_linear_attention(q, k, v, implementation="xla", **kwargs)))
     oracle = jax.jit(loss_and_grads(lambda q, k, v: based_linear_attention(q, k, v, implementation="reference")))
-    fla = ({f"fla_naive_chunk_{n}t": PipeWorker(fla_python, _FLA_WORKER, n, name="fla worker") for n in fla_threads}
-           if fla_python else {})
+    fla = ({f"fla_naive_chunk_{n}t{suffix}": PipeWorker(fla_python, _FLA_WORKER, n, name="fla worker", env=env)
+            for n in fla_threads for suffix, env in peer_allocators(fla_malloc).items()} if fla_python else {})
     results = {}
     load_at_start = os.getloadavg()
     try:
@@ -222,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="torch thread counts for fla, one worker each; the ratio uses the fastest",
     )
     p.add_argument("--fla-chunk-size", type=int, default=256, help="naive_chunk_based's chunk_size (its default)")
+    p.add_argument("--fla-malloc", choices=("both", "default", "host"), default="both",
+                   help="fla workers with glibc's default allocator, with this process's host_malloc settings, or one "
+                        "of each (the ratio uses the fastest worker)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
     gate = LoadGate()
@@ -237,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fla_python=a.fla_python,
         fla_threads=a.fla_threads,
         fla_chunk_size=a.fla_chunk_size,
+        fla_malloc=a.fla_malloc,
     )
     return emit(gate.stamp(report), a.out)
 

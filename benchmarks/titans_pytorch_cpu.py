@@ -12,14 +12,16 @@ token at the longest T within 1.5x of the shortest).
 Timed functions. Ours: the jitted value_and_grad w.r.t. the layer's parameters and input of sum(layer(x) * ct).
 titans-pytorch's: `retrieved, _ = mem(x)` then `(retrieved * ct).sum().backward()` with x requiring grad, in a
 separate Python (`--torch-python`, a venv with torch and titans-pytorch), one worker per torch thread count in
-`--torch-threads` (the ratio uses the faster: torch's 2-thread loops suffer most when other jobs hold the cores).
+`--torch-threads` and allocator setting in `--torch-malloc` (glibc's default, and the host_malloc settings this
+process runs with, train/host_malloc.py); the ratio uses the fastest (torch's 2-thread loops suffer most when other
+jobs hold the cores).
 Both get the same numpy x and ct. The layers differ in details outside the memory (titans-pytorch's default has no
 output gate or q/k/v convolutions; ours has both), so the outputs are not compared; each output is checked finite.
 Calls are interleaved (ours, torch 1 thread, torch 2 threads, ours, ...) for `--reps` rounds after `--warmup`, so a
 load spike hits every path alike; the report gives medians, minima and the load average before and after.
 
 Run:   .venv/bin/python benchmarks/titans_pytorch_cpu.py --torch-python /work/venv311/bin/python
-           [--lengths 1024 4096] [--chunk 16] [--batch-size 0] [--out FILE]
+           [--lengths 1024 4096] [--chunk 16] [--batch-size 0] [--torch-malloc both] [--out FILE]
 """
 
 import argparse
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import LoadGate, PipeWorker, emit
+from _common import LoadGate, PipeWorker, emit, peer_allocators
 from flax import nnx
 
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
@@ -88,14 +90,15 @@ def ours_fn(d_model: int, heads: int, chunk: int, batch_size: int):
 
 def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: int = 4, chunk: int = 16,
         batch_size: int = 0, reps: int = 5, warmup: int = 1, torch_python: str | None = None,
-        torch_threads: Sequence[int] = (1, 2)) -> dict:
+        torch_threads: Sequence[int] = (1, 2), torch_malloc: str = "both") -> dict:
     """Times both layers at each T, interleaved; see the module docstring."""
     if batch_size and batch_size % chunk:
         raise ValueError(f"--batch-size={batch_size} must be a multiple of --chunk={chunk}")
     ours, params = ours_fn(d_model, heads, chunk, batch_size)
-    workers = ({f"titans_pytorch_{n}t": PipeWorker(torch_python, _TORCH_WORKER, n, d_model, heads, chunk, batch_size,
-                                                      name="titans-pytorch worker")
-                for n in torch_threads} if torch_python else {})
+    workers = ({f"titans_pytorch_{n}t{suffix}": PipeWorker(torch_python, _TORCH_WORKER, n, d_model, heads, chunk,
+                                                           batch_size, name="titans-pytorch worker", env=env)
+                for n in torch_threads for suffix, env in peer_allocators(torch_malloc).items()}
+               if torch_python else {})
     results, load_at_start = {}, os.getloadavg()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -167,11 +170,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--torch-python", help="a Python with torch and titans-pytorch; without it only ours runs")
     p.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2],
                    help="torch thread counts, one worker each; the ratio uses the fastest")
+    p.add_argument("--torch-malloc", choices=("both", "default", "host"), default="both",
+                   help="torch workers with glibc's default allocator, with this process's host_malloc settings "
+                        "(train/host_malloc.py), or one of each (the ratio uses the fastest worker)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
     gate = LoadGate()
     report = run(a.lengths, d_model=a.d_model, heads=a.heads, chunk=a.chunk, batch_size=a.batch_size, reps=a.reps,
-                 warmup=a.warmup, torch_python=a.torch_python, torch_threads=a.torch_threads)
+                 warmup=a.warmup, torch_python=a.torch_python, torch_threads=a.torch_threads,
+                 torch_malloc=a.torch_malloc)
     return emit(gate.stamp(report), a.out)
 
 

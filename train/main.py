@@ -10,6 +10,9 @@ Bad input (an unknown config key, a wrong type, an out-of-range value, a missing
 cannot be read or written) exits with status 2 and one line naming what was wrong, without a traceback; Ctrl-C
 before training has installed its own handler (which checkpoints, then stops) exits 2 with one line, like any
 other command that did not do what was asked.
+
+On a CPU-only host the command first tunes glibc's malloc to keep freed memory in the process (train/host_malloc.py;
+EFFARCH_HOST_MALLOC=0 turns that off).
 """
 
 import argparse
@@ -454,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
+    # Before JAX starts its threads: freed host memory stays in the process (train/host_malloc.py)
+    from effarch.train.host_malloc import retain_freed_memory
+    retain_freed_memory()
     commands = {"train": train_cli, "generate": generate_cli, "convert": convert_cli, "import-hf": import_hf_cli,
                 "export-hf": export_hf_cli, "eval": eval_cli, "sweep": sweep_cli, "report": report_cli,
                 "plan": plan_cli, "moa-search": moa_search_cli, "act-search": act_search_cli, "heads": heads_cli}

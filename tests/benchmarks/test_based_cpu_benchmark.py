@@ -54,7 +54,8 @@ def test_based_cpu_ours_only_writes_report(tmp_path, capsys):
 def test_based_cpu_against_fla_naive_chunk():
     bench = load_benchmark("based_cpu")
     report = bench.main(
-        [*ARGV, "--fla-python", os.environ["EFFARCH_FLA_PYTHON"], "--fla-chunk-size", "16", "--fla-threads", "1"]
+        [*ARGV, "--fla-python", os.environ["EFFARCH_FLA_PYTHON"], "--fla-chunk-size", "16", "--fla-threads", "1",
+         "--fla-malloc", "default"]
     )
     record = report["results"]["48"]
     _check_xla(record)

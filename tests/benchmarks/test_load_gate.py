@@ -48,7 +48,7 @@ def test_quiet_run_keeps_verdicts(after, others):
     assert gate.verdict(True) is True
     report = gate.stamp(_report())
     assert report["load"] == {"load_1m_before": 0.4, "load_1m_after": after, "limit": 1.5,
-                              "other_processes_cores": others, "loaded": False}
+                              "other_processes_cores": others, "loaded": False, "host_malloc": _common.HOST_MALLOC}
     assert {k: v for k, v in report.items() if k != "load"} == _report()
 
 
@@ -81,3 +81,12 @@ def test_a_live_child_counts_as_our_own_cpu():
         assert _common._live_children_s() >= 0.2
     finally:
         child.communicate("\n")
+
+
+def test_peer_allocators_offer_the_default_and_our_settings(monkeypatch):
+    monkeypatch.setattr(_common, "HOST_MALLOC", {"M_ARENA_MAX": 1})
+    assert _common.peer_allocators("both") == {"": {}, "_host_malloc": {"MALLOC_ARENA_MAX": "1"}}
+    assert _common.peer_allocators("default") == {"": {}}
+    assert _common.peer_allocators("host") == {"_host_malloc": {"MALLOC_ARENA_MAX": "1"}}
+    monkeypatch.setattr(_common, "HOST_MALLOC", None)  # not applied here: peers get the default only
+    assert _common.peer_allocators("both") == {"": {}} == _common.peer_allocators("host")
