@@ -17,9 +17,11 @@ mismatch shows up as an error, not as a speed.
 fla runs in one worker per torch thread count in `--fla-threads` (default 1 and 2) and allocator setting in
 `--fla-malloc` (glibc's default, and the host_malloc settings this process runs with, train/host_malloc.py): on a
 shared machine torch's 2-thread OpenMP loops slow down many-fold when other jobs hold the cores, so the ratio is taken
-against whichever worker is faster at each T. The paths are interleaved call by call (ours, fla 1 thread, fla 2 threads, ours, ...)
-for `--reps` rounds after `--warmup` rounds, so a load spike from other jobs hits all of them alike; the report holds
-every time, medians, minima, the load average before and after, and fastest fla / ours per T.
+against whichever worker is faster at each T. The paths are interleaved (ours, fla 1 thread, fla 2 threads, ours,
+...) for `--reps` rounds after `--warmup` rounds, so a load spike from other jobs hits all of them alike; in a round
+each path runs `--burst` calls in a row and only the last is timed (its threads and caches warm again after the other
+paths ran, as in back-to-back training steps). The report holds every time, medians, minima, the load average before
+and after, and fastest fla / ours per T.
 
 Run:   .venv/bin/python benchmarks/based_cpu.py --fla-python /work/venv311/bin/python [--lengths 1024 4096] [--out FILE]
 """
@@ -123,6 +125,7 @@ def run(
     fla_threads: Sequence[int] = (1, 2),
     fla_chunk_size: int = 256,
     fla_malloc: str = "both",
+    burst: int = 1,
 ) -> dict:
     """Times both paths at each T, interleaved; see the module docstring. chunk_size None: the op's default."""
     if fla_python and any(t % fla_chunk_size for t in lengths):
@@ -162,6 +165,8 @@ def run(
                 times = {name: [] for name in calls}
                 for rep in range(warmup + reps):
                     for name, call in calls.items():
+                        for _ in range(burst - 1):  # untimed: this path's threads and caches are warm again
+                            call()
                         start = time.perf_counter()
                         reply = call()
                         # fla's worker times itself, leaving out the pipe round trip; ours has none.
@@ -179,6 +184,7 @@ def run(
         for worker in fla.values():
             worker.close()
     config = {
+        "burst": burst,
         "lengths": list(lengths),
         "batch": batch,
         "heads": heads,
@@ -227,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--fla-malloc", choices=("both", "default", "host"), default="both",
                    help="fla workers with glibc's default allocator, with this process's host_malloc settings, or one "
                         "of each (the ratio uses the fastest worker)")
+    p.add_argument("--burst", type=int, default=2,
+                   help="calls of one path in a row per round, only the last timed (the others bring its threads "
+                        "and caches back after the other paths ran, as in a training loop's back-to-back steps)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
     gate = LoadGate()
@@ -243,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fla_threads=a.fla_threads,
         fla_chunk_size=a.fla_chunk_size,
         fla_malloc=a.fla_malloc,
+        burst=a.burst,
     )
     return emit(gate.stamp(report), a.out)
 

@@ -18,10 +18,12 @@ jobs hold the cores).
 Both get the same numpy x and ct. The layers differ in details outside the memory (titans-pytorch's default has no
 output gate or q/k/v convolutions; ours has both), so the outputs are not compared; each output is checked finite.
 Calls are interleaved (ours, torch 1 thread, torch 2 threads, ours, ...) for `--reps` rounds after `--warmup`, so a
-load spike hits every path alike; the report gives medians, minima and the load average before and after.
+load spike hits every path alike; in a round each path runs `--burst` calls in a row and only the last is timed (its
+threads and caches warm again after the other paths ran, as in back-to-back training steps). The report gives
+medians, minima and the load average before and after.
 
 Run:   .venv/bin/python benchmarks/titans_pytorch_cpu.py --torch-python /work/venv311/bin/python
-           [--lengths 1024 4096] [--chunk 16] [--batch-size 0] [--torch-malloc both] [--out FILE]
+           [--lengths 1024 4096] [--chunk 16] [--batch-size 0] [--torch-malloc both] [--burst 2] [--out FILE]
 """
 
 import argparse
@@ -90,7 +92,7 @@ def ours_fn(d_model: int, heads: int, chunk: int, batch_size: int):
 
 def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: int = 4, chunk: int = 16,
         batch_size: int = 0, reps: int = 5, warmup: int = 1, torch_python: str | None = None,
-        torch_threads: Sequence[int] = (1, 2), torch_malloc: str = "both") -> dict:
+        torch_threads: Sequence[int] = (1, 2), torch_malloc: str = "both", burst: int = 1) -> dict:
     """Times both layers at each T, interleaved; see the module docstring."""
     if batch_size and batch_size % chunk:
         raise ValueError(f"--batch-size={batch_size} must be a multiple of --chunk={chunk}")
@@ -118,6 +120,8 @@ def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: 
                 times = {name: [] for name in calls}
                 for rep in range(warmup + reps):
                     for name, call in calls.items():
+                        for _ in range(burst - 1):  # untimed: this path's threads and caches are warm again
+                            call()
                         start = time.perf_counter()
                         reply = call()
                         # the worker times itself, leaving out the pipe round trip; ours has none
@@ -138,7 +142,8 @@ def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: 
     finally:
         for worker in workers.values():
             worker.close()
-    config = {"lengths": list(lengths), "d_model": d_model, "heads": heads, "head_dim": d_model // heads,
+    config = {"burst": burst, "lengths": list(lengths), "d_model": d_model, "heads": heads,
+              "head_dim": d_model // heads,
               "expansion": 4, "chunk": chunk, "batch_size": batch_size or None, "reps": reps, "warmup": warmup,
               "jax": jax.__version__, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     report = {"config": config, "results": results}
@@ -173,12 +178,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--torch-malloc", choices=("both", "default", "host"), default="both",
                    help="torch workers with glibc's default allocator, with this process's host_malloc settings "
                         "(train/host_malloc.py), or one of each (the ratio uses the fastest worker)")
+    p.add_argument("--burst", type=int, default=2,
+                   help="calls of one path in a row per round, only the last timed (the others bring its threads "
+                        "and caches back after the other paths ran, as in a training loop's back-to-back steps)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
     gate = LoadGate()
     report = run(a.lengths, d_model=a.d_model, heads=a.heads, chunk=a.chunk, batch_size=a.batch_size, reps=a.reps,
                  warmup=a.warmup, torch_python=a.torch_python, torch_threads=a.torch_threads,
-                 torch_malloc=a.torch_malloc)
+                 torch_malloc=a.torch_malloc, burst=a.burst)
     return emit(gate.stamp(report), a.out)
 
 

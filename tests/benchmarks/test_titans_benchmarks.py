@@ -72,7 +72,7 @@ def test_niah_report(tmp_path):
 
 
 _TINY = ["--d-model", "16", "--heads", "2", "--chunk", "4", "--batch-size", "8",
-         "--reps", "2", "--warmup", "1"]
+         "--reps", "2", "--warmup", "1", "--burst", "1"]
 
 
 def _check_side_by_side(report, names):
