@@ -203,7 +203,7 @@ def test_retrieve_reads_the_state_without_updating_it():
     assert float(jnp.max(jnp.abs(fresh - got))) > 1e-3
 
 
-@pytest.mark.parametrize("depth, residual", [(2, False), (3, True)])
+@pytest.mark.parametrize("depth, residual", [(2, False), pytest.param(3, True, marks=SLOW)])
 def test_fixed_gradient_point_over_scanned_blocks_and_a_remainder(depth, residual):
     """batch_size None (Wref a scan constant): blocks of two chunks, so four scanned blocks, a shorter remainder of one
     chunk and an open chunk; values and gradients equal the oracle's."""
