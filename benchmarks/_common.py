@@ -288,16 +288,35 @@ def depth_heatmap(report: dict, path: str, depth_label: str = "depth") -> None:
 
 def peer_allocators(choice: str = "both") -> dict[str, dict[str, str]]:
     """{worker-name suffix: environment} for a peer's worker processes: glibc's default allocator ("default"), the
-    host_malloc settings this process runs with ("host"), or one worker of each ("both"), so a ratio against the
-    faster of them never credits us with an allocator setting the peer was denied."""
-    options = {"": {}}
-    if HOST_MALLOC:
-        options["_host_malloc"] = env_for_subprocess(HOST_MALLOC)
-    if choice == "default":
-        return {"": {}}
-    if choice == "host":
-        return {k: v for k, v in options.items() if v} or options
-    return options
+    host_malloc settings this process runs with ("host"; the default allocator where none were applied), or one worker
+    of each ("both"), so a ratio against the faster of them never credits us with an allocator setting the peer was
+    denied."""
+    default = {"": {}}
+    host = {"_host_malloc": env_for_subprocess(HOST_MALLOC)} if HOST_MALLOC else default
+    return {"default": default, "host": host, "both": {**default, **host}}[choice]
+
+
+def interleave(calls: dict[str, Callable], *, reps: int, warmup: int, burst: int = 1,
+               on_reply: Callable[[str, dict], None] | None = None) -> dict[str, list[float]]:
+    """{name: seconds of each timed call}: `warmup + reps` rounds over `calls` in order (a load spike hits every path
+    alike), each path called `burst` times in a row per round and the last call timed. A call returning a dict is a
+    PipeWorker's reply, timed by the worker itself (its "seconds", leaving out the pipe round trip), and also handed
+    to `on_reply(name, reply)`."""
+    times = {name: [] for name in calls}
+    for rep in range(warmup + reps):
+        for name, call in calls.items():
+            for _ in range(burst - 1):  # untimed: this path's threads and caches are warm again
+                call()
+            start = time.perf_counter()
+            reply = call()
+            elapsed = time.perf_counter() - start
+            if isinstance(reply, dict):
+                elapsed = reply["seconds"]
+                if on_reply is not None:
+                    on_reply(name, reply)
+            if rep >= warmup:
+                times[name].append(elapsed)
+    return times
 
 
 class PipeWorker:

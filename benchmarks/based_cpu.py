@@ -31,13 +31,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import LoadGate, PipeWorker, emit, loss_and_grads, peer_allocators
+from _common import LoadGate, PipeWorker, emit, interleave, loss_and_grads, peer_allocators
 
 from effarch.pallas_kernels.based import based_linear_attention
 
@@ -162,17 +161,7 @@ def run(
                 calls = {"xla": lambda: jax.block_until_ready(ours(*args))}
                 for name, worker in fla.items():
                     calls[name] = lambda worker=worker: worker.ask(time=path, chunk_size=fla_chunk_size)
-                times = {name: [] for name in calls}
-                for rep in range(warmup + reps):
-                    for name, call in calls.items():
-                        for _ in range(burst - 1):  # untimed: this path's threads and caches are warm again
-                            call()
-                        start = time.perf_counter()
-                        reply = call()
-                        # fla's worker times itself, leaving out the pipe round trip; ours has none.
-                        elapsed = reply["seconds"] if isinstance(reply, dict) else time.perf_counter() - start
-                        if rep >= warmup:
-                            times[name].append(elapsed)
+                times = interleave(calls, reps=reps, warmup=warmup, burst=burst)
                 for name, ts in times.items():
                     record[name].update(median_s=statistics.median(ts), min_s=min(ts), times_s=ts)
                 if fla:
@@ -231,11 +220,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     p.add_argument("--fla-chunk-size", type=int, default=256, help="naive_chunk_based's chunk_size (its default)")
     p.add_argument("--fla-malloc", choices=("both", "default", "host"), default="both",
-                   help="fla workers with glibc's default allocator, with this process's host_malloc settings, or one "
-                        "of each (the ratio uses the fastest worker)")
+                   help="fla workers with glibc's default allocator, with this process's host_malloc settings, or "
+                        "one of each (the ratio uses the fastest worker)")
     p.add_argument("--burst", type=int, default=2,
-                   help="calls of one path in a row per round, only the last timed (the others bring its threads "
-                        "and caches back after the other paths ran, as in a training loop's back-to-back steps)")
+                   help="calls of one path in a row per round, only the last timed (_common.interleave)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
     gate = LoadGate()

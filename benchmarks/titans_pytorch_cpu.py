@@ -31,13 +31,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import LoadGate, PipeWorker, emit, peer_allocators
+from _common import LoadGate, PipeWorker, emit, interleave, peer_allocators
 from flax import nnx
 
 from effarch.layers.titans import NeuralMemory, NeuralMemoryConfig
@@ -117,19 +116,10 @@ def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: 
                 for name, worker in workers.items():
                     record[name] = {"finite": True}
                     calls[name] = lambda worker=worker: worker.ask(time=path)
-                times = {name: [] for name in calls}
-                for rep in range(warmup + reps):
-                    for name, call in calls.items():
-                        for _ in range(burst - 1):  # untimed: this path's threads and caches are warm again
-                            call()
-                        start = time.perf_counter()
-                        reply = call()
-                        # the worker times itself, leaving out the pipe round trip; ours has none
-                        elapsed = reply["seconds"] if isinstance(reply, dict) else time.perf_counter() - start
-                        if isinstance(reply, dict):
-                            record[name]["finite"] &= reply["finite"]
-                        if rep >= warmup:
-                            times[name].append(elapsed)
+                def finite_reply(name, reply):
+                    record[name]["finite"] &= reply["finite"]
+
+                times = interleave(calls, reps=reps, warmup=warmup, burst=burst, on_reply=finite_reply)
                 for name, ts in times.items():
                     median = statistics.median(ts)
                     record[name].update(median_s=median, min_s=min(ts), times_s=ts, us_per_token=1e6 * median / t)
@@ -176,11 +166,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2],
                    help="torch thread counts, one worker each; the ratio uses the fastest")
     p.add_argument("--torch-malloc", choices=("both", "default", "host"), default="both",
-                   help="torch workers with glibc's default allocator, with this process's host_malloc settings "
-                        "(train/host_malloc.py), or one of each (the ratio uses the fastest worker)")
+                   help="torch workers with glibc's default allocator, with this process's host_malloc settings, or "
+                        "one of each (the ratio uses the fastest worker)")
     p.add_argument("--burst", type=int, default=2,
-                   help="calls of one path in a row per round, only the last timed (the others bring its threads "
-                        "and caches back after the other paths ran, as in a training loop's back-to-back steps)")
+                   help="calls of one path in a row per round, only the last timed (_common.interleave)")
     p.add_argument("--out", help="also write the JSON report here")
     a = p.parse_args(argv)
     gate = LoadGate()

@@ -6,9 +6,8 @@ defaults such a block goes back to the kernel on free: it was mmap'ed (above M_M
 to at most 32 MiB), or it is trimmed off the heap's top (above M_TRIM_THRESHOLD), or it lives in a worker thread's
 arena, whose heaps cannot hold a block past 64 MiB at all. The next call then page-faults every page back in,
 zero-filled: 13k minor faults per call at 1k, 52k at 4k, 10-17% of the call on the 2-core machine of
-benchmarks/README.md ("Host memory"). One arena and
-both thresholds at 1 GiB keep the freed blocks for the next call (the process's resident memory then stays at its
-peak instead of shrinking between calls).
+benchmarks/README.md ("Host memory"). One arena and both thresholds at 1 GiB keep the freed blocks for the next call
+(the process's resident memory then stays at its peak instead of shrinking between calls).
 
 The arena limit only binds threads that have not allocated yet, so `retain_freed_memory` must run before JAX starts
 its backend: `effarch` (train/main.py) and the benchmarks call it first thing. Opt out with EFFARCH_HOST_MALLOC=0.
@@ -35,13 +34,13 @@ def cpu_only_host() -> bool:
     return not (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))
 
 
-def retain_freed_memory(threshold: int = 1 << 30, *, only_cpu: bool = True) -> dict | None:
+def retain_freed_memory(threshold: int = 1 << 30) -> dict | None:
     """Sets glibc's M_ARENA_MAX = 1, M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = `threshold` bytes (module docstring).
 
-    Returns the settings applied, or None when nothing was changed: EFFARCH_HOST_MALLOC=0, not glibc, or (with
-    `only_cpu`) a host where JAX will run on an accelerator (its host-side temporaries are small; untested there).
+    Returns the settings applied, or None when nothing was changed: EFFARCH_HOST_MALLOC=0, not glibc, or a host where
+    JAX will run on an accelerator (its host-side temporaries are small; untested there).
     """
-    if os.environ.get("EFFARCH_HOST_MALLOC", "1") == "0" or (only_cpu and not cpu_only_host()):
+    if os.environ.get("EFFARCH_HOST_MALLOC", "1") == "0" or not cpu_only_host():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -26,6 +26,7 @@ open chunk's gradient sum instead of buffering its tokens: the state is (W, S, W
 and has a constant size.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -53,14 +54,16 @@ def layer_names(params: Params) -> list[str]:
     return names
 
 
-def memory_apply(params: Params, x: Float[Array, "*N S D"], residual: bool = False) -> Float[Array, "*N S D"]:
-    """M_W(x) for weights [..., I, O] and inputs [..., S, I] sharing the leading dims: x @ w1 -> gelu -> @ w2 ..."""
+def memory_apply(params: Params, x: Float[Array, "*N S D"], residual: bool = False, *,
+                 gelu=functools.partial(jax.nn.gelu, approximate=False)) -> Float[Array, "*N S D"]:
+    """M_W(x) for weights [..., I, O] and inputs [..., S, I] sharing the leading dims: x @ w1 -> gelu -> @ w2 ...
+    `gelu`: the exact GELU (xla.py passes the same function with a cheaper hand-written derivative)."""
     names = layer_names(params)
     h = x
     for i, name in enumerate(names):
         h = jnp.einsum("...si,...io->...so", h, params[name])
         if i + 1 < len(names):
-            h = jax.nn.gelu(h, approximate=False)
+            h = gelu(h)
     return h + x if residual else h
 
 

@@ -32,6 +32,7 @@ from effarch.pallas_kernels.titans.reference import (
     clamp_norm,
     init_state,
     layer_names,
+    memory_apply,
     neural_memory_reference,
 )
 from effarch.pallas_kernels.titans.reference import token_losses as _token_losses
@@ -97,14 +98,8 @@ def _gelu_grad_jvp(primals, tangents):
 
 
 def _apply(params: Params, x, residual: bool):
-    """`memory_apply` (M_W(x), reference.py) with the GELU above."""
-    names = layer_names(params)
-    h = x
-    for i, name in enumerate(names):
-        h = jnp.einsum("...si,...io->...so", h, params[name])
-        if i + 1 < len(names):
-            h = _gelu(h)
-    return h + x if residual else h
+    """M_W(x) (reference.py's `memory_apply`) with the GELU above."""
+    return memory_apply(params, x, residual, gelu=_gelu)
 
 
 def _chunk_grads(wref: Params, k, v, lr, C: int, residual: bool) -> Params:
