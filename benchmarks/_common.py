@@ -63,6 +63,29 @@ def platform_info() -> dict[str, str]:
     return {"platform": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__}
 
 
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The host's CPU as /proc/cpuinfo names it: model name, family/model numbers, the widest vector instructions and
+    the core count. Timings from CPUs that differ here are not comparable (an AVX2-only Zen 3 runs the 2048^3 float32
+    matmul at ~85 GFLOP/s, the machine of earlier runs at 250-270; benchmarks/README.md), only ratios within one run
+    are."""
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:
+                        break  # the first processor's block is enough
+                    continue
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {"cores": os.cpu_count()}
+    flags = set(fields.get("flags", "").split())
+    return {"model_name": fields.get("model name"), "family": fields.get("cpu family"), "model": fields.get("model"),
+            "vector_isa": [isa for isa in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if isa in flags],
+            "cores": os.cpu_count()}
+
+
 def memory_stats(compiled) -> dict[str, int]:
     """XLA's compiled memory analysis (CPU has no device memory statistics); peak = arguments + outputs +
     temporaries - aliased (donated) bytes."""
@@ -236,14 +259,14 @@ class LoadGate:
                 "other_processes_cores": self.other_cores, "loaded": self.loaded}
 
     def stamp(self, report: dict) -> dict:
-        """Reads the load after, adds report["load"] (with the host_malloc settings) and, when loaded, replaces every
+        """Reads the load after, adds report["load"] (with the host_malloc settings and `host_cpu`) and, when loaded, replaces every
         target result in the report (a TARGET_KEYS entry at any depth, or a boolean directly under a "targets" key) by
         "loaded", except in a dict marked "load_free": True (a FLOP count or a compiled-memory bound, which load
         cannot change); a line on stderr says so. Returns the report."""
         self.after = float(self._loadavg()[0])
         self._other.__exit__(None, None, None)
         self.other_cores = self._other.cores
-        report["load"] = {**self.record(), "host_malloc": HOST_MALLOC}
+        report["load"] = {**self.record(), "host_malloc": HOST_MALLOC, "cpu": host_cpu()}
         if self.loaded:
             _replace_verdicts(report, self.TARGET_KEYS)
             others = "?" if self.other_cores is None else f"{self.other_cores:.2f}"

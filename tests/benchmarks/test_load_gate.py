@@ -1,5 +1,6 @@
 """benchmarks/_common.LoadGate: the load average before and after a run, and no target verdict above its limit."""
 
+import os
 import time
 
 import _common
@@ -48,7 +49,8 @@ def test_quiet_run_keeps_verdicts(after, others):
     assert gate.verdict(True) is True
     report = gate.stamp(_report())
     assert report["load"] == {"load_1m_before": 0.4, "load_1m_after": after, "limit": 1.5,
-                              "other_processes_cores": others, "loaded": False, "host_malloc": _common.HOST_MALLOC}
+                              "other_processes_cores": others, "loaded": False, "host_malloc": _common.HOST_MALLOC,
+                              "cpu": _common.host_cpu()}
     assert {k: v for k, v in report.items() if k != "load"} == _report()
 
 
@@ -90,3 +92,14 @@ def test_peer_allocators_offer_the_default_and_our_settings(monkeypatch):
     assert _common.peer_allocators("host") == {"_host_malloc": {"MALLOC_ARENA_MAX": "1"}}
     monkeypatch.setattr(_common, "HOST_MALLOC", None)  # not applied here: peers get the default only
     assert _common.peer_allocators("both") == {"": {}} == _common.peer_allocators("host")
+
+
+def test_host_cpu_reads_the_first_processor_and_its_vector_isa(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n")
+    cpu = _common.host_cpu(str(info))
+    assert cpu["model_name"] == "AMD EPYC" and (cpu["family"], cpu["model"]) == ("25", "1")
+    assert cpu["vector_isa"] == ["avx2", "fma"] and cpu["cores"] == os.cpu_count()
+    assert _common.host_cpu(str(tmp_path / "missing")) == {"cores": os.cpu_count()}
