@@ -259,10 +259,10 @@ class LoadGate:
                 "other_processes_cores": self.other_cores, "loaded": self.loaded}
 
     def stamp(self, report: dict) -> dict:
-        """Reads the load after, adds report["load"] (with the host_malloc settings and `host_cpu`) and, when loaded, replaces every
-        target result in the report (a TARGET_KEYS entry at any depth, or a boolean directly under a "targets" key) by
-        "loaded", except in a dict marked "load_free": True (a FLOP count or a compiled-memory bound, which load
-        cannot change); a line on stderr says so. Returns the report."""
+        """Reads the load after, adds report["load"] (with the host_malloc settings and `host_cpu()`) and, when
+        loaded, replaces every target result in the report (a TARGET_KEYS entry at any depth, or a boolean directly
+        under a "targets" key) by "loaded", except in a dict marked "load_free": True (a FLOP count or a
+        compiled-memory bound, which load cannot change); a line on stderr says so. Returns the report."""
         self.after = float(self._loadavg()[0])
         self._other.__exit__(None, None, None)
         self.other_cores = self._other.cores

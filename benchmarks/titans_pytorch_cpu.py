@@ -116,6 +116,7 @@ def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: 
                 for name, worker in workers.items():
                     record[name] = {"finite": True}
                     calls[name] = lambda worker=worker: worker.ask(time=path)
+
                 def finite_reply(name, reply):
                     record[name]["finite"] &= reply["finite"]
 
@@ -133,8 +134,8 @@ def run(lengths: Sequence[int] = DEFAULT_LENGTHS, *, d_model: int = 256, heads: 
         for worker in workers.values():
             worker.close()
     config = {"burst": burst, "lengths": list(lengths), "d_model": d_model, "heads": heads,
-              "head_dim": d_model // heads,
-              "expansion": 4, "chunk": chunk, "batch_size": batch_size or None, "reps": reps, "warmup": warmup,
+              "head_dim": d_model // heads, "expansion": 4, "chunk": chunk, "batch_size": batch_size or None,
+              "reps": reps, "warmup": warmup,
               "jax": jax.__version__, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     report = {"config": config, "results": results}
     t0, t1 = str(min(lengths)), str(max(lengths))
