@@ -30,13 +30,6 @@ jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_default_matmul_precision", "highest")
-# The Python processes the tests start (CLI runs of a tiny model, 8-device meshes) share the worker's cache: a test that
-# trains, interrupts and resumes the same model compiles its step once. With a size limit JAX locks the cache
-# directory around each read and write (filelock), so a process never reads an entry another is still writing.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
 # Datasets the tests build (the bytes and text tasks' TFDS corpora) go to a directory of this session, shared by the
 # xdist workers (a file lock makes one build and the others read), never to the user's ~/.cache/effarch/tfds.
