@@ -65,9 +65,9 @@ def platform_info() -> dict[str, str]:
 
 def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
     """The host's CPU as /proc/cpuinfo names it: model name, family/model numbers, the widest vector instructions and
-    the core count. Timings from CPUs that differ here are not comparable (an AVX2-only Zen 3 runs the 2048^3 float32
-    matmul at ~150 GFLOP/s, the machine of earlier runs at 250-270; benchmarks/README.md), only ratios within one run
-    are."""
+    the core count. Timings from CPUs that differ here are not comparable (an AVX2-only Zen 3 ran the 2048^3 float32
+    matmul at ~150 GFLOP/s, the machine of earlier runs at 250-270; benchmarks/README.md), and even one CPU model
+    drifts between days (the same Zen 3 kind ran it at 52-75 on another day): only ratios within one run are."""
     fields = {}
     try:
         with open(cpuinfo) as f:
