@@ -2,11 +2,12 @@
 slice: `effarch train`'s checked step built by `Trainer` over the slice's devices (tests/tpu/steps.py), compiled by
 XLA's TPU compiler through libtpu from this CPU host (tests/tpu/harness.py). Compiled, not run.
 
-Slow suite only (`-m slow`; together about a minute of compiler time, past the default suite's budget, whose TPU
-guard is the kernels' compile tests in test_kernels_compile.py): v5p (2x2x1) with the cheapest config of each mixer
-cut to one layer per mixer (`ONE_LAYER_CONFIGS`; a step costs 3-20 s of compiler time), every config on every chip,
-and every config once per `pallas_tpu` option its mixers have, on every chip, with the kernels counted in the
-compiled step.
+Slow suite only (`-m slow`; the one-layer jobs alone are about a minute of compiler time, past the default suite's
+budget, whose TPU guard is the kernels' compile tests in test_kernels_compile.py): v5p (2x2x1) with the cheapest
+config of each mixer cut to one layer per mixer (`ONE_LAYER_CONFIGS`; a step costs 3-20 s of compiler time), every
+config on every chip, and every config once per `pallas_tpu` option its mixers have, on every chip, with the kernels
+counted in the compiled step (the whole matrix: ~27 minutes on 2 CPU cores). Overlay configs compile after the
+configs their headers name (`BASES`).
 """
 
 import functools
@@ -63,8 +64,9 @@ def _mixers(config: str) -> list[str]:
 
 def _kernel_keys(config: str) -> set[str]:
     """The config keys whose `pallas_tpu` option puts Mosaic kernels into this config's training step."""
-    keys = {key for mixer in _mixers(config) for key in MIXERS[mixer].configs}
-    if _load(config).model.sparse_attention.distill:
+    model = _load(config).model
+    keys = {key for mixer in model.mixers for key in MIXERS[mixer].configs}
+    if model.sparse_attention.distill:
         # SeerAttention's distillation trains on the dense pass that emits the block map (block_stats_attention:
         # reference and xla paths only, layers/sparse_seer.py); the block-sparse kernel is not in its step.
         keys.discard("sparse_attention")
